@@ -1,0 +1,87 @@
+"""Native task API: submit, read, list, cancel (DESIGN §8)."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
+
+from api.deps import ContextDep, SessionDep, TenantDep
+from api.serialize import task_body
+from core.errors import InvalidInput, NotFound
+from core.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
+from core.models import Task
+from core.states import TaskStatus
+from core.submission import parse_submission
+from core.tasks import cancel_task, get_task, insert_tasks, list_tasks
+
+router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
+
+# A whole request may hold up to max_tasks_per_request prompts; refuse absurd bodies before parsing.
+_MAX_BODY_BYTES = 64 * 1024 * 1024
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    if len(body) > _MAX_BODY_BYTES:
+        raise InvalidInput(f"the request body is over {_MAX_BODY_BYTES} bytes", status_code=413)
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}", status_code=400) from None
+
+
+def parse_uuid(value: str, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound(f"no {what} {value}") from None
+
+
+@router.post("", status_code=202)
+async def submit_tasks(request: Request, tenant: TenantDep, ctx: ContextDep) -> JSONResponse:
+    payload = await read_json(request)
+    limits = ctx.config.limits
+    specs = parse_submission(payload, limits.max_tasks_per_request, limits.max_prompt_bytes)
+    with ctx.sessions.begin() as session:
+        accepted = insert_tasks(session, tenant.id, specs, ctx.config)
+    created = [str(a.id) for a in accepted if a.created]
+    for start in range(0, len(created), DISPATCH_CHUNK):
+        # after commit: the reconciler re-sends this if the broker loses it
+        ctx.producer.send_task(DISPATCH_TASKS, args=[created[start:start + DISPATCH_CHUNK]])
+    items = [{"id": str(a.id), "object": "task", "status": a.status.value, "tier": a.tier.value}
+             for a in accepted]
+    body: dict[str, Any] = items[0] if "tasks" not in payload else {"object": "list", "data": items}
+    return JSONResponse(body, status_code=202)
+
+
+@router.get("/{task_id}")
+def read_task(task_id: str, tenant: TenantDep, session: SessionDep) -> dict[str, Any]:
+    return task_body(get_task(session, tenant.id, parse_uuid(task_id, "task")))
+
+
+@router.get("")
+def read_tasks(
+    tenant: TenantDep, session: SessionDep,
+    job_id: uuid.UUID | None = None, status: TaskStatus | None = None, task_type: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100, after: str | None = None,
+) -> dict[str, Any]:
+    cursor = None
+    if after is not None:
+        anchor = session.get(Task, parse_uuid(after, "task"))
+        if anchor is None or anchor.tenant_id != tenant.id:
+            raise InvalidInput(f"after: no task {after}", param="after")
+        cursor = (anchor.created_at, anchor.id)
+    rows = list_tasks(session, tenant.id, limit=limit, after=cursor, job_id=job_id, status=status,
+                      task_type=task_type)
+    page, has_more = rows[:limit], len(rows) > limit
+    return {"object": "list", "data": [task_body(t) for t in page], "has_more": has_more,
+            "next": str(page[-1].id) if has_more else None}
+
+
+@router.post("/{task_id}/cancel")
+def cancel(task_id: str, tenant: TenantDep, session: SessionDep) -> dict[str, Any]:
+    return task_body(cancel_task(session, tenant.id, parse_uuid(task_id, "task")))

@@ -1,0 +1,155 @@
+"""The `tierbatch` command line (DESIGN §10)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+from typing import Annotated, NoReturn
+
+import typer
+from rich.console import Console
+
+from core.config import AppConfig, load_config
+from core.errors import ConfigError
+from core.messaging import ALL_QUEUES
+from core.settings import Settings
+
+app = typer.Typer(help="tierbatch: route, batch and price LLM calls.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)
+tenants_app = typer.Typer(help="Manage tenants.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
+
+err = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def load_settings_and_config() -> tuple[Settings, AppConfig]:
+    """Stop with one clear message when configuration is missing or wrong."""
+    try:
+        settings = Settings()
+        return settings, load_config(settings.config_path)
+    except ConfigError as exc:
+        fail(f"invalid configuration:\n{exc}")
+    except ValueError as exc:  # pydantic-settings errors on bad environment values
+        fail(f"invalid environment: {exc}")
+
+
+@app.command()
+def api(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
+        port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+        workers: Annotated[int, typer.Option(help="Uvicorn worker processes.")] = 1) -> None:
+    """Run the HTTP API (native and OpenAI-compatible)."""
+    import uvicorn
+
+    load_settings_and_config()
+    uvicorn.run("api.main:create_app", factory=True, host=host, port=port, workers=workers,
+                log_level="info", access_log=False)
+
+
+@app.command()
+def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+           queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ",".join(ALL_QUEUES),
+           pool: Annotated[str, typer.Option(help="Celery pool: prefork or threads.")] = "prefork",
+           loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+    """Run a Celery worker on the dispatch, immediate and batch queues."""
+    from worker.app import create_celery_app
+
+    settings, config = load_settings_and_config()
+    celery_app = create_celery_app(settings, config)
+    celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool,
+                            "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
+
+
+@app.command()
+def beat(schedule: Annotated[Path, typer.Option(help="Beat schedule state file.")] = Path(
+        ".tierbatch/celerybeat-schedule"),
+         loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+    """Run the periodic scheduler (reconciler, batch assembly and polling)."""
+    from worker.app import create_celery_app
+
+    settings, config = load_settings_and_config()
+    schedule.parent.mkdir(parents=True, exist_ok=True)
+    celery_app = create_celery_app(settings, config)
+    celery_app.Beat(schedule=str(schedule), loglevel=loglevel).run()
+
+
+def wait_for_database(database_url: str, timeout: float) -> None:
+    import sqlalchemy
+
+    engine = sqlalchemy.create_engine(database_url, poolclass=sqlalchemy.pool.NullPool)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            try:
+                with engine.connect() as connection:
+                    connection.execute(sqlalchemy.text("SELECT 1"))
+                return
+            except sqlalchemy.exc.OperationalError as exc:
+                if time.monotonic() > deadline:
+                    fail(f"database not reachable after {timeout:.0f}s: {exc.orig}")
+                time.sleep(0.5)
+    finally:
+        engine.dispose()
+
+
+@app.command()
+def migrate(wait: Annotated[float, typer.Option(help="Seconds to wait for the database.")] = 30.0) -> None:
+    """Wait for the database, then apply migrations up to head."""
+    from core.migrate import upgrade_to_head
+
+    settings, _ = load_settings_and_config()
+    wait_for_database(settings.database_url, wait)
+    upgrade_to_head(settings.database_url)
+    err.print("database migrated to head")
+
+
+@app.command()
+def simulator(host: Annotated[str, typer.Option()] = "127.0.0.1",
+              port: Annotated[int, typer.Option()] = 8100,
+              config: Annotated[Path | None, typer.Option(help="Simulator TOML config.")] = None) -> None:
+    """Run the OpenAI-compatible provider simulator."""
+    from simulator.server import serve
+
+    serve(host, port, config)
+
+
+@tenants_app.command("create")
+def tenants_create(name: str,
+                   budget: Annotated[str | None, typer.Option(help="Monthly budget in USD.")] = None,
+                   as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False
+                   ) -> None:
+    """Create a tenant and print its API key (shown once)."""
+    from core.db import make_engine, make_session_factory
+    from core.tenants import create_tenant
+
+    monthly_budget = None
+    if budget is not None:
+        try:
+            monthly_budget = Decimal(budget)
+        except InvalidOperation:
+            fail(f"--budget: {budget!r} is not a number")
+        if monthly_budget < 0:
+            fail("--budget: must not be negative")
+    settings, _ = load_settings_and_config()
+    engine = make_engine(settings.database_url)
+    try:
+        with make_session_factory(engine).begin() as session:
+            tenant = create_tenant(session, name, monthly_budget)
+    finally:
+        engine.dispose()
+    if as_json:
+        sys.stdout.write(json.dumps({"id": str(tenant.id), "name": tenant.name, "api_key": tenant.api_key}) + "\n")
+    else:
+        Console().print(f"tenant [bold]{tenant.name}[/] ({tenant.id})\napi key: [green]{tenant.api_key}[/]"
+                        " (shown once)")
+
+
+def main() -> None:
+    app()

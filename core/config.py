@@ -1,0 +1,196 @@
+"""The TOML configuration file (DESIGN §7), validated at start with one clear message per mistake."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from core.errors import ConfigError
+from core.states import RequestedTier, Tier
+
+DEFAULT_SIMULATOR_URL = "http://127.0.0.1:8100/v1"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProviderConfig(_Section):
+    base_url: str
+    api_key_env: str | None = None
+    batch: bool = True
+    prices_from: str | None = None
+    timeout_seconds: PositiveFloat = 60.0
+
+
+class ModelRef(_Section):
+    provider: str
+    model: str
+
+
+class TierConfig(_Section):
+    provider: str
+    model: str
+    fallbacks: list[ModelRef] = Field(default_factory=list)
+
+    @property
+    def chain(self) -> list[ModelRef]:
+        """The primary model followed by its fallbacks, in the order they are tried."""
+        return [ModelRef(provider=self.provider, model=self.model), *self.fallbacks]
+
+
+class BatchConfig(_Section):
+    max_requests: int = Field(default=50_000, ge=1, le=50_000)
+    max_bytes: int = Field(default=190_000_000, ge=1024, le=200_000_000)
+    max_wait_seconds: float = Field(default=300.0, ge=0)
+    poll_interval_seconds: PositiveFloat = 30.0
+    expected_turnaround_seconds: float = Field(default=86_400.0, ge=0)
+    max_attempts: PositiveInt = 3
+
+
+class QualityConfig(_Section):
+    shadow_rate: float = Field(default=0.05, ge=0, le=1)
+    min_samples: PositiveInt = 50
+    window: PositiveInt = 200
+    promote_below: float = Field(default=0.90, ge=0, le=1)
+    demote_above: float = Field(default=0.95, ge=0, le=1)
+    probe_rate: float = Field(default=0.02, ge=0, le=1)
+
+
+class CacheConfig(_Section):
+    enabled: bool = True
+    ttl_seconds: PositiveInt = 86_400
+
+
+class PriceOverride(_Section):
+    """USD per million tokens, for custom and self-hosted models."""
+
+    input: Decimal = Field(ge=0)
+    cached_input: Decimal | None = Field(default=None, ge=0)
+    output: Decimal = Field(ge=0)
+    batch_discount: Decimal = Field(default=Decimal("0"), ge=0, le=1)
+
+
+class ImmediateConfig(_Section):
+    max_attempts: PositiveInt = 3
+    retries_per_model: int = Field(default=2, ge=0, le=10)
+    backoff_base_seconds: float = Field(default=0.5, ge=0)
+    backoff_max_seconds: float = Field(default=30.0, ge=0)
+    lease_seconds: float = Field(default=60.0, ge=1)
+
+
+class ReconcilerConfig(_Section):
+    interval_seconds: PositiveFloat = 15.0
+    queued_stale_seconds: PositiveFloat = 60.0
+
+
+class LimitsConfig(_Section):
+    max_prompt_bytes: PositiveInt = 1_048_576
+    max_tasks_per_request: PositiveInt = 1000
+
+
+class AppConfig(_Section):
+    providers: dict[str, ProviderConfig]
+    tiers: dict[Literal["light", "complex"], TierConfig]
+    routing: dict[str, RequestedTier] = Field(default_factory=dict)
+    batch: BatchConfig = BatchConfig()
+    quality: QualityConfig = QualityConfig()
+    cache: CacheConfig = CacheConfig()
+    prices: dict[str, PriceOverride] = Field(default_factory=dict)
+    immediate: ImmediateConfig = ImmediateConfig()
+    reconciler: ReconcilerConfig = ReconcilerConfig()
+    limits: LimitsConfig = LimitsConfig()
+
+    @model_validator(mode="after")
+    def _check_references(self) -> AppConfig:
+        for name in ("light", "complex"):
+            if name not in self.tiers:
+                raise ValueError(f"[tiers.{name}] is missing")
+        for tier_name, tier in self.tiers.items():
+            for index, ref in enumerate(tier.chain):
+                if ref.provider not in self.providers:
+                    where = f"tiers.{tier_name}" + ("" if index == 0 else f".fallbacks[{index - 1}]")
+                    known = ", ".join(sorted(self.providers)) or "none"
+                    raise ValueError(f"{where}: unknown provider {ref.provider!r} (configured: {known})")
+        return self
+
+    def tier(self, tier: Tier) -> TierConfig:
+        return self.tiers[tier.value]  # type: ignore[index]
+
+    def provider(self, name: str) -> ProviderConfig:
+        return self.providers[name]
+
+    def api_key(self, provider_name: str) -> str:
+        """The provider's key from its environment variable; providers without one get a placeholder."""
+        env_name = self.providers[provider_name].api_key_env
+        return os.environ.get(env_name, "") if env_name else "unused"
+
+    def configured_models(self) -> list[ModelRef]:
+        seen: dict[tuple[str, str], ModelRef] = {}
+        for tier in self.tiers.values():
+            for ref in tier.chain:
+                seen.setdefault((ref.provider, ref.model), ref)
+        return list(seen.values())
+
+
+def default_config_data(simulator_url: str = DEFAULT_SIMULATOR_URL) -> dict[str, Any]:
+    """The embedded default: everything served by the local simulator."""
+    return {
+        "providers": {"sim": {"base_url": simulator_url, "batch": True, "prices_from": "openai"}},
+        "tiers": {
+            "light": {"provider": "sim", "model": "gpt-4o-mini",
+                      "fallbacks": [{"provider": "sim", "model": "gpt-4.1-mini"}]},
+            "complex": {"provider": "sim", "model": "gpt-4o",
+                        "fallbacks": [{"provider": "sim", "model": "gpt-4.1"}]},
+        },
+        "routing": {"classification": "light", "extraction": "light", "summarization": "light",
+                    "reasoning": "complex"},
+    }
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "(top level)"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "extra_forbidden":
+            message = "unknown key"
+        lines.append(f"{source}: {where}: {message}")
+    return "\n".join(lines)
+
+
+def parse_config(data: Mapping[str, Any], source: str = "config", environ: Mapping[str, str] | None = None
+                 ) -> AppConfig:
+    try:
+        config = AppConfig.model_validate(dict(data))
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from None
+    env = os.environ if environ is None else environ
+    for name, provider in config.providers.items():
+        if provider.api_key_env and not env.get(provider.api_key_env):
+            raise ConfigError(
+                f"{source}: providers.{name}.api_key_env: environment variable "
+                f"{provider.api_key_env} is not set"
+            )
+    return config
+
+
+def load_config(path: Path | None, environ: Mapping[str, str] | None = None) -> AppConfig:
+    """Read and validate the config file; without a path, the embedded simulator default."""
+    if path is None:
+        return parse_config(default_config_data(), "embedded default config", environ)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"TIERBATCH_CONFIG={path}: cannot read the file ({exc.strerror})") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+    return parse_config(data, str(path), environ)

@@ -1,0 +1,58 @@
+"""Celery task names, queues and broker settings shared by the API (producer) and the worker.
+
+The API sends tasks by name and never imports `worker`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from core.settings import Settings
+
+SUBMIT_TASKS = "tierbatch.submit_tasks"
+DISPATCH_TASKS = "tierbatch.dispatch_tasks"
+CALL_IMMEDIATE = "tierbatch.call_immediate"
+RECONCILE = "tierbatch.reconcile"
+
+QUEUE_DISPATCH = "dispatch"
+QUEUE_IMMEDIATE = "immediate"
+QUEUE_BATCH = "batch"
+ALL_QUEUES = (QUEUE_DISPATCH, QUEUE_IMMEDIATE, QUEUE_BATCH)
+
+TASK_ROUTES = {
+    SUBMIT_TASKS: {"queue": QUEUE_DISPATCH},
+    DISPATCH_TASKS: {"queue": QUEUE_DISPATCH},
+    RECONCILE: {"queue": QUEUE_DISPATCH},
+    CALL_IMMEDIATE: {"queue": QUEUE_IMMEDIATE},
+    "tierbatch.batch.*": {"queue": QUEUE_BATCH},
+}
+
+# Chunk size for dispatch messages on bulk paths: never one message per task.
+DISPATCH_CHUNK = 1000
+
+
+def celery_settings(settings: Settings) -> dict[str, Any]:
+    return {
+        "broker_url": settings.redis_url,
+        "task_acks_late": True,  # a message is acknowledged after its task ran, not before
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 4,
+        "task_routes": TASK_ROUTES,
+        "task_default_queue": QUEUE_DISPATCH,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_ignore_result": True,
+        "broker_transport_options": {"visibility_timeout": 3600},
+        "broker_connection_retry_on_startup": True,
+        "worker_hijack_root_logger": False,
+        "enable_utc": True,
+    }
+
+
+def make_producer(settings: Settings) -> Celery:
+    """A Celery app that only sends messages (the API's side)."""
+    app = Celery("tierbatch-producer", set_as_current=False)
+    app.conf.update(celery_settings(settings))
+    return app

@@ -1,0 +1,130 @@
+"""What a producer submits (DESIGN §8): validated the same way by the API and by the Celery
+`tierbatch.submit_tasks` path, before anything is stored."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from core.errors import InvalidInput
+from core.states import RequestedTier
+
+
+class ChatParams(BaseModel):
+    """The chat parameters a task may carry; anything else is refused by name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    response_format: dict[str, Any] | None = None
+    top_p: float | None = Field(default=None, ge=0, le=1)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[dict[str, Any]] | None = None
+
+
+class TaskSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    prompt: str | None = Field(default=None, min_length=1)
+    task_type: Annotated[str, Field(min_length=1, max_length=100)] = "general"
+    tier: RequestedTier = RequestedTier.AUTO
+    urgent: bool = False
+    deadline: datetime | None = None
+    params: ChatParams = Field(default_factory=ChatParams)
+    metadata: dict[str, str] = Field(default_factory=dict)
+    idempotency_key: Annotated[str, Field(min_length=1, max_length=255)] | None = None
+
+    @model_validator(mode="after")
+    def _one_of_messages_or_prompt(self) -> TaskSpec:
+        if self.messages is None and self.prompt is None:
+            raise ValueError("one of 'messages' or 'prompt' is required")
+        if self.messages is not None and self.prompt is not None:
+            raise ValueError("give either 'messages' or 'prompt', not both")
+        return self
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline_has_timezone(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("deadline must be RFC 3339 with a timezone offset")
+        return value
+
+    def chat_messages(self) -> list[dict[str, Any]]:
+        if self.messages is not None:
+            return [m.model_dump(exclude_none=True) for m in self.messages]
+        return [{"role": "user", "content": self.prompt}]
+
+    def provider_request(self) -> dict[str, Any]:
+        """The chat request body, minus `model` (chosen at call time)."""
+        return {"messages": self.chat_messages(), **self.params.model_dump(exclude_none=True)}
+
+
+class TaskBatchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    tasks: list[TaskSpec] = Field(min_length=1)
+
+
+def _param_of(loc: tuple[int | str, ...]) -> str:
+    parts: list[str] = []
+    for part in loc:
+        if isinstance(part, int):
+            parts.append(f"[{part}]")
+        else:
+            parts.append(("." if parts else "") + part)
+    return "".join(parts)
+
+
+def invalid_input_from(error: ValidationError, prefix: tuple[int | str, ...] = ()) -> InvalidInput:
+    """The first validation error as an InvalidInput naming the field."""
+    first = error.errors()[0]
+    loc = prefix + tuple(first["loc"])
+    # pydantic tags union members into the location; drop those tags for a user-facing path
+    loc = tuple(p for p in loc if not (isinstance(p, str) and (p.startswith("function-") or p in {
+        "str", "list[dict[str,any]]", "list[str]"})))
+    param = _param_of(loc) or None
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        message = "unknown field"
+    return InvalidInput(f"{param}: {message}" if param else message, param=param,
+                        status_code=422 if first["type"] != "json_invalid" else 400)
+
+
+def parse_submission(payload: Any, max_tasks: int, max_prompt_bytes: int) -> list[TaskSpec]:
+    """One task or `{"tasks": [...]}` → validated specs; raises InvalidInput naming the field."""
+    if not isinstance(payload, dict):
+        raise InvalidInput("the body must be a JSON object: one task or {\"tasks\": [...]}", param=None)
+    try:
+        if "tasks" in payload:
+            tasks = payload.get("tasks")
+            if isinstance(tasks, list) and len(tasks) > max_tasks:
+                raise InvalidInput(f"tasks: at most {max_tasks} tasks per request (got {len(tasks)})",
+                                   param="tasks", status_code=413)
+            specs = TaskBatchSpec.model_validate(payload).tasks
+            prefix: tuple[int | str, ...] = ("tasks",)
+        else:
+            specs = [TaskSpec.model_validate(payload)]
+            prefix = ()
+    except ValidationError as exc:
+        raise invalid_input_from(exc) from None
+    for index, spec in enumerate(specs):
+        size = len(json.dumps(spec.chat_messages(), ensure_ascii=False).encode())
+        if size > max_prompt_bytes:
+            field = "messages" if spec.messages is not None else "prompt"
+            where = _param_of((*prefix, index, field)) if prefix else field
+            raise InvalidInput(f"{where}: {size} bytes is over the limit of {max_prompt_bytes} bytes",
+                               param=where, status_code=413)
+    return specs

@@ -1,0 +1,289 @@
+"""Task storage and guarded state transitions (DESIGN §2).
+
+Every transition is one `UPDATE … WHERE status IN (…) RETURNING`; a transition that moves no row
+returns None/False (or raises TransitionError where the caller must know). Nothing here commits:
+the caller owns the transaction, so a state change and its ledger row land together.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from core.config import AppConfig
+from core.errors import NotFound, TransitionError
+from core.ledger import Charge, ResponseRecord, add_ledger_entry
+from core.models import Task
+from core.pricing import PriceBook
+from core.provider import ChatResult
+from core.routing import resolve_tier, takes_batch_path
+from core.states import CANCELLABLE_TASK_STATUSES, Mode, TaskStatus, Tier
+from core.submission import TaskSpec
+
+
+@dataclass(frozen=True, slots=True)
+class AcceptedTask:
+    id: uuid.UUID
+    status: TaskStatus
+    tier: Tier
+    created: bool  # False when an idempotency key matched an existing task
+
+
+def _task_row(tenant_id: uuid.UUID, spec: TaskSpec, config: AppConfig, job_id: uuid.UUID | None,
+              item_id: str | None) -> dict[str, Any]:
+    messages = spec.chat_messages()
+    decision = resolve_tier(config, spec.tier, spec.task_type, messages)
+    return {
+        "id": uuid.uuid4(), "tenant_id": tenant_id, "job_id": job_id, "item_id": item_id,
+        "idempotency_key": spec.idempotency_key, "task_type": spec.task_type,
+        "requested_tier": spec.tier, "tier": decision.tier, "tier_reason": decision.reason,
+        "urgent": spec.urgent, "deadline": spec.deadline, "request": spec.provider_request(),
+        "metadata": spec.metadata, "status": TaskStatus.QUEUED, "attempts": 0,
+    }
+
+
+def insert_tasks(session: Session, tenant_id: uuid.UUID, specs: Sequence[TaskSpec], config: AppConfig,
+                 job_id: uuid.UUID | None = None) -> list[AcceptedTask]:
+    """Store tasks as `queued`; a repeated idempotency key returns the task it already names."""
+    rows: list[dict[str, Any]] = []
+    first_by_key: dict[str, int] = {}
+    order: list[int | str] = []  # per spec: index into rows, or an idempotency key seen earlier
+    for spec in specs:
+        key = spec.idempotency_key
+        if key is not None and key in first_by_key:
+            order.append(key)
+            continue
+        if key is not None:
+            first_by_key[key] = len(rows)
+        order.append(len(rows))
+        rows.append(_task_row(tenant_id, spec, config, job_id, None))
+
+    table = Task.__table__
+    inserted: set[uuid.UUID] = set()
+    if rows:
+        statement = insert(table).values(rows).on_conflict_do_nothing(
+            index_elements=["tenant_id", "idempotency_key"]
+        ).returning(table.c.id)
+        inserted = set(session.scalars(statement))
+
+    existing: dict[str, Task] = {}
+    keys_lost = [r["idempotency_key"] for r in rows if r["id"] not in inserted]
+    if keys_lost:
+        for task in session.scalars(select(Task).where(Task.tenant_id == tenant_id,
+                                                       Task.idempotency_key.in_(keys_lost))):
+            existing[task.idempotency_key or ""] = task
+
+    def accepted_for(row: dict[str, Any]) -> AcceptedTask:
+        if row["id"] in inserted:
+            return AcceptedTask(row["id"], TaskStatus.QUEUED, row["tier"], True)
+        task = existing[row["idempotency_key"]]
+        return AcceptedTask(task.id, task.status, task.tier, False)
+
+    results = []
+    for entry in order:
+        row = rows[first_by_key[entry]] if isinstance(entry, str) else rows[entry]
+        results.append(accepted_for(row))
+    return results
+
+
+def route_queued_tasks(session: Session, task_ids: Sequence[uuid.UUID], config: AppConfig,
+                       now: datetime) -> list[uuid.UUID]:
+    """Send Light non-urgent tasks to `waiting_batch`; return the ids due for an immediate call.
+
+    Only tasks still `queued` and past their `not_before` are routed, so running this twice is harmless.
+    """
+    if not task_ids:
+        return []
+    candidates = session.execute(
+        select(Task.id, Task.tier, Task.urgent, Task.deadline)
+        .where(Task.id.in_(task_ids), Task.status == TaskStatus.QUEUED,
+               or_(Task.not_before.is_(None), Task.not_before <= func.now()))
+        .with_for_update(skip_locked=True)
+    ).all()
+    to_batch = [c.id for c in candidates if takes_batch_path(config, c.tier, c.urgent, c.deadline, now)]
+    immediate = [c.id for c in candidates if c.id not in set(to_batch)]
+    if to_batch:
+        light = config.tiers["light"]
+        session.execute(
+            update(Task).where(Task.id.in_(to_batch), Task.status == TaskStatus.QUEUED)
+            .values(status=TaskStatus.WAITING_BATCH, provider=light.provider, model=light.model,
+                    mode=Mode.BATCH, updated_at=func.now(), dispatched_at=func.now())
+        )
+    if immediate:
+        session.execute(update(Task).where(Task.id.in_(immediate)).values(dispatched_at=func.now()))
+    return immediate
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedTask:
+    id: uuid.UUID
+    lease_token: uuid.UUID
+    tenant_id: uuid.UUID
+    job_id: uuid.UUID | None
+    task_type: str
+    tier: Tier
+    request: dict[str, Any]
+    attempts: int
+
+
+def claim_for_immediate_call(session: Session, task_id: uuid.UUID, lease_seconds: float
+                             ) -> ClaimedTask | None:
+    """queued → running under a fresh lease; None if the task is not (or not yet) claimable."""
+    token = uuid.uuid4()
+    row = session.execute(
+        update(Task)
+        .where(Task.id == task_id, Task.status == TaskStatus.QUEUED,
+               or_(Task.not_before.is_(None), Task.not_before <= func.now()))
+        .values(status=TaskStatus.RUNNING, mode=Mode.IMMEDIATE, lease_token=token,
+                lease_expires_at=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, lease_seconds),
+                attempts=Task.attempts + 1, started_at=func.coalesce(Task.started_at, func.now()),
+                updated_at=func.now(), not_before=None)
+        .returning(Task.tenant_id, Task.job_id, Task.task_type, Task.tier, Task.request, Task.attempts)
+    ).one_or_none()
+    if row is None:
+        return None
+    return ClaimedTask(task_id, token, row.tenant_id, row.job_id, row.task_type, row.tier, row.request,
+                       row.attempts)
+
+
+def renew_lease(session: Session, task_id: uuid.UUID, token: uuid.UUID, lease_seconds: float) -> bool:
+    moved = session.execute(
+        update(Task).where(Task.id == task_id, Task.status == TaskStatus.RUNNING, Task.lease_token == token)
+        .values(lease_expires_at=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, lease_seconds))
+        .returning(Task.id)
+    ).first()
+    return moved is not None
+
+
+def _finish_values(status: TaskStatus) -> dict[str, Any]:
+    return {"status": status, "finished_at": func.now(), "updated_at": func.now(), "lease_token": None,
+            "lease_expires_at": None, "not_before": None}
+
+
+def record_immediate_success(session: Session, claimed: ClaimedTask, result: ChatResult, prices: PriceBook
+                             ) -> Charge | None:
+    """running → succeeded with its ledger row; None if the lease was lost (result discarded)."""
+    record = ResponseRecord(
+        tenant_id=claimed.tenant_id, task_id=claimed.id, job_id=claimed.job_id, batch_id=None,
+        task_type=claimed.task_type, tier=claimed.tier, mode=Mode.IMMEDIATE, provider=result.provider,
+        requested_model=result.requested_model, served_model=result.served_model, usage=result.usage,
+        latency_ms=result.latency_ms,
+    )
+    moved = session.execute(
+        update(Task).where(Task.id == claimed.id, Task.status == TaskStatus.RUNNING,
+                           Task.lease_token == claimed.lease_token)
+        .values(**_finish_values(TaskStatus.SUCCEEDED), error=None)
+        .returning(Task.id)
+    ).first()
+    if moved is None:
+        return None
+    charge = add_ledger_entry(session, prices, record)
+    usage = result.usage
+    session.execute(
+        update(Task).where(Task.id == claimed.id).values(
+            provider=result.provider, model=result.requested_model, served_model=result.served_model,
+            output=result.output, response=result.body, input_tokens=usage.input_tokens,
+            cached_tokens=usage.cached_tokens, output_tokens=usage.output_tokens,
+            reasoning_tokens=usage.reasoning_tokens, cost_usd=charge.cost_usd,
+            baseline_cost_usd=charge.baseline_cost_usd,
+        )
+    )
+    return charge
+
+
+def requeue_running_task(session: Session, claimed: ClaimedTask, error: str, delay_seconds: float) -> bool:
+    """running → queued after a retryable failure, not to be claimed before the delay."""
+    moved = session.execute(
+        update(Task).where(Task.id == claimed.id, Task.status == TaskStatus.RUNNING,
+                           Task.lease_token == claimed.lease_token)
+        .values(status=TaskStatus.QUEUED, lease_token=None, lease_expires_at=None, error=error,
+                not_before=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, delay_seconds),
+                dispatched_at=func.now(), updated_at=func.now())
+        .returning(Task.id)
+    ).first()
+    return moved is not None
+
+
+def fail_running_task(session: Session, claimed: ClaimedTask, error: str) -> bool:
+    moved = session.execute(
+        update(Task).where(Task.id == claimed.id, Task.status == TaskStatus.RUNNING,
+                           Task.lease_token == claimed.lease_token)
+        .values(**_finish_values(TaskStatus.FAILED), error=error)
+        .returning(Task.id)
+    ).first()
+    return moved is not None
+
+
+def cancel_task(session: Session, tenant_id: uuid.UUID, task_id: uuid.UUID) -> Task:
+    """queued / waiting_batch → cancelled. Raises NotFound, or TransitionError if it already started."""
+    moved = session.scalar(
+        update(Task).where(Task.id == task_id, Task.tenant_id == tenant_id,
+                           Task.status.in_(CANCELLABLE_TASK_STATUSES))
+        .values(**_finish_values(TaskStatus.CANCELLED))
+        .returning(Task)
+    )
+    if moved is not None:
+        return moved
+    task = session.scalar(select(Task).where(Task.id == task_id, Task.tenant_id == tenant_id))
+    if task is None:
+        raise NotFound(f"no task {task_id}")
+    raise TransitionError(f"task {task_id} is {task.status.value} and can no longer be cancelled")
+
+
+def release_expired_leases(session: Session) -> list[uuid.UUID]:
+    """running → queued for tasks whose worker stopped renewing its lease (it died or hung)."""
+    return list(session.scalars(
+        update(Task).where(Task.status == TaskStatus.RUNNING, Task.lease_expires_at < func.now())
+        .values(status=TaskStatus.QUEUED, lease_token=None, lease_expires_at=None,
+                error="worker lost while the call was in flight", updated_at=func.now())
+        .returning(Task.id)
+    ))
+
+
+def stale_queued_task_ids(session: Session, older_than_seconds: float, limit: int = 10_000) -> list[uuid.UUID]:
+    """Queued tasks whose dispatch message may have been lost (Redis restart, crash before sending)."""
+    cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_seconds)
+    return list(session.scalars(
+        select(Task.id).where(
+            Task.status == TaskStatus.QUEUED,
+            or_(Task.dispatched_at.is_(None), Task.dispatched_at < cutoff),
+            or_(Task.not_before.is_(None), Task.not_before <= func.now()),
+            Task.created_at < cutoff,
+        ).limit(limit)
+    ))
+
+
+def mark_dispatched(session: Session, task_ids: Sequence[uuid.UUID]) -> None:
+    if task_ids:
+        session.execute(update(Task).where(Task.id.in_(task_ids)).values(dispatched_at=func.now()))
+
+
+def get_task(session: Session, tenant_id: uuid.UUID, task_id: uuid.UUID) -> Task:
+    task = session.scalar(select(Task).where(Task.id == task_id, Task.tenant_id == tenant_id))
+    if task is None:
+        raise NotFound(f"no task {task_id}")
+    return task
+
+
+def list_tasks(session: Session, tenant_id: uuid.UUID, *, limit: int, after: tuple[datetime, uuid.UUID] | None,
+               job_id: uuid.UUID | None = None, status: TaskStatus | None = None,
+               task_type: str | None = None) -> list[Task]:
+    """Newest first, keyset-paginated on (created_at, id); returns up to limit + 1 rows."""
+    query = select(Task).where(Task.tenant_id == tenant_id)
+    if job_id is not None:
+        query = query.where(Task.job_id == job_id)
+    if status is not None:
+        query = query.where(Task.status == status)
+    if task_type is not None:
+        query = query.where(Task.task_type == task_type)
+    if after is not None:
+        created, last_id = after
+        query = query.where(or_(Task.created_at < created, and_(Task.created_at == created, Task.id < last_id)))
+    return list(session.scalars(query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1)))

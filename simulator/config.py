@@ -1,0 +1,143 @@
+"""Simulator settings: the TOML file of DESIGN §11 and the JSON body of `POST /_sim/config`.
+
+A model's effective settings are the `[models."*"]` table merged with the model's own table
+(`SimConfig.model_settings`). Tables keep only the keys that were written, so merging and
+dumping round-trip: `SimConfig.model_validate(config.model_dump())` is the same config.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
+
+DEFAULT_MODEL_KEY = "*"
+ErrorStatus = Literal[400, 408, 409, 429, 500, 502, 503, 504]
+
+
+class SimConfigError(ValueError):
+    """A configuration file or a `/_sim/config` body that is not valid."""
+
+
+class ModelSettings(BaseModel):
+    """Behaviour of one model name. Unset keys fall back to `[models."*"]`, then to these defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    latency_ms: tuple[float, float] = (20.0, 80.0)
+    agreement: float = Field(0.95, ge=0.0, le=1.0)
+    error_rate: float = Field(0.0, ge=0.0, le=1.0)
+    error_status: ErrorStatus = 500
+    retry_after_seconds: float = Field(1.0, ge=0.0)
+    slow_rate: float = Field(0.0, ge=0.0, le=1.0)
+    slow_ms: float = Field(30_000.0, ge=0.0)
+    reference: bool = False
+    served_as: str | None = None
+    reasoning_tokens: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _latency_range(self) -> ModelSettings:
+        lo, hi = self.latency_ms
+        if lo < 0 or hi < lo:
+            raise ValueError(f"latency_ms must be [lo, hi] with 0 <= lo <= hi, got [{lo}, {hi}]")
+        return self
+
+
+class BatchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    validating_seconds: float = Field(1.0, ge=0.0)
+    in_progress_seconds: float = Field(5.0, ge=0.0)
+    finalizing_seconds: float = Field(1.0, ge=0.0)
+    cancelling_seconds: float = Field(0.5, ge=0.0)
+    line_error_rate: float = Field(0.0, ge=0.0, le=1.0)
+    expire: bool = False
+    expire_completed_share: float = Field(0.5, ge=0.0, le=1.0)
+    enqueued_token_limit: int = Field(0, ge=0)
+    max_lines: int = Field(50_000, ge=1)
+    max_bytes: int = Field(200_000_000, ge=1)
+
+
+class SimConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: str = ""
+    batch: BatchSettings = Field(default_factory=BatchSettings)
+    models: dict[str, ModelSettings] = Field(default_factory=lambda: {DEFAULT_MODEL_KEY: ModelSettings()})
+
+    @field_serializer("models")
+    def _dump_models(self, models: dict[str, ModelSettings]) -> dict[str, dict[str, Any]]:
+        return {name: table.model_dump(mode="json", exclude_unset=True) for name, table in models.items()}
+
+    @model_validator(mode="after")
+    def _merged_tables_valid(self) -> SimConfig:
+        for name in self.models:
+            self.model_settings(name)  # raises on an invalid merge
+        return self
+
+    def model_settings(self, model: str) -> ModelSettings:
+        """Effective settings of `model`: the "*" table merged with the model's own table."""
+        merged: dict[str, Any] = {}
+        default = self.models.get(DEFAULT_MODEL_KEY)
+        if default is not None:
+            merged.update(default.model_dump(exclude_unset=True))
+        own = self.models.get(model)
+        if own is not None and model != DEFAULT_MODEL_KEY:
+            merged.update(own.model_dump(exclude_unset=True))
+        return ModelSettings.model_validate(merged)
+
+    def named_models(self) -> list[str]:
+        return [name for name in self.models if name != DEFAULT_MODEL_KEY]
+
+
+def _format_errors(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(root)"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def parse_sim_config(data: Any, source: str = "simulator config") -> SimConfig:
+    if not isinstance(data, dict):
+        raise SimConfigError(f"{source}: expected a table/object, got {type(data).__name__}")
+    try:
+        return SimConfig.model_validate(data)
+    except ValidationError as exc:
+        raise SimConfigError(f"{source}: {_format_errors(exc)}") from None
+
+
+def load_sim_config(path: Path | None) -> SimConfig:
+    """Read a TOML file (DESIGN §11); `None` gives the defaults."""
+    if path is None:
+        return SimConfig()
+    try:
+        with open(path, "rb") as fh:
+            data = tomllib.load(fh)
+    except OSError as exc:
+        raise SimConfigError(f"cannot read simulator config {path}: {exc.strerror or exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise SimConfigError(f"{path}: invalid TOML: {exc}") from None
+    return parse_sim_config(data, source=str(path))
+
+
+def deep_merge(base: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+    """Recursive merge of `patch` into a copy of `base`; a `null` in the patch removes the key."""
+    out = dict(base)
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        elif isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def merge_sim_config(config: SimConfig, patch: Any) -> SimConfig:
+    """The running config with `patch` (a `/_sim/config` body) deep-merged into it, validated."""
+    if not isinstance(patch, dict):
+        raise SimConfigError("config patch: expected a JSON object")
+    return parse_sim_config(deep_merge(config.model_dump(mode="json"), patch), source="config patch")

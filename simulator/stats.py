@@ -1,0 +1,38 @@
+"""Counters behind `GET /_sim/stats`, so tests can see what reached the provider."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Stats:
+    chat_calls: Counter[str] = field(default_factory=Counter)  # every chat request, per asked model
+    chat_errors: Counter[str] = field(default_factory=Counter)  # injected faults, per asked model
+    chat_slow: Counter[str] = field(default_factory=Counter)  # injected slow answers, per asked model
+    files_created: int = 0
+    batches_created: int = 0
+    batch_lines: int = 0  # lines of the input files of created batches
+    batch_lines_answered: int = 0  # output lines written with status 200
+
+    def reset(self) -> None:
+        self.chat_calls.clear()
+        self.chat_errors.clear()
+        self.chat_slow.clear()
+        self.files_created = 0
+        self.batches_created = 0
+        self.batch_lines = 0
+        self.batch_lines_answered = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "chat_calls": dict(self.chat_calls),
+            "chat_errors": dict(self.chat_errors),
+            "chat_slow": dict(self.chat_slow),
+            "files_created": self.files_created,
+            "batches_created": self.batches_created,
+            "batch_lines": self.batch_lines,
+            "batch_lines_answered": self.batch_lines_answered,
+        }

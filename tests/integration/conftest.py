@@ -1,0 +1,51 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from core.migrate import upgrade_to_head
+from tests.conftest import TEST_REDIS_URL
+from tests.support.procs import free_port
+from tests.support.stack import Stack, scratch_database, write_app_config
+
+
+@pytest.fixture(scope="session")
+def migrated_database_url(base_database_url: str) -> Iterator[str]:
+    """One database for this test run, migrated to head, dropped at the end."""
+    with scratch_database(base_database_url) as url:
+        upgrade_to_head(url)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def stack(migrated_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Simulator, API, worker and beat as real processes, for the whole run."""
+    tmp = tmp_path_factory.mktemp("stack")
+    simulator_port = free_port()
+    config_path = write_app_config(Path(tmp) / "tierbatch.toml", simulator_port)
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    client.flushdb()
+    client.close()
+    running = Stack(tmp=Path(tmp), database_url=migrated_database_url, redis_url=TEST_REDIS_URL,
+                    config_path=config_path, simulator_port=simulator_port, api_port=free_port())
+    try:
+        running.start_simulator()
+        running.start_api()
+        running.start_worker()
+        running.start_beat()
+        yield running
+    finally:
+        running.stop_all()
+
+
+@pytest.fixture
+def sim_reset(stack: Stack) -> Iterator[Stack]:
+    """Simulator defaults and zeroed stats before the test, defaults again after it."""
+    defaults = {"models": {"*": {"error_rate": 0.0, "latency_ms": [5, 20], "slow_rate": 0.0}}}
+    stack.sim("POST", "/_sim/config", defaults)
+    stack.sim("POST", "/_sim/reset")
+    yield stack
+    stack.sim("POST", "/_sim/config", defaults)

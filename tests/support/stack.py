@@ -1,0 +1,163 @@
+"""The running product for integration tests: simulator, API, worker and beat as real processes."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+from sqlalchemy.engine import make_url
+
+from tests.support.procs import ManagedProcess, free_port, python_module, wait_http_ok, wait_until
+
+ADMIN_TOKEN = "test-admin-token"
+
+
+def psycopg_dsn(database_url: str) -> str:
+    return make_url(database_url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+@contextlib.contextmanager
+def scratch_database(base_url: str, prefix: str = "tierbatch_test") -> Iterator[str]:
+    """A new, empty database for this run on the same server; dropped afterwards."""
+    url = make_url(base_url)
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    admin_dsn = psycopg_dsn(url.set(database="postgres").render_as_string(hide_password=False))
+    with psycopg.connect(admin_dsn, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def write_app_config(path: Path, simulator_port: int, extra: str = "") -> Path:
+    path.write_text(f"""
+[providers.sim]
+base_url = "http://127.0.0.1:{simulator_port}/v1"
+batch = true
+prices_from = "openai"
+
+[tiers.light]
+provider = "sim"
+model = "gpt-4o-mini"
+fallbacks = [{{ provider = "sim", model = "gpt-4.1-mini" }}]
+
+[tiers.complex]
+provider = "sim"
+model = "gpt-4o"
+fallbacks = [{{ provider = "sim", model = "gpt-4.1" }}]
+
+[routing]
+classification = "light"
+reasoning = "complex"
+
+[immediate]
+max_attempts = 3
+retries_per_model = 1
+backoff_base_seconds = 0.05
+backoff_max_seconds = 0.5
+lease_seconds = 3
+
+[reconciler]
+interval_seconds = 1
+queued_stale_seconds = 3
+{extra}
+""")
+    return path
+
+
+@dataclass
+class Stack:
+    tmp: Path
+    database_url: str
+    redis_url: str
+    config_path: Path
+    simulator_port: int
+    api_port: int
+    processes: dict[str, ManagedProcess] = field(default_factory=dict)
+
+    @property
+    def env(self) -> dict[str, str]:
+        return {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
+                "TIERBATCH_CONFIG": str(self.config_path), "TIERBATCH_ADMIN_TOKEN": ADMIN_TOKEN,
+                "PYTHONUNBUFFERED": "1"}
+
+    @property
+    def api_url(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    @property
+    def simulator_url(self) -> str:
+        return f"http://127.0.0.1:{self.simulator_port}"
+
+    def _start(self, name: str, args: list[str]) -> ManagedProcess:
+        generation = sum(1 for key in self.processes if key.startswith(name))
+        proc = ManagedProcess(args, env=self.env, log_path=self.tmp / f"{name}-{generation}.log")
+        self.processes[f"{name}-{generation}"] = proc
+        self.processes[name] = proc
+        return proc
+
+    def start_simulator(self) -> None:
+        proc = self._start("simulator", python_module("simulator", "--host", "127.0.0.1",
+                                                      "--port", str(self.simulator_port)))
+        wait_http_ok(f"{self.simulator_url}/_sim/stats", proc=proc)
+
+    def start_api(self) -> None:
+        proc = self._start("api", python_module("cli", "api", "--host", "127.0.0.1", "--port", str(self.api_port)))
+        wait_http_ok(f"{self.api_url}/healthz", proc=proc)
+
+    def start_worker(self) -> ManagedProcess:
+        proc = self._start("worker", python_module("cli", "worker", "--concurrency", "4", "--pool", "threads"))
+        wait_until(lambda: "ready." in proc.log_text() or not proc.alive(), 30, 0.1, "worker ready")
+        if not proc.alive():
+            raise RuntimeError(f"worker exited:\n{proc.log_text()}")
+        return proc
+
+    def start_beat(self) -> None:
+        self._start("beat", python_module("cli", "beat", "--schedule", str(self.tmp / "beat-schedule")))
+
+    def stop_all(self) -> None:
+        for key, proc in list(self.processes.items()):
+            if "-" in key:
+                proc.stop()
+
+    # --- helpers for tests ---------------------------------------------------------------------
+    def admin_client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.api_url, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                            timeout=30)
+
+    def new_tenant_key(self, name: str = "t") -> str:
+        with self.admin_client() as client:
+            response = client.post("/v1/admin/tenants", json={"name": name})
+            response.raise_for_status()
+            return str(response.json()["api_key"])
+
+    def client(self, api_key: str) -> httpx.Client:
+        return httpx.Client(base_url=self.api_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
+
+    def sim(self, method: str, path: str, json: Any = None) -> Any:
+        with httpx.Client(base_url=self.simulator_url, timeout=10) as client:
+            response = client.request(method, path, json=json)
+            response.raise_for_status()
+            return response.json()
+
+    def wait_for_task(self, client: httpx.Client, task_id: str, statuses: set[str],
+                      timeout: float = 30.0) -> dict[str, Any]:
+        def reached() -> dict[str, Any] | None:
+            body: dict[str, Any] = client.get(f"/v1/tasks/{task_id}").json()
+            return body if body.get("status") in statuses else None
+
+        try:
+            return wait_until(reached, timeout, 0.1, f"task {task_id} in {statuses}")  # type: ignore[return-value]
+        except TimeoutError:
+            last = client.get(f"/v1/tasks/{task_id}").json()
+            raise AssertionError(f"task {task_id} never reached {statuses}; last: {last}\n"
+                                 f"worker log:\n{self.processes['worker'].log_text()}") from None
+

@@ -1,0 +1,258 @@
+"""docker-compose.yml, Dockerfile and the compose config are consistent with each other and with the CLI.
+
+No Docker here: the YAML is parsed and every `tierbatch …` command is checked against the real CLI
+(`cli.main.app`, a typer.Typer, introspected as a click command).
+"""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+import typer.main
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+DOCKERFILE = REPO_ROOT / "Dockerfile"
+COMPOSE_CONFIG = REPO_ROOT / "deploy" / "tierbatch.compose.toml"
+
+INFRA = {"postgres", "redis"}
+APP_SERVICES = {"migrate", "api", "worker", "beat", "simulator"}
+ONE_SHOT = {"migrate"}
+CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+APP_ENV = {
+    "DATABASE_URL": "postgresql+psycopg://tierbatch:tierbatch@postgres:5432/tierbatch",
+    "REDIS_URL": "redis://redis:6379/0",
+    "TIERBATCH_CONFIG": "/app/tierbatch.toml",
+}
+
+
+@pytest.fixture(scope="module")
+def services() -> dict[str, dict[str, Any]]:
+    data = yaml.safe_load(COMPOSE_FILE.read_text())
+    assert isinstance(data, dict) and isinstance(data.get("services"), dict)
+    return data["services"]
+
+
+def _argv(value: object) -> list[str]:
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return shlex.split(value)
+    assert isinstance(value, list), value
+    return [str(item) for item in value]
+
+
+def _depends_on(service: dict[str, Any]) -> dict[str, str]:
+    """depends_on as {target: condition}; the short list form means service_started."""
+    raw = service.get("depends_on") or {}
+    if isinstance(raw, list):
+        return {str(name): "service_started" for name in raw}
+    return {str(name): (spec or {}).get("condition", "service_started") for name, spec in raw.items()}
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    raw = service.get("environment") or {}
+    if isinstance(raw, list):
+        return dict(str(item).split("=", 1) for item in raw)
+    return {str(key): str(value) for key, value in raw.items()}
+
+
+def _has_healthcheck(service: dict[str, Any]) -> bool:
+    check: dict[str, Any] = service.get("healthcheck") or {}
+    return not check.get("disable", False) and bool(check.get("test"))
+
+
+def _healthcheck_text(service: dict[str, Any]) -> str:
+    test = service["healthcheck"]["test"]
+    return test if isinstance(test, str) else " ".join(str(part) for part in test)
+
+
+def test_expected_services(services: dict[str, dict[str, Any]]) -> None:
+    assert set(services) == INFRA | APP_SERVICES
+    assert str(services["postgres"]["image"]).split(":")[0] == "postgres"
+    assert str(services["postgres"]["image"]).split(":")[1].startswith("16")
+    assert str(services["redis"]["image"]).split(":")[0] == "redis"
+    assert str(services["redis"]["image"]).split(":")[1].startswith("7")
+
+
+def test_depends_on_names_defined_services_with_valid_conditions(services: dict[str, dict[str, Any]]) -> None:
+    for name, service in services.items():
+        for target, condition in _depends_on(service).items():
+            assert target in services, f"{name} depends on undefined service {target!r}"
+            assert target != name, f"{name} depends on itself"
+            assert condition in CONDITIONS, f"{name} -> {target}: invalid condition {condition!r}"
+
+
+def test_dependency_graph_has_no_cycle(services: dict[str, dict[str, Any]]) -> None:
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"dependency cycle: {' -> '.join((*path, name))}"
+        if name in done:
+            return
+        for target in _depends_on(services[name]):
+            visit(target, (*path, name))
+        done.add(name)
+
+    for name in services:
+        visit(name, ())
+
+
+def test_conditions_match_what_the_target_offers(services: dict[str, dict[str, Any]]) -> None:
+    """service_healthy needs a healthcheck; one-shot services are waited for until they complete;
+    a long-running service without a healthcheck is only ever depended on with service_started."""
+    for name, service in services.items():
+        for target, condition in _depends_on(service).items():
+            if target in ONE_SHOT:
+                assert condition == "service_completed_successfully", f"{name} -> {target}: {condition}"
+            elif condition == "service_completed_successfully":
+                pytest.fail(f"{name} waits for long-running {target} to complete")
+            if condition == "service_healthy":
+                assert _has_healthcheck(services[target]), f"{name} -> {target}: target has no healthcheck"
+    for name in ONE_SHOT:
+        assert services[name].get("restart", "no") == "no", f"one-shot {name} must not restart"
+    for name, service in services.items():
+        if name not in ONE_SHOT:
+            assert service.get("restart") in {"unless-stopped", "always"}, f"{name} has no restart policy"
+
+
+def test_app_services_wait_for_migrations_and_brokers(services: dict[str, dict[str, Any]]) -> None:
+    assert _depends_on(services["migrate"]).get("postgres") == "service_healthy"
+    for name in ("api", "worker", "beat"):
+        deps = _depends_on(services[name])
+        assert deps.get("migrate") == "service_completed_successfully", name
+        assert deps.get("redis") == "service_healthy", name
+        assert deps.get("postgres") == "service_healthy", name
+
+
+def test_healthchecks(services: dict[str, dict[str, Any]]) -> None:
+    assert "pg_isready" in _healthcheck_text(services["postgres"])
+    assert "redis-cli ping" in _healthcheck_text(services["redis"])
+    for name, path in (("api", "/healthz"), ("simulator", "/v1/models")):
+        argv = _argv(services[name]["command"])
+        port = argv[argv.index("--port") + 1]
+        assert f"127.0.0.1:{port}{path}" in _healthcheck_text(services[name]), name
+
+
+def test_redis_is_durable_and_never_evicts(services: dict[str, dict[str, Any]]) -> None:
+    argv = _argv(services["redis"]["command"])
+    assert argv[0] == "redis-server"
+    options = dict(zip(argv[1::2], argv[2::2], strict=False))
+    assert options.get("--appendonly") == "yes"
+    assert options.get("--maxmemory-policy") == "noeviction"
+    assert any(str(volume).endswith(":/data") for volume in services["redis"].get("volumes", []))
+
+
+def test_app_services_share_image_environment_and_config(services: dict[str, dict[str, Any]]) -> None:
+    for name in APP_SERVICES:
+        service = services[name]
+        assert service.get("build"), f"{name} is not built from the Dockerfile"
+        env = _environment(service)
+        for key, value in APP_ENV.items():
+            assert env.get(key) == value, f"{name}: {key}"
+        token = env.get("TIERBATCH_ADMIN_TOKEN", "")
+        default_prefix = "${TIERBATCH_ADMIN_TOKEN:-"
+        assert token.startswith(default_prefix) and len(token) > len(default_prefix) + 1, token
+        mounts = [str(volume).split(":") for volume in service.get("volumes", [])]
+        sources = {mount[1]: mount[0] for mount in mounts if len(mount) >= 2}
+        assert "/app/tierbatch.toml" in sources, f"{name} does not mount the config"
+        assert (REPO_ROOT / sources["/app/tierbatch.toml"]).resolve() == COMPOSE_CONFIG.resolve()
+
+
+def test_compose_config_is_valid_and_points_at_the_simulator() -> None:
+    from core.config import load_config
+
+    config = load_config(COMPOSE_CONFIG, environ={})
+    for ref in config.configured_models():
+        url = urlsplit(config.provider(ref.provider).base_url)
+        assert (url.hostname, url.port, url.path) == ("simulator", 8100, "/v1")
+
+
+def test_dockerfile_builds_the_package_on_python_311_slim() -> None:
+    text = DOCKERFILE.read_text()
+    froms = [line.split()[1] for line in text.splitlines() if line.upper().startswith("FROM ")]
+    assert froms and all(image == "python:3.11-slim" for image in froms)
+    assert "pip install" in text
+    ignored = (REPO_ROOT / ".dockerignore").read_text().split()
+    assert ".venv" in ignored and ".tierbatch" in ignored
+
+
+# --------------------------------------------------------------------------------------------
+# every `tierbatch …` command exists in the real CLI, with the flags used
+
+
+def _cli() -> Any:
+    from cli.main import app
+
+    return typer.main.get_command(app)
+
+
+# typer >= 0.2x vendors click (`typer._click`): its commands are not `click.Command` instances, so the
+# checks below go by the click interface (groups have `list_commands`, parameters a `param_type_name`).
+
+
+def _is_group(command: Any) -> bool:
+    return hasattr(command, "list_commands") and hasattr(command, "get_command")
+
+
+def _resolve(root: Any, argv: list[str]) -> tuple[Any, list[str]]:
+    """Walk subcommand names through nested groups; returns the leaf command and its arguments."""
+    command, rest, path = root, list(argv), ["tierbatch"]
+    while _is_group(command) and rest and not rest[0].startswith("-"):
+        name = rest.pop(0)
+        ctx = command.context_class(command, info_name=path[-1])
+        known = command.list_commands(ctx)
+        assert name in known, f"`{' '.join(path)}` has no subcommand {name!r} (has {known})"
+        command = command.get_command(ctx, name)
+        path.append(name)
+    assert not _is_group(command), f"`{' '.join(path)}` needs a subcommand"
+    return command, rest
+
+
+def _options(command: Any) -> set[str]:
+    return {opt for param in command.params if param.param_type_name == "option"
+            for opt in (*param.opts, *param.secondary_opts)}
+
+
+def _check_flags(command: Any, args: list[str], where: str) -> None:
+    options = _options(command)
+    assert options or not args, f"{where}: the command has no options at all"
+    for arg in args:
+        if arg.startswith("--"):
+            flag = arg.split("=", 1)[0]
+            assert flag in options, f"{where}: unknown option {flag} (has {sorted(options)})"
+
+
+def test_every_app_service_runs_an_existing_tierbatch_subcommand(services: dict[str, dict[str, Any]]) -> None:
+    root = _cli()
+    for name in sorted(APP_SERVICES):
+        argv = _argv(services[name].get("command") or services[name].get("entrypoint"))
+        assert argv[:1] == ["tierbatch"], f"{name} does not run tierbatch: {argv}"
+        command, args = _resolve(root, argv[1:])
+        _check_flags(command, args, f"{name}: {shlex.join(argv)}")
+
+
+def test_cli_interface_that_scripts_rely_on() -> None:
+    """The flags DESIGN §10 promises (and compose or scripts use), checked against the real CLI."""
+    root = _cli()
+    promised = {
+        "api": ["--host", "--port"],
+        "worker": ["--concurrency", "--queues"],
+        "beat": [],
+        "migrate": [],
+        "simulator": ["--host", "--port", "--config"],
+        "up": [],
+        "demo": [],
+        "tenants create": ["--budget", "--json"],
+    }
+    for words, flags in promised.items():
+        command, _ = _resolve(root, words.split())
+        _check_flags(command, flags, f"tierbatch {words}")
+    create, _ = _resolve(root, ["tenants", "create"])
+    arguments = [param for param in create.params if param.param_type_name == "argument"]
+    assert [param.name for param in arguments][:1] == ["name"]

@@ -1,0 +1,81 @@
+"""Immediate calls: claim under a lease, call along the fallback chain, record in one transaction."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from core.retry import ChainExhausted, backoff_delay, call_with_fallbacks
+from core.states import Tier
+from core.tasks import (
+    ClaimedTask,
+    claim_for_immediate_call,
+    fail_running_task,
+    record_immediate_success,
+    renew_lease,
+    requeue_running_task,
+)
+from worker.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def lease_kept_alive(ctx: WorkerContext, claimed: ClaimedTask) -> Iterator[None]:
+    """Renew the task's lease while the call is in flight, so the reconciler leaves it alone;
+    if this process dies, renewals stop and the lease expires."""
+    lease = ctx.config.immediate.lease_seconds
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(lease / 3):
+            try:
+                with ctx.sessions.begin() as session:
+                    if not renew_lease(session, claimed.id, claimed.lease_token, lease):
+                        return  # lost: whatever we get back will be discarded on record
+            except Exception:  # a failed renewal is retried on the next tick
+                log.warning("lease renewal failed for task %s", claimed.id, exc_info=True)
+
+    thread = threading.Thread(target=renew, name=f"lease-{claimed.id}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def run_immediate_call(ctx: WorkerContext, task_id: uuid.UUID) -> float | None:
+    """Serve one task now. Returns a delay in seconds when the task was put back for a retry."""
+    policy = ctx.config.immediate
+    with ctx.sessions.begin() as session:
+        claimed = claim_for_immediate_call(session, task_id, policy.lease_seconds)
+    if claimed is None:
+        return None  # already done, cancelled, claimed by another worker, or not yet due
+    chain = ctx.config.tier(Tier(claimed.tier)).chain
+    try:
+        with lease_kept_alive(ctx, claimed):
+            result = call_with_fallbacks(ctx.providers.chat, chain, claimed.request, policy, time.sleep)
+    except ChainExhausted as exhausted:
+        message = str(exhausted)
+        with ctx.sessions.begin() as session:
+            if exhausted.retryable and claimed.attempts < policy.max_attempts:
+                delay = backoff_delay(policy, claimed.attempts, exhausted.retry_after)
+                if requeue_running_task(session, claimed, message, delay):
+                    log.info("task %s: every model failed, retry in %.1fs: %s", task_id, delay, message)
+                    return delay
+                return None
+            reason = message if not exhausted.retryable else (
+                f"gave up after {claimed.attempts} attempts: {message}")
+            fail_running_task(session, claimed, reason)
+            log.info("task %s failed: %s", task_id, reason)
+        return None
+    with ctx.sessions.begin() as session:
+        charge = record_immediate_success(session, claimed, result, ctx.prices)
+    if charge is None:
+        log.warning("task %s: lease lost while calling %s; result discarded", task_id, result.served_model)
+    return None

@@ -1,0 +1,27 @@
+"""The reconciler: Postgres is the truth, Redis only carries messages. Whatever a crash or a
+Redis flush lost is found here by its state and dispatched again."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+from core.messaging import DISPATCH_CHUNK
+from core.tasks import release_expired_leases, stale_queued_task_ids
+from worker.context import WorkerContext
+
+log = logging.getLogger(__name__)
+
+
+def find_tasks_to_redispatch(ctx: WorkerContext) -> list[uuid.UUID]:
+    with ctx.sessions.begin() as session:
+        released = release_expired_leases(session)
+    if released:
+        log.warning("reconciler: %d running tasks lost their worker; queued again", len(released))
+    with ctx.sessions.begin() as session:
+        stale = stale_queued_task_ids(session, ctx.config.reconciler.queued_stale_seconds)
+    return list(dict.fromkeys([*released, *stale]))
+
+
+def chunks(ids: list[uuid.UUID], size: int = DISPATCH_CHUNK) -> list[list[str]]:
+    return [[str(i) for i in ids[start:start + size]] for start in range(0, len(ids), size)]

@@ -1,0 +1,81 @@
+"""Celery tasks. Each takes row ids (or a producer's JSON), is idempotent and safe to run twice."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from celery import Task as CeleryTask
+from celery import shared_task
+
+from core.errors import InvalidInput
+from core.messaging import CALL_IMMEDIATE, DISPATCH_TASKS, RECONCILE, SUBMIT_TASKS
+from core.submission import parse_submission
+from core.tasks import insert_tasks, mark_dispatched, route_queued_tasks
+from core.tenants import tenant_for_key
+from worker.context import get_worker_context
+from worker.immediate import run_immediate_call
+from worker.reconcile import chunks, find_tasks_to_redispatch
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name=SUBMIT_TASKS, bind=True)
+def submit_tasks(self: CeleryTask, payload: Any, api_key: str) -> dict[str, Any]:
+    """Broker-side submission: the same JSON as `POST /v1/tasks`, with the tenant key.
+
+    The tasks are durable once this commits; before that they exist only as this message.
+    """
+    ctx = get_worker_context()
+    try:
+        specs = parse_submission(payload, ctx.config.limits.max_tasks_per_request,
+                                 ctx.config.limits.max_prompt_bytes)
+    except InvalidInput as exc:
+        log.error("submit_tasks rejected: %s", exc.message)
+        return {"error": {"type": "invalid_request_error", "message": exc.message, "param": exc.param}}
+    with ctx.sessions.begin() as session:
+        tenant = tenant_for_key(session, api_key)
+        if tenant is None:
+            log.error("submit_tasks rejected: invalid tenant key")
+            return {"error": {"type": "authentication_error", "message": "invalid API key", "param": None}}
+        accepted = insert_tasks(session, tenant.id, specs, ctx.config)
+    created = [a.id for a in accepted if a.created]
+    for chunk in chunks(created):
+        self.app.send_task(DISPATCH_TASKS, args=[chunk])
+    return {"tasks": [{"id": str(a.id), "status": a.status.value, "tier": a.tier.value} for a in accepted]}
+
+
+@shared_task(name=DISPATCH_TASKS, bind=True)
+def dispatch_tasks(self: CeleryTask, task_ids: list[str]) -> int:
+    """Route a chunk of queued tasks: batch-path ones in bulk, one call message per immediate one."""
+    ctx = get_worker_context()
+    ids = [uuid.UUID(t) for t in task_ids]
+    with ctx.sessions.begin() as session:
+        immediate = route_queued_tasks(session, ids, ctx.config, datetime.now(UTC))
+    for task_id in immediate:
+        self.app.send_task(CALL_IMMEDIATE, args=[str(task_id)])
+    return len(immediate)
+
+
+@shared_task(name=CALL_IMMEDIATE, bind=True)
+def call_immediate(self: CeleryTask, task_id: str) -> None:
+    ctx = get_worker_context()
+    retry_in = run_immediate_call(ctx, uuid.UUID(task_id))
+    if retry_in is not None:
+        # the row says when it may run again; this message is only the wake-up call
+        self.app.send_task(CALL_IMMEDIATE, args=[task_id], countdown=retry_in)
+
+
+@shared_task(name=RECONCILE, bind=True)
+def reconcile(self: CeleryTask) -> int:
+    ctx = get_worker_context()
+    ids = find_tasks_to_redispatch(ctx)
+    for chunk in chunks(ids):
+        self.app.send_task(DISPATCH_TASKS, args=[chunk])
+        with ctx.sessions.begin() as session:
+            mark_dispatched(session, [uuid.UUID(i) for i in chunk])
+    if ids:
+        log.info("reconciler re-dispatched %d tasks", len(ids))
+    return len(ids)
