@@ -180,6 +180,10 @@ class _DirLock:
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
 
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
@@ -479,7 +483,13 @@ class EmbeddedPostgres(_EmbeddedServer):
         _kill_and_wait([pid, *children], timeout=10.0)
 
     def _stop(self) -> None:
-        self._stop_server(self.pid)
+        pid = self.pid
+        if pid is None and self._lock.held:
+            # interrupted between pg_ctl start and recording the pid: the server on our directory is ours
+            found = _read_pid(self.pgdata / "postmaster.pid")
+            if found is not None and _is_server_for(found, "postgres", self.pgdata):
+                pid = found
+        self._stop_server(pid)
 
 
 # ---------------------------------------------------------------------------------------------

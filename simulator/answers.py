@@ -151,7 +151,8 @@ def agrees(model: str, settings: ModelSettings, key: str, salt: str = "") -> boo
     return settings.reference or unit_hash("agree", model, key, salt) < settings.agreement
 
 
-def choose_label(labels: tuple[str, ...], model: str, settings: ModelSettings, key: str, salt: str = "") -> str:
+def choose_label(labels: tuple[str, ...], model: str, settings: ModelSettings, key: str,
+                 salt: str = "") -> str:
     ref_index = stable_hash("reference", key) % len(labels)
     if len(labels) == 1 or agrees(model, settings, key, salt):
         return labels[ref_index]
@@ -211,7 +212,8 @@ def fill_schema(schema: Any, root: dict[str, Any], seed: int, label_path: tuple[
         out: dict[str, Any] = {}
         if isinstance(props, dict):
             for name, sub in props.items():
-                out[str(name)] = fill_schema(sub, root, seed, label_path, label, (*path, str(name)), depth + 1)
+                sub_path = (*path, str(name))
+                out[str(name)] = fill_schema(sub, root, seed, label_path, label, sub_path, depth + 1)
         return out
     if kind == "array":
         return [fill_schema(schema.get("items", {}), root, seed, label_path, label, (*path, "[]"), depth + 1)]

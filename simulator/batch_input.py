@@ -60,7 +60,8 @@ def _line_problem(number: int, obj: Any, endpoint: str) -> dict[str, Any] | None
                            f"batch endpoint ({endpoint!r}).", number, "url")
     body = obj.get("body")
     if not isinstance(body, dict):
-        return batch_error("missing_required_parameter", "Missing required parameter: 'body'.", number, "body")
+        return batch_error("missing_required_parameter", "Missing required parameter: 'body'.", number,
+                           "body")
     if not isinstance(body.get("model"), str) or not body["model"]:
         return batch_error("missing_required_parameter", "Missing required parameter: 'body.model'.", number,
                            "body.model")
@@ -72,16 +73,16 @@ def parse_input(path: Path, endpoint: str, max_lines: int, max_bytes: int) -> Pa
     errors = parsed.errors
     size = path.stat().st_size
     if size > max_bytes:
-        errors.append(batch_error("file_too_large", f"The input file is {size} bytes; a batch input file may be "
-                                  f"at most {max_bytes} bytes."))
+        errors.append(batch_error("file_too_large", f"The input file is {size} bytes; a batch input file "
+                                  f"may be at most {max_bytes} bytes."))
         return parsed
     total = count_lines(path)
     if total == 0:
         errors.append(batch_error("empty_file", "The input file is empty."))
         return parsed
     if total > max_lines:
-        errors.append(batch_error("too_many_tasks", f"The input file has {total} requests; a batch may have at "
-                                  f"most {max_lines} requests."))
+        errors.append(batch_error("too_many_tasks", f"The input file has {total} requests; a batch may "
+                                  f"have at most {max_lines} requests."))
         return parsed
     seen: set[str] = set()
     tokens = 0
@@ -94,7 +95,8 @@ def parse_input(path: Path, endpoint: str, max_lines: int, max_bytes: int) -> Pa
             try:
                 obj = json.loads(raw)
             except ValueError:
-                errors.append(batch_error("invalid_json_line", "This line is not parseable as valid JSON.", number))
+                errors.append(batch_error("invalid_json_line", "This line is not parseable as valid JSON.",
+                                          number))
                 continue
             problem = _line_problem(number, obj, endpoint)
             if problem is not None:
@@ -115,8 +117,8 @@ def parse_input(path: Path, endpoint: str, max_lines: int, max_bytes: int) -> Pa
             elif model != parsed.model:
                 errors.append(batch_error(
                     "model_mismatch",
-                    f"The model {model!r} does not match the model {parsed.model!r} of the other requests; all "
-                    "requests in a batch must use the same model.", number, "body.model"))
+                    f"The model {model!r} does not match the model {parsed.model!r} of the other requests; "
+                    "all requests in a batch must use the same model.", number, "body.model"))
                 continue
             messages = body.get("messages")
             if isinstance(messages, list):

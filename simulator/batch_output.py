@@ -42,7 +42,9 @@ class BatchResults:
 def _line(custom_id: str, status: int | None, body: dict[str, Any] | None,
           error: dict[str, str] | None) -> bytes:
     prefix = os.urandom(12).hex()
-    response = None if status is None else {"status_code": status, "request_id": "req_" + prefix, "body": body}
+    response = None
+    if status is not None:
+        response = {"status_code": status, "request_id": "req_" + prefix, "body": body}
     obj = {"id": "batch_req_" + prefix, "custom_id": custom_id, "response": response, "error": error}
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
 
@@ -56,8 +58,8 @@ def _injected(kind: str, custom_id: str) -> bytes:
         body = error_body("The request was rejected by the simulator (injected line error).",
                           "invalid_request_error")
         return _line(custom_id, 400, body, None)
-    return _line(custom_id, None, None, {"code": "server_error",
-                                          "message": "The request could not be processed (injected line error)."})
+    message = "The request could not be processed (injected line error)."
+    return _line(custom_id, None, None, {"code": "server_error", "message": message})
 
 
 def compute_results(batch_id: str, requests: Sequence[BatchLine], model: str, settings: ModelSettings,
@@ -84,7 +86,8 @@ def compute_results(batch_id: str, requests: Sequence[BatchLine], model: str, se
         try:
             _, body = validate_chat_request(request.body)
         except OpenAIError as exc:
-            lines.append(_line(custom_id, exc.status, error_body(exc.message, exc.type, exc.param, exc.code), None))
+            body_400 = error_body(exc.message, exc.type, exc.param, exc.code)
+            lines.append(_line(custom_id, exc.status, body_400, None))
             failed.append(True)
             usage.append(_NO_USAGE)
             continue
@@ -108,8 +111,9 @@ def write_results(results: BatchResults, done: int, output_path: Path, error_pat
     """Write the first `done` results (successes to the output file, failures to the error file),
     and the requests not done to the error file with the non-HTTP error `rest` (code, message).
     A file that would be empty is not written."""
-    out_lines = [line for line, bad in zip(results.lines[:done], results.failed[:done], strict=True) if not bad]
-    err_lines = [line for line, bad in zip(results.lines[:done], results.failed[:done], strict=True) if bad]
+    pairs = list(zip(results.lines[:done], results.failed[:done], strict=True))
+    out_lines = [line for line, bad in pairs if not bad]
+    err_lines = [line for line, bad in pairs if bad]
     if rest is not None:
         code, message = rest
         err_lines.extend(_line(cid, None, None, {"code": code, "message": message})

@@ -147,4 +147,5 @@ class BatchStore:
         return dict(Counter(b.status for b in self._batches.values()))
 
     def enqueued_tokens(self, model: str) -> int:
-        return sum(b.enqueued_tokens for b in self._batches.values() if b.model == model and b.status in ENQUEUED)
+        return sum(b.enqueued_tokens for b in self._batches.values()
+                   if b.model == model and b.status in ENQUEUED)

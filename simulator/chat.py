@@ -68,8 +68,10 @@ def _pieces(text: str, words_per_piece: int = 3) -> list[str]:
 async def _stream(answer: Answer, served: str, cached: int, include_usage: bool) -> AsyncIterator[bytes]:
     completion_id = new_id("chatcmpl-")
     created = int(time.time())
-    base: dict[str, Any] = {"id": completion_id, "object": "chat.completion.chunk", "created": created,
-                            "model": served, "service_tier": "default", "system_fingerprint": SYSTEM_FINGERPRINT}
+    base: dict[str, Any] = {
+        "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": served,
+        "service_tier": "default", "system_fingerprint": SYSTEM_FINGERPRINT,
+    }
     if include_usage:
         base["usage"] = None
 

@@ -57,10 +57,12 @@ def _check_int(body: dict[str, Any], param: str, lo: int, hi: int | None = None)
         raise _invalid_type(param, "an integer", value)
     if value < lo:
         raise OpenAIError(400, f"Invalid '{param}': integer below minimum value. Expected a value >= {lo}, "
-                          f"but got {value} instead.", "invalid_request_error", param, "integer_below_min_value")
+                          f"but got {value} instead.", "invalid_request_error", param,
+                          "integer_below_min_value")
     if hi is not None and value > hi:
         raise OpenAIError(400, f"Invalid '{param}': integer above maximum value. Expected a value <= {hi}, "
-                          f"but got {value} instead.", "invalid_request_error", param, "integer_above_max_value")
+                          f"but got {value} instead.", "invalid_request_error", param,
+                          "integer_above_max_value")
 
 
 def _check_messages(messages: Any) -> None:
@@ -70,7 +72,8 @@ def _check_messages(messages: Any) -> None:
         raise _invalid_type("messages", "an array", messages)
     if not messages:
         raise OpenAIError(400, "Invalid 'messages': empty array. Expected an array with minimum length 1, "
-                          "but got an empty array instead.", "invalid_request_error", "messages", "empty_array")
+                          "but got an empty array instead.", "invalid_request_error", "messages",
+                          "empty_array")
     for i, message in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(message, dict):
@@ -115,8 +118,8 @@ def _check_response_format(fmt: Any) -> None:
 def validate_chat_request(body: Any) -> tuple[str, dict[str, Any]]:
     """(model, body) of a valid chat completion request, or OpenAI's 400 naming the parameter."""
     if not isinstance(body, dict):
-        raise OpenAIError(400, f"Invalid type for request body: expected an object, but got {_type_name(body)} "
-                          "instead.", "invalid_request_error", None, "invalid_type")
+        raise OpenAIError(400, "Invalid type for request body: expected an object, but got "
+                          f"{_type_name(body)} instead.", "invalid_request_error", None, "invalid_type")
     model = body.get("model")
     if model is None or model == "":
         raise OpenAIError(400, "you must provide a model parameter", "invalid_request_error", None, None)
@@ -166,7 +169,9 @@ def completion_body(answer: Answer, served: str, cached_tokens: int, completion_
         "choices": [
             {
                 "index": i,
-                "message": {"role": "assistant", "content": choice.content, "refusal": None, "annotations": []},
+                "message": {
+                    "role": "assistant", "content": choice.content, "refusal": None, "annotations": [],
+                },
                 "logprobs": None,
                 "finish_reason": choice.finish_reason,
             }

@@ -14,7 +14,12 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 DEFAULT_MODEL_KEY = "*"
+LineErrorKind = Literal["http_500", "http_400", "non_http"]
 ErrorStatus = Literal[400, 408, 409, 429, 500, 502, 503, 504]
+
+
+def _all_line_error_kinds() -> list[LineErrorKind]:
+    return ["http_500", "http_400", "non_http"]
 
 
 class SimConfigError(ValueError):
@@ -27,15 +32,15 @@ class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     latency_ms: tuple[float, float] = (20.0, 80.0)
-    agreement: float = Field(0.95, ge=0.0, le=1.0)
-    error_rate: float = Field(0.0, ge=0.0, le=1.0)
+    agreement: float = Field(default=0.95, ge=0.0, le=1.0)
+    error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
     error_status: ErrorStatus = 500
-    retry_after_seconds: float = Field(1.0, ge=0.0)
-    slow_rate: float = Field(0.0, ge=0.0, le=1.0)
-    slow_ms: float = Field(30_000.0, ge=0.0)
+    retry_after_seconds: float = Field(default=1.0, ge=0.0)
+    slow_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    slow_ms: float = Field(default=30_000.0, ge=0.0)
     reference: bool = False
     served_as: str | None = None
-    reasoning_tokens: int = Field(0, ge=0)
+    reasoning_tokens: int = Field(default=0, ge=0)
 
     @model_validator(mode="after")
     def _latency_range(self) -> ModelSettings:
@@ -48,16 +53,17 @@ class ModelSettings(BaseModel):
 class BatchSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    validating_seconds: float = Field(1.0, ge=0.0)
-    in_progress_seconds: float = Field(5.0, ge=0.0)
-    finalizing_seconds: float = Field(1.0, ge=0.0)
-    cancelling_seconds: float = Field(0.5, ge=0.0)
-    line_error_rate: float = Field(0.0, ge=0.0, le=1.0)
+    validating_seconds: float = Field(default=1.0, ge=0.0)
+    in_progress_seconds: float = Field(default=5.0, ge=0.0)
+    finalizing_seconds: float = Field(default=1.0, ge=0.0)
+    cancelling_seconds: float = Field(default=0.5, ge=0.0)
+    line_error_rate: float = Field(default=0.0, ge=0.0, le=1.0)
+    line_error_kinds: list[LineErrorKind] = Field(default_factory=_all_line_error_kinds, min_length=1)
     expire: bool = False
-    expire_completed_share: float = Field(0.5, ge=0.0, le=1.0)
-    enqueued_token_limit: int = Field(0, ge=0)
-    max_lines: int = Field(50_000, ge=1)
-    max_bytes: int = Field(200_000_000, ge=1)
+    expire_completed_share: float = Field(default=0.5, ge=0.0, le=1.0)
+    enqueued_token_limit: int = Field(default=0, ge=0)
+    max_lines: int = Field(default=50_000, ge=1)
+    max_bytes: int = Field(default=200_000_000, ge=1)
 
 
 class SimConfig(BaseModel):

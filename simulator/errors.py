@@ -7,7 +7,7 @@ from collections.abc import Mapping
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 
@@ -56,7 +56,8 @@ def install_error_handlers(app: FastAPI) -> None:
         first = exc.errors()[0] if exc.errors() else {}
         loc = [str(p) for p in first.get("loc", ()) if p not in ("body", "query", "path")]
         param = ".".join(loc) or None
-        message = f"Invalid value for '{param}': {first.get('msg', 'invalid')}" if param else "Invalid request"
+        detail = first.get("msg", "invalid")
+        message = f"Invalid value for '{param}': {detail}" if param else "Invalid request"
         return error_response(OpenAIError(400, message, "invalid_request_error", param, None))
 
     async def on_http_error(request: Request, exc: Exception) -> Response:

@@ -109,18 +109,18 @@ async def create_file(request: Request) -> dict[str, Any]:
         purpose = form.get("purpose")
         upload = form.get("file")
         if purpose is None or purpose == "":
-            raise OpenAIError(400, "Missing required parameter: 'purpose'.", "invalid_request_error", "purpose",
-                              "missing_required_parameter")
+            raise OpenAIError(400, "Missing required parameter: 'purpose'.", "invalid_request_error",
+                              "purpose", "missing_required_parameter")
         if purpose != "batch":
-            raise OpenAIError(400, f"Invalid value for 'purpose': '{purpose}'. The simulator accepts only 'batch'.",
-                              "invalid_request_error", "purpose", "invalid_value")
+            raise OpenAIError(400, f"Invalid value for 'purpose': '{purpose}'. The simulator accepts only "
+                              "'batch'.", "invalid_request_error", "purpose", "invalid_value")
         if not isinstance(upload, UploadFile):
             raise OpenAIError(400, "Missing required parameter: 'file'.", "invalid_request_error", "file",
                               "missing_required_parameter")
         filename = upload.filename or "upload.jsonl"
         if not filename.endswith(".jsonl"):
-            raise OpenAIError(400, "Invalid file format for Batch API. Must be .jsonl", "invalid_request_error",
-                              "file", "invalid_file_format")
+            raise OpenAIError(400, "Invalid file format for Batch API. Must be .jsonl",
+                              "invalid_request_error", "file", "invalid_file_format")
         file_id = state.files.new_id()
         path = state.files.path_for(file_id)
         try:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -41,11 +42,20 @@ def stack(migrated_database_url: str, tmp_path_factory: pytest.TempPathFactory) 
         running.stop_all()
 
 
+SIM_DEFAULTS: dict[str, Any] = {"*": {"error_rate": 0.0, "latency_ms": [5, 20], "slow_rate": 0.0}}
+
+
+def _reset_simulator(stack: Stack) -> None:
+    current = stack.sim("POST", "/_sim/config", {})
+    # null removes a model's own table: every model falls back to the "*" defaults
+    patch: dict[str, Any] = {name: None for name in current["models"] if name != "*"}
+    stack.sim("POST", "/_sim/config", {"models": {**patch, **SIM_DEFAULTS}})
+    stack.sim("POST", "/_sim/reset")
+
+
 @pytest.fixture
 def sim_reset(stack: Stack) -> Iterator[Stack]:
     """Simulator defaults and zeroed stats before the test, defaults again after it."""
-    defaults = {"models": {"*": {"error_rate": 0.0, "latency_ms": [5, 20], "slow_rate": 0.0}}}
-    stack.sim("POST", "/_sim/config", defaults)
-    stack.sim("POST", "/_sim/reset")
+    _reset_simulator(stack)
     yield stack
-    stack.sim("POST", "/_sim/config", defaults)
+    _reset_simulator(stack)
