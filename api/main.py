@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from api.context import ApiContext
 from api.errors import install_error_handlers
 from api.routes import admin, health, tasks
+from api.routes import jobs as jobs_routes  # bulk jobs (issue 3)
 from core.config import AppConfig, load_config
 from core.settings import Settings
 
@@ -29,4 +30,5 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
     install_error_handlers(app)
     for module in (health, tasks, admin):
         app.include_router(module.router)
+    app.include_router(jobs_routes.router)  # bulk jobs (issue 3)
     return app

@@ -151,5 +151,88 @@ def tenants_create(name: str,
                         " (shown once)")
 
 
+@app.command()
+def up(directory: Annotated[Path, typer.Option("--dir", help="State directory (embedded data, logs, keys).")]
+       = Path(".tierbatch"),
+       api_port: Annotated[int, typer.Option(help="API port.")] = 8000,
+       simulator_port: Annotated[int, typer.Option(help="Simulator port.")] = 8100,
+       concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+       simulator: Annotated[bool, typer.Option("--simulator",
+                                               help="Start the simulator even when TIERBATCH_CONFIG is set.")]
+       = False) -> None:
+    """All-in-one local stack: embedded Postgres/Redis, simulator, migrations, API, worker, beat."""
+    from cli.stack import run_up
+
+    raise typer.Exit(run_up(directory, api_port, simulator_port, concurrency, simulator))
+
+
+@app.command()
+def demo(directory: Annotated[Path, typer.Option("--dir", help="State directory of the demo stack.")]
+         = Path(".tierbatch/demo"),
+         api_port: Annotated[int, typer.Option(help="API port (0: a free one).")] = 0,
+         simulator_port: Annotated[int, typer.Option(help="Simulator port (0: a free one).")] = 0,
+         concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
+         simulator: Annotated[bool, typer.Option("--simulator",
+                                                 help="Start the simulator even when TIERBATCH_CONFIG is set.")]
+         = False,
+         wait: Annotated[float, typer.Option(help="Seconds to wait for the tasks.")] = 60.0,
+         batch_wait: Annotated[float, typer.Option(help="Seconds to wait for the batch (non-urgent) tasks.")]
+         = 15.0,
+         as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:
+    """Start the stack, run a mixed sample workload, print the savings report, stop."""
+    from cli.demo import run_demo
+
+    raise typer.Exit(run_demo(directory, api_port or None, simulator_port or None, concurrency, simulator,
+                              wait, batch_wait, as_json))
+
+
+# --- bulk jobs (issue 3): thin wrappers over cli/jobs.py -------------------------------------------
+jobs_app = typer.Typer(help="Bulk jobs.", no_args_is_help=True)
+app.add_typer(jobs_app, name="jobs")
+
+ApiUrlOption = Annotated[str, typer.Option("--api-url", envvar="TIERBATCH_API_URL", help="The tierbatch API.")]
+ApiKeyOption = Annotated[str | None, typer.Option("--api-key", envvar="TIERBATCH_API_KEY",
+                                                  help="Tenant API key.", show_default=False)]
+
+
+@app.command()
+def submit(file: Annotated[Path, typer.Argument(help="Items: FILE.jsonl or FILE.csv.", show_default=False)],
+           name: Annotated[str | None, typer.Option(help="Job name; the same name adds to that job.")] = None,
+           task_type: Annotated[str | None, typer.Option(help="Task type (default: classification with "
+                                                              "--labels, else general).")] = None,
+           tier: Annotated[str | None, typer.Option(help="light, complex or auto.")] = None,
+           urgent: Annotated[bool, typer.Option("--urgent", help="Call immediately, not by batch.")] = False,
+           labels: Annotated[str | None, typer.Option(help="Classification labels: a,b,c.")] = None,
+           system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+           template: Annotated[str | None, typer.Option(help="User message with {text}.")] = None,
+           id_field: Annotated[str, typer.Option(help="Field or column of the item id.")] = "id",
+           text_field: Annotated[str, typer.Option(help="Field or column of the item text.")] = "text",
+           file_format: Annotated[str, typer.Option("--format", help="auto, jsonl or csv.")] = "auto",
+           chunk: Annotated[int, typer.Option(help="Items per request.")] = 50_000,
+           wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for every task to finish.")] = True,
+           poll: Annotated[float, typer.Option(help="Seconds between progress polls.")] = 1.0,
+           as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,
+           api_url: ApiUrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
+    """Submit a JSONL or CSV file of items as one bulk job, with progress bars."""
+    from cli.jobs import SubmitOptions, guarded, run_submit
+
+    if file_format not in ("auto", "jsonl", "csv"):
+        fail(f"--format: {file_format!r} is not auto, jsonl or csv")
+    options = SubmitOptions(file, name, task_type, tier, urgent, labels, system, template, id_field, text_field,
+                            file_format, chunk, wait, poll, as_json, api_url, api_key)
+    guarded(lambda: run_submit(options))
+
+
+@jobs_app.command("show")
+def jobs_show(job_id: Annotated[str, typer.Argument(help="Job id.", show_default=False)],
+              as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+              api_url: ApiUrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
+    """A job's counts per status, cost, baseline and savings."""
+    from cli.jobs import guarded, run_show
+
+    guarded(lambda: run_show(job_id, as_json, api_url, api_key))
+# --- end bulk jobs -----------------------------------------------------------------------------------
+
+
 def main() -> None:
     app()

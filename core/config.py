@@ -9,7 +9,15 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from core.errors import ConfigError
 from core.states import RequestedTier, Tier
@@ -52,6 +60,12 @@ class BatchConfig(_Section):
     poll_interval_seconds: PositiveFloat = 30.0
     expected_turnaround_seconds: float = Field(default=86_400.0, ge=0)
     max_attempts: PositiveInt = 3
+    # how often beat looks for groups to flush and deadlines to escalate
+    assemble_interval_seconds: PositiveFloat = 5.0
+    # an in-batch task whose deadline is this close is called immediately instead of waiting
+    escalate_before_deadline_seconds: float = Field(default=300.0, ge=0)
+    # pause before resubmitting the halves of a batch the provider refused as a whole
+    failed_batch_retry_seconds: float = Field(default=60.0, ge=0)
 
 
 class QualityConfig(_Section):
@@ -88,6 +102,8 @@ class ImmediateConfig(_Section):
 class ReconcilerConfig(_Section):
     interval_seconds: PositiveFloat = 15.0
     queued_stale_seconds: PositiveFloat = 60.0
+    # a batch left in `preparing` or `ingesting` this long without progress is resumed
+    batch_stale_seconds: PositiveFloat = 120.0
 
 
 class LimitsConfig(_Section):

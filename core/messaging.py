@@ -15,6 +15,10 @@ SUBMIT_TASKS = "tierbatch.submit_tasks"
 DISPATCH_TASKS = "tierbatch.dispatch_tasks"
 CALL_IMMEDIATE = "tierbatch.call_immediate"
 RECONCILE = "tierbatch.reconcile"
+ASSEMBLE_BATCHES = "tierbatch.batch.assemble"
+SUBMIT_BATCH = "tierbatch.batch.submit"
+POLL_BATCHES = "tierbatch.batch.poll"
+INGEST_BATCH = "tierbatch.batch.ingest"
 
 QUEUE_DISPATCH = "dispatch"
 QUEUE_IMMEDIATE = "immediate"
@@ -26,7 +30,10 @@ TASK_ROUTES = {
     DISPATCH_TASKS: {"queue": QUEUE_DISPATCH},
     RECONCILE: {"queue": QUEUE_DISPATCH},
     CALL_IMMEDIATE: {"queue": QUEUE_IMMEDIATE},
-    "tierbatch.batch.*": {"queue": QUEUE_BATCH},
+    ASSEMBLE_BATCHES: {"queue": QUEUE_BATCH},
+    SUBMIT_BATCH: {"queue": QUEUE_BATCH},
+    POLL_BATCHES: {"queue": QUEUE_BATCH},
+    INGEST_BATCH: {"queue": QUEUE_BATCH},
 }
 
 # Chunk size for dispatch messages on bulk paths: never one message per task.
@@ -44,9 +51,10 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,
-        "broker_transport_options": {"visibility_timeout": 3600},
+        "broker_transport_options": {"visibility_timeout": 3600,
+                                     **({"global_keyprefix": settings.redis_key_prefix}
+                                        if settings.redis_key_prefix else {})},
         "broker_connection_retry_on_startup": True,
-        "worker_hijack_root_logger": False,
         "enable_utc": True,
     }
 

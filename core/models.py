@@ -110,6 +110,7 @@ class ProviderBatch(Base):
     byte_size: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0)
     attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
     error: Mapped[str | None] = mapped_column(Text)
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = _now_column()
     updated_at: Mapped[datetime] = _now_column()
     submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
@@ -124,6 +125,8 @@ class Task(Base):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_tasks_tenant_idempotency_key"),
         Index("ix_tasks_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_tasks_job", "job_id", postgresql_where=text("job_id IS NOT NULL")),
+        # jobs: an item id names one task within its job, also across appends (core/jobs.py)
+        Index("uq_tasks_job_item", "job_id", "item_id", unique=True, postgresql_where=text("job_id IS NOT NULL")),
         Index("ix_tasks_batch", "batch_id", postgresql_where=text("batch_id IS NOT NULL")),
         # The reconciler and the batch assembler only look at live tasks: keep those indexes small.
         Index("ix_tasks_live", "status", "dispatched_at",

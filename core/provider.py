@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import email.utils
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import openai
 
 from core.config import AppConfig
@@ -53,7 +52,7 @@ def output_from_body(body: Mapping[str, Any]) -> str:
     return str(message.get("content") or "")
 
 
-def parse_retry_after(headers: httpx.Headers) -> float | None:
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
     millis = headers.get("retry-after-ms")
     if millis:
@@ -84,19 +83,20 @@ def _message_of(exc: openai.APIStatusError) -> str:
 
 def map_openai_error(exc: openai.OpenAIError, provider: str, model: str) -> ProviderError:
     """Classify an openai SDK error by its type and status code, never by its text."""
-    where = {"provider": provider, "model": model}
     if isinstance(exc, openai.APITimeoutError):
-        return RetryableProviderError(f"{provider}/{model}: request timed out", **where)
+        return RetryableProviderError(f"{provider}/{model}: request timed out", provider=provider, model=model)
     if isinstance(exc, openai.APIConnectionError):
-        return RetryableProviderError(f"{provider}/{model}: connection failed: {exc}", **where)
+        return RetryableProviderError(f"{provider}/{model}: connection failed: {exc}", provider=provider,
+                                      model=model)
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
         text = f"{provider}/{model}: HTTP {status}: {_message_of(exc)}"
         if status in RETRYABLE_STATUS or status >= 500:
-            return RetryableProviderError(text, status_code=status,
-                                          retry_after=parse_retry_after(exc.response.headers), **where)
-        return PermanentProviderError(text, status_code=status, **where)
-    return PermanentProviderError(f"{provider}/{model}: {type(exc).__name__}: {exc}", **where)
+            return RetryableProviderError(text, status_code=status, provider=provider, model=model,
+                                          retry_after=parse_retry_after(exc.response.headers))
+        return PermanentProviderError(text, status_code=status, provider=provider, model=model)
+    return PermanentProviderError(f"{provider}/{model}: {type(exc).__name__}: {exc}", provider=provider,
+                                  model=model)
 
 
 class ProviderClients:
@@ -140,3 +140,77 @@ class ProviderClients:
             usage=usage_from_body(body),
             latency_ms=latency_ms,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderBatchInfo:
+    id: str
+    status: str
+    output_file_id: str | None
+    error_file_id: str | None
+    errors: list[dict[str, Any]]
+    metadata: dict[str, str]
+    created_at: int
+
+
+def _batch_info(batch: Any) -> ProviderBatchInfo:
+    errors = []
+    if batch.errors is not None and batch.errors.data:
+        errors = [e.model_dump(mode="json", exclude_none=True) for e in batch.errors.data]
+    return ProviderBatchInfo(id=batch.id, status=batch.status, output_file_id=batch.output_file_id,
+                             error_file_id=batch.error_file_id, errors=errors,
+                             metadata=dict(batch.metadata or {}), created_at=int(batch.created_at))
+
+
+class ProviderBatches:
+    """Files and Batch API calls of one provider; openai errors mapped like chat errors."""
+
+    def __init__(self, clients: ProviderClients, provider: str) -> None:
+        self._client = clients.client(provider)
+        self._provider = provider
+
+    def _mapped(self, exc: openai.OpenAIError) -> ProviderError:
+        return map_openai_error(exc, self._provider, "batch")
+
+    def upload_batch_file(self, path: str, filename: str) -> str:
+        try:
+            with open(path, "rb") as handle:
+                return self._client.files.create(file=(filename, handle), purpose="batch").id
+        except openai.OpenAIError as exc:
+            raise self._mapped(exc) from exc
+
+    def create_batch(self, input_file_id: str, metadata: dict[str, str]) -> ProviderBatchInfo:
+        try:
+            batch = self._client.batches.create(input_file_id=input_file_id, endpoint="/v1/chat/completions",
+                                                completion_window="24h", metadata=metadata)
+        except openai.OpenAIError as exc:
+            raise self._mapped(exc) from exc
+        return _batch_info(batch)
+
+    def retrieve_batch(self, batch_id: str) -> ProviderBatchInfo:
+        try:
+            return _batch_info(self._client.batches.retrieve(batch_id))
+        except openai.OpenAIError as exc:
+            raise self._mapped(exc) from exc
+
+    def find_batch_by_metadata(self, key: str, value: str, created_after: int) -> ProviderBatchInfo | None:
+        """Newest first; stops at batches created before `created_after` (epoch seconds)."""
+        try:
+            for batch in self._client.batches.list(limit=100):
+                if int(batch.created_at) < created_after:
+                    return None
+                if (batch.metadata or {}).get(key) == value:
+                    return _batch_info(batch)
+        except openai.OpenAIError as exc:
+            raise self._mapped(exc) from exc
+        return None
+
+    def iter_file_lines(self, file_id: str) -> Iterator[str]:
+        """The file's lines, streamed: memory stays flat whatever the file size."""
+        try:
+            with self._client.files.with_streaming_response.content(file_id) as response:
+                for line in response.iter_lines():
+                    if line:
+                        yield line
+        except openai.OpenAIError as exc:
+            raise self._mapped(exc) from exc

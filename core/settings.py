@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     redis_url: str = Field(default=DEFAULT_REDIS_URL, validation_alias="REDIS_URL")
     config_path: Path | None = Field(default=None, validation_alias="TIERBATCH_CONFIG")
     admin_token: str = Field(default="", validation_alias="TIERBATCH_ADMIN_TOKEN")
+    # lets several deployments (or test runs) share one Redis without reading each other's messages
+    redis_key_prefix: str = Field(default="", validation_alias="TIERBATCH_REDIS_PREFIX")
 
     @property
     def psycopg_dsn(self) -> str:

@@ -19,6 +19,7 @@ from sqlalchemy.orm import Session
 
 from core.config import AppConfig
 from core.errors import NotFound, TransitionError
+from core.labels import label_error
 from core.ledger import Charge, ResponseRecord, add_ledger_entry
 from core.models import Task
 from core.pricing import PriceBook
@@ -65,12 +66,11 @@ def insert_tasks(session: Session, tenant_id: uuid.UUID, specs: Sequence[TaskSpe
         order.append(len(rows))
         rows.append(_task_row(tenant_id, spec, config, job_id, None))
 
-    table = Task.__table__
     inserted: set[uuid.UUID] = set()
     if rows:
-        statement = insert(table).values(rows).on_conflict_do_nothing(
+        statement = insert(Task).values(rows).on_conflict_do_nothing(
             index_elements=["tenant_id", "idempotency_key"]
-        ).returning(table.c.id)
+        ).returning(Task.id)
         inserted = set(session.scalars(statement))
 
     existing: dict[str, Task] = {}
@@ -133,13 +133,21 @@ class ClaimedTask:
     attempts: int
 
 
-def claim_for_immediate_call(session: Session, task_id: uuid.UUID, lease_seconds: float
-                             ) -> ClaimedTask | None:
-    """queued → running under a fresh lease; None if the task is not (or not yet) claimable."""
+ESCALATABLE_STATUSES = (TaskStatus.WAITING_BATCH, TaskStatus.IN_BATCH)
+
+
+def claim_for_immediate_call(session: Session, task_id: uuid.UUID, lease_seconds: float, *,
+                             escalate: bool = False) -> ClaimedTask | None:
+    """queued → running under a fresh lease; None if the task is not (or not yet) claimable.
+
+    With `escalate`, a task waiting for or sitting in a batch is claimed instead (its deadline can no
+    longer be met by the batch path); a later result of its batch line is then ignored.
+    """
     token = uuid.uuid4()
+    allowed = Task.status.in_(ESCALATABLE_STATUSES) if escalate else Task.status == TaskStatus.QUEUED
     row = session.execute(
         update(Task)
-        .where(Task.id == task_id, Task.status == TaskStatus.QUEUED,
+        .where(Task.id == task_id, allowed,
                or_(Task.not_before.is_(None), Task.not_before <= func.now()))
         .values(status=TaskStatus.RUNNING, mode=Mode.IMMEDIATE, lease_token=token,
                 lease_expires_at=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, lease_seconds),
@@ -176,10 +184,12 @@ def record_immediate_success(session: Session, claimed: ClaimedTask, result: Cha
         requested_model=result.requested_model, served_model=result.served_model, usage=result.usage,
         latency_ms=result.latency_ms,
     )
+    # a labelled request whose answer is not a label is billed (the provider served it) but fails
+    problem = label_error(claimed.request, result.output)
     moved = session.execute(
         update(Task).where(Task.id == claimed.id, Task.status == TaskStatus.RUNNING,
                            Task.lease_token == claimed.lease_token)
-        .values(**_finish_values(TaskStatus.SUCCEEDED), error=None)
+        .values(**_finish_values(TaskStatus.FAILED if problem else TaskStatus.SUCCEEDED), error=problem)
         .returning(Task.id)
     ).first()
     if moved is None:

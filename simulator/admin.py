@@ -1,4 +1,9 @@
-"""`/_sim/*`: change settings at run time, reset and read the counters. Never needs a key."""
+"""`/_sim/*`: change settings at run time, reset and read the counters. Never needs a key.
+
+`GET /_sim/config` the running config; `POST /_sim/config` deep-merges a JSON patch into it (a
+`null` removes a key, e.g. a model table); `PUT /_sim/config` replaces it; `POST /_sim/reset`
+clears the counters and the prompt cache; `GET /_sim/stats` the counters.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from simulator.config import SimConfigError, merge_sim_config
+from simulator.config import SimConfigError, merge_sim_config, parse_sim_config
 from simulator.errors import OpenAIError, parse_json_body
 from simulator.state import sim_state
 
@@ -20,6 +25,17 @@ async def update_config(request: Request) -> dict[str, Any]:
     patch = parse_json_body(await request.body())
     try:
         config = merge_sim_config(state.config, patch)
+    except SimConfigError as exc:
+        raise OpenAIError(400, str(exc), "invalid_request_error", None, "invalid_config") from None
+    state.set_config(config)
+    return config.model_dump(mode="json")
+
+
+async def replace_config(request: Request) -> dict[str, Any]:
+    state = sim_state(request)
+    body = parse_json_body(await request.body())
+    try:
+        config = parse_sim_config(body, source="config")
     except SimConfigError as exc:
         raise OpenAIError(400, str(exc), "invalid_request_error", None, "invalid_config") from None
     state.set_config(config)
@@ -43,6 +59,7 @@ def admin_router() -> APIRouter:
     router = APIRouter()
     router.add_api_route("/_sim/config", get_config, methods=["GET"])
     router.add_api_route("/_sim/config", update_config, methods=["POST"])
+    router.add_api_route("/_sim/config", replace_config, methods=["PUT"])
     router.add_api_route("/_sim/reset", reset, methods=["POST"])
     router.add_api_route("/_sim/stats", stats, methods=["GET"])
     return router

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +45,16 @@ def unit_hash(*parts: str) -> float:
 
 def input_key(messages: Any) -> str:
     """Canonical text of the request input (the messages) that every decision is hashed over."""
-    return json.dumps(messages, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    if not isinstance(messages, list):
+        return json.dumps(messages, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    parts = []
+    for message in messages:
+        if (isinstance(message, dict) and len(message) == 2 and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            parts.append(message["role"] + "\x1f" + message["content"])
+        else:
+            parts.append(json.dumps(message, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
+    return "\x1e".join(parts)
 
 
 # --- classification -----------------------------------------------------------------------------
@@ -115,21 +123,21 @@ def response_schema(body: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
-def labels_from_prompt(messages: list[Any]) -> tuple[str, ...]:
-    """Labels of the last `Labels: a, b, c` line found in the messages."""
+def labels_from_text(text: str) -> tuple[str, ...]:
+    """Labels of the last `Labels: a, b, c` line in the prompt text."""
     found: tuple[str, ...] = ()
-    for message in messages:
-        text = prompt_text([message])
-        for match in _LABELS_LINE.finditer(text):
-            labels = tuple(
-                s for s in (part.strip().strip("\"'`").strip() for part in match.group(1).split(",")) if s
-            )
-            if labels:
-                found = labels
+    if "abels" not in text and "ABELS" not in text:
+        return found
+    for match in _LABELS_LINE.finditer(text):
+        parts = (part.strip().strip("\"'`").strip() for part in match.group(1).split(","))
+        labels = tuple(p for p in parts if p)
+        if labels:
+            found = labels
     return found
 
 
-def find_label_task(body: dict[str, Any]) -> LabelTask | None:
+def find_label_task(body: dict[str, Any], text: str | None = None) -> LabelTask | None:
+    """The classification asked for, if any; `text` is the prompt text when already known."""
     schema = response_schema(body)
     if schema is not None:
         found = _find_enum(schema, schema, (), 0)
@@ -137,8 +145,10 @@ def find_label_task(body: dict[str, Any]) -> LabelTask | None:
             path, labels = found
             return LabelTask(labels=labels, schema=schema, path=path)
         return None
-    messages = body.get("messages")
-    labels = labels_from_prompt(messages) if isinstance(messages, list) else ()
+    if text is None:
+        messages = body.get("messages")
+        text = prompt_text(messages) if isinstance(messages, list) else ""
+    labels = labels_from_text(text)
     return LabelTask(labels=labels) if labels else None
 
 
@@ -163,11 +173,16 @@ def choose_label(labels: tuple[str, ...], model: str, settings: ModelSettings, k
 # --- JSON and free text -------------------------------------------------------------------------
 
 def deterministic_text(seed: int) -> str:
-    rng = random.Random(seed)
+    """Two to four sentences of six to fourteen words, all drawn from one hash of `seed`."""
+    data = hashlib.blake2b(seed.to_bytes(8, "big"), digest_size=64).digest()
+    words = len(_WORDS)
     sentences = []
-    for _ in range(rng.randint(2, 4)):
-        words = [rng.choice(_WORDS) for _ in range(rng.randint(6, 14))]
-        sentences.append(" ".join(words).capitalize() + ".")
+    pos = 5
+    for i in range(2 + data[0] % 3):
+        count = 6 + data[1 + i] % 9
+        chosen = [_WORDS[b % words] for b in data[pos:pos + count]]
+        pos += count
+        sentences.append(" ".join(chosen).capitalize() + ".")
     return " ".join(sentences)
 
 
@@ -231,13 +246,13 @@ def fill_schema(schema: Any, root: dict[str, Any], seed: int, label_path: tuple[
 
 # --- whole answer ------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Choice:
     content: str
     finish_reason: str
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Answer:
     choices: list[Choice]
     prompt_text: str
@@ -281,11 +296,11 @@ def build_answer(body: dict[str, Any], model: str, settings: ModelSettings) -> A
     """The answer to a validated chat request (`messages` a list, `n` an int >= 1)."""
     messages = body["messages"]
     key = input_key(messages)
-    task = find_label_task(body)
+    text = prompt_text(messages)
+    task = find_label_task(body, text)
     limit = _max_tokens(body)
     n = body.get("n") or 1
     choices = [_one_choice(body, task, model, settings, key, i, limit) for i in range(n)]
-    text = prompt_text(messages)
     reasoning = settings.reasoning_tokens * n
     visible = sum(count_tokens(c.content) for c in choices)
     return Answer(choices=choices, prompt_text=text, prompt_tokens=count_tokens(text),

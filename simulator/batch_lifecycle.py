@@ -66,47 +66,55 @@ async def _cancel(state: SimState, batch: BatchRecord) -> None:
     batch.stamp("cancelled")
 
 
-async def _run(state: SimState, batch: BatchRecord) -> None:
-    if await _wait_or_cancel(batch, state.config.batch.validating_seconds):
-        await _cancel(state, batch)
-        return
+async def _prepare(state: SimState, batch: BatchRecord) -> BatchResults | None:
+    """Validate the input file and answer every line; None when the batch failed or was cancelled."""
     stored = state.files.get(batch.input_file_id)
     if stored is None or not stored.path.exists():
         message = f"The input file {batch.input_file_id} no longer exists."
         _fail(batch, [batch_error("file_not_found", message)])
-        return
+        return None
     cfg = state.config.batch
     parsed = await asyncio.to_thread(parse_input, stored.path, batch.endpoint, cfg.max_lines, cfg.max_bytes)
     if batch.cancel_event.is_set():
         await _cancel(state, batch)
-        return
+        return None
     if parsed.errors:
         _fail(batch, parsed.errors)
-        return
+        return None
     assert parsed.model is not None
     cfg = state.config.batch
     limit = cfg.enqueued_token_limit
+    batch.model = parsed.model
     if limit and state.batches.enqueued_tokens(parsed.model) + parsed.prompt_tokens > limit:
-        batch.model = parsed.model
         _fail(batch, [batch_error(
             "token_limit_exceeded",
             f"Enqueued token limit reached for {parsed.model} in organization org-simulator. "
             f"Limit: {limit:,} enqueued tokens. Please try again once some in_progress batches have been "
             "completed.")])
-        return
-    batch.model = parsed.model
+        return None
     batch.enqueued_tokens = parsed.prompt_tokens
     batch.total = len(parsed.lines)
     batch.progress_started = time.monotonic()
     batch.progress_seconds = cfg.in_progress_seconds
-    expire, expire_share = cfg.expire, cfg.expire_completed_share
     batch.stamp("in_progress")
-    results = await asyncio.to_thread(
+    return await asyncio.to_thread(
         compute_results, batch.id, parsed.lines, parsed.model, state.settings_for(parsed.model),
         state.prefix_cache, cfg.line_error_rate, cfg.line_error_kinds, batch.created_at,
     )
-    del parsed
+
+
+async def _run(state: SimState, batch: BatchRecord) -> None:
+    if await _wait_or_cancel(batch, state.config.batch.validating_seconds):
+        await _cancel(state, batch)
+        return
+    with state.gc_paused():  # parsing builds many small containers, freed before the GC resumes
+        results = await _prepare(state, batch)
+    if results is None:
+        return
     batch.results = results
+    cfg = state.config.batch
+    expire, expire_share = cfg.expire, cfg.expire_completed_share
+    assert batch.progress_started is not None
     remaining = batch.progress_started + batch.progress_seconds - time.monotonic()
     if await _wait_or_cancel(batch, remaining):
         await _cancel(state, batch)

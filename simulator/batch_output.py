@@ -12,12 +12,13 @@ import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from json.encoder import encode_basestring_ascii as _quote
 from pathlib import Path
 from typing import Any
 
 from simulator.answers import stable_hash, unit_hash
 from simulator.batch_input import BatchLine
-from simulator.completions import complete, completion_body, served_model, validate_chat_request
+from simulator.completions import complete, completion_json, served_model, validate_chat_request
 from simulator.config import ModelSettings
 from simulator.errors import OpenAIError, error_body
 from simulator.tokens import PrefixCache
@@ -73,7 +74,8 @@ def compute_results(batch_id: str, requests: Sequence[BatchLine], model: str, se
     lines: list[bytes] = []
     failed: list[bool] = []
     usage: list[tuple[int, int, int, int]] = []
-    for index in order:
+    id_base = os.urandom(8).hex()
+    for position, index in enumerate(order):
         request = requests[index]
         custom_id = request.custom_id
         custom_ids.append(custom_id)
@@ -92,7 +94,12 @@ def compute_results(batch_id: str, requests: Sequence[BatchLine], model: str, se
             usage.append(_NO_USAGE)
             continue
         answer, cached = complete(body, model, settings, cache)
-        lines.append(_line(custom_id, 200, completion_body(answer, served, cached, created=created), None))
+        prefix = f"{id_base}{position:08x}"
+        body_json = completion_json(answer, served, cached, created=created)
+        lines.append(
+            f'{{"id":"batch_req_{prefix}","custom_id":{_quote(custom_id)},"response":{{"status_code":200,'
+            f'"request_id":"req_{prefix}","body":{body_json}}},"error":null}}\n'.encode()
+        )
         failed.append(False)
         usage.append((answer.prompt_tokens, cached, answer.completion_tokens, answer.reasoning_tokens))
     failed_before = [0, *itertools.accumulate(int(f) for f in failed)]

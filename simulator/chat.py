@@ -16,7 +16,7 @@ from simulator.answers import Answer
 from simulator.completions import (
     SYSTEM_FINGERPRINT,
     complete,
-    completion_body,
+    completion_json,
     new_id,
     served_model,
     usage_body,
@@ -116,8 +116,7 @@ async def chat_completions(request: Request) -> Response:
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
         return StreamingResponse(_stream(answer, served, cached, include_usage),
                                  media_type="text/event-stream", headers=headers)
-    payload = json.dumps(completion_body(answer, served, cached), ensure_ascii=False)
-    return Response(payload, media_type="application/json", headers=headers)
+    return Response(completion_json(answer, served, cached), media_type="application/json", headers=headers)
 
 
 def chat_router() -> APIRouter:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import time
+from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 from simulator.answers import Answer, build_answer
@@ -159,28 +160,27 @@ def served_model(model: str, settings: ModelSettings) -> str:
     return settings.served_as or model
 
 
-def completion_body(answer: Answer, served: str, cached_tokens: int, completion_id: str | None = None,
-                    created: int | None = None) -> dict[str, Any]:
-    return {
-        "id": completion_id or new_id("chatcmpl-"),
-        "object": "chat.completion",
-        "created": created if created is not None else int(time.time()),
-        "model": served,
-        "choices": [
-            {
-                "index": i,
-                "message": {
-                    "role": "assistant", "content": choice.content, "refusal": None, "annotations": [],
-                },
-                "logprobs": None,
-                "finish_reason": choice.finish_reason,
-            }
-            for i, choice in enumerate(answer.choices)
-        ],
-        "usage": usage_body(answer, cached_tokens),
-        "service_tier": "default",
-        "system_fingerprint": SYSTEM_FINGERPRINT,
-    }
+def completion_json(answer: Answer, served: str, cached_tokens: int, completion_id: str | None = None,
+                    created: int | None = None) -> str:
+    """The chat completion body as JSON text, assembled directly (this is the hot path of batches)."""
+    choices = ",".join(
+        f'{{"index":{i},"message":{{"role":"assistant","content":{_quote(choice.content)},"refusal":null,'
+        f'"annotations":[]}},"logprobs":null,"finish_reason":"{choice.finish_reason}"}}'
+        for i, choice in enumerate(answer.choices)
+    )
+    prompt, completion = answer.prompt_tokens, answer.completion_tokens
+    usage = (
+        f'{{"prompt_tokens":{prompt},"completion_tokens":{completion},"total_tokens":{prompt + completion},'
+        f'"prompt_tokens_details":{{"cached_tokens":{cached_tokens},"audio_tokens":0}},'
+        f'"completion_tokens_details":{{"reasoning_tokens":{answer.reasoning_tokens},"audio_tokens":0,'
+        f'"accepted_prediction_tokens":0,"rejected_prediction_tokens":0}}}}'
+    )
+    return (
+        f'{{"id":"{completion_id or new_id("chatcmpl-")}","object":"chat.completion",'
+        f'"created":{created if created is not None else int(time.time())},"model":{_quote(served)},'
+        f'"choices":[{choices}],"usage":{usage},"service_tier":"default",'
+        f'"system_fingerprint":"{SYSTEM_FINGERPRINT}"}}'
+    )
 
 
 def complete(body: dict[str, Any], model: str, settings: ModelSettings,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import gc
 import random
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 from simulator.config import ModelSettings, SimConfig
@@ -28,6 +30,8 @@ class SimState:
         self.batches = batches
         self.tasks: set[asyncio.Task[None]] = set()
         self._settings: dict[str, ModelSettings] = {}
+        self._gc_pauses = 0
+        self._gc_was_enabled = True
 
     def set_config(self, config: SimConfig) -> None:
         self.config = config
@@ -41,6 +45,20 @@ class SimState:
                 self._settings.clear()
             self._settings[model] = settings
         return settings
+
+    @contextlib.contextmanager
+    def gc_paused(self) -> Iterator[None]:
+        """Pause the cyclic GC (process-wide) while any caller is inside; nests across batches."""
+        if self._gc_pauses == 0:
+            self._gc_was_enabled = gc.isenabled()
+            gc.disable()
+        self._gc_pauses += 1
+        try:
+            yield
+        finally:
+            self._gc_pauses -= 1
+            if self._gc_pauses == 0 and self._gc_was_enabled:
+                gc.enable()
 
     def reset(self) -> None:
         self.stats.reset()

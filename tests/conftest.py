@@ -6,10 +6,25 @@ import os
 
 import pytest
 
-from core.settings import DEFAULT_DATABASE_URL
+from core.settings import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL
 
-# Tests use a Redis database of their own, flushed per test.
-TEST_REDIS_URL = os.environ.get("TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+def _test_redis_url() -> str:
+    """The server of REDIS_URL, but database 15: tests flush it, so it is theirs alone."""
+    from redis.connection import parse_url
+
+    explicit = os.environ.get("TEST_REDIS_URL")
+    if explicit:
+        return explicit
+    url = os.environ.get("REDIS_URL", DEFAULT_REDIS_URL)
+    parse_url(url)  # fail early on a malformed URL
+    base = url.split("?", 1)[0]
+    scheme, _, rest = base.partition("://")
+    host = rest.split("/", 1)[0]
+    return f"{scheme}://{host}/15"
+
+
+TEST_REDIS_URL = _test_redis_url()
 
 
 @pytest.fixture(scope="session")

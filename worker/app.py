@@ -7,13 +7,16 @@ from datetime import timedelta
 from celery import Celery
 
 from core.config import AppConfig
-from core.messaging import RECONCILE, celery_settings
+from core.messaging import ASSEMBLE_BATCHES, POLL_BATCHES, RECONCILE, celery_settings
 from core.settings import Settings
 
 
 def beat_schedule(config: AppConfig) -> dict[str, dict[str, object]]:
     return {
         "reconcile": {"task": RECONCILE, "schedule": timedelta(seconds=config.reconciler.interval_seconds)},
+        "assemble-batches": {"task": ASSEMBLE_BATCHES,
+                             "schedule": timedelta(seconds=config.batch.assemble_interval_seconds)},
+        "poll-batches": {"task": POLL_BATCHES, "schedule": timedelta(seconds=config.batch.poll_interval_seconds)},
     }
 
 

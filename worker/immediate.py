@@ -49,11 +49,11 @@ def lease_kept_alive(ctx: WorkerContext, claimed: ClaimedTask) -> Iterator[None]
         thread.join(timeout=5)
 
 
-def run_immediate_call(ctx: WorkerContext, task_id: uuid.UUID) -> float | None:
+def run_immediate_call(ctx: WorkerContext, task_id: uuid.UUID, *, escalate: bool = False) -> float | None:
     """Serve one task now. Returns a delay in seconds when the task was put back for a retry."""
     policy = ctx.config.immediate
     with ctx.sessions.begin() as session:
-        claimed = claim_for_immediate_call(session, task_id, policy.lease_seconds)
+        claimed = claim_for_immediate_call(session, task_id, policy.lease_seconds, escalate=escalate)
     if claimed is None:
         return None  # already done, cancelled, claimed by another worker, or not yet due
     chain = ctx.config.tier(Tier(claimed.tier)).chain

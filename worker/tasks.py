@@ -11,10 +11,20 @@ from celery import Task as CeleryTask
 from celery import shared_task
 
 from core.errors import InvalidInput
-from core.messaging import CALL_IMMEDIATE, DISPATCH_TASKS, RECONCILE, SUBMIT_TASKS
+from core.messaging import (
+    ASSEMBLE_BATCHES,
+    CALL_IMMEDIATE,
+    DISPATCH_TASKS,
+    INGEST_BATCH,
+    POLL_BATCHES,
+    RECONCILE,
+    SUBMIT_BATCH,
+    SUBMIT_TASKS,
+)
 from core.submission import parse_submission
 from core.tasks import insert_tasks, mark_dispatched, route_queued_tasks
 from core.tenants import tenant_for_key
+from worker.batch import assemble_batches, ingest_batch, poll_batches, stale_batches, submit_batch
 from worker.context import get_worker_context
 from worker.immediate import run_immediate_call
 from worker.reconcile import chunks, find_tasks_to_redispatch
@@ -56,16 +66,53 @@ def dispatch_tasks(self: CeleryTask, task_ids: list[str]) -> int:
         immediate = route_queued_tasks(session, ids, ctx.config, datetime.now(UTC))
     for task_id in immediate:
         self.app.send_task(CALL_IMMEDIATE, args=[str(task_id)])
+    if len(immediate) < len(ids):
+        # size trigger: some went to `waiting_batch`; a full group is flushed now, not at the next tick
+        self.app.send_task(ASSEMBLE_BATCHES)
     return len(immediate)
 
 
 @shared_task(name=CALL_IMMEDIATE, bind=True)
-def call_immediate(self: CeleryTask, task_id: str) -> None:
+def call_immediate(self: CeleryTask, task_id: str, escalate: bool = False) -> None:
     ctx = get_worker_context()
-    retry_in = run_immediate_call(ctx, uuid.UUID(task_id))
+    retry_in = run_immediate_call(ctx, uuid.UUID(task_id), escalate=escalate)
     if retry_in is not None:
         # the row says when it may run again; this message is only the wake-up call
         self.app.send_task(CALL_IMMEDIATE, args=[task_id], countdown=retry_in)
+
+
+@shared_task(name=ASSEMBLE_BATCHES, bind=True)
+def assemble(self: CeleryTask) -> int:
+    ctx = get_worker_context()
+    escalate, claimed = assemble_batches(ctx)
+    for task_id in escalate:
+        self.app.send_task(CALL_IMMEDIATE, args=[str(task_id)], kwargs={"escalate": True})
+    for batch in claimed:
+        self.app.send_task(SUBMIT_BATCH, args=[str(batch.id)])
+    return len(claimed)
+
+
+@shared_task(name=SUBMIT_BATCH, bind=True)
+def submit(self: CeleryTask, batch_id: str) -> None:
+    retry_in = submit_batch(get_worker_context(), uuid.UUID(batch_id))
+    if retry_in is not None:
+        self.app.send_task(SUBMIT_BATCH, args=[batch_id], countdown=retry_in)
+
+
+@shared_task(name=POLL_BATCHES, bind=True)
+def poll(self: CeleryTask) -> int:
+    ready = poll_batches(get_worker_context())
+    for batch_id in ready:
+        self.app.send_task(INGEST_BATCH, args=[str(batch_id)])
+    return len(ready)
+
+
+@shared_task(name=INGEST_BATCH, bind=True)
+def ingest(self: CeleryTask, batch_id: str) -> int:
+    def resubmit(new_batch: uuid.UUID, delay: float) -> None:
+        self.app.send_task(SUBMIT_BATCH, args=[str(new_batch)], countdown=delay)
+
+    return ingest_batch(get_worker_context(), uuid.UUID(batch_id), resubmit)
 
 
 @shared_task(name=RECONCILE, bind=True)
@@ -76,6 +123,12 @@ def reconcile(self: CeleryTask) -> int:
         self.app.send_task(DISPATCH_TASKS, args=[chunk])
         with ctx.sessions.begin() as session:
             mark_dispatched(session, [uuid.UUID(i) for i in chunk])
-    if ids:
-        log.info("reconciler re-dispatched %d tasks", len(ids))
+    to_submit, to_ingest = stale_batches(ctx)
+    for batch_id in to_submit:
+        self.app.send_task(SUBMIT_BATCH, args=[str(batch_id)])
+    for batch_id in to_ingest:
+        self.app.send_task(INGEST_BATCH, args=[str(batch_id)])
+    if ids or to_submit or to_ingest:
+        log.info("reconciler: re-dispatched %d tasks, resumed %d submissions and %d ingestions",
+                 len(ids), len(to_submit), len(to_ingest))
     return len(ids)

@@ -27,9 +27,6 @@ def stack(migrated_database_url: str, tmp_path_factory: pytest.TempPathFactory) 
     tmp = tmp_path_factory.mktemp("stack")
     simulator_port = free_port()
     config_path = write_app_config(Path(tmp) / "tierbatch.toml", simulator_port)
-    client = redis.Redis.from_url(TEST_REDIS_URL)
-    client.flushdb()
-    client.close()
     running = Stack(tmp=Path(tmp), database_url=migrated_database_url, redis_url=TEST_REDIS_URL,
                     config_path=config_path, simulator_port=simulator_port, api_port=free_port())
     try:
@@ -40,16 +37,32 @@ def stack(migrated_database_url: str, tmp_path_factory: pytest.TempPathFactory) 
         yield running
     finally:
         running.stop_all()
+        delete_redis_keys(running.redis_prefix)
+
+
+def delete_redis_keys(prefix: str) -> None:
+    """This run's messages live under its own key prefix; other runs' keys are left alone."""
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
 
 
 SIM_DEFAULTS: dict[str, Any] = {"*": {"error_rate": 0.0, "latency_ms": [5, 20], "slow_rate": 0.0}}
+SIM_BATCH_DEFAULTS: dict[str, Any] = {
+    "validating_seconds": 0.1, "in_progress_seconds": 0.3, "finalizing_seconds": 0.1, "line_error_rate": 0.0,
+    "expire": False, "enqueued_token_limit": 0, "max_lines": 50_000,
+}
 
 
 def _reset_simulator(stack: Stack) -> None:
     current = stack.sim("POST", "/_sim/config", {})
     # null removes a model's own table: every model falls back to the "*" defaults
     patch: dict[str, Any] = {name: None for name in current["models"] if name != "*"}
-    stack.sim("POST", "/_sim/config", {"models": {**patch, **SIM_DEFAULTS}})
+    stack.sim("POST", "/_sim/config", {"models": {**patch, **SIM_DEFAULTS}, "batch": SIM_BATCH_DEFAULTS})
     stack.sim("POST", "/_sim/reset")
 
 

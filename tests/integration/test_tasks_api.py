@@ -153,7 +153,8 @@ def test_producer_submits_through_the_broker_without_http(sim_reset: Stack) -> N
 
     stack = sim_reset
     key = stack.new_tenant_key()
-    producer = make_producer(Settings(REDIS_URL=stack.redis_url))  # type: ignore[call-arg]
+    producer = make_producer(Settings(REDIS_URL=stack.redis_url,  # type: ignore[call-arg]
+                                      TIERBATCH_REDIS_PREFIX=stack.redis_prefix))
     try:
         producer.send_task(SUBMIT_TASKS, args=[
             {"tasks": [{"prompt": "Say hi", "tier": "light", "urgent": True, "idempotency_key": "via-broker"}]},

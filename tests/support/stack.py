@@ -13,7 +13,7 @@ import httpx
 import psycopg
 from sqlalchemy.engine import make_url
 
-from tests.support.procs import ManagedProcess, free_port, python_module, wait_http_ok, wait_until
+from tests.support.procs import ManagedProcess, python_module, wait_http_ok, wait_until
 
 ADMIN_TOKEN = "test-admin-token"
 
@@ -68,6 +68,17 @@ lease_seconds = 3
 [reconciler]
 interval_seconds = 1
 queued_stale_seconds = 3
+batch_stale_seconds = 3
+
+[batch]
+max_requests = 4000
+max_wait_seconds = 1
+poll_interval_seconds = 0.5
+assemble_interval_seconds = 0.5
+expected_turnaround_seconds = 30
+escalate_before_deadline_seconds = 5
+failed_batch_retry_seconds = 0.5
+max_attempts = 3
 {extra}
 """)
     return path
@@ -82,11 +93,14 @@ class Stack:
     simulator_port: int
     api_port: int
     processes: dict[str, ManagedProcess] = field(default_factory=dict)
+    # this run's own key space in Redis: parallel runs never consume each other's messages
+    redis_prefix: str = field(default_factory=lambda: f"tbtest-{uuid.uuid4().hex[:8]}:")
 
     @property
     def env(self) -> dict[str, str]:
         return {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
                 "TIERBATCH_CONFIG": str(self.config_path), "TIERBATCH_ADMIN_TOKEN": ADMIN_TOKEN,
+                "TIERBATCH_REDIS_PREFIX": self.redis_prefix,
                 "PYTHONUNBUFFERED": "1"}
 
     @property
@@ -97,9 +111,10 @@ class Stack:
     def simulator_url(self) -> str:
         return f"http://127.0.0.1:{self.simulator_port}"
 
-    def _start(self, name: str, args: list[str]) -> ManagedProcess:
+    def _start(self, name: str, args: list[str], extra_env: dict[str, str] | None = None) -> ManagedProcess:
         generation = sum(1 for key in self.processes if key.startswith(name))
-        proc = ManagedProcess(args, env=self.env, log_path=self.tmp / f"{name}-{generation}.log")
+        proc = ManagedProcess(args, env={**self.env, **(extra_env or {})},
+                              log_path=self.tmp / f"{name}-{generation}.log")
         self.processes[f"{name}-{generation}"] = proc
         self.processes[name] = proc
         return proc
@@ -113,8 +128,9 @@ class Stack:
         proc = self._start("api", python_module("cli", "api", "--host", "127.0.0.1", "--port", str(self.api_port)))
         wait_http_ok(f"{self.api_url}/healthz", proc=proc)
 
-    def start_worker(self) -> ManagedProcess:
-        proc = self._start("worker", python_module("cli", "worker", "--concurrency", "4", "--pool", "threads"))
+    def start_worker(self, extra_env: dict[str, str] | None = None) -> ManagedProcess:
+        proc = self._start("worker", python_module("cli", "worker", "--concurrency", "4", "--pool", "threads"),
+                           extra_env)
         wait_until(lambda: "ready." in proc.log_text() or not proc.alive(), 30, 0.1, "worker ready")
         if not proc.alive():
             raise RuntimeError(f"worker exited:\n{proc.log_text()}")

@@ -1,0 +1,187 @@
+"""Bulk jobs (DESIGN §8): submit up to 100,000 items per request, read counts and costs, stream results."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import uuid
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from api.context import ApiContext
+from api.deps import ContextDep, SessionDep, TenantDep
+from api.serialize import money, timestamp
+from core.errors import InvalidInput, NotFound
+from core.jobs import (
+    JobSummary,
+    cancel_job,
+    dispatch_in_chunks,
+    get_job,
+    iter_results,
+    label_of,
+    list_jobs,
+    parse_job_request,
+    submit_job,
+    summarize_jobs,
+)
+from core.models import Job
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+# 100,000 items of a few hundred bytes fit easily; bigger jobs go in several requests with one name.
+MAX_JOB_BODY_BYTES = 128 * 1024 * 1024
+
+
+def parse_uuid(value: str, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound(f"no {what} {value}") from None
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    too_big = InvalidInput(f"the request body is over {limit} bytes; send the items in several requests with "
+                           "the same name", status_code=413)
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def job_body(job: Job, summary: JobSummary) -> dict[str, Any]:
+    spec = job.spec or {}
+    return {
+        "id": str(job.id), "object": "job", "name": job.name, "task_type": job.task_type,
+        "tier": job.requested_tier.value, "urgent": job.urgent, "deadline": timestamp(job.deadline),
+        "labels": spec.get("labels"), "metadata": spec.get("metadata") or {},
+        "status": summary.status, "counts": summary.counts, "task_count": summary.task_count,
+        "cost_usd": money(summary.cost_usd), "baseline_cost_usd": money(summary.baseline_cost_usd),
+        "savings_usd": money(summary.savings_usd), "shadow_cost_usd": money(summary.shadow_cost_usd),
+        "unpriced_requests": summary.unpriced_requests,
+        "created_at": timestamp(job.created_at), "finished_at": timestamp(summary.finished_at),
+    }
+
+
+def _submit(ctx: ApiContext, tenant_id: uuid.UUID, body: bytes) -> dict[str, Any]:
+    """Parse, store in one transaction, then dispatch in chunks (runs in a worker thread)."""
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc}", status_code=400) from None
+    request = parse_job_request(payload, ctx.config.limits.max_prompt_bytes)
+    with ctx.sessions.begin() as session:
+        submission = submit_job(session, tenant_id, request, ctx.config)
+    # after commit: if this process dies here, the reconciler re-dispatches the stale queued tasks
+    messages = dispatch_in_chunks(lambda name, ids: ctx.producer.send_task(name, args=[ids]), submission.task_ids)
+    job = submission.job
+    added = len(submission.task_ids)
+    return {"id": str(job.id), "object": "job", "name": job.name, "created": submission.created,
+            "status": "running", "items_added": added, "counts": {"queued": added},
+            "task_count": submission.task_count, "dispatch_messages": messages}
+
+
+@router.post("", status_code=202)
+async def submit(request: Request, tenant: TenantDep, ctx: ContextDep) -> JSONResponse:
+    body = await read_body(request, MAX_JOB_BODY_BYTES)
+    answer = await run_in_threadpool(_submit, ctx, tenant.id, body)
+    return JSONResponse(answer, status_code=202)
+
+
+@router.get("/{job_id}")
+def read_job(job_id: str, tenant: TenantDep, session: SessionDep) -> dict[str, Any]:
+    job = get_job(session, tenant.id, parse_uuid(job_id, "job"))
+    return job_body(job, summarize_jobs(session, [job.id])[job.id])
+
+
+@router.get("")
+def read_jobs(tenant: TenantDep, session: SessionDep, limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+              after: str | None = None) -> dict[str, Any]:
+    cursor = None
+    if after is not None:
+        anchor = session.get(Job, parse_uuid(after, "job"))
+        if anchor is None or anchor.tenant_id != tenant.id:
+            raise InvalidInput(f"after: no job {after}", param="after")
+        cursor = (anchor.created_at, anchor.id)
+    rows = list_jobs(session, tenant.id, limit=limit, after=cursor)
+    page, has_more = rows[:limit], len(rows) > limit
+    summaries = summarize_jobs(session, [j.id for j in page])
+    return {"object": "list", "data": [job_body(j, summaries[j.id]) for j in page], "has_more": has_more,
+            "next": str(page[-1].id) if has_more else None}
+
+
+@router.post("/{job_id}/cancel")
+def cancel(job_id: str, tenant: TenantDep, ctx: ContextDep) -> dict[str, Any]:
+    """Cancel every task of the job that has not started (queued, waiting_batch)."""
+    parsed = parse_uuid(job_id, "job")
+    with ctx.sessions.begin() as session:
+        cancelled = cancel_job(session, tenant.id, parsed)
+    with ctx.sessions() as session:
+        job = get_job(session, tenant.id, parsed)
+        return {**job_body(job, summarize_jobs(session, [job.id])[job.id]), "cancelled": cancelled}
+
+
+RESULT_FIELDS = ("item_id", "task_id", "status", "model", "cost_usd", "error")
+
+
+@router.get("/{job_id}/results")
+def results(job_id: str, tenant: TenantDep, ctx: ContextDep,
+            result_format: Annotated[Literal["jsonl", "csv"], Query(alias="format")] = "jsonl"
+            ) -> StreamingResponse:
+    """One row per task in item order, streamed from a server-side cursor."""
+    with ctx.sessions() as session:
+        job = get_job(session, tenant.id, parse_uuid(job_id, "job"))
+    spec_labels = (job.spec or {}).get("labels")
+    labels = frozenset(spec_labels) if spec_labels is not None else None
+    answer_field = "label" if labels is not None else "output"
+    columns = (*RESULT_FIELDS[:3], answer_field, *RESULT_FIELDS[3:])
+
+    def rows() -> Iterator[list[dict[str, Any]]]:
+        with ctx.sessions() as session, session.begin():
+            for partition in iter_results(session, job.id):
+                out = []
+                for r in partition:
+                    error = r.error
+                    if labels is not None:
+                        answer = label_of(r.output, labels)
+                        if answer is None and r.status == "succeeded" and error is None:
+                            error = "the answer is not one of the job's labels"
+                    else:
+                        answer = r.output
+                    out.append({"item_id": r.item_id, "task_id": str(r.task_id), "status": r.status,
+                                answer_field: answer, "model": r.model, "cost_usd": money(r.cost_usd),
+                                "error": error})
+                yield out
+
+    def jsonl() -> Iterator[bytes]:
+        for partition in rows():
+            yield "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in partition).encode()
+
+    def csv_lines() -> Iterator[bytes]:
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
+        writer.writeheader()
+        for partition in rows():
+            writer.writerows(partition)
+            yield buffer.getvalue().encode()
+            buffer.seek(0)
+            buffer.truncate()
+        if buffer.tell():
+            yield buffer.getvalue().encode()
+
+    name = f"job-{job.id}.{result_format}"
+    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    if result_format == "csv":
+        return StreamingResponse(csv_lines(), media_type="text/csv; charset=utf-8", headers=headers)
+    return StreamingResponse(jsonl(), media_type="application/x-ndjson", headers=headers)

@@ -1,0 +1,244 @@
+"""`tierbatch demo`: start the local stack, submit a mixed sample workload, print the savings report.
+
+The workload: Complex reasoning tasks (premium model, immediate), urgent Light tasks (cheap model,
+immediate) and non-urgent Light classification tasks (the batch path: they wait for a provider
+batch and are shown as waiting when they have not finished within the wait).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from cli.stack import LocalStack, StackError, StackInfo, sigterm_as_interrupt
+
+TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
+IMMEDIATE_GROUPS = ("complex", "light urgent")
+BATCH_GROUP = "light batch"
+
+# For the demo's generated config: assemble and poll batches quickly, so batch tasks can finish in the wait.
+DEMO_CONFIG_OVERRIDES: dict[str, Any] = {"batch": {"max_wait_seconds": 5, "poll_interval_seconds": 2}}
+
+_COMPLEX = [
+    ("plan-migration", "A service stores 2 TB in one Postgres table and must move it to a partitioned table "
+                       "without downtime. Give a step-by-step plan and the main risks."),
+    ("prove-sum", "Prove that the sum of the first n odd numbers is n squared, then explain the idea "
+                  "to a twelve-year-old."),
+    ("pricing-tradeoff", "A SaaS has 3 pricing tiers and 40% of users on the free tier. Reason about "
+                         "whether removing the free tier raises revenue; list the assumptions."),
+    ("debug-race", "Two workers sometimes process the same job twice. The queue acks before the work "
+                   "is done. Explain the race and propose a fix with idempotency."),
+]
+_URGENT = [
+    ("classify-refund", "classification", "Classify the ticket as billing, account or bug. Answer with one "
+                                          "word.\nTicket: I was charged twice for my subscription."),
+    ("classify-login", "classification", "Classify the ticket as billing, account or bug. Answer with one "
+                                         "word.\nTicket: I cannot log in after resetting my password."),
+    ("classify-crash", "classification", "Classify the ticket as billing, account or bug. Answer with one "
+                                         "word.\nTicket: The app crashes when I open settings."),
+    ("extract-order", "extraction", "Extract the order number and the date as JSON.\n"
+                                    "Text: Order #A-1042 was shipped on 2024-05-03."),
+    ("extract-contact", "extraction", "Extract the name and email as JSON.\n"
+                                      "Text: Please reach Maria Lopez at maria.lopez@example.com."),
+    ("extract-amount", "extraction", "Extract the amount and the currency as JSON.\n"
+                                     "Text: The invoice total is 1,250.00 EUR."),
+]
+_BATCH = [
+    ("sentiment-1", "The delivery was fast and the product works perfectly."),
+    ("sentiment-2", "Terrible support, I waited two weeks for an answer."),
+    ("sentiment-3", "It is fine, nothing special."),
+    ("sentiment-4", "Best purchase this year, highly recommended."),
+    ("sentiment-5", "The box arrived damaged and a part was missing."),
+    ("sentiment-6", "Works as described."),
+]
+
+
+@dataclass
+class DemoTask:
+    label: str
+    group: str
+    spec: dict[str, Any]
+    id: str = ""
+    body: dict[str, Any] | None = None
+
+    @property
+    def immediate(self) -> bool:
+        return self.group in IMMEDIATE_GROUPS
+
+    @property
+    def status(self) -> str:
+        return str((self.body or {}).get("status") or "unknown")
+
+    @property
+    def done(self) -> bool:
+        return self.status in TERMINAL
+
+
+def sample_workload() -> list[DemoTask]:
+    tasks = [DemoTask(label, "complex", {"prompt": prompt, "task_type": "reasoning", "tier": "complex",
+                                         "params": {"max_tokens": 400}})
+             for label, prompt in _COMPLEX]
+    tasks += [DemoTask(label, "light urgent", {"prompt": prompt, "task_type": task_type, "tier": "light",
+                                               "urgent": True, "params": {"max_tokens": 60}})
+              for label, task_type, prompt in _URGENT]
+    tasks += [DemoTask(label, BATCH_GROUP, {"prompt": "Classify the sentiment as positive, neutral or "
+                                                      f"negative. Answer with one word.\nReview: {text}",
+                                            "task_type": "classification", "tier": "light", "urgent": False,
+                                            "params": {"max_tokens": 5}})
+              for label, text in _BATCH]
+    for task in tasks:
+        task.spec["metadata"] = {"demo": task.label}
+    return tasks
+
+
+def _decimal(value: Any) -> Decimal | None:
+    return None if value is None else Decimal(str(value))
+
+
+def _money(value: Decimal) -> str:
+    return format(value.normalize(), "f") if value else "0"
+
+
+def submit(client: httpx.Client, tasks: list[DemoTask]) -> None:
+    response = client.post("/v1/tasks", json={"tasks": [task.spec for task in tasks]})
+    if response.status_code != 202:
+        raise StackError(f"POST /v1/tasks answered {response.status_code}: {response.text[:500]}")
+    for task, item in zip(tasks, response.json()["data"], strict=True):
+        task.id = str(item["id"])
+        task.body = item
+
+
+def poll(client: httpx.Client, tasks: list[DemoTask], wait: float, batch_wait: float,
+         progress: Progress) -> None:
+    """Poll until every task is terminal, or the immediate ones are and `batch_wait` has passed, or `wait`."""
+    groups = {group: progress.add_task(group, total=sum(1 for t in tasks if t.group == group))
+              for group in (*IMMEDIATE_GROUPS, BATCH_GROUP)}
+    start = time.monotonic()
+    while True:
+        for task in tasks:
+            if not task.done:
+                response = client.get(f"/v1/tasks/{task.id}")
+                if response.status_code == 200:
+                    task.body = response.json()
+        for group, bar in groups.items():
+            members = [t for t in tasks if t.group == group]
+            waiting = sum(1 for t in members if t.status in ("waiting_batch", "in_batch"))
+            suffix = f" ({waiting} waiting for a batch)" if waiting else ""
+            progress.update(bar, completed=sum(1 for t in members if t.done), description=group + suffix)
+        elapsed = time.monotonic() - start
+        immediate_done = all(t.done for t in tasks if t.immediate)
+        if all(t.done for t in tasks) or (immediate_done and elapsed >= batch_wait) or elapsed >= wait:
+            return
+        time.sleep(0.5)
+
+
+def build_report(info: StackInfo, tasks: list[DemoTask]) -> dict[str, Any]:
+    rows: list[dict[str, Any]] = []
+    total_cost = total_baseline = Decimal(0)
+    counts: dict[str, int] = {}
+    priced = 0
+    for task in tasks:
+        body = task.body or {}
+        usage = body.get("usage") or {}
+        cost = _decimal(body.get("cost_usd"))
+        baseline = _decimal(body.get("baseline_cost_usd"))
+        counts[task.status] = counts.get(task.status, 0) + 1
+        if cost is not None:
+            priced += 1
+            total_cost += cost
+            total_baseline += baseline if baseline is not None else cost
+        rows.append({
+            "id": task.id, "label": task.label, "group": task.group, "task_type": task.spec["task_type"],
+            "tier": body.get("tier"), "urgent": bool(task.spec.get("urgent")), "status": task.status,
+            "mode": body.get("mode"), "model": body.get("model"), "served_model": body.get("served_model"),
+            "input_tokens": usage.get("input_tokens"), "cached_tokens": usage.get("cached_tokens"),
+            "output_tokens": usage.get("output_tokens"),
+            "cost_usd": None if cost is None else _money(cost),
+            "baseline_cost_usd": None if baseline is None else _money(baseline),
+            "error": body.get("error"),
+        })
+    savings = total_baseline - total_cost
+    percent = (savings * 100 / total_baseline).quantize(Decimal("0.1")) if total_baseline else Decimal(0)
+    failed = [t.label for t in tasks if t.immediate and t.status != "succeeded"]
+    return {
+        "api_url": info.api_url, "tasks": rows,
+        "totals": {"tasks": len(tasks), "priced_tasks": priced, "statuses": counts,
+                   "cost_usd": _money(total_cost), "baseline_cost_usd": _money(total_baseline),
+                   "savings_usd": _money(savings), "savings_percent": str(percent)},
+        "immediate_failed": failed, "ok": not failed,
+    }
+
+
+def print_report(console: Console, report: dict[str, Any]) -> None:
+    table = Table(title="tierbatch demo", header_style="bold")
+    for name in ("task", "tier", "status", "model asked", "served model"):
+        table.add_column(name)
+    for name in ("input", "cached", "output", "cost USD", "baseline USD"):
+        table.add_column(name, justify="right")
+    styles = {"succeeded": "green", "failed": "red", "waiting_batch": "yellow", "in_batch": "yellow"}
+    for row in report["tasks"]:
+        status = row["status"]
+        tier = f"{row['tier']}{' urgent' if row['urgent'] else ''}"
+        cells = [row["label"], tier, f"[{styles.get(status, 'white')}]{status}[/]", row["model"] or "-",
+                 row["served_model"] or "-"]
+        cells += ["-" if row[k] is None else str(row[k])
+                  for k in ("input_tokens", "cached_tokens", "output_tokens", "cost_usd", "baseline_cost_usd")]
+        table.add_row(*cells)
+    console.print(table)
+    totals = report["totals"]
+    summary = Table(show_header=False, box=None, padding=(0, 2), title="savings")
+    summary.add_column(style="bold")
+    summary.add_column(justify="right")
+    summary.add_row("priced tasks", f"{totals['priced_tasks']} of {totals['tasks']}")
+    summary.add_row("total cost", f"${totals['cost_usd']}")
+    summary.add_row("baseline (all on the complex model)", f"${totals['baseline_cost_usd']}")
+    summary.add_row("savings", f"[green]${totals['savings_usd']} ({totals['savings_percent']}%)[/]")
+    console.print(summary)
+    waiting = totals["statuses"].get("waiting_batch", 0) + totals["statuses"].get("in_batch", 0)
+    if waiting:
+        console.print(f"[yellow]{waiting} non-urgent Light task(s) still waiting for a provider batch "
+                      "(batch pricing applies when they finish); not counted above.[/]")
+    if report["immediate_failed"]:
+        console.print("[bold red]immediate tasks not succeeded:[/] " + ", ".join(report["immediate_failed"]))
+
+
+def run_demo(data_dir: Path, api_port: int | None, simulator_port: int | None, concurrency: int,
+             simulator: bool, wait: float, batch_wait: float, as_json: bool) -> int:
+    out = Console()
+    err = Console(stderr=True)
+    tasks = sample_workload()
+    try:
+        stack = LocalStack(data_dir, api_port=api_port, simulator_port=simulator_port, concurrency=concurrency,
+                           simulator=simulator, tenant_name="demo", config_overrides=DEMO_CONFIG_OVERRIDES,
+                           console=err)
+        with sigterm_as_interrupt(), stack as info:
+            err.print(f"stack up at {info.api_url}; submitting {len(tasks)} tasks")
+            with httpx.Client(base_url=info.api_url, timeout=30,
+                              headers={"Authorization": f"Bearer {info.dev_api_key}"}) as client:
+                submit(client, tasks)
+                progress = Progress(TextColumn("{task.description}", justify="left"), BarColumn(),
+                                    MofNCompleteColumn(), TimeElapsedColumn(), console=err, disable=as_json)
+                with progress:
+                    poll(client, tasks, wait, batch_wait, progress)
+            report = build_report(info, tasks)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130
+    except (StackError, httpx.HTTPError) as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        return 1
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2) + "\n")
+    else:
+        print_report(out, report)
+    return 0 if report["ok"] else 1

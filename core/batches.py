@@ -1,0 +1,428 @@
+"""The batch path (DESIGN §4): claim waiting tasks into a batch, build its JSONL, record the
+provider's batch, ingest its output and error files in bulk.
+
+Each function takes a session and never commits; the worker owns the transactions. Guards on
+`status` and `batch_id` make every step safe to run twice.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import func, insert, select, text, update
+from sqlalchemy.orm import Session
+
+from core.config import AppConfig
+from core.labels import label_error
+from core.models import LedgerEntry, ProviderBatch, Task
+from core.pricing import PriceBook
+from core.provider import RETRYABLE_STATUS, ProviderBatchInfo, output_from_body, usage_from_body
+from core.states import BatchStatus, Mode, ProviderBatchStatus, TaskStatus
+
+TERMINAL_PROVIDER_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+ENDPOINT = "/v1/chat/completions"
+METADATA_KEY = "tierbatch_batch_id"
+# JSONL envelope around each request body, for the byte estimate made while claiming
+_ENVELOPE_BYTES = 140
+
+
+@dataclass(frozen=True, slots=True)
+class Group:
+    provider: str
+    model: str
+    waiting: int
+    oldest_age_seconds: float
+    approx_bytes: int
+
+
+def waiting_groups(session: Session) -> list[Group]:
+    rows = session.execute(text(
+        "SELECT provider, model, count(*) AS waiting, "
+        "       extract(epoch FROM now() - min(created_at)) AS age, "
+        "       sum(octet_length(request::text)) AS bytes "
+        "FROM tasks WHERE status = 'waiting_batch' GROUP BY provider, model"
+    )).all()
+    return [Group(r.provider, r.model, int(r.waiting), float(r.age or 0), int(r.bytes or 0)) for r in rows]
+
+
+def group_is_due(config: AppConfig, group: Group) -> bool:
+    limits = config.batch
+    return (group.waiting >= limits.max_requests or group.approx_bytes >= limits.max_bytes
+            or group.oldest_age_seconds >= limits.max_wait_seconds)
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimedBatch:
+    id: uuid.UUID
+    provider: str
+    model: str
+    request_count: int
+
+
+def claim_batch(session: Session, config: AppConfig, provider: str, model: str) -> ClaimedBatch | None:
+    """Move up to `max_requests` waiting tasks of one (provider, model) into a new `preparing` batch.
+
+    `FOR UPDATE SKIP LOCKED` in the transaction that creates the batch row and links its tasks,
+    so two workers never put one task in two batches. A partial group is only flushed once its
+    oldest task has waited `max_wait_seconds`.
+    """
+    limits = config.batch
+    locked = session.scalar(text("SELECT pg_try_advisory_xact_lock(hashtext(:key))"),
+                            {"key": f"tierbatch.assemble:{provider}/{model}"})
+    if not locked:
+        return None  # another assembler is working on this group right now
+    rows = session.execute(text(
+        "SELECT id, octet_length(request::text) AS size, "
+        "       extract(epoch FROM now() - created_at) AS age "
+        "FROM tasks WHERE status = 'waiting_batch' AND provider = :provider AND model = :model "
+        "ORDER BY created_at, id LIMIT :limit FOR UPDATE SKIP LOCKED"
+    ), {"provider": provider, "model": model, "limit": limits.max_requests}).all()
+    if not rows:
+        return None
+    budget = int(limits.max_bytes * 0.95)  # the real file must stay under the provider's limit
+    chosen: list[uuid.UUID] = []
+    total = 0
+    for row in rows:
+        size = int(row.size) + _ENVELOPE_BYTES + len(model)
+        if chosen and total + size > budget:
+            break
+        chosen.append(row.id)
+        total += size
+    full = len(chosen) == limits.max_requests or len(chosen) < len(rows)
+    oldest = max(float(r.age) for r in rows)
+    if not full and oldest < limits.max_wait_seconds:
+        return None
+    batch_id = uuid.uuid4()
+    session.add(ProviderBatch(id=batch_id, provider=provider, model=model, status=BatchStatus.PREPARING,
+                              request_count=len(chosen), byte_size=total, attempts=0))
+    session.flush()
+    session.execute(
+        update(Task).where(Task.id.in_(chosen), Task.status == TaskStatus.WAITING_BATCH)
+        .values(status=TaskStatus.IN_BATCH, batch_id=batch_id, attempts=Task.attempts + 1,
+                updated_at=func.now()),
+        execution_options={"synchronize_session": False},
+    )
+    return ClaimedBatch(batch_id, provider, model, len(chosen))
+
+
+def write_batch_file(session: Session, batch: ProviderBatch, path: Path) -> tuple[int, int]:
+    """Stream the batch's JSONL to `path`; returns (lines, bytes). One line per task still in it."""
+    prefix = '{"custom_id":"%s","method":"POST","url":"' + ENDPOINT + '","body":{"model":' + json.dumps(
+        batch.model) + ","
+    lines = 0
+    size = 0
+    result = session.execute(
+        text("SELECT id, request::text AS body FROM tasks "
+             "WHERE batch_id = :batch AND status = 'in_batch' ORDER BY id"),
+        {"batch": batch.id},
+        execution_options={"yield_per": 5000},
+    )
+    with path.open("w", encoding="utf-8") as handle:
+        for row in result:
+            # splice the stored request object after "model": the body is {"model": ..., **request}
+            line = (prefix % row.id) + row.body[1:] + "}\n"
+            handle.write(line)
+            lines += 1
+            size += len(line.encode())
+    return lines, size
+
+
+def batch_for_update(session: Session, batch_id: uuid.UUID) -> ProviderBatch | None:
+    return session.get(ProviderBatch, batch_id, with_for_update=True)
+
+
+def record_uploaded_file(session: Session, batch_id: uuid.UUID, file_id: str, lines: int, size: int) -> None:
+    session.execute(update(ProviderBatch).where(ProviderBatch.id == batch_id,
+                                                ProviderBatch.status == BatchStatus.PREPARING)
+                    .values(input_file_id=file_id, request_count=lines, byte_size=size, updated_at=func.now()))
+
+
+def note_submission_attempt(session: Session, batch_id: uuid.UUID) -> int:
+    """Count a create attempt *before* calling the provider, so a retry knows to look first."""
+    return int(session.scalar(
+        update(ProviderBatch).where(ProviderBatch.id == batch_id)
+        .values(attempts=ProviderBatch.attempts + 1, updated_at=func.now())
+        .returning(ProviderBatch.attempts)
+    ) or 0)
+
+
+def record_submitted(session: Session, batch_id: uuid.UUID, info: ProviderBatchInfo) -> bool:
+    moved = session.execute(
+        update(ProviderBatch).where(ProviderBatch.id == batch_id, ProviderBatch.status == BatchStatus.PREPARING)
+        .values(status=BatchStatus.SUBMITTED, provider_batch_id=info.id,
+                provider_status=ProviderBatchStatus(info.status), submitted_at=func.now(), updated_at=func.now())
+        .returning(ProviderBatch.id)
+    ).first()
+    return moved is not None
+
+
+def record_poll(session: Session, batch_id: uuid.UUID, info: ProviderBatchInfo) -> bool:
+    """Store the provider's status; a terminal one moves the batch to `ingesting`. True if it did."""
+    terminal = info.status in TERMINAL_PROVIDER_STATUSES
+    values: dict[str, Any] = {"provider_status": ProviderBatchStatus(info.status), "updated_at": func.now()}
+    if terminal:
+        values.update(status=BatchStatus.INGESTING, output_file_id=info.output_file_id,
+                      error_file_id=info.error_file_id,
+                      error=json.dumps(info.errors) if info.errors else None)
+    moved = session.execute(
+        update(ProviderBatch).where(ProviderBatch.id == batch_id, ProviderBatch.status == BatchStatus.SUBMITTED)
+        .values(**values).returning(ProviderBatch.id)
+    ).first()
+    return terminal and moved is not None
+
+
+# --- ingestion -------------------------------------------------------------------------------------
+
+
+@dataclass
+class LineOutcomes:
+    """One chunk of output/error lines, sorted into what happens to each task."""
+
+    successes: dict[uuid.UUID, dict[str, Any]] = field(default_factory=dict)  # task id → response body
+    retryable: dict[uuid.UUID, str] = field(default_factory=dict)  # task id → error message
+    permanent: dict[uuid.UUID, str] = field(default_factory=dict)
+
+
+def _error_message(body: Any, fallback: str) -> str:
+    if isinstance(body, dict):
+        inner = body.get("error", body)
+        if isinstance(inner, dict) and inner.get("message"):
+            code = inner.get("code")
+            return f"{code}: {inner['message']}" if code else str(inner["message"])
+    return fallback
+
+
+def classify_lines(lines: Iterable[str]) -> LineOutcomes:
+    outcomes = LineOutcomes()
+    for raw in lines:
+        try:
+            line = json.loads(raw)
+            task_id = uuid.UUID(str(line["custom_id"]))
+        except (ValueError, KeyError, TypeError):
+            continue  # not one of ours: nothing to join it with
+        response = line.get("response")
+        if isinstance(response, dict) and response.get("status_code") == 200:
+            outcomes.successes[task_id] = response.get("body") or {}
+        elif isinstance(response, dict):
+            status = int(response.get("status_code") or 0)
+            message = f"batch line HTTP {status}: " + _error_message(response.get("body"), "no message")
+            target = outcomes.retryable if status in RETRYABLE_STATUS or status >= 500 else outcomes.permanent
+            target[task_id] = message
+        else:
+            error = line.get("error") or {}
+            # non-HTTP line errors (expired, cancelled, internal) are worth another batch
+            outcomes.retryable[task_id] = "batch line error: " + _error_message({"error": error}, "unknown")
+    return outcomes
+
+
+def _labels_problem(requests: dict[uuid.UUID, dict[str, Any]], task_id: uuid.UUID, output: str) -> str | None:
+    request = requests.get(task_id)
+    return label_error(request, output) if request is not None else None
+
+
+def ingest_outcomes(session: Session, config: AppConfig, prices: PriceBook, batch: ProviderBatch,
+                    outcomes: LineOutcomes) -> int:
+    """Write one chunk's results in bulk. Lines for tasks no longer in this batch are ignored."""
+    written = 0
+    if outcomes.successes:
+        written += _ingest_successes(session, prices, batch, outcomes.successes)
+    if outcomes.retryable:
+        return_lines_to_waiting(session, config, batch.id, outcomes.retryable)
+    if outcomes.permanent:
+        _fail_lines(session, batch.id, outcomes.permanent)
+    return written
+
+
+def _ingest_successes(session: Session, prices: PriceBook, batch: ProviderBatch,
+                      successes: dict[uuid.UUID, dict[str, Any]]) -> int:
+    ids = list(successes)
+    # lock this chunk's live tasks of this batch; anything else (escalated, cancelled, done) is skipped
+    live = session.execute(
+        select(Task.id, Task.tenant_id, Task.job_id, Task.task_type, Task.tier, Task.request)
+        .where(Task.id.in_(ids), Task.status == TaskStatus.IN_BATCH, Task.batch_id == batch.id)
+        .with_for_update()
+    ).all()
+    if not live:
+        return 0
+    requests = {row.id: row.request for row in live}
+    updates: list[dict[str, Any]] = []
+    ledger: list[dict[str, Any]] = []
+    for row in live:
+        body = successes[row.id]
+        usage = usage_from_body(body)
+        output = output_from_body(body)
+        served = str(body.get("model") or batch.model)
+        priced = prices.price(batch.provider, served, batch.model, usage, batch=True)
+        baseline = prices.baseline(usage)
+        cost: Decimal | None = priced.total if priced else None
+        problem = _labels_problem(requests, row.id, output)
+        updates.append({
+            "id": row.id, "status": "failed" if problem else "succeeded", "error": problem,
+            "served_model": served, "output": output, "response": json.dumps(body),
+            "input_tokens": usage.input_tokens, "cached_tokens": usage.cached_tokens,
+            "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
+            "cost_usd": cost, "baseline_cost_usd": baseline,
+        })
+        ledger.append({
+            "tenant_id": row.tenant_id, "task_id": row.id, "job_id": row.job_id, "batch_id": batch.id,
+            "task_type": row.task_type, "tier": row.tier, "mode": Mode.BATCH, "provider": batch.provider,
+            "requested_model": batch.model, "served_model": served,
+            "input_tokens": usage.input_tokens, "cached_tokens": usage.cached_tokens,
+            "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
+            "input_price": priced.prices.input if priced else None,
+            "cached_input_price": priced.prices.cached_input if priced else None,
+            "output_price": priced.prices.output if priced else None,
+            "input_cost_usd": priced.input_cost if priced else None,
+            "cached_input_cost_usd": priced.cached_input_cost if priced else None,
+            "output_cost_usd": priced.output_cost if priced else None,
+            "cost_usd": cost, "baseline_cost_usd": baseline, "unpriced": cost is None,
+        })
+    session.execute(text(
+        "UPDATE tasks AS t SET status = v.status::task_status, error = v.error, mode = 'batch', "
+        "  served_model = v.served_model, output = v.output, response = v.response::jsonb, "
+        "  input_tokens = v.input_tokens, cached_tokens = v.cached_tokens, output_tokens = v.output_tokens, "
+        "  reasoning_tokens = v.reasoning_tokens, cost_usd = v.cost_usd, baseline_cost_usd = v.baseline_cost_usd, "
+        "  finished_at = now(), updated_at = now() "
+        "FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:errors AS text[]), "
+        "            CAST(:served AS text[]), CAST(:outputs AS text[]), CAST(:responses AS text[]), "
+        "            CAST(:input AS bigint[]), CAST(:cached AS bigint[]), CAST(:output_tokens AS bigint[]), "
+        "            CAST(:reasoning AS bigint[]), CAST(:costs AS numeric[]), CAST(:baselines AS numeric[])) "
+        "  AS v(id, status, error, served_model, output, response, input_tokens, cached_tokens, "
+        "       output_tokens, reasoning_tokens, cost_usd, baseline_cost_usd) "
+        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
+    ), {
+        "ids": [u["id"] for u in updates], "statuses": [u["status"] for u in updates],
+        "errors": [u["error"] for u in updates], "served": [u["served_model"] for u in updates],
+        "outputs": [u["output"] for u in updates], "responses": [u["response"] for u in updates],
+        "input": [u["input_tokens"] for u in updates], "cached": [u["cached_tokens"] for u in updates],
+        "output_tokens": [u["output_tokens"] for u in updates],
+        "reasoning": [u["reasoning_tokens"] for u in updates],
+        "costs": [u["cost_usd"] for u in updates], "baselines": [u["baseline_cost_usd"] for u in updates],
+        "batch": batch.id,
+    })
+    session.execute(insert(LedgerEntry), ledger)
+    return len(updates)
+
+
+def return_lines_to_waiting(session: Session, config: AppConfig, batch_id: uuid.UUID,
+                            errors: dict[uuid.UUID, str]) -> None:
+    """Failed, expired, cancelled or missing lines: back to `waiting_batch` for another batch, or
+    `failed` once the task has used `max_attempts` batches."""
+    session.execute(text(
+        "UPDATE tasks AS t SET "
+        "  status = CASE WHEN t.attempts >= :max THEN 'failed'::task_status ELSE 'waiting_batch'::task_status END, "
+        "  finished_at = CASE WHEN t.attempts >= :max THEN now() END, "
+        "  batch_id = CASE WHEN t.attempts >= :max THEN t.batch_id END, "
+        "  error = CASE WHEN t.attempts >= :max THEN 'gave up after ' || t.attempts || ' batches: ' || v.error "
+        "          ELSE v.error END, "
+        "  updated_at = now() "
+        "FROM unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error) "
+        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
+    ), {"ids": list(errors), "errors": list(errors.values()), "max": config.batch.max_attempts, "batch": batch_id})
+
+
+def _fail_lines(session: Session, batch_id: uuid.UUID, errors: dict[uuid.UUID, str]) -> None:
+    session.execute(text(
+        "UPDATE tasks AS t SET status = 'failed', finished_at = now(), error = v.error, updated_at = now() "
+        "FROM unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error) "
+        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
+    ), {"ids": list(errors), "errors": list(errors.values()), "batch": batch_id})
+
+
+def tasks_left_in_batch(session: Session, batch_id: uuid.UUID) -> list[uuid.UUID]:
+    return list(session.scalars(select(Task.id).where(Task.batch_id == batch_id,
+                                                      Task.status == TaskStatus.IN_BATCH)))
+
+
+def finish_batch(session: Session, batch_id: uuid.UUID, status: BatchStatus = BatchStatus.DONE,
+                 error: str | None = None) -> bool:
+    values: dict[str, Any] = {"status": status, "finished_at": func.now(), "updated_at": func.now()}
+    if error is not None:
+        values["error"] = error
+    moved = session.execute(
+        update(ProviderBatch).where(ProviderBatch.id == batch_id,
+                                    ProviderBatch.status.in_((BatchStatus.INGESTING, BatchStatus.PREPARING)))
+        .values(**values).returning(ProviderBatch.id)
+    ).first()
+    return moved is not None
+
+
+def touch_batch(session: Session, batch_id: uuid.UUID) -> None:
+    session.execute(update(ProviderBatch).where(ProviderBatch.id == batch_id).values(updated_at=func.now()))
+
+
+# --- whole-batch failures ----------------------------------------------------------------------------
+
+
+def split_failed_batch(session: Session, config: AppConfig, batch: ProviderBatch, reason: str) -> list[uuid.UUID]:
+    """A batch the provider refused as a whole (validation, enqueued-token limit): its tasks go into
+    two new batches (halves), submitted after a pause. The claim's attempt covers the whole chain of
+    halvings, which ends at a single line; a single line refused on its own fails with the reason."""
+    task_ids = sorted(tasks_left_in_batch(session, batch.id))
+    new_batches: list[uuid.UUID] = []
+    if len(task_ids) == 1:
+        _fail_lines(session, batch.id, {task_ids[0]: f"provider refused the batch: {reason}"})
+    elif task_ids:
+        middle = len(task_ids) // 2
+        for half in (task_ids[:middle], task_ids[middle:]):
+            new_id = uuid.uuid4()
+            session.add(ProviderBatch(
+                id=new_id, provider=batch.provider, model=batch.model, status=BatchStatus.PREPARING,
+                request_count=len(half), byte_size=0, attempts=0,
+                not_before=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, config.batch.failed_batch_retry_seconds),
+            ))
+            session.flush()
+            session.execute(update(Task).where(Task.id.in_(half), Task.batch_id == batch.id,
+                                               Task.status == TaskStatus.IN_BATCH)
+                            .values(batch_id=new_id, updated_at=func.now()),
+                            execution_options={"synchronize_session": False})
+            new_batches.append(new_id)
+    finish_batch(session, batch.id, BatchStatus.FAILED, error=f"provider refused the batch: {reason}")
+    return new_batches
+
+
+# --- reconciliation and deadlines ----------------------------------------------------------------------
+
+
+def batches_in(session: Session, status: BatchStatus, *, stale_seconds: float | None = None,
+               due_only: bool = False, limit: int = 100) -> list[uuid.UUID]:
+    query = select(ProviderBatch.id).where(ProviderBatch.status == status)
+    if stale_seconds is not None:
+        query = query.where(ProviderBatch.updated_at
+                            < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, stale_seconds))
+    if due_only:
+        query = query.where((ProviderBatch.not_before.is_(None)) | (ProviderBatch.not_before <= func.now()))
+    return list(session.scalars(query.order_by(ProviderBatch.created_at).limit(limit)))
+
+
+def tasks_to_escalate(session: Session, config: AppConfig, limit: int = 1000) -> list[uuid.UUID]:
+    """Tasks whose deadline the batch path can no longer meet.
+
+    Waiting: the group may wait up to `max_wait_seconds` more, then the provider's turnaround.
+    In a batch: the result is not back and the deadline is within `escalate_before_deadline_seconds`.
+    """
+    limits = config.batch
+    return list(session.scalars(text(
+        "SELECT id FROM tasks WHERE deadline IS NOT NULL AND ("
+        " (status = 'waiting_batch' AND deadline < now() + make_interval(secs => :turnaround) "
+        "   + greatest(make_interval(secs => :max_wait) - (now() - created_at), interval '0'))"
+        " OR (status = 'in_batch' AND deadline < now() + make_interval(secs => :margin))"
+        ") ORDER BY deadline LIMIT :limit"
+    ), {"turnaround": limits.expected_turnaround_seconds, "max_wait": limits.max_wait_seconds,
+        "margin": limits.escalate_before_deadline_seconds, "limit": limit}))
+
+
+def as_uuid_list(values: Sequence[str]) -> list[uuid.UUID]:
+    return [uuid.UUID(v) for v in values]
+
+
+def created_epoch(batch: ProviderBatch) -> int:
+    created: datetime = batch.created_at
+    return int(created.timestamp())

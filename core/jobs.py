@@ -1,0 +1,641 @@
+"""Bulk jobs (DESIGN §8): validate a job request, store its tasks with one COPY, read it back.
+
+Speed matters here (DESIGN §13: ≥ 20,000 tasks/s through `POST /v1/jobs`), so the up to 100,000
+items of a request are checked by a tight loop rather than one pydantic model each, and every
+task's request body is the job's pre-serialized JSON with the item's text spliced in.
+
+Naming: a request with the `name` of an existing job of the tenant *adds* its items to that job
+(item ids stay unique within the job); without a `name`, every request makes a new job. Requests
+for one (tenant, name) are serialized by a transaction-scoped advisory lock.
+
+Nothing here commits and nothing sends messages: the caller commits, then dispatches the returned
+task ids in chunks (`dispatch_in_chunks`).
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Annotated, Any
+
+import psycopg
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from sqlalchemy import Text, and_, any_, bindparam, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy.orm import Session
+
+from core.config import AppConfig
+from core.errors import InvalidInput, NotFound
+from core.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
+from core.models import Job, LedgerEntry, Task
+from core.routing import resolve_tier
+from core.states import CANCELLABLE_TASK_STATUSES, TERMINAL_TASK_STATUSES, Mode, RequestedTier, TaskStatus
+from core.submission import ChatParams, invalid_input_from
+
+MAX_ITEMS_PER_REQUEST = 100_000
+MAX_ITEM_ID_CHARS = 1000
+MAX_LABELS = 1000
+MAX_LABEL_CHARS = 200
+TEXT_PLACEHOLDER = "{text}"
+_MESSAGE_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+_ITEM_KEYS = frozenset({"id", "text", "messages"})
+_SETTING_KEYS = ("task_type", "tier", "urgent", "deadline", "params", "system", "template", "labels",
+                 "metadata")
+# Marks where an item's text goes in the pre-serialized request; json.dumps escapes it as \u0001.
+_SLOT = "\x01tierbatch-text\x01"
+
+COPY_COLUMNS = ("id", "item_id", "request", "tier", "tier_reason", "tenant_id", "job_id", "task_type",
+                "requested_tier", "urgent", "deadline", "metadata", "status", "attempts", "dispatched_at")
+
+
+# --- the request -------------------------------------------------------------------------------
+
+class JobFields(BaseModel):
+    """Everything of `POST /v1/jobs` but the items (those are checked by `_check_items`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[str, Field(min_length=1, max_length=200)] | None = None
+    task_type: Annotated[str, Field(min_length=1, max_length=100)] = "general"
+    tier: RequestedTier = RequestedTier.AUTO
+    urgent: bool = False
+    deadline: datetime | None = None
+    params: ChatParams = Field(default_factory=ChatParams)
+    system: Annotated[str, Field(min_length=1)] | None = None
+    template: str = TEXT_PLACEHOLDER
+    labels: list[str] | None = None
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline_has_timezone(cls, value: datetime | None) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("deadline must be RFC 3339 with a timezone offset")
+        return value
+
+    @field_validator("template")
+    @classmethod
+    def _template_has_slot(cls, value: str) -> str:
+        if TEXT_PLACEHOLDER not in value:
+            raise ValueError("the template must contain {text}, where each item's text goes")
+        return value
+
+
+@dataclass(frozen=True, slots=True)
+class JobSettings:
+    """How every task of a job is built; stored on the job (`jobs` columns + `spec`)."""
+
+    task_type: str = "general"
+    tier: RequestedTier = RequestedTier.AUTO
+    urgent: bool = False
+    deadline: datetime | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    system: str | None = None
+    template: str = TEXT_PLACEHOLDER
+    labels: tuple[str, ...] | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def spec(self) -> dict[str, Any]:
+        return {"params": self.params, "system": self.system, "template": self.template,
+                "labels": list(self.labels) if self.labels is not None else None, "metadata": self.metadata}
+
+    def value_of(self, key: str) -> Any:
+        value = getattr(self, key)
+        return list(value) if isinstance(value, tuple) else value
+
+    @classmethod
+    def of_job(cls, job: Job) -> JobSettings:
+        spec = job.spec or {}
+        labels = spec.get("labels")
+        return cls(task_type=job.task_type, tier=job.requested_tier, urgent=job.urgent, deadline=job.deadline,
+                   params=dict(spec.get("params") or {}), system=spec.get("system"),
+                   template=spec.get("template") or TEXT_PLACEHOLDER,
+                   labels=tuple(labels) if labels is not None else None, metadata=dict(spec.get("metadata") or {}))
+
+
+@dataclass(frozen=True, slots=True)
+class JobItem:
+    id: str
+    text: str | None
+    messages: list[dict[str, Any]] | None
+
+
+@dataclass(frozen=True, slots=True)
+class JobRequest:
+    name: str | None
+    settings: JobSettings
+    given: frozenset[str]  # the settings the request named; an append must agree on those
+    items: list[JobItem]
+
+
+def _bad(param: str, message: str, status: int = 422) -> InvalidInput:
+    return InvalidInput(f"{param}: {message}", param=param, status_code=status)
+
+
+def _check_labels(value: Any) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not value:
+        raise _bad("labels", "must be a non-empty list of distinct strings")
+    if len(value) > MAX_LABELS:
+        raise _bad("labels", f"at most {MAX_LABELS} labels (got {len(value)})")
+    seen: dict[str, int] = {}
+    for index, label in enumerate(value):
+        if not isinstance(label, str) or not label.strip():
+            raise _bad(f"labels[{index}]", "each label must be a non-empty string")
+        if len(label) > MAX_LABEL_CHARS or "\x00" in label:
+            raise _bad(f"labels[{index}]", f"a label is at most {MAX_LABEL_CHARS} characters, without NUL")
+        if label in seen:
+            raise _bad(f"labels[{index}]", f"duplicate label {label!r} (also labels[{seen[label]}])")
+        seen[label] = index
+    return tuple(value)
+
+
+def _check_text_value(param: str, value: str, max_bytes: int) -> None:
+    if "\x00" in value:
+        raise _bad(param, "must not contain NUL characters")
+    if not value.isascii():
+        try:
+            value.encode()
+        except UnicodeEncodeError:
+            raise _bad(param, "is not valid Unicode (lone surrogate)") from None
+    if len(value) * 4 > max_bytes and len(value.encode()) > max_bytes:
+        raise _bad(param, f"{len(value.encode())} bytes is over the limit of {max_bytes} bytes", 413)
+
+
+def _check_messages(param: str, messages: Any, max_bytes: int) -> list[dict[str, Any]]:
+    if not isinstance(messages, list) or not messages:
+        raise _bad(param, "must be a non-empty list of chat messages")
+    for index, message in enumerate(messages):
+        where = f"{param}[{index}]"
+        if not isinstance(message, dict):
+            raise _bad(where, "a chat message must be an object with 'role' and 'content'")
+        if message.get("role") not in _MESSAGE_ROLES:
+            raise _bad(f"{where}.role", f"must be one of {', '.join(sorted(_MESSAGE_ROLES))}")
+        content = message.get("content")
+        if content is not None and not isinstance(content, str | list):
+            raise _bad(f"{where}.content", "must be a string or a list of content parts")
+    try:
+        size = len(json.dumps(messages, ensure_ascii=False).encode())
+    except (TypeError, ValueError, UnicodeEncodeError):
+        raise _bad(param, "is not valid JSON text") from None
+    if "\\u0000" in json.dumps(messages):
+        raise _bad(param, "must not contain NUL characters")
+    if size > max_bytes:
+        raise _bad(param, f"{size} bytes is over the limit of {max_bytes} bytes", 413)
+    return messages
+
+
+def _item_error(index: int, item: Any, max_bytes: int) -> InvalidInput:
+    """The slow path: say exactly what is wrong with one item."""
+    where = f"items[{index}]"
+    if not isinstance(item, dict):
+        return _bad(where, "each item must be an object: {\"id\", \"text\"} or {\"id\", \"messages\"}")
+    unknown = sorted(set(item) - _ITEM_KEYS)
+    if unknown:
+        return _bad(f"{where}.{unknown[0]}", "unknown field (an item has 'id' and 'text' or 'messages')")
+    item_id = item.get("id")
+    if item_id is None:
+        return _bad(f"{where}.id", "field required")
+    if isinstance(item_id, bool) or not isinstance(item_id, str | int):
+        return _bad(f"{where}.id", "must be a string or an integer")
+    if isinstance(item_id, str):
+        if not item_id.strip():
+            return _bad(f"{where}.id", "must not be empty")
+        if len(item_id) > MAX_ITEM_ID_CHARS:
+            return _bad(f"{where}.id", f"at most {MAX_ITEM_ID_CHARS} characters")
+        try:
+            _check_text_value(f"{where}.id", item_id, max_bytes)
+        except InvalidInput as exc:
+            return exc
+    has_text, has_messages = "text" in item, "messages" in item
+    if has_text == has_messages:
+        return _bad(where, "give either 'text' or 'messages'" + (", not both" if has_text else ""))
+    if has_text:
+        value = item["text"]
+        if not isinstance(value, str):
+            return _bad(f"{where}.text", "must be a string")
+        if not value.strip():
+            return _bad(f"{where}.text", "must not be empty")
+        try:
+            _check_text_value(f"{where}.text", value, max_bytes)
+        except InvalidInput as exc:
+            return exc
+    else:
+        try:
+            _check_messages(f"{where}.messages", item["messages"], max_bytes)
+        except InvalidInput as exc:
+            return exc
+    return _bad(where, "invalid item")  # not reached for an item the fast path refused
+
+
+def _check_items(items: list[Any], max_bytes: int) -> list[JobItem]:
+    """One pass over the items; the common case costs a few dict lookups per item."""
+    out: list[JobItem] = []
+    append = out.append
+    first_at: dict[str, int] = {}
+    text_limit = max_bytes // 4  # a str of n chars is at most 4n bytes of UTF-8
+    for index, item in enumerate(items):
+        if type(item) is not dict or len(item) != 2:
+            raise _item_error(index, item, max_bytes)
+        item_id = item.get("id")
+        if type(item_id) is str:
+            if not item_id or len(item_id) > MAX_ITEM_ID_CHARS or "\x00" in item_id or not item_id.strip() \
+                    or (not item_id.isascii() and _surrogates(item_id)):
+                raise _item_error(index, item, max_bytes)
+        elif type(item_id) is int:
+            item_id = str(item_id)
+        else:
+            raise _item_error(index, item, max_bytes)
+        value = item.get("text")
+        if value is not None:
+            if type(value) is not str or not value.strip() or "\x00" in value or len(value) > text_limit \
+                    or (not value.isascii() and _surrogates(value)):
+                raise _item_error(index, item, max_bytes)
+            job_item = JobItem(item_id, value, None)
+        else:
+            messages = item.get("messages")
+            if messages is None:
+                raise _item_error(index, item, max_bytes)
+            job_item = JobItem(item_id, None, _check_messages(f"items[{index}].messages", messages, max_bytes))
+        previous = first_at.setdefault(item_id, index)
+        if previous != index:
+            raise InvalidInput(f"items[{index}].id: duplicate item id {item_id!r} (also items[{previous}])",
+                               param=f"items[{index}].id", status_code=422)
+        append(job_item)
+    return out
+
+
+def _surrogates(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def parse_job_request(payload: Any, max_item_bytes: int, max_items: int = MAX_ITEMS_PER_REQUEST) -> JobRequest:
+    """Validate a `POST /v1/jobs` body; raises InvalidInput naming the field. Stores nothing."""
+    if not isinstance(payload, dict):
+        raise InvalidInput("the body must be a JSON object with 'items'", param=None)
+    items = payload.get("items")
+    if "items" not in payload:
+        raise _bad("items", "field required: a list of {\"id\", \"text\"} or {\"id\", \"messages\"}")
+    if not isinstance(items, list):
+        raise _bad("items", "must be a list of {\"id\", \"text\"} or {\"id\", \"messages\"}")
+    if not items:
+        raise _bad("items", "must hold at least one item")
+    if len(items) > max_items:
+        raise _bad("items", f"at most {max_items} items per request (got {len(items)}); send several "
+                            "requests with the same name, or upload NDJSON", 413)
+    fields = {k: v for k, v in payload.items() if k != "items"}
+    labels = _check_labels(fields.get("labels"))
+    try:
+        parsed = JobFields.model_validate(fields)
+    except ValidationError as exc:
+        raise invalid_input_from(exc) from None
+    for param, value in (("system", parsed.system), ("template", parsed.template), ("name", parsed.name)):
+        if value is not None:
+            _check_text_value(param, value, max_item_bytes)
+    params = parsed.params.model_dump(exclude_none=True)
+    if labels is not None and "response_format" in params:
+        raise _bad("params.response_format", "cannot be combined with labels (labels set the response format)")
+    given = set(parsed.model_fields_set) - {"name"}
+    task_type = parsed.task_type
+    if labels is not None and "task_type" not in given:
+        task_type = "classification"
+    settings = JobSettings(task_type=task_type, tier=parsed.tier, urgent=parsed.urgent, deadline=parsed.deadline,
+                           params=params, system=parsed.system, template=parsed.template, labels=labels,
+                           metadata=dict(parsed.metadata))
+    return JobRequest(parsed.name, settings, frozenset(given), _check_items(items, max_item_bytes))
+
+
+# --- building task rows --------------------------------------------------------------------------
+
+def label_response_format(labels: Sequence[str]) -> dict[str, Any]:
+    """The JSON-schema response format that asks for one of `labels` as `{"label": ...}`."""
+    return {"type": "json_schema", "json_schema": {"name": "label", "strict": True, "schema": {
+        "type": "object", "properties": {"label": {"type": "string", "enum": list(labels)}},
+        "required": ["label"], "additionalProperties": False}}}
+
+
+def request_params(settings: JobSettings) -> dict[str, Any]:
+    params = dict(settings.params)
+    if settings.labels is not None:
+        params["response_format"] = label_response_format(settings.labels)
+    return params
+
+
+def system_messages(settings: JobSettings) -> list[dict[str, Any]]:
+    return [{"role": "system", "content": settings.system}] if settings.system is not None else []
+
+
+def render_text(settings: JobSettings, text_value: str) -> str:
+    return settings.template.replace(TEXT_PLACEHOLDER, text_value)
+
+
+def item_messages(settings: JobSettings, item: JobItem) -> list[dict[str, Any]]:
+    """The chat messages of one item: the job's system prompt, then the rendered text (or its messages)."""
+    if item.messages is not None:
+        if settings.system is not None and item.messages and item.messages[0].get("role") == "system":
+            return item.messages  # the item brings its own system prompt
+        return [*system_messages(settings), *item.messages]
+    return [*system_messages(settings), {"role": "user", "content": render_text(settings, item.text or "")}]
+
+
+class RequestEncoder:
+    """Serializes a task's request body fast: the job's JSON with the text spliced in at one slot."""
+
+    def __init__(self, settings: JobSettings) -> None:
+        self.settings = settings
+        self.params = request_params(settings)
+        template = json.dumps({"messages": [*system_messages(settings), {"role": "user", "content": _SLOT}],
+                               **self.params}, ensure_ascii=False)
+        slot = json.dumps(_SLOT, ensure_ascii=False)
+        self.prefix, found, self.suffix = template.partition(slot)
+        assert found, "the text slot must appear in the serialized request"
+        head, _, tail = settings.template.partition(TEXT_PLACEHOLDER)
+        self.simple_template = TEXT_PLACEHOLDER not in tail
+        self.head, self.tail = head, tail
+
+    def encode(self, item: JobItem) -> str:
+        if item.text is not None:
+            content = self.head + item.text + self.tail if self.simple_template else render_text(
+                self.settings, item.text)
+            return self.prefix + json.dumps(content, ensure_ascii=False) + self.suffix
+        return json.dumps({"messages": item_messages(self.settings, item), **self.params}, ensure_ascii=False)
+
+
+def time_ordered_ids(count: int) -> list[uuid.UUID]:
+    """UUIDv7-style ids: a millisecond timestamp, then a counter from a random start.
+
+    Tasks of a job sort by id in submission order (results come out in item order), and the
+    primary key index takes them at its right edge, which makes COPY faster than random ids.
+    """
+    milliseconds = time.time_ns() // 1_000_000
+    high = ((milliseconds & ((1 << 48) - 1)) << 16) | (0x7 << 12) | secrets.randbits(12)
+    start = secrets.randbits(61)  # 62 bits of room below the variant: no wrap for any count we take
+    base = (high << 64) | (0b10 << 62)
+    return [uuid.UUID(int=base | (start + offset)) for offset in range(count)]
+
+
+@dataclass(frozen=True, slots=True)
+class TierChoice:
+    tier: str
+    reason: str
+
+
+def tier_chooser(settings: JobSettings, config: AppConfig) -> Callable[[JobItem], TierChoice]:
+    """An explicit or configured tier is the same for every item: resolve it once."""
+    configured = config.routing.get(settings.task_type)
+    if settings.tier is not RequestedTier.AUTO or (configured is not None and configured is not RequestedTier.AUTO):
+        decision = resolve_tier(config, settings.tier, settings.task_type, [])
+        fixed = TierChoice(decision.tier.value, decision.reason)
+        return lambda _item: fixed
+
+    def per_item(item: JobItem) -> TierChoice:
+        decision = resolve_tier(config, settings.tier, settings.task_type, item_messages(settings, item))
+        return TierChoice(decision.tier.value, decision.reason)
+
+    return per_item
+
+
+def task_rows(items: Sequence[JobItem], ids: Sequence[uuid.UUID], settings: JobSettings, config: AppConfig,
+              tenant_id: uuid.UUID, job_id: uuid.UUID, now: datetime) -> Iterator[tuple[Any, ...]]:
+    """COPY rows in `COPY_COLUMNS` order."""
+    encode = RequestEncoder(settings).encode
+    choose = tier_chooser(settings, config)
+    metadata = json.dumps(settings.metadata, ensure_ascii=False)
+    tenant, job = str(tenant_id), str(job_id)
+    requested = settings.tier.value
+    for task_id, item in zip(ids, items, strict=True):
+        choice = choose(item)
+        yield (task_id, item.id, encode(item), choice.tier, choice.reason, tenant, job, settings.task_type,
+               requested, settings.urgent, settings.deadline, metadata, "queued", 0, now)
+
+
+# --- storing -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class JobSubmission:
+    job: Job
+    created: bool
+    task_ids: list[str]
+    task_count: int  # tasks of the job after this request
+
+
+def _lock_name(session: Session, tenant_id: uuid.UUID, name: str) -> None:
+    session.execute(text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+                    {"key": f"tierbatch.job:{tenant_id}:{name}"})
+
+
+def _settings_for_append(job: Job, request: JobRequest) -> JobSettings:
+    stored = JobSettings.of_job(job)
+    for key in _SETTING_KEYS:
+        if key in request.given and request.settings.value_of(key) != stored.value_of(key):
+            raise InvalidInput(
+                f"{key}: job {job.name!r} already exists with a different {key} ({stored.value_of(key)!r}); "
+                "a request that adds items to it must repeat the same value or leave it out",
+                param=key, status_code=409)
+    return stored
+
+
+def _job_for_request(session: Session, tenant_id: uuid.UUID, request: JobRequest) -> tuple[Job, bool]:
+    if request.name is not None:
+        _lock_name(session, tenant_id, request.name)
+        existing = session.scalar(
+            select(Job).where(Job.tenant_id == tenant_id, Job.name == request.name)
+            .order_by(Job.created_at.desc(), Job.id.desc()).limit(1)
+            # NO KEY UPDATE: ledger rows and tasks referencing the job (FOR KEY SHARE) are not blocked
+            .with_for_update(key_share=True)
+        )
+        if existing is not None:
+            return existing, False
+    settings = request.settings
+    job = Job(id=uuid.uuid4(), tenant_id=tenant_id, name=request.name, task_type=settings.task_type,
+              requested_tier=settings.tier, urgent=settings.urgent, deadline=settings.deadline,
+              spec=settings.spec())
+    session.add(job)
+    session.flush()
+    return job, True
+
+
+def _first_existing_item(session: Session, job_id: uuid.UUID, item_ids: list[str]) -> str | None:
+    return session.scalar(
+        select(Task.item_id).where(Task.job_id == job_id,
+                                   Task.item_id == any_(bindparam("ids", item_ids, type_=ARRAY(Text))))
+        .limit(1))
+
+
+def copy_task_rows(session: Session, rows: Iterator[tuple[Any, ...]]) -> int:
+    """Write rows with one text-format COPY on the session's own connection (same transaction)."""
+    raw = session.connection().connection.driver_connection
+    assert isinstance(raw, psycopg.Connection)
+    written = 0
+    with raw.cursor() as cursor, cursor.copy(f"COPY tasks ({', '.join(COPY_COLUMNS)}) FROM STDIN") as copy:
+        for row in rows:
+            copy.write_row(row)
+            written += 1
+    return written
+
+
+def submit_job(session: Session, tenant_id: uuid.UUID, request: JobRequest, config: AppConfig) -> JobSubmission:
+    """Create the job (or find the tenant's job of that name) and COPY its tasks as `queued`."""
+    job, created = _job_for_request(session, tenant_id, request)
+    settings = request.settings if created else _settings_for_append(job, request)
+    before = 0
+    if not created:
+        item_ids = [item.id for item in request.items]
+        clash = _first_existing_item(session, job.id, item_ids)
+        if clash is not None:
+            raise InvalidInput(f"items[{item_ids.index(clash)}].id: job {job.name!r} already has an item "
+                               f"with id {clash!r}", param=f"items[{item_ids.index(clash)}].id", status_code=409)
+        before = session.scalar(select(func.count()).select_from(Task).where(Task.job_id == job.id)) or 0
+    ids = time_ordered_ids(len(request.items))
+    rows = task_rows(request.items, ids, settings, config, tenant_id, job.id, datetime.now(UTC))
+    try:
+        copy_task_rows(session, rows)
+    except psycopg.errors.UniqueViolation as exc:  # the index backs up the check above; the caller rolls back
+        raise InvalidInput(f"items: an item id is already in job {job.name!r} ({exc.diag.message_detail})",
+                           param="items", status_code=409) from None
+    return JobSubmission(job, created, [str(i) for i in ids], before + len(ids))
+
+
+def dispatch_in_chunks(send: Callable[[str, list[str]], Any], task_ids: Sequence[str],
+                       chunk: int = DISPATCH_CHUNK) -> int:
+    """One `DISPATCH_TASKS` message per chunk of task ids, never one per task; returns the count."""
+    messages = 0
+    for start in range(0, len(task_ids), chunk):
+        send(DISPATCH_TASKS, list(task_ids[start:start + chunk]))
+        messages += 1
+    return messages
+
+
+# --- reading -------------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class JobSummary:
+    counts: dict[str, int]
+    task_count: int
+    status: str
+    finished_at: datetime | None
+    cost_usd: Decimal
+    baseline_cost_usd: Decimal
+    savings_usd: Decimal
+    shadow_cost_usd: Decimal
+    unpriced_requests: int
+
+
+def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
+    job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id))
+    if job is None:
+        raise NotFound(f"no job {job_id}")
+    return job
+
+
+def list_jobs(session: Session, tenant_id: uuid.UUID, *, limit: int,
+              after: tuple[datetime, uuid.UUID] | None) -> list[Job]:
+    """Newest first, keyset-paginated on (created_at, id); returns up to limit + 1 rows."""
+    query = select(Job).where(Job.tenant_id == tenant_id)
+    if after is not None:
+        created, last_id = after
+        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
+    return list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+
+
+def summarize_jobs(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, JobSummary]:
+    """Counts per status and ledger sums for some jobs: one GROUP BY query on each table."""
+    if not job_ids:
+        return {}
+    counts: dict[uuid.UUID, dict[str, int]] = {j: {} for j in job_ids}
+    last_finished: dict[uuid.UUID, datetime | None] = dict.fromkeys(job_ids)
+    for job_id, status, count, finished in session.execute(
+        select(Task.job_id, Task.status, func.count(), func.max(Task.finished_at))
+        .where(Task.job_id.in_(job_ids)).group_by(Task.job_id, Task.status)
+    ):
+        if job_id is None:
+            continue
+        counts[job_id][status.value] = int(count)
+        if finished is not None:
+            current = last_finished[job_id]
+            last_finished[job_id] = finished if current is None else max(current, finished)
+    billed = LedgerEntry.mode != Mode.SHADOW
+    zero = Decimal(0)
+    money: dict[uuid.UUID, tuple[Decimal, Decimal, Decimal, Decimal, int]] = {}
+    for row in session.execute(
+        select(LedgerEntry.job_id,
+               func.sum(LedgerEntry.cost_usd).filter(billed),
+               func.sum(LedgerEntry.baseline_cost_usd).filter(billed),
+               func.sum(LedgerEntry.baseline_cost_usd - LedgerEntry.cost_usd).filter(
+                   billed, LedgerEntry.cost_usd.is_not(None)),
+               func.sum(LedgerEntry.cost_usd).filter(LedgerEntry.mode == Mode.SHADOW),
+               func.count().filter(billed, LedgerEntry.unpriced))
+        .where(LedgerEntry.job_id.in_(job_ids)).group_by(LedgerEntry.job_id)
+    ):
+        if row[0] is None:
+            continue
+        money[row[0]] = (row[1] or zero, row[2] or zero, row[3] or zero, row[4] or zero, int(row[5] or 0))
+    out: dict[uuid.UUID, JobSummary] = {}
+    terminal = {s.value for s in TERMINAL_TASK_STATUSES}
+    for job_id in job_ids:
+        by_status = counts[job_id]
+        done = all(status in terminal for status in by_status)
+        cost, baseline, savings, shadow, unpriced = money.get(job_id, (zero, zero, zero, zero, 0))
+        out[job_id] = JobSummary(
+            counts=dict(sorted(by_status.items())), task_count=sum(by_status.values()),
+            status="completed" if done else "running", finished_at=last_finished[job_id] if done else None,
+            cost_usd=cost, baseline_cost_usd=baseline, savings_usd=savings, shadow_cost_usd=shadow,
+            unpriced_requests=unpriced)
+    return out
+
+
+def cancel_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> int:
+    """queued / waiting_batch → cancelled for every task of the job; returns how many moved."""
+    job = get_job(session, tenant_id, job_id)
+    moved = session.execute(
+        update(Task).where(Task.job_id == job.id, Task.status.in_(CANCELLABLE_TASK_STATUSES))
+        .values(status=TaskStatus.CANCELLED, finished_at=func.now(), updated_at=func.now(), lease_token=None,
+                lease_expires_at=None, not_before=None)
+        .returning(Task.id)
+    )
+    return len(moved.all())
+
+
+@dataclass(frozen=True, slots=True)
+class ResultRow:
+    item_id: str | None
+    task_id: uuid.UUID
+    status: str
+    output: str | None
+    model: str | None
+    cost_usd: Decimal | None
+    error: str | None
+
+
+def label_of(output: str | None, labels: frozenset[str]) -> str | None:
+    """The label of a JSON answer `{"label": ...}`, or None when absent or not one of the labels."""
+    if not output:
+        return None
+    try:
+        answer = json.loads(output)
+    except ValueError:
+        return None
+    label = answer.get("label") if isinstance(answer, dict) else None
+    return label if isinstance(label, str) and label in labels else None
+
+
+def iter_results(session: Session, job_id: uuid.UUID, batch_size: int = 2000) -> Iterator[list[ResultRow]]:
+    """The job's tasks in submission order, through a server-side cursor (constant memory)."""
+    result = session.execute(
+        select(Task.item_id, Task.id, Task.status, Task.output, Task.served_model, Task.cost_usd, Task.error)
+        .where(Task.job_id == job_id).order_by(Task.id)
+        .execution_options(yield_per=batch_size)
+    )
+    for partition in result.partitions():
+        yield [ResultRow(r[0], r[1], r[2].value, r[3], r[4], r[5], r[6]) for r in partition]

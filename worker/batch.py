@@ -1,0 +1,223 @@
+"""Batch path steps run by the worker: assemble, submit, poll, ingest. Each is idempotent."""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sqlalchemy import text
+
+from core.batches import (
+    METADATA_KEY,
+    ClaimedBatch,
+    batches_in,
+    claim_batch,
+    classify_lines,
+    created_epoch,
+    finish_batch,
+    group_is_due,
+    ingest_outcomes,
+    note_submission_attempt,
+    record_poll,
+    record_submitted,
+    record_uploaded_file,
+    return_lines_to_waiting,
+    split_failed_batch,
+    tasks_left_in_batch,
+    tasks_to_escalate,
+    touch_batch,
+    waiting_groups,
+    write_batch_file,
+)
+from core.errors import ProviderError
+from core.models import ProviderBatch
+from core.provider import ProviderBatches
+from core.states import BatchStatus, ProviderBatchStatus
+from worker.context import WorkerContext
+from worker.faults import pause_point
+
+log = logging.getLogger(__name__)
+INGEST_CHUNK = 2000
+
+
+def assemble_batches(ctx: WorkerContext) -> tuple[list[uuid.UUID], list[ClaimedBatch]]:
+    """Returns the tasks to escalate to immediate calls and the batches claimed for submission."""
+    with ctx.sessions.begin() as session:
+        escalate = tasks_to_escalate(session, ctx.config)
+        groups = [g for g in waiting_groups(session) if group_is_due(ctx.config, g)]
+    claimed: list[ClaimedBatch] = []
+    for group in groups:
+        while True:
+            with ctx.sessions.begin() as session:
+                batch = claim_batch(session, ctx.config, group.provider, group.model)
+            if batch is None:
+                break
+            log.info("claimed batch %s: %d tasks for %s/%s", batch.id, batch.request_count, batch.provider,
+                     batch.model)
+            claimed.append(batch)
+    return escalate, claimed
+
+
+@contextmanager
+def submission_lock(ctx: WorkerContext, batch_id: uuid.UUID) -> Iterator[bool]:
+    """A session-level advisory lock on its own connection: only one submitter per batch at a time,
+    released by Postgres itself if this process dies."""
+    key = f"tierbatch.submit:{batch_id}"
+    with ctx.engine.connect() as connection:
+        got = bool(connection.scalar(text("SELECT pg_try_advisory_lock(hashtext(:key))"), {"key": key}))
+        connection.commit()
+        try:
+            yield got
+        finally:
+            if got:
+                connection.execute(text("SELECT pg_advisory_unlock(hashtext(:key))"), {"key": key})
+                connection.commit()
+
+
+def submit_batch(ctx: WorkerContext, batch_id: uuid.UUID) -> float | None:
+    """Build, upload and create the provider batch. Returns a delay when it should be tried later.
+
+    No claim is submitted twice: a create attempt is counted before it is made, and a batch with a
+    counted attempt first looks for a provider batch carrying its `tierbatch_batch_id`.
+    """
+    with submission_lock(ctx, batch_id) as got:
+        if not got:
+            return None  # another worker is submitting it
+        with ctx.sessions.begin() as session:
+            batch = session.get(ProviderBatch, batch_id)
+        if batch is None or batch.status is not BatchStatus.PREPARING:
+            return None
+        if batch.not_before is not None and batch.not_before > datetime.now(UTC):
+            return (batch.not_before - datetime.now(UTC)).total_seconds()
+        api = ProviderBatches(ctx.providers, batch.provider)
+        try:
+            if batch.attempts > 0:
+                found = api.find_batch_by_metadata(METADATA_KEY, str(batch.id), created_epoch(batch) - 300)
+                if found is not None:
+                    with ctx.sessions.begin() as session:
+                        record_submitted(session, batch.id, found)
+                    log.info("batch %s was already created as %s; recorded it", batch.id, found.id)
+                    return None
+            file_id = batch.input_file_id
+            if file_id is None:
+                file_id = _build_and_upload(ctx, api, batch)
+                if file_id is None:
+                    return None
+            with ctx.sessions.begin() as session:
+                note_submission_attempt(session, batch.id)
+            info = api.create_batch(file_id, {METADATA_KEY: str(batch.id)})
+            pause_point("after_create")
+        except ProviderError as exc:
+            log.warning("batch %s: submission failed, will retry: %s", batch_id, exc.message)
+            return ctx.config.batch.failed_batch_retry_seconds
+        with ctx.sessions.begin() as session:
+            record_submitted(session, batch.id, info)
+        log.info("batch %s submitted as %s (%d lines)", batch.id, info.id, batch.request_count)
+        return None
+
+
+def _build_and_upload(ctx: WorkerContext, api: ProviderBatches, batch: ProviderBatch) -> str | None:
+    with tempfile.TemporaryDirectory(prefix="tierbatch-") as tmp:
+        path = Path(tmp) / f"tierbatch-{batch.id}.jsonl"
+        with ctx.sessions.begin() as session:
+            lines, size = write_batch_file(session, batch, path)
+            if lines == 0:  # every task was escalated or cancelled meanwhile
+                finish_batch(session, batch.id)
+                return None
+        file_id = api.upload_batch_file(str(path), path.name)
+    pause_point("after_upload")
+    with ctx.sessions.begin() as session:
+        record_uploaded_file(session, batch.id, file_id, lines, size)
+    return file_id
+
+
+def poll_batches(ctx: WorkerContext) -> list[uuid.UUID]:
+    """Ask the provider about every submitted batch; returns the ones ready to ingest."""
+    with ctx.sessions.begin() as session:
+        ids = batches_in(session, BatchStatus.SUBMITTED, limit=1000)
+    ready = []
+    for batch_id in ids:
+        with ctx.sessions.begin() as session:
+            batch = session.get(ProviderBatch, batch_id)
+        if batch is None or batch.provider_batch_id is None:
+            continue
+        try:
+            info = ProviderBatches(ctx.providers, batch.provider).retrieve_batch(batch.provider_batch_id)
+        except ProviderError as exc:
+            log.warning("batch %s: poll failed: %s", batch_id, exc.message)
+            continue
+        with ctx.sessions.begin() as session:
+            if record_poll(session, batch_id, info):
+                ready.append(batch_id)
+    return ready
+
+
+def ingest_batch(ctx: WorkerContext, batch_id: uuid.UUID,
+                 resubmit: Callable[[uuid.UUID, float], None]) -> int:
+    """Stream the output and error files into results and ledger rows, chunk by chunk."""
+    with ctx.sessions.begin() as session:
+        batch = session.get(ProviderBatch, batch_id)
+    if batch is None or batch.status is not BatchStatus.INGESTING:
+        return 0
+    if batch.provider_status is ProviderBatchStatus.FAILED:
+        return _handle_refused_batch(ctx, batch, resubmit)
+    api = ProviderBatches(ctx.providers, batch.provider)
+    written = 0
+    first_chunk = True
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if not file_id:
+            continue
+        chunk: list[str] = []
+        for line in api.iter_file_lines(file_id):
+            chunk.append(line)
+            if len(chunk) >= INGEST_CHUNK:
+                written += _ingest_chunk(ctx, batch, chunk)
+                chunk = []
+                if first_chunk:
+                    first_chunk = False
+                    pause_point("mid_ingest")
+        if chunk:
+            written += _ingest_chunk(ctx, batch, chunk)
+    with ctx.sessions.begin() as session:
+        missing = tasks_left_in_batch(session, batch.id)
+        if missing:
+            reason = f"missing from the output of provider batch {batch.provider_batch_id} ({batch.provider_status})"
+            return_lines_to_waiting(session, ctx.config, batch.id, dict.fromkeys(missing, reason))
+        finish_batch(session, batch.id)
+    log.info("batch %s ingested: %d results, %d lines returned for retry", batch.id, written, len(missing))
+    return written
+
+
+def _ingest_chunk(ctx: WorkerContext, batch: ProviderBatch, lines: list[str]) -> int:
+    outcomes = classify_lines(lines)
+    with ctx.sessions.begin() as session:
+        written = ingest_outcomes(session, ctx.config, ctx.prices, batch, outcomes)
+        touch_batch(session, batch.id)
+    return written
+
+
+def _handle_refused_batch(ctx: WorkerContext, batch: ProviderBatch,
+                          resubmit: Callable[[uuid.UUID, float], None]) -> int:
+    errors = json.loads(batch.error) if batch.error else []
+    reason = "; ".join(f"{e.get('code')}: {e.get('message')}" for e in errors if isinstance(e, dict)) or "failed"
+    with ctx.sessions.begin() as session:
+        new_batches = split_failed_batch(session, ctx.config, batch, reason)
+    log.warning("batch %s refused by the provider (%s); split into %d", batch.id, reason, len(new_batches))
+    for new_id in new_batches:
+        resubmit(new_id, ctx.config.batch.failed_batch_retry_seconds)
+    return 0
+
+
+def stale_batches(ctx: WorkerContext) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+    """Batches left in `preparing` or `ingesting` by a crash: (to submit, to ingest)."""
+    stale = ctx.config.reconciler.batch_stale_seconds
+    with ctx.sessions.begin() as session:
+        preparing = batches_in(session, BatchStatus.PREPARING, stale_seconds=stale, due_only=True)
+        ingesting = batches_in(session, BatchStatus.INGESTING, stale_seconds=stale)
+    return preparing, ingesting
