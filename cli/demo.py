@@ -120,7 +120,8 @@ def submit(client: httpx.Client, tasks: list[DemoTask]) -> None:
 
 def poll(client: httpx.Client, tasks: list[DemoTask], wait: float, batch_wait: float,
          progress: Progress) -> None:
-    """Poll until every task is terminal, or the immediate ones are and `batch_wait` has passed, or `wait`."""
+    """Poll until every task is terminal or `wait` has passed; stop after `batch_wait` when the immediate
+    tasks are done and no batch task has reached a provider batch (the batch path is not moving)."""
     groups = {group: progress.add_task(group, total=sum(1 for t in tasks if t.group == group))
               for group in (*IMMEDIATE_GROUPS, BATCH_GROUP)}
     start = time.monotonic()
@@ -137,7 +138,10 @@ def poll(client: httpx.Client, tasks: list[DemoTask], wait: float, batch_wait: f
             progress.update(bar, completed=sum(1 for t in members if t.done), description=group + suffix)
         elapsed = time.monotonic() - start
         immediate_done = all(t.done for t in tasks if t.immediate)
-        if all(t.done for t in tasks) or (immediate_done and elapsed >= batch_wait) or elapsed >= wait:
+        # batch tasks that were never placed in a provider batch after `batch_wait` will not finish soon
+        batch_stuck = not any(t.status == "in_batch" for t in tasks if not t.immediate)
+        if (all(t.done for t in tasks) or elapsed >= wait
+                or (immediate_done and batch_stuck and elapsed >= batch_wait)):
             return
         time.sleep(0.5)
 
@@ -215,6 +219,8 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
 def run_demo(data_dir: Path, api_port: int | None, simulator_port: int | None, concurrency: int,
              simulator: bool, wait: float, batch_wait: float, as_json: bool) -> int:
     out = Console()
+    if not out.is_terminal:
+        out = Console(width=200)  # a file or a pipe: do not squeeze the table into 80 columns
     err = Console(stderr=True)
     tasks = sample_workload()
     try:

@@ -176,8 +176,8 @@ def demo(directory: Annotated[Path, typer.Option("--dir", help="State directory 
                                                  help="Start the simulator even when TIERBATCH_CONFIG is set.")]
          = False,
          wait: Annotated[float, typer.Option(help="Seconds to wait for the tasks.")] = 60.0,
-         batch_wait: Annotated[float, typer.Option(help="Seconds to wait for the batch (non-urgent) tasks.")]
-         = 15.0,
+         batch_wait: Annotated[float, typer.Option(
+             help="Stop waiting after this when no non-urgent task has reached a provider batch.")] = 15.0,
          as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:
     """Start the stack, run a mixed sample workload, print the savings report, stop."""
     from cli.demo import run_demo
