@@ -175,7 +175,9 @@ def build_report(info: StackInfo, tasks: list[DemoTask]) -> dict[str, Any]:
     percent = (savings * 100 / total_baseline).quantize(Decimal("0.1")) if total_baseline else Decimal(0)
     failed = [t.label for t in tasks if t.immediate and t.status != "succeeded"]
     return {
-        "api_url": info.api_url, "tasks": rows,
+        "stack": {"api_url": info.api_url, "simulator_url": info.simulator_url, "data_dir": str(info.data_dir),
+                  "database_url": info.database_url, "redis_url": info.redis_url},
+        "tasks": rows,
         "totals": {"tasks": len(tasks), "priced_tasks": priced, "statuses": counts,
                    "cost_usd": _money(total_cost), "baseline_cost_usd": _money(total_baseline),
                    "savings_usd": _money(savings), "savings_percent": str(percent)},

@@ -15,6 +15,7 @@ task ids in chunks (`dispatch_in_chunks`).
 from __future__ import annotations
 
 import json
+import re
 import secrets
 import time
 import uuid
@@ -235,8 +236,16 @@ def _item_error(index: int, item: Any, max_bytes: int) -> InvalidInput:
     return _bad(where, "invalid item")  # not reached for an item the fast path refused
 
 
-def _check_items(items: list[Any], max_bytes: int) -> list[JobItem]:
-    """One pass over the items; the common case costs a few dict lookups per item."""
+def _check_items(items: list[Any], max_bytes: int, offset: int = 0) -> list[JobItem]:
+    """One pass over the items; the common case costs a few dict lookups per item.
+
+    `offset` is the position of `items[0]` in the whole upload, for error messages.
+    """
+    if offset:
+        try:
+            return _check_items(items, max_bytes)
+        except InvalidInput as exc:
+            raise _shifted(exc, offset) from None
     out: list[JobItem] = []
     append = out.append
     first_at: dict[str, int] = {}
@@ -270,6 +279,20 @@ def _check_items(items: list[Any], max_bytes: int) -> list[JobItem]:
                                param=f"items[{index}].id", status_code=422)
         append(job_item)
     return out
+
+
+_POSITION = re.compile(r"items\[(\d+)\]")
+
+
+def _shifted(error: InvalidInput, offset: int) -> InvalidInput:
+    """The same error with every `items[i]` moved by `offset`."""
+    def shift(text_value: str | None) -> str | None:
+        if text_value is None:
+            return None
+        return _POSITION.sub(lambda m: f"items[{int(m.group(1)) + offset}]", text_value)
+
+    return InvalidInput(shift(error.message) or error.message, param=shift(error.param),
+                        status_code=error.status_code)
 
 
 def _surrogates(value: str) -> bool:
@@ -485,26 +508,80 @@ def copy_task_rows(session: Session, rows: Iterator[tuple[Any, ...]]) -> int:
     return written
 
 
+def _check_not_in_job(session: Session, job: Job, items: Sequence[JobItem], offset: int = 0) -> None:
+    item_ids = [item.id for item in items]
+    clash = _first_existing_item(session, job.id, item_ids)
+    if clash is not None:
+        where = f"items[{item_ids.index(clash) + offset}].id"
+        raise InvalidInput(f"{where}: job {job.name or job.id!s} already has an item with id {clash!r}",
+                           param=where, status_code=409)
+
+
+def _copy_items(session: Session, job: Job, settings: JobSettings, items: Sequence[JobItem],
+                config: AppConfig) -> list[uuid.UUID]:
+    ids = time_ordered_ids(len(items))
+    rows = task_rows(items, ids, settings, config, job.tenant_id, job.id, datetime.now(UTC))
+    try:
+        copy_task_rows(session, rows)
+    except psycopg.errors.UniqueViolation as exc:  # the index backs up the check before; the caller rolls back
+        raise InvalidInput(f"items: an item id is already in job {job.name or job.id!s} "
+                           f"({exc.diag.message_detail})", param="items", status_code=409) from None
+    return ids
+
+
+def count_tasks(session: Session, job_id: uuid.UUID) -> int:
+    return session.scalar(select(func.count()).select_from(Task).where(Task.job_id == job_id)) or 0
+
+
 def submit_job(session: Session, tenant_id: uuid.UUID, request: JobRequest, config: AppConfig) -> JobSubmission:
     """Create the job (or find the tenant's job of that name) and COPY its tasks as `queued`."""
     job, created = _job_for_request(session, tenant_id, request)
     settings = request.settings if created else _settings_for_append(job, request)
     before = 0
     if not created:
-        item_ids = [item.id for item in request.items]
-        clash = _first_existing_item(session, job.id, item_ids)
-        if clash is not None:
-            raise InvalidInput(f"items[{item_ids.index(clash)}].id: job {job.name!r} already has an item "
-                               f"with id {clash!r}", param=f"items[{item_ids.index(clash)}].id", status_code=409)
-        before = session.scalar(select(func.count()).select_from(Task).where(Task.job_id == job.id)) or 0
-    ids = time_ordered_ids(len(request.items))
-    rows = task_rows(request.items, ids, settings, config, tenant_id, job.id, datetime.now(UTC))
-    try:
-        copy_task_rows(session, rows)
-    except psycopg.errors.UniqueViolation as exc:  # the index backs up the check above; the caller rolls back
-        raise InvalidInput(f"items: an item id is already in job {job.name!r} ({exc.diag.message_detail})",
-                           param="items", status_code=409) from None
+        _check_not_in_job(session, job, request.items)
+        before = count_tasks(session, job.id)
+    ids = _copy_items(session, job, settings, request.items, config)
     return JobSubmission(job, created, [str(i) for i in ids], before + len(ids))
+
+
+class ItemAppender:
+    """Adds items to an existing job chunk by chunk inside the caller's transaction (NDJSON upload).
+
+    Each chunk is checked (also against the items already in the job, including earlier chunks of
+    this upload: same transaction) and COPied; only the id range is kept, so memory stays flat.
+    """
+
+    def __init__(self, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, config: AppConfig,
+                 max_item_bytes: int) -> None:
+        job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)
+                             .with_for_update(key_share=True))
+        if job is None:
+            raise NotFound(f"no job {job_id}")
+        self.session, self.job, self.config, self.max_item_bytes = session, job, config, max_item_bytes
+        self.settings = JobSettings.of_job(job)
+        self.added = 0
+        self.first_id: uuid.UUID | None = None
+        self.last_id: uuid.UUID | None = None
+
+    def add(self, raw_items: list[Any]) -> None:
+        items = _check_items(raw_items, self.max_item_bytes, offset=self.added)
+        _check_not_in_job(self.session, self.job, items, offset=self.added)
+        ids = _copy_items(self.session, self.job, self.settings, items, self.config)
+        self.first_id = self.first_id or ids[0]
+        self.last_id = ids[-1]
+        self.added += len(ids)
+
+
+def queued_ids_between(session: Session, job_id: uuid.UUID, first: uuid.UUID, last: uuid.UUID,
+                       chunk: int = DISPATCH_CHUNK) -> Iterator[list[str]]:
+    """Ids of a job's queued tasks in [first, last] (one upload), a chunk at a time (server-side cursor)."""
+    result = session.execute(
+        select(Task.id).where(Task.job_id == job_id, Task.id >= first, Task.id <= last,
+                              Task.status == TaskStatus.QUEUED)
+        .order_by(Task.id).execution_options(yield_per=chunk))
+    for partition in result.partitions():
+        yield [str(row[0]) for row in partition]
 
 
 def dispatch_in_chunks(send: Callable[[str, list[str]], Any], task_ids: Sequence[str],

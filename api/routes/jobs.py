@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
@@ -18,17 +19,21 @@ from api.deps import ContextDep, SessionDep, TenantDep
 from api.serialize import money, timestamp
 from core.errors import InvalidInput, NotFound
 from core.jobs import (
+    ItemAppender,
     JobSummary,
     cancel_job,
+    count_tasks,
     dispatch_in_chunks,
     get_job,
     iter_results,
     label_of,
     list_jobs,
     parse_job_request,
+    queued_ids_between,
     submit_job,
     summarize_jobs,
 )
+from core.messaging import DISPATCH_TASKS
 from core.models import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -130,6 +135,101 @@ def cancel(job_id: str, tenant: TenantDep, ctx: ContextDep) -> dict[str, Any]:
     with ctx.sessions() as session:
         job = get_job(session, tenant.id, parsed)
         return {**job_body(job, summarize_jobs(session, [job.id])[job.id]), "cancelled": cancelled}
+
+
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson")
+NDJSON_CHUNK = 10_000  # items held in memory at a time
+_ITEM_AT = re.compile(r"items\[(\d+)\]")
+
+
+def _with_line(error: InvalidInput, lines: list[int], offset: int) -> InvalidInput:
+    """Say on which line of the upload the item an error names is."""
+    match = _ITEM_AT.search(error.param or "")
+    if match and 0 <= int(match.group(1)) - offset < len(lines):
+        line = lines[int(match.group(1)) - offset]
+        return InvalidInput(f"line {line}: {error.message}", param=error.param, status_code=error.status_code)
+    return error
+
+
+def _dispatch_upload(ctx: ApiContext, job_id: uuid.UUID, appender: ItemAppender) -> int:
+    if appender.first_id is None or appender.last_id is None:
+        return 0
+    messages = 0
+    with ctx.sessions() as session, session.begin():
+        for chunk in queued_ids_between(session, job_id, appender.first_id, appender.last_id):
+            ctx.producer.send_task(DISPATCH_TASKS, args=[chunk])
+            messages += 1
+    return messages
+
+
+@router.post("/{job_id}/items", status_code=202)
+async def upload_items(job_id: str, request: Request, tenant: TenantDep, ctx: ContextDep) -> JSONResponse:
+    """Add items to a job from an NDJSON body (one {"id", "text"|"messages"} per line), streamed.
+
+    The body is read and stored NDJSON_CHUNK items at a time in one transaction: all lines or none.
+    """
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type not in NDJSON_TYPES:
+        raise InvalidInput(f"send the items as application/x-ndjson, one item per line (got {content_type!r})",
+                           status_code=415)
+    parsed_id = parse_uuid(job_id, "job")
+    max_bytes = ctx.config.limits.max_prompt_bytes
+    max_line = 2 * max_bytes + 65_536
+    session = ctx.sessions()
+    try:
+        session.begin()
+        appender = await run_in_threadpool(ItemAppender, session, tenant.id, parsed_id, ctx.config, max_bytes)
+        pending: list[Any] = []
+        lines: list[int] = []
+        number = 0
+
+        async def flush() -> None:
+            try:
+                await run_in_threadpool(appender.add, pending)
+            except InvalidInput as exc:
+                raise _with_line(exc, lines, appender.added) from None
+            pending.clear()
+            lines.clear()
+
+        def take(raw: bytes) -> None:
+            if not raw.strip():
+                return
+            try:
+                pending.append(json.loads(raw))
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise InvalidInput(f"line {number}: not valid JSON ({exc})", param=None, status_code=400) from None
+            lines.append(number)
+
+        buffer = b""
+        async for chunk in request.stream():
+            buffer += chunk
+            *complete, buffer = buffer.split(b"\n")
+            for raw in complete:
+                number += 1
+                take(raw)
+            if len(buffer) > max_line:
+                raise InvalidInput(f"line {number + 1}: over {max_line} bytes", status_code=413)
+            if len(pending) >= NDJSON_CHUNK:
+                await flush()
+        if buffer:
+            number += 1
+            take(buffer)
+        if pending:
+            await flush()
+        if appender.added == 0:
+            raise InvalidInput("items: the upload holds no items", param="items", status_code=422)
+        await run_in_threadpool(session.commit)
+        total = await run_in_threadpool(count_tasks, session, parsed_id)
+    except BaseException:
+        await run_in_threadpool(session.rollback)
+        raise
+    finally:
+        await run_in_threadpool(session.close)
+    messages = await run_in_threadpool(_dispatch_upload, ctx, parsed_id, appender)
+    job = appender.job
+    return JSONResponse({"id": str(job.id), "object": "job", "name": job.name, "created": False,
+                         "status": "running", "items_added": appender.added, "counts": {"queued": appender.added},
+                         "task_count": total, "dispatch_messages": messages}, status_code=202)
 
 
 RESULT_FIELDS = ("item_id", "task_id", "status", "model", "cost_usd", "error")

@@ -119,6 +119,7 @@ def upgrade() -> None:
     op.create_index('ix_tasks_live', 'tasks', ['status', 'dispatched_at'], unique=False, postgresql_where=sa.text("status IN ('queued', 'running')"))
     op.create_index('ix_tasks_tenant_created', 'tasks', ['tenant_id', 'created_at', 'id'], unique=False)
     op.create_index('ix_tasks_waiting_batch', 'tasks', ['provider', 'model', 'created_at'], unique=False, postgresql_where=sa.text("status = 'waiting_batch'"))
+    op.create_index('uq_tasks_job_item', 'tasks', ['job_id', 'item_id'], unique=True, postgresql_where=sa.text('job_id IS NOT NULL'))
     op.create_table('ledger_entries',
     sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
     sa.Column('tenant_id', sa.UUID(), nullable=False),
@@ -164,6 +165,7 @@ def downgrade() -> None:
     op.drop_index('ix_ledger_entries_tenant_created', table_name='ledger_entries')
     op.drop_index('ix_ledger_entries_job', table_name='ledger_entries', postgresql_where=sa.text('job_id IS NOT NULL'))
     op.drop_table('ledger_entries')
+    op.drop_index('uq_tasks_job_item', table_name='tasks', postgresql_where=sa.text('job_id IS NOT NULL'))
     op.drop_index('ix_tasks_waiting_batch', table_name='tasks', postgresql_where=sa.text("status = 'waiting_batch'"))
     op.drop_index('ix_tasks_tenant_created', table_name='tasks')
     op.drop_index('ix_tasks_live', table_name='tasks', postgresql_where=sa.text("status IN ('queued', 'running')"))

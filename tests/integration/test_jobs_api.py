@@ -279,7 +279,9 @@ def test_a_100k_item_job_is_accepted_with_chunked_dispatch(stack: Stack) -> None
             assert job["task_count"] == n
         finally:
             # spare the shared stack the work of 100k batch lines
+            t0 = time.monotonic()
             client.post(f"/v1/jobs/{answer['id']}/cancel")
+            print("POST", elapsed, "cancel", time.monotonic() - t0)
 
 
 def run_cli(stack: Stack, key: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -331,3 +333,55 @@ def test_cli_errors_are_clear(stack: Stack, tmp_path: Path) -> None:
 
     wrong_key = run_cli(stack, "tb_wrong", "jobs", "show", "00000000-0000-0000-0000-000000000000")
     assert wrong_key.returncode == 2 and "401" in wrong_key.stderr
+
+
+def ndjson(rows: list[dict[str, Any]]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+NDJSON = {"content-type": "application/x-ndjson"}
+
+
+def test_ndjson_upload_streams_items_into_a_job(stack: Stack) -> None:
+    with stack.client(stack.new_tenant_key()) as client:
+        job_id = client.post("/v1/jobs", json={"name": "large", "task_type": "classification", "labels": LABELS,
+                                               "items": items(1, "first")}).json()["id"]
+        try:
+            def body() -> Any:  # a streamed request body: the server reads it chunk by chunk
+                rows = items(25_000, "n")
+                for start in range(0, len(rows), 5000):
+                    yield ndjson(rows[start:start + 5000]) + b"\n"  # blank lines are skipped
+
+            answer = client.post(f"/v1/jobs/{job_id}/items", content=body(), headers=NDJSON)
+            assert answer.status_code == 202, answer.text
+            assert answer.json()["items_added"] == 25_000 and answer.json()["task_count"] == 25_001
+            assert answer.json()["dispatch_messages"] == 25
+            rows = [json.loads(line) for line in client.get(f"/v1/jobs/{job_id}/results").text.splitlines()]
+            assert [r["item_id"] for r in rows] == ["first-0", *[f"n-{i}" for i in range(25_000)]]
+        finally:
+            client.post(f"/v1/jobs/{job_id}/cancel")
+
+
+def test_ndjson_upload_is_all_or_nothing_and_names_the_line(stack: Stack) -> None:
+    with stack.client(stack.new_tenant_key("a")) as client, stack.client(stack.new_tenant_key("b")) as other:
+        job_id = client.post("/v1/jobs", json={"name": "large", "items": items(1, "first")}).json()["id"]
+        before = row_counts(stack)
+        bad_late = ndjson(items(12_000)) + b'{"id": "x"}\n'  # the first 10,000 are stored before the bad line
+        refused = client.post(f"/v1/jobs/{job_id}/items", content=bad_late, headers=NDJSON)
+        assert refused.status_code == 422, refused.text
+        assert refused.json()["error"]["param"] == "items[12000]"
+        assert refused.json()["error"]["message"].startswith("line 12001: items[12000]:")
+
+        clash = client.post(f"/v1/jobs/{job_id}/items", content=ndjson([*items(3, "ok"), *items(1, "first")]),
+                            headers=NDJSON)
+        assert clash.status_code == 409 and "line 4:" in clash.json()["error"]["message"]
+        not_json = client.post(f"/v1/jobs/{job_id}/items", content=b'{"id": "a", "text": "x"}\n{oops\n',
+                               headers=NDJSON)
+        assert not_json.status_code == 400 and "line 2" in not_json.json()["error"]["message"]
+        empty = client.post(f"/v1/jobs/{job_id}/items", content=b"\n\n", headers=NDJSON)
+        assert empty.status_code == 422
+        wrong_type = client.post(f"/v1/jobs/{job_id}/items", json={"items": items(1)})
+        assert wrong_type.status_code == 415
+        assert other.post(f"/v1/jobs/{job_id}/items", content=ndjson(items(1)), headers=NDJSON).status_code == 404
+        assert row_counts(stack) == before
+        client.post(f"/v1/jobs/{job_id}/cancel")
