@@ -679,9 +679,9 @@ def cancel_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> int
         update(Task).where(Task.job_id == job.id, Task.status.in_(CANCELLABLE_TASK_STATUSES))
         .values(status=TaskStatus.CANCELLED, finished_at=func.now(), updated_at=func.now(), lease_token=None,
                 lease_expires_at=None, not_before=None)
-        .returning(Task.id)
+        .execution_options(synchronize_session=False)
     )
-    return len(moved.all())
+    return int(getattr(moved, "rowcount", 0) or 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -274,14 +274,12 @@ def test_a_100k_item_job_is_accepted_with_chunked_dispatch(stack: Stack) -> None
             assert answer["task_count"] == n and answer["counts"] == {"queued": n}
             # one dispatch message per 1,000 tasks, not one per task
             assert answer["dispatch_messages"] == math.ceil(n / 1000) == 100
-            assert elapsed < 25, f"100k items took {elapsed:.1f}s"
+            assert elapsed < 20, f"100k items took {elapsed:.1f}s"  # ~3 s; bench/ingest.py measures it
             job = client.get(f"/v1/jobs/{answer['id']}").json()
             assert job["task_count"] == n
         finally:
             # spare the shared stack the work of 100k batch lines
-            t0 = time.monotonic()
             client.post(f"/v1/jobs/{answer['id']}/cancel")
-            print("POST", elapsed, "cancel", time.monotonic() - t0)
 
 
 def run_cli(stack: Stack, key: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
