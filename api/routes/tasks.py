@@ -8,15 +8,17 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
 
+from api.context import ApiContext
 from api.deps import ContextDep, SessionDep, TenantDep
 from api.serialize import task_body
 from core.errors import InvalidInput, NotFound
 from core.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
 from core.models import Task
 from core.states import TaskStatus
-from core.submission import parse_submission
-from core.tasks import cancel_task, get_task, insert_tasks, list_tasks
+from core.submission import TaskSpec, parse_submission
+from core.tasks import AcceptedTask, cancel_task, get_task, insert_tasks, list_tasks
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
@@ -41,17 +43,23 @@ def parse_uuid(value: str, what: str) -> uuid.UUID:
         raise NotFound(f"no {what} {value}") from None
 
 
+def store_and_dispatch(ctx: ApiContext, tenant_id: uuid.UUID, specs: list[TaskSpec]) -> list[AcceptedTask]:
+    with ctx.sessions.begin() as session:
+        accepted = insert_tasks(session, tenant_id, specs, ctx.config)
+    created = [str(a.id) for a in accepted if a.created]
+    for start in range(0, len(created), DISPATCH_CHUNK):
+        # after commit: if the broker loses this, the reconciler dispatches the tasks again
+        ctx.producer.send_task(DISPATCH_TASKS, args=[created[start:start + DISPATCH_CHUNK]])
+    return accepted
+
+
 @router.post("", status_code=202)
 async def submit_tasks(request: Request, tenant: TenantDep, ctx: ContextDep) -> JSONResponse:
     payload = await read_json(request)
     limits = ctx.config.limits
     specs = parse_submission(payload, limits.max_tasks_per_request, limits.max_prompt_bytes)
-    with ctx.sessions.begin() as session:
-        accepted = insert_tasks(session, tenant.id, specs, ctx.config)
-    created = [str(a.id) for a in accepted if a.created]
-    for start in range(0, len(created), DISPATCH_CHUNK):
-        # after commit: the reconciler re-sends this if the broker loses it
-        ctx.producer.send_task(DISPATCH_TASKS, args=[created[start:start + DISPATCH_CHUNK]])
+    # database and broker calls are blocking: keep them off the event loop
+    accepted = await run_in_threadpool(store_and_dispatch, ctx, tenant.id, specs)
     items = [{"id": str(a.id), "object": "task", "status": a.status.value, "tier": a.tier.value}
              for a in accepted]
     body: dict[str, Any] = items[0] if "tasks" not in payload else {"object": "list", "data": items}
