@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
+import redis.asyncio as aioredis
 from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import AppConfig
+from core.cooldown import Cooldown
 from core.db import make_engine, make_session_factory
+from core.facade import FileLimits
+from core.gateway import Gateway, TenantKeyCache
 from core.messaging import make_producer
+from core.pricing import PriceBook
+from core.provider import AsyncProviderClients
 from core.settings import Settings
 
 
@@ -21,11 +28,34 @@ class ApiContext:
     engine: Engine
     sessions: sessionmaker[Session]
     producer: Celery
+    # --- OpenAI-compatible front door (issue 5) ---
+    prices: PriceBook
+    providers: AsyncProviderClients
+    redis: aioredis.Redis
+    gateway: Gateway
+    tenant_keys: TenantKeyCache
+    file_limits: FileLimits
 
     @classmethod
     def build(cls, settings: Settings, config: AppConfig) -> ApiContext:
         engine = make_engine(settings.database_url, pool_size=10)
-        return cls(settings, config, engine, make_session_factory(engine), make_producer(settings))
+        sessions = make_session_factory(engine)
+        # --- OpenAI-compatible front door (issue 5) ---
+        prices = PriceBook(config)
+        providers = AsyncProviderClients(config)
+        redis_client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
+        gateway = Gateway(config, providers, Cooldown(redis_client, settings.redis_key_prefix), prices, engine)
+        gateway.warm_prices()
+        # batch file limits: OpenAI's by default; the environment may lower them (tests, small deployments)
+        limits = FileLimits.from_env(os.environ)
+        return cls(settings, config, engine, sessions, make_producer(settings), prices, providers, redis_client,
+                   gateway, TenantKeyCache(sessions), limits)
+
+    async def aclose(self) -> None:
+        """Async resources (front door): drain pending call records, close provider and Redis clients."""
+        await self.gateway.aclose()
+        await self.providers.aclose()
+        await self.redis.aclose()
 
     def close(self) -> None:
         self.engine.dispose()

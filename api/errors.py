@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from core.errors import Conflict, InvalidInput, NotFound, TransitionError
+from core.gateway import GatewayError
 
 log = logging.getLogger(__name__)
 
@@ -24,43 +25,88 @@ def error_response(status: int, message: str, param: str | None = None,
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+# --- OpenAI-compatible surface (issue 5): these paths answer errors in OpenAI's shape ---------------
+OPENAI_PATHS = ("/v1/chat/", "/v1/models", "/v1/files", "/v1/batches")
+_OPENAI_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
+                 413: "request_too_large", 500: "internal_error"}
+
+
+def is_openai_path(request: Request) -> bool:
+    return request.url.path.startswith(OPENAI_PATHS)
+
+
+def openai_error_response(status: int, message: str, type_: str | None = None, param: str | None = None,
+                          code: str | None = None, headers: dict[str, str] | None = None) -> JSONResponse:
+    """`{"error": {"message", "type", "param", "code"}}`, as OpenAI answers."""
+    kind = type_ or ("server_error" if status >= 500 else "invalid_request_error")
+    body = {"error": {"message": message, "type": kind, "param": param,
+                      "code": code if code is not None else _OPENAI_CODES.get(status)}}
+    return JSONResponse(body, status_code=status, headers=headers)
+# --- end OpenAI-compatible surface -------------------------------------------------------------------
+
+
 def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
+        return openai_error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers or None)
+
     @app.exception_handler(InvalidInput)
-    async def invalid_input(_: Request, exc: InvalidInput) -> JSONResponse:
+    async def invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:
+        if is_openai_path(request):
+            return openai_error_response(exc.status_code, exc.message, None, exc.param)
         return error_response(exc.status_code, exc.message, exc.param)
 
     @app.exception_handler(NotFound)
-    async def not_found(_: Request, exc: NotFound) -> JSONResponse:
+    async def not_found(request: Request, exc: NotFound) -> JSONResponse:
+        if is_openai_path(request):
+            return openai_error_response(404, str(exc))
         return error_response(404, str(exc))
 
     @app.exception_handler(TransitionError)
-    async def transition(_: Request, exc: TransitionError) -> JSONResponse:
+    async def transition(request: Request, exc: TransitionError) -> JSONResponse:
+        if is_openai_path(request):
+            return openai_error_response(409, str(exc))
         return error_response(409, str(exc))
 
     @app.exception_handler(Conflict)
-    async def conflict(_: Request, exc: Conflict) -> JSONResponse:
+    async def conflict(request: Request, exc: Conflict) -> JSONResponse:
+        if is_openai_path(request):
+            return openai_error_response(409, str(exc))
         return error_response(409, str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0]
         param = _param_from_loc(tuple(first.get("loc", ())))
         if first.get("type") == "json_invalid":
+            if is_openai_path(request):
+                return openai_error_response(400, "We could not parse the JSON body of your request.")
             return error_response(400, "the request body is not valid JSON", None)
         message = first.get("msg", "invalid value")
+        if is_openai_path(request):
+            return openai_error_response(400, f"Invalid value for '{param}': {message}" if param else message, None,
+                                         param, "invalid_value")
         return error_response(422, f"{param}: {message}" if param else message, param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(exc.status_code, str(exc.detail), None,
-                              headers=dict(exc.headers) if exc.headers else None)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(exc.headers) if exc.headers else None
+        if is_openai_path(request):
+            message = str(exc.detail)
+            if exc.status_code == 404 and message == "Not Found":
+                message = f"Invalid URL ({request.method} {request.url.path})"
+            return openai_error_response(exc.status_code, message, None, None, None, headers)
+        return error_response(exc.status_code, str(exc.detail), None, headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        if is_openai_path(request):
+            return openai_error_response(500, "The server had an error while processing your request; the details "
+                                         "are in the server log.")
         return error_response(500, "internal error; the details are in the server log")

@@ -234,5 +234,31 @@ def jobs_show(job_id: Annotated[str, typer.Argument(help="Job id.", show_default
 # --- end bulk jobs -----------------------------------------------------------------------------------
 
 
+# --- costs (issue 4): thin wrapper over cli/costs.py --------------------------------------------------
+@app.command()
+def costs(by: Annotated[str, typer.Option("--by", help="Group by any of day, hour, model, provider, tier, "
+                                                       "task_type, mode, job, tenant (comma-separated).")] = "day",
+          since: Annotated[str | None, typer.Option(help="Start: 7d, 24h, a date or RFC 3339.")] = None,
+          until: Annotated[str | None, typer.Option(help="End (exclusive; a date includes that day).")] = None,
+          task_type: Annotated[str | None, typer.Option(help="Only this task type.")] = None,
+          job_id: Annotated[str | None, typer.Option(help="Only this job.")] = None,
+          mode: Annotated[str | None, typer.Option(help="Only immediate, batch, shadow or cache.")] = None,
+          tenant_id: Annotated[str | None, typer.Option(help="Only this tenant (admin token).")] = None,
+          report: Annotated[bool, typer.Option("--report", help="Token report per task type: input vs output "
+                                                                "cost, cached share, verbose answers.")] = False,
+          limit: Annotated[int, typer.Option(help="At most this many rows.")] = 10_000,
+          as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+          as_csv: Annotated[bool, typer.Option("--csv", help="Print CSV rows.")] = False,
+          api_url: ApiUrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
+    """Spend, baseline and savings grouped as asked, with totals (tenant key or admin token)."""
+    from cli.costs import CostsOptions, run_costs
+    from cli.jobs import guarded
+
+    options = CostsOptions(by, since, until, task_type, job_id, mode, tenant_id, as_json, as_csv, report, limit,
+                           api_url, api_key)
+    guarded(lambda: run_costs(options))
+# --- end costs ---------------------------------------------------------------------------------------
+
+
 def main() -> None:
     app()

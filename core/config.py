@@ -111,6 +111,13 @@ class LimitsConfig(_Section):
     max_tasks_per_request: PositiveInt = 1000
 
 
+class BudgetConfig(_Section):
+    """What happens once a tenant's month-to-date spend reaches its monthly budget (issue 4)."""
+
+    # reject: new tasks are answered 402; downgrade: complex tasks are stored (and served) as light
+    policy: Literal["reject", "downgrade"] = "reject"
+
+
 class AppConfig(_Section):
     providers: dict[str, ProviderConfig]
     tiers: dict[Literal["light", "complex"], TierConfig]
@@ -122,6 +129,7 @@ class AppConfig(_Section):
     immediate: ImmediateConfig = ImmediateConfig()
     reconciler: ReconcilerConfig = ReconcilerConfig()
     limits: LimitsConfig = LimitsConfig()
+    budget: BudgetConfig = BudgetConfig()
 
     @model_validator(mode="after")
     def _check_references(self) -> AppConfig:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import date, datetime
 from decimal import Decimal
 from typing import Any
 
@@ -11,11 +11,13 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     CheckConstraint,
+    Date,
     DateTime,
     Enum,
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     Numeric,
     Text,
@@ -133,6 +135,9 @@ class Task(Base):
               postgresql_where=text("status IN ('queued', 'running')")),
         Index("ix_tasks_waiting_batch", "provider", "model", "created_at",
               postgresql_where=text("status = 'waiting_batch'")),
+        # budgets (issue 4): a tenant's not-yet-finished tasks, counted for the pending-spend estimate
+        Index("ix_tasks_tenant_live", "tenant_id",
+              postgresql_where=text("status IN ('queued', 'waiting_batch', 'in_batch', 'running')")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -186,6 +191,8 @@ class LedgerEntry(Base):
               postgresql_where=text("mode <> 'shadow'")),
         Index("ix_ledger_entries_tenant_created", "tenant_id", "created_at"),
         Index("ix_ledger_entries_job", "job_id", postgresql_where=text("job_id IS NOT NULL")),
+        # cost queries (issue 4): time ranges over all tenants; rows arrive in time order, so BRIN is tiny
+        Index("ix_ledger_entries_created_brin", "created_at", postgresql_using="brin"),
         CheckConstraint("unpriced = (cost_usd IS NULL)", name="unpriced_iff_no_cost"),
         CheckConstraint(
             "input_tokens >= 0 AND cached_tokens >= 0 AND output_tokens >= 0 AND reasoning_tokens >= 0 "
@@ -219,4 +226,244 @@ class LedgerEntry(Base):
     baseline_cost_usd: Mapped[Decimal | None] = mapped_column(MONEY)
     unpriced: Mapped[bool] = mapped_column(Boolean, nullable=False)
     latency_ms: Mapped[int | None] = mapped_column(Integer)
+    # OpenAI front door (issue 5): true when the token counts are our estimate (a stream the client left
+    # before the provider reported usage), not the provider's
+    usage_estimated: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False,
+                                                  server_default=text("false"))
     created_at: Mapped[datetime] = _now_column()
+
+
+# --- cost rollup (issue 4) ---------------------------------------------------------------------------
+class LedgerDaily(Base):
+    """Ledger sums per UTC day and (tenant, job, task type, tier, mode, provider, served model).
+
+    Kept in step with `ledger_entries` by statement-level triggers (migration 0002) in the same
+    transaction that writes the ledger, so cost queries and month-to-date budget checks read a few
+    rows per day instead of every ledger row. Money sums are over priced rows (NULL costs are skipped);
+    see core/costs.py for what each column counts.
+    """
+
+    __tablename__ = "ledger_daily"
+    __table_args__ = (
+        Index("uq_ledger_daily_key", "tenant_id", "day", "task_type", "tier", "mode", "provider", "served_model",
+              "job_id", unique=True, postgresql_nulls_not_distinct=True),
+        Index("ix_ledger_daily_day", "day"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    day: Mapped[date] = mapped_column(Date, nullable=False)  # the UTC day of the ledger rows' created_at
+    job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    task_type: Mapped[str] = mapped_column(Text, nullable=False)
+    tier: Mapped[Tier] = mapped_column(TIER, nullable=False)
+    mode: Mapped[Mode] = mapped_column(MODE, nullable=False)
+    provider: Mapped[str] = mapped_column(Text, nullable=False)
+    served_model: Mapped[str] = mapped_column(Text, nullable=False)
+    requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    unpriced_requests: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cached_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    reasoning_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    input_cost_usd: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
+    cached_input_cost_usd: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
+    output_cost_usd: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
+    reasoning_cost_usd: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
+    cost_usd: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
+    shadow_cost_usd: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
+    baseline_cost_usd: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
+    savings_usd: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
+# --- end cost rollup ---------------------------------------------------------------------------------
+
+
+# --- OpenAI-compatible Batch API facade (issue 5) ----------------------------------------------------
+OPENAI_BATCH_STATUSES = ("validating", "failed", "in_progress", "finalizing", "completed", "expired",
+                         "cancelling", "cancelled")
+
+
+class StoredFile(Base):
+    """A file of the `/v1/files` facade: batch input files uploaded by a tenant, and the output and
+    error files assembled for its batches. The content lives in `file_parts`, in order."""
+
+    __tablename__ = "files"
+    __table_args__ = (
+        CheckConstraint("purpose IN ('batch', 'batch_output')", name="purpose_known"),
+        Index("ix_files_tenant_created", "tenant_id", "created_at"),
+    )
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)  # "file-" + 24 hex digits
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), nullable=False)
+    purpose: Mapped[str] = mapped_column(Text, nullable=False)
+    filename: Mapped[str] = mapped_column(Text, nullable=False)
+    bytes: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    line_count: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = _now_column()
+
+
+class FilePart(Base):
+    """One chunk (up to 1 MiB) of a stored file's content; `part` orders them from 0."""
+
+    __tablename__ = "file_parts"
+
+    file_id: Mapped[str] = mapped_column(ForeignKey("files.id", ondelete="CASCADE"), primary_key=True)
+    part: Mapped[int] = mapped_column(Integer, primary_key=True)
+    data: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)
+
+
+class ClientBatch(Base):
+    """A batch of the `/v1/batches` facade. Its lines are the tasks of `job_id` (item id = custom_id);
+    its status and counts follow those tasks, and are frozen here once its files are assembled."""
+
+    __tablename__ = "client_batches"
+    __table_args__ = (
+        CheckConstraint("status IN ('" + "', '".join(OPENAI_BATCH_STATUSES) + "')", name="status_known"),
+        Index("ix_client_batches_tenant_created", "tenant_id", "created_at", "id"),
+    )
+
+    id: Mapped[str] = mapped_column(Text, primary_key=True)  # "batch_" + 24 hex digits
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), nullable=False)
+    job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id"), nullable=False, unique=True)
+    input_file_id: Mapped[str] = mapped_column(Text, nullable=False)  # no FK: the file may be deleted
+    endpoint: Mapped[str] = mapped_column(Text, nullable=False)
+    completion_window: Mapped[str] = mapped_column(Text, nullable=False)
+    status: Mapped[str] = mapped_column(Text, nullable=False)
+    batch_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSONB)
+    output_file_id: Mapped[str | None] = mapped_column(Text)
+    error_file_id: Mapped[str | None] = mapped_column(Text)
+    request_total: Mapped[int] = mapped_column(Integer, nullable=False)
+    # frozen at finalization; live counts come from the tasks before that
+    request_completed: Mapped[int | None] = mapped_column(Integer)
+    request_failed: Mapped[int | None] = mapped_column(Integer)
+    usage: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    created_at: Mapped[datetime] = _now_column()
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    in_progress_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finalizing_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelling_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    cancelled_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+# --- end OpenAI-compatible Batch API facade ----------------------------------------------------------
+
+
+# --- scheduled classification (issue 7) --------------------------------------------------------------
+SCHEDULE_RUN_STATUSES = ("running", "succeeded", "failed")
+CLASSIFICATION_STATUSES = ("pending", "succeeded", "failed")
+
+
+class Schedule(Base):
+    """A cron schedule that classifies the items of a source (file glob or SQL query) as a bulk job."""
+
+    __tablename__ = "schedules"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "name", name="uq_schedules_tenant_name"),
+        # the beat tick: enabled schedules by their next fire time
+        Index("ix_schedules_due", "next_fire_at", postgresql_where=text("enabled")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), nullable=False)
+    name: Mapped[str] = mapped_column(Text, nullable=False)
+    cron: Mapped[str] = mapped_column(Text, nullable=False)
+    timezone: Mapped[str] = mapped_column(Text, nullable=False)
+    enabled: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    job: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)  # the job template (core/schedules.py)
+    source: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    sink: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    webhook_url: Mapped[str | None] = mapped_column(Text)
+    webhook_secret: Mapped[str] = mapped_column(Text, nullable=False)  # HMAC key: kept to sign, shown once
+    cursor: Mapped[dict[str, Any] | None] = mapped_column(JSONB)  # SQL source: {"type", "value"} of the last row
+    next_fire_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_fire_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = _now_column()
+    updated_at: Mapped[datetime] = _now_column()
+
+
+class ScheduleRun(Base):
+    """One firing of a schedule; (schedule, fire time) is unique, so a run is never started twice."""
+
+    __tablename__ = "schedule_runs"
+    __table_args__ = (
+        UniqueConstraint("schedule_id", "fire_time", name="uq_schedule_runs_schedule_fire_time"),
+        CheckConstraint("status IN ('running', 'succeeded', 'failed')", name="status_valid"),
+        CheckConstraint("phase IN ('pending', 'classifying', 'retrying', 'done')", name="phase_valid"),
+        CheckConstraint("(status IN ('succeeded', 'failed')) = (finished_at IS NOT NULL)",
+                        name="finished_at_iff_terminal"),
+        Index("ix_schedule_runs_schedule_created", "schedule_id", "created_at"),
+        Index("ix_schedule_runs_open", "phase", postgresql_where=text("status = 'running'")),
+        Index("ix_schedule_runs_webhook_pending", "id", postgresql_where=text("webhook_status = 'pending'")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    schedule_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"), nullable=False)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), nullable=False)
+    fire_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
+    trigger: Mapped[str] = mapped_column(Text, nullable=False)  # cron | manual
+    status: Mapped[str] = mapped_column(Text, nullable=False)
+    # pending: source not read yet; classifying: the job runs; retrying: invalid answers asked again; done
+    phase: Mapped[str] = mapped_column(Text, nullable=False)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id"))
+    retry_job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id"))
+    task_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    skipped_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    source_counts: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    counts: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    label_counts: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    cost_usd: Mapped[Decimal | None] = mapped_column(MONEY)
+    cursor_before: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    cursor_after: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    sink_path: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)
+    webhook_status: Mapped[str | None] = mapped_column(Text)  # pending | delivered | failed
+    webhook_body: Mapped[str | None] = mapped_column(Text)  # the exact bytes signed and sent
+    nudged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # last (re)send of a message
+    created_at: Mapped[datetime] = _now_column()
+    updated_at: Mapped[datetime] = _now_column()
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class Classification(Base):
+    """One item of a schedule run and its answer; also the per-schedule record of items already done."""
+
+    __tablename__ = "classifications"
+    __table_args__ = (
+        # an item already classified for the schedule (same id, same text) is skipped; failed ones are retried
+        Index("uq_classifications_schedule_item", "schedule_id", "item_id", "text_hash", unique=True,
+              postgresql_where=text("status <> 'failed'")),
+        UniqueConstraint("run_id", "item_id", name="uq_classifications_run_item"),
+        CheckConstraint("status IN ('pending', 'succeeded', 'failed')", name="status_valid"),
+        Index("ix_classifications_task", "task_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    schedule_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("schedules.id", ondelete="CASCADE"), nullable=False)
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("schedule_runs.id", ondelete="CASCADE"), nullable=False)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), nullable=False)
+    item_id: Mapped[str] = mapped_column(Text, nullable=False)
+    text_hash: Mapped[str] = mapped_column(Text, nullable=False)  # sha256 hex of the item's text
+    task_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tasks.id"))
+    status: Mapped[str] = mapped_column(Text, nullable=False)
+    label: Mapped[str | None] = mapped_column(Text)
+    output: Mapped[str | None] = mapped_column(Text)  # the raw answer (kept when it is not a valid label)
+    model: Mapped[str | None] = mapped_column(Text)
+    cost_usd: Mapped[Decimal | None] = mapped_column(MONEY)
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = _now_column()
+    classified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+
+class WebhookDelivery(Base):
+    """One attempt to deliver a run's webhook."""
+
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (UniqueConstraint("run_id", "attempt", name="uq_webhook_deliveries_run_attempt"),)
+
+    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), nullable=False)
+    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("schedule_runs.id", ondelete="CASCADE"), nullable=False)
+    url: Mapped[str] = mapped_column(Text, nullable=False)
+    attempt: Mapped[int] = mapped_column(Integer, nullable=False)
+    status_code: Mapped[int | None] = mapped_column(Integer)
+    error: Mapped[str | None] = mapped_column(Text)
+    duration_ms: Mapped[int | None] = mapped_column(Integer)
+    created_at: Mapped[datetime] = _now_column()
+# --- end scheduled classification --------------------------------------------------------------------

@@ -6,12 +6,15 @@
 from __future__ import annotations
 
 import email.utils
+import inspect
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import httpx2
 import openai
+from openai.resources.chat.completions import AsyncCompletions
 
 from core.config import AppConfig
 from core.errors import PermanentProviderError, ProviderError, RetryableProviderError
@@ -214,3 +217,103 @@ class ProviderBatches:
                         yield line
         except openai.OpenAIError as exc:
             raise self._mapped(exc) from exc
+
+
+# --- OpenAI-compatible front door (issue 5): async calls for the API process ------------------------
+
+# The request fields of a chat completion, as the installed SDK knows them (OpenAI's
+# CreateChatCompletionRequest); the front door refuses any other field, like OpenAI does.
+CHAT_REQUEST_FIELDS = frozenset(
+    name for name in inspect.signature(AsyncCompletions.create).parameters
+    if name not in {"self", "extra_headers", "extra_query", "extra_body", "timeout"}
+)
+
+
+@dataclass(frozen=True, slots=True)
+class RawChatAnswer:
+    """A provider's successful chat completion, as bytes (relayed unchanged) and parsed."""
+
+    provider: str
+    requested_model: str
+    content: bytes
+    body: dict[str, Any]
+    latency_ms: int
+
+    @property
+    def served_model(self) -> str:
+        return str(self.body.get("model") or self.requested_model)
+
+
+class ChatStream:
+    """An open streamed chat completion (status 200 already received): its SSE lines as they arrive."""
+
+    def __init__(self, provider: str, model: str, response: httpx2.Response) -> None:
+        self.provider = provider
+        self.requested_model = model
+        self._response = response
+
+    async def lines(self) -> Any:
+        """Async iterator over the raw SSE lines; a broken connection raises ProviderError."""
+        try:
+            async for line in self._response.aiter_lines():
+                yield line
+        except (httpx2.HTTPError, openai.OpenAIError) as exc:
+            raise RetryableProviderError(f"{self.provider}/{self.requested_model}: stream broken: "
+                                         f"{type(exc).__name__}: {exc}", provider=self.provider,
+                                         model=self.requested_model) from exc
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class AsyncProviderClients:
+    """One `openai.AsyncOpenAI` client per provider for the API's immediate calls.
+
+    Bodies go out as given and come back as raw bytes (no typed models on the hot path), so fields
+    the SDK does not model are relayed too; errors are mapped exactly like the worker's.
+    """
+
+    def __init__(self, config: AppConfig) -> None:
+        self._config = config
+        self._clients: dict[str, openai.AsyncOpenAI] = {}
+
+    def client(self, provider: str) -> openai.AsyncOpenAI:
+        if provider not in self._clients:
+            provider_config = self._config.provider(provider)
+            self._clients[provider] = openai.AsyncOpenAI(
+                base_url=provider_config.base_url, api_key=self._config.api_key(provider),
+                max_retries=0, timeout=provider_config.timeout_seconds,
+            )
+        return self._clients[provider]
+
+    async def aclose(self) -> None:
+        for client in self._clients.values():
+            await client.close()
+        self._clients.clear()
+
+    async def chat(self, provider: str, model: str, request: Mapping[str, Any]) -> RawChatAnswer:
+        started = time.perf_counter()
+        try:
+            response = await self.client(provider).post(
+                "/chat/completions", body={**request, "model": model}, cast_to=httpx2.Response)
+            content = await response.aread()
+            body = response.json()
+        except openai.OpenAIError as exc:
+            raise map_openai_error(exc, provider, model) from exc
+        except (httpx2.HTTPError, ValueError) as exc:
+            raise RetryableProviderError(f"{provider}/{model}: unreadable answer: {type(exc).__name__}: {exc}",
+                                         provider=provider, model=model) from exc
+        if not isinstance(body, dict):
+            raise RetryableProviderError(f"{provider}/{model}: the answer is not a JSON object",
+                                         provider=provider, model=model)
+        return RawChatAnswer(provider, model, content, body, int((time.perf_counter() - started) * 1000))
+
+    async def open_stream(self, provider: str, model: str, request: Mapping[str, Any]) -> ChatStream:
+        """Start a streamed call; returns once the provider answered 200 (errors raise before any byte)."""
+        try:
+            response = await self.client(provider).post(
+                "/chat/completions", body={**request, "model": model, "stream": True},
+                cast_to=httpx2.Response, stream=True)
+        except openai.OpenAIError as exc:
+            raise map_openai_error(exc, provider, model) from exc
+        return ChatStream(provider, model, response)

@@ -18,6 +18,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from core.config import AppConfig
+from core.costs import apply_budget
 from core.errors import NotFound, TransitionError
 from core.labels import label_error
 from core.ledger import Charge, ResponseRecord, add_ledger_entry
@@ -65,6 +66,8 @@ def insert_tasks(session: Session, tenant_id: uuid.UUID, specs: Sequence[TaskSpe
             first_by_key[key] = len(rows)
         order.append(len(rows))
         rows.append(_task_row(tenant_id, spec, config, job_id, None))
+
+    apply_budget(session, tenant_id, rows, config)  # budgets (issue 4): 402, or complex stored as light
 
     inserted: set[uuid.UUID] = set()
     if rows:

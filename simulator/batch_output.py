@@ -79,17 +79,18 @@ def compute_results(batch_id: str, requests: Sequence[BatchLine], model: str, se
         request = requests[index]
         custom_id = request.custom_id
         custom_ids.append(custom_id)
-        if line_error_rate > 0 and unit_hash("line-error", batch_id, custom_id) < line_error_rate:
-            kind = kinds[stable_hash("line-error-kind", batch_id, custom_id) % len(kinds)]
-            lines.append(_injected(kind, custom_id))
-            failed.append(True)
-            usage.append(_NO_USAGE)
-            continue
+        # an invalid body fails as a 400 whatever the injected error rate, as at the real service
         try:
             _, body = validate_chat_request(request.body)
         except OpenAIError as exc:
             body_400 = error_body(exc.message, exc.type, exc.param, exc.code)
             lines.append(_line(custom_id, exc.status, body_400, None))
+            failed.append(True)
+            usage.append(_NO_USAGE)
+            continue
+        if line_error_rate > 0 and unit_hash("line-error", batch_id, custom_id) < line_error_rate:
+            kind = kinds[stable_hash("line-error-kind", batch_id, custom_id) % len(kinds)]
+            lines.append(_injected(kind, custom_id))
             failed.append(True)
             usage.append(_NO_USAGE)
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from decimal import Decimal
 from typing import Annotated, Any
 
@@ -10,6 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from api.deps import AdminDep, SessionDep
 from api.serialize import money
+from core.errors import NotFound
+from core.models import Tenant
 from core.tenants import create_tenant
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
@@ -27,3 +30,25 @@ def create(body: TenantCreate, _: AdminDep, session: SessionDep) -> dict[str, An
     tenant = create_tenant(session, body.name, body.monthly_budget_usd)
     return {"id": str(tenant.id), "object": "tenant", "name": tenant.name, "api_key": tenant.api_key,
             "monthly_budget_usd": money(tenant.monthly_budget_usd)}
+
+
+# --- budgets (issue 4) -------------------------------------------------------------------------------
+class TenantPatch(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    monthly_budget_usd: Decimal | None = Field(ge=0)  # required; null removes the budget
+
+
+@router.patch("/tenants/{tenant_id}")
+def patch(tenant_id: str, body: TenantPatch, _: AdminDep, session: SessionDep) -> dict[str, Any]:
+    try:
+        key = uuid.UUID(tenant_id)
+    except ValueError:
+        raise NotFound(f"no tenant {tenant_id}") from None
+    tenant = session.get(Tenant, key, with_for_update=True)
+    if tenant is None:
+        raise NotFound(f"no tenant {tenant_id}")
+    tenant.monthly_budget_usd = body.monthly_budget_usd
+    return {"id": str(tenant.id), "object": "tenant", "name": tenant.name,
+            "monthly_budget_usd": money(tenant.monthly_budget_usd)}
+# --- end budgets -------------------------------------------------------------------------------------

@@ -20,6 +20,34 @@ depends_on: str | Sequence[str] | None = None
 
 
 def upgrade() -> None:
+    op.create_table('ledger_daily',
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
+    sa.Column('tenant_id', sa.UUID(), nullable=False),
+    sa.Column('day', sa.Date(), nullable=False),
+    sa.Column('job_id', sa.UUID(), nullable=True),
+    sa.Column('task_type', sa.Text(), nullable=False),
+    sa.Column('tier', sa.Enum('light', 'complex', name='tier'), nullable=False),
+    sa.Column('mode', sa.Enum('immediate', 'batch', 'shadow', 'cache', name='serve_mode'), nullable=False),
+    sa.Column('provider', sa.Text(), nullable=False),
+    sa.Column('served_model', sa.Text(), nullable=False),
+    sa.Column('requests', sa.BigInteger(), nullable=False),
+    sa.Column('unpriced_requests', sa.BigInteger(), nullable=False),
+    sa.Column('input_tokens', sa.BigInteger(), nullable=False),
+    sa.Column('cached_tokens', sa.BigInteger(), nullable=False),
+    sa.Column('output_tokens', sa.BigInteger(), nullable=False),
+    sa.Column('reasoning_tokens', sa.BigInteger(), nullable=False),
+    sa.Column('input_cost_usd', sa.Numeric(precision=20, scale=10), nullable=False),
+    sa.Column('cached_input_cost_usd', sa.Numeric(precision=20, scale=10), nullable=False),
+    sa.Column('output_cost_usd', sa.Numeric(precision=20, scale=10), nullable=False),
+    sa.Column('reasoning_cost_usd', sa.Numeric(precision=20, scale=10), nullable=False),
+    sa.Column('cost_usd', sa.Numeric(precision=20, scale=10), nullable=False),
+    sa.Column('shadow_cost_usd', sa.Numeric(precision=20, scale=10), nullable=False),
+    sa.Column('baseline_cost_usd', sa.Numeric(precision=20, scale=10), nullable=False),
+    sa.Column('savings_usd', sa.Numeric(precision=20, scale=10), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_ledger_daily'))
+    )
+    op.create_index('ix_ledger_daily_day', 'ledger_daily', ['day'], unique=False)
+    op.create_index('uq_ledger_daily_key', 'ledger_daily', ['tenant_id', 'day', 'task_type', 'tier', 'mode', 'provider', 'served_model', 'job_id'], unique=True, postgresql_nulls_not_distinct=True)
     op.create_table('provider_batches',
     sa.Column('id', sa.UUID(), nullable=False),
     sa.Column('provider', sa.Text(), nullable=False),
@@ -54,6 +82,19 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_tenants')),
     sa.UniqueConstraint('api_key_hash', name=op.f('uq_tenants_api_key_hash'))
     )
+    op.create_table('files',
+    sa.Column('id', sa.Text(), nullable=False),
+    sa.Column('tenant_id', sa.UUID(), nullable=False),
+    sa.Column('purpose', sa.Text(), nullable=False),
+    sa.Column('filename', sa.Text(), nullable=False),
+    sa.Column('bytes', sa.BigInteger(), nullable=False),
+    sa.Column('line_count', sa.Integer(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.CheckConstraint("purpose IN ('batch', 'batch_output')", name=op.f('ck_files_purpose_known')),
+    sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_files_tenant_id_tenants')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_files'))
+    )
+    op.create_index('ix_files_tenant_created', 'files', ['tenant_id', 'created_at'], unique=False)
     op.create_table('jobs',
     sa.Column('id', sa.UUID(), nullable=False),
     sa.Column('tenant_id', sa.UUID(), nullable=False),
@@ -68,6 +109,42 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs'))
     )
     op.create_index(op.f('ix_jobs_tenant_id'), 'jobs', ['tenant_id'], unique=False)
+    op.create_table('client_batches',
+    sa.Column('id', sa.Text(), nullable=False),
+    sa.Column('tenant_id', sa.UUID(), nullable=False),
+    sa.Column('job_id', sa.UUID(), nullable=False),
+    sa.Column('input_file_id', sa.Text(), nullable=False),
+    sa.Column('endpoint', sa.Text(), nullable=False),
+    sa.Column('completion_window', sa.Text(), nullable=False),
+    sa.Column('status', sa.Text(), nullable=False),
+    sa.Column('metadata', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    sa.Column('output_file_id', sa.Text(), nullable=True),
+    sa.Column('error_file_id', sa.Text(), nullable=True),
+    sa.Column('request_total', sa.Integer(), nullable=False),
+    sa.Column('request_completed', sa.Integer(), nullable=True),
+    sa.Column('request_failed', sa.Integer(), nullable=True),
+    sa.Column('usage', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.Column('expires_at', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('in_progress_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('finalizing_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('completed_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('cancelling_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('cancelled_at', sa.DateTime(timezone=True), nullable=True),
+    sa.CheckConstraint("status IN ('validating', 'failed', 'in_progress', 'finalizing', 'completed', 'expired', 'cancelling', 'cancelled')", name=op.f('ck_client_batches_status_known')),
+    sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_client_batches_job_id_jobs')),
+    sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_client_batches_tenant_id_tenants')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_client_batches')),
+    sa.UniqueConstraint('job_id', name=op.f('uq_client_batches_job_id'))
+    )
+    op.create_index('ix_client_batches_tenant_created', 'client_batches', ['tenant_id', 'created_at', 'id'], unique=False)
+    op.create_table('file_parts',
+    sa.Column('file_id', sa.Text(), nullable=False),
+    sa.Column('part', sa.Integer(), nullable=False),
+    sa.Column('data', sa.LargeBinary(), nullable=False),
+    sa.ForeignKeyConstraint(['file_id'], ['files.id'], name=op.f('fk_file_parts_file_id_files'), ondelete='CASCADE'),
+    sa.PrimaryKeyConstraint('file_id', 'part', name=op.f('pk_file_parts'))
+    )
     op.create_table('tasks',
     sa.Column('id', sa.UUID(), nullable=False),
     sa.Column('tenant_id', sa.UUID(), nullable=False),
@@ -118,6 +195,7 @@ def upgrade() -> None:
     op.create_index('ix_tasks_job', 'tasks', ['job_id'], unique=False, postgresql_where=sa.text('job_id IS NOT NULL'))
     op.create_index('ix_tasks_live', 'tasks', ['status', 'dispatched_at'], unique=False, postgresql_where=sa.text("status IN ('queued', 'running')"))
     op.create_index('ix_tasks_tenant_created', 'tasks', ['tenant_id', 'created_at', 'id'], unique=False)
+    op.create_index('ix_tasks_tenant_live', 'tasks', ['tenant_id'], unique=False, postgresql_where=sa.text("status IN ('queued', 'waiting_batch', 'in_batch', 'running')"))
     op.create_index('ix_tasks_waiting_batch', 'tasks', ['provider', 'model', 'created_at'], unique=False, postgresql_where=sa.text("status = 'waiting_batch'"))
     op.create_index('uq_tasks_job_item', 'tasks', ['job_id', 'item_id'], unique=True, postgresql_where=sa.text('job_id IS NOT NULL'))
     op.create_table('ledger_entries',
@@ -146,6 +224,7 @@ def upgrade() -> None:
     sa.Column('baseline_cost_usd', sa.Numeric(precision=20, scale=10), nullable=True),
     sa.Column('unpriced', sa.Boolean(), nullable=False),
     sa.Column('latency_ms', sa.Integer(), nullable=True),
+    sa.Column('usage_estimated', sa.Boolean(), server_default=sa.text('false'), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
     sa.CheckConstraint('input_tokens >= 0 AND cached_tokens >= 0 AND output_tokens >= 0 AND reasoning_tokens >= 0 AND cached_tokens <= input_tokens', name=op.f('ck_ledger_entries_token_counts_valid')),
     sa.CheckConstraint('unpriced = (cost_usd IS NULL)', name=op.f('ck_ledger_entries_unpriced_iff_no_cost')),
@@ -155,6 +234,7 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_ledger_entries_tenant_id_tenants')),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_ledger_entries'))
     )
+    op.create_index('ix_ledger_entries_created_brin', 'ledger_entries', ['created_at'], unique=False, postgresql_using='brin')
     op.create_index('ix_ledger_entries_job', 'ledger_entries', ['job_id'], unique=False, postgresql_where=sa.text('job_id IS NOT NULL'))
     op.create_index('ix_ledger_entries_tenant_created', 'ledger_entries', ['tenant_id', 'created_at'], unique=False)
     op.create_index('uq_ledger_entries_task_billed', 'ledger_entries', ['task_id'], unique=True, postgresql_where=sa.text("mode <> 'shadow'"))
@@ -164,19 +244,29 @@ def downgrade() -> None:
     op.drop_index('uq_ledger_entries_task_billed', table_name='ledger_entries', postgresql_where=sa.text("mode <> 'shadow'"))
     op.drop_index('ix_ledger_entries_tenant_created', table_name='ledger_entries')
     op.drop_index('ix_ledger_entries_job', table_name='ledger_entries', postgresql_where=sa.text('job_id IS NOT NULL'))
+    op.drop_index('ix_ledger_entries_created_brin', table_name='ledger_entries', postgresql_using='brin')
     op.drop_table('ledger_entries')
     op.drop_index('uq_tasks_job_item', table_name='tasks', postgresql_where=sa.text('job_id IS NOT NULL'))
     op.drop_index('ix_tasks_waiting_batch', table_name='tasks', postgresql_where=sa.text("status = 'waiting_batch'"))
+    op.drop_index('ix_tasks_tenant_live', table_name='tasks', postgresql_where=sa.text("status IN ('queued', 'waiting_batch', 'in_batch', 'running')"))
     op.drop_index('ix_tasks_tenant_created', table_name='tasks')
     op.drop_index('ix_tasks_live', table_name='tasks', postgresql_where=sa.text("status IN ('queued', 'running')"))
     op.drop_index('ix_tasks_job', table_name='tasks', postgresql_where=sa.text('job_id IS NOT NULL'))
     op.drop_index('ix_tasks_batch', table_name='tasks', postgresql_where=sa.text('batch_id IS NOT NULL'))
     op.drop_table('tasks')
+    op.drop_table('file_parts')
+    op.drop_index('ix_client_batches_tenant_created', table_name='client_batches')
+    op.drop_table('client_batches')
     op.drop_index(op.f('ix_jobs_tenant_id'), table_name='jobs')
     op.drop_table('jobs')
+    op.drop_index('ix_files_tenant_created', table_name='files')
+    op.drop_table('files')
     op.drop_table('tenants')
     op.drop_index('ix_provider_batches_open', table_name='provider_batches', postgresql_where=sa.text("status NOT IN ('done', 'failed')"))
     op.drop_table('provider_batches')
+    op.drop_index('uq_ledger_daily_key', table_name='ledger_daily', postgresql_nulls_not_distinct=True)
+    op.drop_index('ix_ledger_daily_day', table_name='ledger_daily')
+    op.drop_table('ledger_daily')
     sa.Enum(name='task_status').drop(op.get_bind(), checkfirst=True)
     sa.Enum(name='tier').drop(op.get_bind(), checkfirst=True)
     sa.Enum(name='requested_tier').drop(op.get_bind(), checkfirst=True)

@@ -1,0 +1,900 @@
+"""The OpenAI-compatible front door's immediate path (DESIGN §3, §9): validate a chat completion
+request, route it (`smart-select` or a configured model), call the chain with retries, fallbacks
+and the shared cooldown, and record the call as a task with its ledger row, in one transaction.
+
+The call is made from the API process itself (never through Celery). Bookkeeping goes through
+`Recorder`, a group commit: concurrent calls are written together in one transaction (one
+multi-row INSERT per table), and each caller waits for the commit of its own row before it answers.
+A streamed call writes its rows when the stream ends, also when the client leaves midway.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import Any
+
+import anyio
+from sqlalchemy import Engine, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.config import AppConfig, ImmediateConfig, ModelRef
+from core.cooldown import Admission, Cooldown
+from core.errors import PermanentProviderError, ProviderError, RetryableProviderError
+from core.pricing import PriceBook, TokenUsage
+from core.provider import (
+    CHAT_REQUEST_FIELDS,
+    AsyncProviderClients,
+    ChatStream,
+    RawChatAnswer,
+    output_from_body,
+    usage_from_body,
+)
+from core.retry import ChainExhausted, backoff_delay
+from core.routing import prompt_text, resolve_tier
+from core.states import RequestedTier, Tier
+from core.tenants import tenant_for_key
+
+log = logging.getLogger(__name__)
+
+SMART_SELECT = "smart-select"
+MODEL_CREATED = 1_700_000_000  # `created` of the models we list: a fixed, plausible epoch
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
+_CONTENT_REQUIRED = ("system", "developer", "user", "tool")
+_RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+# A synchronous caller is waiting: a retry of the same model never sleeps longer than this
+# (a longer `retry-after` sends the call down the chain, and cools the model down, instead).
+MAX_INLINE_BACKOFF_SECONDS = 0.25
+# Provider statuses a client may see as they are; others (401/403/404 of *our* provider account or
+# config) are our problem and leave as 502.
+_CLIENT_STATUSES = frozenset({400, 413, 422})
+
+
+# --- errors ----------------------------------------------------------------------------------------
+
+
+class GatewayError(Exception):
+    """An error answered in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: Mapping[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.param = param
+        self.code = code
+        self.headers = dict(headers or {})
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
+    return GatewayError(400, message, "invalid_request_error", param, code)
+
+
+def model_not_found(model: str, param: str | None = "model") -> GatewayError:
+    return GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
+                        "invalid_request_error", param, "model_not_found")
+
+
+# --- tenants ---------------------------------------------------------------------------------------
+
+
+class TenantKeyCache:
+    """Tenant id by API key, remembered for `ttl` seconds so a hot caller costs no query per call."""
+
+    def __init__(self, sessions: sessionmaker[Session], ttl: float = 60.0) -> None:
+        self._sessions = sessions
+        self._ttl = ttl
+        self._entries: dict[str, tuple[float, uuid.UUID]] = {}
+
+    def _lookup(self, api_key: str) -> uuid.UUID | None:
+        with self._sessions() as session:
+            tenant = tenant_for_key(session, api_key)
+            return tenant.id if tenant is not None else None
+
+    async def tenant_id(self, api_key: str) -> uuid.UUID | None:
+        now = time.monotonic()
+        entry = self._entries.get(api_key)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        found = await anyio.to_thread.run_sync(self._lookup, api_key)
+        if found is not None:
+            if len(self._entries) > 10_000:
+                self._entries.clear()
+            self._entries[api_key] = (now + self._ttl, found)
+        return found
+
+
+# --- request validation ------------------------------------------------------------------------------
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+def _invalid_type(param: str, expected: str, value: Any) -> GatewayError:
+    return bad_request(f"Invalid type for '{param}': expected {expected}, but got {_kind(value)} instead.",
+                       param, "invalid_type")
+
+
+def _missing(param: str) -> GatewayError:
+    return bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+
+
+def _check_number(body: Mapping[str, Any], param: str, lo: float, hi: float | None, integer: bool) -> None:
+    value = body.get(param)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
+        raise _invalid_type(param, "an integer" if integer else "a number", value)
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo:g} and {hi:g}" if hi is not None else f">= {lo:g}"
+        raise bad_request(f"Invalid '{param}': expected a value {bound}, but got {value} instead.", param,
+                          "invalid_value")
+
+
+def _check_messages(messages: Any) -> None:
+    if messages is None:
+        raise _missing("messages")
+    if not isinstance(messages, list):
+        raise _invalid_type("messages", "an array", messages)
+    if not messages:
+        raise bad_request("Invalid 'messages': empty array. Expected an array with minimum length 1, but got an "
+                          "empty array instead.", "messages", "empty_array")
+    for index, message in enumerate(messages):
+        where = f"messages[{index}]"
+        if not isinstance(message, dict):
+            raise _invalid_type(where, "an object", message)
+        role = message.get("role")
+        if role is None:
+            raise _missing(f"{where}.role")
+        if role not in ROLES:
+            supported = ", ".join(f"'{r}'" for r in ROLES)
+            raise bad_request(f"Invalid value: '{role}'. Supported values are: {supported}.", f"{where}.role",
+                              "invalid_value")
+        content = message.get("content")
+        if role in _CONTENT_REQUIRED and content is None:
+            raise _missing(f"{where}.content")
+        if content is not None and not isinstance(content, str | list):
+            raise _invalid_type(f"{where}.content", "one of a string or array of objects", content)
+
+
+def _check_response_format(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict):
+        raise _invalid_type("response_format", "an object", value)
+    kind = value.get("type")
+    if kind is None:
+        raise _missing("response_format.type")
+    if kind not in _RESPONSE_FORMATS:
+        raise bad_request(f"Invalid value: '{kind}'. Supported values are: 'text', 'json_object', and "
+                          "'json_schema'.", "response_format.type", "invalid_value")
+    if kind == "json_schema":
+        spec = value.get("json_schema")
+        if not isinstance(spec, dict):
+            raise _missing("response_format.json_schema")
+        if not isinstance(spec.get("name"), str):
+            raise _missing("response_format.json_schema.name")
+
+
+def _check_metadata(value: Any) -> dict[str, str]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise _invalid_type("metadata", "an object", value)
+    if len(value) > 16:
+        raise bad_request("Invalid 'metadata': too many properties. Expected an object with at most 16 "
+                          f"properties, but got an object with {len(value)} properties instead.", "metadata",
+                          "object_above_max_properties")
+    for key, item in value.items():
+        if len(key) > 64:
+            raise bad_request(f"Invalid 'metadata': key '{key[:20]}…' is longer than 64 characters.", "metadata",
+                              "invalid_value")
+        if not isinstance(item, str):
+            raise _invalid_type(f"metadata.{key}", "a string", item)
+        if len(item) > 512:
+            raise bad_request(f"Invalid 'metadata.{key}': string too long. Expected a string with maximum length "
+                              f"512, but got a string with length {len(item)} instead.", f"metadata.{key}",
+                              "string_above_max_length")
+    return dict(value)
+
+
+def validate_chat_body(body: Any, *, allow_stream: bool = True) -> dict[str, Any]:
+    """OpenAI's checks of a chat completion request, with its messages; returns the body."""
+    if not isinstance(body, dict):
+        raise bad_request(f"Invalid type for request body: expected an object, but got {_kind(body)} instead.",
+                          None, "invalid_type")
+    for key in body:
+        if key not in CHAT_REQUEST_FIELDS:
+            raise bad_request(f"Unrecognized request argument supplied: {key}", key, "unknown_parameter")
+    model = body.get("model")
+    if model is None or model == "":
+        raise bad_request("you must provide a model parameter", "model", "missing_required_parameter")
+    if not isinstance(model, str):
+        raise _invalid_type("model", "a string", model)
+    _check_messages(body.get("messages"))
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):
+        raise _invalid_type("stream", "a boolean", stream)
+    if stream and not allow_stream:
+        raise bad_request("Streaming is not supported for batch requests.", "stream", "invalid_value")
+    options = body.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict):
+            raise _invalid_type("stream_options", "an object", options)
+        if not stream:
+            raise bad_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                              "stream_options", "invalid_value")
+    _check_number(body, "n", 1, 128, integer=True)
+    _check_number(body, "max_tokens", 1, None, integer=True)
+    _check_number(body, "max_completion_tokens", 1, None, integer=True)
+    _check_number(body, "seed", -(2 ** 63), 2 ** 63 - 1, integer=True)
+    _check_number(body, "top_logprobs", 0, 20, integer=True)
+    _check_number(body, "temperature", 0, 2, integer=False)
+    _check_number(body, "top_p", 0, 1, integer=False)
+    _check_number(body, "presence_penalty", -2, 2, integer=False)
+    _check_number(body, "frequency_penalty", -2, 2, integer=False)
+    stop = body.get("stop")
+    if stop is not None and not isinstance(stop, str) and not (
+            isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
+        raise bad_request("Invalid 'stop': expected a string or an array of at most 4 strings.", "stop",
+                          "invalid_value")
+    _check_response_format(body.get("response_format"))
+    tools = body.get("tools")
+    if tools is not None:
+        if not isinstance(tools, list):
+            raise _invalid_type("tools", "an array", tools)
+        for index, tool in enumerate(tools):
+            if not isinstance(tool, dict):
+                raise _invalid_type(f"tools[{index}]", "an object", tool)
+            if not isinstance(tool.get("type"), str):
+                raise _missing(f"tools[{index}].type")
+    _check_metadata(body.get("metadata"))
+    return body
+
+
+# --- routing ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    tier: Tier
+    requested_tier: RequestedTier
+    reason: str
+    task_type: str
+    chain: list[ModelRef]
+
+
+def _tier_hint(value: str | None, param: str) -> RequestedTier:
+    if value is None or value == "":
+        return RequestedTier.AUTO
+    try:
+        return RequestedTier(value.strip().lower())
+    except ValueError:
+        raise bad_request(f"Invalid value for '{param}': '{value}'. Supported values are: 'light', 'complex', "
+                          "'auto'.", param, "invalid_value") from None
+
+
+def _task_type_hint(value: str | None, param: str) -> str:
+    if value is None or not value.strip():
+        return "general"
+    value = value.strip()
+    if len(value) > 100:
+        raise bad_request(f"Invalid '{param}': at most 100 characters.", param, "invalid_value")
+    return value
+
+
+def model_chain(config: AppConfig, model: str) -> tuple[Tier, list[ModelRef]] | None:
+    """A configured model asked by name: its tier and the chain from it on (the model, then its fallbacks).
+
+    A model that is the primary of a tier belongs to that tier; otherwise the first tier listing it wins.
+    """
+    for tier_name, tier in config.tiers.items():
+        if tier.model == model:
+            return Tier(tier_name), tier.chain
+    for tier_name, tier in config.tiers.items():
+        for index, ref in enumerate(tier.chain):
+            if ref.model == model:
+                return Tier(tier_name), tier.chain[index:]
+    return None
+
+
+def listed_models(config: AppConfig) -> list[dict[str, Any]]:
+    """`smart-select` and every configured model, as OpenAI `Model` objects."""
+    out = [{"id": SMART_SELECT, "object": "model", "created": MODEL_CREATED, "owned_by": "tierbatch"}]
+    seen = {SMART_SELECT}
+    for ref in config.configured_models():
+        if ref.model not in seen:
+            seen.add(ref.model)
+            out.append({"id": ref.model, "object": "model", "created": MODEL_CREATED, "owned_by": ref.provider})
+    return out
+
+
+def route_request(config: AppConfig, model: str, messages: Sequence[Mapping[str, Any]], *,
+                  tier_hint: str | None, task_type_hint: str | None, tools_requested: bool,
+                  tier_param: str = "metadata.tier", task_type_param: str = "metadata.task_type") -> Route:
+    task_type = _task_type_hint(task_type_hint, task_type_param)
+    requested = _tier_hint(tier_hint, tier_param)
+    if model == SMART_SELECT:
+        decision = resolve_tier(config, requested, task_type, messages, tools_requested=tools_requested)
+        return Route(decision.tier, requested, f"smart-select: {decision.reason}", task_type,
+                     config.tier(decision.tier).chain)
+    named = model_chain(config, model)
+    if named is None:
+        raise model_not_found(model)
+    tier, chain = named
+    return Route(tier, RequestedTier(tier.value), f"model {model!r} asked by name", task_type, chain)
+
+
+ROUTING_KEYS = ("tier", "task_type")
+
+
+def provider_request(body: Mapping[str, Any]) -> dict[str, Any]:
+    """What goes to the provider: the body minus `model` (chosen per call) and our routing metadata."""
+    request = {k: v for k, v in body.items() if k != "model"}
+    metadata = request.get("metadata")
+    if isinstance(metadata, dict) and any(k in metadata for k in ROUTING_KEYS):
+        rest = {k: v for k, v in metadata.items() if k not in ROUTING_KEYS}
+        if rest:
+            request["metadata"] = rest
+        else:
+            del request["metadata"]
+    return request
+
+
+@dataclass(frozen=True, slots=True)
+class ChatCall:
+    """A validated, routed chat completion request."""
+
+    model: str  # as asked: smart-select or a configured model
+    route: Route
+    request: dict[str, Any]  # to the provider, without model
+    metadata: dict[str, str]
+    stream: bool
+    include_usage: bool
+    received_at: datetime
+
+
+def prepare_chat_call(config: AppConfig, body: Any, headers: Mapping[str, str]) -> ChatCall:
+    received = datetime.now(UTC)
+    body = validate_chat_body(body)
+    metadata = _check_metadata(body.get("metadata"))
+    tier_hint, tier_param = metadata.get("tier"), "metadata.tier"
+    if tier_hint is None and headers.get("x-tier") is not None:
+        tier_hint, tier_param = headers.get("x-tier"), "X-Tier"
+    type_hint, type_param = metadata.get("task_type"), "metadata.task_type"
+    if type_hint is None and headers.get("x-task-type") is not None:
+        type_hint, type_param = headers.get("x-task-type"), "X-Task-Type"
+    route = route_request(config, body["model"], body["messages"], tier_hint=tier_hint, task_type_hint=type_hint,
+                          tools_requested=bool(body.get("tools") or body.get("functions")),
+                          tier_param=tier_param, task_type_param=type_param)
+    request = provider_request(body)
+    stream = bool(request.pop("stream", False))
+    options = request.pop("stream_options", None)
+    include_usage = bool(isinstance(options, dict) and options.get("include_usage"))
+    return ChatCall(body["model"], route, request, metadata, stream, include_usage, received)
+
+
+# --- token estimates ---------------------------------------------------------------------------------
+
+
+def estimate_tokens(text_value: str) -> int:
+    """About four characters per token, the usual rule of thumb for English text."""
+    return math.ceil(len(text_value) / 4) if text_value else 0
+
+
+def estimate_prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    return estimate_tokens(prompt_text(messages)) + 4 * len(messages)
+
+
+# --- recording ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One gateway call: its task row, and its ledger row when a provider answered."""
+
+    task_id: uuid.UUID
+    tenant_id: uuid.UUID
+    route: Route
+    request: dict[str, Any]
+    metadata: dict[str, str]
+    status: str  # succeeded | failed
+    attempts: int
+    created_at: datetime
+    started_at: datetime
+    provider: str | None = None
+    requested_model: str | None = None
+    served_model: str | None = None
+    output: str | None = None
+    response_json: str | None = None
+    usage: TokenUsage | None = None
+    usage_estimated: bool = False
+    latency_ms: int | None = None
+    error: str | None = None
+    prices: Any = None  # PricedUsage | None
+    cost_usd: Decimal | None = None
+    baseline_cost_usd: Decimal | None = None
+
+
+_TASK_COLUMNS = ("id uuid", "tenant_id uuid", "task_type text", "requested_tier requested_tier", "tier tier",
+                 "tier_reason text", "request jsonb", "metadata jsonb", "status task_status", "provider text",
+                 "model text", "served_model text", "output text", "response jsonb", "input_tokens bigint",
+                 "cached_tokens bigint", "output_tokens bigint", "reasoning_tokens bigint", "cost_usd numeric",
+                 "baseline_cost_usd numeric", "attempts integer", "error text", "created_at timestamptz",
+                 "started_at timestamptz")
+_LEDGER_COLUMNS = ("tenant_id uuid", "task_id uuid", "task_type text", "tier tier", "provider text",
+                   "requested_model text", "served_model text", "input_tokens bigint", "cached_tokens bigint",
+                   "output_tokens bigint", "reasoning_tokens bigint", "input_price numeric",
+                   "cached_input_price numeric", "output_price numeric", "input_cost_usd numeric",
+                   "cached_input_cost_usd numeric", "output_cost_usd numeric", "cost_usd numeric",
+                   "baseline_cost_usd numeric", "unpriced boolean", "latency_ms integer",
+                   "usage_estimated boolean")
+
+
+def _unnest_insert(table: str, columns: Sequence[str], extra: Mapping[str, str]) -> Any:
+    """`INSERT INTO table (...) SELECT ... FROM unnest(:c1, :c2, ...)`: any number of rows, one statement,
+    one SQL text (enum and jsonb values travel as text and are cast per column)."""
+    names = [c.split(" ", 1)[0] for c in columns]
+    types = [c.split(" ", 1)[1] for c in columns]
+    array_types = {"jsonb": "text", "requested_tier": "text", "tier": "text", "task_status": "text"}
+    arrays = ", ".join(f"CAST(:{n} AS {array_types.get(t, t)}[])" for n, t in zip(names, types, strict=True))
+    selected = ", ".join(f"v.{n}::{t}" if t in array_types else f"v.{n}" for n, t in zip(names, types, strict=True))
+    all_names = ", ".join([*names, *extra])
+    all_values = ", ".join([selected, *extra.values()])
+    return text(f"INSERT INTO {table} ({all_names}) SELECT {all_values} "
+                f"FROM unnest({arrays}) AS v({', '.join(names)})")
+
+
+_INSERT_TASKS = _unnest_insert("tasks", _TASK_COLUMNS, {
+    "urgent": "true", "mode": "'immediate'::serve_mode", "finished_at": "now()", "updated_at": "now()"})
+_INSERT_LEDGER = _unnest_insert("ledger_entries", _LEDGER_COLUMNS, {"mode": "'immediate'::serve_mode"})
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def write_call_records(engine: Engine, records: Sequence[CallRecord]) -> None:
+    """Every record's task row and ledger row (if any), in one transaction."""
+    tasks: dict[str, list[Any]] = {c.split(" ", 1)[0]: [] for c in _TASK_COLUMNS}
+    ledger: dict[str, list[Any]] = {c.split(" ", 1)[0]: [] for c in _LEDGER_COLUMNS}
+    for r in records:
+        usage = r.usage
+        values = {
+            "id": r.task_id, "tenant_id": r.tenant_id, "task_type": r.route.task_type,
+            "requested_tier": r.route.requested_tier.value, "tier": r.route.tier.value,
+            "tier_reason": r.route.reason, "request": _json(r.request), "metadata": _json(r.metadata),
+            "status": r.status, "provider": r.provider, "model": r.requested_model, "served_model": r.served_model,
+            "output": r.output, "response": r.response_json,
+            "input_tokens": usage.input_tokens if usage else None,
+            "cached_tokens": usage.cached_tokens if usage else None,
+            "output_tokens": usage.output_tokens if usage else None,
+            "reasoning_tokens": usage.reasoning_tokens if usage else None,
+            "cost_usd": r.cost_usd, "baseline_cost_usd": r.baseline_cost_usd, "attempts": r.attempts,
+            "error": r.error, "created_at": r.created_at, "started_at": r.started_at,
+        }
+        for key, value in values.items():
+            tasks[key].append(value)
+        if usage is None or r.provider is None:
+            continue
+        priced = r.prices
+        row = {
+            "tenant_id": r.tenant_id, "task_id": r.task_id, "task_type": r.route.task_type,
+            "tier": r.route.tier.value, "provider": r.provider, "requested_model": r.requested_model,
+            "served_model": r.served_model, "input_tokens": usage.input_tokens,
+            "cached_tokens": usage.cached_tokens, "output_tokens": usage.output_tokens,
+            "reasoning_tokens": usage.reasoning_tokens,
+            "input_price": priced.prices.input if priced else None,
+            "cached_input_price": priced.prices.cached_input if priced else None,
+            "output_price": priced.prices.output if priced else None,
+            "input_cost_usd": priced.input_cost if priced else None,
+            "cached_input_cost_usd": priced.cached_input_cost if priced else None,
+            "output_cost_usd": priced.output_cost if priced else None,
+            "cost_usd": r.cost_usd, "baseline_cost_usd": r.baseline_cost_usd, "unpriced": r.cost_usd is None,
+            "latency_ms": r.latency_ms, "usage_estimated": r.usage_estimated,
+        }
+        for key, value in row.items():
+            ledger[key].append(value)
+    with engine.begin() as connection:
+        connection.execute(_INSERT_TASKS, tasks)
+        if ledger["task_id"]:
+            connection.execute(_INSERT_LEDGER, ledger)
+
+
+class Recorder:
+    """Group commit for call records: whoever is waiting when a write starts goes in the next one.
+
+    One writer at a time per process; a caller's `record` returns once its rows are committed. A
+    group that fails is retried record by record, so one bad row cannot sink the others.
+    """
+
+    def __init__(self, write: Callable[[Sequence[CallRecord]], None], max_group: int = 500) -> None:
+        self._write = write
+        self._max_group = max_group
+        self._pending: list[tuple[CallRecord, asyncio.Future[None]]] = []
+        self._writer: asyncio.Task[None] | None = None
+
+    async def record(self, record: CallRecord) -> None:
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((record, future))
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.create_task(self._drain())
+        await asyncio.shield(future)
+
+    async def _drain(self) -> None:
+        while self._pending:
+            group, self._pending = self._pending[:self._max_group], self._pending[self._max_group:]
+            try:
+                await anyio.to_thread.run_sync(self._write, [r for r, _ in group])
+            except Exception:
+                if len(group) == 1:
+                    log.exception("could not record gateway call %s", group[0][0].task_id)
+                    _settle(group[0][1], RuntimeError("the call could not be recorded"))
+                    continue
+                for record, future in group:
+                    try:
+                        await anyio.to_thread.run_sync(self._write, [record])
+                    except Exception as exc:
+                        log.exception("could not record gateway call %s", record.task_id)
+                        _settle(future, exc)
+                    else:
+                        _settle(future, None)
+            else:
+                for _, future in group:
+                    _settle(future, None)
+
+    async def aclose(self) -> None:
+        if self._writer is not None:
+            await asyncio.shield(self._writer)
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if future.done():
+        return
+    if error is None:
+        future.set_result(None)
+    else:
+        future.set_exception(error)
+
+
+# --- the call ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Completed:
+    task_id: uuid.UUID
+    tier: Tier
+    content: bytes  # the provider's body, relayed unchanged (its `model` is the served model)
+    cost_usd: Decimal | None
+    served_model: str
+
+
+def format_cost(cost: Decimal | None) -> str:
+    return "unpriced" if cost is None else format(cost.normalize(), "f")
+
+
+def error_for(exhausted: ChainExhausted, cooling_retry_after: float | None) -> GatewayError:
+    """The client's view of a chain that failed: OpenAI's status and shape; a 429 keeps `retry-after`."""
+    errors = exhausted.errors
+    if not errors:
+        wait = max(1, math.ceil(cooling_retry_after or 1))
+        return GatewayError(503, "Every model that can serve this request is cooling down after repeated "
+                            f"failures; try again in {wait}s.", "server_error", None, "model_cooling_down",
+                            {"retry-after": str(wait)})
+    retryable = [e for e in errors if isinstance(e, RetryableProviderError)]
+    if not retryable:
+        last: ProviderError = errors[-1]
+        status = last.status_code if last.status_code in _CLIENT_STATUSES else 502
+        kind = "invalid_request_error" if status != 502 else "upstream_error"
+        return GatewayError(status or 502, last.message, kind, None, None)
+    if all(e.status_code == 429 for e in retryable):
+        hints = [e.retry_after for e in retryable if e.retry_after is not None]
+        wait = min(hints) if hints else 1.0
+        headers = {"retry-after": str(max(1, math.ceil(wait))), "retry-after-ms": str(int(wait * 1000))}
+        return GatewayError(429, retryable[-1].message, "requests", None, "rate_limit_exceeded", headers)
+    last_retryable = retryable[-1]
+    status = last_retryable.status_code
+    if status is None:
+        timeout = "timed out" in last_retryable.message
+        return GatewayError(504 if timeout else 502, last_retryable.message, "server_error", None,
+                            "upstream_timeout" if timeout else "upstream_unreachable")
+    if status < 500:
+        status = 502  # 408/409 after every retry: the upstream did not manage
+    return GatewayError(status, last_retryable.message, "server_error", None, None)
+
+
+class Gateway:
+    def __init__(self, config: AppConfig, providers: AsyncProviderClients, cooldown: Cooldown, prices: PriceBook,
+                 engine: Engine) -> None:
+        self.config = config
+        self.providers = providers
+        self.cooldown = cooldown
+        self.prices = prices
+        self.recorder = Recorder(lambda records: write_call_records(engine, records))
+        self.policy: ImmediateConfig = config.immediate
+
+    def warm_prices(self) -> None:
+        """Look up every configured model's prices once, so the first call does not pay for it."""
+        for ref in self.config.configured_models():
+            self.prices.unit_prices(ref.provider, ref.model)
+        self.prices.baseline(TokenUsage(0, 0, 0))
+
+    async def _call_chain(self, chain: Sequence[ModelRef], opener: Callable[[ModelRef], Any]
+                          ) -> tuple[Any, int]:
+        """The first answer along the chain (retries, fallbacks, cooldown); raises ChainExhausted."""
+        admissions = await self.cooldown.admit(chain)
+        errors: list[ProviderError] = []
+        calls = 0
+        for admission in admissions:
+            if not admission.allowed:
+                continue
+            tries = 1 if admission.probe else self.policy.retries_per_model + 1
+            for attempt in range(tries):
+                calls += 1
+                try:
+                    answer = await opener(admission.ref)
+                except PermanentProviderError as exc:
+                    errors.append(exc)
+                    await self.cooldown.record_success(admission)  # it answered: the model is up
+                    break
+                except RetryableProviderError as exc:
+                    errors.append(exc)
+                    if await self._failed(admission, exc):
+                        break
+                    if attempt + 1 < tries:
+                        await asyncio.sleep(min(backoff_delay(self.policy, attempt, exc.retry_after),
+                                                MAX_INLINE_BACKOFF_SECONDS))
+                else:
+                    await self.cooldown.record_success(admission)
+                    return answer, calls
+        raise ChainExhausted(errors)
+
+    async def _failed(self, admission: Admission, exc: RetryableProviderError) -> bool:
+        """Count the failure; True when the chain should move on at once."""
+        rate_limited = exc.status_code == 429
+        opened = await self.cooldown.record_failure(admission, retry_after=exc.retry_after, rate_limited=rate_limited)
+        return opened or rate_limited or admission.probe or (
+            exc.retry_after is not None and exc.retry_after > MAX_INLINE_BACKOFF_SECONDS)
+
+    async def _cooling_retry_after(self, chain: Sequence[ModelRef]) -> float | None:
+        return await self.cooldown.retry_after(chain)
+
+    def _price(self, provider: str, served: str, requested: str, usage: TokenUsage
+               ) -> tuple[Any, Decimal | None, Decimal | None]:
+        priced = self.prices.price(provider, served, requested, usage)
+        return priced, (priced.total if priced is not None else None), self.prices.baseline(usage)
+
+    async def complete(self, tenant_id: uuid.UUID, call: ChatCall) -> Completed:
+        task_id = uuid.uuid4()
+        started = datetime.now(UTC)
+        request = call.request
+
+        async def opener(ref: ModelRef) -> RawChatAnswer:
+            return await self.providers.chat(ref.provider, ref.model, request)
+
+        try:
+            answer, calls = await self._call_chain(call.route.chain, opener)
+        except ChainExhausted as exhausted:
+            error = error_for(exhausted, await self._cooling_retry_after(call.route.chain))
+            await self.recorder.record(CallRecord(
+                task_id, tenant_id, call.route, call.request, call.metadata, "failed",
+                max(1, len(exhausted.errors)), call.received_at, started,
+                error=str(exhausted) or error.message))
+            raise error from None
+        usage = usage_from_body(answer.body)
+        served = answer.served_model
+        priced, cost, baseline = self._price(answer.provider, served, answer.requested_model, usage)
+        await self.recorder.record(CallRecord(
+            task_id, tenant_id, call.route, call.request, call.metadata, "succeeded", calls, call.received_at,
+            started, provider=answer.provider, requested_model=answer.requested_model, served_model=served,
+            output=output_from_body(answer.body), response_json=answer.content.decode("utf-8", "replace"),
+            usage=usage, latency_ms=answer.latency_ms, prices=priced, cost_usd=cost, baseline_cost_usd=baseline))
+        return Completed(task_id, call.route.tier, answer.content, cost, served)
+
+    async def open_stream(self, tenant_id: uuid.UUID, call: ChatCall) -> StreamSession:
+        """Open the provider stream along the chain (fallbacks happen before any byte is sent)."""
+        task_id = uuid.uuid4()
+        started = datetime.now(UTC)
+        # usage is always asked of the provider (exact tokens for the ledger); the client gets the usage
+        # chunk only if it asked for it
+        request = {**call.request, "stream_options": {"include_usage": True}}
+
+        async def opener(ref: ModelRef) -> ChatStream:
+            return await self.providers.open_stream(ref.provider, ref.model, request)
+
+        try:
+            stream, calls = await self._call_chain(call.route.chain, opener)
+        except ChainExhausted as exhausted:
+            error = error_for(exhausted, await self._cooling_retry_after(call.route.chain))
+            await self.recorder.record(CallRecord(
+                task_id, tenant_id, call.route, call.request, call.metadata, "failed",
+                max(1, len(exhausted.errors)), call.received_at, started,
+                error=str(exhausted) or error.message))
+            raise error from None
+        return StreamSession(self, tenant_id, task_id, call, stream, calls, started)
+
+    async def aclose(self) -> None:
+        await self.recorder.aclose()
+
+
+# --- streaming ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Choice:
+    content: list[str] = field(default_factory=list)
+    role: str = "assistant"
+    finish_reason: str | None = None
+    tool_chars: int = 0
+    tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+class StreamSession:
+    """Relays the provider's SSE lines as they arrive and records the call when the stream ends.
+
+    `events()` yields bytes for the client; its `finally` records the call (exact usage from the
+    provider's final chunk, or an estimate flagged as such when the stream stopped early), shielded
+    from cancellation so a client that disconnects still leaves its task and ledger row behind.
+    """
+
+    def __init__(self, gateway: Gateway, tenant_id: uuid.UUID, task_id: uuid.UUID, call: ChatCall,
+                 stream: ChatStream, calls: int, started: datetime) -> None:
+        self.gateway = gateway
+        self.tenant_id = tenant_id
+        self.task_id = task_id
+        self.call = call
+        self.tier = call.route.tier
+        self._stream = stream
+        self._calls = calls
+        self._started = started
+        self._clock = time.perf_counter()
+        self._choices: dict[int, _Choice] = {}
+        self._usage: dict[str, Any] | None = None
+        self._meta: dict[str, Any] = {}
+        self._done = False
+        self._error: str | None = None
+        self._recorded = False
+
+    def _observe(self, payload: str) -> bool:
+        """Take note of one `data:` payload; False if the client must not get it."""
+        if payload == "[DONE]":
+            self._done = True
+            return True
+        try:
+            chunk = json.loads(payload)
+        except ValueError:
+            return True
+        if not isinstance(chunk, dict):
+            return True
+        if "error" in chunk:
+            error = chunk.get("error")
+            self._error = f"provider error in stream: {error}"
+            return True
+        for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
+            if chunk.get(key) is not None:
+                self._meta[key] = chunk[key]
+        for choice in chunk.get("choices") or []:
+            if not isinstance(choice, dict):
+                continue
+            state = self._choices.setdefault(int(choice.get("index") or 0), _Choice())
+            delta = choice.get("delta") or {}
+            if isinstance(delta.get("content"), str):
+                state.content.append(delta["content"])
+            if isinstance(delta.get("role"), str):
+                state.role = delta["role"]
+            for call in delta.get("tool_calls") or []:
+                if isinstance(call, dict):
+                    slot = state.tool_calls.setdefault(int(call.get("index") or 0), {
+                        "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
+                    if call.get("id"):
+                        slot["id"] = call["id"]
+                    function = call.get("function") or {}
+                    slot["function"]["name"] += function.get("name") or ""
+                    slot["function"]["arguments"] += function.get("arguments") or ""
+                    state.tool_chars += len(function.get("arguments") or "") + len(function.get("name") or "")
+            if choice.get("finish_reason"):
+                state.finish_reason = choice["finish_reason"]
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self._usage = usage
+            if not chunk.get("choices") and not self.call.include_usage:
+                return False  # we asked for it, the client did not
+        return True
+
+    async def events(self) -> AsyncIterator[bytes]:
+        try:
+            async for line in self._stream.lines():
+                if not line:
+                    continue
+                if line.startswith("data:"):
+                    if self._observe(line[5:].strip()):
+                        yield line.encode() + b"\n\n"
+                else:
+                    yield line.encode() + b"\n"
+        except ProviderError as exc:
+            self._error = exc.message
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._finish()
+
+    async def _finish(self) -> None:
+        if self._recorded:
+            return
+        self._recorded = True
+        try:
+            await self._stream.aclose()
+        except Exception:  # the connection may already be gone
+            log.debug("closing the provider stream failed", exc_info=True)
+        try:
+            await self.gateway.recorder.record(self._record())
+        except Exception:
+            log.exception("stream %s: the call could not be recorded", self.task_id)
+
+    def _output(self) -> str:
+        first = self._choices.get(0)
+        return "".join(first.content) if first else ""
+
+    def _body(self, usage: TokenUsage | None) -> dict[str, Any]:
+        choices = []
+        for index in sorted(self._choices):
+            state = self._choices[index]
+            message: dict[str, Any] = {"role": state.role, "content": "".join(state.content) or None}
+            if state.tool_calls:
+                message["tool_calls"] = [state.tool_calls[i] for i in sorted(state.tool_calls)]
+            choices.append({"index": index, "message": message, "finish_reason": state.finish_reason})
+        body: dict[str, Any] = {"id": self._meta.get("id"), "object": "chat.completion",
+                                "created": self._meta.get("created"), "model": self.served_model,
+                                "choices": choices}
+        if self._usage is not None:
+            body["usage"] = self._usage
+        return body
+
+    @property
+    def served_model(self) -> str:
+        return str(self._meta.get("model") or self._stream.requested_model)
+
+    def _estimate(self) -> TokenUsage:
+        output_chars = sum(len("".join(c.content)) + c.tool_chars for c in self._choices.values())
+        return TokenUsage(estimate_prompt_tokens(self.call.request.get("messages") or []), 0,
+                          math.ceil(output_chars / 4))
+
+    def _record(self) -> CallRecord:
+        complete = self._done and self._error is None
+        if self._usage is not None:
+            usage, estimated = usage_from_body({"usage": self._usage}), False
+        else:
+            usage, estimated = self._estimate(), True
+        error = self._error
+        if not complete and error is None:
+            error = "the client closed the stream before its end" if not self._done else None
+        gateway = self.gateway
+        provider, requested = self._stream.provider, self._stream.requested_model
+        priced, cost, baseline = gateway._price(provider, self.served_model, requested, usage)
+        return CallRecord(
+            self.task_id, self.tenant_id, self.call.route, self.call.request, self.call.metadata,
+            "succeeded" if complete else "failed", self._calls, self.call.received_at, self._started,
+            provider=provider, requested_model=requested, served_model=self.served_model, output=self._output(),
+            response_json=_json(self._body(usage)), usage=usage, usage_estimated=estimated,
+            latency_ms=int((time.perf_counter() - self._clock) * 1000), error=error, prices=priced,
+            cost_usd=cost, baseline_cost_usd=baseline)
