@@ -84,6 +84,9 @@ class DemoTask:
         return self.status in TERMINAL
 
 
+SENTIMENT_LABELS = ["positive", "neutral", "negative"]
+
+
 def sample_workload() -> list[DemoTask]:
     tasks = [DemoTask(label, "complex", {"prompt": prompt, "task_type": "reasoning", "tier": "complex",
                                          "params": {"max_tokens": 400}})
@@ -91,13 +94,13 @@ def sample_workload() -> list[DemoTask]:
     tasks += [DemoTask(label, "light urgent", {"prompt": prompt, "task_type": task_type, "tier": "light",
                                                "urgent": True, "params": {"max_tokens": 60}})
               for label, task_type, prompt in _URGENT]
-    tasks += [DemoTask(label, BATCH_GROUP, {"prompt": "Classify the sentiment as positive, neutral or "
-                                                      f"negative. Answer with one word.\nReview: {text}",
-                                            "task_type": "classification", "tier": "light", "urgent": False,
-                                            "params": {"max_tokens": 5}})
+    # the batch group is one bulk classification job (POST /v1/jobs): labels, system prompt, template
+    tasks += [DemoTask(label, BATCH_GROUP, {"text": text, "task_type": "classification", "tier": "light",
+                                            "urgent": False})
               for label, text in _BATCH]
     for task in tasks:
-        task.spec["metadata"] = {"demo": task.label}
+        if task.immediate:
+            task.spec["metadata"] = {"demo": task.label}
     return tasks
 
 
@@ -110,12 +113,28 @@ def _money(value: Decimal) -> str:
 
 
 def submit(client: httpx.Client, tasks: list[DemoTask]) -> None:
-    response = client.post("/v1/tasks", json={"tasks": [task.spec for task in tasks]})
+    immediate = [t for t in tasks if t.immediate]
+    response = client.post("/v1/tasks", json={"tasks": [task.spec for task in immediate]})
     if response.status_code != 202:
         raise StackError(f"POST /v1/tasks answered {response.status_code}: {response.text[:500]}")
-    for task, item in zip(tasks, response.json()["data"], strict=True):
+    for task, item in zip(immediate, response.json()["data"], strict=True):
         task.id = str(item["id"])
         task.body = item
+    batch = [t for t in tasks if not t.immediate]
+    if not batch:
+        return
+    job = client.post("/v1/jobs", json={
+        "name": "demo-sentiment", "task_type": "classification", "tier": "light", "urgent": False,
+        "system": "Classify the sentiment of the customer review.", "template": "Review: {text}",
+        "labels": SENTIMENT_LABELS, "items": [{"id": t.label, "text": t.spec["text"]} for t in batch],
+    })
+    if job.status_code != 202:
+        raise StackError(f"POST /v1/jobs answered {job.status_code}: {job.text[:500]}")
+    listed = client.get("/v1/tasks", params={"job_id": job.json()["id"], "limit": 1000})
+    by_item = {str(t.get("item_id")): t for t in listed.json()["data"]}
+    for task in batch:
+        task.body = by_item[task.label]
+        task.id = str(task.body["id"])
 
 
 def poll(client: httpx.Client, tasks: list[DemoTask], wait: float, batch_wait: float,
@@ -163,6 +182,7 @@ def build_report(info: StackInfo, tasks: list[DemoTask]) -> dict[str, Any]:
             total_baseline += baseline if baseline is not None else cost
         rows.append({
             "id": task.id, "label": task.label, "group": task.group, "task_type": task.spec["task_type"],
+            "output": body.get("output"),
             "tier": body.get("tier"), "urgent": bool(task.spec.get("urgent")), "status": task.status,
             "mode": body.get("mode"), "model": body.get("model"), "served_model": body.get("served_model"),
             "input_tokens": usage.get("input_tokens"), "cached_tokens": usage.get("cached_tokens"),
@@ -171,6 +191,14 @@ def build_report(info: StackInfo, tasks: list[DemoTask]) -> dict[str, Any]:
             "baseline_cost_usd": None if baseline is None else _money(baseline),
             "error": body.get("error"),
         })
+    by_mode: dict[str, dict[str, str]] = {}
+    for mode in sorted({str(r["mode"]) for r in rows if r["cost_usd"] is not None}):
+        cost = sum((Decimal(r["cost_usd"]) for r in rows if r["mode"] == mode and r["cost_usd"]), Decimal(0))
+        base = sum((Decimal(r["baseline_cost_usd"]) for r in rows
+                    if r["mode"] == mode and r["baseline_cost_usd"]), Decimal(0))
+        by_mode[mode] = {"cost_usd": _money(cost), "baseline_cost_usd": _money(base),
+                         "savings_percent": str((((base - cost) * 100) / base).quantize(Decimal("0.1")))
+                         if base else "0"}
     savings = total_baseline - total_cost
     percent = (savings * 100 / total_baseline).quantize(Decimal("0.1")) if total_baseline else Decimal(0)
     failed = [t.label for t in tasks if t.immediate and t.status != "succeeded"]
@@ -180,14 +208,14 @@ def build_report(info: StackInfo, tasks: list[DemoTask]) -> dict[str, Any]:
         "tasks": rows,
         "totals": {"tasks": len(tasks), "priced_tasks": priced, "statuses": counts,
                    "cost_usd": _money(total_cost), "baseline_cost_usd": _money(total_baseline),
-                   "savings_usd": _money(savings), "savings_percent": str(percent)},
+                   "savings_usd": _money(savings), "savings_percent": str(percent), "by_mode": by_mode},
         "immediate_failed": failed, "ok": not failed,
     }
 
 
 def print_report(console: Console, report: dict[str, Any]) -> None:
     table = Table(title="tierbatch demo", header_style="bold")
-    for name in ("task", "tier", "status", "model asked", "served model"):
+    for name in ("task", "tier", "status", "mode", "model asked", "served model"):
         table.add_column(name)
     for name in ("input", "cached", "output", "cost USD", "baseline USD"):
         table.add_column(name, justify="right")
@@ -195,8 +223,8 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     for row in report["tasks"]:
         status = row["status"]
         tier = f"{row['tier']}{' urgent' if row['urgent'] else ''}"
-        cells = [row["label"], tier, f"[{styles.get(status, 'white')}]{status}[/]", row["model"] or "-",
-                 row["served_model"] or "-"]
+        cells = [row["label"], tier, f"[{styles.get(status, 'white')}]{status}[/]", row["mode"] or "-",
+                 row["model"] or "-", row["served_model"] or "-"]
         cells += ["-" if row[k] is None else str(row[k])
                   for k in ("input_tokens", "cached_tokens", "output_tokens", "cost_usd", "baseline_cost_usd")]
         table.add_row(*cells)
@@ -209,6 +237,9 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
     summary.add_row("total cost", f"${totals['cost_usd']}")
     summary.add_row("baseline (all on the complex model)", f"${totals['baseline_cost_usd']}")
     summary.add_row("savings", f"[green]${totals['savings_usd']} ({totals['savings_percent']}%)[/]")
+    for mode, figures in totals["by_mode"].items():
+        summary.add_row(f"  {mode} calls", f"${figures['cost_usd']} instead of ${figures['baseline_cost_usd']} "
+                                          f"({figures['savings_percent']}% saved)")
     console.print(summary)
     waiting = totals["statuses"].get("waiting_batch", 0) + totals["statuses"].get("in_batch", 0)
     if waiting:

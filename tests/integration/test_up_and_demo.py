@@ -189,7 +189,11 @@ def test_demo_reports_costs_and_stops(tmp_path: Path, embedded_env: None) -> Non
     complex_rows = [row for row in rows if row["group"] == "complex"]
     assert all(row["tier"] == "complex" and row["cost_usd"] == row["baseline_cost_usd"] for row in complex_rows)
     batch_rows = [row for row in rows if row["group"] == "light batch"]
-    assert all(row["status"] in ("succeeded", "waiting_batch", "in_batch") for row in batch_rows), batch_rows
+    # the bulk classification job went through a real (simulated) provider batch, at the batch price
+    assert batch_rows and all(row["status"] == "succeeded" and row["mode"] == "batch" for row in batch_rows), \
+        batch_rows
+    assert all(json.loads(row["output"])["label"] in ("positive", "neutral", "negative") for row in batch_rows)
+    assert "batch" in report["totals"]["by_mode"] and "immediate" in report["totals"]["by_mode"]
 
     priced = [row for row in rows if row["cost_usd"] is not None]
     totals = report["totals"]
