@@ -44,7 +44,9 @@ class ApiContext:
         prices = PriceBook(config)
         providers = AsyncProviderClients(config)
         redis_client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
-        gateway = Gateway(config, providers, Cooldown(redis_client, settings.redis_key_prefix), prices, engine)
+        # the gateway records calls over its own async connection (group commit, one statement per group)
+        gateway = Gateway(config, providers, Cooldown(redis_client, settings.redis_key_prefix), prices,
+                          settings.psycopg_dsn)
         gateway.warm_prices()
         # batch file limits: OpenAI's by default; the environment may lower them (tests, small deployments)
         limits = FileLimits.from_env(os.environ)
@@ -55,7 +57,7 @@ class ApiContext:
         """Async resources (front door): drain pending call records, close provider and Redis clients."""
         await self.gateway.aclose()
         await self.providers.aclose()
-        await self.redis.aclose()
+        await self.redis.aclose()  # type: ignore[attr-defined]
 
     def close(self) -> None:
         self.engine.dispose()

@@ -54,8 +54,10 @@ from tests.support.stack import psycopg_dsn, scratch_database
 TARGET_SECONDS = 1.0
 TASK_TYPES = ("classification", "extraction", "summarization", "reasoning", "translation", "general")
 
-# (model, input, cached input, output) USD per 1M tokens, immediate; batch is half (cached: genai-prices
-# keeps the standard cached rate for OpenAI batch, which here equals half the input rate anyway)
+# Prices (USD per 1M tokens, immediate; batch halves input and output, cached keeps its rate as genai-prices
+# does for OpenAI): gpt-4o 2.50 / 1.25 / 10, gpt-4o-mini 0.15 / 0.075 / 0.60, my-local-llama 0.05 / 0.05 / 0.10.
+# Dimensions are drawn independently per row (random()), so nearly every (tenant, task type, model, mode, job)
+# combination occurs every day: the rollup is as large as this schema makes it.
 FILL_SQL = """
 INSERT INTO ledger_entries (
     tenant_id, task_id, job_id, task_type, tier, mode, provider, requested_model, served_model,
@@ -75,7 +77,7 @@ SELECT
     p_in IS NULL AND mode <> 'cache',
     created_at
 FROM (
-    SELECT g.*,
+    SELECT m.*,
            CASE model WHEN 'gpt-4o' THEN 2.5 WHEN 'gpt-4o-mini' THEN 0.15 WHEN 'my-local-llama' THEN 0.05 END
                * CASE WHEN mode = 'batch' THEN 0.5 ELSE 1 END AS p_in,
            CASE model WHEN 'gpt-4o' THEN 1.25 WHEN 'gpt-4o-mini' THEN 0.075 WHEN 'my-local-llama' THEN 0.05 END
@@ -83,32 +85,45 @@ FROM (
            CASE model WHEN 'gpt-4o' THEN 10.0 WHEN 'gpt-4o-mini' THEN 0.6 WHEN 'my-local-llama' THEN 0.1 END
                * CASE WHEN mode = 'batch' THEN 0.5 ELSE 1 END AS p_out
     FROM (
-        SELECT b.*,
-               CASE WHEN b.mode = 'shadow' THEN 'gpt-4o'
-                    WHEN b.mode IN ('batch', 'cache') THEN 'gpt-4o-mini'
-                    WHEN i %% 200 = 7 THEN 'mystery-model'
-                    WHEN i %% 10 < 4 THEN 'gpt-4o'
-                    WHEN i %% 10 < 8 THEN 'gpt-4o-mini'
-                    ELSE 'my-local-llama' END AS model,
-               (b.input_tokens / 256) * 128 * (i %% 2) AS cached_tokens,
-               CASE WHEN i %% 10 = 0 THEN b.output_tokens / 4 ELSE 0 END AS reasoning_tokens
+        SELECT d.*,
+               CASE WHEN mode = 'shadow' THEN 'gpt-4o'
+                    WHEN mode IN ('batch', 'cache') THEN 'gpt-4o-mini'
+                    WHEN pick < 0.005 THEN 'mystery-model'
+                    WHEN pick < 0.4 THEN 'gpt-4o'
+                    WHEN pick < 0.8 THEN 'gpt-4o-mini'
+                    ELSE 'my-local-llama' END AS model
         FROM (
             SELECT i,
-                   (%(tenants)s::uuid[])[1 + (i * 7919) %% %(n_tenants)s] AS tenant_id,
+                   (%(tenants)s::uuid[])[1 + t] AS tenant_id,
                    lpad(to_hex(i), 32, '0')::uuid AS task_id,
-                   CASE WHEN i %% 2 = 0 THEN (%(jobs)s::uuid[])[
-                       1 + ((i * 7919) %% %(n_tenants)s) * %(days)s
-                         + least(%(days)s - 1, (i::numeric * %(days)s / %(rows)s)::int)] END AS job_id,
-                   (%(task_types)s::text[])[1 + (i * 31) %% 6] AS task_type,
-                   CASE WHEN (i * 97) %% 100 < 55 THEN 'batch' WHEN (i * 97) %% 100 < 90 THEN 'immediate'
-                        WHEN (i * 97) %% 100 < 95 THEN 'cache' ELSE 'shadow' END AS mode,
-                   200 + (i * 37) %% 3000 AS input_tokens,
-                   20 + (i * 53) %% 400 AS output_tokens,
+                   CASE WHEN in_job THEN (%(jobs)s::uuid[])[
+                       1 + t * %(days)s + least(%(days)s - 1, floor(i::numeric * %(days)s / %(rows)s)::int)] END
+                       AS job_id,
+                   (%(task_types)s::text[])[1 + tt] AS task_type,
+                   CASE WHEN mo < 55 THEN 'batch' WHEN mo < 90 THEN 'immediate'
+                        WHEN mo < 95 THEN 'cache' ELSE 'shadow' END AS mode,
+                   pick,
+                   input_tokens,
+                   CASE WHEN cached THEN (input_tokens / 256) * 128 ELSE 0 END AS cached_tokens,
+                   output_tokens,
+                   CASE WHEN reasoning THEN output_tokens / 4 ELSE 0 END AS reasoning_tokens,
                    %(end)s::timestamptz - make_interval(secs => %(span)s * (%(rows)s - i) / %(rows)s) AS created_at
-            FROM generate_series(%(start)s::bigint, %(stop)s::bigint) AS i
-        ) AS b
-    ) AS g
-) AS r
+            FROM (
+                SELECT i,
+                       floor(random() * %(n_tenants)s)::int AS t,
+                       floor(random() * 6)::int AS tt,
+                       floor(random() * 100)::int AS mo,
+                       random() AS pick,
+                       random() < 0.5 AS in_job,
+                       200 + floor(random() * 3000)::int AS input_tokens,
+                       20 + floor(random() * 400)::int AS output_tokens,
+                       random() < 0.5 AS cached,
+                       random() < 0.1 AS reasoning
+                FROM generate_series(%(start)s::bigint, %(stop)s::bigint) AS i
+            ) AS r
+        ) AS d
+    ) AS m
+) AS priced
 """
 
 

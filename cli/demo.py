@@ -2,7 +2,8 @@
 
 The workload: Complex reasoning tasks (premium model, immediate), urgent Light tasks (cheap model,
 immediate) and non-urgent Light classification tasks (the batch path: they wait for a provider
-batch and are shown as waiting when they have not finished within the wait).
+batch and are shown as waiting when they have not finished within the wait). Beside it, a nightly
+schedule over a sample CSV of support tickets is created and run once now (issue 7).
 """
 
 from __future__ import annotations
@@ -61,6 +62,65 @@ _BATCH = [
     ("sentiment-5", "The box arrived damaged and a part was missing."),
     ("sentiment-6", "Works as described."),
 ]
+
+
+# --- scheduled classification (issue 7): a nightly schedule over the sample CSV, run once now ---------
+SAMPLE_TICKETS = Path(__file__).resolve().parents[1] / "deploy" / "samples" / "support_tickets.csv"
+DEMO_SCHEDULE: dict[str, Any] = {
+    "name": "demo-support-tickets", "cron": "0 2 * * *", "timezone": "UTC",
+    "job": {"tier": "light", "urgent": False, "system": "Route the support ticket.", "template": "Ticket: {text}",
+            "labels": ["billing", "account", "bug"]},
+    "source": {"type": "file", "path": str(SAMPLE_TICKETS), "format": "csv", "id_field": "id", "text_field": "body"},
+}
+
+
+def start_schedule(client: httpx.Client, err: Console) -> tuple[str, str] | None:
+    """Create the demo schedule and run it now; (schedule id, run id), or None when that is not possible."""
+    if not SAMPLE_TICKETS.exists():
+        err.print(f"[yellow]no sample tickets at {SAMPLE_TICKETS}: the schedule demo is skipped[/]")
+        return None
+    created = client.post("/v1/schedules", json=DEMO_SCHEDULE)
+    if created.status_code != 201:
+        err.print(f"[yellow]could not create the demo schedule: {created.text[:300]}[/]")
+        return None
+    schedule_id = created.json()["id"]
+    run = client.post(f"/v1/schedules/{schedule_id}/run")
+    if run.status_code != 202:
+        err.print(f"[yellow]could not run the demo schedule: {run.text[:300]}[/]")
+        return None
+    return schedule_id, run.json()["id"]
+
+
+def wait_schedule_run(client: httpx.Client, ids: tuple[str, str] | None, until: float) -> dict[str, Any] | None:
+    """The demo run once it has finished, or as it is when `until` (monotonic) has passed."""
+    if ids is None:
+        return None
+    schedule_id, run_id = ids
+    while True:
+        response = client.get(f"/v1/schedules/{schedule_id}/runs/{run_id}")
+        run: dict[str, Any] | None = response.json() if response.status_code == 200 else None
+        if run is None or run["status"] != "running" or time.monotonic() >= until:
+            return {**run, "name": DEMO_SCHEDULE["name"], "source": str(SAMPLE_TICKETS)} if run else None
+        time.sleep(0.5)
+
+
+def print_schedule(console: Console, run: dict[str, Any] | None) -> None:
+    if run is None:
+        return
+    table = Table(show_header=False, box=None, padding=(0, 2),
+                  title=f"scheduled classification: {run['name']} (cron 0 2 * * *), run now")
+    table.add_column(style="bold")
+    table.add_column()
+    style = {"succeeded": "green", "failed": "red"}.get(run["status"], "yellow")
+    table.add_row("source", run["source"])
+    table.add_row("status", f"[{style}]{run['status']}[/]" + (f" ({run['error']})" if run.get("error") else ""))
+    table.add_row("items classified", str(run["task_count"]))
+    for label, count in (run.get("label_counts") or {}).items():
+        table.add_row(f"  {label}", str(count))
+    if run.get("cost_usd") is not None:
+        table.add_row("cost", f"${run['cost_usd']} (job {run['job_id']})")
+    console.print(table)
+# --- end scheduled classification ----------------------------------------------------------------------
 
 
 @dataclass
@@ -265,11 +325,16 @@ def run_demo(data_dir: Path, api_port: int | None, simulator_port: int | None, c
             with httpx.Client(base_url=info.api_url, timeout=30,
                               headers={"Authorization": f"Bearer {info.dev_api_key}"}) as client:
                 submit(client, tasks)
+                schedule_ids = start_schedule(client, err)  # scheduled classification (issue 7)
+                started = time.monotonic()
                 progress = Progress(TextColumn("{task.description}", justify="left"), BarColumn(),
                                     MofNCompleteColumn(), TimeElapsedColumn(), console=err, disable=as_json)
                 with progress:
                     poll(client, tasks, wait, batch_wait, progress)
+                schedule_run = wait_schedule_run(client, schedule_ids,
+                                                 min(started + wait, time.monotonic() + batch_wait))
             report = build_report(info, tasks)
+            report["schedule_run"] = schedule_run
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130
@@ -280,4 +345,5 @@ def run_demo(data_dir: Path, api_port: int | None, simulator_port: int | None, c
         sys.stdout.write(json.dumps(report, indent=2) + "\n")
     else:
         print_report(out, report)
+        print_schedule(out, report["schedule_run"])
     return 0 if report["ok"] else 1

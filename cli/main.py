@@ -260,5 +260,78 @@ def costs(by: Annotated[str, typer.Option("--by", help="Group by any of day, hou
 # --- end costs ---------------------------------------------------------------------------------------
 
 
+# --- scheduled classification (issue 7): thin wrappers over cli/schedules.py ------------------------
+schedules_app = typer.Typer(help="Scheduled bulk classification.", no_args_is_help=True)
+app.add_typer(schedules_app, name="schedules")
+
+
+@schedules_app.command("add")
+def schedules_add(
+        name: Annotated[str | None, typer.Argument(help="Schedule name (or in --file).", show_default=False)] = None,
+        cron: Annotated[str | None, typer.Option(help="Cron expression, e.g. '0 2 * * *'.")] = None,
+        timezone: Annotated[str, typer.Option(help="IANA time zone of the cron expression.")] = "UTC",
+        source: Annotated[str | None, typer.Option(help="File source: a path or glob (CSV or JSONL).")] = None,
+        source_format: Annotated[str, typer.Option("--format", help="auto, csv or jsonl.")] = "auto",
+        id_field: Annotated[str, typer.Option(help="Field or column of the item id.")] = "id",
+        text_field: Annotated[str, typer.Option(help="Field or column of the item text.")] = "text",
+        labels: Annotated[str | None, typer.Option(help="Classification labels: a,b,c.")] = None,
+        task_type: Annotated[str | None, typer.Option(help="Task type (default classification).")] = None,
+        tier: Annotated[str | None, typer.Option(help="light, complex or auto.")] = None,
+        urgent: Annotated[bool, typer.Option("--urgent", help="Call immediately, not by batch.")] = False,
+        system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
+        template: Annotated[str | None, typer.Option(help="User message with {text}.")] = None,
+        sink: Annotated[str | None, typer.Option(help="Write results to this path ({run_id} …; .jsonl/.csv).")]
+        = None,
+        webhook_url: Annotated[str | None, typer.Option(help="POST a signed summary when a run finishes.")] = None,
+        disabled: Annotated[bool, typer.Option("--disabled", help="Create it disabled.")] = False,
+        body_file: Annotated[Path | None, typer.Option("--file", help="A whole schedule as JSON (e.g. a SQL "
+                                                                       "source); options override it.")] = None,
+        as_json: Annotated[bool, typer.Option("--json", help="Print the schedule as JSON.")] = False,
+        api_url: ApiUrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
+    """Create a schedule; prints its webhook signing secret once."""
+    from cli.jobs import guarded
+    from cli.schedules import AddOptions, run_add
+
+    options = AddOptions(name, cron, timezone, source, source_format, id_field, text_field, labels, task_type, tier,
+                         urgent, system, template, sink, webhook_url, disabled, body_file, as_json)
+    guarded(lambda: run_add(options, api_url, api_key))
+
+
+@schedules_app.command("list")
+def schedules_list(as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+                   api_url: ApiUrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
+    """The tenant's schedules with their next fire time."""
+    from cli.jobs import guarded
+    from cli.schedules import run_list
+
+    guarded(lambda: run_list(as_json, api_url, api_key))
+
+
+@schedules_app.command("run")
+def schedules_run(schedule: Annotated[str, typer.Argument(help="Schedule name or id.", show_default=False)],
+                  wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Follow the run to its end.")] = True,
+                  poll: Annotated[float, typer.Option(help="Seconds between progress polls.")] = 1.0,
+                  timeout: Annotated[float, typer.Option(help="Give up waiting after this many seconds.")] = 3600.0,
+                  as_json: Annotated[bool, typer.Option("--json", help="Print the run as JSON.")] = False,
+                  api_url: ApiUrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
+    """Run a schedule now (also a disabled one)."""
+    from cli.jobs import guarded
+    from cli.schedules import run_now
+
+    guarded(lambda: run_now(schedule, wait, poll, timeout, as_json, api_url, api_key))
+
+
+@schedules_app.command("disable")
+def schedules_disable(schedule: Annotated[str, typer.Argument(help="Schedule name or id.", show_default=False)],
+                      as_json: Annotated[bool, typer.Option("--json", help="Print the schedule as JSON.")] = False,
+                      api_url: ApiUrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
+    """Stop a schedule from firing (runs in progress finish)."""
+    from cli.jobs import guarded
+    from cli.schedules import run_disable
+
+    guarded(lambda: run_disable(schedule, as_json, api_url, api_key))
+# --- end scheduled classification --------------------------------------------------------------------
+
+
 def main() -> None:
     app()

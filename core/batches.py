@@ -12,19 +12,19 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, insert, select, text, update
+import orjson
+from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from core.config import AppConfig
 from core.labels import label_error
-from core.models import LedgerEntry, ProviderBatch, Task
+from core.models import ProviderBatch, Task
 from core.pricing import PriceBook
 from core.provider import RETRYABLE_STATUS, ProviderBatchInfo, output_from_body, usage_from_body
-from core.states import BatchStatus, Mode, ProviderBatchStatus, TaskStatus
+from core.states import BatchStatus, ProviderBatchStatus, TaskStatus
 
 TERMINAL_PROVIDER_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 ENDPOINT = "/v1/chat/completions"
@@ -46,7 +46,7 @@ def waiting_groups(session: Session) -> list[Group]:
     rows = session.execute(text(
         "SELECT provider, model, count(*) AS waiting, "
         "       extract(epoch FROM now() - min(created_at)) AS age, "
-        "       sum(octet_length(request::text)) AS bytes "
+        "       sum(pg_column_size(request)) AS bytes "
         "FROM tasks WHERE status = 'waiting_batch' GROUP BY provider, model"
     )).all()
     return [Group(r.provider, r.model, int(r.waiting), float(r.age or 0), int(r.bytes or 0)) for r in rows]
@@ -103,12 +103,11 @@ def claim_batch(session: Session, config: AppConfig, provider: str, model: str) 
     session.add(ProviderBatch(id=batch_id, provider=provider, model=model, status=BatchStatus.PREPARING,
                               request_count=len(chosen), byte_size=total, attempts=0))
     session.flush()
-    session.execute(
-        update(Task).where(Task.id.in_(chosen), Task.status == TaskStatus.WAITING_BATCH)
-        .values(status=TaskStatus.IN_BATCH, batch_id=batch_id, attempts=Task.attempts + 1,
-                updated_at=func.now()),
-        execution_options={"synchronize_session": False},
-    )
+    # one array parameter, not 50,000 bound parameters
+    session.execute(text(
+        "UPDATE tasks SET status = 'in_batch', batch_id = :batch, attempts = attempts + 1, updated_at = now() "
+        "WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'waiting_batch'"
+    ), {"batch": batch_id, "ids": chosen})
     return ClaimedBatch(batch_id, provider, model, len(chosen))
 
 
@@ -203,7 +202,7 @@ def classify_lines(lines: Iterable[str]) -> LineOutcomes:
     outcomes = LineOutcomes()
     for raw in lines:
         try:
-            line = json.loads(raw)
+            line = orjson.loads(raw)
             task_id = uuid.UUID(str(line["custom_id"]))
         except (ValueError, KeyError, TypeError):
             continue  # not one of ours: nothing to join it with
@@ -222,11 +221,6 @@ def classify_lines(lines: Iterable[str]) -> LineOutcomes:
     return outcomes
 
 
-def _labels_problem(requests: dict[uuid.UUID, dict[str, Any]], task_id: uuid.UUID, output: str) -> str | None:
-    request = requests.get(task_id)
-    return label_error(request, output) if request is not None else None
-
-
 def ingest_outcomes(session: Session, config: AppConfig, prices: PriceBook, batch: ProviderBatch,
                     outcomes: LineOutcomes) -> int:
     """Write one chunk's results in bulk. Lines for tasks no longer in this batch are ignored."""
@@ -240,75 +234,80 @@ def ingest_outcomes(session: Session, config: AppConfig, prices: PriceBook, batc
     return written
 
 
+_INGEST_COLUMNS = (
+    "id", "status", "error", "served_model", "output", "response", "input_tokens", "cached_tokens",
+    "output_tokens", "reasoning_tokens", "input_price", "cached_input_price", "output_price", "input_cost_usd",
+    "cached_input_cost_usd", "output_cost_usd", "cost_usd", "baseline_cost_usd",
+)
+_CREATE_INGEST_TABLE = (
+    "CREATE TEMP TABLE IF NOT EXISTS ingest_rows (id uuid PRIMARY KEY, status task_status, error text, "
+    "served_model text, output text, response jsonb, input_tokens bigint, cached_tokens bigint, "
+    "output_tokens bigint, reasoning_tokens bigint, input_price numeric, cached_input_price numeric, "
+    "output_price numeric, input_cost_usd numeric, cached_input_cost_usd numeric, output_cost_usd numeric, "
+    "cost_usd numeric, baseline_cost_usd numeric) ON COMMIT DELETE ROWS"
+)
+# One statement: the guarded task update and the ledger rows of exactly the rows it moved.
+_APPLY_INGEST_ROWS = text(
+    "WITH moved AS ("
+    " UPDATE tasks AS t SET status = v.status, error = v.error, mode = 'batch', served_model = v.served_model,"
+    "   output = v.output, response = v.response, input_tokens = v.input_tokens,"
+    "   cached_tokens = v.cached_tokens, output_tokens = v.output_tokens, reasoning_tokens = v.reasoning_tokens,"
+    "   cost_usd = v.cost_usd, baseline_cost_usd = v.baseline_cost_usd, finished_at = now(), updated_at = now()"
+    " FROM ingest_rows AS v WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
+    " RETURNING t.id, t.tenant_id, t.job_id, t.task_type, t.tier) "
+    "INSERT INTO ledger_entries (tenant_id, task_id, job_id, batch_id, task_type, tier, mode, provider,"
+    " requested_model, served_model, input_tokens, cached_tokens, output_tokens, reasoning_tokens, input_price,"
+    " cached_input_price, output_price, input_cost_usd, cached_input_cost_usd, output_cost_usd, cost_usd,"
+    " baseline_cost_usd, unpriced, usage_estimated) "
+    "SELECT m.tenant_id, m.id, m.job_id, :batch, m.task_type, m.tier, 'batch', :provider, :model,"
+    " v.served_model, v.input_tokens, v.cached_tokens, v.output_tokens, v.reasoning_tokens, v.input_price,"
+    " v.cached_input_price, v.output_price, v.input_cost_usd, v.cached_input_cost_usd, v.output_cost_usd,"
+    " v.cost_usd, v.baseline_cost_usd, v.cost_usd IS NULL, false "
+    "FROM moved AS m JOIN ingest_rows AS v ON v.id = m.id"
+)
+_LABELLED_REQUESTS = text(
+    "SELECT id, request->'response_format' AS response_format FROM tasks "
+    "WHERE id = ANY(CAST(:ids AS uuid[])) AND request ? 'response_format'"
+)
+
+
 def _ingest_successes(session: Session, prices: PriceBook, batch: ProviderBatch,
                       successes: dict[uuid.UUID, dict[str, Any]]) -> int:
+    """COPY the chunk's results into a temp table, then one guarded UPDATE … RETURNING feeding the
+    ledger INSERT: lines of tasks no longer in this batch move nothing and bill nothing."""
     ids = list(successes)
-    # lock this chunk's live tasks of this batch; anything else (escalated, cancelled, done) is skipped
-    live = session.execute(
-        select(Task.id, Task.tenant_id, Task.job_id, Task.task_type, Task.tier, Task.request)
-        .where(Task.id.in_(ids), Task.status == TaskStatus.IN_BATCH, Task.batch_id == batch.id)
-        .with_for_update()
-    ).all()
-    if not live:
-        return 0
-    requests = {row.id: row.request for row in live}
-    updates: list[dict[str, Any]] = []
-    ledger: list[dict[str, Any]] = []
-    for row in live:
-        body = successes[row.id]
+    labelled = {row.id: {"response_format": row.response_format}
+                for row in session.execute(_LABELLED_REQUESTS, {"ids": ids})}
+    rows = []
+    for task_id, body in successes.items():
         usage = usage_from_body(body)
         output = output_from_body(body)
         served = str(body.get("model") or batch.model)
         priced = prices.price(batch.provider, served, batch.model, usage, batch=True)
-        baseline = prices.baseline(usage)
-        cost: Decimal | None = priced.total if priced else None
-        problem = _labels_problem(requests, row.id, output)
-        updates.append({
-            "id": row.id, "status": "failed" if problem else "succeeded", "error": problem,
-            "served_model": served, "output": output, "response": json.dumps(body),
-            "input_tokens": usage.input_tokens, "cached_tokens": usage.cached_tokens,
-            "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
-            "cost_usd": cost, "baseline_cost_usd": baseline,
-        })
-        ledger.append({
-            "tenant_id": row.tenant_id, "task_id": row.id, "job_id": row.job_id, "batch_id": batch.id,
-            "task_type": row.task_type, "tier": row.tier, "mode": Mode.BATCH, "provider": batch.provider,
-            "requested_model": batch.model, "served_model": served,
-            "input_tokens": usage.input_tokens, "cached_tokens": usage.cached_tokens,
-            "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
-            "input_price": priced.prices.input if priced else None,
-            "cached_input_price": priced.prices.cached_input if priced else None,
-            "output_price": priced.prices.output if priced else None,
-            "input_cost_usd": priced.input_cost if priced else None,
-            "cached_input_cost_usd": priced.cached_input_cost if priced else None,
-            "output_cost_usd": priced.output_cost if priced else None,
-            "cost_usd": cost, "baseline_cost_usd": baseline, "unpriced": cost is None,
-        })
-    session.execute(text(
-        "UPDATE tasks AS t SET status = v.status::task_status, error = v.error, mode = 'batch', "
-        "  served_model = v.served_model, output = v.output, response = v.response::jsonb, "
-        "  input_tokens = v.input_tokens, cached_tokens = v.cached_tokens, output_tokens = v.output_tokens, "
-        "  reasoning_tokens = v.reasoning_tokens, cost_usd = v.cost_usd, baseline_cost_usd = v.baseline_cost_usd, "
-        "  finished_at = now(), updated_at = now() "
-        "FROM unnest(CAST(:ids AS uuid[]), CAST(:statuses AS text[]), CAST(:errors AS text[]), "
-        "            CAST(:served AS text[]), CAST(:outputs AS text[]), CAST(:responses AS text[]), "
-        "            CAST(:input AS bigint[]), CAST(:cached AS bigint[]), CAST(:output_tokens AS bigint[]), "
-        "            CAST(:reasoning AS bigint[]), CAST(:costs AS numeric[]), CAST(:baselines AS numeric[])) "
-        "  AS v(id, status, error, served_model, output, response, input_tokens, cached_tokens, "
-        "       output_tokens, reasoning_tokens, cost_usd, baseline_cost_usd) "
-        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
-    ), {
-        "ids": [u["id"] for u in updates], "statuses": [u["status"] for u in updates],
-        "errors": [u["error"] for u in updates], "served": [u["served_model"] for u in updates],
-        "outputs": [u["output"] for u in updates], "responses": [u["response"] for u in updates],
-        "input": [u["input_tokens"] for u in updates], "cached": [u["cached_tokens"] for u in updates],
-        "output_tokens": [u["output_tokens"] for u in updates],
-        "reasoning": [u["reasoning_tokens"] for u in updates],
-        "costs": [u["cost_usd"] for u in updates], "baselines": [u["baseline_cost_usd"] for u in updates],
-        "batch": batch.id,
-    })
-    session.execute(insert(LedgerEntry), ledger)
-    return len(updates)
+        problem = label_error(labelled[task_id], output) if task_id in labelled else None
+        unit = priced.prices if priced else None
+        rows.append((
+            task_id, "failed" if problem else "succeeded", problem, served, output,
+            orjson.dumps(body).decode(), usage.input_tokens, usage.cached_tokens, usage.output_tokens,
+            usage.reasoning_tokens, unit.input if unit else None, unit.cached_input if unit else None,
+            unit.output if unit else None, priced.input_cost if priced else None,
+            priced.cached_input_cost if priced else None, priced.output_cost if priced else None,
+            priced.total if priced else None, prices.baseline(usage),
+        ))
+    connection = session.connection()
+    connection.execute(text(_CREATE_INGEST_TABLE))
+    driver = connection.connection.driver_connection
+    assert driver is not None
+    with driver.cursor() as cursor:
+        with cursor.copy(f"COPY ingest_rows ({', '.join(_INGEST_COLUMNS)}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        cursor.execute("ANALYZE ingest_rows")
+    result = connection.execute(_APPLY_INGEST_ROWS, {"batch": batch.id, "provider": batch.provider,
+                                                     "model": batch.model})
+    written = result.rowcount
+    connection.execute(text("TRUNCATE ingest_rows"))  # the session may go on to another chunk
+    return written
 
 
 def return_lines_to_waiting(session: Session, config: AppConfig, batch_id: uuid.UUID,

@@ -66,6 +66,8 @@ class BatchConfig(_Section):
     escalate_before_deadline_seconds: float = Field(default=300.0, ge=0)
     # pause before resubmitting the halves of a batch the provider refused as a whole
     failed_batch_retry_seconds: float = Field(default=60.0, ge=0)
+    # output lines written per transaction while ingesting (bounded memory, bulk writes)
+    ingest_chunk_lines: int = Field(default=10_000, ge=100, le=100_000)
 
 
 class QualityConfig(_Section):

@@ -11,8 +11,11 @@ States of a model, read with one MGET per call:
   closes the circuit (deletes every key); its failure re-opens it with twice the cooldown, up to
   `max_cooldown_seconds`.
 
-A success on a closed model writes nothing, so the happy path costs one round trip. If Redis is
-unreachable, every model is treated as closed (calls are never refused because of the breaker).
+A success on a closed model writes nothing, and each process remembers a *healthy* model for
+`local_ttl` seconds (1 s), so the happy path usually costs no round trip at all; another process's trip
+is seen within that second, this process's own at once. Anything not healthy is read from Redis on
+every call, so a cooldown ends (or is cleared) for everyone at the same moment. If Redis is unreachable, every
+model is treated as closed (calls are never refused because of the breaker).
 Permanent errors (4xx other than 408/409/429) say nothing about the model's health and are ignored.
 """
 
@@ -20,7 +23,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -65,26 +69,48 @@ def _seconds(value: float) -> int:
 
 
 class Cooldown:
-    def __init__(self, client: aioredis.Redis, key_prefix: str = "", policy: CooldownPolicy | None = None) -> None:
+    def __init__(self, client: aioredis.Redis, key_prefix: str = "", policy: CooldownPolicy | None = None, *,
+                 local_ttl: float = 1.0, clock: Callable[[], float] = time.monotonic) -> None:
         self._redis = client
         self._prefix = f"{key_prefix}tierbatch:cooldown:"
         self.policy = policy or CooldownPolicy()
+        self._local_ttl = local_ttl
+        self._clock = clock
+        # (provider, model) → (trusted until, open, tripped): healthy models as this process last saw them
+        self._seen: dict[tuple[str, str], tuple[float, bool, bool]] = {}
 
     def _key(self, kind: str, ref: ModelRef) -> str:
         return f"{self._prefix}{kind}:{ref.provider}/{ref.model}"
 
+    def _remember(self, ref: ModelRef, is_open: bool, tripped: bool) -> None:
+        key = (ref.provider, ref.model)
+        if is_open or tripped:
+            self._seen.pop(key, None)  # only a healthy model is remembered
+        else:
+            self._seen[key] = (self._clock() + self._local_ttl, False, False)
+
+    async def _flags(self, chain: Sequence[ModelRef]) -> list[tuple[bool, bool]]:
+        """(open, tripped) per model: from this process's memory while fresh, else one MGET."""
+        now = self._clock()
+        remembered = [self._seen.get((ref.provider, ref.model)) for ref in chain]
+        if all(entry is not None and entry[0] > now for entry in remembered):
+            return [(entry[1], entry[2]) for entry in remembered if entry is not None]
+        values = await self._redis.mget([self._key(kind, ref) for ref in chain for kind in ("open", "trip")])
+        flags = [(values[2 * i] is not None, values[2 * i + 1] is not None) for i in range(len(chain))]
+        for ref, (is_open, tripped) in zip(chain, flags, strict=True):
+            self._remember(ref, is_open, tripped)
+        return flags
+
     async def admit(self, chain: Sequence[ModelRef]) -> list[Admission]:
         """The chain's models in order, each allowed or skipped; at most one probe per call."""
-        keys = [self._key(kind, ref) for ref in chain for kind in ("open", "trip")]
         try:
-            values = await self._redis.mget(keys)
+            flags = await self._flags(chain)
         except RedisError as exc:
             log.warning("cooldown state unreadable, treating every model as healthy: %s", exc)
             return [Admission(ref, True, False, CircuitState.CLOSED) for ref in chain]
         out: list[Admission] = []
         probing = False
-        for index, ref in enumerate(chain):
-            is_open, tripped = values[2 * index] is not None, values[2 * index + 1] is not None
+        for ref, (is_open, tripped) in zip(chain, flags, strict=True):
             if is_open:
                 out.append(Admission(ref, False, False, CircuitState.OPEN))
             elif not tripped:
@@ -105,6 +131,7 @@ class Cooldown:
             return True
 
     async def state(self, ref: ModelRef) -> CircuitState:
+        """What Redis says now (not this process's memory)."""
         values = await self._redis.mget([self._key("open", ref), self._key("trip", ref)])
         if values[0] is not None:
             return CircuitState.OPEN
@@ -113,6 +140,7 @@ class Cooldown:
     async def record_success(self, admission: Admission) -> None:
         if not admission.probe:
             return  # a closed model's success costs nothing
+        self._remember(admission.ref, False, False)
         try:
             await self._redis.delete(*(self._key(kind, admission.ref) for kind in ("open", "trip", "probe", "fail")))
         except RedisError as exc:
@@ -149,10 +177,12 @@ class Cooldown:
         policy = self.policy
         trip_key, open_key = self._key("trip", ref), self._key("open", ref)
         if not probe_failed and await self._redis.exists(open_key):
+            self._remember(ref, True, True)
             return True  # already cooling down (calls admitted before it opened are failing now)
         trips = int(await self._redis.incr(trip_key))
         if cooldown is None:
             cooldown = min(policy.base_cooldown_seconds * (2 ** (trips - 1)), policy.max_cooldown_seconds)
+        self._remember(ref, True, True)
         async with self._redis.pipeline(transaction=True) as pipe:
             pipe.set(open_key, str(trips), ex=_seconds(cooldown))
             # the trip marker outlives the cooldown: after it, one probe decides

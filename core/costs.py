@@ -250,7 +250,7 @@ def plan_segments(since: datetime | None, until: datetime | None, *, hourly: boo
         segments.append(Segment("daily", first_day, last_day))
     if until is not None and last_day is not None and last_day < until:
         segments.append(Segment("ledger", last_day, until))
-    return segments
+    return segments or [Segment("ledger", since, until)]  # an empty range
 
 
 def _dimension(name: str, source: str) -> ColumnElement[Any]:
@@ -426,7 +426,8 @@ def run_cost_query(session: Session, query: CostQuery, *, use_rollup: bool = Tru
         totals = sum((r.figures for r in rows), Figures())
     if "tenant" in dims and rows:
         ids = {uuid.UUID(r.dims["tenant"]) for r in rows}
-        names = dict(session.execute(select(Tenant.id, Tenant.name).where(Tenant.id.in_(ids))).tuples().all())
+        found = session.execute(select(Tenant.id, Tenant.name).where(Tenant.id.in_(ids)))
+        names = {row.id: row.name for row in found}
         for row in rows:
             row.dims["tenant_name"] = names.get(uuid.UUID(row.dims["tenant"]))
     return CostResult(dims, rows, totals, truncated, query.filters)
@@ -447,13 +448,17 @@ def money_text(value: Decimal | None) -> str | None:
     return format(value.normalize(), "f")
 
 
+OUTPUT_KEYS = {"job": "job_id", "tenant": "tenant_id"}  # dimension → its key in an answer row
+
+
 def result_body(result: CostResult) -> dict[str, Any]:
     """The JSON answer of `GET /v1/costs`: money as decimal strings."""
     f = result.filters
     return {
         "object": "cost_report", "group_by": list(result.group_by),
         "since": f.since.isoformat() if f.since else None, "until": f.until.isoformat() if f.until else None,
-        "rows": [{**row.dims, **figures_body(row.figures)} for row in result.rows],
+        "rows": [{**{OUTPUT_KEYS.get(k, k): v for k, v in row.dims.items()}, **figures_body(row.figures)}
+                 for row in result.rows],
         "totals": figures_body(result.totals), "truncated": result.truncated,
     }
 
@@ -601,23 +606,32 @@ def budget_status(session: Session, tenant_id: uuid.UUID, budget: Decimal) -> Bu
     return BudgetStatus(budget, row.month_start, spent, priced, pending, mean * pending)
 
 
-def apply_budget(session: Session, tenant_id: uuid.UUID, rows: list[dict[str, Any]], config: AppConfig) -> None:
-    """At task acceptance: nothing without a budget or below it; at or over it, policy `reject` raises
-    BudgetExceeded (402) and policy `downgrade` stores complex task rows as light, saying so in
-    `tier_reason`."""
-    if not rows:
-        return
+def check_budget(session: Session, tenant_id: uuid.UUID, config: AppConfig) -> str | None:
+    """The budget decision for new tasks of a tenant: None to accept them as they are; under policy
+    `reject`, BudgetExceeded (402) once the budget is reached; under `downgrade`, the `tier_reason` prefix
+    to store complex tasks as light with. For every path that creates tasks (insert_tasks uses it)."""
     budget = session.scalar(select(Tenant.monthly_budget_usd).where(Tenant.id == tenant_id))
     if budget is None:
-        return
+        return None
     status = budget_status(session, tenant_id, budget)
     if not status.reached:
-        return
+        return None
     if config.budget.policy == "reject":
         raise BudgetExceeded(f"monthly budget reached: {status.describe()}; new tasks are refused until the "
                              "budget is raised or the month ends")
+    return f"budget: monthly budget reached ({status.describe()}); complex downgraded to light"
+
+
+def apply_budget(session: Session, tenant_id: uuid.UUID, rows: list[dict[str, Any]], config: AppConfig) -> None:
+    """At task acceptance, on task rows about to be inserted: nothing without a budget or below it; at or
+    over it, `reject` raises BudgetExceeded (402) and `downgrade` stores complex rows as light, saying so in
+    `tier_reason`."""
+    if not rows:
+        return
+    reason = check_budget(session, tenant_id, config)
+    if reason is None:
+        return
     for row in rows:
         if row["tier"] is Tier.COMPLEX:
             row["tier"] = Tier.LIGHT
-            row["tier_reason"] = (f"budget: monthly budget reached ({status.describe()}); complex downgraded to "
-                                  f"light (was: {row['tier_reason']})")
+            row["tier_reason"] = f"{reason} (was: {row['tier_reason']})"

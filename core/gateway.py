@@ -11,19 +11,21 @@ A streamed call writes its rows when the stream ends, also when the client leave
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
 import math
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
 from typing import Any
 
 import anyio
-from sqlalchemy import Engine, text
+import psycopg
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import AppConfig, ImmediateConfig, ModelRef
@@ -452,39 +454,58 @@ _LEDGER_COLUMNS = ("tenant_id uuid", "task_id uuid", "task_type text", "tier tie
                    "usage_estimated boolean")
 
 
-def _unnest_insert(table: str, columns: Sequence[str], extra: Mapping[str, str]) -> Any:
-    """`INSERT INTO table (...) SELECT ... FROM unnest(:c1, :c2, ...)`: any number of rows, one statement,
-    one SQL text (enum and jsonb values travel as text and are cast per column)."""
+# Columns as they travel in the JSON parameter; enums travel as text and the provider's body as its raw
+# JSON text, cast on the way in.
+_CASTS = {"requested_tier": "requested_tier", "tier": "tier", "status": "task_status", "response": "jsonb"}
+
+
+def _recordset(param: str, columns: Sequence[str]) -> tuple[list[str], str]:
+    """(column names, `SELECT ... FROM json_to_recordset(%(param)s::json) AS v(...)`): any number of rows in
+    one text parameter (serialized by the json module in C; arrays of Python values cost far more)."""
     names = [c.split(" ", 1)[0] for c in columns]
-    types = [c.split(" ", 1)[1] for c in columns]
-    array_types = {"jsonb": "text", "requested_tier": "text", "tier": "text", "task_status": "text"}
-    arrays = ", ".join(f"CAST(:{n} AS {array_types.get(t, t)}[])" for n, t in zip(names, types, strict=True))
-    selected = ", ".join(f"v.{n}::{t}" if t in array_types else f"v.{n}" for n, t in zip(names, types, strict=True))
-    all_names = ", ".join([*names, *extra])
-    all_values = ", ".join([selected, *extra.values()])
-    return text(f"INSERT INTO {table} ({all_names}) SELECT {all_values} "
-                f"FROM unnest({arrays}) AS v({', '.join(names)})")
+    declared = ", ".join(f"{n} {'text' if n in _CASTS else c.split(' ', 1)[1]}" for n, c in zip(names, columns,
+                                                                                                 strict=True))
+    selected = ", ".join(f"v.{n}::{_CASTS[n]}" if n in _CASTS else f"v.{n}" for n in names)
+    return names, f"SELECT {selected}, {{extra}} FROM json_to_recordset(%({param})s::json) AS v({declared})"
 
 
-_INSERT_TASKS = _unnest_insert("tasks", _TASK_COLUMNS, {
-    "urgent": "true", "mode": "'immediate'::serve_mode", "finished_at": "now()", "updated_at": "now()"})
-_INSERT_LEDGER = _unnest_insert("ledger_entries", _LEDGER_COLUMNS, {"mode": "'immediate'::serve_mode"})
+def _write_sql() -> str:
+    """Both tables in ONE statement (a data-modifying CTE): in autocommit, one round trip is the whole
+    transaction, and the ledger's foreign key to the task is checked at the end of that statement."""
+    task_names, task_select = _recordset("tasks", _TASK_COLUMNS)
+    ledger_names, ledger_select = _recordset("ledger", _LEDGER_COLUMNS)
+    tasks = (f"INSERT INTO tasks ({', '.join(task_names)}, urgent, mode, finished_at, updated_at) "
+             + task_select.format(extra="true, 'immediate'::serve_mode, now(), now()"))
+    ledger = (f"INSERT INTO ledger_entries ({', '.join(ledger_names)}, mode) "
+              + ledger_select.format(extra="'immediate'::serve_mode"))
+    return f"WITH written_tasks AS ({tasks} RETURNING id) {ledger}"
+
+
+_WRITE_SQL = _write_sql()
 
 
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-def write_call_records(engine: Engine, records: Sequence[CallRecord]) -> None:
-    """Every record's task row and ledger row (if any), in one transaction."""
-    tasks: dict[str, list[Any]] = {c.split(" ", 1)[0]: [] for c in _TASK_COLUMNS}
-    ledger: dict[str, list[Any]] = {c.split(" ", 1)[0]: [] for c in _LEDGER_COLUMNS}
+def _json_value(value: Any) -> str:
+    """UUIDs, decimals and timestamps as Postgres reads them back from text."""
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+_dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"), default=_json_value)
+
+
+def record_params(records: Sequence[CallRecord]) -> dict[str, str]:
+    """The statement's two parameters: the task rows and the ledger rows, each a JSON array of objects."""
+    tasks: list[dict[str, Any]] = []
+    ledger: list[dict[str, Any]] = []
     for r in records:
         usage = r.usage
-        values = {
+        tasks.append({
             "id": r.task_id, "tenant_id": r.tenant_id, "task_type": r.route.task_type,
             "requested_tier": r.route.requested_tier.value, "tier": r.route.tier.value,
-            "tier_reason": r.route.reason, "request": _json(r.request), "metadata": _json(r.metadata),
+            "tier_reason": r.route.reason, "request": r.request, "metadata": r.metadata,
             "status": r.status, "provider": r.provider, "model": r.requested_model, "served_model": r.served_model,
             "output": r.output, "response": r.response_json,
             "input_tokens": usage.input_tokens if usage else None,
@@ -493,13 +514,11 @@ def write_call_records(engine: Engine, records: Sequence[CallRecord]) -> None:
             "reasoning_tokens": usage.reasoning_tokens if usage else None,
             "cost_usd": r.cost_usd, "baseline_cost_usd": r.baseline_cost_usd, "attempts": r.attempts,
             "error": r.error, "created_at": r.created_at, "started_at": r.started_at,
-        }
-        for key, value in values.items():
-            tasks[key].append(value)
+        })
         if usage is None or r.provider is None:
             continue
         priced = r.prices
-        row = {
+        ledger.append({
             "tenant_id": r.tenant_id, "task_id": r.task_id, "task_type": r.route.task_type,
             "tier": r.route.tier.value, "provider": r.provider, "requested_model": r.requested_model,
             "served_model": r.served_model, "input_tokens": usage.input_tokens,
@@ -513,13 +532,45 @@ def write_call_records(engine: Engine, records: Sequence[CallRecord]) -> None:
             "output_cost_usd": priced.output_cost if priced else None,
             "cost_usd": r.cost_usd, "baseline_cost_usd": r.baseline_cost_usd, "unpriced": r.cost_usd is None,
             "latency_ms": r.latency_ms, "usage_estimated": r.usage_estimated,
-        }
-        for key, value in row.items():
-            ledger[key].append(value)
-    with engine.begin() as connection:
-        connection.execute(_INSERT_TASKS, tasks)
-        if ledger["task_id"]:
-            connection.execute(_INSERT_LEDGER, ledger)
+        })
+    return {"tasks": _dumps(tasks), "ledger": _dumps(ledger)}
+
+
+class CallWriter:
+    """Writes call records on the event loop, over one dedicated autocommit connection (opened on first
+    use, reopened after an error): a group of records is one statement, one round trip, one transaction.
+
+    With `durable=False` (the default) the connection uses `synchronous_commit = off`: the commit does
+    not wait for the WAL flush (the disk's fsync, most of a write's latency). A commit is still atomic and
+    ordered; only a crash of Postgres itself (not a clean restart, not a crash of the API) can lose the
+    last fraction of a second of records. `durable=True` waits for the flush, like every other write.
+    """
+
+    def __init__(self, dsn: str, *, durable: bool = False) -> None:
+        self._dsn = dsn
+        self._durable = durable
+        self._connection: psycopg.AsyncConnection[Any] | None = None
+
+    async def _connect(self) -> psycopg.AsyncConnection[Any]:
+        connection = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
+        if not self._durable:
+            await connection.execute("SET synchronous_commit = off")
+        return connection
+
+    async def write(self, records: Sequence[CallRecord]) -> None:
+        try:
+            if self._connection is None or self._connection.closed:
+                self._connection = await self._connect()
+            await self._connection.execute(_WRITE_SQL, record_params(records))
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def aclose(self) -> None:
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            with contextlib.suppress(Exception):
+                await connection.close()
 
 
 class Recorder:
@@ -529,7 +580,7 @@ class Recorder:
     group that fails is retried record by record, so one bad row cannot sink the others.
     """
 
-    def __init__(self, write: Callable[[Sequence[CallRecord]], None], max_group: int = 500) -> None:
+    def __init__(self, write: Callable[[Sequence[CallRecord]], Awaitable[None]], max_group: int = 500) -> None:
         self._write = write
         self._max_group = max_group
         self._pending: list[tuple[CallRecord, asyncio.Future[None]]] = []
@@ -546,7 +597,7 @@ class Recorder:
         while self._pending:
             group, self._pending = self._pending[:self._max_group], self._pending[self._max_group:]
             try:
-                await anyio.to_thread.run_sync(self._write, [r for r, _ in group])
+                await self._write([r for r, _ in group])
             except Exception:
                 if len(group) == 1:
                     log.exception("could not record gateway call %s", group[0][0].task_id)
@@ -554,7 +605,7 @@ class Recorder:
                     continue
                 for record, future in group:
                     try:
-                        await anyio.to_thread.run_sync(self._write, [record])
+                        await self._write([record])
                     except Exception as exc:
                         log.exception("could not record gateway call %s", record.task_id)
                         _settle(future, exc)
@@ -605,33 +656,34 @@ def error_for(exhausted: ChainExhausted, cooling_retry_after: float | None) -> G
     retryable = [e for e in errors if isinstance(e, RetryableProviderError)]
     if not retryable:
         last: ProviderError = errors[-1]
-        status = last.status_code if last.status_code in _CLIENT_STATUSES else 502
-        kind = "invalid_request_error" if status != 502 else "upstream_error"
-        return GatewayError(status or 502, last.message, kind, None, None)
+        client_status = last.status_code if last.status_code in _CLIENT_STATUSES else None
+        kind = "invalid_request_error" if client_status else "upstream_error"
+        return GatewayError(client_status or 502, last.message, kind, None, None)
     if all(e.status_code == 429 for e in retryable):
         hints = [e.retry_after for e in retryable if e.retry_after is not None]
-        wait = min(hints) if hints else 1.0
-        headers = {"retry-after": str(max(1, math.ceil(wait))), "retry-after-ms": str(int(wait * 1000))}
+        hint = min(hints) if hints else 1.0
+        headers = {"retry-after": str(max(1, math.ceil(hint))), "retry-after-ms": str(int(hint * 1000))}
         return GatewayError(429, retryable[-1].message, "requests", None, "rate_limit_exceeded", headers)
     last_retryable = retryable[-1]
-    status = last_retryable.status_code
-    if status is None:
+    upstream_status = last_retryable.status_code
+    if upstream_status is None:
         timeout = "timed out" in last_retryable.message
         return GatewayError(504 if timeout else 502, last_retryable.message, "server_error", None,
                             "upstream_timeout" if timeout else "upstream_unreachable")
-    if status < 500:
-        status = 502  # 408/409 after every retry: the upstream did not manage
-    return GatewayError(status, last_retryable.message, "server_error", None, None)
+    # 408/409 after every retry: the upstream did not manage
+    return GatewayError(upstream_status if upstream_status >= 500 else 502, last_retryable.message, "server_error",
+                        None, None)
 
 
 class Gateway:
     def __init__(self, config: AppConfig, providers: AsyncProviderClients, cooldown: Cooldown, prices: PriceBook,
-                 engine: Engine) -> None:
+                 database_dsn: str, *, durable_records: bool = False) -> None:
         self.config = config
         self.providers = providers
         self.cooldown = cooldown
         self.prices = prices
-        self.recorder = Recorder(lambda records: write_call_records(engine, records))
+        self.writer = CallWriter(database_dsn, durable=durable_records)
+        self.recorder = Recorder(self.writer.write)
         self.policy: ImmediateConfig = config.immediate
 
     def warm_prices(self) -> None:
@@ -696,7 +748,9 @@ class Gateway:
         try:
             answer, calls = await self._call_chain(call.route.chain, opener)
         except ChainExhausted as exhausted:
-            error = error_for(exhausted, await self._cooling_retry_after(call.route.chain))
+            error = error_for(exhausted, await self._cooling_retry_after(call.route.chain)
+                              if not exhausted.errors else None)
+            error.headers["x-tierbatch-task-id"] = str(task_id)
             await self.recorder.record(CallRecord(
                 task_id, tenant_id, call.route, call.request, call.metadata, "failed",
                 max(1, len(exhausted.errors)), call.received_at, started,
@@ -726,7 +780,9 @@ class Gateway:
         try:
             stream, calls = await self._call_chain(call.route.chain, opener)
         except ChainExhausted as exhausted:
-            error = error_for(exhausted, await self._cooling_retry_after(call.route.chain))
+            error = error_for(exhausted, await self._cooling_retry_after(call.route.chain)
+                              if not exhausted.errors else None)
+            error.headers["x-tierbatch-task-id"] = str(task_id)
             await self.recorder.record(CallRecord(
                 task_id, tenant_id, call.route, call.request, call.metadata, "failed",
                 max(1, len(exhausted.errors)), call.received_at, started,
@@ -736,6 +792,7 @@ class Gateway:
 
     async def aclose(self) -> None:
         await self.recorder.aclose()
+        await self.writer.aclose()
 
 
 # --- streaming ---------------------------------------------------------------------------------------

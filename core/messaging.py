@@ -19,6 +19,11 @@ ASSEMBLE_BATCHES = "tierbatch.batch.assemble"
 SUBMIT_BATCH = "tierbatch.batch.submit"
 POLL_BATCHES = "tierbatch.batch.poll"
 INGEST_BATCH = "tierbatch.batch.ingest"
+# scheduled classification (issue 7)
+SCHEDULE_TICK = "tierbatch.schedules.tick"
+SCHEDULE_RUN = "tierbatch.schedules.run"
+SCHEDULE_FINISH = "tierbatch.schedules.finish"
+SCHEDULE_WEBHOOK = "tierbatch.schedules.webhook"
 
 QUEUE_DISPATCH = "dispatch"
 QUEUE_IMMEDIATE = "immediate"
@@ -34,6 +39,11 @@ TASK_ROUTES = {
     SUBMIT_BATCH: {"queue": QUEUE_BATCH},
     POLL_BATCHES: {"queue": QUEUE_BATCH},
     INGEST_BATCH: {"queue": QUEUE_BATCH},
+    # scheduled classification (issue 7): bulk work on the batch queue, webhooks beside dispatch
+    SCHEDULE_TICK: {"queue": QUEUE_DISPATCH},
+    SCHEDULE_RUN: {"queue": QUEUE_BATCH},
+    SCHEDULE_FINISH: {"queue": QUEUE_BATCH},
+    SCHEDULE_WEBHOOK: {"queue": QUEUE_DISPATCH},
 }
 
 # Chunk size for dispatch messages on bulk paths: never one message per task.

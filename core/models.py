@@ -135,6 +135,9 @@ class Task(Base):
               postgresql_where=text("status IN ('queued', 'running')")),
         Index("ix_tasks_waiting_batch", "provider", "model", "created_at",
               postgresql_where=text("status = 'waiting_batch'")),
+        # deadline escalation looks only at batch-path tasks that have a deadline
+        Index("ix_tasks_batch_deadline", "deadline",
+              postgresql_where=text("deadline IS NOT NULL AND status IN ('waiting_batch', 'in_batch')")),
         # budgets (issue 4): a tenant's not-yet-finished tasks, counted for the pending-spend estimate
         Index("ix_tasks_tenant_live", "tenant_id",
               postgresql_where=text("status IN ('queued', 'waiting_batch', 'in_batch', 'running')")),

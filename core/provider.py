@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import email.utils
 import inspect
+import json
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -267,15 +268,17 @@ class ChatStream:
 
 
 class AsyncProviderClients:
-    """One `openai.AsyncOpenAI` client per provider for the API's immediate calls.
-
-    Bodies go out as given and come back as raw bytes (no typed models on the hot path), so fields
-    the SDK does not model are relayed too; errors are mapped exactly like the worker's.
+    """The API's immediate calls: one pooled async HTTP client per provider, on the SDK's own transport
+    (`httpx2`), posting the body as given and keeping the answer as raw bytes. No typed models on the
+    hot path (the SDK's request machinery costs about a third of a millisecond a call), so fields the
+    SDK does not model are relayed too. Error statuses become the SDK's own exception types (built by
+    its client from the response) and are mapped by `map_openai_error`, exactly like the worker's.
     """
 
     def __init__(self, config: AppConfig) -> None:
         self._config = config
         self._clients: dict[str, openai.AsyncOpenAI] = {}
+        self._http: dict[str, httpx2.AsyncClient] = {}
 
     def client(self, provider: str) -> openai.AsyncOpenAI:
         if provider not in self._clients:
@@ -286,23 +289,53 @@ class AsyncProviderClients:
             )
         return self._clients[provider]
 
+    def http(self, provider: str) -> httpx2.AsyncClient:
+        if provider not in self._http:
+            provider_config = self._config.provider(provider)
+            self._http[provider] = httpx2.AsyncClient(
+                base_url=provider_config.base_url.rstrip("/") + "/",
+                headers={"Authorization": f"Bearer {self._config.api_key(provider)}",
+                         "Content-Type": "application/json", "Accept": "application/json"},
+                timeout=provider_config.timeout_seconds,
+                limits=httpx2.Limits(max_connections=256, max_keepalive_connections=64),
+            )
+        return self._http[provider]
+
     async def aclose(self) -> None:
+        for http in self._http.values():
+            await http.aclose()
+        self._http.clear()
         for client in self._clients.values():
             await client.close()
         self._clients.clear()
 
+    def _status_error(self, response: httpx2.Response, provider: str, model: str) -> ProviderError:
+        # the SDK's client turns an error response into its exception type (RateLimitError, ...)
+        exc = self.client(provider)._make_status_error_from_response(response)
+        return map_openai_error(exc, provider, model)
+
+    @staticmethod
+    def _transport_error(exc: Exception, provider: str, model: str) -> ProviderError:
+        if isinstance(exc, httpx2.TimeoutException):
+            return RetryableProviderError(f"{provider}/{model}: request timed out", provider=provider, model=model)
+        return RetryableProviderError(f"{provider}/{model}: connection failed: {type(exc).__name__}: {exc}",
+                                      provider=provider, model=model)
+
     async def chat(self, provider: str, model: str, request: Mapping[str, Any]) -> RawChatAnswer:
         started = time.perf_counter()
+        payload = json.dumps({**request, "model": model}, ensure_ascii=False).encode()
         try:
-            response = await self.client(provider).post(
-                "/chat/completions", body={**request, "model": model}, cast_to=httpx2.Response)
-            content = await response.aread()
-            body = response.json()
-        except openai.OpenAIError as exc:
-            raise map_openai_error(exc, provider, model) from exc
-        except (httpx2.HTTPError, ValueError) as exc:
-            raise RetryableProviderError(f"{provider}/{model}: unreadable answer: {type(exc).__name__}: {exc}",
-                                         provider=provider, model=model) from exc
+            response = await self.http(provider).post("chat/completions", content=payload)
+        except httpx2.HTTPError as exc:
+            raise self._transport_error(exc, provider, model) from exc
+        if response.status_code >= 400:
+            raise self._status_error(response, provider, model)
+        content = response.content
+        try:
+            body = json.loads(content)
+        except ValueError as exc:
+            raise RetryableProviderError(f"{provider}/{model}: the answer is not JSON", provider=provider,
+                                         model=model) from exc
         if not isinstance(body, dict):
             raise RetryableProviderError(f"{provider}/{model}: the answer is not a JSON object",
                                          provider=provider, model=model)
@@ -310,10 +343,19 @@ class AsyncProviderClients:
 
     async def open_stream(self, provider: str, model: str, request: Mapping[str, Any]) -> ChatStream:
         """Start a streamed call; returns once the provider answered 200 (errors raise before any byte)."""
+        payload = json.dumps({**request, "model": model, "stream": True}, ensure_ascii=False).encode()
+        http = self.http(provider)
         try:
-            response = await self.client(provider).post(
-                "/chat/completions", body={**request, "model": model, "stream": True},
-                cast_to=httpx2.Response, stream=True)
-        except openai.OpenAIError as exc:
-            raise map_openai_error(exc, provider, model) from exc
+            response = await http.send(http.build_request("POST", "chat/completions", content=payload,
+                                                          headers={"Accept": "text/event-stream"}), stream=True)
+        except httpx2.HTTPError as exc:
+            raise self._transport_error(exc, provider, model) from exc
+        if response.status_code >= 400:
+            try:
+                await response.aread()
+            except httpx2.HTTPError as exc:
+                raise self._transport_error(exc, provider, model) from exc
+            finally:
+                await response.aclose()
+            raise self._status_error(response, provider, model)
         return ChatStream(provider, model, response)

@@ -19,7 +19,7 @@ import glob
 import json
 import os
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -161,7 +161,7 @@ def read_csv(path: str, id_field: str, text_field: str) -> Iterator[SourceRow]:
             raise SourceError(f"{path}: not UTF-8 text ({exc.reason})") from None
 
 
-def read_files(spec: Mapping[str, Any], roots: Sequence[str] = ()) -> Iterator[SourceRow]:
+def read_files(spec: Mapping[str, Any], roots: Sequence[str] = ()) -> Generator[SourceRow, None, None]:
     """Every row of every file the path or glob matches, in file-name order."""
     paths = matching_files(str(spec["path"]), roots)
     id_field, text_field = str(spec.get("id_field", "id")), str(spec.get("text_field", "text"))
@@ -209,7 +209,7 @@ def source_url(spec: Mapping[str, Any], environ: Mapping[str, str], own_database
 
 
 def read_sql(spec: Mapping[str, Any], cursor: Any, environ: Mapping[str, str],
-             own_database_url: str | None = None) -> Iterator[SourceRow]:
+             own_database_url: str | None = None) -> Generator[SourceRow, None, None]:
     """The query's rows through a server-side cursor; `:cursor` is bound to `cursor` when the query has it."""
     url = source_url(spec, environ, own_database_url)
     id_field, text_field = str(spec.get("id_field", "id")), str(spec.get("text_field", "text"))
@@ -230,9 +230,7 @@ def read_sql(spec: Mapping[str, Any], cursor: Any, environ: Mapping[str, str],
             if missing:
                 raise SourceError(f"source query: the result has no column {missing[0]!r} "
                                   f"(columns: {', '.join(columns)})")
-            number = 0
-            for row in result.mappings():
-                number += 1
+            for number, row in enumerate(result.mappings(), start=1):
                 where = f"source query row {number}"
                 yield SourceRow(_id_of(row[id_field], where, id_field), _text_of(row[text_field], where, text_field),
                                 row[cursor_field] if cursor_field else None)

@@ -7,7 +7,7 @@ from datetime import timedelta
 from celery import Celery
 
 from core.config import AppConfig
-from core.messaging import ASSEMBLE_BATCHES, POLL_BATCHES, RECONCILE, celery_settings
+from core.messaging import ASSEMBLE_BATCHES, POLL_BATCHES, RECONCILE, SCHEDULE_TICK, celery_settings
 from core.settings import Settings
 
 
@@ -17,6 +17,9 @@ def beat_schedule(config: AppConfig) -> dict[str, dict[str, object]]:
         "assemble-batches": {"task": ASSEMBLE_BATCHES,
                              "schedule": timedelta(seconds=config.batch.assemble_interval_seconds)},
         "poll-batches": {"task": POLL_BATCHES, "schedule": timedelta(seconds=config.batch.poll_interval_seconds)},
+        # scheduled classification (issue 7): cron has minute resolution; a run starts within a few seconds
+        "schedules-tick": {"task": SCHEDULE_TICK,
+                           "schedule": timedelta(seconds=min(5.0, config.batch.poll_interval_seconds))},
     }
 
 
@@ -25,6 +28,7 @@ def create_celery_app(settings: Settings, config: AppConfig) -> Celery:
     app.conf.update(celery_settings(settings))
     app.conf.beat_schedule = beat_schedule(config)
     # registers the shared tasks with this app
+    import worker.schedules  # scheduled classification (issue 7)
     import worker.tasks  # noqa: F401
 
     return app

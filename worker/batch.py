@@ -43,7 +43,6 @@ from worker.context import WorkerContext
 from worker.faults import pause_point
 
 log = logging.getLogger(__name__)
-INGEST_CHUNK = 2000
 
 
 def assemble_batches(ctx: WorkerContext) -> tuple[list[uuid.UUID], list[ClaimedBatch]]:
@@ -65,10 +64,10 @@ def assemble_batches(ctx: WorkerContext) -> tuple[list[uuid.UUID], list[ClaimedB
 
 
 @contextmanager
-def submission_lock(ctx: WorkerContext, batch_id: uuid.UUID) -> Iterator[bool]:
-    """A session-level advisory lock on its own connection: only one submitter per batch at a time,
+def batch_lock(ctx: WorkerContext, step: str, batch_id: uuid.UUID) -> Iterator[bool]:
+    """A session-level advisory lock on its own connection: one worker per (step, batch) at a time,
     released by Postgres itself if this process dies."""
-    key = f"tierbatch.submit:{batch_id}"
+    key = f"tierbatch.{step}:{batch_id}"
     with ctx.engine.connect() as connection:
         got = bool(connection.scalar(text("SELECT pg_try_advisory_lock(hashtext(:key))"), {"key": key}))
         connection.commit()
@@ -86,7 +85,7 @@ def submit_batch(ctx: WorkerContext, batch_id: uuid.UUID) -> float | None:
     No claim is submitted twice: a create attempt is counted before it is made, and a batch with a
     counted attempt first looks for a provider batch carrying its `tierbatch_batch_id`.
     """
-    with submission_lock(ctx, batch_id) as got:
+    with batch_lock(ctx, "submit", batch_id) as got:
         if not got:
             return None  # another worker is submitting it
         with ctx.sessions.begin() as session:
@@ -160,7 +159,18 @@ def poll_batches(ctx: WorkerContext) -> list[uuid.UUID]:
 
 def ingest_batch(ctx: WorkerContext, batch_id: uuid.UUID,
                  resubmit: Callable[[uuid.UUID, float], None]) -> int:
-    """Stream the output and error files into results and ledger rows, chunk by chunk."""
+    """Stream the output and error files into results and ledger rows, chunk by chunk.
+
+    One ingester per batch at a time (a duplicate message for a batch being ingested does nothing);
+    a crashed ingester's batch is resumed by the reconciler, and already-written lines are skipped.
+    """
+    with batch_lock(ctx, "ingest", batch_id) as got:
+        if not got:
+            return 0
+        return _ingest_locked(ctx, batch_id, resubmit)
+
+
+def _ingest_locked(ctx: WorkerContext, batch_id: uuid.UUID, resubmit: Callable[[uuid.UUID, float], None]) -> int:
     with ctx.sessions.begin() as session:
         batch = session.get(ProviderBatch, batch_id)
     if batch is None or batch.status is not BatchStatus.INGESTING:
@@ -176,7 +186,7 @@ def ingest_batch(ctx: WorkerContext, batch_id: uuid.UUID,
         chunk: list[str] = []
         for line in api.iter_file_lines(file_id):
             chunk.append(line)
-            if len(chunk) >= INGEST_CHUNK:
+            if len(chunk) >= ctx.config.batch.ingest_chunk_lines:
                 written += _ingest_chunk(ctx, batch, chunk)
                 chunk = []
                 if first_chunk:

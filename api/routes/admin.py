@@ -9,7 +9,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import AdminDep, SessionDep
+from api.deps import AdminDep, ContextDep, SessionDep
 from api.serialize import money
 from core.errors import NotFound
 from core.models import Tenant
@@ -40,15 +40,17 @@ class TenantPatch(BaseModel):
 
 
 @router.patch("/tenants/{tenant_id}")
-def patch(tenant_id: str, body: TenantPatch, _: AdminDep, session: SessionDep) -> dict[str, Any]:
+def patch(tenant_id: str, body: TenantPatch, _: AdminDep, ctx: ContextDep) -> dict[str, Any]:
     try:
         key = uuid.UUID(tenant_id)
     except ValueError:
         raise NotFound(f"no tenant {tenant_id}") from None
-    tenant = session.get(Tenant, key, with_for_update=True)
-    if tenant is None:
-        raise NotFound(f"no tenant {tenant_id}")
-    tenant.monthly_budget_usd = body.monthly_budget_usd
-    return {"id": str(tenant.id), "object": "tenant", "name": tenant.name,
-            "monthly_budget_usd": money(tenant.monthly_budget_usd)}
+    # committed before the answer is sent (SessionDep commits after it), so the next request sees it
+    with ctx.sessions.begin() as session:
+        tenant = session.get(Tenant, key, with_for_update=True)
+        if tenant is None:
+            raise NotFound(f"no tenant {tenant_id}")
+        tenant.monthly_budget_usd = body.monthly_budget_usd
+        return {"id": str(tenant.id), "object": "tenant", "name": tenant.name,
+                "monthly_budget_usd": money(tenant.monthly_budget_usd)}
 # --- end budgets -------------------------------------------------------------------------------------

@@ -109,6 +109,28 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs'))
     )
     op.create_index(op.f('ix_jobs_tenant_id'), 'jobs', ['tenant_id'], unique=False)
+    op.create_table('schedules',
+    sa.Column('id', sa.UUID(), nullable=False),
+    sa.Column('tenant_id', sa.UUID(), nullable=False),
+    sa.Column('name', sa.Text(), nullable=False),
+    sa.Column('cron', sa.Text(), nullable=False),
+    sa.Column('timezone', sa.Text(), nullable=False),
+    sa.Column('enabled', sa.Boolean(), nullable=False),
+    sa.Column('job', postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+    sa.Column('source', postgresql.JSONB(astext_type=sa.Text()), nullable=False),
+    sa.Column('sink', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    sa.Column('webhook_url', sa.Text(), nullable=True),
+    sa.Column('webhook_secret', sa.Text(), nullable=False),
+    sa.Column('cursor', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    sa.Column('next_fire_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('last_fire_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_schedules_tenant_id_tenants')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_schedules')),
+    sa.UniqueConstraint('tenant_id', 'name', name='uq_schedules_tenant_name')
+    )
+    op.create_index('ix_schedules_due', 'schedules', ['next_fire_at'], unique=False, postgresql_where=sa.text('enabled'))
     op.create_table('client_batches',
     sa.Column('id', sa.Text(), nullable=False),
     sa.Column('tenant_id', sa.UUID(), nullable=False),
@@ -145,6 +167,45 @@ def upgrade() -> None:
     sa.ForeignKeyConstraint(['file_id'], ['files.id'], name=op.f('fk_file_parts_file_id_files'), ondelete='CASCADE'),
     sa.PrimaryKeyConstraint('file_id', 'part', name=op.f('pk_file_parts'))
     )
+    op.create_table('schedule_runs',
+    sa.Column('id', sa.UUID(), nullable=False),
+    sa.Column('schedule_id', sa.UUID(), nullable=False),
+    sa.Column('tenant_id', sa.UUID(), nullable=False),
+    sa.Column('fire_time', sa.DateTime(timezone=True), nullable=False),
+    sa.Column('trigger', sa.Text(), nullable=False),
+    sa.Column('status', sa.Text(), nullable=False),
+    sa.Column('phase', sa.Text(), nullable=False),
+    sa.Column('job_id', sa.UUID(), nullable=True),
+    sa.Column('retry_job_id', sa.UUID(), nullable=True),
+    sa.Column('task_count', sa.Integer(), nullable=False),
+    sa.Column('skipped_count', sa.Integer(), nullable=False),
+    sa.Column('source_counts', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    sa.Column('counts', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    sa.Column('label_counts', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    sa.Column('cost_usd', sa.Numeric(precision=20, scale=10), nullable=True),
+    sa.Column('cursor_before', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    sa.Column('cursor_after', postgresql.JSONB(astext_type=sa.Text()), nullable=True),
+    sa.Column('sink_path', sa.Text(), nullable=True),
+    sa.Column('error', sa.Text(), nullable=True),
+    sa.Column('webhook_status', sa.Text(), nullable=True),
+    sa.Column('webhook_body', sa.Text(), nullable=True),
+    sa.Column('nudged_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.Column('finished_at', sa.DateTime(timezone=True), nullable=True),
+    sa.CheckConstraint("(status IN ('succeeded', 'failed')) = (finished_at IS NOT NULL)", name=op.f('ck_schedule_runs_finished_at_iff_terminal')),
+    sa.CheckConstraint("phase IN ('pending', 'classifying', 'retrying', 'done')", name=op.f('ck_schedule_runs_phase_valid')),
+    sa.CheckConstraint("status IN ('running', 'succeeded', 'failed')", name=op.f('ck_schedule_runs_status_valid')),
+    sa.ForeignKeyConstraint(['job_id'], ['jobs.id'], name=op.f('fk_schedule_runs_job_id_jobs')),
+    sa.ForeignKeyConstraint(['retry_job_id'], ['jobs.id'], name=op.f('fk_schedule_runs_retry_job_id_jobs')),
+    sa.ForeignKeyConstraint(['schedule_id'], ['schedules.id'], name=op.f('fk_schedule_runs_schedule_id_schedules'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_schedule_runs_tenant_id_tenants')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_schedule_runs')),
+    sa.UniqueConstraint('schedule_id', 'fire_time', name='uq_schedule_runs_schedule_fire_time')
+    )
+    op.create_index('ix_schedule_runs_open', 'schedule_runs', ['phase'], unique=False, postgresql_where=sa.text("status = 'running'"))
+    op.create_index('ix_schedule_runs_schedule_created', 'schedule_runs', ['schedule_id', 'created_at'], unique=False)
+    op.create_index('ix_schedule_runs_webhook_pending', 'schedule_runs', ['id'], unique=False, postgresql_where=sa.text("webhook_status = 'pending'"))
     op.create_table('tasks',
     sa.Column('id', sa.UUID(), nullable=False),
     sa.Column('tenant_id', sa.UUID(), nullable=False),
@@ -192,12 +253,39 @@ def upgrade() -> None:
     sa.UniqueConstraint('tenant_id', 'idempotency_key', name='uq_tasks_tenant_idempotency_key')
     )
     op.create_index('ix_tasks_batch', 'tasks', ['batch_id'], unique=False, postgresql_where=sa.text('batch_id IS NOT NULL'))
+    op.create_index('ix_tasks_batch_deadline', 'tasks', ['deadline'], unique=False, postgresql_where=sa.text("deadline IS NOT NULL AND status IN ('waiting_batch', 'in_batch')"))
     op.create_index('ix_tasks_job', 'tasks', ['job_id'], unique=False, postgresql_where=sa.text('job_id IS NOT NULL'))
     op.create_index('ix_tasks_live', 'tasks', ['status', 'dispatched_at'], unique=False, postgresql_where=sa.text("status IN ('queued', 'running')"))
     op.create_index('ix_tasks_tenant_created', 'tasks', ['tenant_id', 'created_at', 'id'], unique=False)
     op.create_index('ix_tasks_tenant_live', 'tasks', ['tenant_id'], unique=False, postgresql_where=sa.text("status IN ('queued', 'waiting_batch', 'in_batch', 'running')"))
     op.create_index('ix_tasks_waiting_batch', 'tasks', ['provider', 'model', 'created_at'], unique=False, postgresql_where=sa.text("status = 'waiting_batch'"))
     op.create_index('uq_tasks_job_item', 'tasks', ['job_id', 'item_id'], unique=True, postgresql_where=sa.text('job_id IS NOT NULL'))
+    op.create_table('classifications',
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
+    sa.Column('schedule_id', sa.UUID(), nullable=False),
+    sa.Column('run_id', sa.UUID(), nullable=False),
+    sa.Column('tenant_id', sa.UUID(), nullable=False),
+    sa.Column('item_id', sa.Text(), nullable=False),
+    sa.Column('text_hash', sa.Text(), nullable=False),
+    sa.Column('task_id', sa.UUID(), nullable=True),
+    sa.Column('status', sa.Text(), nullable=False),
+    sa.Column('label', sa.Text(), nullable=True),
+    sa.Column('output', sa.Text(), nullable=True),
+    sa.Column('model', sa.Text(), nullable=True),
+    sa.Column('cost_usd', sa.Numeric(precision=20, scale=10), nullable=True),
+    sa.Column('error', sa.Text(), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.Column('classified_at', sa.DateTime(timezone=True), nullable=True),
+    sa.CheckConstraint("status IN ('pending', 'succeeded', 'failed')", name=op.f('ck_classifications_status_valid')),
+    sa.ForeignKeyConstraint(['run_id'], ['schedule_runs.id'], name=op.f('fk_classifications_run_id_schedule_runs'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['schedule_id'], ['schedules.id'], name=op.f('fk_classifications_schedule_id_schedules'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['task_id'], ['tasks.id'], name=op.f('fk_classifications_task_id_tasks')),
+    sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_classifications_tenant_id_tenants')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_classifications')),
+    sa.UniqueConstraint('run_id', 'item_id', name='uq_classifications_run_item')
+    )
+    op.create_index('ix_classifications_task', 'classifications', ['task_id'], unique=False)
+    op.create_index('uq_classifications_schedule_item', 'classifications', ['schedule_id', 'item_id', 'text_hash'], unique=True, postgresql_where=sa.text("status <> 'failed'"))
     op.create_table('ledger_entries',
     sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
     sa.Column('tenant_id', sa.UUID(), nullable=False),
@@ -238,25 +326,51 @@ def upgrade() -> None:
     op.create_index('ix_ledger_entries_job', 'ledger_entries', ['job_id'], unique=False, postgresql_where=sa.text('job_id IS NOT NULL'))
     op.create_index('ix_ledger_entries_tenant_created', 'ledger_entries', ['tenant_id', 'created_at'], unique=False)
     op.create_index('uq_ledger_entries_task_billed', 'ledger_entries', ['task_id'], unique=True, postgresql_where=sa.text("mode <> 'shadow'"))
+    op.create_table('webhook_deliveries',
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
+    sa.Column('tenant_id', sa.UUID(), nullable=False),
+    sa.Column('run_id', sa.UUID(), nullable=False),
+    sa.Column('url', sa.Text(), nullable=False),
+    sa.Column('attempt', sa.Integer(), nullable=False),
+    sa.Column('status_code', sa.Integer(), nullable=True),
+    sa.Column('error', sa.Text(), nullable=True),
+    sa.Column('duration_ms', sa.Integer(), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.ForeignKeyConstraint(['run_id'], ['schedule_runs.id'], name=op.f('fk_webhook_deliveries_run_id_schedule_runs'), ondelete='CASCADE'),
+    sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_webhook_deliveries_tenant_id_tenants')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_webhook_deliveries')),
+    sa.UniqueConstraint('run_id', 'attempt', name='uq_webhook_deliveries_run_attempt')
+    )
 
 
 def downgrade() -> None:
+    op.drop_table('webhook_deliveries')
     op.drop_index('uq_ledger_entries_task_billed', table_name='ledger_entries', postgresql_where=sa.text("mode <> 'shadow'"))
     op.drop_index('ix_ledger_entries_tenant_created', table_name='ledger_entries')
     op.drop_index('ix_ledger_entries_job', table_name='ledger_entries', postgresql_where=sa.text('job_id IS NOT NULL'))
     op.drop_index('ix_ledger_entries_created_brin', table_name='ledger_entries', postgresql_using='brin')
     op.drop_table('ledger_entries')
+    op.drop_index('uq_classifications_schedule_item', table_name='classifications', postgresql_where=sa.text("status <> 'failed'"))
+    op.drop_index('ix_classifications_task', table_name='classifications')
+    op.drop_table('classifications')
     op.drop_index('uq_tasks_job_item', table_name='tasks', postgresql_where=sa.text('job_id IS NOT NULL'))
     op.drop_index('ix_tasks_waiting_batch', table_name='tasks', postgresql_where=sa.text("status = 'waiting_batch'"))
     op.drop_index('ix_tasks_tenant_live', table_name='tasks', postgresql_where=sa.text("status IN ('queued', 'waiting_batch', 'in_batch', 'running')"))
     op.drop_index('ix_tasks_tenant_created', table_name='tasks')
     op.drop_index('ix_tasks_live', table_name='tasks', postgresql_where=sa.text("status IN ('queued', 'running')"))
     op.drop_index('ix_tasks_job', table_name='tasks', postgresql_where=sa.text('job_id IS NOT NULL'))
+    op.drop_index('ix_tasks_batch_deadline', table_name='tasks', postgresql_where=sa.text("deadline IS NOT NULL AND status IN ('waiting_batch', 'in_batch')"))
     op.drop_index('ix_tasks_batch', table_name='tasks', postgresql_where=sa.text('batch_id IS NOT NULL'))
     op.drop_table('tasks')
+    op.drop_index('ix_schedule_runs_webhook_pending', table_name='schedule_runs', postgresql_where=sa.text("webhook_status = 'pending'"))
+    op.drop_index('ix_schedule_runs_schedule_created', table_name='schedule_runs')
+    op.drop_index('ix_schedule_runs_open', table_name='schedule_runs', postgresql_where=sa.text("status = 'running'"))
+    op.drop_table('schedule_runs')
     op.drop_table('file_parts')
     op.drop_index('ix_client_batches_tenant_created', table_name='client_batches')
     op.drop_table('client_batches')
+    op.drop_index('ix_schedules_due', table_name='schedules', postgresql_where=sa.text('enabled'))
+    op.drop_table('schedules')
     op.drop_index(op.f('ix_jobs_tenant_id'), table_name='jobs')
     op.drop_table('jobs')
     op.drop_index('ix_files_tenant_created', table_name='files')
@@ -267,9 +381,9 @@ def downgrade() -> None:
     op.drop_index('uq_ledger_daily_key', table_name='ledger_daily', postgresql_nulls_not_distinct=True)
     op.drop_index('ix_ledger_daily_day', table_name='ledger_daily')
     op.drop_table('ledger_daily')
-    sa.Enum(name='task_status').drop(op.get_bind(), checkfirst=True)
     sa.Enum(name='tier').drop(op.get_bind(), checkfirst=True)
-    sa.Enum(name='requested_tier').drop(op.get_bind(), checkfirst=True)
     sa.Enum(name='serve_mode').drop(op.get_bind(), checkfirst=True)
     sa.Enum(name='batch_status').drop(op.get_bind(), checkfirst=True)
     sa.Enum(name='provider_batch_status').drop(op.get_bind(), checkfirst=True)
+    sa.Enum(name='requested_tier').drop(op.get_bind(), checkfirst=True)
+    sa.Enum(name='task_status').drop(op.get_bind(), checkfirst=True)

@@ -1,0 +1,158 @@
+"""The Batch API facade (DESIGN §9): `/v1/files` (purpose `batch`) and `/v1/batches`, OpenAI's semantics
+and limits over our task path. Domain logic in core/facade.py; output files are assembled lazily, by
+the first read of a batch whose lines are all done."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+
+from api.context import ApiContext
+from api.routes.openai_chat import authenticate, context_of, parse_json
+from core.facade import (
+    batch_object,
+    batch_view,
+    cancel_batch,
+    create_batch,
+    delete_file,
+    file_object,
+    get_batch,
+    get_file,
+    iter_file_parts,
+    list_batches,
+    list_files,
+    store_batch_file,
+)
+from core.gateway import GatewayError
+from core.jobs import dispatch_in_chunks
+
+router = APIRouter(tags=["openai"])
+
+TenantId = Annotated[uuid.UUID, Depends(authenticate)]
+Context = Annotated[ApiContext, Depends(context_of)]
+
+
+def _missing(param: str) -> GatewayError:
+    return GatewayError(400, f"Missing required parameter: '{param}'.", "invalid_request_error", param,
+                        "missing_required_parameter")
+
+
+# --- files -----------------------------------------------------------------------------------------
+
+
+@router.post("/v1/files")
+async def upload_file(request: Request, tenant_id: TenantId, ctx: Context) -> dict[str, Any]:
+    if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+        raise GatewayError(400, "The request must be multipart/form-data with a 'file' and a 'purpose'.",
+                           "invalid_request_error", "file", None)
+    async with request.form(max_files=1, max_fields=16) as form:
+        purpose = form.get("purpose")
+        upload = form.get("file")
+        if purpose is None or purpose == "":
+            raise _missing("purpose")
+        if purpose != "batch":
+            raise GatewayError(400, f"Invalid value for 'purpose': '{purpose}'. tierbatch accepts only 'batch'.",
+                               "invalid_request_error", "purpose", "invalid_value")
+        if not isinstance(upload, UploadFile):
+            raise _missing("file")
+        filename = upload.filename or "upload.jsonl"
+
+        def store() -> dict[str, Any]:
+            with ctx.sessions.begin() as session:
+                stored = store_batch_file(session, tenant_id, filename, upload.file, ctx.file_limits, ctx.config)
+                return file_object(stored)
+
+        return await run_in_threadpool(store)
+
+
+@router.get("/v1/files")
+def read_files(tenant_id: TenantId, ctx: Context, purpose: str | None = None,
+               limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, after: str | None = None,
+               order: str = "desc") -> dict[str, Any]:
+    if order not in ("asc", "desc"):
+        raise GatewayError(400, f"Invalid value for 'order': '{order}'.", "invalid_request_error", "order",
+                           "invalid_value")
+    with ctx.sessions() as session:
+        rows, has_more = list_files(session, tenant_id, purpose=purpose, limit=limit, after=after,
+                                    newest_first=order == "desc")
+        data = [file_object(f) for f in rows]
+    out: dict[str, Any] = {"object": "list", "data": data, "has_more": has_more}
+    if data:
+        out["first_id"], out["last_id"] = data[0]["id"], data[-1]["id"]
+    return out
+
+
+@router.get("/v1/files/{file_id}")
+def read_file(file_id: str, tenant_id: TenantId, ctx: Context) -> dict[str, Any]:
+    with ctx.sessions() as session:
+        return file_object(get_file(session, tenant_id, file_id))
+
+
+@router.get("/v1/files/{file_id}/content")
+def read_file_content(file_id: str, tenant_id: TenantId, ctx: Context) -> StreamingResponse:
+    with ctx.sessions() as session:
+        stored = get_file(session, tenant_id, file_id)
+        size, name = stored.bytes, stored.filename
+
+    def parts() -> Iterator[bytes]:
+        with ctx.sessions() as session:
+            yield from iter_file_parts(session, file_id)
+
+    return StreamingResponse(parts(), media_type="application/octet-stream", headers={
+        "content-length": str(size), "content-disposition": f'attachment; filename="{name}"'})
+
+
+@router.delete("/v1/files/{file_id}")
+def remove_file(file_id: str, tenant_id: TenantId, ctx: Context) -> dict[str, Any]:
+    with ctx.sessions.begin() as session:
+        return delete_file(session, tenant_id, file_id)
+
+
+# --- batches -----------------------------------------------------------------------------------------
+
+
+@router.post("/v1/batches")
+async def create(request: Request, tenant_id: TenantId, ctx: Context) -> dict[str, Any]:
+    body = parse_json(await request.body())
+
+    def run() -> dict[str, Any]:
+        with ctx.sessions.begin() as session:
+            created = create_batch(session, tenant_id, body, ctx.config)
+            answer = batch_object(created.batch)
+        # after commit: the reconciler re-sends what the broker loses
+        dispatch_in_chunks(lambda name, chunk: ctx.producer.send_task(name, args=[chunk]), created.task_ids)
+        return answer
+
+    return await run_in_threadpool(run)
+
+
+@router.get("/v1/batches")
+def read_batches(tenant_id: TenantId, ctx: Context, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+                 after: str | None = None) -> dict[str, Any]:
+    with ctx.sessions.begin() as session:
+        rows, has_more = list_batches(session, tenant_id, limit=limit, after=after)
+        data = [batch_view(session, batch) for batch in rows]
+    out: dict[str, Any] = {"object": "list", "data": data, "has_more": has_more}
+    if data:
+        out["first_id"], out["last_id"] = data[0]["id"], data[-1]["id"]
+    return out
+
+
+@router.get("/v1/batches/{batch_id}")
+def read_batch(batch_id: str, tenant_id: TenantId, ctx: Context) -> dict[str, Any]:
+    with ctx.sessions.begin() as session:
+        return batch_view(session, get_batch(session, tenant_id, batch_id))
+
+
+@router.post("/v1/batches/{batch_id}/cancel")
+def cancel(batch_id: str, tenant_id: TenantId, ctx: Context) -> dict[str, Any]:
+    with ctx.sessions.begin() as session:
+        batch = cancel_batch(session, tenant_id, batch_id)
+    with ctx.sessions.begin() as session:
+        return batch_view(session, get_batch(session, tenant_id, batch.id))

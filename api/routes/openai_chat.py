@@ -1,0 +1,90 @@
+"""`POST /v1/chat/completions`: the OpenAI-compatible front door (DESIGN §9), immediate from this process.
+
+`smart-select` routes per DESIGN §3; a configured model is served as asked, with its fallbacks. The
+answer is the provider's body, relayed unchanged (its `model` is the model that served it), with
+`x-tierbatch-task-id`, `x-tierbatch-tier` and `x-tierbatch-cost-usd` headers; a stream relays the
+provider's chunks as they arrive (no cost header: the cost is known at the end, on the task).
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from typing import Any
+
+import anyio
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
+
+from api.context import ApiContext
+from core.gateway import GatewayError, format_cost, prepare_chat_call
+
+router = APIRouter(tags=["openai"])
+
+MAX_CHAT_BODY_BYTES = 64 * 1024 * 1024
+
+
+def context_of(request: Request) -> ApiContext:
+    ctx: ApiContext = request.app.state.ctx
+    return ctx
+
+
+async def authenticate(request: Request) -> uuid.UUID:
+    """The tenant of the Bearer key (cached per process), or OpenAI's 401."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    token = token.strip()
+    if scheme.lower() != "bearer" or not token:
+        raise GatewayError(401, "You didn't provide an API key. You need to provide your API key in an "
+                           "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
+                           "invalid_request_error", None, "missing_api_key", {"WWW-Authenticate": "Bearer"})
+    tenant_id = await context_of(request).tenant_keys.tenant_id(token)
+    if tenant_id is None:
+        shown = token[:6] + "…" + token[-4:] if len(token) > 12 else "…"
+        raise GatewayError(401, f"Incorrect API key provided: {shown}.", "invalid_request_error", None,
+                           "invalid_api_key", {"WWW-Authenticate": "Bearer"})
+    return tenant_id
+
+
+def parse_json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise GatewayError(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
+                           "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what "
+                           "was sent was not valid JSON.)", "invalid_request_error", None, None) from None
+
+
+class RelayResponse(StreamingResponse):
+    """A streaming response whose iterator is always closed when the response ends, however it ends
+    (normal end, client disconnect, cancellation): the stream's bookkeeping runs in its `finally`."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            closer = getattr(self.body_iterator, "aclose", None)
+            if closer is not None:
+                with anyio.CancelScope(shield=True):
+                    await closer()
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(request: Request) -> Response:
+    ctx = context_of(request)
+    tenant_id = await authenticate(request)
+    raw = await request.body()
+    if len(raw) > MAX_CHAT_BODY_BYTES:
+        raise GatewayError(413, f"The request body is over {MAX_CHAT_BODY_BYTES} bytes.", "invalid_request_error",
+                           None, "request_too_large")
+    call = prepare_chat_call(ctx.config, parse_json(raw), request.headers)
+    if call.stream:
+        session = await ctx.gateway.open_stream(tenant_id, call)
+        return RelayResponse(session.events(), media_type="text/event-stream", headers={
+            "x-tierbatch-task-id": str(session.task_id), "x-tierbatch-tier": session.tier.value,
+            "cache-control": "no-cache"})
+    done = await ctx.gateway.complete(tenant_id, call)
+    return Response(done.content, media_type="application/json", headers={
+        "x-tierbatch-task-id": str(done.task_id), "x-tierbatch-tier": done.tier.value,
+        "x-tierbatch-cost-usd": format_cost(done.cost_usd)})

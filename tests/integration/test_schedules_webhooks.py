@@ -1,0 +1,138 @@
+"""The run webhook: a signed POST, retried with backoff when the receiver fails, every attempt recorded.
+
+The receiver is a small HTTP server in the test; it checks the `X-Tierbatch-Signature` header
+against the schedule's secret (returned once at creation), answers 500 twice, then 200.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.integration.test_schedules import JOB, file_schedule, query, run_now, wait_run, write_tickets
+from tests.support.procs import wait_until
+from tests.support.stack import Stack
+
+pytestmark = pytest.mark.integration
+
+
+@dataclass
+class Received:
+    at: float
+    headers: dict[str, str]
+    body: bytes
+    signature_ok: bool
+
+
+@dataclass
+class Receiver:
+    failures: int  # answer 500 to this many requests first
+    secret: str = ""
+    received: list[Received] = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    url: str = ""
+
+    def handle(self, headers: dict[str, str], body: bytes) -> int:
+        expected = "sha256=" + hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
+        ok = hmac.compare_digest(expected, headers.get("x-tierbatch-signature", ""))
+        with self.lock:
+            self.received.append(Received(time.monotonic(), headers, body, ok))
+            count = len(self.received)
+        if not ok:
+            return 401
+        return 500 if count <= self.failures else 200
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    state = Receiver(failures=2)
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            status = state.handle({k.lower(): v for k, v in self.headers.items()}, body)
+            self.send_response(status)
+            self.send_header("content-length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        def log_message(self, format: str, *args: Any) -> None:  # quiet
+            return
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/tickets"
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield state
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+def test_signed_webhook_is_retried_with_backoff_and_every_attempt_recorded(
+        sim_reset: Stack, tmp_path: Path, receiver: Receiver) -> None:
+    stack = sim_reset
+    with stack.client(stack.new_tenant_key()) as client:
+        schedule = file_schedule(client, write_tickets(tmp_path / "t.csv", 5), job={**JOB, "urgent": True},
+                                 webhook_url=receiver.url)
+        receiver.secret = schedule["webhook_secret"]
+        assert "webhook_secret" not in client.get(f"/v1/schedules/{schedule['id']}").json()
+        run = run_now(client, schedule["id"])
+        done = wait_run(stack, client, schedule["id"], run["id"])
+        assert done["status"] == "succeeded"
+
+        def delivered() -> dict[str, Any] | None:
+            body: dict[str, Any] = client.get(f"/v1/schedules/{schedule['id']}/runs/{run['id']}").json()
+            return body if body["webhook"]["status"] == "delivered" else None
+
+        final = wait_until(delivered, 30, 0.2, "webhook delivered")
+        assert isinstance(final, dict)
+
+    assert len(receiver.received) == 3
+    assert all(r.signature_ok for r in receiver.received)
+    assert len({r.body for r in receiver.received}) == 1  # the same bytes, signed the same way, every time
+    assert [r.headers["x-tierbatch-delivery"] for r in receiver.received] == [f"{run['id']}:{n}" for n in (1, 2, 3)]
+    assert {r.headers["x-tierbatch-event"] for r in receiver.received} == {"schedule_run.finished"}
+    assert {r.headers["content-type"] for r in receiver.received} == {"application/json"}
+    gaps = [b.at - a.at for a, b in zip(receiver.received, receiver.received[1:], strict=False)]
+    assert gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps  # exponential backoff: 1 s, then 2 s
+
+    payload = json.loads(receiver.received[0].body)
+    assert payload["type"] == "schedule_run.finished"
+    assert payload["schedule"] == {"id": schedule["id"], "name": schedule["name"]}
+    assert payload["run"]["id"] == run["id"] and payload["run"]["status"] == "succeeded"
+    assert payload["run"]["task_count"] == 5 and sum(payload["run"]["label_counts"].values()) == 5
+    assert payload["results_url"] == f"/v1/jobs/{done['job_id']}/results"
+
+    attempts = final["webhook"]["attempts"]
+    assert [(a["attempt"], a["status_code"]) for a in attempts] == [(1, 500), (2, 500), (3, 200)]
+    assert attempts[0]["error"].startswith("HTTP 500") and attempts[2]["error"] is None
+    assert query(stack, "SELECT count(*) FROM webhook_deliveries WHERE run_id = %s", run["id"]) == [(3,)]
+
+
+def test_a_failed_run_is_reported_by_the_webhook_too(sim_reset: Stack, tmp_path: Path, receiver: Receiver) -> None:
+    stack = sim_reset
+    receiver.failures = 0
+    with stack.client(stack.new_tenant_key()) as client:
+        schedule = file_schedule(client, tmp_path / "missing.csv", webhook_url=receiver.url)
+        receiver.secret = schedule["webhook_secret"]
+        run = run_now(client, schedule["id"])
+        failed = wait_run(stack, client, schedule["id"], run["id"])
+        assert failed["status"] == "failed" and "does not exist" in failed["error"]
+        wait_until(lambda: len(receiver.received) == 1, 20, 0.1, "the webhook")
+    payload = json.loads(receiver.received[0].body)
+    assert receiver.received[0].signature_ok
+    assert payload["run"]["status"] == "failed" and payload["run"]["error"] == failed["error"]
+    assert payload["results_url"] is None

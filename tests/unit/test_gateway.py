@@ -1,0 +1,301 @@
+"""The front door's pure parts: request checks, routing, error mapping, the fallback loop with the
+cooldown, and the stream relay's bookkeeping (exact usage, or an estimate when the client leaves)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any
+
+import pytest
+
+from core.config import default_config_data, parse_config
+from core.cooldown import Cooldown, CooldownPolicy
+from core.errors import PermanentProviderError, RetryableProviderError
+from core.gateway import (
+    SMART_SELECT,
+    CallRecord,
+    Gateway,
+    GatewayError,
+    error_for,
+    listed_models,
+    prepare_chat_call,
+    provider_request,
+    route_request,
+    validate_chat_body,
+)
+from core.pricing import PriceBook
+from core.provider import RawChatAnswer
+from core.retry import ChainExhausted
+from core.states import RequestedTier, Tier
+from tests.unit.test_cooldown import FakeRedis
+
+CONFIG = parse_config(default_config_data(), environ={})
+HI = [{"role": "user", "content": "hi"}]
+
+
+def error_of(body: Any) -> GatewayError:
+    with pytest.raises(GatewayError) as caught:
+        validate_chat_body(body)
+    return caught.value
+
+
+@pytest.mark.parametrize(("body", "status", "param", "code"), [
+    ([], 400, None, "invalid_type"),
+    ({"messages": HI}, 400, "model", "missing_required_parameter"),
+    ({"model": "smart-select"}, 400, "messages", "missing_required_parameter"),
+    ({"model": "smart-select", "messages": []}, 400, "messages", "empty_array"),
+    ({"model": "smart-select", "messages": [{"role": "robot", "content": "x"}]}, 400, "messages[0].role",
+     "invalid_value"),
+    ({"model": "smart-select", "messages": [{"role": "user"}]}, 400, "messages[0].content",
+     "missing_required_parameter"),
+    ({"model": "smart-select", "messages": HI, "n": 0}, 400, "n", "invalid_value"),
+    ({"model": "smart-select", "messages": HI, "temperature": "hot"}, 400, "temperature", "invalid_type"),
+    ({"model": "smart-select", "messages": HI, "stream_options": {"include_usage": True}}, 400, "stream_options",
+     "invalid_value"),
+    ({"model": "smart-select", "messages": HI, "response_format": {"type": "xml"}}, 400, "response_format.type",
+     "invalid_value"),
+    ({"model": "smart-select", "messages": HI, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", "invalid_value"),
+    ({"model": "smart-select", "messages": HI, "metadata": {"tier": 1}}, 400, "metadata.tier", "invalid_type"),
+    ({"model": "smart-select", "messages": HI, "wibble": True}, 400, "wibble", "unknown_parameter"),
+])
+def test_bad_requests_are_refused_like_openai(body: Any, status: int, param: str | None, code: str) -> None:
+    error = error_of(body)
+    assert (error.status, error.param, error.code) == (status, param, code)
+    assert set(error.body()["error"]) == {"message", "type", "param", "code"}
+
+
+def test_every_openai_request_field_passes() -> None:
+    body = {"model": "smart-select", "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}],
+            "tool_choice": "auto", "response_format": {"type": "json_object"}, "n": 2, "seed": 3, "stop": "\n",
+            "logprobs": True, "top_logprobs": 2, "user": "u", "parallel_tool_calls": False,
+            "reasoning_effort": "low", "service_tier": "auto", "stream": True,
+            "stream_options": {"include_usage": True}}
+    assert validate_chat_body(body) is body
+
+
+def test_smart_select_routes_by_hint_config_and_heuristic() -> None:
+    def tier_of(messages: Sequence[Mapping[str, Any]], hint: str | None = None, task_type: str | None = None) -> Tier:
+        return route_request(CONFIG, SMART_SELECT, messages, tier_hint=hint, task_type_hint=task_type,
+                             tools_requested=False).tier
+
+    assert tier_of(HI) is Tier.LIGHT
+    assert tier_of(HI, "complex") is Tier.COMPLEX
+    assert tier_of([{"role": "user", "content": "Explain step by step"}]) is Tier.COMPLEX
+    assert tier_of([{"role": "user", "content": "Explain step by step"}], task_type="classification") is Tier.LIGHT
+    assert tier_of([{"role": "user", "content": "Explain step by step"}], "light", "reasoning") is Tier.LIGHT
+    route = route_request(CONFIG, SMART_SELECT, HI, tier_hint="AUTO", task_type_hint=None, tools_requested=True)
+    assert route.tier is Tier.COMPLEX and route.requested_tier is RequestedTier.AUTO
+    assert route.chain == CONFIG.tiers["complex"].chain
+
+
+def test_a_named_model_keeps_its_own_fallbacks() -> None:
+    primary = route_request(CONFIG, "gpt-4o-mini", HI, tier_hint="complex", task_type_hint=None,
+                            tools_requested=False)
+    assert primary.tier is Tier.LIGHT and [r.model for r in primary.chain] == ["gpt-4o-mini", "gpt-4.1-mini"]
+    fallback = route_request(CONFIG, "gpt-4.1-mini", HI, tier_hint=None, task_type_hint=None, tools_requested=False)
+    assert fallback.tier is Tier.LIGHT and [r.model for r in fallback.chain] == ["gpt-4.1-mini"]
+    with pytest.raises(GatewayError) as missing:
+        route_request(CONFIG, "gpt-9", HI, tier_hint=None, task_type_hint=None, tools_requested=False)
+    assert (missing.value.status, missing.value.code) == (404, "model_not_found")
+    with pytest.raises(GatewayError) as bad_tier:
+        route_request(CONFIG, SMART_SELECT, HI, tier_hint="medium", task_type_hint=None, tools_requested=False,
+                      tier_param="X-Tier")
+    assert bad_tier.value.param == "X-Tier"
+
+
+def test_prepared_call_reads_headers_and_strips_routing_metadata() -> None:
+    call = prepare_chat_call(CONFIG, {"model": SMART_SELECT, "messages": HI, "stream": True,
+                                      "stream_options": {"include_usage": True},
+                                      "metadata": {"task_type": "reasoning", "team": "a"}},
+                             {"x-tier": "light"})
+    assert call.stream and call.include_usage
+    assert call.route.tier is Tier.LIGHT and call.route.task_type == "reasoning"
+    assert call.request == {"messages": HI, "metadata": {"team": "a"}}
+    assert call.metadata == {"task_type": "reasoning", "team": "a"}
+    assert provider_request({"model": "m", "messages": HI, "metadata": {"tier": "light"}}) == {"messages": HI}
+
+
+def test_models_list_smart_select_first_then_each_configured_model_once() -> None:
+    assert [m["id"] for m in listed_models(CONFIG)] == ["smart-select", "gpt-4o-mini", "gpt-4.1-mini", "gpt-4o",
+                                                        "gpt-4.1"]
+
+
+def retryable(status: int | None, retry_after: float | None = None, message: str = "boom") -> RetryableProviderError:
+    return RetryableProviderError(message, status_code=status, provider="sim", model="m", retry_after=retry_after)
+
+
+def test_errors_map_to_openai_statuses() -> None:
+    limited = error_for(ChainExhausted([retryable(429, 7), retryable(429, 3)]), None)
+    assert (limited.status, limited.code, limited.headers["retry-after"]) == (429, "rate_limit_exceeded", "3")
+    refused = error_for(ChainExhausted([PermanentProviderError("sim/m: HTTP 400: bad", status_code=400)]), None)
+    assert (refused.status, refused.type) == (400, "invalid_request_error")
+    ours = error_for(ChainExhausted([PermanentProviderError("sim/m: HTTP 401: key", status_code=401)]), None)
+    assert ours.status == 502  # our provider account's problem, not the client's key
+    assert error_for(ChainExhausted([retryable(429, 1), retryable(503)]), None).status == 503
+    assert error_for(ChainExhausted([retryable(None, message="sim/m: request timed out")]), None).status == 504
+    cooling = error_for(ChainExhausted([]), 2.5)
+    assert (cooling.status, cooling.headers["retry-after"]) == (503, "3")
+
+
+# --- the fallback loop --------------------------------------------------------------------------------
+
+
+class FakeProviders:
+    def __init__(self, failures: dict[str, list[Exception]]) -> None:
+        self.failures = failures
+        self.calls: list[str] = []
+
+    async def chat(self, provider: str, model: str, request: Mapping[str, Any]) -> RawChatAnswer:
+        self.calls.append(model)
+        queue = self.failures.get(model) or []
+        if queue:
+            raise queue.pop(0)
+        body = {"id": "x", "object": "chat.completion", "created": 1, "model": model + "-2024",
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 2}}
+        return RawChatAnswer(provider, model, json.dumps(body).encode(), body, 1)
+
+
+class Recorded:
+    def __init__(self) -> None:
+        self.records: list[CallRecord] = []
+
+    async def record(self, record: CallRecord) -> None:
+        self.records.append(record)
+
+    async def aclose(self) -> None:
+        return None
+
+
+def gateway_with(providers: Any) -> tuple[Gateway, Recorded, FakeRedis]:
+    fake = FakeRedis()
+    cooldown = Cooldown(fake, "t:", CooldownPolicy(failure_threshold=2))  # type: ignore[arg-type]
+    gateway = Gateway(CONFIG, providers, cooldown, PriceBook(CONFIG), "postgresql://unused")
+    recorded = Recorded()
+    gateway.recorder = recorded  # type: ignore[assignment]
+    return gateway, recorded, fake
+
+
+def test_calls_fall_back_and_a_failing_model_is_cooled_down() -> None:
+    providers = FakeProviders({"gpt-4o": [retryable(500) for _ in range(10)]})
+    gateway, recorded, _ = gateway_with(providers)
+    call = prepare_chat_call(CONFIG, {"model": "gpt-4o", "messages": HI}, {})
+
+    async def run() -> list[str]:
+        return [(await gateway.complete(uuid.uuid4(), call)).served_model for _ in range(4)]
+
+    assert asyncio.run(run()) == ["gpt-4.1-2024"] * 4
+    # default retries_per_model = 2: three tries on the first call trip it (threshold 2 here: after two)
+    assert providers.calls.count("gpt-4o") == 2
+    assert [r.status for r in recorded.records] == ["succeeded"] * 4
+    first = recorded.records[0]
+    assert first.attempts == 3 and first.served_model == "gpt-4.1-2024" and first.cost_usd is not None
+
+
+def test_a_chain_that_fails_is_recorded_as_a_failed_task_and_answered_in_openai_shape() -> None:
+    providers = FakeProviders({"gpt-4o": [PermanentProviderError("sim/gpt-4o: HTTP 400: nope", status_code=400)],
+                               "gpt-4.1": [PermanentProviderError("sim/gpt-4.1: HTTP 400: nope", status_code=400)]})
+    gateway, recorded, _ = gateway_with(providers)
+    call = prepare_chat_call(CONFIG, {"model": "gpt-4o", "messages": HI}, {})
+    with pytest.raises(GatewayError) as caught:
+        asyncio.run(gateway.complete(uuid.uuid4(), call))
+    assert caught.value.status == 400
+    assert caught.value.headers["x-tierbatch-task-id"] == str(recorded.records[0].task_id)
+    assert recorded.records[0].status == "failed" and recorded.records[0].usage is None
+
+
+# --- streaming ----------------------------------------------------------------------------------------
+
+
+def sse(chunk: dict[str, Any]) -> str:
+    return "data: " + json.dumps(chunk)
+
+
+def chunk(content: str | None = None, finish: str | None = None, usage: dict[str, int] | None = None,
+          choices: bool = True) -> str:
+    body: dict[str, Any] = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini-x",
+                            "choices": [], "usage": usage}
+    if choices:
+        body["choices"] = [{"index": 0, "delta": {"content": content} if content is not None else {},
+                            "finish_reason": finish}]
+    return sse(body)
+
+
+class FakeStream:
+    def __init__(self, lines: list[str], stall: bool = False) -> None:
+        self.provider = "sim"
+        self.requested_model = "gpt-4o-mini"
+        self._lines = lines
+        self._stall = stall
+        self.closed = False
+
+    async def lines(self) -> AsyncIterator[str]:
+        for line in self._lines:
+            yield line
+            yield ""
+        if self._stall:
+            await asyncio.Event().wait()  # the provider stops sending
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+
+class StreamingProviders:
+    def __init__(self, stream: FakeStream) -> None:
+        self.stream = stream
+
+    async def open_stream(self, provider: str, model: str, request: Mapping[str, Any]) -> FakeStream:
+        assert request["stream_options"] == {"include_usage": True}  # always asked, for exact tokens
+        return self.stream
+
+
+def open_session(stream: FakeStream, include_usage: bool) -> tuple[Any, Recorded]:
+    gateway, recorded, _ = gateway_with(StreamingProviders(stream))
+    body: dict[str, Any] = {"model": SMART_SELECT, "messages": [{"role": "user", "content": "tell me a story"}],
+                            "stream": True}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    call = prepare_chat_call(CONFIG, body, {})
+    session = asyncio.run(gateway.open_stream(uuid.uuid4(), call))
+    return session, recorded
+
+
+def test_a_finished_stream_is_recorded_with_the_providers_usage_and_hides_it_unless_asked() -> None:
+    usage = {"prompt_tokens": 12, "completion_tokens": 3}
+    lines = [chunk("Once "), chunk("upon"), chunk(finish="stop"), chunk(usage=usage, choices=False), "data: [DONE]"]
+    for include_usage in (False, True):
+        session, recorded = open_session(FakeStream(lines), include_usage)
+
+        async def drain(events: AsyncIterator[bytes]) -> list[bytes]:
+            return [event async for event in events]
+
+        sent = asyncio.run(drain(session.events()))
+        assert len(sent) == (5 if include_usage else 4)
+        assert sent[-1] == b"data: [DONE]\n\n"
+        record = recorded.records[0]
+        assert record.status == "succeeded" and record.output == "Once upon" and not record.usage_estimated
+        assert record.usage is not None and (record.usage.input_tokens, record.usage.output_tokens) == (12, 3)
+        assert record.served_model == "gpt-4o-mini-x"
+        assert json.loads(record.response_json or "{}")["choices"][0]["message"]["content"] == "Once upon"
+
+
+def test_a_client_leaving_midway_still_records_the_call_with_an_estimate() -> None:
+    stream = FakeStream([chunk("Once upon a time there was a cat")], stall=True)
+    session, recorded = open_session(stream, include_usage=True)
+
+    async def leave_after_first_event() -> bytes:
+        events = session.events()
+        first = await events.__anext__()
+        await events.aclose()  # what the response does when the client disconnects
+        return first
+
+    assert asyncio.run(leave_after_first_event()).startswith(b"data: ")
+    record = recorded.records[0]
+    assert stream.closed
+    assert record.status == "failed" and record.usage_estimated is True
+    assert record.error == "the client closed the stream before its end"
+    assert record.usage is not None and record.usage.input_tokens > 0 and record.usage.output_tokens == 8
+    assert record.cost_usd is not None  # an estimate is priced, and flagged as such
