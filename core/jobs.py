@@ -32,11 +32,12 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from core.config import AppConfig
+from core.costs import check_budget
 from core.errors import InvalidInput, NotFound
 from core.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
 from core.models import Job, LedgerEntry, Task
 from core.routing import resolve_tier
-from core.states import CANCELLABLE_TASK_STATUSES, TERMINAL_TASK_STATUSES, Mode, RequestedTier, TaskStatus
+from core.states import CANCELLABLE_TASK_STATUSES, TERMINAL_TASK_STATUSES, Mode, RequestedTier, TaskStatus, Tier
 from core.submission import ChatParams, invalid_input_from
 
 MAX_ITEMS_PER_REQUEST = 100_000
@@ -414,8 +415,24 @@ class TierChoice:
     reason: str
 
 
-def tier_chooser(settings: JobSettings, config: AppConfig) -> Callable[[JobItem], TierChoice]:
-    """An explicit or configured tier is the same for every item: resolve it once."""
+def tier_chooser(settings: JobSettings, config: AppConfig, budget_reason: str | None = None
+                 ) -> Callable[[JobItem], TierChoice]:
+    """An explicit or configured tier is the same for every item: resolve it once. Over a budget with
+    the `downgrade` policy (`budget_reason`), complex items are stored as light, saying so."""
+    choose = _tier_chooser(settings, config)
+    if budget_reason is None:
+        return choose
+
+    def downgraded(item: JobItem) -> TierChoice:
+        choice = choose(item)
+        if choice.tier != Tier.COMPLEX.value:
+            return choice
+        return TierChoice(Tier.LIGHT.value, f"{budget_reason} (was: {choice.reason})")
+
+    return downgraded
+
+
+def _tier_chooser(settings: JobSettings, config: AppConfig) -> Callable[[JobItem], TierChoice]:
     configured = config.routing.get(settings.task_type)
     if settings.tier is not RequestedTier.AUTO or (configured is not None and configured is not RequestedTier.AUTO):
         decision = resolve_tier(config, settings.tier, settings.task_type, [])
@@ -430,10 +447,11 @@ def tier_chooser(settings: JobSettings, config: AppConfig) -> Callable[[JobItem]
 
 
 def task_rows(items: Sequence[JobItem], ids: Sequence[uuid.UUID], settings: JobSettings, config: AppConfig,
-              tenant_id: uuid.UUID, job_id: uuid.UUID, now: datetime) -> Iterator[tuple[Any, ...]]:
+              tenant_id: uuid.UUID, job_id: uuid.UUID, now: datetime, budget_reason: str | None = None
+              ) -> Iterator[tuple[Any, ...]]:
     """COPY rows in `COPY_COLUMNS` order."""
     encode = RequestEncoder(settings).encode
-    choose = tier_chooser(settings, config)
+    choose = tier_chooser(settings, config, budget_reason)
     metadata = json.dumps(settings.metadata, ensure_ascii=False)
     tenant, job = str(tenant_id), str(job_id)
     requested = settings.tier.value
@@ -519,8 +537,9 @@ def _check_not_in_job(session: Session, job: Job, items: Sequence[JobItem], offs
 
 def _copy_items(session: Session, job: Job, settings: JobSettings, items: Sequence[JobItem],
                 config: AppConfig) -> list[uuid.UUID]:
+    budget_reason = check_budget(session, job.tenant_id, config)  # 402 under `reject`
     ids = time_ordered_ids(len(items))
-    rows = task_rows(items, ids, settings, config, job.tenant_id, job.id, datetime.now(UTC))
+    rows = task_rows(items, ids, settings, config, job.tenant_id, job.id, datetime.now(UTC), budget_reason)
     try:
         copy_task_rows(session, rows)
     except psycopg.errors.UniqueViolation as exc:  # the index backs up the check before; the caller rolls back

@@ -45,12 +45,16 @@ def submit_tasks(self: CeleryTask, payload: Any, api_key: str) -> dict[str, Any]
     except InvalidInput as exc:
         log.error("submit_tasks rejected: %s", exc.message)
         return {"error": {"type": "invalid_request_error", "message": exc.message, "param": exc.param}}
-    with ctx.sessions.begin() as session:
-        tenant = tenant_for_key(session, api_key)
-        if tenant is None:
-            log.error("submit_tasks rejected: invalid tenant key")
-            return {"error": {"type": "authentication_error", "message": "invalid API key", "param": None}}
-        accepted = insert_tasks(session, tenant.id, specs, ctx.config)
+    try:
+        with ctx.sessions.begin() as session:
+            tenant = tenant_for_key(session, api_key)
+            if tenant is None:
+                log.error("submit_tasks rejected: invalid tenant key")
+                return {"error": {"type": "authentication_error", "message": "invalid API key", "param": None}}
+            accepted = insert_tasks(session, tenant.id, specs, ctx.config)
+    except InvalidInput as exc:  # e.g. the tenant's monthly budget is reached (policy `reject`)
+        log.error("submit_tasks rejected: %s", exc.message)
+        return {"error": {"type": "invalid_request_error", "message": exc.message, "param": exc.param}}
     created = [a.id for a in accepted if a.created]
     for chunk in chunks(created):
         self.app.send_task(DISPATCH_TASKS, args=[chunk])
