@@ -78,7 +78,7 @@ assemble_interval_seconds = 0.5
 expected_turnaround_seconds = 30
 escalate_before_deadline_seconds = 5
 failed_batch_retry_seconds = 0.5
-ingest_chunk_lines = 1000
+ingest_chunk_lines = 250
 max_attempts = 3
 {extra}
 """)
