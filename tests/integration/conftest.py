@@ -1,16 +1,18 @@
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 import redis
 
 from core.migrate import upgrade_to_head
 from tests.conftest import TEST_REDIS_URL
-from tests.support.procs import free_port
-from tests.support.stack import Stack, scratch_database, write_app_config
+from tests.support.procs import free_port, wait_until
+from tests.support.stack import Stack, psycopg_dsn, scratch_database, write_app_config
 
 
 @pytest.fixture(scope="session")
@@ -66,9 +68,27 @@ def _reset_simulator(stack: Stack) -> None:
     stack.sim("POST", "/_sim/reset")
 
 
+def _wait_for_quiet(stack: Stack, timeout: float = 60.0) -> None:
+    """Let work left by earlier tests finish, so this test's simulator stats count only its own calls.
+    Goes on after the deadline: a test that needs a quiet system asserts on its own figures."""
+    dsn = psycopg_dsn(stack.database_url)
+
+    def quiet() -> bool:
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM tasks WHERE status IN ('queued', 'waiting_batch', 'in_batch', "
+                "'running')) + (SELECT count(*) FROM provider_batches WHERE status NOT IN ('done', 'failed'))"
+            ).fetchone()
+        return row is not None and row[0] == 0
+
+    with contextlib.suppress(TimeoutError):
+        wait_until(quiet, timeout, 0.2, "no live tasks or batches")
+
+
 @pytest.fixture
 def sim_reset(stack: Stack) -> Iterator[Stack]:
     """Simulator defaults and zeroed stats before the test, defaults again after it."""
+    _wait_for_quiet(stack)
     _reset_simulator(stack)
     yield stack
     _reset_simulator(stack)
