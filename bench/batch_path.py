@@ -86,7 +86,7 @@ SIM_FAST = {"batch": {"validating_seconds": 0.05, "in_progress_seconds": 0.05, "
                       "line_error_rate": 0.0, "expire": False, "enqueued_token_limit": 0},
             "models": {"*": {"latency_ms": [1, 5], "error_rate": 0.0}}}
 BATCH_OVERRIDES = {"max_requests": "50000", "max_wait_seconds": "1", "poll_interval_seconds": "0.5",
-                   "assemble_interval_seconds": "0.5"}
+                   "assemble_interval_seconds": "0.5", "ingest_chunk_lines": "10000"}
 # The tests' reconciler resumes a batch untouched for 3 s; under a 100,000-task backlog that re-sends
 # INGEST/SUBMIT for batches whose message is only waiting in the queue. The bench uses the product's
 # defaults unless --test-reconciler is given.
