@@ -15,6 +15,7 @@ from api.routes import jobs as jobs_routes  # bulk jobs (issue 3)
 from api.routes import openai_batches as openai_batches_routes  # OpenAI-compatible surface (issue 5)
 from api.routes import openai_chat as openai_chat_routes  # OpenAI-compatible surface (issue 5)
 from api.routes import openai_models as openai_models_routes  # OpenAI-compatible surface (issue 5)
+from api.routes import quality as quality_routes  # quality-aware routing (issue 6)
 from api.routes import schedules as schedules_routes  # scheduled classification (issue 7)
 from core.config import AppConfig, load_config
 from core.settings import Settings
@@ -42,4 +43,5 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
     app.include_router(jobs_routes.router)  # bulk jobs (issue 3)
     app.include_router(schedules_routes.router)  # scheduled classification (issue 7)
     app.include_router(costs_routes.router)  # costs and budgets (issue 4)
+    app.include_router(quality_routes.router)  # quality-aware routing (issue 6)
     return app

@@ -260,6 +260,18 @@ def costs(by: Annotated[str, typer.Option("--by", help="Group by any of day, hou
 # --- end costs ---------------------------------------------------------------------------------------
 
 
+# --- quality-aware routing (issue 6): thin wrapper over cli/quality.py ----------------------------------
+@app.command()
+def quality(as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
+            api_url: ApiUrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
+    """Per task type: tier, agreement, samples, promotions and demotions; latency per model."""
+    from cli.jobs import guarded
+    from cli.quality import run_quality
+
+    guarded(lambda: run_quality(api_url, api_key, as_json))
+# --- end quality-aware routing -----------------------------------------------------------------------
+
+
 # --- scheduled classification (issue 7): thin wrappers over cli/schedules.py ------------------------
 schedules_app = typer.Typer(help="Scheduled bulk classification.", no_args_is_help=True)
 app.add_typer(schedules_app, name="schedules")

@@ -77,6 +77,8 @@ class QualityConfig(_Section):
     promote_below: float = Field(default=0.90, ge=0, le=1)
     demote_above: float = Field(default=0.95, ge=0, le=1)
     probe_rate: float = Field(default=0.02, ge=0, le=1)
+    # free-text answers agree when rapidfuzz's ratio (0-100) / 100 is at least this (issue 6)
+    similarity_threshold: float = Field(default=0.85, ge=0, le=1)
 
 
 class CacheConfig(_Section):

@@ -666,7 +666,7 @@ def summarize_jobs(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.
     money: dict[uuid.UUID, tuple[Decimal, Decimal, Decimal, Decimal, int]] = {}
     for row in session.execute(
         select(LedgerEntry.job_id,
-               func.sum(LedgerEntry.cost_usd).filter(billed),
+               func.sum(LedgerEntry.cost_usd),  # all spend, shadow calls included (as in GET /v1/costs)
                func.sum(LedgerEntry.baseline_cost_usd).filter(billed),
                func.sum(LedgerEntry.baseline_cost_usd - LedgerEntry.cost_usd).filter(
                    billed, LedgerEntry.cost_usd.is_not(None)),

@@ -24,6 +24,8 @@ SCHEDULE_TICK = "tierbatch.schedules.tick"
 SCHEDULE_RUN = "tierbatch.schedules.run"
 SCHEDULE_FINISH = "tierbatch.schedules.finish"
 SCHEDULE_WEBHOOK = "tierbatch.schedules.webhook"
+# quality-aware routing (issue 6)
+QUALITY_SHADOW = "tierbatch.quality.shadow"
 
 QUEUE_DISPATCH = "dispatch"
 QUEUE_IMMEDIATE = "immediate"
@@ -44,6 +46,7 @@ TASK_ROUTES = {
     SCHEDULE_RUN: {"queue": QUEUE_BATCH},
     SCHEDULE_FINISH: {"queue": QUEUE_BATCH},
     SCHEDULE_WEBHOOK: {"queue": QUEUE_DISPATCH},
+    QUALITY_SHADOW: {"queue": QUEUE_IMMEDIATE},  # quality-aware routing (issue 6)
 }
 
 # Chunk size for dispatch messages on bulk paths: never one message per task.

@@ -8,12 +8,13 @@ the caller owns the transaction, so a state change and its ledger row land toget
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy import ARRAY, BindParameter, and_, any_, bindparam, func, or_, select, update
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
@@ -26,6 +27,7 @@ from core.models import Task
 from core.pricing import PriceBook
 from core.provider import ChatResult
 from core.routing import resolve_tier, takes_batch_path
+from core.rules import RuleView, rule_decision, tenant_rules
 from core.states import CANCELLABLE_TASK_STATUSES, Mode, TaskStatus, Tier
 from core.submission import TaskSpec
 
@@ -39,9 +41,11 @@ class AcceptedTask:
 
 
 def _task_row(tenant_id: uuid.UUID, spec: TaskSpec, config: AppConfig, job_id: uuid.UUID | None,
-              item_id: str | None) -> dict[str, Any]:
+              item_id: str | None, rules: Mapping[str, RuleView] | None = None) -> dict[str, Any]:
     messages = spec.chat_messages()
-    decision = resolve_tier(config, spec.tier, spec.task_type, messages)
+    # quality-aware routing (issue 6): the tenant's rule for the task type comes before config routing
+    decision = (rule_decision(rules or {}, spec.tier, spec.task_type)
+                or resolve_tier(config, spec.tier, spec.task_type, messages))
     return {
         "id": uuid.uuid4(), "tenant_id": tenant_id, "job_id": job_id, "item_id": item_id,
         "idempotency_key": spec.idempotency_key, "task_type": spec.task_type,
@@ -57,6 +61,7 @@ def insert_tasks(session: Session, tenant_id: uuid.UUID, specs: Sequence[TaskSpe
     rows: list[dict[str, Any]] = []
     first_by_key: dict[str, int] = {}
     order: list[int | str] = []  # per spec: index into rows, or an idempotency key seen earlier
+    rules = tenant_rules(session, tenant_id) if specs else {}  # issue 6: one query per request
     for spec in specs:
         key = spec.idempotency_key
         if key is not None and key in first_by_key:
@@ -65,7 +70,7 @@ def insert_tasks(session: Session, tenant_id: uuid.UUID, specs: Sequence[TaskSpe
         if key is not None:
             first_by_key[key] = len(rows)
         order.append(len(rows))
-        rows.append(_task_row(tenant_id, spec, config, job_id, None))
+        rows.append(_task_row(tenant_id, spec, config, job_id, None, rules))
 
     apply_budget(session, tenant_id, rows, config)  # budgets (issue 4): 402, or complex stored as light
 
@@ -96,6 +101,11 @@ def insert_tasks(session: Session, tenant_id: uuid.UUID, specs: Sequence[TaskSpe
     return results
 
 
+def _uuid_array(ids: Sequence[uuid.UUID]) -> BindParameter[Any]:
+    array_type: Any = ARRAY(PG_UUID(as_uuid=True))
+    return bindparam("ids_" + uuid.uuid4().hex[:8], value=list(ids), type_=array_type)
+
+
 def route_queued_tasks(session: Session, task_ids: Sequence[uuid.UUID], config: AppConfig,
                        now: datetime) -> list[uuid.UUID]:
     """Send Light non-urgent tasks to `waiting_batch`; return the ids due for an immediate call.
@@ -104,23 +114,26 @@ def route_queued_tasks(session: Session, task_ids: Sequence[uuid.UUID], config: 
     """
     if not task_ids:
         return []
+    ids = _uuid_array(task_ids)  # one array parameter, not one bound parameter per task
     candidates = session.execute(
         select(Task.id, Task.tier, Task.urgent, Task.deadline)
-        .where(Task.id.in_(task_ids), Task.status == TaskStatus.QUEUED,
+        .where(Task.id == any_(ids), Task.status == TaskStatus.QUEUED,
                or_(Task.not_before.is_(None), Task.not_before <= func.now()))
         .with_for_update(skip_locked=True)
     ).all()
-    to_batch = [c.id for c in candidates if takes_batch_path(config, c.tier, c.urgent, c.deadline, now)]
-    immediate = [c.id for c in candidates if c.id not in set(to_batch)]
-    if to_batch:
+    batch_path = {c.id for c in candidates if takes_batch_path(config, c.tier, c.urgent, c.deadline, now)}
+    immediate = [c.id for c in candidates if c.id not in batch_path]
+    if batch_path:
         light = config.tiers["light"]
         session.execute(
-            update(Task).where(Task.id.in_(to_batch), Task.status == TaskStatus.QUEUED)
+            update(Task).where(Task.id == any_(_uuid_array(list(batch_path))), Task.status == TaskStatus.QUEUED)
             .values(status=TaskStatus.WAITING_BATCH, provider=light.provider, model=light.model,
-                    mode=Mode.BATCH, updated_at=func.now(), dispatched_at=func.now())
+                    mode=Mode.BATCH, updated_at=func.now(), dispatched_at=func.now()),
+            execution_options={"synchronize_session": False},
         )
     if immediate:
-        session.execute(update(Task).where(Task.id.in_(immediate)).values(dispatched_at=func.now()))
+        session.execute(update(Task).where(Task.id == any_(_uuid_array(immediate))).values(dispatched_at=func.now()),
+                        execution_options={"synchronize_session": False})
     return immediate
 
 

@@ -28,6 +28,7 @@ def create_celery_app(settings: Settings, config: AppConfig) -> Celery:
     app.conf.update(celery_settings(settings))
     app.conf.beat_schedule = beat_schedule(config)
     # registers the shared tasks with this app
+    import worker.quality  # quality-aware routing (issue 6)
     import worker.schedules  # scheduled classification (issue 7)
     import worker.tasks  # noqa: F401
 

@@ -20,6 +20,7 @@ from core.tasks import (
     requeue_running_task,
 )
 from worker.context import WorkerContext
+from worker.quality import maybe_send_shadow  # quality-aware routing (issue 6)
 
 log = logging.getLogger(__name__)
 
@@ -78,4 +79,6 @@ def run_immediate_call(ctx: WorkerContext, task_id: uuid.UUID, *, escalate: bool
         charge = record_immediate_success(session, claimed, result, ctx.prices)
     if charge is None:
         log.warning("task %s: lease lost while calling %s; result discarded", task_id, result.served_model)
+        return None
+    maybe_send_shadow(ctx, claimed)  # quality-aware routing (issue 6): shadow sampling
     return None

@@ -109,6 +109,35 @@ def upgrade() -> None:
     sa.PrimaryKeyConstraint('id', name=op.f('pk_jobs'))
     )
     op.create_index(op.f('ix_jobs_tenant_id'), 'jobs', ['tenant_id'], unique=False)
+    op.create_table('routing_events',
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
+    sa.Column('tenant_id', sa.UUID(), nullable=False),
+    sa.Column('task_type', sa.Text(), nullable=False),
+    sa.Column('actor', sa.Text(), nullable=False),
+    sa.Column('action', sa.Text(), nullable=False),
+    sa.Column('from_tier', sa.Enum('light', 'complex', name='tier'), nullable=True),
+    sa.Column('to_tier', sa.Enum('light', 'complex', name='tier'), nullable=False),
+    sa.Column('pinned', sa.Boolean(), nullable=False),
+    sa.Column('reason', sa.Text(), nullable=False),
+    sa.Column('figures', postgresql.JSONB(astext_type=sa.Text()), server_default=sa.text("'{}'::jsonb"), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_routing_events_tenant_id_tenants')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_routing_events'))
+    )
+    op.create_index('ix_routing_events_tenant_task_type', 'routing_events', ['tenant_id', 'task_type', 'created_at'], unique=False)
+    op.create_table('routing_rules',
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
+    sa.Column('tenant_id', sa.UUID(), nullable=False),
+    sa.Column('task_type', sa.Text(), nullable=False),
+    sa.Column('tier', sa.Enum('light', 'complex', name='tier'), nullable=False),
+    sa.Column('pinned', sa.Boolean(), nullable=False),
+    sa.Column('source', sa.Text(), nullable=False),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.Column('updated_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_routing_rules_tenant_id_tenants')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_routing_rules')),
+    sa.UniqueConstraint('tenant_id', 'task_type', name='uq_routing_rules_tenant_task_type')
+    )
     op.create_table('schedules',
     sa.Column('id', sa.UUID(), nullable=False),
     sa.Column('tenant_id', sa.UUID(), nullable=False),
@@ -326,6 +355,24 @@ def upgrade() -> None:
     op.create_index('ix_ledger_entries_job', 'ledger_entries', ['job_id'], unique=False, postgresql_where=sa.text('job_id IS NOT NULL'))
     op.create_index('ix_ledger_entries_tenant_created', 'ledger_entries', ['tenant_id', 'created_at'], unique=False)
     op.create_index('uq_ledger_entries_task_billed', 'ledger_entries', ['task_id'], unique=True, postgresql_where=sa.text("mode <> 'shadow'"))
+    op.create_table('quality_comparisons',
+    sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
+    sa.Column('task_id', sa.UUID(), nullable=False),
+    sa.Column('tenant_id', sa.UUID(), nullable=False),
+    sa.Column('task_type', sa.Text(), nullable=False),
+    sa.Column('light_model', sa.Text(), nullable=False),
+    sa.Column('complex_model', sa.Text(), nullable=False),
+    sa.Column('shadow_tier', sa.Enum('light', 'complex', name='tier'), nullable=False),
+    sa.Column('agreed', sa.Boolean(), nullable=True),
+    sa.Column('score', sa.Numeric(precision=6, scale=4, asdecimal=False), nullable=True),
+    sa.Column('error', sa.Text(), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.ForeignKeyConstraint(['task_id'], ['tasks.id'], name=op.f('fk_quality_comparisons_task_id_tasks')),
+    sa.ForeignKeyConstraint(['tenant_id'], ['tenants.id'], name=op.f('fk_quality_comparisons_tenant_id_tenants')),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_quality_comparisons')),
+    sa.UniqueConstraint('task_id', name='uq_quality_comparisons_task_id')
+    )
+    op.create_index('ix_quality_comparisons_window', 'quality_comparisons', ['tenant_id', 'task_type', 'created_at'], unique=False)
     op.create_table('webhook_deliveries',
     sa.Column('id', sa.BigInteger(), autoincrement=True, nullable=False),
     sa.Column('tenant_id', sa.UUID(), nullable=False),
@@ -345,6 +392,8 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table('webhook_deliveries')
+    op.drop_index('ix_quality_comparisons_window', table_name='quality_comparisons')
+    op.drop_table('quality_comparisons')
     op.drop_index('uq_ledger_entries_task_billed', table_name='ledger_entries', postgresql_where=sa.text("mode <> 'shadow'"))
     op.drop_index('ix_ledger_entries_tenant_created', table_name='ledger_entries')
     op.drop_index('ix_ledger_entries_job', table_name='ledger_entries', postgresql_where=sa.text('job_id IS NOT NULL'))
@@ -371,6 +420,9 @@ def downgrade() -> None:
     op.drop_table('client_batches')
     op.drop_index('ix_schedules_due', table_name='schedules', postgresql_where=sa.text('enabled'))
     op.drop_table('schedules')
+    op.drop_table('routing_rules')
+    op.drop_index('ix_routing_events_tenant_task_type', table_name='routing_events')
+    op.drop_table('routing_events')
     op.drop_index(op.f('ix_jobs_tenant_id'), table_name='jobs')
     op.drop_table('jobs')
     op.drop_index('ix_files_tenant_created', table_name='files')

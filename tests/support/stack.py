@@ -38,6 +38,8 @@ def scratch_database(base_url: str, prefix: str = "tierbatch_test") -> Iterator[
 
 
 def write_app_config(path: Path, simulator_port: int, extra: str = "") -> Path:
+    # no shadow calls unless a test asks for them (test_quality.py runs a stack of its own)
+    quality = "" if "[quality]" in extra else "\n[quality]\nshadow_rate = 0.0\n"
     path.write_text(f"""
 [providers.sim]
 base_url = "http://127.0.0.1:{simulator_port}/v1"
@@ -80,6 +82,7 @@ escalate_before_deadline_seconds = 5
 failed_batch_retry_seconds = 0.5
 ingest_chunk_lines = 250
 max_attempts = 3
+{quality}
 {extra}
 """)
     return path

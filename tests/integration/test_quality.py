@@ -1,0 +1,195 @@
+"""Quality-aware routing end to end (issue 6): shadow comparisons against the simulator's agreement model,
+promotion after min_samples, demotion by probes, pinned rules, provider errors.
+
+The session stack runs with the default quality settings (5% sampling, 50 samples), too slow for a test:
+this module starts its own API, worker and beat on the same database and simulator, with a config that
+shadows every Light task and decides after 10 comparisons.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from core.labels import label_response_format
+from tests.integration.conftest import delete_redis_keys
+from tests.support.procs import free_port, wait_until
+from tests.support.stack import Stack, psycopg_dsn, write_app_config
+
+pytestmark = pytest.mark.integration
+
+QUALITY = """
+[quality]
+shadow_rate = 1.0
+min_samples = 10
+window = 20
+probe_rate = 1.0
+promote_below = 0.9
+demote_above = 0.95
+"""
+LABELS = ["positive", "negative", "neutral"]
+
+
+@pytest.fixture(scope="module")
+def qstack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    tmp = Path(tmp_path_factory.mktemp("quality"))
+    config = write_app_config(tmp / "tierbatch.toml", stack.simulator_port, QUALITY)
+    own = Stack(tmp=tmp, database_url=stack.database_url, redis_url=stack.redis_url, config_path=config,
+                simulator_port=stack.simulator_port, api_port=free_port())
+    try:
+        own.start_api()
+        own.start_worker()
+        own.start_beat()
+        yield own
+    finally:
+        own.stop_all()
+        delete_redis_keys(own.redis_prefix)
+
+
+@pytest.fixture
+def quality_stack(qstack: Stack, sim_reset: Stack) -> Stack:
+    """The quality stack, with the simulator reset (sim_reset) before and after the test."""
+    return qstack
+
+
+def agreement(stack: Stack, light: float, complex_errors: float = 0.0) -> None:
+    stack.sim("POST", "/_sim/config", {"models": {
+        "gpt-4o": {"reference": True, "error_rate": complex_errors, "retry_after_seconds": 0.05},
+        "gpt-4o-mini": {"agreement": light}}})
+
+
+def submit_wave(client: httpx.Client, task_type: str, start: int, count: int) -> list[dict[str, Any]]:
+    tasks = [{"prompt": f"Review {task_type} #{i}: the parcel came on time and looked fine.",
+              "task_type": task_type, "urgent": True, "params": {"response_format": label_response_format(LABELS)}}
+             for i in range(start, start + count)]
+    response = client.post("/v1/tasks", json={"tasks": tasks})
+    assert response.status_code == 202, response.text
+    return list(response.json()["data"])
+
+
+def comparisons(stack: Stack, task_ids: list[str]) -> list[tuple[Any, ...]]:
+    with psycopg.connect(psycopg_dsn(stack.database_url)) as conn:
+        return conn.execute("SELECT agreed, shadow_tier::text FROM quality_comparisons WHERE task_id = ANY(%s)",
+                            ([uuid.UUID(t) for t in task_ids],)).fetchall()
+
+
+def run_wave(stack: Stack, client: httpx.Client, task_type: str, start: int, count: int = 10
+             ) -> list[dict[str, Any]]:
+    """Submit a wave and wait until every one of its tasks has its comparison (no fixed sleeps)."""
+    accepted = submit_wave(client, task_type, start, count)
+    ids = [a["id"] for a in accepted]
+    try:
+        wait_until(lambda: len(comparisons(stack, ids)) == count, 60, 0.1, f"{count} comparisons")
+    except TimeoutError:
+        raise AssertionError(f"comparisons: {comparisons(stack, ids)}\n"
+                             f"worker log:\n{stack.processes['worker'].log_text()[-5000:]}") from None
+    return accepted
+
+
+def quality_row(client: httpx.Client, task_type: str) -> dict[str, Any]:
+    body = client.get("/v1/quality").json()
+    rows = [r for r in body["data"] if r["task_type"] == task_type]
+    assert rows, body
+    return dict(rows[0])
+
+
+def test_high_agreement_stays_light(quality_stack: Stack) -> None:
+    stack = quality_stack
+    agreement(stack, 0.97)
+    task_type = "steady"  # fixed: the simulator's answers are a stable hash of the prompt
+    with stack.client(stack.new_tenant_key()) as client:
+        for wave in range(3):
+            accepted = run_wave(stack, client, task_type, wave * 10)
+            assert {a["tier"] for a in accepted} == {"light"}, json.dumps(quality_row(client, task_type))
+        row = quality_row(client, task_type)
+        assert row["tier"] == "auto" and row["events"] == []
+        assert row["samples"] == 20 and row["agreement"] >= 0.9
+        assert row["shadow_cost_usd"] is not None and float(row["shadow_cost_usd"]) > 0
+    calls = stack.sim("GET", "/_sim/stats")["chat_calls"]
+    assert calls["gpt-4o"] == 30  # every Light task shadowed once on the complex model
+    with psycopg.connect(psycopg_dsn(stack.database_url)) as conn:
+        rows = conn.execute(
+            "SELECT t.cost_usd = sum(l.cost_usd), count(*) FILTER (WHERE l.mode = 'shadow'), "
+            "count(*) FILTER (WHERE l.mode <> 'shadow') FROM tasks t JOIN ledger_entries l ON l.task_id = t.id "
+            "WHERE t.task_type = 'steady' GROUP BY t.id, t.cost_usd").fetchall()
+    # DESIGN §12.2: one billed row per task; its cost is the sum of its ledger rows, shadow included
+    assert len(rows) == 30 and set(rows) == {(True, 1, 1)}
+
+
+def test_low_agreement_promotes_and_recovered_agreement_demotes_by_probes(quality_stack: Stack) -> None:
+    stack = quality_stack
+    agreement(stack, 0.7)
+    task_type = "shaky"  # fixed: the simulator's answers are a stable hash of the prompt
+    with stack.client(stack.new_tenant_key()) as client:
+        start = 0
+        first = run_wave(stack, client, task_type, start)
+        assert {a["tier"] for a in first} == {"light"}
+        routes = {r["task_type"]: r for r in client.get("/v1/routes").json()["data"]}
+        while routes.get(task_type, {}).get("tier") != "complex":
+            start += 10
+            assert start < 60, quality_row(client, task_type)
+            run_wave(stack, client, task_type, start)
+            routes = {r["task_type"]: r for r in client.get("/v1/routes").json()["data"]}
+        assert routes[task_type]["source"] == "quality"
+        [promotion] = quality_row(client, task_type)["events"]
+        assert promotion["action"] == "promote" and promotion["to_tier"] == "complex"
+        assert promotion["figures"]["samples"] >= 10 and promotion["figures"]["agreement"] < 0.9
+
+        # promoted: new tasks are complex; probes run them on the light model as well
+        agreement(stack, 1.0)
+        start += 10
+        probed = run_wave(stack, client, task_type, start)
+        assert {a["tier"] for a in probed} == {"complex"}
+        assert {c[1] for c in comparisons(stack, [a["id"] for a in probed])} == {"light"}
+        wait_until(lambda: any(r["task_type"] == task_type and r["tier"] == "light"
+                               for r in client.get("/v1/routes").json()["data"]), 10, 0.1, "demotion")
+        events = quality_row(client, task_type)["events"]
+        assert [e["action"] for e in events] == ["promote", "demote"]
+        assert events[1]["figures"]["agreement"] > 0.95 and events[1]["figures"]["samples"] >= 10
+        after = submit_wave(client, task_type, start + 10, 1)
+        assert after[0]["tier"] == "light"
+
+
+def test_pinned_rule_never_moves(quality_stack: Stack) -> None:
+    stack = quality_stack
+    agreement(stack, 0.5)
+    task_type = "pinned"  # fixed: the simulator's answers are a stable hash of the prompt
+    with stack.client(stack.new_tenant_key()) as client:
+        put = client.put(f"/v1/routes/{task_type}",
+                         json={"tier": "light", "pinned": True, "reason": "cheap on purpose"})
+        assert put.status_code == 200, put.text
+        assert put.json() == {**put.json(), "tier": "light", "pinned": True, "source": "api"}
+        for wave in range(3):
+            accepted = run_wave(stack, client, task_type, wave * 10)
+            assert {a["tier"] for a in accepted} == {"light"}
+        row = quality_row(client, task_type)
+        assert row["pinned"] is True and row["tier"] == "light"
+        assert row["samples"] == 20 and row["agreement"] < 0.9  # would have been promoted
+        assert [e["action"] for e in row["events"]] == ["set"]
+        assert row["events"][0]["reason"] == "cheap on purpose"
+        routes = {r["task_type"]: r for r in client.get("/v1/routes").json()["data"]}
+        assert routes[task_type]["pinned"] is True
+        # seeded lazily from config [routing]
+        assert (routes["classification"]["tier"], routes["classification"]["source"]) == ("light", "config")
+        assert routes["reasoning"]["tier"] == "complex"
+        assert client.put("/v1/routes/x", json={"tier": "auto"}).status_code in (400, 422)
+
+
+def test_provider_errors_on_the_shadow_call_promote_nothing(quality_stack: Stack) -> None:
+    stack = quality_stack
+    agreement(stack, 0.5, complex_errors=1.0)
+    task_type = "errors"  # fixed: the simulator's answers are a stable hash of the prompt
+    with stack.client(stack.new_tenant_key()) as client:
+        accepted = run_wave(stack, client, task_type, 0, 15)
+        assert {c[0] for c in comparisons(stack, [a["id"] for a in accepted])} == {None}
+        row = quality_row(client, task_type)
+        assert row["samples"] == 0 and row["provider_errors"] == 15
+        assert row["events"] == [] and row["tier"] == "auto"
+        assert all(r["task_type"] != task_type for r in client.get("/v1/routes").json()["data"])

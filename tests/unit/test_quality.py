@@ -1,0 +1,121 @@
+"""Quality loop pieces without a database (issue 6): sampling, comparison, the promote/demote decision."""
+
+from __future__ import annotations
+
+import json
+import uuid
+
+import pytest
+
+from core.config import QualityConfig, default_config_data, parse_config
+from core.labels import label_response_format
+from core.models import RoutingRule
+from core.quality import WindowStats, compare_answers, decide, sampled, shadow_tier_for
+from core.states import Tier
+
+LABELLED = {"messages": [{"role": "user", "content": "rate it"}],
+            "response_format": label_response_format(["good", "bad"])}
+FREE = {"messages": [{"role": "user", "content": "summarize it"}]}
+Q = QualityConfig(min_samples=10, window=20, promote_below=0.9, demote_above=0.95)
+
+
+def stats(agreed: int, samples: int, errors: int = 0) -> WindowStats:
+    return WindowStats(samples=samples, agreed=agreed, errors=errors, window=20)
+
+
+@pytest.mark.parametrize(("light", "complex_", "agreed"), [
+    (json.dumps({"label": "good"}), json.dumps({"label": "good"}), True),
+    (json.dumps({"label": "good"}), json.dumps({"label": "bad"}), False),
+    ("good", json.dumps({"label": "good"}), True),  # a bare label is the same label
+    ("not a label", "not a label", False),  # neither answer is a label: nothing agreed on
+    (None, json.dumps({"label": "good"}), False),
+])
+def test_labels_compare_exactly(light: str | None, complex_: str | None, agreed: bool) -> None:
+    assert compare_answers(LABELLED, light, complex_, 0.85).agreed is agreed
+
+
+def test_free_text_compares_by_similarity_against_the_threshold() -> None:
+    same = compare_answers(FREE, "The parcel came late.", "The parcel came late.", 0.85)
+    close = compare_answers(FREE, "The parcel came late.", "The parcel came late!", 0.85)
+    far = compare_answers(FREE, "The parcel came late.", "Billing is up to date for this account.", 0.85)
+    assert (same.agreed, same.score) == (True, 1.0)
+    assert close.agreed and 0.85 <= close.score < 1
+    assert not far.agreed and far.score < 0.85
+    assert compare_answers(FREE, "The parcel came late.", "The parcel came late!", 0.99).agreed is False
+
+
+def test_sampling_is_stable_and_near_the_rate() -> None:
+    ids = [uuid.UUID(int=i) for i in range(4000)]
+    assert all(sampled(i, 1.0) for i in ids[:50]) and not any(sampled(i, 0.0) for i in ids[:50])
+    share = sum(sampled(i, 0.05) for i in ids) / len(ids)
+    assert 0.03 < share < 0.07
+    assert [sampled(i, 0.3) for i in ids[:100]] == [sampled(i, 0.3) for i in ids[:100]]
+    # probes use their own draw: not the same tasks as shadows
+    assert [sampled(i, 0.3) for i in ids[:100]] != [sampled(i, 0.3, "probe") for i in ids[:100]]
+
+
+@pytest.mark.parametrize(("tier", "window", "expected"), [
+    (Tier.LIGHT, stats(7, 10), "promote"),  # 70% with min_samples
+    (Tier.LIGHT, stats(6, 9), None),  # too few samples, however bad
+    (Tier.LIGHT, stats(0, 0, errors=50), None),  # provider errors are not samples
+    (Tier.LIGHT, stats(9, 10), None),  # 90% is not below 90%
+    (Tier.LIGHT, stats(19, 20), None),
+    (Tier.COMPLEX, stats(10, 10), "demote"),  # probes agree fully
+    (Tier.COMPLEX, stats(19, 20), None),  # 95% is not above 95%: hysteresis
+    (Tier.COMPLEX, stats(7, 10), None),
+    (Tier.COMPLEX, stats(9, 9), None),
+])
+def test_decide(tier: Tier, window: WindowStats, expected: str | None) -> None:
+    assert decide(Q, tier, window) == expected
+
+
+def test_figures_name_the_thresholds() -> None:
+    figures = stats(7, 10, errors=3).figures(Q)
+    assert figures == {"agreement": 0.7, "samples": 10, "agreed": 7, "provider_errors": 3, "window": 20,
+                       "min_samples": 10, "promote_below": 0.9, "demote_above": 0.95}
+
+
+def _rule(tier: Tier, source: str, pinned: bool = False) -> RoutingRule:
+    return RoutingRule(tenant_id=uuid.uuid4(), task_type="t", tier=tier, pinned=pinned, source=source)
+
+
+def test_shadow_direction() -> None:
+    data = default_config_data()
+    data["quality"] = {"shadow_rate": 1.0, "probe_rate": 1.0}
+    config = parse_config(data)
+    task = uuid.uuid4()
+    assert shadow_tier_for(config, Tier.LIGHT, None, task) is Tier.COMPLEX
+    assert shadow_tier_for(config, Tier.LIGHT, _rule(Tier.LIGHT, "api", pinned=True), task) is Tier.COMPLEX
+    assert shadow_tier_for(config, Tier.COMPLEX, None, task) is None  # complex by config: no probes
+    assert shadow_tier_for(config, Tier.COMPLEX, _rule(Tier.COMPLEX, "api"), task) is None
+    assert shadow_tier_for(config, Tier.COMPLEX, _rule(Tier.COMPLEX, "quality"), task) is Tier.LIGHT
+    assert shadow_tier_for(config, Tier.COMPLEX, _rule(Tier.COMPLEX, "quality", pinned=True), task) is None
+    data["quality"] = {"shadow_rate": 0.0, "probe_rate": 0.0}
+    quiet = parse_config(data)
+    assert shadow_tier_for(quiet, Tier.LIGHT, None, task) is None
+    assert shadow_tier_for(quiet, Tier.COMPLEX, _rule(Tier.COMPLEX, "quality"), task) is None
+
+
+def test_similarity_threshold_is_configurable() -> None:
+    data = default_config_data()
+    data["quality"] = {"similarity_threshold": 0.7}
+    assert parse_config(data).quality.similarity_threshold == 0.7
+
+
+def test_cli_report_renders_rows_moves_and_latency() -> None:
+    from rich.console import Console
+
+    from cli.quality import render
+
+    event = {"task_type": "shaky", "action": "promote", "actor": "quality", "from_tier": None,
+             "to_tier": "complex", "pinned": False, "reason": "agreement 70.0% over 10 comparisons is below 90%",
+             "figures": {}, "at": "2026-11-28T03:00:00+00:00"}
+    report = {"data": [{"task_type": "shaky", "tier": "complex", "pinned": False, "agreement": 0.7, "samples": 10,
+                        "min_samples": 10, "window": 20, "provider_errors": 1, "shadow_cost_usd": "0.0012",
+                        "events": [event]}],
+              "latency": [{"model": "gpt-4o", "mode": "shadow", "calls": 10, "p50_ms": 12.0, "p95_ms": 20.5}],
+              "batch_turnaround": {"tasks": 0, "p50_seconds": None, "p95_seconds": None}}
+    console = Console(record=True, width=200)
+    render(report, console)
+    text = console.export_text()
+    assert "shaky" in text and "70.0%" in text and "promote" in text and "gpt-4o" in text and "0.0012" in text
