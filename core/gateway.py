@@ -737,6 +737,18 @@ class Gateway:
         priced = self.prices.price(provider, served, requested, usage)
         return priced, (priced.total if priced is not None else None), self.prices.baseline(usage)
 
+    async def _record_failure(self, tenant_id: uuid.UUID, task_id: uuid.UUID, call: ChatCall, started: datetime,
+                              exhausted: ChainExhausted) -> GatewayError:
+        """Record a call that no model answered; returns the OpenAI-shaped error to raise."""
+        error = error_for(exhausted, await self._cooling_retry_after(call.route.chain)
+                          if not exhausted.errors else None)
+        error.headers["x-tierbatch-task-id"] = str(task_id)
+        await self.recorder.record(CallRecord(
+            task_id, tenant_id, call.route, call.request, call.metadata, "failed",
+            max(1, len(exhausted.errors)), call.received_at, started,
+            error=str(exhausted) or error.message))
+        return error
+
     async def complete(self, tenant_id: uuid.UUID, call: ChatCall) -> Completed:
         task_id = uuid.uuid4()
         started = datetime.now(UTC)
@@ -748,14 +760,7 @@ class Gateway:
         try:
             answer, calls = await self._call_chain(call.route.chain, opener)
         except ChainExhausted as exhausted:
-            error = error_for(exhausted, await self._cooling_retry_after(call.route.chain)
-                              if not exhausted.errors else None)
-            error.headers["x-tierbatch-task-id"] = str(task_id)
-            await self.recorder.record(CallRecord(
-                task_id, tenant_id, call.route, call.request, call.metadata, "failed",
-                max(1, len(exhausted.errors)), call.received_at, started,
-                error=str(exhausted) or error.message))
-            raise error from None
+            raise await self._record_failure(tenant_id, task_id, call, started, exhausted) from None
         usage = usage_from_body(answer.body)
         served = answer.served_model
         priced, cost, baseline = self._price(answer.provider, served, answer.requested_model, usage)
@@ -780,14 +785,7 @@ class Gateway:
         try:
             stream, calls = await self._call_chain(call.route.chain, opener)
         except ChainExhausted as exhausted:
-            error = error_for(exhausted, await self._cooling_retry_after(call.route.chain)
-                              if not exhausted.errors else None)
-            error.headers["x-tierbatch-task-id"] = str(task_id)
-            await self.recorder.record(CallRecord(
-                task_id, tenant_id, call.route, call.request, call.metadata, "failed",
-                max(1, len(exhausted.errors)), call.received_at, started,
-                error=str(exhausted) or error.message))
-            raise error from None
+            raise await self._record_failure(tenant_id, task_id, call, started, exhausted) from None
         return StreamSession(self, tenant_id, task_id, call, stream, calls, started)
 
     async def aclose(self) -> None:

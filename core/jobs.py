@@ -27,12 +27,13 @@ from typing import Annotated, Any
 
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import Text, and_, any_, bindparam, func, or_, select, text, update
+from sqlalchemy import Text, any_, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from core.config import AppConfig
 from core.costs import check_budget
+from core.db import newest_first_page
 from core.errors import InvalidInput, NotFound
 from core.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
 from core.models import Job, LedgerEntry, Task
@@ -638,11 +639,7 @@ def get_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> Job:
 def list_jobs(session: Session, tenant_id: uuid.UUID, *, limit: int,
               after: tuple[datetime, uuid.UUID] | None) -> list[Job]:
     """Newest first, keyset-paginated on (created_at, id); returns up to limit + 1 rows."""
-    query = select(Job).where(Job.tenant_id == tenant_id)
-    if after is not None:
-        created, last_id = after
-        query = query.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < last_id)))
-    return list(session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    return newest_first_page(session, select(Job).where(Job.tenant_id == tenant_id), Job, limit=limit, after=after)
 
 
 def summarize_jobs(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, JobSummary]:

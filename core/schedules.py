@@ -47,12 +47,13 @@ import httpx
 import psycopg
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from sqlalchemy import and_, delete, exists, func, or_, select, text, update
+from sqlalchemy import delete, exists, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from core.config import AppConfig
+from core.db import newest_first_page
 from core.errors import InvalidInput, NotFound
 from core.jobs import ItemAppender, JobSettings, parse_job_request
 from core.labels import extract_label, label_error
@@ -411,12 +412,8 @@ def get_schedule(session: Session, tenant_id: uuid.UUID, schedule_id: uuid.UUID,
 def list_schedules(session: Session, tenant_id: uuid.UUID, *, limit: int,
                    after: tuple[datetime, uuid.UUID] | None) -> list[Schedule]:
     """Newest first, keyset-paginated on (created_at, id); up to limit + 1 rows."""
-    query = select(Schedule).where(Schedule.tenant_id == tenant_id)
-    if after is not None:
-        created, last = after
-        query = query.where(or_(Schedule.created_at < created,
-                                and_(Schedule.created_at == created, Schedule.id < last)))
-    return list(session.scalars(query.order_by(Schedule.created_at.desc(), Schedule.id.desc()).limit(limit + 1)))
+    return newest_first_page(session, select(Schedule).where(Schedule.tenant_id == tenant_id), Schedule,
+                             limit=limit, after=after)
 
 
 def update_schedule(session: Session, tenant_id: uuid.UUID, schedule_id: uuid.UUID, payload: Any,
@@ -1034,13 +1031,8 @@ def runs_to_nudge(session: Session, limit: int = 200) -> Nudges:
 
 def list_runs(session: Session, schedule_id: uuid.UUID, *, limit: int,
               after: tuple[datetime, uuid.UUID] | None) -> list[ScheduleRun]:
-    query = select(ScheduleRun).where(ScheduleRun.schedule_id == schedule_id)
-    if after is not None:
-        created, last = after
-        query = query.where(or_(ScheduleRun.created_at < created,
-                                and_(ScheduleRun.created_at == created, ScheduleRun.id < last)))
-    return list(session.scalars(query.order_by(ScheduleRun.created_at.desc(), ScheduleRun.id.desc())
-                                .limit(limit + 1)))
+    return newest_first_page(session, select(ScheduleRun).where(ScheduleRun.schedule_id == schedule_id),
+                             ScheduleRun, limit=limit, after=after)
 
 
 def get_run(session: Session, schedule: Schedule, run_id: uuid.UUID) -> ScheduleRun:

@@ -13,13 +13,14 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, BindParameter, and_, any_, bindparam, func, or_, select, update
+from sqlalchemy import ARRAY, BindParameter, any_, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from core.config import AppConfig
 from core.costs import apply_budget
+from core.db import newest_first_page
 from core.errors import NotFound, TransitionError
 from core.labels import label_error
 from core.ledger import Charge, ResponseRecord, add_ledger_entry
@@ -309,7 +310,4 @@ def list_tasks(session: Session, tenant_id: uuid.UUID, *, limit: int, after: tup
         query = query.where(Task.status == status)
     if task_type is not None:
         query = query.where(Task.task_type == task_type)
-    if after is not None:
-        created, last_id = after
-        query = query.where(or_(Task.created_at < created, and_(Task.created_at == created, Task.id < last_id)))
-    return list(session.scalars(query.order_by(Task.created_at.desc(), Task.id.desc()).limit(limit + 1)))
+    return newest_first_page(session, query, Task, limit=limit, after=after)
