@@ -14,7 +14,7 @@ from core.config import AppConfig
 from core.cooldown import Cooldown
 from core.db import make_engine, make_session_factory
 from core.facade import FileLimits
-from core.gateway import Gateway, TenantKeyCache
+from core.gateway import Gateway, TenantKeyCache, TenantRulesCache
 from core.messaging import make_producer
 from core.pricing import PriceBook
 from core.provider import AsyncProviderClients
@@ -35,6 +35,7 @@ class ApiContext:
     gateway: Gateway
     tenant_keys: TenantKeyCache
     file_limits: FileLimits
+    tenant_rules: TenantRulesCache  # routing rules for smart-select (issue 6)
 
     @classmethod
     def build(cls, settings: Settings, config: AppConfig) -> ApiContext:
@@ -46,12 +47,12 @@ class ApiContext:
         redis_client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         # the gateway records calls over its own async connection (group commit, one statement per group)
         gateway = Gateway(config, providers, Cooldown(redis_client, settings.redis_key_prefix), prices,
-                          settings.psycopg_dsn)
+                          settings.psycopg_dsn, sessions=sessions)
         gateway.warm_prices()
         # batch file limits: OpenAI's by default; the environment may lower them (tests, small deployments)
         limits = FileLimits.from_env(os.environ)
         return cls(settings, config, engine, sessions, make_producer(settings), prices, providers, redis_client,
-                   gateway, TenantKeyCache(sessions), limits)
+                   gateway, TenantKeyCache(sessions), limits, TenantRulesCache(sessions))
 
     async def aclose(self) -> None:
         """Async resources (front door): drain pending call records, close provider and Redis clients."""

@@ -35,6 +35,9 @@ class ProviderConfig(_Section):
     batch: bool = True
     prices_from: str | None = None
     timeout_seconds: PositiveFloat = 60.0
+    # send OpenAI's `prompt_cache_key` (per task type and tenant) with chat calls and batch lines;
+    # turn off for an OpenAI-compatible endpoint that refuses unknown request fields
+    prompt_cache_key: bool = True
 
 
 class ModelRef(_Section):
@@ -82,8 +85,17 @@ class QualityConfig(_Section):
 
 
 class CacheConfig(_Section):
+    """The response cache (core/cache.py)."""
+
     enabled: bool = True
     ttl_seconds: PositiveInt = 86_400
+    # per task type: "deterministic" (the default: temperature 0, or a seed without temperature),
+    # "always" (any request of the type), or "off"
+    task_types: dict[str, Literal["deterministic", "always", "off"]] = Field(default_factory=dict)
+    # how long the first of identical requests may take to answer before another caller takes over
+    claim_seconds: PositiveFloat = 120.0
+    # how often a caller waiting for an identical request in flight looks for its answer
+    wait_poll_seconds: PositiveFloat = 0.05
 
 
 class PriceOverride(_Section):

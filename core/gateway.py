@@ -28,6 +28,7 @@ import anyio
 import psycopg
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.cache import CachedAnswer, Claim, cache_key, fill_claim, lookup_or_claim, release_claim, wants_cache
 from core.config import AppConfig, ImmediateConfig, ModelRef
 from core.cooldown import Admission, Cooldown
 from core.errors import PermanentProviderError, ProviderError, RetryableProviderError
@@ -42,7 +43,8 @@ from core.provider import (
 )
 from core.retry import ChainExhausted, backoff_delay
 from core.routing import prompt_text, resolve_tier
-from core.states import RequestedTier, Tier
+from core.rules import RuleView, rule_decision, tenant_rules
+from core.states import Mode, RequestedTier, Tier
 from core.tenants import tenant_for_key
 
 log = logging.getLogger(__name__)
@@ -115,6 +117,34 @@ class TenantKeyCache:
             if len(self._entries) > 10_000:
                 self._entries.clear()
             self._entries[api_key] = (now + self._ttl, found)
+        return found
+
+
+class TenantRulesCache:
+    """A tenant's routing rules (issue 6), remembered for `ttl` seconds: a rule changed by a person or by
+    the quality monitor reaches `smart-select` within that time, without a query per call."""
+
+    def __init__(self, sessions: sessionmaker[Session], ttl: float = 5.0) -> None:
+        self._sessions = sessions
+        self._ttl = ttl
+        self._entries: dict[uuid.UUID, tuple[float, dict[str, RuleView]]] = {}
+
+    def _lookup(self, tenant_id: uuid.UUID) -> dict[str, RuleView]:
+        with self._sessions() as session:
+            return tenant_rules(session, tenant_id)
+
+    def forget(self, tenant_id: uuid.UUID) -> None:
+        self._entries.pop(tenant_id, None)
+
+    async def rules(self, tenant_id: uuid.UUID) -> dict[str, RuleView]:
+        now = time.monotonic()
+        entry = self._entries.get(tenant_id)
+        if entry is not None and entry[0] > now:
+            return entry[1]
+        found = await anyio.to_thread.run_sync(self._lookup, tenant_id)
+        if len(self._entries) > 10_000:
+            self._entries.clear()
+        self._entries[tenant_id] = (now + self._ttl, found)
         return found
 
 
@@ -334,11 +364,14 @@ def listed_models(config: AppConfig) -> list[dict[str, Any]]:
 
 def route_request(config: AppConfig, model: str, messages: Sequence[Mapping[str, Any]], *,
                   tier_hint: str | None, task_type_hint: str | None, tools_requested: bool,
-                  tier_param: str = "metadata.tier", task_type_param: str = "metadata.task_type") -> Route:
+                  tier_param: str = "metadata.tier", task_type_param: str = "metadata.task_type",
+                  rules: Mapping[str, RuleView] | None = None) -> Route:
     task_type = _task_type_hint(task_type_hint, task_type_param)
     requested = _tier_hint(tier_hint, tier_param)
     if model == SMART_SELECT:
-        decision = resolve_tier(config, requested, task_type, messages, tools_requested=tools_requested)
+        # the tenant's routing rule (issue 6) comes before config routing and the heuristic
+        decision = (rule_decision(rules or {}, requested, task_type)
+                    or resolve_tier(config, requested, task_type, messages, tools_requested=tools_requested))
         return Route(decision.tier, requested, f"smart-select: {decision.reason}", task_type,
                      config.tier(decision.tier).chain)
     named = model_chain(config, model)
@@ -348,7 +381,7 @@ def route_request(config: AppConfig, model: str, messages: Sequence[Mapping[str,
     return Route(tier, RequestedTier(tier.value), f"model {model!r} asked by name", task_type, chain)
 
 
-ROUTING_KEYS = ("tier", "task_type")
+ROUTING_KEYS = ("tier", "task_type", "cache")  # ours, not the provider's
 
 
 def provider_request(body: Mapping[str, Any]) -> dict[str, Any]:
@@ -377,7 +410,8 @@ class ChatCall:
     received_at: datetime
 
 
-def prepare_chat_call(config: AppConfig, body: Any, headers: Mapping[str, str]) -> ChatCall:
+def prepare_chat_call(config: AppConfig, body: Any, headers: Mapping[str, str],
+                      rules: Mapping[str, RuleView] | None = None) -> ChatCall:
     received = datetime.now(UTC)
     body = validate_chat_body(body)
     metadata = _check_metadata(body.get("metadata"))
@@ -389,7 +423,7 @@ def prepare_chat_call(config: AppConfig, body: Any, headers: Mapping[str, str]) 
         type_hint, type_param = headers.get("x-task-type"), "X-Task-Type"
     route = route_request(config, body["model"], body["messages"], tier_hint=tier_hint, task_type_hint=type_hint,
                           tools_requested=bool(body.get("tools") or body.get("functions")),
-                          tier_param=tier_param, task_type_param=type_param)
+                          tier_param=tier_param, task_type_param=type_param, rules=rules)
     request = provider_request(body)
     stream = bool(request.pop("stream", False))
     options = request.pop("stream_options", None)
@@ -437,6 +471,7 @@ class CallRecord:
     prices: Any = None  # PricedUsage | None
     cost_usd: Decimal | None = None
     baseline_cost_usd: Decimal | None = None
+    mode: Mode = Mode.IMMEDIATE  # or `cache`: answered from the response cache (issue 6)
 
 
 _TASK_COLUMNS = ("id uuid", "tenant_id uuid", "task_type text", "requested_tier requested_tier", "tier tier",
@@ -444,19 +479,20 @@ _TASK_COLUMNS = ("id uuid", "tenant_id uuid", "task_type text", "requested_tier 
                  "model text", "served_model text", "output text", "response jsonb", "input_tokens bigint",
                  "cached_tokens bigint", "output_tokens bigint", "reasoning_tokens bigint", "cost_usd numeric",
                  "baseline_cost_usd numeric", "attempts integer", "error text", "created_at timestamptz",
-                 "started_at timestamptz")
+                 "started_at timestamptz", "mode serve_mode")
 _LEDGER_COLUMNS = ("tenant_id uuid", "task_id uuid", "task_type text", "tier tier", "provider text",
                    "requested_model text", "served_model text", "input_tokens bigint", "cached_tokens bigint",
                    "output_tokens bigint", "reasoning_tokens bigint", "input_price numeric",
                    "cached_input_price numeric", "output_price numeric", "input_cost_usd numeric",
                    "cached_input_cost_usd numeric", "output_cost_usd numeric", "cost_usd numeric",
                    "baseline_cost_usd numeric", "unpriced boolean", "latency_ms integer",
-                   "usage_estimated boolean")
+                   "usage_estimated boolean", "mode serve_mode")
 
 
 # Columns as they travel in the JSON parameter; enums travel as text and the provider's body as its raw
 # JSON text, cast on the way in.
-_CASTS = {"requested_tier": "requested_tier", "tier": "tier", "status": "task_status", "response": "jsonb"}
+_CASTS = {"requested_tier": "requested_tier", "tier": "tier", "status": "task_status", "response": "jsonb",
+          "mode": "serve_mode"}
 
 
 def _recordset(param: str, columns: Sequence[str]) -> tuple[list[str], str]:
@@ -466,7 +502,7 @@ def _recordset(param: str, columns: Sequence[str]) -> tuple[list[str], str]:
     declared = ", ".join(f"{n} {'text' if n in _CASTS else c.split(' ', 1)[1]}" for n, c in zip(names, columns,
                                                                                                  strict=True))
     selected = ", ".join(f"v.{n}::{_CASTS[n]}" if n in _CASTS else f"v.{n}" for n in names)
-    return names, f"SELECT {selected}, {{extra}} FROM json_to_recordset(%({param})s::json) AS v({declared})"
+    return names, f"SELECT {selected}{{extra}} FROM json_to_recordset(%({param})s::json) AS v({declared})"
 
 
 def _write_sql() -> str:
@@ -474,10 +510,9 @@ def _write_sql() -> str:
     transaction, and the ledger's foreign key to the task is checked at the end of that statement."""
     task_names, task_select = _recordset("tasks", _TASK_COLUMNS)
     ledger_names, ledger_select = _recordset("ledger", _LEDGER_COLUMNS)
-    tasks = (f"INSERT INTO tasks ({', '.join(task_names)}, urgent, mode, finished_at, updated_at) "
-             + task_select.format(extra="true, 'immediate'::serve_mode, now(), now()"))
-    ledger = (f"INSERT INTO ledger_entries ({', '.join(ledger_names)}, mode) "
-              + ledger_select.format(extra="'immediate'::serve_mode"))
+    tasks = (f"INSERT INTO tasks ({', '.join(task_names)}, urgent, finished_at, updated_at) "
+             + task_select.format(extra=", true, now(), now()"))
+    ledger = f"INSERT INTO ledger_entries ({', '.join(ledger_names)}) " + ledger_select.format(extra="")
     return f"WITH written_tasks AS ({tasks} RETURNING id) {ledger}"
 
 
@@ -513,7 +548,7 @@ def record_params(records: Sequence[CallRecord]) -> dict[str, str]:
             "output_tokens": usage.output_tokens if usage else None,
             "reasoning_tokens": usage.reasoning_tokens if usage else None,
             "cost_usd": r.cost_usd, "baseline_cost_usd": r.baseline_cost_usd, "attempts": r.attempts,
-            "error": r.error, "created_at": r.created_at, "started_at": r.started_at,
+            "error": r.error, "created_at": r.created_at, "started_at": r.started_at, "mode": r.mode.value,
         })
         if usage is None or r.provider is None:
             continue
@@ -531,7 +566,7 @@ def record_params(records: Sequence[CallRecord]) -> dict[str, str]:
             "cached_input_cost_usd": priced.cached_input_cost if priced else None,
             "output_cost_usd": priced.output_cost if priced else None,
             "cost_usd": r.cost_usd, "baseline_cost_usd": r.baseline_cost_usd, "unpriced": r.cost_usd is None,
-            "latency_ms": r.latency_ms, "usage_estimated": r.usage_estimated,
+            "latency_ms": r.latency_ms, "usage_estimated": r.usage_estimated, "mode": r.mode.value,
         })
     return {"tasks": _dumps(tasks), "ledger": _dumps(ledger)}
 
@@ -639,6 +674,13 @@ class Completed:
     content: bytes  # the provider's body, relayed unchanged (its `model` is the served model)
     cost_usd: Decimal | None
     served_model: str
+    cache_hit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class _Answered:
+    completed: Completed
+    answer: RawChatAnswer | None
 
 
 def format_cost(cost: Decimal | None) -> str:
@@ -677,8 +719,12 @@ def error_for(exhausted: ChainExhausted, cooling_retry_after: float | None) -> G
 
 class Gateway:
     def __init__(self, config: AppConfig, providers: AsyncProviderClients, cooldown: Cooldown, prices: PriceBook,
-                 database_dsn: str, *, durable_records: bool = False) -> None:
+                 database_dsn: str, *, durable_records: bool = False,
+                 sessions: sessionmaker[Session] | None = None) -> None:
         self.config = config
+        # the response cache (issue 6) needs the database; without sessions every call goes to a provider
+        self.sessions = sessions
+        self._flights: dict[tuple[uuid.UUID, bytes], asyncio.Future[None]] = {}
         self.providers = providers
         self.cooldown = cooldown
         self.prices = prices
@@ -750,6 +796,81 @@ class Gateway:
         return error
 
     async def complete(self, tenant_id: uuid.UUID, call: ChatCall) -> Completed:
+        """Answer a non-streamed call: from the response cache when it may be, else from a provider."""
+        if self.sessions is None or not wants_cache(self.config.cache, call.route.task_type, call.request,
+                                                    call.metadata):
+            return await self._call_provider(tenant_id, call)
+        key = cache_key(call.route.chain[0].model, call.request)
+        flight_key = (tenant_id, key)
+        # identical calls in this process wait for the first one's answer; across processes the cache
+        # row's claim does the same
+        while (flight := self._flights.get(flight_key)) is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(flight)
+        flight = asyncio.get_running_loop().create_future()
+        self._flights[flight_key] = flight
+        try:
+            found = await self._wait_for_cache(tenant_id, key)
+            if isinstance(found, CachedAnswer):
+                return await self._serve_cached(tenant_id, call, found)
+            return await self._call_provider(tenant_id, call, found)
+        finally:
+            del self._flights[flight_key]
+            flight.set_result(None)
+
+    def _lookup_or_claim(self, tenant_id: uuid.UUID, key: bytes) -> CachedAnswer | Claim | None:
+        assert self.sessions is not None
+        with self.sessions.begin() as session:
+            return lookup_or_claim(session, tenant_id, key, self.config.cache.claim_seconds)
+
+    async def _wait_for_cache(self, tenant_id: uuid.UUID, key: bytes) -> CachedAnswer | Claim:
+        while True:
+            found = await anyio.to_thread.run_sync(self._lookup_or_claim, tenant_id, key)
+            if found is not None:
+                return found
+            await asyncio.sleep(self.config.cache.wait_poll_seconds)  # in flight in another process
+
+    def _settle_claim(self, claim: Claim, answer: CachedAnswer | None, task_id: uuid.UUID) -> None:
+        assert self.sessions is not None
+        with self.sessions.begin() as session:
+            if answer is None:
+                release_claim(session, claim)
+            else:
+                fill_claim(session, claim, answer, self.config.cache.ttl_seconds, task_id)
+
+    async def _serve_cached(self, tenant_id: uuid.UUID, call: ChatCall, answer: CachedAnswer) -> Completed:
+        """A cache hit: a task and a ledger row in mode `cache`, cost 0, the baseline of the tokens kept."""
+        task_id = uuid.uuid4()
+        now = datetime.now(UTC)
+        usage = answer.usage
+        baseline = self.prices.baseline(usage)
+        content = json.dumps(answer.response, ensure_ascii=False).encode()
+        await self.recorder.record(CallRecord(
+            task_id, tenant_id, call.route, call.request, call.metadata, "succeeded", 0, call.received_at, now,
+            provider=answer.provider, requested_model=answer.requested_model, served_model=answer.served_model,
+            output=answer.output, response_json=content.decode(), usage=usage, latency_ms=0,
+            cost_usd=Decimal(0), baseline_cost_usd=baseline, mode=Mode.CACHE))
+        return Completed(task_id, call.route.tier, content, Decimal(0), answer.served_model, cache_hit=True)
+
+    async def _call_provider(self, tenant_id: uuid.UUID, call: ChatCall, claim: Claim | None = None) -> Completed:
+        try:
+            done = await self._call_and_record(tenant_id, call)
+        except BaseException:
+            if claim is not None:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(self._settle_claim, claim, None, uuid.uuid4())
+            raise
+        if claim is not None:
+            answer = None
+            if done.answer is not None:
+                raw = done.answer
+                answer = CachedAnswer(raw.provider, raw.requested_model, raw.served_model, output_from_body(raw.body),
+                                      raw.body, usage_from_body(raw.body))
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(self._settle_claim, claim, answer, done.completed.task_id)
+        return done.completed
+
+    async def _call_and_record(self, tenant_id: uuid.UUID, call: ChatCall) -> _Answered:
         task_id = uuid.uuid4()
         started = datetime.now(UTC)
         request = call.request
@@ -769,7 +890,7 @@ class Gateway:
             started, provider=answer.provider, requested_model=answer.requested_model, served_model=served,
             output=output_from_body(answer.body), response_json=answer.content.decode("utf-8", "replace"),
             usage=usage, latency_ms=answer.latency_ms, prices=priced, cost_usd=cost, baseline_cost_usd=baseline))
-        return Completed(task_id, call.route.tier, answer.content, cost, served)
+        return _Answered(Completed(task_id, call.route.tier, answer.content, cost, served), answer)
 
     async def open_stream(self, tenant_id: uuid.UUID, call: ChatCall) -> StreamSession:
         """Open the provider stream along the chain (fallbacks happen before any byte is sent)."""

@@ -52,6 +52,15 @@ class Mode(enum.StrEnum):
     CACHE = "cache"
 
 
+class CacheEntryStatus(enum.StrEnum):
+    """A response cache entry (issue 6): `pending` while one caller computes the answer for everyone
+    asking the same thing (until `expires_at`, its claim deadline); `ready` once the answer is stored
+    (until `expires_at`, the end of its TTL)."""
+
+    PENDING = "pending"
+    READY = "ready"
+
+
 class BatchStatus(enum.StrEnum):
     """Our own view of a provider batch; the provider's raw status is kept beside it."""
 

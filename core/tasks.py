@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, BindParameter, any_, bindparam, func, or_, select, update
+from sqlalchemy import ARRAY, BindParameter, ColumnElement, and_, any_, bindparam, func, or_, select, update
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from core.config import AppConfig
+from core.cache import CachedAnswer, cache_key, take_hits, wants_cache
+from core.config import AppConfig, CacheConfig
 from core.costs import apply_budget
 from core.db import newest_first_page
 from core.errors import NotFound, TransitionError
@@ -108,8 +109,9 @@ def _uuid_array(ids: Sequence[uuid.UUID]) -> BindParameter[Any]:
 
 
 def route_queued_tasks(session: Session, task_ids: Sequence[uuid.UUID], config: AppConfig,
-                       now: datetime) -> list[uuid.UUID]:
-    """Send Light non-urgent tasks to `waiting_batch`; return the ids due for an immediate call.
+                       now: datetime, prices: PriceBook | None = None) -> list[uuid.UUID]:
+    """Answer cached requests, send Light non-urgent tasks to `waiting_batch`; return the ids due for an
+    immediate call. With `prices`, the response cache is consulted (issue 6).
 
     Only tasks still `queued` and past their `not_before` are routed, so running this twice is harmless.
     """
@@ -122,6 +124,9 @@ def route_queued_tasks(session: Session, task_ids: Sequence[uuid.UUID], config: 
                or_(Task.not_before.is_(None), Task.not_before <= func.now()))
         .with_for_update(skip_locked=True)
     ).all()
+    if prices is not None and config.cache.enabled and candidates:
+        answered = answer_queued_from_cache(session, [c.id for c in candidates], config, prices)
+        candidates = [c for c in candidates if c.id not in answered]
     batch_path = {c.id for c in candidates if takes_batch_path(config, c.tier, c.urgent, c.deadline, now)}
     immediate = [c.id for c in candidates if c.id not in batch_path]
     if batch_path:
@@ -148,6 +153,7 @@ class ClaimedTask:
     tier: Tier
     request: dict[str, Any]
     attempts: int
+    metadata: dict[str, str] = field(default_factory=dict)
 
 
 ESCALATABLE_STATUSES = (TaskStatus.WAITING_BATCH, TaskStatus.IN_BATCH)
@@ -170,12 +176,89 @@ def claim_for_immediate_call(session: Session, task_id: uuid.UUID, lease_seconds
                 lease_expires_at=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, lease_seconds),
                 attempts=Task.attempts + 1, started_at=func.coalesce(Task.started_at, func.now()),
                 updated_at=func.now(), not_before=None)
-        .returning(Task.tenant_id, Task.job_id, Task.task_type, Task.tier, Task.request, Task.attempts)
+        .returning(Task.tenant_id, Task.job_id, Task.task_type, Task.tier, Task.request, Task.attempts,
+                   Task.task_metadata)
     ).one_or_none()
     if row is None:
         return None
     return ClaimedTask(task_id, token, row.tenant_id, row.job_id, row.task_type, row.tier, row.request,
-                       row.attempts)
+                       row.attempts, row.task_metadata or {})
+
+
+# --- response cache (issue 6) -------------------------------------------------------------------------
+
+
+def _maybe_cacheable(cache: CacheConfig) -> ColumnElement[bool]:
+    """SQL prefilter for `wants_cache`: only these tasks' requests are read and hashed."""
+    conditions: list[ColumnElement[bool]] = [
+        Task.task_metadata["cache"].astext == "on",
+        Task.request["temperature"].as_float() == 0,
+        and_(Task.request.has_key("seed"), ~Task.request.has_key("temperature")),
+    ]
+    always = [t for t, policy in cache.task_types.items() if policy == "always"]
+    if always:
+        conditions.append(Task.task_type.in_(always))
+    return or_(*conditions)
+
+
+def answer_queued_from_cache(session: Session, task_ids: Sequence[uuid.UUID], config: AppConfig,
+                             prices: PriceBook) -> set[uuid.UUID]:
+    """queued → succeeded (mode `cache`) for the tasks whose request has a live cached answer."""
+    rows = session.execute(
+        select(Task.id, Task.tenant_id, Task.job_id, Task.task_type, Task.tier, Task.request, Task.task_metadata)
+        .where(Task.id == any_(_uuid_array(task_ids)), Task.status == TaskStatus.QUEUED,
+               _maybe_cacheable(config.cache))
+    ).all()
+    keyed = [(row, (row.tenant_id, cache_key(config.tier(row.tier).model, row.request))) for row in rows
+             if wants_cache(config.cache, row.task_type, row.request, row.task_metadata)]
+    hits = take_hits(session, [pair for _, pair in keyed])
+    answered: set[uuid.UUID] = set()
+    for row, pair in keyed:
+        answer = hits.get(pair)
+        if answer is None:
+            continue
+        target = CacheTarget(row.id, row.tenant_id, row.job_id, row.task_type, row.tier)
+        if finish_from_cache(session, target, answer, prices, Task.status == TaskStatus.QUEUED) is not None:
+            answered.add(row.id)
+    return answered
+
+
+@dataclass(frozen=True, slots=True)
+class CacheTarget:
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    job_id: uuid.UUID | None
+    task_type: str
+    tier: Tier
+
+
+def finish_from_cache(session: Session, task: CacheTarget | ClaimedTask, answer: CachedAnswer, prices: PriceBook,
+                      guard: ColumnElement[bool]) -> Charge | None:
+    """→ succeeded, mode `cache`, with its ledger row (cost 0, baseline kept); None if `guard` moved no row."""
+    moved = session.execute(
+        update(Task).where(Task.id == task.id, guard)
+        .values(**_finish_values(TaskStatus.SUCCEEDED), mode=Mode.CACHE, error=None,
+                started_at=func.coalesce(Task.started_at, func.now()))
+        .returning(Task.id)
+    ).first()
+    if moved is None:
+        return None
+    usage = answer.usage
+    charge = add_ledger_entry(session, prices, ResponseRecord(
+        tenant_id=task.tenant_id, task_id=task.id, job_id=task.job_id, batch_id=None, task_type=task.task_type,
+        tier=task.tier, mode=Mode.CACHE, provider=answer.provider, requested_model=answer.requested_model,
+        served_model=answer.served_model, usage=usage))
+    session.execute(update(Task).where(Task.id == task.id).values(
+        provider=answer.provider, model=answer.requested_model, served_model=answer.served_model,
+        output=answer.output, response=answer.response, input_tokens=usage.input_tokens,
+        cached_tokens=usage.cached_tokens, output_tokens=usage.output_tokens,
+        reasoning_tokens=usage.reasoning_tokens, cost_usd=charge.cost_usd,
+        baseline_cost_usd=charge.baseline_cost_usd))
+    return charge
+
+
+def running_guard(claimed: ClaimedTask) -> ColumnElement[bool]:
+    return and_(Task.status == TaskStatus.RUNNING, Task.lease_token == claimed.lease_token)
 
 
 def renew_lease(session: Session, task_id: uuid.UUID, token: uuid.UUID, lease_seconds: float) -> bool:

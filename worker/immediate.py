@@ -9,15 +9,19 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from core.cache import CachedAnswer, Claim, cache_key, fill_claim, lookup_or_claim, release_claim, wants_cache
+from core.labels import label_error
 from core.retry import ChainExhausted, backoff_delay, call_with_fallbacks
 from core.states import Tier
 from core.tasks import (
     ClaimedTask,
     claim_for_immediate_call,
     fail_running_task,
+    finish_from_cache,
     record_immediate_success,
     renew_lease,
     requeue_running_task,
+    running_guard,
 )
 from worker.context import WorkerContext
 from worker.quality import maybe_send_shadow  # quality-aware routing (issue 6)
@@ -57,6 +61,15 @@ def run_immediate_call(ctx: WorkerContext, task_id: uuid.UUID, *, escalate: bool
         claimed = claim_for_immediate_call(session, task_id, policy.lease_seconds, escalate=escalate)
     if claimed is None:
         return None  # already done, cancelled, claimed by another worker, or not yet due
+    claim: Claim | None = None
+    if wants_cache(ctx.config.cache, claimed.task_type, claimed.request, claimed.metadata):
+        with lease_kept_alive(ctx, claimed):
+            found = wait_for_cache(ctx, claimed)
+        if not isinstance(found, Claim):
+            with ctx.sessions.begin() as session:
+                finish_from_cache(session, claimed, found, ctx.prices, running_guard(claimed))
+            return None
+        claim = found
     chain = ctx.config.tier(Tier(claimed.tier)).chain
     try:
         with lease_kept_alive(ctx, claimed):
@@ -64,6 +77,8 @@ def run_immediate_call(ctx: WorkerContext, task_id: uuid.UUID, *, escalate: bool
     except ChainExhausted as exhausted:
         message = str(exhausted)
         with ctx.sessions.begin() as session:
+            if claim is not None:
+                release_claim(session, claim)  # an identical request may try again at once
             if exhausted.retryable and claimed.attempts < policy.max_attempts:
                 delay = backoff_delay(policy, claimed.attempts, exhausted.retry_after)
                 if requeue_running_task(session, claimed, message, delay):
@@ -77,8 +92,29 @@ def run_immediate_call(ctx: WorkerContext, task_id: uuid.UUID, *, escalate: bool
         return None
     with ctx.sessions.begin() as session:
         charge = record_immediate_success(session, claimed, result, ctx.prices)
+        if claim is not None:
+            if charge is not None and label_error(claimed.request, result.output) is None:
+                fill_claim(session, claim, CachedAnswer(result.provider, result.requested_model,
+                                                        result.served_model, result.output, result.body,
+                                                        result.usage),
+                           ctx.config.cache.ttl_seconds, claimed.id)
+            else:
+                release_claim(session, claim)
     if charge is None:
         log.warning("task %s: lease lost while calling %s; result discarded", task_id, result.served_model)
         return None
     maybe_send_shadow(ctx, claimed)  # quality-aware routing (issue 6): shadow sampling
     return None
+
+
+def wait_for_cache(ctx: WorkerContext, claimed: ClaimedTask) -> CachedAnswer | Claim:
+    """A cached answer for the task's request, or the claim to compute it; while an identical request is
+    in flight elsewhere, wait for its answer (its claim has a deadline, after which this one takes over)."""
+    cache = ctx.config.cache
+    key = cache_key(ctx.config.tier(Tier(claimed.tier)).model, claimed.request)
+    while True:
+        with ctx.sessions.begin() as session:
+            found = lookup_or_claim(session, claimed.tenant_id, key, cache.claim_seconds)
+        if found is not None:
+            return found
+        time.sleep(cache.wait_poll_seconds)

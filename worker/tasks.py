@@ -10,6 +10,7 @@ from typing import Any
 from celery import Task as CeleryTask
 from celery import shared_task
 
+from core.cache import purge_expired_entries
 from core.errors import InvalidInput
 from core.messaging import (
     ASSEMBLE_BATCHES,
@@ -67,7 +68,7 @@ def dispatch_tasks(self: CeleryTask, task_ids: list[str]) -> int:
     ctx = get_worker_context()
     ids = [uuid.UUID(t) for t in task_ids]
     with ctx.sessions.begin() as session:
-        immediate = route_queued_tasks(session, ids, ctx.config, datetime.now(UTC))
+        immediate = route_queued_tasks(session, ids, ctx.config, datetime.now(UTC), ctx.prices)
     for task_id in immediate:
         self.app.send_task(CALL_IMMEDIATE, args=[str(task_id)])
     if len(immediate) < len(ids):
@@ -127,12 +128,14 @@ def reconcile(self: CeleryTask) -> int:
         self.app.send_task(DISPATCH_TASKS, args=[chunk])
         with ctx.sessions.begin() as session:
             mark_dispatched(session, [uuid.UUID(i) for i in chunk])
+    with ctx.sessions.begin() as session:
+        purged = purge_expired_entries(session)  # response cache (issue 6): expired answers and dead claims
     to_submit, to_ingest = stale_batches(ctx)
     for batch_id in to_submit:
         self.app.send_task(SUBMIT_BATCH, args=[str(batch_id)])
     for batch_id in to_ingest:
         self.app.send_task(INGEST_BATCH, args=[str(batch_id)])
-    if ids or to_submit or to_ingest:
-        log.info("reconciler: re-dispatched %d tasks, resumed %d submissions and %d ingestions",
-                 len(ids), len(to_submit), len(to_ingest))
+    if ids or to_submit or to_ingest or purged:
+        log.info("reconciler: re-dispatched %d tasks, resumed %d submissions and %d ingestions, purged %d "
+                 "expired cache entries", len(ids), len(to_submit), len(to_ingest), purged)
     return len(ids)

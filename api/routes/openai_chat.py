@@ -2,7 +2,8 @@
 
 `smart-select` routes per DESIGN §3; a configured model is served as asked, with its fallbacks. The
 answer is the provider's body, relayed unchanged (its `model` is the model that served it), with
-`x-tierbatch-task-id`, `x-tierbatch-tier` and `x-tierbatch-cost-usd` headers; a stream relays the
+`x-tierbatch-task-id`, `x-tierbatch-tier`, `x-tierbatch-cost-usd` and `x-tierbatch-cache` (`hit` when
+answered from the response cache, issue 6) headers; a stream (never cached) relays the
 provider's chunks as they arrive (no cost header: the cost is known at the end, on the task).
 """
 
@@ -78,7 +79,7 @@ async def chat_completions(request: Request) -> Response:
     if len(raw) > MAX_CHAT_BODY_BYTES:
         raise GatewayError(413, f"The request body is over {MAX_CHAT_BODY_BYTES} bytes.", "invalid_request_error",
                            None, "request_too_large")
-    call = prepare_chat_call(ctx.config, parse_json(raw), request.headers)
+    call = prepare_chat_call(ctx.config, parse_json(raw), request.headers, await ctx.tenant_rules.rules(tenant_id))
     if call.stream:
         session = await ctx.gateway.open_stream(tenant_id, call)
         return RelayResponse(session.events(), media_type="text/event-stream", headers={
@@ -87,4 +88,4 @@ async def chat_completions(request: Request) -> Response:
     done = await ctx.gateway.complete(tenant_id, call)
     return Response(done.content, media_type="application/json", headers={
         "x-tierbatch-task-id": str(done.task_id), "x-tierbatch-tier": done.tier.value,
-        "x-tierbatch-cost-usd": format_cost(done.cost_usd)})
+        "x-tierbatch-cost-usd": format_cost(done.cost_usd), "x-tierbatch-cache": "hit" if done.cache_hit else "miss"})

@@ -52,10 +52,12 @@ def read_routes(tenant: TenantDep, session: SessionDep, ctx: ContextDep) -> dict
 
 
 @router.put("/v1/routes/{task_type}")
-def put_route(task_type: str, change: RouteChange, tenant: TenantDep, session: SessionDep) -> dict[str, Any]:
+def put_route(task_type: str, change: RouteChange, tenant: TenantDep, session: SessionDep,
+              ctx: ContextDep) -> dict[str, Any]:
     rule = set_rule(session, tenant.id, task_type, change.tier, change.pinned, actor="api", action="set",
                     reason=change.reason or "set through PUT /v1/routes", source="api")
     session.refresh(rule)
+    ctx.tenant_rules.forget(tenant.id)  # this process's smart-select sees the change at once
     return rule_body(rule)
 
 

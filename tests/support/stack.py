@@ -82,6 +82,10 @@ escalate_before_deadline_seconds = 5
 failed_batch_retry_seconds = 0.5
 ingest_chunk_lines = 250
 max_attempts = 3
+
+[cache.task_types]  # test_response_cache.py: per task type policies beside the default
+cached_always = "always"
+never_cached = "off"
 {quality}
 {extra}
 """)
