@@ -13,7 +13,19 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ARRAY, BindParameter, ColumnElement, and_, any_, bindparam, func, or_, select, update
+from sqlalchemy import (
+    ARRAY,
+    BindParameter,
+    ColumnElement,
+    and_,
+    any_,
+    bindparam,
+    func,
+    literal,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
@@ -118,14 +130,18 @@ def route_queued_tasks(session: Session, task_ids: Sequence[uuid.UUID], config: 
     if not task_ids:
         return []
     ids = _uuid_array(task_ids)  # one array parameter, not one bound parameter per task
+    use_cache = prices is not None and config.cache.enabled
+    # the cache prefilter rides along in the same query: only flagged tasks are read again and hashed
+    flag = _maybe_cacheable(config.cache) if use_cache else literal(False)
     candidates = session.execute(
-        select(Task.id, Task.tier, Task.urgent, Task.deadline)
+        select(Task.id, Task.tier, Task.urgent, Task.deadline, flag.label("maybe_cacheable"))
         .where(Task.id == any_(ids), Task.status == TaskStatus.QUEUED,
                or_(Task.not_before.is_(None), Task.not_before <= func.now()))
         .with_for_update(skip_locked=True)
     ).all()
-    if prices is not None and config.cache.enabled and candidates:
-        answered = answer_queued_from_cache(session, [c.id for c in candidates], config, prices)
+    flagged = [c.id for c in candidates if c.maybe_cacheable]
+    if flagged and prices is not None:
+        answered = answer_queued_from_cache(session, flagged, config, prices)
         candidates = [c for c in candidates if c.id not in answered]
     batch_path = {c.id for c in candidates if takes_batch_path(config, c.tier, c.urgent, c.deadline, now)}
     immediate = [c.id for c in candidates if c.id not in batch_path]
@@ -203,11 +219,11 @@ def _maybe_cacheable(cache: CacheConfig) -> ColumnElement[bool]:
 
 def answer_queued_from_cache(session: Session, task_ids: Sequence[uuid.UUID], config: AppConfig,
                              prices: PriceBook) -> set[uuid.UUID]:
-    """queued → succeeded (mode `cache`) for the tasks whose request has a live cached answer."""
+    """queued → succeeded (mode `cache`) for the tasks (locked by the caller) whose request has a live
+    cached answer."""
     rows = session.execute(
         select(Task.id, Task.tenant_id, Task.job_id, Task.task_type, Task.tier, Task.request, Task.task_metadata)
-        .where(Task.id == any_(_uuid_array(task_ids)), Task.status == TaskStatus.QUEUED,
-               _maybe_cacheable(config.cache))
+        .where(Task.id == any_(_uuid_array(task_ids)), Task.status == TaskStatus.QUEUED)
     ).all()
     keyed = [(row, (row.tenant_id, cache_key(config.tier(row.tier).model, row.request))) for row in rows
              if wants_cache(config.cache, row.task_type, row.request, row.task_metadata)]
