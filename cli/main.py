@@ -272,6 +272,29 @@ def quality(as_json: Annotated[bool, typer.Option("--json", help="Print the API'
 # --- end quality-aware routing -----------------------------------------------------------------------
 
 
+# --- audit of existing call logs (issue 6): thin wrapper over cli/audit.py ------------------------------
+@app.command()
+def audit(logfile: Annotated[Path, typer.Argument(help="A call log (JSONL of {request, response}), or a Batch "
+                                                        "API input file with --output.", show_default=False)],
+          output: Annotated[Path | None, typer.Option("--output", help="The Batch API output file of the input "
+                                                                       "file LOGFILE (joined by custom_id).")]
+          = None,
+          config: Annotated[Path | None, typer.Option("--config", help="Config TOML (default: TIERBATCH_CONFIG, "
+                                                                       "else the embedded default).")] = None,
+          non_urgent_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="Share of light calls that "
+                                                                                  "could wait for a batch.")]
+          = 0.5,
+          days: Annotated[float | None, typer.Option(help="Days the log covers (default: from the responses' "
+                                                          "`created`).")] = None,
+          as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False) -> None:
+    """What logged calls cost, routed to the light model and batched, and the monthly savings; offline."""
+    from cli.audit import AuditCliOptions, run_audit
+    from cli.jobs import guarded
+
+    guarded(lambda: run_audit(AuditCliOptions(logfile, output, config, non_urgent_share, days, as_json)))
+# --- end audit ---------------------------------------------------------------------------------------
+
+
 # --- scheduled classification (issue 7): thin wrappers over cli/schedules.py ------------------------
 schedules_app = typer.Typer(help="Scheduled bulk classification.", no_args_is_help=True)
 app.add_typer(schedules_app, name="schedules")
