@@ -14,7 +14,7 @@ from core.config import AppConfig
 from core.cooldown import Cooldown
 from core.db import make_engine, make_session_factory
 from core.facade import FileLimits
-from core.gateway import Gateway, TenantKeyCache, TenantRulesCache
+from core.gateway import Gateway, TenantKeyCache, TenantPolicies
 from core.messaging import make_producer
 from core.pricing import PriceBook
 from core.provider import AsyncProviderClients
@@ -35,7 +35,7 @@ class ApiContext:
     gateway: Gateway
     tenant_keys: TenantKeyCache
     file_limits: FileLimits
-    tenant_rules: TenantRulesCache  # routing rules for smart-select (issue 6)
+    tenant_policies: TenantPolicies  # routing rules (issue 6) and budgets (issue 4) on the OpenAI surface
 
     @classmethod
     def build(cls, settings: Settings, config: AppConfig) -> ApiContext:
@@ -52,7 +52,7 @@ class ApiContext:
         # batch file limits: OpenAI's by default; the environment may lower them (tests, small deployments)
         limits = FileLimits.from_env(os.environ)
         return cls(settings, config, engine, sessions, make_producer(settings), prices, providers, redis_client,
-                   gateway, TenantKeyCache(sessions), limits, TenantRulesCache(sessions))
+                   gateway, TenantKeyCache(sessions), limits, TenantPolicies(sessions, config))
 
     async def aclose(self) -> None:
         """Async resources (front door): drain pending call records, close provider and Redis clients."""

@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.cache import CachedAnswer, Claim, cache_key, fill_claim, lookup_or_claim, release_claim, wants_cache
 from core.config import AppConfig, ImmediateConfig, ModelRef
 from core.cooldown import Admission, Cooldown
+from core.costs import BudgetExceeded, check_budget
 from core.errors import PermanentProviderError, ProviderError, RetryableProviderError
 from core.pricing import PriceBook, TokenUsage
 from core.provider import (
@@ -120,23 +121,39 @@ class TenantKeyCache:
         return found
 
 
-class TenantRulesCache:
-    """A tenant's routing rules (issue 6), remembered for `ttl` seconds: a rule changed by a person or by
-    the quality monitor reaches `smart-select` within that time, without a query per call."""
+@dataclass(frozen=True, slots=True)
+class TenantPolicy:
+    """What the gateway applies to a tenant's calls besides the request itself."""
 
-    def __init__(self, sessions: sessionmaker[Session], ttl: float = 5.0) -> None:
+    rules: dict[str, RuleView]  # routing rules by task type (issue 6)
+    budget_refusal: str | None = None  # the monthly budget is reached under policy `reject`
+    budget_downgrade: str | None = None  # ... under policy `downgrade`: the reason complex is served as light
+
+
+class TenantPolicies:
+    """A tenant's routing rules and budget decision, remembered for `ttl` seconds: a rule changed by a person
+    or by the quality monitor, or a budget reached, applies to `smart-select` within that time, without
+    queries per call."""
+
+    def __init__(self, sessions: sessionmaker[Session], config: AppConfig, ttl: float = 5.0) -> None:
         self._sessions = sessions
+        self._config = config
         self._ttl = ttl
-        self._entries: dict[uuid.UUID, tuple[float, dict[str, RuleView]]] = {}
+        self._entries: dict[uuid.UUID, tuple[float, TenantPolicy]] = {}
 
-    def _lookup(self, tenant_id: uuid.UUID) -> dict[str, RuleView]:
+    def _lookup(self, tenant_id: uuid.UUID) -> TenantPolicy:
         with self._sessions() as session:
-            return tenant_rules(session, tenant_id)
+            rules = tenant_rules(session, tenant_id)
+            try:
+                downgrade = check_budget(session, tenant_id, self._config)
+            except BudgetExceeded as refused:
+                return TenantPolicy(rules, budget_refusal=refused.message)
+            return TenantPolicy(rules, budget_downgrade=downgrade)
 
     def forget(self, tenant_id: uuid.UUID) -> None:
         self._entries.pop(tenant_id, None)
 
-    async def rules(self, tenant_id: uuid.UUID) -> dict[str, RuleView]:
+    async def policy(self, tenant_id: uuid.UUID) -> TenantPolicy:
         now = time.monotonic()
         entry = self._entries.get(tenant_id)
         if entry is not None and entry[0] > now:
@@ -397,6 +414,18 @@ def provider_request(body: Mapping[str, Any]) -> dict[str, Any]:
     return request
 
 
+def apply_budget_policy(config: AppConfig, route: Route, policy: TenantPolicy) -> Route:
+    """Over the tenant's monthly budget (issue 4): `reject` refuses the call with 402, `downgrade` serves a
+    complex call on the light tier's chain, saying so in the task's tier reason."""
+    if policy.budget_refusal is not None:
+        raise GatewayError(402, f"Monthly budget reached: {policy.budget_refusal}", "insufficient_quota", None,
+                           "budget_exceeded")
+    if policy.budget_downgrade is not None and route.tier is Tier.COMPLEX:
+        return Route(Tier.LIGHT, route.requested_tier, f"{policy.budget_downgrade} (was: {route.reason})",
+                     route.task_type, config.tier(Tier.LIGHT).chain)
+    return route
+
+
 @dataclass(frozen=True, slots=True)
 class ChatCall:
     """A validated, routed chat completion request."""
@@ -411,7 +440,7 @@ class ChatCall:
 
 
 def prepare_chat_call(config: AppConfig, body: Any, headers: Mapping[str, str],
-                      rules: Mapping[str, RuleView] | None = None) -> ChatCall:
+                      policy: TenantPolicy | None = None) -> ChatCall:
     received = datetime.now(UTC)
     body = validate_chat_body(body)
     metadata = _check_metadata(body.get("metadata"))
@@ -423,7 +452,10 @@ def prepare_chat_call(config: AppConfig, body: Any, headers: Mapping[str, str],
         type_hint, type_param = headers.get("x-task-type"), "X-Task-Type"
     route = route_request(config, body["model"], body["messages"], tier_hint=tier_hint, task_type_hint=type_hint,
                           tools_requested=bool(body.get("tools") or body.get("functions")),
-                          tier_param=tier_param, task_type_param=type_param, rules=rules)
+                          tier_param=tier_param, task_type_param=type_param,
+                          rules=policy.rules if policy is not None else None)
+    if policy is not None:
+        route = apply_budget_policy(config, route, policy)
     request = provider_request(body)
     stream = bool(request.pop("stream", False))
     options = request.pop("stream_options", None)

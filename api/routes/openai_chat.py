@@ -79,7 +79,8 @@ async def chat_completions(request: Request) -> Response:
     if len(raw) > MAX_CHAT_BODY_BYTES:
         raise GatewayError(413, f"The request body is over {MAX_CHAT_BODY_BYTES} bytes.", "invalid_request_error",
                            None, "request_too_large")
-    call = prepare_chat_call(ctx.config, parse_json(raw), request.headers, await ctx.tenant_rules.rules(tenant_id))
+    call = prepare_chat_call(ctx.config, parse_json(raw), request.headers,
+                             await ctx.tenant_policies.policy(tenant_id))
     if call.stream:
         session = await ctx.gateway.open_stream(tenant_id, call)
         return RelayResponse(session.events(), media_type="text/event-stream", headers={

@@ -57,7 +57,7 @@ def put_route(task_type: str, change: RouteChange, tenant: TenantDep, session: S
     rule = set_rule(session, tenant.id, task_type, change.tier, change.pinned, actor="api", action="set",
                     reason=change.reason or "set through PUT /v1/routes", source="api")
     session.refresh(rule)
-    ctx.tenant_rules.forget(tenant.id)  # this process's smart-select sees the change at once
+    ctx.tenant_policies.forget(tenant.id)  # this process's smart-select sees the change at once
     return rule_body(rule)
 
 

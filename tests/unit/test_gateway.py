@@ -299,3 +299,22 @@ def test_a_client_leaving_midway_still_records_the_call_with_an_estimate() -> No
     assert record.error == "the client closed the stream before its end"
     assert record.usage is not None and record.usage.input_tokens > 0 and record.usage.output_tokens == 8
     assert record.cost_usd is not None  # an estimate is priced, and flagged as such
+
+
+def test_budget_policy_on_the_gateway_route() -> None:
+    """Over budget: `reject` is a 402 in OpenAI's shape; `downgrade` serves complex on the light chain."""
+    from core.gateway import GatewayError, Route, TenantPolicy, apply_budget_policy
+    from core.states import RequestedTier, Tier
+
+    config = parse_config(default_config_data())
+    route = Route(Tier.COMPLEX, RequestedTier.AUTO, "smart-select: auto: code in prompt", "general",
+                  config.tier(Tier.COMPLEX).chain)
+    assert apply_budget_policy(config, route, TenantPolicy({})) == route
+    downgraded = apply_budget_policy(config, route, TenantPolicy({}, budget_downgrade="budget: reached"))
+    assert downgraded.tier is Tier.LIGHT and downgraded.chain == config.tier(Tier.LIGHT).chain
+    assert downgraded.reason == "budget: reached (was: smart-select: auto: code in prompt)"
+    light = Route(Tier.LIGHT, RequestedTier.AUTO, "x", "general", config.tier(Tier.LIGHT).chain)
+    assert apply_budget_policy(config, light, TenantPolicy({}, budget_downgrade="budget: reached")) == light
+    with pytest.raises(GatewayError) as refused:
+        apply_budget_policy(config, route, TenantPolicy({}, budget_refusal="spent $1 of $1"))
+    assert (refused.value.status, refused.value.code) == (402, "budget_exceeded")
