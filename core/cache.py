@@ -29,15 +29,28 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import BindParameter, Integer, bindparam, delete, func, select, text, update
+from sqlalchemy import (
+    BindParameter,
+    ColumnElement,
+    Integer,
+    and_,
+    any_,
+    bindparam,
+    delete,
+    func,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY, BYTEA, insert
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.orm import Session
 
-from core.config import CacheConfig
-from core.models import ResponseCacheEntry
+from core.config import AppConfig, CacheConfig
+from core.models import ResponseCacheEntry, Task
 from core.pricing import TokenUsage
-from core.states import CacheEntryStatus
+from core.states import CacheEntryStatus, TaskStatus
 
 # Request fields that do not change the answer; they are left out of the key.
 _NOT_IN_KEY = frozenset({"metadata", "stream", "stream_options", "user", "store", "prompt_cache_key"})
@@ -70,6 +83,20 @@ def wants_cache(config: CacheConfig, task_type: str, request: Mapping[str, Any],
     if policy == "always":
         return request.get("n") in (None, 1)
     return is_deterministic(request)
+
+
+def maybe_cacheable(cache: CacheConfig) -> ColumnElement[bool]:
+    """SQL prefilter for `wants_cache` over task rows: only the tasks it lets through are read and hashed
+    (bulk paths, where most requests are not cacheable, pay one boolean per row)."""
+    conditions: list[ColumnElement[bool]] = [
+        Task.task_metadata["cache"].astext == "on",
+        Task.request["temperature"].as_float() == 0,
+        and_(Task.request.has_key("seed"), ~Task.request.has_key("temperature")),
+    ]
+    always = [t for t, policy in cache.task_types.items() if policy == "always"]
+    if always:
+        conditions.append(Task.task_type.in_(always))
+    return or_(*conditions)
 
 
 def cache_key(model: str, request: Mapping[str, Any]) -> bytes:
@@ -224,6 +251,28 @@ def store_answers(session: Session, entries: Sequence[tuple[uuid.UUID, bytes, Ca
         where=ResponseCacheEntry.expires_at <= func.now(),
     )
     session.execute(statement)
+
+
+def fill_from_succeeded_tasks(session: Session, config: AppConfig, task_ids: Sequence[uuid.UUID]) -> int:
+    """Cache the answers of tasks that just succeeded without a claim (batch lines); returns how many."""
+    if not config.cache.enabled or not task_ids:
+        return 0
+    rows = session.execute(
+        select(Task.id, Task.tenant_id, Task.task_type, Task.tier, Task.request, Task.task_metadata, Task.provider,
+               Task.model, Task.served_model, Task.output, Task.response, Task.input_tokens, Task.cached_tokens,
+               Task.output_tokens, Task.reasoning_tokens)
+        .where(Task.id == any_(_array("ids", task_ids, PG_UUID(as_uuid=True))),
+               Task.status == TaskStatus.SUCCEEDED, Task.response.is_not(None), maybe_cacheable(config.cache))
+    ).all()
+    entries = [
+        (row.tenant_id, cache_key(config.tier(row.tier).model, row.request),
+         CachedAnswer(row.provider or "", row.model or row.served_model, row.served_model, row.output, row.response,
+                      TokenUsage(row.input_tokens or 0, row.cached_tokens or 0, row.output_tokens or 0,
+                                 row.reasoning_tokens or 0)), row.id)
+        for row in rows if row.served_model and wants_cache(config.cache, row.task_type, row.request,
+                                                            row.task_metadata)]
+    store_answers(session, entries, config.cache.ttl_seconds)
+    return len(entries)
 
 
 def purge_expired_entries(session: Session, limit: int = 10_000) -> int:

@@ -4,7 +4,8 @@
   `POST`, `/v1/chat/completions`, a chat body with `smart-select` or a configured model), within
   OpenAI's limits; its content is kept in Postgres in 1 MiB parts, so every API process serves it.
 - A batch is a job: each line becomes one of its tasks (item id = `custom_id`), routed on its own
-  (tier from the line's `metadata.tier`, else auto; never urgent), all written with one COPY in the
+  (tier from the line's `metadata.tier`, else auto: the tenant's routing rule for the line's task type,
+  then config `[routing]`, then the heuristic; never urgent), all written with one COPY in the
   transaction that creates the batch, then dispatched in chunks. Light lines then take the provider
   batch path; complex lines are called immediately by the worker.
 - The batch's status and `request_counts` follow its tasks. When they are all terminal, the first
@@ -40,6 +41,7 @@ from core.gateway import (
 )
 from core.jobs import copy_task_rows, time_ordered_ids
 from core.models import ClientBatch, FilePart, Job, StoredFile, Task
+from core.rules import RuleView, tenant_rules
 from core.states import CANCELLABLE_TASK_STATUSES, TERMINAL_TASK_STATUSES, RequestedTier, TaskStatus
 
 ENDPOINT = "/v1/chat/completions"
@@ -106,8 +108,11 @@ def _line_error(number: int, error: GatewayError) -> GatewayError:
                         else param, error.code)
 
 
-def parse_batch_line(number: int, raw: bytes, config: AppConfig) -> BatchLine:
-    """One line of a batch input file, checked as OpenAI checks it plus our routing of its model."""
+def parse_batch_line(number: int, raw: bytes, config: AppConfig, rules: Mapping[str, RuleView] | None = None
+                     ) -> BatchLine:
+    """One line of a batch input file, checked as OpenAI checks it plus our routing of its model:
+    `smart-select` with tier auto follows the tenant's routing rule for the line's task type (`rules`,
+    from `tenant_rules`) before config `[routing]` and the heuristic (DESIGN §3)."""
     try:
         obj = json.loads(raw)
     except (ValueError, UnicodeDecodeError):
@@ -140,7 +145,7 @@ def parse_batch_line(number: int, raw: bytes, config: AppConfig) -> BatchLine:
         metadata = body.get("metadata") or {}
         route = route_request(config, body["model"], body["messages"], tier_hint=metadata.get("tier"),
                               task_type_hint=metadata.get("task_type"),
-                              tools_requested=bool(body.get("tools") or body.get("functions")))
+                              tools_requested=bool(body.get("tools") or body.get("functions")), rules=rules)
     except GatewayError as error:
         raise _line_error(number, error) from None
     return BatchLine(number, custom_id, body, route)
@@ -330,14 +335,15 @@ def check_create_request(body: Any) -> tuple[str, dict[str, str] | None]:
 
 
 def _task_rows(lines: Iterator[tuple[int, bytes]], config: AppConfig, tenant_id: uuid.UUID, job_id: uuid.UUID,
-               ids: list[uuid.UUID], now: datetime) -> Iterator[tuple[Any, ...]]:
+               ids: list[uuid.UUID], now: datetime, rules: Mapping[str, RuleView] | None = None
+               ) -> Iterator[tuple[Any, ...]]:
     """COPY rows (core.jobs.COPY_COLUMNS order), one per line: routed on its own, never urgent."""
     tenant, job = str(tenant_id), str(job_id)
     position = 0
     for number, raw in lines:
         if not raw.strip():
             continue
-        line = parse_batch_line(number, raw, config)
+        line = parse_batch_line(number, raw, config, rules)
         body, route = line.body, line.route
         metadata = body.get("metadata") or {}
         request = provider_request(body)
@@ -364,7 +370,8 @@ def create_batch(session: Session, tenant_id: uuid.UUID, body: Any, config: AppC
     session.add(job)
     session.flush()
     ids = time_ordered_ids(stored.line_count)
-    rows = _task_rows(iter_file_lines(session, stored.id), config, tenant_id, job.id, ids, now)
+    rules = tenant_rules(session, tenant_id)  # the tenant's routing rules: one query per batch, not per line
+    rows = _task_rows(iter_file_lines(session, stored.id), config, tenant_id, job.id, ids, now, rules)
     written = 0
     # one COPY per chunk: the file's parts are read through a cursor on the same connection, which
     # cannot fetch while a COPY is open

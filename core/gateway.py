@@ -40,6 +40,7 @@ from core.provider import (
     ChatStream,
     RawChatAnswer,
     output_from_body,
+    prompt_cache_key,
     usage_from_body,
 )
 from core.retry import ChainExhausted, backoff_delay
@@ -906,9 +907,10 @@ class Gateway:
         task_id = uuid.uuid4()
         started = datetime.now(UTC)
         request = call.request
+        key = prompt_cache_key(call.route.task_type, tenant_id)  # a client's own key is kept as it is
 
         async def opener(ref: ModelRef) -> RawChatAnswer:
-            return await self.providers.chat(ref.provider, ref.model, request)
+            return await self.providers.chat(ref.provider, ref.model, request, cache_key=key)
 
         try:
             answer, calls = await self._call_chain(call.route.chain, opener)
@@ -931,9 +933,10 @@ class Gateway:
         # usage is always asked of the provider (exact tokens for the ledger); the client gets the usage
         # chunk only if it asked for it
         request = {**call.request, "stream_options": {"include_usage": True}}
+        key = prompt_cache_key(call.route.task_type, tenant_id)
 
         async def opener(ref: ModelRef) -> ChatStream:
-            return await self.providers.open_stream(ref.provider, ref.model, request)
+            return await self.providers.open_stream(ref.provider, ref.model, request, cache_key=key)
 
         try:
             stream, calls = await self._call_chain(call.route.chain, opener)

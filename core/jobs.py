@@ -19,7 +19,7 @@ import re
 import secrets
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -38,6 +38,7 @@ from core.errors import InvalidInput, NotFound
 from core.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
 from core.models import Job, LedgerEntry, Task
 from core.routing import resolve_tier
+from core.rules import RuleView, rule_decision, tenant_rules
 from core.states import CANCELLABLE_TASK_STATUSES, TERMINAL_TASK_STATUSES, Mode, RequestedTier, TaskStatus, Tier
 from core.submission import ChatParams, invalid_input_from
 
@@ -416,43 +417,52 @@ class TierChoice:
     reason: str
 
 
-def tier_chooser(settings: JobSettings, config: AppConfig, budget_reason: str | None = None
-                 ) -> Callable[[JobItem], TierChoice]:
-    """An explicit or configured tier is the same for every item: resolve it once. Over a budget with
-    the `downgrade` policy (`budget_reason`), complex items are stored as light, saying so."""
-    choose = _tier_chooser(settings, config)
-    if budget_reason is None:
-        return choose
-
-    def downgraded(item: JobItem) -> TierChoice:
-        choice = choose(item)
-        if choice.tier != Tier.COMPLEX.value:
-            return choice
-        return TierChoice(Tier.LIGHT.value, f"{budget_reason} (was: {choice.reason})")
-
-    return downgraded
-
-
-def _tier_chooser(settings: JobSettings, config: AppConfig) -> Callable[[JobItem], TierChoice]:
-    configured = config.routing.get(settings.task_type)
-    if settings.tier is not RequestedTier.AUTO or (configured is not None and configured is not RequestedTier.AUTO):
-        decision = resolve_tier(config, settings.tier, settings.task_type, [])
-        fixed = TierChoice(decision.tier.value, decision.reason)
-        return lambda _item: fixed
+def tier_chooser(settings: JobSettings, config: AppConfig, budget_reason: str | None = None,
+                 rules: Mapping[str, RuleView] | None = None) -> Callable[[JobItem], TierChoice]:
+    """The tier of each item, first that applies (DESIGN §3): the job's explicit tier → the tenant's
+    routing rule for the job's task type (`rules`, from `tenant_rules`, loaded once per request) →
+    config `[routing]` → the prompt heuristic. All but the last are the same for every item: resolved
+    once. Over a budget with the `downgrade` policy (`budget_reason`), complex items are stored as
+    light, saying so."""
+    fixed = _fixed_choice(settings, config, rules or {})
+    if fixed is not None:
+        same = fixed if budget_reason is None else _downgraded(fixed, budget_reason)
+        return lambda _item: same
 
     def per_item(item: JobItem) -> TierChoice:
         decision = resolve_tier(config, settings.tier, settings.task_type, item_messages(settings, item))
         return TierChoice(decision.tier.value, decision.reason)
 
-    return per_item
+    if budget_reason is None:
+        return per_item
+    reason = budget_reason
+    return lambda item: _downgraded(per_item(item), reason)
+
+
+def _downgraded(choice: TierChoice, budget_reason: str) -> TierChoice:
+    if choice.tier != Tier.COMPLEX.value:
+        return choice
+    return TierChoice(Tier.LIGHT.value, f"{budget_reason} (was: {choice.reason})")
+
+
+def _fixed_choice(settings: JobSettings, config: AppConfig, rules: Mapping[str, RuleView]) -> TierChoice | None:
+    """The tier every item of the job gets, or None when the heuristic decides per item."""
+    rule = rule_decision(rules, settings.tier, settings.task_type)  # None unless the tier is auto
+    if rule is not None:
+        return TierChoice(rule.tier.value, rule.reason)
+    configured = config.routing.get(settings.task_type)
+    if settings.tier is not RequestedTier.AUTO or (configured is not None and configured is not RequestedTier.AUTO):
+        decision = resolve_tier(config, settings.tier, settings.task_type, [])
+        return TierChoice(decision.tier.value, decision.reason)
+    return None
 
 
 def task_rows(items: Sequence[JobItem], ids: Sequence[uuid.UUID], settings: JobSettings, config: AppConfig,
-              tenant_id: uuid.UUID, job_id: uuid.UUID, now: datetime, budget_reason: str | None = None
-              ) -> Iterator[tuple[Any, ...]]:
+              tenant_id: uuid.UUID, job_id: uuid.UUID, now: datetime, budget_reason: str | None = None,
+              rules: Mapping[str, RuleView] | None = None) -> Iterator[tuple[Any, ...]]:
     """COPY rows in `COPY_COLUMNS` order."""
     encode = RequestEncoder(settings).encode
-    choose = tier_chooser(settings, config, budget_reason)
+    choose = tier_chooser(settings, config, budget_reason, rules)
     metadata = json.dumps(settings.metadata, ensure_ascii=False)
     tenant, job = str(tenant_id), str(job_id)
     requested = settings.tier.value
@@ -537,10 +547,11 @@ def _check_not_in_job(session: Session, job: Job, items: Sequence[JobItem], offs
 
 
 def _copy_items(session: Session, job: Job, settings: JobSettings, items: Sequence[JobItem],
-                config: AppConfig) -> list[uuid.UUID]:
+                config: AppConfig, rules: Mapping[str, RuleView]) -> list[uuid.UUID]:
     budget_reason = check_budget(session, job.tenant_id, config)  # 402 under `reject`
     ids = time_ordered_ids(len(items))
-    rows = task_rows(items, ids, settings, config, job.tenant_id, job.id, datetime.now(UTC), budget_reason)
+    rows = task_rows(items, ids, settings, config, job.tenant_id, job.id, datetime.now(UTC), budget_reason,
+                     rules)
     try:
         copy_task_rows(session, rows)
     except psycopg.errors.UniqueViolation as exc:  # the index backs up the check before; the caller rolls back
@@ -561,7 +572,8 @@ def submit_job(session: Session, tenant_id: uuid.UUID, request: JobRequest, conf
     if not created:
         _check_not_in_job(session, job, request.items)
         before = count_tasks(session, job.id)
-    ids = _copy_items(session, job, settings, request.items, config)
+    rules = tenant_rules(session, tenant_id)  # the tenant's routing rules: one query per request
+    ids = _copy_items(session, job, settings, request.items, config, rules)
     return JobSubmission(job, created, [str(i) for i in ids], before + len(ids))
 
 
@@ -580,6 +592,7 @@ class ItemAppender:
             raise NotFound(f"no job {job_id}")
         self.session, self.job, self.config, self.max_item_bytes = session, job, config, max_item_bytes
         self.settings = JobSettings.of_job(job)
+        self.rules = tenant_rules(session, tenant_id)  # once per upload, not per chunk
         self.added = 0
         self.first_id: uuid.UUID | None = None
         self.last_id: uuid.UUID | None = None
@@ -587,7 +600,7 @@ class ItemAppender:
     def add(self, raw_items: list[Any]) -> None:
         items = _check_items(raw_items, self.max_item_bytes, offset=self.added)
         _check_not_in_job(self.session, self.job, items, offset=self.added)
-        ids = _copy_items(self.session, self.job, self.settings, items, self.config)
+        ids = _copy_items(self.session, self.job, self.settings, items, self.config, self.rules)
         self.first_id = self.first_id or ids[0]
         self.last_id = ids[-1]
         self.added += len(ids)

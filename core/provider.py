@@ -1,15 +1,26 @@
 """The provider client: the only module that imports `openai`.
 
 `openai.*` errors are mapped here, by type, to core.errors; nothing outside sees them.
+
+Prompt caching (issue 6): providers cache a request's longest previously seen prefix of 1,024+
+tokens and bill it at the cached-input rate. Our requests keep that prefix stable: a job's request is
+its system prompt, then the rendered template with the item's text last (`core.jobs.RequestEncoder`),
+and params come after the messages. Where the provider config allows it (`prompt_cache_key`, on by
+default), calls also carry OpenAI's `prompt_cache_key` (`prompt_cache_key()` below), which steers
+requests with the same prefix to the same cache; it never changes what is answered or billed.
 """
 
 from __future__ import annotations
 
 import email.utils
+import functools
+import hashlib
 import inspect
 import json
+import re
 import time
-from collections.abc import Iterator, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,6 +33,41 @@ from core.errors import PermanentProviderError, ProviderError, RetryableProvider
 from core.pricing import TokenUsage
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
+
+PROMPT_CACHE_KEY_FIELD = "prompt_cache_key"
+PROMPT_CACHE_KEY_PREFIX = "tierbatch-"
+_MAX_KEY_TASK_TYPE = 40  # "tierbatch-" + 40 + "-" + 8 hex = 59, under OpenAI's 64-character limit
+_KEY_UNSAFE = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+@functools.lru_cache(maxsize=4096)
+def prompt_cache_key(task_type: str, tenant_id: uuid.UUID | str | None = None) -> str:
+    """OpenAI's `prompt_cache_key` for a task: `tierbatch-<task type>-<tenant hash>`.
+
+    Per task type, because the task types of a tenant are what share a system prompt and template.
+    Per tenant too (the first 8 hex digits of a SHA-256 of the tenant id, never the id itself): all
+    tenants call the provider under one organization, and one key over many tenants' different
+    prefixes would crowd a single cache route (OpenAI moves a prefix-and-key pair to more machines
+    beyond roughly 15 requests a minute), while tenants' distinct prompts never share a cache entry
+    anyway; it also keeps one tenant's requests off the cache routes of another's. It is a routing
+    hint, not an isolation guarantee: identical prefixes may still hit the provider's cache across
+    keys. Task types that are long or not plain ASCII words are shortened and tagged with a hash.
+    """
+    name = _KEY_UNSAFE.sub("_", task_type)
+    if len(name) > _MAX_KEY_TASK_TYPE or name != task_type:
+        digest = hashlib.sha256(task_type.encode("utf-8", "surrogatepass")).hexdigest()[:8]
+        name = f"{name[:_MAX_KEY_TASK_TYPE - 9]}~{digest}"
+    if tenant_id is None:
+        return PROMPT_CACHE_KEY_PREFIX + name
+    tenant = hashlib.sha256(str(tenant_id).encode()).hexdigest()[:8]
+    return f"{PROMPT_CACHE_KEY_PREFIX}{name}-{tenant}"
+
+
+def with_prompt_cache_key(request: Mapping[str, Any], key: str | None) -> Mapping[str, Any]:
+    """The request with `prompt_cache_key` added, unless there is no key or the request has its own."""
+    if key is None or PROMPT_CACHE_KEY_FIELD in request:
+        return request
+    return {**request, PROMPT_CACHE_KEY_FIELD: key}
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +172,12 @@ class ProviderClients:
             client.close()
         self._clients.clear()
 
-    def chat(self, provider: str, model: str, request: Mapping[str, Any]) -> ChatResult:
-        """One chat completion call; raises RetryableProviderError or PermanentProviderError."""
+    def chat(self, provider: str, model: str, request: Mapping[str, Any], *,
+             cache_key: str | None = None) -> ChatResult:
+        """One chat completion call; raises RetryableProviderError or PermanentProviderError.
+        `cache_key` is sent as `prompt_cache_key` where the provider's config allows it."""
+        if cache_key is not None and self._config.provider(provider).prompt_cache_key:
+            request = with_prompt_cache_key(request, cache_key)
         started = time.perf_counter()
         try:
             completion = self.client(provider).chat.completions.create(model=model, **request)
@@ -144,6 +194,11 @@ class ProviderClients:
             usage=usage_from_body(body),
             latency_ms=latency_ms,
         )
+
+    def chat_for(self, task_type: str, tenant_id: uuid.UUID | str | None
+                 ) -> Callable[[str, str, Mapping[str, Any]], ChatResult]:
+        """`chat` with the task's `prompt_cache_key`: what `core.retry.call_with_fallbacks` takes as `call`."""
+        return functools.partial(self.chat, cache_key=prompt_cache_key(task_type, tenant_id))
 
 
 @dataclass(frozen=True, slots=True)
@@ -321,9 +376,18 @@ class AsyncProviderClients:
         return RetryableProviderError(f"{provider}/{model}: connection failed: {type(exc).__name__}: {exc}",
                                       provider=provider, model=model)
 
-    async def chat(self, provider: str, model: str, request: Mapping[str, Any]) -> RawChatAnswer:
+    def _cache_key_field(self, provider: str, request: Mapping[str, Any], cache_key: str | None) -> dict[str, str]:
+        if cache_key is None or PROMPT_CACHE_KEY_FIELD in request or not self._config.provider(
+                provider).prompt_cache_key:
+            return {}
+        return {PROMPT_CACHE_KEY_FIELD: cache_key}
+
+    async def chat(self, provider: str, model: str, request: Mapping[str, Any], *,
+                   cache_key: str | None = None) -> RawChatAnswer:
+        """`cache_key` (see `prompt_cache_key`) is sent where the provider's config allows it."""
         started = time.perf_counter()
-        payload = json.dumps({**request, "model": model}, ensure_ascii=False).encode()
+        payload = json.dumps({**request, **self._cache_key_field(provider, request, cache_key), "model": model},
+                             ensure_ascii=False).encode()
         try:
             response = await self.http(provider).post("chat/completions", content=payload)
         except httpx2.HTTPError as exc:
@@ -341,9 +405,11 @@ class AsyncProviderClients:
                                          provider=provider, model=model)
         return RawChatAnswer(provider, model, content, body, int((time.perf_counter() - started) * 1000))
 
-    async def open_stream(self, provider: str, model: str, request: Mapping[str, Any]) -> ChatStream:
+    async def open_stream(self, provider: str, model: str, request: Mapping[str, Any], *,
+                          cache_key: str | None = None) -> ChatStream:
         """Start a streamed call; returns once the provider answered 200 (errors raise before any byte)."""
-        payload = json.dumps({**request, "model": model, "stream": True}, ensure_ascii=False).encode()
+        payload = json.dumps({**request, **self._cache_key_field(provider, request, cache_key), "model": model,
+                              "stream": True}, ensure_ascii=False).encode()
         http = self.http(provider)
         try:
             response = await http.send(http.build_request("POST", "chat/completions", content=payload,

@@ -30,8 +30,8 @@ from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from core.cache import CachedAnswer, cache_key, take_hits, wants_cache
-from core.config import AppConfig, CacheConfig
+from core.cache import CachedAnswer, cache_key, maybe_cacheable, take_hits, wants_cache
+from core.config import AppConfig
 from core.costs import apply_budget
 from core.db import newest_first_page
 from core.errors import NotFound, TransitionError
@@ -132,7 +132,7 @@ def route_queued_tasks(session: Session, task_ids: Sequence[uuid.UUID], config: 
     ids = _uuid_array(task_ids)  # one array parameter, not one bound parameter per task
     use_cache = prices is not None and config.cache.enabled
     # the cache prefilter rides along in the same query: only flagged tasks are read again and hashed
-    flag = _maybe_cacheable(config.cache) if use_cache else literal(False)
+    flag = maybe_cacheable(config.cache) if use_cache else literal(False)
     candidates = session.execute(
         select(Task.id, Task.tier, Task.urgent, Task.deadline, flag.label("maybe_cacheable"))
         .where(Task.id == any_(ids), Task.status == TaskStatus.QUEUED,
@@ -202,19 +202,6 @@ def claim_for_immediate_call(session: Session, task_id: uuid.UUID, lease_seconds
 
 
 # --- response cache (issue 6) -------------------------------------------------------------------------
-
-
-def _maybe_cacheable(cache: CacheConfig) -> ColumnElement[bool]:
-    """SQL prefilter for `wants_cache`: only these tasks' requests are read and hashed."""
-    conditions: list[ColumnElement[bool]] = [
-        Task.task_metadata["cache"].astext == "on",
-        Task.request["temperature"].as_float() == 0,
-        and_(Task.request.has_key("seed"), ~Task.request.has_key("temperature")),
-    ]
-    always = [t for t, policy in cache.task_types.items() if policy == "always"]
-    if always:
-        conditions.append(Task.task_type.in_(always))
-    return or_(*conditions)
 
 
 def answer_queued_from_cache(session: Session, task_ids: Sequence[uuid.UUID], config: AppConfig,

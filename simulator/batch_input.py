@@ -6,6 +6,7 @@ Pure functions over a file on disk, run in a worker thread: one pass, no per-lin
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ class ParsedInput:
     model: str | None = None
     errors: list[dict[str, Any]] = field(default_factory=list)
     prompt_tokens: int = 0  # estimated, for the enqueued-token limit
+    prompt_cache_keys: Counter[str] = field(default_factory=Counter)  # lines per `prompt_cache_key`
 
 
 def batch_error(code: str, message: str, line: int | None = None, param: str | None = None) -> dict[str, Any]:
@@ -123,8 +125,12 @@ def parse_input(path: Path, endpoint: str, max_lines: int, max_bytes: int) -> Pa
             messages = body.get("messages")
             if isinstance(messages, list):
                 tokens += count_tokens(prompt_text(messages))
+            cache_key = body.get("prompt_cache_key")
+            if isinstance(cache_key, str):
+                parsed.prompt_cache_keys[cache_key] += 1
             parsed.lines.append(BatchLine(number, custom_id, body))
     parsed.prompt_tokens = tokens
     if errors:
         parsed.lines = []
+        parsed.prompt_cache_keys.clear()
     return parsed

@@ -81,6 +81,7 @@ async def _prepare(state: SimState, batch: BatchRecord) -> BatchResults | None:
     if parsed.errors:
         _fail(batch, parsed.errors)
         return None
+    state.stats.prompt_cache_keys.update(parsed.prompt_cache_keys)
     assert parsed.model is not None
     cfg = state.config.batch
     limit = cfg.enqueued_token_limit

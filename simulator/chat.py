@@ -96,6 +96,9 @@ async def chat_completions(request: Request) -> Response:
     if isinstance(asked, str) and asked:
         state.stats.chat_calls[asked] += 1
     model, body = validate_chat_request(body)
+    cache_key = body.get("prompt_cache_key")
+    if cache_key is not None:
+        state.stats.prompt_cache_keys[cache_key] += 1
     settings = state.settings_for(model)
     rng = state.rng
     if settings.error_rate > 0 and rng.random() < settings.error_rate:

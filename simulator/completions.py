@@ -140,6 +140,9 @@ def validate_chat_request(body: Any) -> tuple[str, dict[str, Any]]:
         raise OpenAIError(400, "Invalid 'temperature': expected a number between 0 and 2.",
                           "invalid_request_error", "temperature", "invalid_value")
     _check_response_format(body.get("response_format"))
+    cache_key = body.get("prompt_cache_key")
+    if cache_key is not None and not isinstance(cache_key, str):
+        raise _invalid_type("prompt_cache_key", "a string", cache_key)
     return model, body
 
 

@@ -16,6 +16,8 @@ class Stats:
     batches_created: int = 0
     batch_lines: int = 0  # lines of the input files of created batches
     batch_lines_answered: int = 0  # output lines written with status 200
+    # requests (chat calls and lines of accepted batch files) per `prompt_cache_key` they carried
+    prompt_cache_keys: Counter[str] = field(default_factory=Counter)
 
     def reset(self) -> None:
         self.chat_calls.clear()
@@ -25,6 +27,7 @@ class Stats:
         self.batches_created = 0
         self.batch_lines = 0
         self.batch_lines_answered = 0
+        self.prompt_cache_keys.clear()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -35,4 +38,5 @@ class Stats:
             "batches_created": self.batches_created,
             "batch_lines": self.batch_lines,
             "batch_lines_answered": self.batch_lines_answered,
+            "prompt_cache_keys": dict(self.prompt_cache_keys),
         }

@@ -3,6 +3,11 @@
 One token is about four characters. A prompt's prefixes are remembered per model at every
 128-token boundary from 1,024 tokens on; a later prompt that starts with a remembered prefix
 reports that prefix's length as cached (so a prefix is never cached the first time it is seen).
+
+A request's `prompt_cache_key` is not part of the cache's key: at OpenAI it only steers requests to
+the machines that likely hold their prefix (better hit rates under load), while a hit still needs an
+identical 1,024+ token prefix on the same model. One in-process cache has no routing to improve, so the
+simulator only counts the keys it receives (`GET /_sim/stats`, `prompt_cache_keys`).
 """
 
 from __future__ import annotations

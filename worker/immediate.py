@@ -73,7 +73,8 @@ def run_immediate_call(ctx: WorkerContext, task_id: uuid.UUID, *, escalate: bool
     chain = ctx.config.tier(Tier(claimed.tier)).chain
     try:
         with lease_kept_alive(ctx, claimed):
-            result = call_with_fallbacks(ctx.providers.chat, chain, claimed.request, policy, time.sleep)
+            result = call_with_fallbacks(ctx.providers.chat_for(claimed.task_type, claimed.tenant_id), chain,
+                                         claimed.request, policy, time.sleep)
     except ChainExhausted as exhausted:
         message = str(exhausted)
         with ctx.sessions.begin() as session:
