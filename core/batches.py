@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -23,14 +23,21 @@ from core.config import AppConfig
 from core.labels import label_error
 from core.models import ProviderBatch, Task
 from core.pricing import PriceBook
-from core.provider import RETRYABLE_STATUS, ProviderBatchInfo, output_from_body, usage_from_body
-from core.states import BatchStatus, ProviderBatchStatus, TaskStatus
+from core.provider import (
+    RETRYABLE_STATUS,
+    ProviderBatchInfo,
+    output_from_body,
+    prompt_cache_key,
+    usage_from_body,
+)
+from core.states import BatchStatus, ProviderBatchStatus, TaskStatus, Tier
 
 TERMINAL_PROVIDER_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
 ENDPOINT = "/v1/chat/completions"
 METADATA_KEY = "tierbatch_batch_id"
-# JSONL envelope around each request body, for the byte estimate made while claiming
-_ENVELOPE_BYTES = 140
+# JSONL envelope around each request body, for the byte estimate made while claiming: custom_id,
+# method, url (about 140 bytes) and a `prompt_cache_key` of up to 64 characters (about 85 bytes)
+_ENVELOPE_BYTES = 225
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,22 +118,36 @@ def claim_batch(session: Session, config: AppConfig, provider: str, model: str) 
     return ClaimedBatch(batch_id, provider, model, len(chosen))
 
 
-def write_batch_file(session: Session, batch: ProviderBatch, path: Path) -> tuple[int, int]:
-    """Stream the batch's JSONL to `path`; returns (lines, bytes). One line per task still in it."""
+def write_batch_file(session: Session, batch: ProviderBatch, path: Path, config: AppConfig | None = None
+                     ) -> tuple[int, int]:
+    """Stream the batch's JSONL to `path`; returns (lines, bytes). One line per task still in it.
+
+    Each line's body carries the task's `prompt_cache_key` (`core.provider.prompt_cache_key`: per task
+    type and tenant) unless its request brings its own, or `config` says the batch's provider does not
+    take one (without `config`, keys are sent: the provider default).
+    """
+    keyed = config is None or config.provider(batch.provider).prompt_cache_key
     prefix = '{"custom_id":"%s","method":"POST","url":"' + ENDPOINT + '","body":{"model":' + json.dumps(
         batch.model) + ","
+    keys: dict[tuple[str, uuid.UUID], str] = {}  # the key's JSON and a comma, per (task type, tenant)
     lines = 0
     size = 0
     result = session.execute(
-        text("SELECT id, request::text AS body FROM tasks "
-             "WHERE batch_id = :batch AND status = 'in_batch' ORDER BY id"),
+        text("SELECT id, request::text AS body, task_type, tenant_id, request ? 'prompt_cache_key' AS has_key "
+             "FROM tasks WHERE batch_id = :batch AND status = 'in_batch' ORDER BY id"),
         {"batch": batch.id},
         execution_options={"yield_per": 5000},
     )
     with path.open("w", encoding="utf-8") as handle:
         for row in result:
             # splice the stored request object after "model": the body is {"model": ..., **request}
-            line = (prefix % row.id) + row.body[1:] + "}\n"
+            key = ""
+            if keyed and not row.has_key and len(row.body) > 2:
+                key = keys.get((row.task_type, row.tenant_id), "")
+                if not key:
+                    key = keys[(row.task_type, row.tenant_id)] = '"prompt_cache_key":' + json.dumps(
+                        prompt_cache_key(row.task_type, row.tenant_id)) + ","
+            line = (prefix % row.id) + key + row.body[1:] + "}\n"
             handle.write(line)
             lines += 1
             size += len(line.encode())
@@ -221,17 +242,37 @@ def classify_lines(lines: Iterable[str]) -> LineOutcomes:
     return outcomes
 
 
+@dataclass(frozen=True, slots=True)
+class SucceededTask:
+    """A task that one ingested chunk moved to `succeeded` (for the quality monitor's sampling)."""
+
+    id: uuid.UUID
+    tenant_id: uuid.UUID
+    task_type: str
+    tier: Tier
+
+
+@dataclass
+class IngestedChunk:
+    written: int = 0  # results written (tasks moved to succeeded or failed, each with its ledger row)
+    succeeded: list[SucceededTask] = field(default_factory=list)  # of the `watch` ids only
+
+
 def ingest_outcomes(session: Session, config: AppConfig, prices: PriceBook, batch: ProviderBatch,
-                    outcomes: LineOutcomes) -> int:
-    """Write one chunk's results in bulk. Lines for tasks no longer in this batch are ignored."""
-    written = 0
+                    outcomes: LineOutcomes, watch: Collection[uuid.UUID] = ()) -> IngestedChunk:
+    """Write one chunk's results in bulk. Lines for tasks no longer in this batch are ignored.
+
+    `watch`: task ids the caller wants back if this chunk moved them to `succeeded` (the quality
+    monitor's sample, chosen in Python beforehand); a task written by an earlier run of the chunk is
+    not returned again."""
+    ingested = IngestedChunk()
     if outcomes.successes:
-        written += _ingest_successes(session, prices, batch, outcomes.successes)
+        ingested = _ingest_successes(session, prices, batch, outcomes.successes, watch)
     if outcomes.retryable:
         return_lines_to_waiting(session, config, batch.id, outcomes.retryable)
     if outcomes.permanent:
         _fail_lines(session, batch.id, outcomes.permanent)
-    return written
+    return ingested
 
 
 _INGEST_COLUMNS = (
@@ -246,7 +287,8 @@ _CREATE_INGEST_TABLE = (
     "output_price numeric, input_cost_usd numeric, cached_input_cost_usd numeric, output_cost_usd numeric, "
     "cost_usd numeric, baseline_cost_usd numeric) ON COMMIT DELETE ROWS"
 )
-# One statement: the guarded task update and the ledger rows of exactly the rows it moved.
+# One statement: the guarded task update and the ledger rows of exactly the rows it moved; it answers
+# one row: how many it moved, and which of the watched ids it moved to `succeeded`.
 _APPLY_INGEST_ROWS = text(
     "WITH moved AS ("
     " UPDATE tasks AS t SET status = v.status, error = v.error, mode = 'batch', served_model = v.served_model,"
@@ -254,8 +296,8 @@ _APPLY_INGEST_ROWS = text(
     "   cached_tokens = v.cached_tokens, output_tokens = v.output_tokens, reasoning_tokens = v.reasoning_tokens,"
     "   cost_usd = v.cost_usd, baseline_cost_usd = v.baseline_cost_usd, finished_at = now(), updated_at = now()"
     " FROM ingest_rows AS v WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
-    " RETURNING t.id, t.tenant_id, t.job_id, t.task_type, t.tier) "
-    "INSERT INTO ledger_entries (tenant_id, task_id, job_id, batch_id, task_type, tier, mode, provider,"
+    " RETURNING t.id, t.tenant_id, t.job_id, t.task_type, t.tier, t.status), "
+    "billed AS (INSERT INTO ledger_entries (tenant_id, task_id, job_id, batch_id, task_type, tier, mode, provider,"
     " requested_model, served_model, input_tokens, cached_tokens, output_tokens, reasoning_tokens, input_price,"
     " cached_input_price, output_price, input_cost_usd, cached_input_cost_usd, output_cost_usd, cost_usd,"
     " baseline_cost_usd, unpriced, usage_estimated) "
@@ -263,7 +305,10 @@ _APPLY_INGEST_ROWS = text(
     " v.served_model, v.input_tokens, v.cached_tokens, v.output_tokens, v.reasoning_tokens, v.input_price,"
     " v.cached_input_price, v.output_price, v.input_cost_usd, v.cached_input_cost_usd, v.output_cost_usd,"
     " v.cost_usd, v.baseline_cost_usd, v.cost_usd IS NULL, false "
-    "FROM moved AS m JOIN ingest_rows AS v ON v.id = m.id"
+    "FROM moved AS m JOIN ingest_rows AS v ON v.id = m.id) "
+    "SELECT (SELECT count(*) FROM moved) AS written,"
+    " (SELECT json_agg(json_build_array(m.id, m.tenant_id, m.task_type, m.tier)) FROM moved AS m"
+    "  WHERE m.status = 'succeeded' AND m.id = ANY(CAST(:watch AS uuid[]))) AS succeeded"
 )
 _LABELLED_REQUESTS = text(
     "SELECT id, request->'response_format' AS response_format FROM tasks "
@@ -272,7 +317,8 @@ _LABELLED_REQUESTS = text(
 
 
 def _ingest_successes(session: Session, prices: PriceBook, batch: ProviderBatch,
-                      successes: dict[uuid.UUID, dict[str, Any]]) -> int:
+                      successes: dict[uuid.UUID, dict[str, Any]], watch: Collection[uuid.UUID] = ()
+                      ) -> IngestedChunk:
     """COPY the chunk's results into a temp table, then one guarded UPDATE … RETURNING feeding the
     ledger INSERT: lines of tasks no longer in this batch move nothing and bill nothing."""
     ids = list(successes)
@@ -303,11 +349,12 @@ def _ingest_successes(session: Session, prices: PriceBook, batch: ProviderBatch,
             for row in rows:
                 copy.write_row(row)
         cursor.execute("ANALYZE ingest_rows")
-    result = connection.execute(_APPLY_INGEST_ROWS, {"batch": batch.id, "provider": batch.provider,
-                                                     "model": batch.model})
-    written = result.rowcount
+    applied = connection.execute(_APPLY_INGEST_ROWS, {"batch": batch.id, "provider": batch.provider,
+                                                      "model": batch.model, "watch": list(watch)}).one()
     connection.execute(text("TRUNCATE ingest_rows"))  # the session may go on to another chunk
-    return written
+    succeeded = [SucceededTask(uuid.UUID(task_id), uuid.UUID(tenant_id), task_type, Tier(tier))
+                 for task_id, tenant_id, task_type, tier in applied.succeeded or ()]
+    return IngestedChunk(int(applied.written), succeeded)
 
 
 def return_lines_to_waiting(session: Session, config: AppConfig, batch_id: uuid.UUID,

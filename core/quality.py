@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 from core.config import AppConfig, QualityConfig
 from core.labels import extract_label, labels_of
 from core.models import QualityComparison, RoutingEvent, RoutingRule
-from core.rules import config_tier, lock_task_type, set_rule
+from core.rules import config_tier, lock_task_type, seed_rules, set_rule
 from core.states import Tier
 
 QUALITY_ACTOR = "quality"
@@ -52,6 +52,16 @@ def shadow_tier_for(config: AppConfig, tier: Tier, rule: RoutingRule | None, tas
     promoted = (rule is not None and rule.source == QUALITY_ACTOR and rule.tier is Tier.COMPLEX
                 and not rule.pinned)
     return Tier.LIGHT if promoted and sampled(task_id, quality.probe_rate, "probe") else None
+
+
+def may_be_sampled(config: AppConfig, task_id: uuid.UUID) -> bool:
+    """False when `shadow_tier_for` answers None for this task whatever its tier and rule: a filter by
+    task id alone, so a bulk path (batch ingestion) asks the database only about the few that may be."""
+    quality = config.quality
+    if quality.shadow_rate <= 0 and quality.probe_rate <= 0:
+        return False
+    key = str(task_id)  # formatted once: it is half the cost of a hash
+    return sampled(key, quality.shadow_rate) or sampled(key, quality.probe_rate, "probe")
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,6 +148,10 @@ def evaluate(session: Session, config: AppConfig, tenant_id: uuid.UUID, task_typ
     if action is None:
         return None
     figures = stats.figures(config.quality)
+    if rule is None and config_tier(config, task_type) is not None:
+        # config [routing] becomes the tenant's rules first (as GET /v1/routes does), so the event says
+        # which tier it moved from; a task type with neither rule nor config entry moves from `auto` (None)
+        seed_rules(session, tenant_id, config)
     if action == "promote":
         reason = (f"agreement {stats.agreement:.1%} over {stats.samples} comparisons is below "
                   f"{config.quality.promote_below:.0%}")

@@ -1,4 +1,9 @@
-"""Batch path steps run by the worker: assemble, submit, poll, ingest. Each is idempotent."""
+"""Batch path steps run by the worker: assemble, submit, poll, ingest. Each is idempotent.
+
+After each ingested chunk commits, the tasks it moved to `succeeded` that the quality monitor samples get
+their shadow call (worker/quality.py): the sample is chosen in Python by task id, the chunk's SQL returns
+which of those it moved, and only those cost a message.
+"""
 
 from __future__ import annotations
 
@@ -35,12 +40,15 @@ from core.batches import (
     waiting_groups,
     write_batch_file,
 )
+from core.cache import fill_from_succeeded_tasks
 from core.errors import ProviderError
 from core.models import ProviderBatch
 from core.provider import ProviderBatches
+from core.quality import may_be_sampled
 from core.states import BatchStatus, ProviderBatchStatus
 from worker.context import WorkerContext
 from worker.faults import pause_point
+from worker.quality import send_batch_shadows
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +133,7 @@ def _build_and_upload(ctx: WorkerContext, api: ProviderBatches, batch: ProviderB
     with tempfile.TemporaryDirectory(prefix="tierbatch-") as tmp:
         path = Path(tmp) / f"tierbatch-{batch.id}.jsonl"
         with ctx.sessions.begin() as session:
-            lines, size = write_batch_file(session, batch, path)
+            lines, size = write_batch_file(session, batch, path, ctx.config)
             if lines == 0:  # every task was escalated or cancelled meanwhile
                 finish_batch(session, batch.id)
                 return None
@@ -206,10 +214,16 @@ def _ingest_locked(ctx: WorkerContext, batch_id: uuid.UUID, resubmit: Callable[[
 
 def _ingest_chunk(ctx: WorkerContext, batch: ProviderBatch, lines: list[str]) -> int:
     outcomes = classify_lines(lines)
+    # quality monitor (DESIGN §6): the few successes that may be shadowed, by task id alone
+    watch = [task_id for task_id in outcomes.successes if may_be_sampled(ctx.config, task_id)]
     with ctx.sessions.begin() as session:
-        written = ingest_outcomes(session, ctx.config, ctx.prices, batch, outcomes)
+        ingested = ingest_outcomes(session, ctx.config, ctx.prices, batch, outcomes, watch)
+        # response cache (issue 6): cacheable answers serve later identical requests
+        fill_from_succeeded_tasks(session, ctx.config, list(outcomes.successes))
         touch_batch(session, batch.id)
-    return written
+    if ingested.succeeded:  # committed: the shadow call finds its task succeeded
+        send_batch_shadows(ctx, ingested.succeeded)
+    return ingested.written
 
 
 def _handle_refused_batch(ctx: WorkerContext, batch: ProviderBatch,

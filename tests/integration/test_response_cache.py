@@ -197,3 +197,19 @@ def test_expired_entries_are_purged(sim_reset: Stack) -> None:
         return entries() == 0
 
     wait_until(purged, 20, 0.2, "the reconciler purges the expired entry")
+
+
+def test_batch_answers_fill_the_cache(sim_reset: Stack) -> None:
+    stack = sim_reset
+    task = {"prompt": "Classify the tone: thanks for the quick fix", "task_type": "tone",
+            "params": {"temperature": 0}}
+    with stack.client(stack.new_tenant_key()) as client:
+        [first] = submit(client, [task])
+        batched = stack.wait_for_task(client, first, {"succeeded", "failed"}, timeout=60)
+        assert (batched["status"], batched["mode"]) == ("succeeded", "batch")
+        [again] = submit(client, [{**task, "urgent": True}])
+        cached = stack.wait_for_task(client, again, {"succeeded", "failed"})
+    assert (cached["mode"], Decimal(str(cached["cost_usd"]))) == ("cache", 0)
+    assert cached["output"] == batched["output"]
+    stats = stack.sim("GET", "/_sim/stats")
+    assert (stats["batch_lines"], provider_calls(stack)) == (1, 0)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import re
 import signal
 import stat
 import subprocess
@@ -17,7 +19,9 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from rich.console import Console
 
+from cli.demo import promotion_line, render_report
 from cli.embedded import port_accepts
 from tests.support.procs import REPO_ROOT, ManagedProcess, free_port, python_module, wait_until
 
@@ -205,6 +209,37 @@ def test_demo_reports_costs_and_stops(tmp_path: Path, embedded_env: None) -> Non
     assert Decimal(totals["savings_usd"]) == total_baseline - total_cost
     assert Decimal(totals["savings_usd"]) > 0  # the light tasks ran on the cheaper model
     assert report["ok"] is True
+
+    # the quality scene (issue 6): a poor cheap model, its task type promoted from batch-path shadows
+    scene = report["quality_scene"]
+    assert scene is not None, report.get("quality_scene_skipped")
+    assert scene["statuses"] == {"succeeded": scene["tasks"]}, scene
+    assert scene["shadow_answers"] == scene["shadow_expected"] >= scene["min_samples"], scene
+    promotion = scene["promotion"]
+    assert promotion is not None, scene
+    assert (promotion["task_type"], promotion["action"], promotion["from_tier"], promotion["to_tier"]) == \
+        ("sentiment", "promote", "light", "complex")
+    assert promotion["figures"]["samples"] >= scene["min_samples"]
+    assert promotion["figures"]["agreement"] < promotion["figures"]["promote_below"]
+    assert scene["next_task"]["tier"] == "complex", scene
+    # the main workload promotes nothing: only the scene's task type has routing changes
+    assert [row["task_type"] for row in report["quality"] if row["events"]] == ["sentiment"], report["quality"]
+    by_mode = {row["mode"]: row for row in report["costs_by_mode"]["rows"]}
+    assert by_mode["shadow"]["requests"] >= scene["shadow_expected"]
+    assert Decimal(str(by_mode["shadow"]["cost_usd"])) > 0
+    assert by_mode["batch"]["requests"] >= len(batch_rows) + scene["tasks"]
+
+    # what people see: the promotion line (narrated while it runs, and in the report), shadow spend apart
+    said = promotion_line(promotion)
+    assert said.startswith("promoted sentiment: light → complex (agreement ") and " over " in said, said
+    assert f"quality monitor: {said}" in stderr, stderr[-3000:]
+    console = Console(record=True, width=200, file=io.StringIO())
+    render_report(console, report)
+    printed = console.export_text()
+    assert said in printed, printed
+    assert re.search(r"^│ shadow \(quality monitor\) +│ +\d+ │ +[0-9.]+ │ +- │ +- │$", printed, re.MULTILINE), printed
+    assert re.search(r"^shadow spend \(quality monitor\): \$[0-9.]+ over \d+ premium-model calls", printed,
+                     re.MULTILINE), printed
 
     stack = report["stack"]
     ports = [_port_of(stack["api_url"]), _port_of(stack["simulator_url"]), _port_of(stack["redis_url"])]
