@@ -310,9 +310,10 @@ _APPLY_INGEST_ROWS = text(
     " (SELECT json_agg(json_build_array(m.id, m.tenant_id, m.task_type, m.tier)) FROM moved AS m"
     "  WHERE m.status = 'succeeded' AND m.id = ANY(CAST(:watch AS uuid[]))) AS succeeded"
 )
+# a job's tasks share one response format: decode each distinct one once, not once per line
 _LABELLED_REQUESTS = text(
-    "SELECT id, request->'response_format' AS response_format FROM tasks "
-    "WHERE id = ANY(CAST(:ids AS uuid[])) AND request ? 'response_format'"
+    "SELECT (request->'response_format')::text AS response_format, array_agg(id) AS ids FROM tasks "
+    "WHERE id = ANY(CAST(:ids AS uuid[])) AND request ? 'response_format' GROUP BY 1"
 )
 
 
@@ -322,8 +323,10 @@ def _ingest_successes(session: Session, prices: PriceBook, batch: ProviderBatch,
     """COPY the chunk's results into a temp table, then one guarded UPDATE … RETURNING feeding the
     ledger INSERT: lines of tasks no longer in this batch move nothing and bill nothing."""
     ids = list(successes)
-    labelled = {row.id: {"response_format": row.response_format}
-                for row in session.execute(_LABELLED_REQUESTS, {"ids": ids})}
+    labelled: dict[uuid.UUID, dict[str, Any]] = {}
+    for group in session.execute(_LABELLED_REQUESTS, {"ids": ids}):
+        request = {"response_format": orjson.loads(group.response_format)}
+        labelled.update(dict.fromkeys(group.ids, request))
     rows = []
     for task_id, body in successes.items():
         usage = usage_from_body(body)
