@@ -145,10 +145,11 @@ def tenants_create(name: str,
     finally:
         engine.dispose()
     if as_json:
-        sys.stdout.write(json.dumps({"id": str(tenant.id), "name": tenant.name, "api_key": tenant.api_key}) + "\n")
+        sys.stdout.write(json.dumps({"id": str(tenant.id), "name": tenant.name, "api_key": tenant.api_key,
+                                     "webhook_secret": tenant.webhook_secret}) + "\n")
     else:
         Console().print(f"tenant [bold]{tenant.name}[/] ({tenant.id})\napi key: [green]{tenant.api_key}[/]"
-                        " (shown once)")
+                        f"\nwebhook secret: [green]{tenant.webhook_secret}[/] (both shown once)")
 
 
 @app.command()

@@ -11,6 +11,13 @@
 - The batch's status and `request_counts` follow its tasks. When they are all terminal, the first
   read of the batch assembles its output and error files (OpenAI's `BatchRequestOutput` lines, in
   input order, joined by `custom_id`) and freezes the batch, under a row lock, in one transaction.
+- Expiry (OpenAI's 24 h `completion_window`): a beat step (`due_batches` + `expire_batch`) moves a batch
+  past `expires_at` from `in_progress` to `finalizing` and cancels its lines not started yet (queued,
+  waiting for a provider batch) in one guarded statement; lines already at a provider or in flight
+  finish, since their cost is real, and the facade waits for them (lines that come back to the batch
+  path later are cancelled by the next tick). The batch then ends `expired` (completed lines in the
+  output file, the cancelled ones as `batch_expired` in the error file), or `completed` when no line
+  had to be cut off. `expired_at` has no column of its own: `completed_at` holds it for an expired batch.
 
 Nothing here commits: the caller owns the transaction, so a refused upload or batch leaves nothing.
 """
@@ -51,6 +58,9 @@ COMPLETION_WINDOW = "24h"
 PART_BYTES = 1024 * 1024
 COPY_CHUNK = 5000
 FINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+# Stored `finalizing` means: expired, waiting for the lines already at a provider or in flight.
+EXPIRING = "finalizing"
+EXPIRABLE_STATUSES = ("in_progress", EXPIRING)
 _TERMINAL = tuple(s.value for s in TERMINAL_TASK_STATUSES)
 _HTTP_STATUS = re.compile(r"HTTP (\d{3})")
 
@@ -426,14 +436,16 @@ def _counts(batch: ClientBatch, by_status: Mapping[str, int]) -> Counts:
 def batch_object(batch: ClientBatch, counts: Counts | None = None, status: str | None = None) -> dict[str, Any]:
     if counts is None:
         counts = Counts(batch.request_total, batch.request_completed or 0, batch.request_failed or 0, 0)
+    expired = batch.status == "expired"  # its end time is kept in `completed_at`
     out: dict[str, Any] = {
         "id": batch.id, "object": "batch", "endpoint": batch.endpoint,
         "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
         "status": status or batch.status, "output_file_id": batch.output_file_id,
         "error_file_id": batch.error_file_id, "created_at": epoch(batch.created_at),
         "in_progress_at": epoch(batch.in_progress_at), "expires_at": epoch(batch.expires_at),
-        "finalizing_at": epoch(batch.finalizing_at), "completed_at": epoch(batch.completed_at),
-        "failed_at": None, "expired_at": None, "cancelling_at": epoch(batch.cancelling_at),
+        "finalizing_at": epoch(batch.finalizing_at), "completed_at": None if expired else epoch(batch.completed_at),
+        "failed_at": None, "expired_at": epoch(batch.completed_at) if expired else None,
+        "cancelling_at": epoch(batch.cancelling_at),
         "cancelled_at": epoch(batch.cancelled_at),
         "request_counts": {"total": counts.total, "completed": counts.completed, "failed": counts.failed},
         "metadata": batch.batch_metadata,
@@ -457,8 +469,13 @@ def batch_view(session: Session, batch: ClientBatch) -> dict[str, Any]:
     return batch_object(batch, counts)
 
 
-def _error_line(task_id: uuid.UUID, custom_id: str, status: TaskStatus, error: str | None) -> dict[str, Any]:
+def _error_line(task_id: uuid.UUID, custom_id: str, status: TaskStatus, error: str | None, *,
+                expired: bool = False) -> dict[str, Any]:
     line_id = f"batch_req_{task_id.hex}"
+    if expired:
+        return {"id": line_id, "custom_id": custom_id, "response": None,
+                "error": {"code": "batch_expired",
+                          "message": "This request could not be executed before the completion window expired."}}
     if status is TaskStatus.CANCELLED:
         return {"id": line_id, "custom_id": custom_id, "response": None,
                 "error": {"code": "batch_cancelled",
@@ -495,20 +512,26 @@ def _new_output_file(session: Session, tenant_id: uuid.UUID, batch_id: str, kind
 
 def finalize_batch(session: Session, batch_id: str) -> bool:
     """Assemble the output and error files and freeze the batch; False if another reader is at it
-    (its row is locked) or a task is still live. One transaction: a crash leaves no half batch."""
+    (its row is locked) or a task is still live. One transaction: a crash leaves no half batch.
+
+    An expiring batch (stored `finalizing`) ends `expired` when some of its lines were cancelled by the
+    expiry (cancelled at or after its `finalizing_at`: `batch_expired` lines), else `completed`."""
     batch = session.scalar(select(ClientBatch).where(ClientBatch.id == batch_id)
-                           .with_for_update(skip_locked=True))
+                           .with_for_update(skip_locked=True).execution_options(populate_existing=True))
     if batch is None or batch.status in FINAL_STATUSES:
         return False
     counts = _counts(batch, live_counts(session, batch.job_id))
     if counts.live:
         return False
-    finalizing_at = datetime.now(UTC)
+    expiring_since = batch.finalizing_at if batch.status == EXPIRING else None
+    finalizing_at = expiring_since or datetime.now(UTC)
+    expired_lines = 0
     writers: dict[str, _PartWriter] = {}
     result = session.execute(
-        select(Task.id, Task.item_id, Task.status, Task.response, Task.output, Task.served_model, Task.error)
+        select(Task.id, Task.item_id, Task.status, Task.response, Task.output, Task.served_model, Task.error,
+               Task.finished_at)
         .where(Task.job_id == batch.job_id).order_by(Task.id).execution_options(yield_per=2000))
-    for task_id, custom_id, status, response, output, served, error in result:
+    for task_id, custom_id, status, response, output, served, error, finished_at in result:
         if status is TaskStatus.SUCCEEDED:
             kind = "output"
             line: dict[str, Any] = {
@@ -517,7 +540,11 @@ def finalize_batch(session: Session, batch_id: str) -> bool:
                              "body": _success_body(response, output, served, task_id)}}
         else:
             kind = "error"
-            line = _error_line(task_id, custom_id or "", status, error)
+            # cancelled by the expiry: the tick's statement ran at (or after) the batch's finalizing_at
+            cut_off = (expiring_since is not None and status is TaskStatus.CANCELLED and finished_at is not None
+                       and finished_at >= expiring_since)
+            expired_lines += cut_off
+            line = _error_line(task_id, custom_id or "", status, error, expired=cut_off)
         writer = writers.get(kind)
         if writer is None:
             writer = writers[kind] = _new_output_file(session, batch.tenant_id, batch.id, kind)
@@ -533,12 +560,12 @@ def finalize_batch(session: Session, batch_id: str) -> bool:
         {"job": batch.job_id}).one()
     now = datetime.now(UTC)
     cancelled = batch.status == "cancelling"
-    batch.status = "cancelled" if cancelled else "completed"
+    batch.status = "cancelled" if cancelled else "expired" if expired_lines else "completed"
     batch.finalizing_at = finalizing_at
     if cancelled:
         batch.cancelled_at = now
     else:
-        batch.completed_at = now
+        batch.completed_at = now  # for an expired batch: its expired_at
     batch.request_completed = counts.completed
     batch.request_failed = counts.failed
     batch.output_file_id = writers["output"].file_id if "output" in writers else None
@@ -570,16 +597,71 @@ def cancel_batch(session: Session, tenant_id: uuid.UUID, batch_id: str) -> Clien
     """in_progress → cancelling: the lines not started yet (queued, waiting for a provider batch) are
     cancelled; the ones at a provider or in flight finish, and the batch ends `cancelled` with them."""
     batch = get_batch(session, tenant_id, batch_id, for_update=True)
-    if batch.status in FINAL_STATUSES:
+    if batch.status in FINAL_STATUSES or batch.status == EXPIRING:  # an expiring batch ends `expired`
         raise GatewayError(409, f"Cannot cancel a batch with status '{batch.status}'.", "invalid_request_error",
                            None, None)
     if batch.status != "cancelling":
         batch.status = "cancelling"
         batch.cancelling_at = datetime.now(UTC)
-        session.execute(
-            update(Task).where(Task.job_id == batch.job_id, Task.status.in_(CANCELLABLE_TASK_STATUSES))
-            .values(status=TaskStatus.CANCELLED, finished_at=func.now(), updated_at=func.now(), lease_token=None,
-                    lease_expires_at=None, not_before=None)
-            .execution_options(synchronize_session=False))
+        cancel_unstarted(session, batch.job_id)
         session.flush()
     return batch
+
+
+def cancel_unstarted(session: Session, job_id: uuid.UUID) -> int:
+    """Cancel the tasks of a batch not started yet (queued, waiting for a provider batch): one guarded
+    statement. Tasks at a provider or in flight are left to finish; a provider line that lands later
+    for a cancelled task is ignored by ingestion (it only moves tasks still `in_batch`)."""
+    result = session.execute(
+        update(Task).where(Task.job_id == job_id, Task.status.in_(CANCELLABLE_TASK_STATUSES))
+        .values(status=TaskStatus.CANCELLED, finished_at=func.now(), updated_at=func.now(), lease_token=None,
+                lease_expires_at=None, not_before=None)
+        .execution_options(synchronize_session=False))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+# --- expiry -------------------------------------------------------------------------------------------
+
+
+def due_batches(session: Session, limit: int = 1000) -> list[str]:
+    """The batches past `expires_at` and not final: `in_progress` ones, and expiring ones (`finalizing`)
+    still waiting for lines in flight. No index covers this (schema unchanged): it reads
+    `client_batches`, one small row per batch; a partial index on `expires_at` for the not-final
+    statuses would make it proportional to the live batches only."""
+    return list(session.scalars(
+        select(ClientBatch.id).where(ClientBatch.status.in_(EXPIRABLE_STATUSES), ClientBatch.expires_at <= func.now())
+        .order_by(ClientBatch.expires_at).limit(limit)))
+
+
+def expire_batch(session: Session, batch_id: str) -> str | None:
+    """One step of a batch past its window, under its row lock (`SKIP LOCKED`: a batch another worker or
+    reader holds is left to it); the batch's status after the step, None if there was nothing to do.
+
+    - `in_progress` with every line done: finalized as usual (`completed`): it finished in time.
+    - `in_progress` with live lines: guarded `in_progress → finalizing` (finalizing_at = now).
+    - then, as on every later step of a `finalizing` batch: its lines not started yet are cancelled
+      (also the ones that came back from a provider batch since), and the batch is finalized
+      (`expired`) once its lines in flight are done."""
+    row = session.execute(
+        select(ClientBatch.status, ClientBatch.job_id)
+        .where(ClientBatch.id == batch_id, ClientBatch.status.in_(EXPIRABLE_STATUSES),
+               ClientBatch.expires_at <= func.now())
+        .with_for_update(skip_locked=True)).first()
+    if row is None:
+        return None
+    status, job_id = row
+    if status == "in_progress":
+        live = session.scalar(select(Task.id).where(Task.job_id == job_id,
+                                                    Task.status.notin_(TERMINAL_TASK_STATUSES)).limit(1))
+        if live is not None:
+            moved = session.execute(
+                update(ClientBatch).where(ClientBatch.id == batch_id, ClientBatch.status == "in_progress")
+                .values(status=EXPIRING, finalizing_at=func.now()).returning(ClientBatch.id)
+                .execution_options(synchronize_session=False)).first()
+            if moved is None:
+                return None
+    cancel_unstarted(session, job_id)
+    session.flush()
+    finalize_batch(session, batch_id)
+    return session.scalar(select(ClientBatch.status).where(ClientBatch.id == batch_id)
+                          .execution_options(populate_existing=True))

@@ -8,6 +8,10 @@ Naming: a request with the `name` of an existing job of the tenant *adds* its it
 (item ids stay unique within the job); without a `name`, every request makes a new job. Requests
 for one (tenant, name) are serialized by a transaction-scoped advisory lock.
 
+`webhook_url` (optional): once every task of the job is terminal, a signed `job.finished` POST goes
+there (core/job_webhooks.py). It is set by the request that creates the job; a request that appends
+by name may repeat the same URL or leave it out, a different one is a 409 (like the other settings).
+
 Nothing here commits and nothing sends messages: the caller commits, then dispatches the returned
 task ids in chunks (`dispatch_in_chunks`).
 """
@@ -41,6 +45,7 @@ from core.routing import resolve_tier
 from core.rules import RuleView, rule_decision, tenant_rules
 from core.states import CANCELLABLE_TASK_STATUSES, TERMINAL_TASK_STATUSES, Mode, RequestedTier, TaskStatus, Tier
 from core.submission import ChatParams, invalid_input_from
+from core.webhooks import check_webhook_url
 
 MAX_ITEMS_PER_REQUEST = 100_000
 MAX_ITEM_ID_CHARS = 1000
@@ -75,6 +80,7 @@ class JobFields(BaseModel):
     template: str = TEXT_PLACEHOLDER
     labels: list[str] | None = None
     metadata: dict[str, str] = Field(default_factory=dict)
+    webhook_url: Any = None  # checked by core.webhooks.check_webhook_url (one message for jobs and schedules)
 
     @field_validator("deadline")
     @classmethod
@@ -136,6 +142,7 @@ class JobRequest:
     settings: JobSettings
     given: frozenset[str]  # the settings the request named; an append must agree on those
     items: list[JobItem]
+    webhook_url: str | None = None  # where `job.finished` goes; set when the job is created
 
 
 def _bad(param: str, message: str, status: int = 422) -> InvalidInput:
@@ -332,14 +339,15 @@ def parse_job_request(payload: Any, max_item_bytes: int, max_items: int = MAX_IT
     params = parsed.params.model_dump(exclude_none=True)
     if labels is not None and "response_format" in params:
         raise _bad("params.response_format", "cannot be combined with labels (labels set the response format)")
-    given = set(parsed.model_fields_set) - {"name"}
+    webhook_url = check_webhook_url(parsed.webhook_url)
+    given = set(parsed.model_fields_set) - {"name", "webhook_url"}
     task_type = parsed.task_type
     if labels is not None and "task_type" not in given:
         task_type = "classification"
     settings = JobSettings(task_type=task_type, tier=parsed.tier, urgent=parsed.urgent, deadline=parsed.deadline,
                            params=params, system=parsed.system, template=parsed.template, labels=labels,
                            metadata=dict(parsed.metadata))
-    return JobRequest(parsed.name, settings, frozenset(given), _check_items(items, max_item_bytes))
+    return JobRequest(parsed.name, settings, frozenset(given), _check_items(items, max_item_bytes), webhook_url)
 
 
 # --- building task rows --------------------------------------------------------------------------
@@ -495,6 +503,11 @@ def _settings_for_append(job: Job, request: JobRequest) -> JobSettings:
                 f"{key}: job {job.name!r} already exists with a different {key} ({stored.value_of(key)!r}); "
                 "a request that adds items to it must repeat the same value or leave it out",
                 param=key, status_code=409)
+    if request.webhook_url is not None and request.webhook_url != job.webhook_url:
+        raise InvalidInput(
+            f"webhook_url: job {job.name!r} already exists with "
+            f"{'webhook_url ' + repr(job.webhook_url) if job.webhook_url else 'no webhook_url'}; a request that adds "
+            "items to it must repeat the same value or leave it out", param="webhook_url", status_code=409)
     return stored
 
 
@@ -512,7 +525,7 @@ def _job_for_request(session: Session, tenant_id: uuid.UUID, request: JobRequest
     settings = request.settings
     job = Job(id=uuid.uuid4(), tenant_id=tenant_id, name=request.name, task_type=settings.task_type,
               requested_tier=settings.tier, urgent=settings.urgent, deadline=settings.deadline,
-              spec=settings.spec())
+              spec=settings.spec(), webhook_url=request.webhook_url)
     session.add(job)
     session.flush()
     return job, True

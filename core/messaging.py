@@ -26,6 +26,11 @@ SCHEDULE_FINISH = "tierbatch.schedules.finish"
 SCHEDULE_WEBHOOK = "tierbatch.schedules.webhook"
 # quality-aware routing (issue 6)
 QUALITY_SHADOW = "tierbatch.quality.shadow"
+# Batch API facade: the beat step that expires client batches past their completion window
+EXPIRE_CLIENT_BATCHES = "tierbatch.facade.expire"
+# job webhooks: the beat check of finished jobs, and one signed POST attempt
+JOB_WEBHOOK_TICK = "tierbatch.jobs.webhook_tick"
+JOB_WEBHOOK = "tierbatch.jobs.webhook"
 
 QUEUE_DISPATCH = "dispatch"
 QUEUE_IMMEDIATE = "immediate"
@@ -47,6 +52,9 @@ TASK_ROUTES = {
     SCHEDULE_FINISH: {"queue": QUEUE_BATCH},
     SCHEDULE_WEBHOOK: {"queue": QUEUE_DISPATCH},
     QUALITY_SHADOW: {"queue": QUEUE_IMMEDIATE},  # quality-aware routing (issue 6)
+    EXPIRE_CLIENT_BATCHES: {"queue": QUEUE_BATCH},  # assembles output files: bulk work
+    JOB_WEBHOOK_TICK: {"queue": QUEUE_DISPATCH},  # job webhooks, beside the schedule webhooks
+    JOB_WEBHOOK: {"queue": QUEUE_DISPATCH},
 }
 
 # Chunk size for dispatch messages on bulk paths: never one message per task.

@@ -56,6 +56,8 @@ PROVIDER_BATCH_STATUS = _pg_enum(ProviderBatchStatus, "provider_batch_status")
 CACHE_ENTRY_STATUS = _pg_enum(CacheEntryStatus, "cache_entry_status")
 
 _TERMINAL = "('succeeded', 'failed', 'cancelled')"
+# 'whsec_' + 64 hex digits from two gen_random_uuid() (core since Postgres 13: no extension needed)
+WEBHOOK_SECRET_DEFAULT_SQL = "'whsec_' || replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '')"
 
 
 class Base(DeclarativeBase):
@@ -74,11 +76,26 @@ class Tenant(Base):
     api_key_hash: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
     api_key_prefix: Mapped[str] = mapped_column(Text, nullable=False)
     monthly_budget_usd: Mapped[Decimal | None] = mapped_column(MONEY)
+    # job webhooks: the HMAC key that signs the tenant's `job.finished` POSTs, kept as is (it must sign),
+    # shown once at creation and at rotation. The application sets a `secrets` one; the default only
+    # fills rows written without it (migration 0004 backfill, raw inserts), from Postgres' strong RNG.
+    webhook_secret: Mapped[str] = mapped_column(Text, nullable=False,
+                                                server_default=text(WEBHOOK_SECRET_DEFAULT_SQL))
     created_at: Mapped[datetime] = _now_column()
 
 
 class Job(Base):
     __tablename__ = "jobs"
+    __table_args__ = (
+        # job webhooks (core/job_webhooks.py): claimed once (finished_notified_at), then delivered or failed
+        CheckConstraint("webhook_status IN ('pending', 'delivered', 'failed')", name="webhook_status_valid"),
+        CheckConstraint("(webhook_status IS NULL) = (finished_notified_at IS NULL)",
+                        name="webhook_status_iff_notified"),
+        # the beat check looks only at jobs with a webhook not yet notified, and at pending deliveries
+        Index("ix_jobs_webhook_unnotified", "created_at",
+              postgresql_where=text("webhook_url IS NOT NULL AND finished_notified_at IS NULL")),
+        Index("ix_jobs_webhook_pending", "webhook_nudged_at", postgresql_where=text("webhook_status = 'pending'")),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), nullable=False, index=True)
@@ -88,6 +105,11 @@ class Job(Base):
     urgent: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
     deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     spec: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    webhook_url: Mapped[str | None] = mapped_column(Text)  # job webhooks: where `job.finished` is POSTed
+    finished_notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # set once: the claim
+    webhook_status: Mapped[str | None] = mapped_column(Text)  # pending | delivered | failed
+    webhook_body: Mapped[str | None] = mapped_column(Text)  # the exact bytes signed and sent
+    webhook_nudged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # last (re)send
     created_at: Mapped[datetime] = _now_column()
 
 
@@ -456,14 +478,19 @@ class Classification(Base):
 
 
 class WebhookDelivery(Base):
-    """One attempt to deliver a run's webhook."""
+    """One attempt to deliver a webhook: a schedule run's or a job's (exactly one of the two)."""
 
     __tablename__ = "webhook_deliveries"
-    __table_args__ = (UniqueConstraint("run_id", "attempt", name="uq_webhook_deliveries_run_attempt"),)
+    __table_args__ = (
+        UniqueConstraint("run_id", "attempt", name="uq_webhook_deliveries_run_attempt"),
+        UniqueConstraint("job_id", "attempt", name="uq_webhook_deliveries_job_attempt"),
+        CheckConstraint("(run_id IS NULL) <> (job_id IS NULL)", name="one_subject"),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), nullable=False)
-    run_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("schedule_runs.id", ondelete="CASCADE"), nullable=False)
+    run_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("schedule_runs.id", ondelete="CASCADE"))
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     url: Mapped[str] = mapped_column(Text, nullable=False)
     attempt: Mapped[int] = mapped_column(Integer, nullable=False)
     status_code: Mapped[int | None] = mapped_column(Integer)

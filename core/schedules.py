@@ -43,7 +43,6 @@ from decimal import Decimal
 from typing import Annotated, Any, Literal
 from zoneinfo import ZoneInfo
 
-import httpx
 import psycopg
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -71,7 +70,7 @@ from core.sources import (
 )
 from core.states import Mode, RequestedTier, TaskStatus
 from core.submission import invalid_input_from
-from core.webhooks import MAX_ATTEMPTS, AttemptResult, backoff_seconds, new_secret
+from core.webhooks import SCHEDULE_RUNS, attempts_of, check_webhook_url, new_secret, resends_due
 
 log = logging.getLogger(__name__)
 
@@ -285,20 +284,6 @@ def check_sink(value: Any, roots: Sequence[str] = ()) -> dict[str, Any] | None:
     except SourceError as exc:
         raise _bad("sink.path", str(exc).removeprefix("sink.path: ")) from None
     return spec.model_dump()
-
-
-def check_webhook_url(value: Any) -> str | None:
-    if value is None:
-        return None
-    if not isinstance(value, str) or not value.strip():
-        raise _bad("webhook_url", "must be an http(s) URL")
-    try:
-        url = httpx.URL(value)
-    except (httpx.InvalidURL, TypeError, ValueError):
-        raise _bad("webhook_url", f"{value!r} is not a valid URL") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise _bad("webhook_url", f"{value!r} must be an http:// or https:// URL with a host")
-    return value
 
 
 def check_job(value: Any, max_item_bytes: int) -> dict[str, Any]:
@@ -924,62 +909,11 @@ def webhook_payload(schedule: Schedule, run: ScheduleRun) -> dict[str, Any]:
             "results_url": f"/v1/jobs/{run.job_id}/results" if run.job_id else None}
 
 
-@dataclass(frozen=True, slots=True)
-class WebhookCall:
-    run_id: uuid.UUID
-    attempt: int
-    url: str
-    body: bytes
-    secret: str
-
-
-def webhook_to_send(session: Session, run_id: uuid.UUID, attempt: int) -> WebhookCall | None:
-    """The call to make for this attempt, or None (delivered, given up, or this attempt was made already)."""
-    row = session.execute(
-        select(ScheduleRun.webhook_status, ScheduleRun.webhook_body, Schedule.webhook_url, Schedule.webhook_secret)
-        .join(Schedule, Schedule.id == ScheduleRun.schedule_id).where(ScheduleRun.id == run_id)
-    ).first()
-    if row is None or row.webhook_status != "pending" or not row.webhook_body or not row.webhook_url:
-        return None
-    made = session.scalar(select(WebhookDelivery.id).where(WebhookDelivery.run_id == run_id,
-                                                           WebhookDelivery.attempt >= attempt).limit(1))
-    if made is not None:
-        return None
-    return WebhookCall(run_id, attempt, row.webhook_url, row.webhook_body.encode(), row.webhook_secret)
-
-
-def record_webhook_attempt(session: Session, call: WebhookCall, result: AttemptResult,
-                           max_attempts: int = MAX_ATTEMPTS) -> float | None:
-    """Store one attempt; returns the delay before the next one, or None (delivered, given up, duplicate)."""
-    run = session.scalar(select(ScheduleRun).where(ScheduleRun.id == call.run_id).with_for_update())
-    if run is None:
-        return None
-    recorded = session.execute(
-        pg_insert(WebhookDelivery).values(tenant_id=run.tenant_id, run_id=run.id, url=call.url, attempt=call.attempt,
-                                          status_code=result.status_code, error=result.error,
-                                          duration_ms=result.duration_ms)
-        .on_conflict_do_nothing(constraint="uq_webhook_deliveries_run_attempt").returning(WebhookDelivery.id)
-    ).scalar()
-    if recorded is None or run.webhook_status != "pending":
-        return None
-    run.nudged_at = _now(session)
-    if result.delivered:
-        run.webhook_status = "delivered"
-        return None
-    if call.attempt >= max_attempts:
-        run.webhook_status = "failed"
-        log.warning("schedule run %s: webhook to %s failed %d times; giving up", run.id, call.url, call.attempt)
-        return None
-    return backoff_seconds(call.attempt)
-
+# The attempts themselves (what to send, the record of each, resends) are core/webhooks.py's outbox,
+# shared with the job webhooks: `SCHEDULE_RUNS` keeps the state on the run row.
 
 def webhook_attempts(session: Session, run_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, list[WebhookDelivery]]:
-    out: dict[uuid.UUID, list[WebhookDelivery]] = {r: [] for r in run_ids}
-    if run_ids:
-        for row in session.scalars(select(WebhookDelivery).where(WebhookDelivery.run_id.in_(run_ids))
-                                   .order_by(WebhookDelivery.run_id, WebhookDelivery.attempt)):
-            out[row.run_id].append(row)
-    return out
+    return attempts_of(session, SCHEDULE_RUNS, run_ids)
 
 
 # --- the tick's housekeeping: messages that were lost -----------------------------------------------------
@@ -1014,16 +948,7 @@ def runs_to_nudge(session: Session, limit: int = 200) -> Nudges:
                                          ScheduleRun.phase.in_(("classifying", "retrying")),
                                          stale(RESEND_FINISH_SECONDS), ~live).limit(limit).scalar_subquery()))
         .values(nudged_at=now).returning(ScheduleRun.id)))
-    pending = list(session.scalars(
-        update(ScheduleRun).where(ScheduleRun.id.in_(
-            select(ScheduleRun.id).where(ScheduleRun.webhook_status == "pending",
-                                         stale(RESEND_WEBHOOK_SECONDS)).limit(limit).scalar_subquery()))
-        .values(nudged_at=now).returning(ScheduleRun.id)))
-    if pending:
-        made = dict(session.execute(
-            select(WebhookDelivery.run_id, func.max(WebhookDelivery.attempt))
-            .where(WebhookDelivery.run_id.in_(pending)).group_by(WebhookDelivery.run_id)).tuples().all())
-        nudges.webhooks = [(run_id, int(made.get(run_id, 0)) + 1) for run_id in pending]
+    nudges.webhooks = resends_due(session, SCHEDULE_RUNS, RESEND_WEBHOOK_SECONDS, limit)
     return nudges
 
 

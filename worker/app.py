@@ -7,7 +7,15 @@ from datetime import timedelta
 from celery import Celery
 
 from core.config import AppConfig
-from core.messaging import ASSEMBLE_BATCHES, POLL_BATCHES, RECONCILE, SCHEDULE_TICK, celery_settings
+from core.messaging import (
+    ASSEMBLE_BATCHES,
+    EXPIRE_CLIENT_BATCHES,
+    JOB_WEBHOOK_TICK,
+    POLL_BATCHES,
+    RECONCILE,
+    SCHEDULE_TICK,
+    celery_settings,
+)
 from core.settings import Settings
 
 
@@ -17,9 +25,15 @@ def beat_schedule(config: AppConfig) -> dict[str, dict[str, object]]:
         "assemble-batches": {"task": ASSEMBLE_BATCHES,
                              "schedule": timedelta(seconds=config.batch.assemble_interval_seconds)},
         "poll-batches": {"task": POLL_BATCHES, "schedule": timedelta(seconds=config.batch.poll_interval_seconds)},
+        # Batch API facade: client batches past their 24 h window expire (one query when none is due)
+        "expire-client-batches": {"task": EXPIRE_CLIENT_BATCHES,
+                                  "schedule": timedelta(seconds=config.batch.poll_interval_seconds)},
         # scheduled classification (issue 7): cron has minute resolution; a run starts within a few seconds
         "schedules-tick": {"task": SCHEDULE_TICK,
                            "schedule": timedelta(seconds=min(5.0, config.batch.poll_interval_seconds))},
+        # job webhooks: finished jobs with a webhook_url are notified within a few seconds
+        "job-webhooks-tick": {"task": JOB_WEBHOOK_TICK,
+                              "schedule": timedelta(seconds=min(5.0, config.batch.poll_interval_seconds))},
     }
 
 
@@ -28,8 +42,10 @@ def create_celery_app(settings: Settings, config: AppConfig) -> Celery:
     app.conf.update(celery_settings(settings))
     app.conf.beat_schedule = beat_schedule(config)
     # registers the shared tasks with this app
+    import worker.facade  # Batch API facade: expiry of client batches
     import worker.quality  # quality-aware routing (issue 6)
     import worker.schedules  # scheduled classification (issue 7)
-    import worker.tasks  # noqa: F401
+    import worker.tasks
+    import worker.webhooks  # noqa: F401  job webhooks
 
     return app

@@ -5,7 +5,8 @@
   optional `now` (ISO 8601) so tests can move the clock without waiting for real minutes.
 - `tierbatch.schedules.run`: reads the source and creates the run's job, then dispatches its tasks.
 - `tierbatch.schedules.finish`: retries invalid answers once, then writes results, sink and status.
-- `tierbatch.schedules.webhook`: one signed POST; failures come back with exponential backoff.
+- `tierbatch.schedules.webhook`: one signed POST; failures come back with exponential backoff (the attempt
+  is worker/webhooks.py's `make_attempt`, shared with the job webhooks).
 
 Every task takes a run id, locks the run row (SKIP LOCKED) and is safe to run twice.
 """
@@ -27,18 +28,17 @@ from core.schedules import (
     finish_run,
     fire_due,
     queued_task_ids,
-    record_webhook_attempt,
     runs_to_nudge,
     start_run,
-    webhook_to_send,
 )
 from core.sources import source_roots
-from core.webhooks import post_signed
+from core.webhooks import SCHEDULE_RUNS
 from worker.context import WorkerContext, get_worker_context
+from worker.webhooks import make_attempt
 
 log = logging.getLogger(__name__)
 
-WEBHOOK_EVENT = "schedule_run.finished"
+WEBHOOK_EVENT = SCHEDULE_RUNS.event  # "schedule_run.finished"
 
 
 def parse_now(value: str | None) -> datetime:
@@ -102,16 +102,4 @@ def finish(self: CeleryTask, run_id: str) -> str:
 
 @shared_task(name=SCHEDULE_WEBHOOK, bind=True)
 def webhook(self: CeleryTask, run_id: str, attempt: int = 1) -> str:
-    ctx = get_worker_context()
-    with ctx.sessions.begin() as session:
-        call = webhook_to_send(session, uuid.UUID(run_id), attempt)
-    if call is None:
-        return "nothing to send"
-    result = post_signed(call.url, call.body, call.secret, WEBHOOK_EVENT, f"{run_id}:{attempt}")
-    with ctx.sessions.begin() as session:
-        delay = record_webhook_attempt(session, call, result)
-    if delay is not None:
-        log.info("schedule run %s: webhook attempt %d failed (%s); next in %.0fs", run_id, attempt, result.error,
-                 delay)
-        self.app.send_task(SCHEDULE_WEBHOOK, args=[run_id, attempt + 1], countdown=delay)
-    return "delivered" if result.delivered else f"attempt {attempt} failed"
+    return make_attempt(self.app, SCHEDULE_RUNS, run_id, attempt, SCHEDULE_WEBHOOK)

@@ -1,4 +1,5 @@
-"""Admin API: tenants (DESIGN §8). Keys are shown once and stored hashed."""
+"""Admin API: tenants (DESIGN §8). Keys are shown once and stored hashed; the webhook secret (it signs the
+tenant's job webhooks) is shown once at creation and at each rotation."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from api.deps import AdminDep, ContextDep, SessionDep
 from api.serialize import money
 from core.errors import NotFound
 from core.models import Tenant
-from core.tenants import create_tenant
+from core.tenants import create_tenant, rotate_webhook_secret
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -29,7 +30,26 @@ class TenantCreate(BaseModel):
 def create(body: TenantCreate, _: AdminDep, session: SessionDep) -> dict[str, Any]:
     tenant = create_tenant(session, body.name, body.monthly_budget_usd)
     return {"id": str(tenant.id), "object": "tenant", "name": tenant.name, "api_key": tenant.api_key,
-            "monthly_budget_usd": money(tenant.monthly_budget_usd)}
+            "webhook_secret": tenant.webhook_secret, "monthly_budget_usd": money(tenant.monthly_budget_usd)}
+
+
+def _tenant_id(value: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise NotFound(f"no tenant {value}") from None
+
+
+# --- job webhooks -----------------------------------------------------------------------------------
+@router.post("/tenants/{tenant_id}/webhook-secret")
+def rotate_secret(tenant_id: str, _: AdminDep, ctx: ContextDep) -> dict[str, Any]:
+    """A new webhook secret, shown once; the old one stops signing at once (retries included)."""
+    key = _tenant_id(tenant_id)
+    with ctx.sessions.begin() as session:  # committed before the answer is sent
+        tenant = rotate_webhook_secret(session, key)
+        return {"id": str(tenant.id), "object": "tenant", "name": tenant.name,
+                "webhook_secret": tenant.webhook_secret}
+# --- end job webhooks -------------------------------------------------------------------------------
 
 
 # --- budgets (issue 4) -------------------------------------------------------------------------------

@@ -34,7 +34,8 @@ from core.jobs import (
     summarize_jobs,
 )
 from core.messaging import DISPATCH_TASKS
-from core.models import Job
+from core.models import Job, WebhookDelivery
+from core.webhooks import JOBS, attempts_of
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -65,7 +66,18 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def job_body(job: Job, summary: JobSummary) -> dict[str, Any]:
+def webhook_body(job: Job, attempts: list[WebhookDelivery] | None = None) -> dict[str, Any] | None:
+    """The job webhook's state: null until the job finished and was claimed (then pending, delivered, failed)."""
+    if job.webhook_status is None:
+        return None
+    body: dict[str, Any] = {"status": job.webhook_status, "notified_at": timestamp(job.finished_notified_at)}
+    if attempts is not None:
+        body["attempts"] = [{"attempt": a.attempt, "status_code": a.status_code, "error": a.error,
+                             "duration_ms": a.duration_ms, "created_at": timestamp(a.created_at)} for a in attempts]
+    return body
+
+
+def job_body(job: Job, summary: JobSummary, attempts: list[WebhookDelivery] | None = None) -> dict[str, Any]:
     spec = job.spec or {}
     return {
         "id": str(job.id), "object": "job", "name": job.name, "task_type": job.task_type,
@@ -76,6 +88,7 @@ def job_body(job: Job, summary: JobSummary) -> dict[str, Any]:
         "savings_usd": money(summary.savings_usd), "shadow_cost_usd": money(summary.shadow_cost_usd),
         "unpriced_requests": summary.unpriced_requests,
         "created_at": timestamp(job.created_at), "finished_at": timestamp(summary.finished_at),
+        "webhook_url": job.webhook_url, "webhook": webhook_body(job, attempts),
     }
 
 
@@ -94,7 +107,7 @@ def _submit(ctx: ApiContext, tenant_id: uuid.UUID, body: bytes) -> dict[str, Any
     added = len(submission.task_ids)
     return {"id": str(job.id), "object": "job", "name": job.name, "created": submission.created,
             "status": "running", "items_added": added, "counts": {"queued": added},
-            "task_count": submission.task_count, "dispatch_messages": messages}
+            "task_count": submission.task_count, "dispatch_messages": messages, "webhook_url": job.webhook_url}
 
 
 @router.post("", status_code=202)
@@ -107,7 +120,8 @@ async def submit(request: Request, tenant: TenantDep, ctx: ContextDep) -> JSONRe
 @router.get("/{job_id}")
 def read_job(job_id: str, tenant: TenantDep, session: SessionDep) -> dict[str, Any]:
     job = get_job(session, tenant.id, parse_uuid(job_id, "job"))
-    return job_body(job, summarize_jobs(session, [job.id])[job.id])
+    attempts = attempts_of(session, JOBS, [job.id])[job.id] if job.webhook_status is not None else None
+    return job_body(job, summarize_jobs(session, [job.id])[job.id], attempts)
 
 
 @router.get("")

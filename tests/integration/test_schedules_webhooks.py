@@ -6,14 +6,8 @@ against the schedule's secret (returned once at creation), answers 500 twice, th
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
-import threading
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -22,63 +16,15 @@ import pytest
 from tests.integration.test_schedules import JOB, file_schedule, query, run_now, wait_run, write_tickets
 from tests.support.procs import wait_until
 from tests.support.stack import Stack
+from tests.support.webhooks import Receiver, webhook_receiver
 
 pytestmark = pytest.mark.integration
 
 
-@dataclass
-class Received:
-    at: float
-    headers: dict[str, str]
-    body: bytes
-    signature_ok: bool
-
-
-@dataclass
-class Receiver:
-    failures: int  # answer 500 to this many requests first
-    secret: str = ""
-    received: list[Received] = field(default_factory=list)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    url: str = ""
-
-    def handle(self, headers: dict[str, str], body: bytes) -> int:
-        expected = "sha256=" + hmac.new(self.secret.encode(), body, hashlib.sha256).hexdigest()
-        ok = hmac.compare_digest(expected, headers.get("x-tierbatch-signature", ""))
-        with self.lock:
-            self.received.append(Received(time.monotonic(), headers, body, ok))
-            count = len(self.received)
-        if not ok:
-            return 401
-        return 500 if count <= self.failures else 200
-
-
 @pytest.fixture
 def receiver() -> Iterator[Receiver]:
-    state = Receiver(failures=2)
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self) -> None:
-            body = self.rfile.read(int(self.headers.get("content-length", "0")))
-            status = state.handle({k.lower(): v for k, v in self.headers.items()}, body)
-            self.send_response(status)
-            self.send_header("content-length", "2")
-            self.end_headers()
-            self.wfile.write(b"ok")
-
-        def log_message(self, format: str, *args: Any) -> None:  # quiet
-            return
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    state.url = f"http://127.0.0.1:{server.server_address[1]}/hooks/tickets"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with webhook_receiver(failures=2, path="/hooks/tickets") as state:
         yield state
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
 
 
 def test_signed_webhook_is_retried_with_backoff_and_every_attempt_recorded(

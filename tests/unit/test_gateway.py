@@ -148,7 +148,8 @@ class FakeProviders:
         self.failures = failures
         self.calls: list[str] = []
 
-    async def chat(self, provider: str, model: str, request: Mapping[str, Any]) -> RawChatAnswer:
+    async def chat(self, provider: str, model: str, request: Mapping[str, Any], *,
+                   cache_key: str | None = None) -> RawChatAnswer:
         self.calls.append(model)
         queue = self.failures.get(model) or []
         if queue:
@@ -247,7 +248,8 @@ class StreamingProviders:
     def __init__(self, stream: FakeStream) -> None:
         self.stream = stream
 
-    async def open_stream(self, provider: str, model: str, request: Mapping[str, Any]) -> FakeStream:
+    async def open_stream(self, provider: str, model: str, request: Mapping[str, Any], *,
+                          cache_key: str | None = None) -> FakeStream:
         assert request["stream_options"] == {"include_usage": True}  # always asked, for exact tokens
         return self.stream
 

@@ -1,0 +1,38 @@
+"""Celery task of the Batch API facade; the logic is in core/facade.py.
+
+`tierbatch.facade.expire` (beat, at the batch poll interval): the client batches past `expires_at` and
+not final, one transaction each. Every step locks the batch row (SKIP LOCKED) and is guarded by its
+status, so two workers running it at once expire a batch exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from celery import shared_task
+
+from core.facade import due_batches, expire_batch
+from core.messaging import EXPIRE_CLIENT_BATCHES
+from worker.context import get_worker_context
+
+log = logging.getLogger(__name__)
+
+
+@shared_task(name=EXPIRE_CLIENT_BATCHES)
+def expire_client_batches() -> int:
+    """Expire the due client batches; the number that ended `expired` in this run."""
+    ctx = get_worker_context()
+    with ctx.sessions() as session:
+        due = due_batches(session)
+    expired = 0
+    for batch_id in due:
+        try:
+            with ctx.sessions.begin() as session:
+                status = expire_batch(session, batch_id)
+        except Exception:  # one batch's failure must not hold up the others; the next tick tries again
+            log.exception("client batch %s: expiry step failed", batch_id)
+            continue
+        if status == "expired":
+            expired += 1
+            log.info("client batch %s expired", batch_id)
+    return expired
