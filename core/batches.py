@@ -294,21 +294,33 @@ _APPLY_INGEST_ROWS = text(
     " UPDATE tasks AS t SET status = v.status, error = v.error, mode = 'batch', served_model = v.served_model,"
     "   output = v.output, response = v.response, input_tokens = v.input_tokens,"
     "   cached_tokens = v.cached_tokens, output_tokens = v.output_tokens, reasoning_tokens = v.reasoning_tokens,"
-    "   cost_usd = v.cost_usd, baseline_cost_usd = v.baseline_cost_usd, finished_at = now(), updated_at = now()"
+    "   cost_usd = CASE WHEN t.shadow_of IS NULL THEN v.cost_usd END,"
+    "   baseline_cost_usd = CASE WHEN t.shadow_of IS NULL THEN v.baseline_cost_usd END,"
+    "   finished_at = now(), updated_at = now()"
     " FROM ingest_rows AS v WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
-    " RETURNING t.id, t.tenant_id, t.job_id, t.task_type, t.tier, t.status), "
+    " RETURNING t.id, t.tenant_id, t.job_id, t.task_type, t.tier, t.status, t.shadow_of), "
     "billed AS (INSERT INTO ledger_entries (tenant_id, task_id, job_id, batch_id, task_type, tier, mode, provider,"
     " requested_model, served_model, input_tokens, cached_tokens, output_tokens, reasoning_tokens, input_price,"
     " cached_input_price, output_price, input_cost_usd, cached_input_cost_usd, output_cost_usd, cost_usd,"
     " baseline_cost_usd, unpriced, usage_estimated) "
-    "SELECT m.tenant_id, m.id, m.job_id, :batch, m.task_type, m.tier, 'batch', :provider, :model,"
+    # a shadow task's line is a `shadow` row of the task it shadows, in that task's job (issue 6)
+    "SELECT m.tenant_id, coalesce(m.shadow_of, m.id),"
+    " CASE WHEN m.shadow_of IS NULL THEN m.job_id ELSE (SELECT o.job_id FROM tasks AS o WHERE o.id = m.shadow_of) END,"
+    " :batch, m.task_type, m.tier,"
+    " CASE WHEN m.shadow_of IS NULL THEN 'batch' ELSE 'shadow' END::serve_mode, :provider, :model,"
     " v.served_model, v.input_tokens, v.cached_tokens, v.output_tokens, v.reasoning_tokens, v.input_price,"
     " v.cached_input_price, v.output_price, v.input_cost_usd, v.cached_input_cost_usd, v.output_cost_usd,"
     " v.cost_usd, v.baseline_cost_usd, v.cost_usd IS NULL, false "
     "FROM moved AS m JOIN ingest_rows AS v ON v.id = m.id) "
     "SELECT (SELECT count(*) FROM moved) AS written,"
     " (SELECT json_agg(json_build_array(m.id, m.tenant_id, m.task_type, m.tier)) FROM moved AS m"
-    "  WHERE m.status = 'succeeded' AND m.id = ANY(CAST(:watch AS uuid[]))) AS succeeded"
+    "  WHERE m.status = 'succeeded' AND m.shadow_of IS NULL AND m.id = ANY(CAST(:watch AS uuid[]))) AS succeeded,"
+    " (SELECT array_agg(m.id) FROM moved AS m WHERE m.shadow_of IS NOT NULL) AS shadows"
+)
+# DESIGN §12.2: a task's cost is the sum of its ledger rows, its shadow rows included
+_CHARGE_SHADOWED_TASKS = text(
+    "UPDATE tasks AS o SET cost_usd = coalesce(o.cost_usd, 0) + v.cost_usd FROM tasks AS s, ingest_rows AS v "
+    "WHERE s.id = ANY(CAST(:shadows AS uuid[])) AND v.id = s.id AND o.id = s.shadow_of AND v.cost_usd IS NOT NULL"
 )
 # a job's tasks share one response format: decode each distinct one once, not once per line
 _LABELLED_REQUESTS = text(
@@ -354,6 +366,8 @@ def _ingest_successes(session: Session, prices: PriceBook, batch: ProviderBatch,
         cursor.execute("ANALYZE ingest_rows")
     applied = connection.execute(_APPLY_INGEST_ROWS, {"batch": batch.id, "provider": batch.provider,
                                                       "model": batch.model, "watch": list(watch)}).one()
+    if applied.shadows:
+        connection.execute(_CHARGE_SHADOWED_TASKS, {"shadows": list(applied.shadows)})
     connection.execute(text("TRUNCATE ingest_rows"))  # the session may go on to another chunk
     succeeded = [SucceededTask(uuid.UUID(task_id), uuid.UUID(tenant_id), task_type, Tier(tier))
                  for task_id, tenant_id, task_type, tier in applied.succeeded or ()]

@@ -262,7 +262,8 @@ def fill_from_succeeded_tasks(session: Session, config: AppConfig, task_ids: Seq
                Task.model, Task.served_model, Task.output, Task.response, Task.input_tokens, Task.cached_tokens,
                Task.output_tokens, Task.reasoning_tokens)
         .where(Task.id == any_(_array("ids", task_ids, PG_UUID(as_uuid=True))),
-               Task.status == TaskStatus.SUCCEEDED, Task.response.is_not(None), maybe_cacheable(config.cache))
+               Task.status == TaskStatus.SUCCEEDED, Task.response.is_not(None), Task.shadow_of.is_(None),
+               maybe_cacheable(config.cache))
     ).all()
     entries = [
         (row.tenant_id, cache_key(config.tier(row.tier).model, row.request),

@@ -164,6 +164,9 @@ class Task(Base):
         # budgets (issue 4): a tenant's not-yet-finished tasks, counted for the pending-spend estimate
         Index("ix_tasks_tenant_live", "tenant_id",
               postgresql_where=text("status IN ('queued', 'waiting_batch', 'in_batch', 'running')")),
+        # quality monitor (issue 6): at most one batch-path shadow task per task, never part of a job
+        Index("uq_tasks_shadow_of", "shadow_of", unique=True, postgresql_where=text("shadow_of IS NOT NULL")),
+        CheckConstraint("shadow_of IS NULL OR job_id IS NULL", name="shadow_task_has_no_job"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -205,6 +208,10 @@ class Task(Base):
     updated_at: Mapped[datetime] = _now_column()
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A shadow task (issue 6): the quality monitor's second request of task `shadow_of` on the other tier,
+    # sent through the batch path when that task was not urgent. Its ledger row is a `shadow` row of
+    # `shadow_of`; it is not listed to the tenant and belongs to no job.
+    shadow_of: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tasks.id"))
 
 
 class LedgerEntry(Base):

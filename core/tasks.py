@@ -170,6 +170,7 @@ class ClaimedTask:
     request: dict[str, Any]
     attempts: int
     metadata: dict[str, str] = field(default_factory=dict)
+    urgent: bool = True
 
 
 ESCALATABLE_STATUSES = (TaskStatus.WAITING_BATCH, TaskStatus.IN_BATCH)
@@ -193,12 +194,12 @@ def claim_for_immediate_call(session: Session, task_id: uuid.UUID, lease_seconds
                 attempts=Task.attempts + 1, started_at=func.coalesce(Task.started_at, func.now()),
                 updated_at=func.now(), not_before=None)
         .returning(Task.tenant_id, Task.job_id, Task.task_type, Task.tier, Task.request, Task.attempts,
-                   Task.task_metadata)
+                   Task.task_metadata, Task.urgent)
     ).one_or_none()
     if row is None:
         return None
     return ClaimedTask(task_id, token, row.tenant_id, row.job_id, row.task_type, row.tier, row.request,
-                       row.attempts, row.task_metadata or {})
+                       row.attempts, row.task_metadata or {}, row.urgent)
 
 
 # --- response cache (issue 6) -------------------------------------------------------------------------
@@ -337,16 +338,14 @@ def fail_running_task(session: Session, claimed: ClaimedTask, error: str) -> boo
 def cancel_task(session: Session, tenant_id: uuid.UUID, task_id: uuid.UUID) -> Task:
     """queued / waiting_batch → cancelled. Raises NotFound, or TransitionError if it already started."""
     moved = session.scalar(
-        update(Task).where(Task.id == task_id, Task.tenant_id == tenant_id,
+        update(Task).where(Task.id == task_id, Task.tenant_id == tenant_id, Task.shadow_of.is_(None),
                            Task.status.in_(CANCELLABLE_TASK_STATUSES))
         .values(**_finish_values(TaskStatus.CANCELLED))
         .returning(Task)
     )
     if moved is not None:
         return moved
-    task = session.scalar(select(Task).where(Task.id == task_id, Task.tenant_id == tenant_id))
-    if task is None:
-        raise NotFound(f"no task {task_id}")
+    task = get_task(session, tenant_id, task_id)
     raise TransitionError(f"task {task_id} is {task.status.value} and can no longer be cancelled")
 
 
@@ -379,7 +378,8 @@ def mark_dispatched(session: Session, task_ids: Sequence[uuid.UUID]) -> None:
 
 
 def get_task(session: Session, tenant_id: uuid.UUID, task_id: uuid.UUID) -> Task:
-    task = session.scalar(select(Task).where(Task.id == task_id, Task.tenant_id == tenant_id))
+    task = session.scalar(select(Task).where(Task.id == task_id, Task.tenant_id == tenant_id,
+                                             Task.shadow_of.is_(None)))
     if task is None:
         raise NotFound(f"no task {task_id}")
     return task
@@ -389,7 +389,7 @@ def list_tasks(session: Session, tenant_id: uuid.UUID, *, limit: int, after: tup
                job_id: uuid.UUID | None = None, status: TaskStatus | None = None,
                task_type: str | None = None) -> list[Task]:
     """Newest first, keyset-paginated on (created_at, id); returns up to limit + 1 rows."""
-    query = select(Task).where(Task.tenant_id == tenant_id)
+    query = select(Task).where(Task.tenant_id == tenant_id, Task.shadow_of.is_(None))  # not the monitor's
     if job_id is not None:
         query = query.where(Task.job_id == job_id)
     if status is not None:

@@ -1,8 +1,9 @@
 """Batch path steps run by the worker: assemble, submit, poll, ingest. Each is idempotent.
 
 After each ingested chunk commits, the tasks it moved to `succeeded` that the quality monitor samples get
-their shadow call (worker/quality.py): the sample is chosen in Python by task id, the chunk's SQL returns
-which of those it moved, and only those cost a message.
+their shadow (worker/quality.py): the sample is chosen in Python by task id, the chunk's SQL returns which
+of those it moved, and only those become shadow tasks. Shadow tasks in a batch are compared once the
+batch's results are in.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from core.quality import may_be_sampled
 from core.states import BatchStatus, ProviderBatchStatus
 from worker.context import WorkerContext
 from worker.faults import pause_point
-from worker.quality import send_batch_shadows
+from worker.quality import send_batch_shadows, settle_batch_shadows
 
 log = logging.getLogger(__name__)
 
@@ -207,6 +208,10 @@ def _ingest_locked(ctx: WorkerContext, batch_id: uuid.UUID, resubmit: Callable[[
         if missing:
             reason = f"missing from the output of provider batch {batch.provider_batch_id} ({batch.provider_status})"
             return_lines_to_waiting(session, ctx.config, batch.id, dict.fromkeys(missing, reason))
+    # quality monitor: its shadow tasks in this batch are final now; compared before the batch is done, so
+    # a crash in between leaves the batch `ingesting`, and the resumed ingestion compares them (idempotent)
+    settle_batch_shadows(ctx, batch.id)
+    with ctx.sessions.begin() as session:
         finish_batch(session, batch.id)
     log.info("batch %s ingested: %d results, %d lines returned for retry", batch.id, written, len(missing))
     return written

@@ -4,29 +4,19 @@ Where sampling happens:
 - immediate tasks: `maybe_send_shadow`, after the call's result is recorded (worker/immediate.py);
 - batch-path tasks: `send_batch_shadows`, after an ingest chunk commits (worker/batch.py). The sample is
   chosen in Python by task id (`core.quality.may_be_sampled`, then `shadow_tier_for` with one rule query per
-  chunk for its (tenant, task type) pairs), so a batch of 50,000 lines costs a message per *sampled* task
-  only, and no query per task.
+  chunk for its (tenant, task type) pairs), so a batch of 50,000 lines costs one statement for its
+  *sampled* tasks, and no query per task.
 
-The shadow call is an immediate call on the other tier's primary model (no fallbacks: a comparison with a
-different model would say nothing about the one routed to). Its cost is a `shadow` ledger row, added to
-the task's cost. A provider error is recorded as a comparison with `agreed = NULL`, which never counts
-toward the verdict. One comparison per task (unique `task_id`): a second delivery records nothing.
+The shadow runs on the other tier's primary model only (no fallbacks: a comparison with a different model
+would say nothing about the one routed to). Its cost is a `shadow` ledger row, added to the task's cost.
+A provider error is recorded as a comparison with `agreed = NULL`, which never counts toward the verdict.
+One comparison per task (unique `task_id`): a second delivery records nothing.
 
-Why a non-urgent task's shadow is an immediate call and not a line in a provider batch (DESIGN §6 says
-"through the batch path when non-urgent"; this version does not, on purpose):
-- the batch path is built on `tasks` rows: assembly claims tasks in `waiting_batch` grouped by
-  (provider, model) with `custom_id` = task id, and ingestion moves that task to its result and bills a
-  `batch` row. A shadow is a second request of a task that has already succeeded, on another model: it
-  would need a claim state of its own (a new table or columns: a migration), its own `custom_id`
-  namespace, a line builder that reads it and an ingestion branch that writes a comparison and a `shadow`
-  row instead of a result; that is claim_batch, write_batch_file, classify_lines and the ingest SQL, the
-  parts that carry the §4 invariants (no claim submitted twice, one billed row per line), for a side
-  stream of a few percent;
-- verdict latency: a batched shadow comes back one more batch turnaround after the task (up to the
-  provider's 24 h window), so a task type with a poor cheap model would be promoted a day later still.
-The price of the choice: the shadow pays the complex model's immediate price, not the batch price (at the
-default 5% shadow rate, about 2.5% of the complex price per Light task). The hook for a batched shadow
-would be `send_batch_shadows`: it already knows the sampled tasks of each ingested chunk.
+Which path a shadow takes (DESIGN §6): an urgent task's shadow is an immediate call on the other tier's
+primary model (a `QUALITY_SHADOW` message). A non-urgent task's shadow goes through the batch path as a
+shadow task (core/shadows.py), at the batch price: it is claimed, submitted and ingested like any batch
+line, billed as a `shadow` row of the task it shadows, and compared by `settle_batch_shadows` once the
+batch is ingested. The verdict then comes one batch turnaround later, which is what non-urgent means.
 """
 
 from __future__ import annotations
@@ -35,10 +25,12 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
+from typing import Any
 
 from celery import current_app, shared_task
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
 
 from core.batches import SucceededTask
 from core.ledger import ResponseRecord, add_ledger_entry
@@ -47,6 +39,7 @@ from core.models import QualityComparison, RoutingRule, Task
 from core.provider import ChatResult
 from core.quality import compare_answers, evaluate, shadow_tier_for
 from core.retry import ChainExhausted, call_with_fallbacks
+from core.shadows import finished_batch_shadows, queue_batch_shadows, takes_batch_shadow
 from core.states import Mode, TaskStatus, Tier
 from core.tasks import ClaimedTask
 from worker.context import WorkerContext, get_worker_context
@@ -54,25 +47,43 @@ from worker.context import WorkerContext, get_worker_context
 log = logging.getLogger(__name__)
 
 
+def _dispatch_shadows(ctx: WorkerContext, picks: Sequence[tuple[uuid.UUID, Tier, bool]]) -> int:
+    """(task id, shadow tier, urgent) → shadow tasks on the batch path for the non-urgent ones, a
+    `QUALITY_SHADOW` message for the others. Returns how many shadows were started."""
+    batched = [(task_id, tier) for task_id, tier, urgent in picks if takes_batch_shadow(ctx.config, tier, urgent)]
+    immediate = [(task_id, tier) for task_id, tier, urgent in picks if not takes_batch_shadow(ctx.config, tier, urgent)]
+    started = 0
+    if batched:
+        with ctx.sessions.begin() as session:
+            started += queue_batch_shadows(session, ctx.config, batched)
+    if immediate:
+        with current_app.producer_or_acquire() as producer:  # one broker connection for all of them
+            for task_id, tier in immediate:
+                current_app.send_task(QUALITY_SHADOW, args=[str(task_id), tier.value], producer=producer)
+        started += len(immediate)
+    return started
+
+
 def maybe_send_shadow(ctx: WorkerContext, claimed: ClaimedTask) -> None:
-    """After a task succeeded: send its shadow (or probe) call if it is sampled. Never raises."""
+    """After a task succeeded: start its shadow (or probe) if it is sampled. Never raises."""
     try:
         with ctx.sessions() as session:
             rule = session.scalar(select(RoutingRule).where(RoutingRule.tenant_id == claimed.tenant_id,
                                                             RoutingRule.task_type == claimed.task_type))
             shadow = shadow_tier_for(ctx.config, Tier(claimed.tier), rule, claimed.id)
         if shadow is not None:
-            current_app.send_task(QUALITY_SHADOW, args=[str(claimed.id), shadow.value])
+            _dispatch_shadows(ctx, [(claimed.id, shadow, claimed.urgent)])
     except Exception:  # quality sampling must never fail the task it samples
-        log.warning("task %s: could not send its shadow call", claimed.id, exc_info=True)
+        log.warning("task %s: could not start its shadow", claimed.id, exc_info=True)
 
 
 def send_batch_shadows(ctx: WorkerContext, succeeded: Sequence[SucceededTask]) -> int:
-    """After an ingest chunk committed: send the shadow (or probe) calls of its sampled successes.
+    """After an ingest chunk committed: start the shadows (or probes) of its sampled successes.
 
     `succeeded` are the chunk's tasks that `may_be_sampled` let through and the chunk moved to
-    `succeeded`; the rules of their (tenant, task type) pairs are read in one query. Returns the number
-    of messages sent. Never raises: sampling must not fail the ingestion."""
+    `succeeded` (never shadow tasks themselves); the rules of their (tenant, task type) pairs are read in
+    one query. They are batch-path tasks, so not urgent: their shadows are shadow tasks, created in one
+    statement. Returns the number started. Never raises: sampling must not fail the ingestion."""
     try:
         pairs = {(task.tenant_id, task.task_type) for task in succeeded}
         if not pairs:
@@ -80,21 +91,37 @@ def send_batch_shadows(ctx: WorkerContext, succeeded: Sequence[SucceededTask]) -
         with ctx.sessions() as session:
             rules = {(rule.tenant_id, rule.task_type): rule for rule in session.scalars(
                 select(RoutingRule).where(tuple_(RoutingRule.tenant_id, RoutingRule.task_type).in_(pairs)))}
-            shadows = [(task.id, tier) for task in succeeded
-                       if (tier := shadow_tier_for(ctx.config, task.tier,
-                                                   rules.get((task.tenant_id, task.task_type)), task.id))]
-        if shadows:
-            with current_app.producer_or_acquire() as producer:  # one broker connection for the chunk
-                for task_id, tier in shadows:
-                    current_app.send_task(QUALITY_SHADOW, args=[str(task_id), tier.value], producer=producer)
-        return len(shadows)
+        picks = [(task.id, tier, False) for task in succeeded
+                 if (tier := shadow_tier_for(ctx.config, task.tier, rules.get((task.tenant_id, task.task_type)),
+                                             task.id))]
+        return _dispatch_shadows(ctx, picks) if picks else 0
     except Exception:  # quality sampling must never fail the ingestion it samples
-        log.warning("could not send the shadow calls of %d batch results", len(succeeded), exc_info=True)
+        log.warning("could not start the shadows of %d batch results", len(succeeded), exc_info=True)
         return 0
 
 
+def record_comparison(session: Session, ctx: WorkerContext, *, task_id: uuid.UUID, tenant_id: uuid.UUID,
+                      task_type: str, request: dict[str, Any], task_output: str | None, task_model: str,
+                      shadow_tier: Tier, shadow_output: str | None, shadow_model: str, error: str | None) -> bool:
+    """Store the comparison of a task's answer with its shadow's (an error: `agreed` NULL, never counted).
+    False if the task already has one (another delivery got there first)."""
+    light_model, complex_model = ((task_model, shadow_model) if shadow_tier is Tier.COMPLEX
+                                  else (shadow_model, task_model))
+    row: dict[str, Any] = {"task_id": task_id, "tenant_id": tenant_id, "task_type": task_type,
+                           "light_model": light_model, "complex_model": complex_model, "shadow_tier": shadow_tier,
+                           "agreed": None, "score": None, "error": error}
+    if error is None:
+        light, complex_ = ((task_output, shadow_output) if shadow_tier is Tier.COMPLEX
+                           else (shadow_output, task_output))
+        verdict = compare_answers(request, light, complex_, ctx.config.quality.similarity_threshold)
+        row.update(agreed=verdict.agreed, score=verdict.score)
+    stored = session.scalar(insert(QualityComparison).values(row)
+                            .on_conflict_do_nothing(index_elements=["task_id"]).returning(QualityComparison.id))
+    return stored is not None
+
+
 def run_shadow(ctx: WorkerContext, task_id: uuid.UUID, shadow_tier: Tier) -> str | None:
-    """Call `shadow_tier`'s model for the task, record the comparison, evaluate the rule."""
+    """Call `shadow_tier`'s model for the task now, record the comparison, evaluate the rule."""
     with ctx.sessions() as session:
         task = session.get(Task, task_id)
         done = session.scalar(select(QualityComparison.id).where(QualityComparison.task_id == task_id))
@@ -102,7 +129,6 @@ def run_shadow(ctx: WorkerContext, task_id: uuid.UUID, shadow_tier: Tier) -> str
             return None
         session.expunge(task)
     ref = ctx.config.tier(shadow_tier).chain[0]
-    other_model = task.served_model or task.model or ""
     error: str | None = None
     result: ChatResult | None
     try:
@@ -110,21 +136,13 @@ def run_shadow(ctx: WorkerContext, task_id: uuid.UUID, shadow_tier: Tier) -> str
                                      ctx.config.immediate, time.sleep)
     except ChainExhausted as exhausted:
         result, error = None, str(exhausted)
-    light_model, complex_model = ((other_model, ref.model) if shadow_tier is Tier.COMPLEX
-                                  else (ref.model, other_model))
     with ctx.sessions.begin() as session:
-        row = {"task_id": task_id, "tenant_id": task.tenant_id, "task_type": task.task_type,
-               "light_model": light_model, "complex_model": complex_model, "shadow_tier": shadow_tier,
-               "agreed": None, "score": None, "error": error}
-        if result is not None:
-            light, complex_ = ((task.output, result.output) if shadow_tier is Tier.COMPLEX
-                               else (result.output, task.output))
-            verdict = compare_answers(task.request, light, complex_, ctx.config.quality.similarity_threshold)
-            row.update(agreed=verdict.agreed, score=verdict.score, complex_model=complex_model)
-        stored = session.scalar(insert(QualityComparison).values(row)
-                                .on_conflict_do_nothing(index_elements=["task_id"]).returning(QualityComparison.id))
-        if stored is None:
-            return None  # another delivery of this message got there first
+        stored = record_comparison(
+            session, ctx, task_id=task_id, tenant_id=task.tenant_id, task_type=task.task_type, request=task.request,
+            task_output=task.output, task_model=task.served_model or task.model or "", shadow_tier=shadow_tier,
+            shadow_output=result.output if result else None, shadow_model=ref.model, error=error)
+        if not stored:
+            return None
         if result is not None:
             charge = add_ledger_entry(session, ctx.prices, ResponseRecord(
                 tenant_id=task.tenant_id, task_id=task_id, job_id=task.job_id, batch_id=None,
@@ -138,6 +156,26 @@ def run_shadow(ctx: WorkerContext, task_id: uuid.UUID, shadow_tier: Tier) -> str
     if action is not None:
         log.info("quality: %s %s for tenant %s", action, task.task_type, task.tenant_id)
     return action
+
+
+def settle_batch_shadows(ctx: WorkerContext, batch_id: uuid.UUID) -> int:
+    """After a provider batch is ingested: compare the answers of its finished shadow tasks (their cost is
+    already billed by ingestion), then evaluate each task type once. Returns the comparisons recorded."""
+    with ctx.sessions.begin() as session:
+        finished = finished_batch_shadows(session, batch_id)
+        recorded = 0
+        for shadow in finished:
+            recorded += record_comparison(
+                session, ctx, task_id=shadow.task_id, tenant_id=shadow.tenant_id, task_type=shadow.task_type,
+                request=shadow.request, task_output=shadow.task_output, task_model=shadow.task_model,
+                shadow_tier=shadow.shadow_tier, shadow_output=shadow.shadow_output,
+                shadow_model=shadow.shadow_model, error=shadow.shadow_error)
+        actions = {(s.tenant_id, s.task_type): evaluate(session, ctx.config, s.tenant_id, s.task_type)
+                   for s in {(f.tenant_id, f.task_type): f for f in finished}.values()}
+    for (tenant_id, task_type), action in actions.items():
+        if action is not None:
+            log.info("quality: %s %s for tenant %s", action, task_type, tenant_id)
+    return recorded
 
 
 @shared_task(name=QUALITY_SHADOW)

@@ -1,6 +1,7 @@
 """Shadow comparisons of batch-path Light tasks (issue 6, DESIGN §6): non-urgent labelled classification
-goes through a provider batch; after each ingested chunk, the tasks the stable hash samples get their
-shadow call; a poor cheap model promotes the task type; shadow spend is a `shadow` ledger row.
+goes through a provider batch; after each ingested chunk, the tasks the stable hash samples get a shadow
+task, which goes through a provider batch of the complex model in turn (non-urgent: the batch price); a
+poor cheap model promotes the task type; shadow spend is a `shadow` ledger row of the shadowed task.
 
 A stack of its own (simulator, API, worker, beat) on a database of its own: the session stack's batch
 assembler would otherwise claim these tasks and ingest them with its config (no shadows). The config
@@ -10,6 +11,7 @@ hash picks get a shadow, and that probe-only picks of Light tasks get none.
 
 from __future__ import annotations
 
+import contextlib
 import uuid
 from collections.abc import Iterator
 from decimal import Decimal
@@ -134,6 +136,25 @@ def ledger(stack: Stack, task_ids: list[str]) -> dict[str, tuple[Any, ...]]:
     return {str(row[0]): tuple(row[1:]) for row in rows}
 
 
+def shadow_tasks(stack: Stack, task_ids: list[str]) -> dict[str, tuple[Any, ...]]:
+    """Per shadowed task: (its shadow task's id, status, model, whether it went through a provider batch)."""
+    with psycopg.connect(psycopg_dsn(stack.database_url)) as conn:
+        rows = conn.execute("SELECT shadow_of, id::text, status::text, model, batch_id IS NOT NULL FROM tasks "
+                            "WHERE shadow_of = ANY(%s)", ([uuid.UUID(t) for t in task_ids],)).fetchall()
+    return {str(row[0]): tuple(row[1:]) for row in rows}
+
+
+@contextlib.contextmanager
+def complex_batches_held(stack: Stack) -> Iterator[None]:
+    """Hold the batch assembler's lock of the complex model's group: shadow tasks stay `waiting_batch`."""
+    with psycopg.connect(psycopg_dsn(stack.database_url), autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(hashtext('tierbatch.assemble:sim/gpt-4o'))")
+        try:
+            yield
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(hashtext('tierbatch.assemble:sim/gpt-4o'))")
+
+
 def quality_row(client: httpx.Client, task_type: str) -> dict[str, Any]:
     body = client.get("/v1/quality").json()
     rows = [r for r in body["data"] if r["task_type"] == task_type]
@@ -177,11 +198,18 @@ def test_batch_results_are_shadowed_and_poor_agreement_promotes(bstack: Stack) -
         assert by_mode["shadow"]["requests"] == len(picked) and Decimal(by_mode["shadow"]["cost_usd"]) > 0
         assert by_mode["batch"]["requests"] == ITEMS
 
-        # nothing called twice: one batch line per task, one complex call per sampled task
+        # nothing called twice: one batch line per task, one more per sampled task (its shadow, batched
+        # on the complex model); no immediate call at all
         stats = stack.sim("GET", "/_sim/stats")
-        assert stats["batch_lines"] == ITEMS
-        assert stats["chat_calls"].get("gpt-4o") == len(picked)
-        assert "gpt-4o-mini" not in stats["chat_calls"]  # the light answers all came from the batch
+        assert stats["batch_lines"] == ITEMS + len(picked)
+        assert stats["chat_calls"] == {}
+        shadows = shadow_tasks(stack, picked)
+        assert len(shadows) == len(picked)
+        assert {(s[1], s[2], s[3]) for s in shadows.values()} == {("succeeded", "gpt-4o", True)}
+        # the monitor's tasks are not the tenant's: not listed, not readable
+        listed = {t["id"] for t in client.get("/v1/tasks", params={"limit": 1000}).json()["data"]}
+        assert listed == set(ids)
+        assert client.get(f"/v1/tasks/{next(iter(shadows.values()))[0]}").status_code == 404
 
         # promoted: new classification tasks of this tenant go to the complex model
         routes = {r["task_type"]: r for r in client.get("/v1/routes").json()["data"]}
@@ -211,12 +239,18 @@ def test_batch_results_are_shadowed_and_poor_agreement_promotes(bstack: Stack) -
 
 def test_provider_errors_on_batch_shadows_count_for_nothing(bstack: Stack) -> None:
     stack = bstack
-    simulate(stack, light_agreement=0.4, complex_errors=1.0)
+    simulate(stack, light_agreement=0.4)
     with stack.client(stack.new_tenant_key()) as client:
-        rows = run_job(stack, client, "reviews", "light")
-        ids = [t["id"] for t in rows]
-        picked = [t for t in ids if sampled(t, RATE)]
+        with complex_batches_held(stack):
+            rows = run_job(stack, client, "reviews", "light")
+            ids = [t["id"] for t in rows]
+            picked = [t for t in ids if sampled(t, RATE)]
+            wait_until(lambda: len(shadow_tasks(stack, picked)) == len(picked), 30, 0.2, "shadow tasks")
+            # every line of the shadows' batches fails from now on (the originals are all done)
+            stack.sim("POST", "/_sim/config", {"batch": {"line_error_rate": 1.0}})
         found = wait_comparisons(stack, ids, len(picked))
+        shadows = shadow_tasks(stack, picked)
+        assert {s[1] for s in shadows.values()} == {"failed"}  # after their retries
         assert sorted(found) == sorted(picked)
         assert {c[0] for c in found.values()} == {None}  # errors: recorded, never counted
         row = quality_row(client, "reviews")
