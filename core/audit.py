@@ -547,19 +547,28 @@ class _Pending:
     joined: bool = field(default=False)
 
 
+def _keyed_record(auditor: Auditor, side: FileRole, number: int, raw: bytes) -> tuple[dict[str, Any], str] | None:
+    """A Batch API line as (record, custom_id); None (the line reported as skipped) when it has neither."""
+    auditor.lines_read += 1
+    record = _decode(raw)
+    if isinstance(record, str):
+        auditor.skip(side, number, record)
+        return None
+    custom_id = record.get("custom_id")
+    if not isinstance(custom_id, str) or not custom_id:
+        auditor.skip(side, number, "no custom_id")
+        return None
+    return record, custom_id
+
+
 def _read_batch_input(auditor: Auditor, path: Path, on_progress: ProgressCallback | None) -> dict[str, _Pending]:
     pending: dict[str, _Pending] = {}
     task_types: dict[str, str] = {}  # one string object per task type
     for number, raw in _lines(path, on_progress):
-        auditor.lines_read += 1
-        record = _decode(raw)
-        if isinstance(record, str):
-            auditor.skip("input", number, record)
+        found = _keyed_record(auditor, "input", number, raw)
+        if found is None:
             continue
-        custom_id = record.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            auditor.skip("input", number, "no custom_id")
-            continue
+        record, custom_id = found
         if custom_id in pending:
             auditor.skip("input", number, f"duplicate custom_id {custom_id!r} (first on line "
                                           f"{pending[custom_id].line})")
@@ -603,15 +612,10 @@ def audit_batch_pair(input_path: Path, output_path: Path, config: AppConfig, opt
     except OSError:
         offset = 0
     for number, raw in _lines(output_path, on_progress, offset):
-        auditor.lines_read += 1
-        record = _decode(raw)
-        if isinstance(record, str):
-            auditor.skip("output", number, record)
+        found = _keyed_record(auditor, "output", number, raw)
+        if found is None:
             continue
-        custom_id = record.get("custom_id")
-        if not isinstance(custom_id, str) or not custom_id:
-            auditor.skip("output", number, "no custom_id")
-            continue
+        record, custom_id = found
         entry = pending.get(custom_id)
         if entry is None:
             auditor.skip("output", number, f"custom_id {custom_id!r} is not a usable line of the input file")

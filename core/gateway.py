@@ -28,6 +28,7 @@ import anyio
 import psycopg
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import openai_validation as shared
 from core.cache import CachedAnswer, Claim, cache_key, fill_claim, lookup_or_claim, release_claim, wants_cache
 from core.config import AppConfig, ImmediateConfig, ModelRef
 from core.cooldown import Admission, Cooldown
@@ -53,9 +54,7 @@ log = logging.getLogger(__name__)
 
 SMART_SELECT = "smart-select"
 MODEL_CREATED = 1_700_000_000  # `created` of the models we list: a fixed, plausible epoch
-ROLES = ("system", "developer", "user", "assistant", "tool", "function")
-_CONTENT_REQUIRED = ("system", "developer", "user", "tool")
-_RESPONSE_FORMATS = ("text", "json_object", "json_schema")
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # in the order our 400 lists them
 # A synchronous caller is waiting: a retry of the same model never sleeps longer than this
 # (a longer `retry-after` sends the call down the chain, and cools the model down, instead).
 MAX_INLINE_BACKOFF_SECONDS = 0.25
@@ -169,25 +168,8 @@ class TenantPolicies:
 # --- request validation ------------------------------------------------------------------------------
 
 
-def _kind(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int | float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    return "an array" if isinstance(value, list) else "an object"
-
-
-def _invalid_type(param: str, expected: str, value: Any) -> GatewayError:
-    return bad_request(f"Invalid type for '{param}': expected {expected}, but got {_kind(value)} instead.",
-                       param, "invalid_type")
-
-
-def _missing(param: str) -> GatewayError:
-    return bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+def _gateway_error(refused: shared.InvalidRequest) -> GatewayError:
+    return GatewayError(refused.status, refused.message, "invalid_request_error", refused.param, refused.code)
 
 
 def _check_number(body: Mapping[str, Any], param: str, lo: float, hi: float | None, integer: bool) -> None:
@@ -195,131 +177,94 @@ def _check_number(body: Mapping[str, Any], param: str, lo: float, hi: float | No
     if value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int if integer else int | float):
-        raise _invalid_type(param, "an integer" if integer else "a number", value)
+        raise shared.invalid_type(param, "an integer" if integer else "a number", value)
     if value < lo or (hi is not None and value > hi):
         bound = f"between {lo:g} and {hi:g}" if hi is not None else f">= {lo:g}"
-        raise bad_request(f"Invalid '{param}': expected a value {bound}, but got {value} instead.", param,
-                          "invalid_value")
+        raise shared.InvalidRequest(f"Invalid '{param}': expected a value {bound}, but got {value} instead.",
+                                    param, "invalid_value")
 
 
-def _check_messages(messages: Any) -> None:
-    if messages is None:
-        raise _missing("messages")
-    if not isinstance(messages, list):
-        raise _invalid_type("messages", "an array", messages)
-    if not messages:
-        raise bad_request("Invalid 'messages': empty array. Expected an array with minimum length 1, but got an "
-                          "empty array instead.", "messages", "empty_array")
-    for index, message in enumerate(messages):
-        where = f"messages[{index}]"
-        if not isinstance(message, dict):
-            raise _invalid_type(where, "an object", message)
-        role = message.get("role")
-        if role is None:
-            raise _missing(f"{where}.role")
-        if role not in ROLES:
-            supported = ", ".join(f"'{r}'" for r in ROLES)
-            raise bad_request(f"Invalid value: '{role}'. Supported values are: {supported}.", f"{where}.role",
-                              "invalid_value")
-        content = message.get("content")
-        if role in _CONTENT_REQUIRED and content is None:
-            raise _missing(f"{where}.content")
-        if content is not None and not isinstance(content, str | list):
-            raise _invalid_type(f"{where}.content", "one of a string or array of objects", content)
-
-
-def _check_response_format(value: Any) -> None:
-    if value is None:
-        return
-    if not isinstance(value, dict):
-        raise _invalid_type("response_format", "an object", value)
-    kind = value.get("type")
-    if kind is None:
-        raise _missing("response_format.type")
-    if kind not in _RESPONSE_FORMATS:
-        raise bad_request(f"Invalid value: '{kind}'. Supported values are: 'text', 'json_object', and "
-                          "'json_schema'.", "response_format.type", "invalid_value")
-    if kind == "json_schema":
-        spec = value.get("json_schema")
-        if not isinstance(spec, dict):
-            raise _missing("response_format.json_schema")
-        if not isinstance(spec.get("name"), str):
-            raise _missing("response_format.json_schema.name")
-
-
-def _check_metadata(value: Any) -> dict[str, str]:
+def _metadata(value: Any) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise _invalid_type("metadata", "an object", value)
+        raise shared.invalid_type("metadata", "an object", value)
     if len(value) > 16:
-        raise bad_request("Invalid 'metadata': too many properties. Expected an object with at most 16 "
-                          f"properties, but got an object with {len(value)} properties instead.", "metadata",
-                          "object_above_max_properties")
+        raise shared.InvalidRequest("Invalid 'metadata': too many properties. Expected an object with at most 16 "
+                                    f"properties, but got an object with {len(value)} properties instead.",
+                                    "metadata", "object_above_max_properties")
     for key, item in value.items():
         if len(key) > 64:
-            raise bad_request(f"Invalid 'metadata': key '{key[:20]}…' is longer than 64 characters.", "metadata",
-                              "invalid_value")
+            raise shared.InvalidRequest(f"Invalid 'metadata': key '{key[:20]}…' is longer than 64 characters.",
+                                        "metadata", "invalid_value")
         if not isinstance(item, str):
-            raise _invalid_type(f"metadata.{key}", "a string", item)
+            raise shared.invalid_type(f"metadata.{key}", "a string", item)
         if len(item) > 512:
-            raise bad_request(f"Invalid 'metadata.{key}': string too long. Expected a string with maximum length "
-                              f"512, but got a string with length {len(item)} instead.", f"metadata.{key}",
-                              "string_above_max_length")
+            raise shared.InvalidRequest(f"Invalid 'metadata.{key}': string too long. Expected a string with maximum "
+                                        f"length 512, but got a string with length {len(item)} instead.",
+                                        f"metadata.{key}", "string_above_max_length")
     return dict(value)
 
 
+def _check_metadata(value: Any) -> dict[str, str]:
+    """`metadata` as a dict (empty when absent), or the gateway's 400."""
+    try:
+        return _metadata(value)
+    except shared.InvalidRequest as refused:
+        raise _gateway_error(refused) from None
+
+
 def validate_chat_body(body: Any, *, allow_stream: bool = True) -> dict[str, Any]:
-    """OpenAI's checks of a chat completion request, with its messages; returns the body."""
-    if not isinstance(body, dict):
-        raise bad_request(f"Invalid type for request body: expected an object, but got {_kind(body)} instead.",
-                          None, "invalid_type")
-    for key in body:
-        if key not in CHAT_REQUEST_FIELDS:
-            raise bad_request(f"Unrecognized request argument supplied: {key}", key, "unknown_parameter")
-    model = body.get("model")
-    if model is None or model == "":
-        raise bad_request("you must provide a model parameter", "model", "missing_required_parameter")
-    if not isinstance(model, str):
-        raise _invalid_type("model", "a string", model)
-    _check_messages(body.get("messages"))
-    stream = body.get("stream")
-    if stream is not None and not isinstance(stream, bool):
-        raise _invalid_type("stream", "a boolean", stream)
-    if stream and not allow_stream:
-        raise bad_request("Streaming is not supported for batch requests.", "stream", "invalid_value")
-    options = body.get("stream_options")
-    if options is not None:
-        if not isinstance(options, dict):
-            raise _invalid_type("stream_options", "an object", options)
-        if not stream:
-            raise bad_request("The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                              "stream_options", "invalid_value")
-    _check_number(body, "n", 1, 128, integer=True)
-    _check_number(body, "max_tokens", 1, None, integer=True)
-    _check_number(body, "max_completion_tokens", 1, None, integer=True)
-    _check_number(body, "seed", -(2 ** 63), 2 ** 63 - 1, integer=True)
-    _check_number(body, "top_logprobs", 0, 20, integer=True)
-    _check_number(body, "temperature", 0, 2, integer=False)
-    _check_number(body, "top_p", 0, 1, integer=False)
-    _check_number(body, "presence_penalty", -2, 2, integer=False)
-    _check_number(body, "frequency_penalty", -2, 2, integer=False)
-    stop = body.get("stop")
-    if stop is not None and not isinstance(stop, str) and not (
-            isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
-        raise bad_request("Invalid 'stop': expected a string or an array of at most 4 strings.", "stop",
-                          "invalid_value")
-    _check_response_format(body.get("response_format"))
-    tools = body.get("tools")
-    if tools is not None:
-        if not isinstance(tools, list):
-            raise _invalid_type("tools", "an array", tools)
-        for index, tool in enumerate(tools):
-            if not isinstance(tool, dict):
-                raise _invalid_type(f"tools[{index}]", "an object", tool)
-            if not isinstance(tool.get("type"), str):
-                raise _missing(f"tools[{index}].type")
-    _check_metadata(body.get("metadata"))
+    """OpenAI's checks of a chat completion request, with its messages; returns the body.
+
+    The checks shared with the simulator are `core.openai_validation`'s (its docstring lists where the two
+    differ); the gateway adds unknown fields, `stream_options`, the number ranges, `stop`, `tools` and
+    `metadata`, and refuses streaming for batch lines (`allow_stream=False`)."""
+    try:
+        body = shared.check_request_object(body)
+        for key in body:
+            if key not in CHAT_REQUEST_FIELDS:
+                raise shared.InvalidRequest(f"Unrecognized request argument supplied: {key}", key,
+                                            "unknown_parameter")
+        shared.check_model(body, name_missing=True)
+        shared.check_messages(body.get("messages"), roles=ROLES)
+        stream = shared.check_stream(body)
+        if stream and not allow_stream:
+            raise shared.InvalidRequest("Streaming is not supported for batch requests.", "stream", "invalid_value")
+        options = body.get("stream_options")
+        if options is not None:
+            if not isinstance(options, dict):
+                raise shared.invalid_type("stream_options", "an object", options)
+            if not stream:
+                raise shared.InvalidRequest("The 'stream_options' parameter is only allowed when 'stream' is "
+                                            "enabled.", "stream_options", "invalid_value")
+        _check_number(body, "n", 1, 128, integer=True)
+        _check_number(body, "max_tokens", 1, None, integer=True)
+        _check_number(body, "max_completion_tokens", 1, None, integer=True)
+        _check_number(body, "seed", -(2 ** 63), 2 ** 63 - 1, integer=True)
+        _check_number(body, "top_logprobs", 0, 20, integer=True)
+        _check_number(body, "temperature", 0, 2, integer=False)
+        _check_number(body, "top_p", 0, 1, integer=False)
+        _check_number(body, "presence_penalty", -2, 2, integer=False)
+        _check_number(body, "frequency_penalty", -2, 2, integer=False)
+        stop = body.get("stop")
+        if stop is not None and not isinstance(stop, str) and not (
+                isinstance(stop, list) and len(stop) <= 4 and all(isinstance(s, str) for s in stop)):
+            raise shared.InvalidRequest("Invalid 'stop': expected a string or an array of at most 4 strings.",
+                                        "stop", "invalid_value")
+        shared.check_response_format(body.get("response_format"), typed_json_schema=False)
+        tools = body.get("tools")
+        if tools is not None:
+            if not isinstance(tools, list):
+                raise shared.invalid_type("tools", "an array", tools)
+            for index, tool in enumerate(tools):
+                if not isinstance(tool, dict):
+                    raise shared.invalid_type(f"tools[{index}]", "an object", tool)
+                if not isinstance(tool.get("type"), str):
+                    raise shared.missing(f"tools[{index}].type")
+        _metadata(body.get("metadata"))
+    except shared.InvalidRequest as refused:
+        raise _gateway_error(refused) from None
     return body
 
 

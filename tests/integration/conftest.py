@@ -1,13 +1,14 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 import redis
+from openai import OpenAI
 
 from core.migrate import upgrade_to_head
 from tests.conftest import TEST_REDIS_URL
@@ -92,3 +93,19 @@ def sim_reset(stack: Stack) -> Iterator[Stack]:
     _reset_simulator(stack)
     yield stack
     _reset_simulator(stack)
+
+
+@pytest.fixture
+def openai_sdk(stack: Stack) -> Iterator[Callable[[str], OpenAI]]:
+    """`openai_sdk(tenant_key)`: an OpenAI SDK client on the session stack's API (no SDK retries: the test
+    sees every status as it is); all closed after the test."""
+    clients: list[OpenAI] = []
+
+    def make(key: str) -> OpenAI:
+        client = OpenAI(base_url=stack.api_url + "/v1", api_key=key, max_retries=0, timeout=30)
+        clients.append(client)
+        return client
+
+    yield make
+    for client in clients:
+        client.close()

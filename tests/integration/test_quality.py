@@ -21,6 +21,7 @@ import pytest
 from core.labels import label_response_format
 from tests.integration.conftest import delete_redis_keys
 from tests.support.procs import free_port, wait_until
+from tests.support.quality import quality_row
 from tests.support.stack import Stack, psycopg_dsn, write_app_config
 
 pytestmark = pytest.mark.integration
@@ -91,13 +92,6 @@ def run_wave(stack: Stack, client: httpx.Client, task_type: str, start: int, cou
         raise AssertionError(f"comparisons: {comparisons(stack, ids)}\n"
                              f"worker log:\n{stack.processes['worker'].log_text()[-5000:]}") from None
     return accepted
-
-
-def quality_row(client: httpx.Client, task_type: str) -> dict[str, Any]:
-    body = client.get("/v1/quality").json()
-    rows = [r for r in body["data"] if r["task_type"] == task_type]
-    assert rows, body
-    return dict(rows[0])
 
 
 def test_high_agreement_stays_light(quality_stack: Stack) -> None:

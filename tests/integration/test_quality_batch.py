@@ -33,6 +33,7 @@ from core.quality import sampled
 from tests.conftest import TEST_REDIS_URL
 from tests.integration.conftest import SIM_BATCH_DEFAULTS, SIM_DEFAULTS, delete_redis_keys
 from tests.support.procs import free_port, wait_until
+from tests.support.quality import quality_row
 from tests.support.stack import Stack, psycopg_dsn, scratch_database, write_app_config
 
 pytestmark = pytest.mark.integration
@@ -153,13 +154,6 @@ def complex_batches_held(stack: Stack) -> Iterator[None]:
             yield
         finally:
             conn.execute("SELECT pg_advisory_unlock(hashtext('tierbatch.assemble:sim/gpt-4o'))")
-
-
-def quality_row(client: httpx.Client, task_type: str) -> dict[str, Any]:
-    body = client.get("/v1/quality").json()
-    rows = [r for r in body["data"] if r["task_type"] == task_type]
-    assert rows, body
-    return dict(rows[0])
 
 
 def test_batch_results_are_shadowed_and_poor_agreement_promotes(bstack: Stack) -> None:

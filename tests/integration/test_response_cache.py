@@ -6,7 +6,7 @@ plus two task type policies (`cached_always`, `never_cached`; tests/support/stac
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from decimal import Decimal
 from typing import Any
@@ -20,21 +20,7 @@ from tests.support.stack import Stack, psycopg_dsn
 
 pytestmark = pytest.mark.integration
 
-_clients: list[OpenAI] = []
-
-
-def sdk(stack: Stack, key: str) -> OpenAI:
-    client = OpenAI(base_url=stack.api_url + "/v1", api_key=key, max_retries=0, timeout=30)
-    _clients.append(client)
-    return client
-
-
-@pytest.fixture(autouse=True)
-def _close_clients() -> Iterator[None]:
-    yield
-    while _clients:
-        _clients.pop().close()
-
+Sdk = Callable[[str], OpenAI]  # the `openai_sdk` fixture (conftest)
 
 def provider_calls(stack: Stack) -> int:
     return sum(stack.sim("GET", "/_sim/stats")["chat_calls"].values())
@@ -52,9 +38,9 @@ def ask(client: OpenAI, text: str, **extra: Any) -> Any:
         model="smart-select", messages=[{"role": "user", "content": text}], **extra)
 
 
-def test_gateway_repeat_is_served_from_cache_at_zero_cost(sim_reset: Stack) -> None:
+def test_gateway_repeat_is_served_from_cache_at_zero_cost(sim_reset: Stack, openai_sdk: Sdk) -> None:
     stack = sim_reset
-    client = sdk(stack, stack.new_tenant_key())
+    client = openai_sdk(stack.new_tenant_key())
     first = ask(client, "Name the capital of France.", temperature=0)
     second = ask(client, "Name the capital of France.", temperature=0)
     assert provider_calls(stack) == 1
@@ -75,9 +61,9 @@ def test_gateway_repeat_is_served_from_cache_at_zero_cost(sim_reset: Stack) -> N
     assert (task["status"], task["mode"], Decimal(str(task["cost_usd"]))) == ("succeeded", "cache", 0)
 
 
-def test_gateway_cache_is_per_tenant_and_honours_the_opt_out(sim_reset: Stack) -> None:
+def test_gateway_cache_is_per_tenant_and_honours_the_opt_out(sim_reset: Stack, openai_sdk: Sdk) -> None:
     stack = sim_reset
-    alice, bob = sdk(stack, stack.new_tenant_key("alice")), sdk(stack, stack.new_tenant_key("bob"))
+    alice, bob = openai_sdk(stack.new_tenant_key("alice")), openai_sdk(stack.new_tenant_key("bob"))
     question = "Which planet is the largest?"
     assert ask(alice, question, temperature=0).headers["x-tierbatch-cache"] == "miss"
     assert ask(bob, question, temperature=0).headers["x-tierbatch-cache"] == "miss"  # not alice's answer
@@ -103,10 +89,10 @@ def test_gateway_cache_is_per_tenant_and_honours_the_opt_out(sim_reset: Stack) -
         assert seen == expected, task_type
 
 
-def test_twenty_identical_concurrent_calls_make_one_provider_call(sim_reset: Stack) -> None:
+def test_twenty_identical_concurrent_calls_make_one_provider_call(sim_reset: Stack, openai_sdk: Sdk) -> None:
     stack = sim_reset
     stack.sim("POST", "/_sim/config", {"models": {"*": {"latency_ms": [400, 400]}}})
-    client = sdk(stack, stack.new_tenant_key())
+    client = openai_sdk(stack.new_tenant_key())
     with ThreadPoolExecutor(max_workers=20) as pool:
         answers = list(pool.map(lambda _: ask(client, "Summarize: the meeting moved to Tuesday.", temperature=0),
                                 range(20)))
@@ -163,9 +149,9 @@ def expire_entries(stack: Stack, tenant_id: uuid.UUID) -> None:
                      (tenant_id,))
 
 
-def test_ttl_expiry_calls_the_provider_again(sim_reset: Stack) -> None:
+def test_ttl_expiry_calls_the_provider_again(sim_reset: Stack, openai_sdk: Sdk) -> None:
     stack = sim_reset
-    client = sdk(stack, stack.new_tenant_key())
+    client = openai_sdk(stack.new_tenant_key())
     question = "List three primary colours."
     tenant_id = tenant_of(stack, ask(client, question, temperature=0).headers["x-tierbatch-task-id"])
     with psycopg.connect(psycopg_dsn(stack.database_url)) as conn:
@@ -180,9 +166,9 @@ def test_ttl_expiry_calls_the_provider_again(sim_reset: Stack) -> None:
     assert ask(client, question, temperature=0).headers["x-tierbatch-cache"] == "hit"  # refreshed in place
 
 
-def test_expired_entries_are_purged(sim_reset: Stack) -> None:
+def test_expired_entries_are_purged(sim_reset: Stack, openai_sdk: Sdk) -> None:
     stack = sim_reset
-    client = sdk(stack, stack.new_tenant_key())
+    client = openai_sdk(stack.new_tenant_key())
     tenant_id = tenant_of(stack, ask(client, "What is two plus two?", temperature=0).headers["x-tierbatch-task-id"])
 
     def entries() -> int:
