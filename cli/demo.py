@@ -578,10 +578,61 @@ def _amount(value: Any) -> str:
 # --- end quality scene -----------------------------------------------------------------------------------
 
 
+# --- response cache (issue 6): a repeated deterministic question costs nothing the second time ----------
+
+CACHE_QUESTION = {"prompt": "What are your support hours? Answer in one sentence.", "task_type": "faq",
+                  "urgent": True, "params": {"temperature": 0}}
+CACHE_REPEATS = 5
+
+
+def _wait_tasks(client: httpx.Client, ids: list[str], until: float) -> list[dict[str, Any]]:
+    while True:
+        bodies = [client.get(f"/v1/tasks/{task_id}").json() for task_id in ids]
+        if all(b.get("status") in ("succeeded", "failed", "cancelled") for b in bodies) or time.monotonic() > until:
+            return bodies
+        time.sleep(0.2)
+
+
+def run_cache_scene(client: httpx.Client, wait: float) -> dict[str, Any] | None:
+    """Ask one deterministic question, then the same question again `CACHE_REPEATS` times at once."""
+    until = time.monotonic() + wait
+    first = client.post("/v1/tasks", json=CACHE_QUESTION)
+    if first.status_code != 202:
+        return None
+    [answered] = _wait_tasks(client, [first.json()["id"]], until)
+    again = client.post("/v1/tasks", json={"tasks": [CACHE_QUESTION] * CACHE_REPEATS})
+    if again.status_code != 202:
+        return None
+    repeats = _wait_tasks(client, [t["id"] for t in again.json()["data"]], until)
+    return {"first": {k: answered.get(k) for k in ("status", "mode", "served_model", "cost_usd",
+                                                   "baseline_cost_usd")},
+            "repeats": [{k: r.get(k) for k in ("status", "mode", "cost_usd", "baseline_cost_usd")} for r in repeats]}
+
+
+def print_cache_scene(console: Console, scene: dict[str, Any] | None) -> None:
+    if scene is None:
+        return
+    first, repeats = scene["first"], scene["repeats"]
+    cached = [r for r in repeats if r["mode"] == "cache"]
+    kept = sum((_decimal(r["baseline_cost_usd"]) or Decimal(0) for r in cached), Decimal(0))
+    table = Table(show_header=False, box=None, padding=(0, 2),
+                  title="response cache: the same deterministic question again")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("first ask", f"{first['mode']} on {first['served_model']}, ${_amount(first['cost_usd'])}")
+    table.add_row(f"{len(repeats)} repeats", f"{len(cached)} answered from the cache at $0 "
+                  f"(baseline ${_money(kept)} kept, so the saving shows in every cost report)")
+    console.print(table)
+
+
+# --- end response cache ----------------------------------------------------------------------------------
+
+
 def render_report(console: Console, report: dict[str, Any]) -> None:
     """The report for people: the workload, the schedule run, the quality scene, spend by mode."""
     print_report(console, report)
     print_schedule(console, report.get("schedule_run"))
+    print_cache_scene(console, report.get("cache_scene"))
     print_quality_scene(console, report.get("quality_scene"), report.get("quality_scene_skipped"))
     print_costs_by_mode(console, report.get("costs_by_mode"))
 
@@ -615,6 +666,7 @@ def run_demo(data_dir: Path, api_port: int | None, simulator_port: int | None, c
                     poll(client, tasks, wait, batch_wait, progress)
                 schedule_run = wait_schedule_run(client, schedule_ids,
                                                  min(started + wait, time.monotonic() + batch_wait))
+                cache_scene = run_cache_scene(client, batch_wait)  # response cache (issue 6)
                 scene = None
                 if isinstance(setup, SceneSetup):  # last: it makes the cheap model poor for a while
                     progress = Progress(TextColumn("{task.description}", justify="left"), BarColumn(),
@@ -628,6 +680,7 @@ def run_demo(data_dir: Path, api_port: int | None, simulator_port: int | None, c
                 costs = costs_by_mode(client)
             report = build_report(info, tasks)
             report["schedule_run"] = schedule_run
+            report["cache_scene"] = cache_scene
             report["quality_scene"] = scene
             report["quality_scene_skipped"] = setup if isinstance(setup, str) else None
             report["quality"] = quality

@@ -210,6 +210,14 @@ def test_demo_reports_costs_and_stops(tmp_path: Path, embedded_env: None) -> Non
     assert Decimal(totals["savings_usd"]) > 0  # the light tasks ran on the cheaper model
     assert report["ok"] is True
 
+    # the response cache (issue 6): the repeats of a deterministic question cost nothing
+    cache = report["cache_scene"]
+    assert cache is not None and (cache["first"]["status"], cache["first"]["mode"]) == ("succeeded", "immediate")
+    assert Decimal(str(cache["first"]["cost_usd"])) > 0
+    assert [(r["status"], r["mode"], Decimal(str(r["cost_usd"]))) for r in cache["repeats"]] == \
+        [("succeeded", "cache", Decimal(0))] * len(cache["repeats"])
+    assert all(Decimal(str(r["baseline_cost_usd"])) > 0 for r in cache["repeats"])
+
     # the quality scene (issue 6): a poor cheap model, its task type promoted from batch-path shadows
     scene = report["quality_scene"]
     assert scene is not None, report.get("quality_scene_skipped")
@@ -240,6 +248,7 @@ def test_demo_reports_costs_and_stops(tmp_path: Path, embedded_env: None) -> Non
     assert re.search(r"^│ shadow \(quality monitor\) +│ +\d+ │ +[0-9.]+ │ +- │ +- │$", printed, re.MULTILINE), printed
     assert re.search(r"^shadow spend \(quality monitor\): \$[0-9.]+ over \d+ premium-model calls", printed,
                      re.MULTILINE), printed
+    assert f"{len(cache['repeats'])} answered from the cache at $0" in printed, printed
 
     stack = report["stack"]
     ports = [_port_of(stack["api_url"]), _port_of(stack["simulator_url"]), _port_of(stack["redis_url"])]
