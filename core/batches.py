@@ -22,7 +22,7 @@ from sqlalchemy.orm import Session
 from core.config import AppConfig
 from core.labels import label_error
 from core.models import ProviderBatch, Task
-from core.pricing import PriceBook
+from core.pricing import PriceBook, TokenUsage
 from core.provider import (
     RETRYABLE_STATUS,
     ProviderBatchInfo,
@@ -258,21 +258,47 @@ class IngestedChunk:
     succeeded: list[SucceededTask] = field(default_factory=list)  # of the `watch` ids only
 
 
-def ingest_outcomes(session: Session, config: AppConfig, prices: PriceBook, batch: ProviderBatch,
-                    outcomes: LineOutcomes, watch: Collection[uuid.UUID] = ()) -> IngestedChunk:
-    """Write one chunk's results in bulk. Lines for tasks no longer in this batch are ignored.
+@dataclass
+class PreparedChunk:
+    """One chunk's lines, ready to write: the success rows priced and checked in Python
+    (`prepare_outcomes`), so that a worker can build the next chunk while this one is written."""
+
+    copy_data: bytes = b""  # `ingest_rows` in COPY text format (`_INGEST_COLUMNS`), one line per success
+    success_ids: list[uuid.UUID] = field(default_factory=list)
+    retryable: dict[uuid.UUID, str] = field(default_factory=dict)
+    permanent: dict[uuid.UUID, str] = field(default_factory=dict)
+
+
+def prepare_outcomes(session: Session, prices: PriceBook, batch: ProviderBatch, outcomes: LineOutcomes
+                     ) -> PreparedChunk:
+    """The Python half of ingesting a chunk: price each success and check labelled answers. It only
+    reads (the requests' response formats), so it may run while another chunk is being written."""
+    return PreparedChunk(_success_rows(session, prices, batch, outcomes.successes) if outcomes.successes else b"",
+                         list(outcomes.successes), outcomes.retryable, outcomes.permanent)
+
+
+def write_prepared(session: Session, config: AppConfig, batch: ProviderBatch, prepared: PreparedChunk,
+                   watch: Collection[uuid.UUID] = ()) -> IngestedChunk:
+    """The database half: write one prepared chunk's results in bulk. Lines for tasks no longer in
+    this batch are ignored.
 
     `watch`: task ids the caller wants back if this chunk moved them to `succeeded` (the quality
     monitor's sample, chosen in Python beforehand); a task written by an earlier run of the chunk is
     not returned again."""
     ingested = IngestedChunk()
-    if outcomes.successes:
-        ingested = _ingest_successes(session, prices, batch, outcomes.successes, watch)
-    if outcomes.retryable:
-        return_lines_to_waiting(session, config, batch.id, outcomes.retryable)
-    if outcomes.permanent:
-        _fail_lines(session, batch.id, outcomes.permanent)
+    if prepared.copy_data:
+        ingested = _write_success_rows(session, batch, prepared.copy_data, watch)
+    if prepared.retryable:
+        return_lines_to_waiting(session, config, batch.id, prepared.retryable)
+    if prepared.permanent:
+        _fail_lines(session, batch.id, prepared.permanent)
     return ingested
+
+
+def ingest_outcomes(session: Session, config: AppConfig, prices: PriceBook, batch: ProviderBatch,
+                    outcomes: LineOutcomes, watch: Collection[uuid.UUID] = ()) -> IngestedChunk:
+    """`prepare_outcomes` then `write_prepared`, in one session."""
+    return write_prepared(session, config, batch, prepare_outcomes(session, prices, batch, outcomes), watch)
 
 
 _INGEST_COLUMNS = (
@@ -298,7 +324,11 @@ _APPLY_INGEST_ROWS = text(
     "   baseline_cost_usd = CASE WHEN t.shadow_of IS NULL THEN v.baseline_cost_usd END,"
     "   finished_at = now(), updated_at = now()"
     " FROM ingest_rows AS v WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
-    " RETURNING t.id, t.tenant_id, t.job_id, t.task_type, t.tier, t.status, t.shadow_of), "
+    # the ledger columns come back with the row: the INSERT reads `moved` alone, no second join
+    " RETURNING t.id, t.tenant_id, t.job_id, t.task_type, t.tier, t.status, t.shadow_of, v.served_model,"
+    "   v.input_tokens, v.cached_tokens, v.output_tokens, v.reasoning_tokens, v.input_price, v.cached_input_price,"
+    "   v.output_price, v.input_cost_usd, v.cached_input_cost_usd, v.output_cost_usd, v.cost_usd,"
+    "   v.baseline_cost_usd), "
     "billed AS (INSERT INTO ledger_entries (tenant_id, task_id, job_id, batch_id, task_type, tier, mode, provider,"
     " requested_model, served_model, input_tokens, cached_tokens, output_tokens, reasoning_tokens, input_price,"
     " cached_input_price, output_price, input_cost_usd, cached_input_cost_usd, output_cost_usd, cost_usd,"
@@ -308,10 +338,10 @@ _APPLY_INGEST_ROWS = text(
     " CASE WHEN m.shadow_of IS NULL THEN m.job_id ELSE (SELECT o.job_id FROM tasks AS o WHERE o.id = m.shadow_of) END,"
     " :batch, m.task_type, m.tier,"
     " CASE WHEN m.shadow_of IS NULL THEN 'batch' ELSE 'shadow' END::serve_mode, :provider, :model,"
-    " v.served_model, v.input_tokens, v.cached_tokens, v.output_tokens, v.reasoning_tokens, v.input_price,"
-    " v.cached_input_price, v.output_price, v.input_cost_usd, v.cached_input_cost_usd, v.output_cost_usd,"
-    " v.cost_usd, v.baseline_cost_usd, v.cost_usd IS NULL, false "
-    "FROM moved AS m JOIN ingest_rows AS v ON v.id = m.id) "
+    " m.served_model, m.input_tokens, m.cached_tokens, m.output_tokens, m.reasoning_tokens, m.input_price,"
+    " m.cached_input_price, m.output_price, m.input_cost_usd, m.cached_input_cost_usd, m.output_cost_usd,"
+    " m.cost_usd, m.baseline_cost_usd, m.cost_usd IS NULL, false "
+    "FROM moved AS m) "
     "SELECT (SELECT count(*) FROM moved) AS written,"
     " (SELECT json_agg(json_build_array(m.id, m.tenant_id, m.task_type, m.tier)) FROM moved AS m"
     "  WHERE m.status = 'succeeded' AND m.shadow_of IS NULL AND m.id = ANY(CAST(:watch AS uuid[]))) AS succeeded,"
@@ -329,41 +359,80 @@ _LABELLED_REQUESTS = text(
 )
 
 
-def _ingest_successes(session: Session, prices: PriceBook, batch: ProviderBatch,
-                      successes: dict[uuid.UUID, dict[str, Any]], watch: Collection[uuid.UUID] = ()
-                      ) -> IngestedChunk:
-    """COPY the chunk's results into a temp table, then one guarded UPDATE … RETURNING feeding the
-    ledger INSERT: lines of tasks no longer in this batch move nothing and bill nothing."""
+def _success_rows(session: Session, prices: PriceBook, batch: ProviderBatch,
+                  successes: dict[uuid.UUID, dict[str, Any]]) -> bytes:
+    """The `ingest_rows` COPY data (text format), one row per success: usage, price, and `failed` for a
+    labelled answer that is not one of its labels (billed all the same).
+
+    Formatted here, not row by row inside the COPY, so that the writer thread holds the GIL as little
+    as possible. A chunk's lines repeat their answers (labels) and their token counts: the label
+    check and the pricing are memoized per chunk."""
     ids = list(successes)
     labelled: dict[uuid.UUID, dict[str, Any]] = {}
     for group in session.execute(_LABELLED_REQUESTS, {"ids": ids}):
         request = {"response_format": orjson.loads(group.response_format)}
         labelled.update(dict.fromkeys(group.ids, request))
-    rows = []
+    problems: dict[tuple[int, str], str | None] = {}
+    priced_memo: dict[tuple[str, TokenUsage], str] = {}
+    lines: list[str] = []
     for task_id, body in successes.items():
         usage = usage_from_body(body)
         output = output_from_body(body)
         served = str(body.get("model") or batch.model)
-        priced = prices.price(batch.provider, served, batch.model, usage, batch=True)
-        problem = label_error(labelled[task_id], output) if task_id in labelled else None
-        unit = priced.prices if priced else None
-        rows.append((
-            task_id, "failed" if problem else "succeeded", problem, served, output,
-            orjson.dumps(body).decode(), usage.input_tokens, usage.cached_tokens, usage.output_tokens,
-            usage.reasoning_tokens, unit.input if unit else None, unit.cached_input if unit else None,
-            unit.output if unit else None, priced.input_cost if priced else None,
-            priced.cached_input_cost if priced else None, priced.output_cost if priced else None,
-            priced.total if priced else None, prices.baseline(usage),
-        ))
+        problem: str | None = None
+        labelled_request = labelled.get(task_id)
+        if labelled_request is not None:
+            key = (id(labelled_request), output)
+            if key not in problems:
+                problems[key] = label_error(labelled_request, output)
+            problem = problems[key]
+        money = priced_memo.get((served, usage))
+        if money is None:
+            priced = prices.price(batch.provider, served, batch.model, usage, batch=True)
+            unit = priced.prices if priced else None
+            money = priced_memo[(served, usage)] = "\t".join(_copy_field(value) for value in (
+                usage.input_tokens, usage.cached_tokens, usage.output_tokens, usage.reasoning_tokens,
+                unit.input if unit else None, unit.cached_input if unit else None, unit.output if unit else None,
+                priced.input_cost if priced else None, priced.cached_input_cost if priced else None,
+                priced.output_cost if priced else None, priced.total if priced else None, prices.baseline(usage)))
+        lines.append("\t".join((
+            str(task_id), "failed" if problem else "succeeded", _copy_field(problem), _copy_field(served),
+            _copy_field(output), _copy_text(orjson.dumps(body).decode()), money)))
+    lines.append("")
+    return "\n".join(lines).encode()
+
+
+def _copy_text(value: str) -> str:
+    """COPY text format: backslash, newline, carriage return and tab escaped (`str.replace` scans are
+    several times faster than `str.translate` with a table)."""
+    if "\\" in value:
+        value = value.replace("\\", "\\\\")
+    return value.replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+
+
+def _copy_field(value: object) -> str:
+    if value is None:
+        return "\\N"  # NULL
+    return _copy_text(value) if isinstance(value, str) else str(value)
+
+
+def _write_success_rows(session: Session, batch: ProviderBatch, copy_data: bytes,
+                        watch: Collection[uuid.UUID] = ()) -> IngestedChunk:
+    """COPY the chunk's results into a temp table, then one guarded UPDATE … RETURNING feeding the
+    ledger INSERT: lines of tasks no longer in this batch move nothing and bill nothing."""
     connection = session.connection()
+    # the statement's estimated cost crosses `jit_above_cost` as `tasks` grows (or when the temp
+    # table's statistics lag), and compiling it costs more than running it
+    connection.execute(text("SET LOCAL jit = off"))
     connection.execute(text(_CREATE_INGEST_TABLE))
     driver = connection.connection.driver_connection
     assert driver is not None
     with driver.cursor() as cursor:
         with cursor.copy(f"COPY ingest_rows ({', '.join(_INGEST_COLUMNS)}) FROM STDIN") as copy:
-            for row in rows:
-                copy.write_row(row)
-        cursor.execute("ANALYZE ingest_rows")
+            copy.write(copy_data)
+        # statistics of the join column only (row count and id): the plan needs no more, and a full
+        # ANALYZE of the wide rows cost ~5% of the chunk
+        cursor.execute("ANALYZE ingest_rows (id)")
     applied = connection.execute(_APPLY_INGEST_ROWS, {"batch": batch.id, "provider": batch.provider,
                                                       "model": batch.model, "watch": list(watch)}).one()
     if applied.shadows:

@@ -147,7 +147,9 @@ class Task(Base):
     __table_args__ = (
         CheckConstraint(f"(status IN {_TERMINAL}) = (finished_at IS NOT NULL)", name="finished_at_iff_terminal"),
         CheckConstraint("attempts >= 0", name="attempts_non_negative"),
-        UniqueConstraint("tenant_id", "idempotency_key", name="uq_tasks_tenant_idempotency_key"),
+        # partial: most tasks have no key, and a full index took an entry (a write) for each of them
+        Index("uq_tasks_tenant_idempotency_key", "tenant_id", "idempotency_key", unique=True,
+              postgresql_where=text("idempotency_key IS NOT NULL")),
         Index("ix_tasks_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_tasks_job", "job_id", postgresql_where=text("job_id IS NOT NULL")),
         # jobs: an item id names one task within its job, also across appends (core/jobs.py)

@@ -24,6 +24,7 @@ from sqlalchemy import (
     literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
@@ -91,7 +92,7 @@ def insert_tasks(session: Session, tenant_id: uuid.UUID, specs: Sequence[TaskSpe
     inserted: set[uuid.UUID] = set()
     if rows:
         statement = insert(Task).values(rows).on_conflict_do_nothing(
-            index_elements=["tenant_id", "idempotency_key"]
+            index_elements=["tenant_id", "idempotency_key"], index_where=text("idempotency_key IS NOT NULL")
         ).returning(Task.id)
         inserted = set(session.scalars(statement))
 

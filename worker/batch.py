@@ -13,6 +13,7 @@ import logging
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,14 +23,16 @@ from sqlalchemy import text
 from core.batches import (
     METADATA_KEY,
     ClaimedBatch,
+    IngestedChunk,
+    PreparedChunk,
     batches_in,
     claim_batch,
     classify_lines,
     created_epoch,
     finish_batch,
     group_is_due,
-    ingest_outcomes,
     note_submission_attempt,
+    prepare_outcomes,
     record_poll,
     record_submitted,
     record_uploaded_file,
@@ -40,6 +43,7 @@ from core.batches import (
     touch_batch,
     waiting_groups,
     write_batch_file,
+    write_prepared,
 )
 from core.cache import fill_from_succeeded_tasks
 from core.errors import ProviderError
@@ -189,20 +193,21 @@ def _ingest_locked(ctx: WorkerContext, batch_id: uuid.UUID, resubmit: Callable[[
     api = ProviderBatches(ctx.providers, batch.provider)
     written = 0
     first_chunk = True
-    for file_id in (batch.output_file_id, batch.error_file_id):
-        if not file_id:
-            continue
-        chunk: list[str] = []
-        for line in api.iter_file_lines(file_id):
-            chunk.append(line)
-            if len(chunk) >= ctx.config.batch.ingest_chunk_lines:
-                written += _ingest_chunk(ctx, batch, chunk)
-                chunk = []
+    # two stages: this thread reads, parses and prices chunk N+1 while the writer thread writes chunk N
+    # (psycopg releases the GIL while it waits for Postgres); chunks are still written one at a time,
+    # in order, each in its own transaction, and at most two are held in memory
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierbatch-ingest") as writer:
+        pending: Future[IngestedChunk] | None = None
+        for lines in _chunks(api, batch, ctx.config.batch.ingest_chunk_lines):
+            prepared = _prepare_chunk(ctx, batch, lines)
+            if pending is not None:
+                written += _after_chunk(ctx, pending.result())
                 if first_chunk:
                     first_chunk = False
                     pause_point("mid_ingest")
-        if chunk:
-            written += _ingest_chunk(ctx, batch, chunk)
+            pending = writer.submit(_write_chunk, ctx, batch, prepared)
+        if pending is not None:
+            written += _after_chunk(ctx, pending.result())
     with ctx.sessions.begin() as session:
         missing = tasks_left_in_batch(session, batch.id)
         if missing:
@@ -217,16 +222,46 @@ def _ingest_locked(ctx: WorkerContext, batch_id: uuid.UUID, resubmit: Callable[[
     return written
 
 
-def _ingest_chunk(ctx: WorkerContext, batch: ProviderBatch, lines: list[str]) -> int:
+def _chunks(api: ProviderBatches, batch: ProviderBatch, size: int) -> Iterator[list[str]]:
+    for file_id in (batch.output_file_id, batch.error_file_id):
+        if not file_id:
+            continue
+        chunk: list[str] = []
+        for line in api.iter_file_lines(file_id):
+            chunk.append(line)
+            if len(chunk) >= size:
+                yield chunk
+                chunk = []
+        if chunk:
+            yield chunk
+
+
+def _prepare_chunk(ctx: WorkerContext, batch: ProviderBatch, lines: list[str]) -> tuple[PreparedChunk, list[uuid.UUID]]:
+    """Parse and price one chunk (it only reads the database); returns it with the quality monitor's watch list."""
     outcomes = classify_lines(lines)
     # quality monitor (DESIGN §6): the few successes that may be shadowed, by task id alone
     watch = [task_id for task_id in outcomes.successes if may_be_sampled(ctx.config, task_id)]
     with ctx.sessions.begin() as session:
-        ingested = ingest_outcomes(session, ctx.config, ctx.prices, batch, outcomes, watch)
+        prepared = prepare_outcomes(session, ctx.prices, batch, outcomes)
+    return prepared, watch
+
+
+def _write_chunk(ctx: WorkerContext, batch: ProviderBatch, chunk: tuple[PreparedChunk, list[uuid.UUID]]
+                 ) -> IngestedChunk:
+    """Write one prepared chunk in its own transaction (in the writer thread)."""
+    prepared, watch = chunk
+    with ctx.sessions.begin() as session:
+        ingested = write_prepared(session, ctx.config, batch, prepared, watch)
         # response cache (issue 6): cacheable answers serve later identical requests
-        fill_from_succeeded_tasks(session, ctx.config, list(outcomes.successes))
+        fill_from_succeeded_tasks(session, ctx.config, prepared.success_ids)
         touch_batch(session, batch.id)
-    if ingested.succeeded:  # committed: the shadow call finds its task succeeded
+    return ingested
+
+
+def _after_chunk(ctx: WorkerContext, ingested: IngestedChunk) -> int:
+    """Once a chunk has committed, back on the task's own thread: the shadow calls (Celery messages)
+    find their tasks succeeded."""
+    if ingested.succeeded:
         send_batch_shadows(ctx, ingested.succeeded)
     return ingested.written
 

@@ -1,0 +1,77 @@
+"""The COPY text that batch ingestion writes into `ingest_rows` (core/batches.py `_success_rows`)."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from decimal import Decimal
+from types import SimpleNamespace
+from typing import Any
+
+import orjson
+
+from core.batches import _INGEST_COLUMNS, _copy_field, _success_rows
+from core.config import default_config_data, parse_config
+from core.labels import label_response_format
+from core.pricing import PriceBook, TokenUsage
+
+_UNESCAPE = {"\\\\": "\\", "\\n": "\n", "\\r": "\r", "\\t": "\t"}
+
+
+def _parse(copy_text: str) -> list[dict[str, str | None]]:
+    rows = []
+    for line in copy_text.split("\n")[:-1]:  # the data ends with a newline
+        fields = [None if f == "\\N" else re.sub(r"\\[\\nrt]", lambda m: _UNESCAPE[m.group(0)], f)
+                  for f in line.split("\t")]
+        assert len(fields) == len(_INGEST_COLUMNS)
+        rows.append(dict(zip(_INGEST_COLUMNS, fields, strict=True)))
+    return rows
+
+
+class _Session:
+    """Answers `_LABELLED_REQUESTS` with the given (response format, ids) groups."""
+
+    def __init__(self, groups: list[tuple[dict[str, Any], list[uuid.UUID]]]) -> None:
+        self.groups = groups
+
+    def execute(self, *_args: Any) -> list[SimpleNamespace]:
+        return [SimpleNamespace(response_format=orjson.dumps(fmt).decode(), ids=ids) for fmt, ids in self.groups]
+
+
+def _body(content: str, prompt_tokens: int = 40) -> dict[str, Any]:
+    return {"model": "gpt-4o-mini-2024-07-18", "choices": [{"message": {"role": "assistant", "content": content}}],
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": 6,
+                      "prompt_tokens_details": {"cached_tokens": 0}}}
+
+
+def test_fields_are_escaped_priced_and_labels_checked() -> None:
+    prices = PriceBook(parse_config(default_config_data(), environ={}))
+    batch = SimpleNamespace(provider="sim", model="gpt-4o-mini")
+    tricky, good, bad, other = (uuid.uuid4() for _ in range(4))
+    successes = {
+        tricky: _body('a\tb\nc\\d\r "quoted" \\n literal'),
+        good: _body('{"label": "billing"}'),
+        bad: _body('{"label": "nonsense"}'),
+        other: _body('{"label": "billing"}', prompt_tokens=41),
+    }
+    session = _Session([(label_response_format(["billing", "bug"]), [good, bad, other])])
+    rows = {uuid.UUID(r["id"] or ""): r for r in _parse(_success_rows(session, prices, batch, successes).decode())}  # type: ignore[arg-type]
+
+    assert rows[tricky]["output"] == 'a\tb\nc\\d\r "quoted" \\n literal'
+    assert orjson.loads(rows[tricky]["response"] or "") == successes[tricky]
+    assert rows[tricky]["status"] == "succeeded" and rows[tricky]["error"] is None
+    assert rows[good]["status"] == "succeeded"
+    assert rows[bad]["status"] == "failed" and "not one of the labels" in (rows[bad]["error"] or "")
+    for task_id, body in successes.items():  # priced line by line, memo or not
+        usage = TokenUsage(body["usage"]["prompt_tokens"], 0, 6)
+        priced = prices.price("sim", "gpt-4o-mini-2024-07-18", "gpt-4o-mini", usage, batch=True)
+        assert priced is not None
+        assert Decimal(rows[task_id]["cost_usd"] or "") == priced.total
+        assert rows[task_id]["input_tokens"] == str(usage.input_tokens)
+        assert Decimal(rows[task_id]["baseline_cost_usd"] or "") == prices.baseline(usage)
+
+
+def test_copy_field_null_empty_and_decimal() -> None:
+    assert _copy_field(None) == "\\N"
+    assert _copy_field("") == ""
+    assert _copy_field(Decimal("0.000000125")) == str(Decimal("0.000000125"))
