@@ -57,6 +57,13 @@ _NOT_IN_KEY = frozenset({"metadata", "stream", "stream_options", "user", "store"
 METADATA_SWITCH = "cache"  # metadata.cache = "off" | "on"
 
 
+def check_cache_switch(metadata: Mapping[str, Any] | None) -> None:
+    """`metadata.cache`, when given, is "on" or "off" (ValueError otherwise)."""
+    switch = (metadata or {}).get(METADATA_SWITCH)
+    if switch is not None and switch not in ("on", "off"):
+        raise ValueError(f"metadata.cache must be \"on\" or \"off\" (got {switch!r})")
+
+
 def is_deterministic(request: Mapping[str, Any]) -> bool:
     """Temperature 0, or no temperature and a seed; one choice."""
     if request.get("n") not in (None, 1):

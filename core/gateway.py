@@ -203,6 +203,10 @@ def _metadata(value: Any) -> dict[str, str]:
             raise shared.InvalidRequest(f"Invalid 'metadata.{key}': string too long. Expected a string with maximum "
                                         f"length 512, but got a string with length {len(item)} instead.",
                                         f"metadata.{key}", "string_above_max_length")
+    switch = value.get("cache")  # ours: the response cache switch (issue 6)
+    if switch is not None and switch not in ("on", "off"):
+        raise shared.InvalidRequest(f"Invalid value for 'metadata.cache': '{switch}'. Supported values are: 'on' and "
+                                    "'off'.", "metadata.cache", "invalid_value")
     return dict(value)
 
 

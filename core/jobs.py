@@ -35,6 +35,7 @@ from sqlalchemy import Text, any_, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
+from core.cache import check_cache_switch
 from core.config import AppConfig
 from core.costs import check_budget
 from core.db import newest_first_page
@@ -87,6 +88,12 @@ class JobFields(BaseModel):
     def _deadline_has_timezone(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("deadline must be RFC 3339 with a timezone offset")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _cache_switch(cls, value: dict[str, str]) -> dict[str, str]:
+        check_cache_switch(value)
         return value
 
     @field_validator("template")

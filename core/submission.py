@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from core.cache import check_cache_switch
 from core.errors import InvalidInput
 from core.states import RequestedTier
 
@@ -60,6 +61,12 @@ class TaskSpec(BaseModel):
     def _deadline_has_timezone(cls, value: datetime | None) -> datetime | None:
         if value is not None and value.tzinfo is None:
             raise ValueError("deadline must be RFC 3339 with a timezone offset")
+        return value
+
+    @field_validator("metadata")
+    @classmethod
+    def _cache_switch(cls, value: dict[str, str]) -> dict[str, str]:
+        check_cache_switch(value)
         return value
 
     def chat_messages(self) -> list[dict[str, Any]]:

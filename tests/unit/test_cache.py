@@ -50,3 +50,25 @@ def test_key_covers_model_messages_and_parameters_only() -> None:
     assert cache_key("gpt-4o-mini", {**base, "max_tokens": 6}) != key
     assert cache_key("gpt-4o-mini", {**base, "messages": [{"role": "user", "content": "hi!"}]}) != key
     assert cache_key("gpt-4o-mini", {**base, "response_format": {"type": "json_object"}}) != key
+
+
+def test_a_bad_cache_switch_is_refused_naming_it() -> None:
+    from core.errors import InvalidInput
+    from core.gateway import GatewayError, validate_chat_body
+    from core.jobs import parse_job_request
+    from core.submission import parse_submission
+
+    with pytest.raises(InvalidInput) as task:
+        parse_submission({"prompt": "hi", "metadata": {"cache": "maybe"}}, 10, 1 << 20)
+    assert (task.value.param, task.value.status_code) == ("metadata", 422)
+    assert "metadata.cache must be \"on\" or \"off\" (got 'maybe')" in task.value.message
+    with pytest.raises(InvalidInput) as job:
+        parse_job_request({"metadata": {"cache": "yes"}, "items": [{"id": "1", "text": "x"}]}, 1 << 20)
+    assert job.value.param == "metadata" and "metadata.cache" in job.value.message
+    with pytest.raises(GatewayError) as chat:
+        validate_chat_body({"model": "smart-select", "messages": HI, "metadata": {"cache": "sometimes"}})
+    assert (chat.value.status, chat.value.param, chat.value.code) == (400, "metadata.cache", "invalid_value")
+    # the two values are accepted everywhere
+    for switch in ("on", "off"):
+        parse_submission({"prompt": "hi", "metadata": {"cache": switch}}, 10, 1 << 20)
+        validate_chat_body({"model": "smart-select", "messages": HI, "metadata": {"cache": switch}})
