@@ -29,7 +29,16 @@ import psycopg
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import openai_validation as shared
-from core.cache import CachedAnswer, Claim, cache_key, fill_claim, lookup_or_claim, release_claim, wants_cache
+from core.cache import (
+    CachedAnswer,
+    Claim,
+    cache_key,
+    fill_claim,
+    lookup_or_claim,
+    release_claim,
+    take_hit,
+    wants_cache,
+)
 from core.config import AppConfig, ImmediateConfig, ModelRef
 from core.cooldown import Admission, Cooldown
 from core.costs import BudgetExceeded, check_budget
@@ -784,9 +793,15 @@ class Gateway:
             return await self._call_provider(tenant_id, call)
         key = cache_key(call.route.chain[0].model, call.request)
         flight_key = (tenant_id, key)
-        # identical calls in this process wait for the first one's answer; across processes the cache
-        # row's claim does the same
-        while (flight := self._flights.get(flight_key)) is not None:
+        # identical calls in this process wait for the first one's answer, then all read it at once; across
+        # processes the cache row's claim does the same
+        if (flight := self._flights.get(flight_key)) is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.shield(flight)
+            hit = await anyio.to_thread.run_sync(self._take_hit, tenant_id, key)
+            if hit is not None:
+                return await self._serve_cached(tenant_id, call, hit)
+        while (flight := self._flights.get(flight_key)) is not None:  # the first one failed: one retries
             with contextlib.suppress(Exception):
                 await asyncio.shield(flight)
         flight = asyncio.get_running_loop().create_future()
@@ -799,6 +814,11 @@ class Gateway:
         finally:
             del self._flights[flight_key]
             flight.set_result(None)
+
+    def _take_hit(self, tenant_id: uuid.UUID, key: bytes) -> CachedAnswer | None:
+        assert self.sessions is not None
+        with self.sessions.begin() as session:
+            return take_hit(session, tenant_id, key)
 
     def _lookup_or_claim(self, tenant_id: uuid.UUID, key: bytes) -> CachedAnswer | Claim | None:
         assert self.sessions is not None
