@@ -35,7 +35,6 @@ from sqlalchemy import Text, any_, bindparam, func, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
-from core.cache import check_cache_switch
 from core.config import AppConfig
 from core.costs import check_budget
 from core.db import newest_first_page
@@ -45,7 +44,7 @@ from core.models import Job, LedgerEntry, Task
 from core.routing import resolve_tier
 from core.rules import RuleView, rule_decision, tenant_rules
 from core.states import CANCELLABLE_TASK_STATUSES, TERMINAL_TASK_STATUSES, Mode, RequestedTier, TaskStatus, Tier
-from core.submission import ChatParams, invalid_input_from
+from core.submission import ChatParams, Deadline, TaskMetadata, invalid_input_from
 from core.webhooks import check_webhook_url
 
 MAX_ITEMS_PER_REQUEST = 100_000
@@ -75,26 +74,13 @@ class JobFields(BaseModel):
     task_type: Annotated[str, Field(min_length=1, max_length=100)] = "general"
     tier: RequestedTier = RequestedTier.AUTO
     urgent: bool = False
-    deadline: datetime | None = None
+    deadline: Deadline = None
     params: ChatParams = Field(default_factory=ChatParams)
     system: Annotated[str, Field(min_length=1)] | None = None
     template: str = TEXT_PLACEHOLDER
     labels: list[str] | None = None
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: TaskMetadata = Field(default_factory=dict)
     webhook_url: Any = None  # checked by core.webhooks.check_webhook_url (one message for jobs and schedules)
-
-    @field_validator("deadline")
-    @classmethod
-    def _deadline_has_timezone(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            raise ValueError("deadline must be RFC 3339 with a timezone offset")
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _cache_switch(cls, value: dict[str, str]) -> dict[str, str]:
-        check_cache_switch(value)
-        return value
 
     @field_validator("template")
     @classmethod

@@ -7,7 +7,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from core.cache import check_cache_switch
 from core.errors import InvalidInput
@@ -28,6 +28,22 @@ class ChatParams(BaseModel):
     stop: str | list[str] | None = None
 
 
+def _deadline_has_timezone(value: datetime | None) -> datetime | None:
+    if value is not None and value.tzinfo is None:
+        raise ValueError("deadline must be RFC 3339 with a timezone offset")
+    return value
+
+
+def _cache_switch_known(value: dict[str, str]) -> dict[str, str]:
+    check_cache_switch(value)
+    return value
+
+
+# Fields shared by single tasks and bulk jobs, with their checks
+Deadline = Annotated[datetime | None, AfterValidator(_deadline_has_timezone)]
+TaskMetadata = Annotated[dict[str, str], AfterValidator(_cache_switch_known)]
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
@@ -43,9 +59,9 @@ class TaskSpec(BaseModel):
     task_type: Annotated[str, Field(min_length=1, max_length=100)] = "general"
     tier: RequestedTier = RequestedTier.AUTO
     urgent: bool = False
-    deadline: datetime | None = None
+    deadline: Deadline = None
     params: ChatParams = Field(default_factory=ChatParams)
-    metadata: dict[str, str] = Field(default_factory=dict)
+    metadata: TaskMetadata = Field(default_factory=dict)
     idempotency_key: Annotated[str, Field(min_length=1, max_length=255)] | None = None
 
     @model_validator(mode="after")
@@ -55,19 +71,6 @@ class TaskSpec(BaseModel):
         if self.messages is not None and self.prompt is not None:
             raise ValueError("give either 'messages' or 'prompt', not both")
         return self
-
-    @field_validator("deadline")
-    @classmethod
-    def _deadline_has_timezone(cls, value: datetime | None) -> datetime | None:
-        if value is not None and value.tzinfo is None:
-            raise ValueError("deadline must be RFC 3339 with a timezone offset")
-        return value
-
-    @field_validator("metadata")
-    @classmethod
-    def _cache_switch(cls, value: dict[str, str]) -> dict[str, str]:
-        check_cache_switch(value)
-        return value
 
     def chat_messages(self) -> list[dict[str, Any]]:
         if self.messages is not None:
