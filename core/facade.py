@@ -37,6 +37,7 @@ from typing import IO, Any
 from sqlalchemy import and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
+from core import openai_validation
 from core.config import AppConfig
 from core.gateway import (
     GatewayError,
@@ -292,24 +293,10 @@ def _missing(param: str) -> GatewayError:
 
 
 def check_batch_metadata(metadata: Any) -> dict[str, str] | None:
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict):
-        raise bad_request("Invalid type for 'metadata': expected an object.", "metadata", "invalid_type")
-    if len(metadata) > 16:
-        raise bad_request("Invalid 'metadata': too many properties. Expected at most 16 properties.", "metadata",
-                          "object_above_max_properties")
-    for key, value in metadata.items():
-        if len(key) > 64:
-            raise bad_request(f"Invalid 'metadata': key '{key[:20]}…' is longer than 64 characters.", "metadata",
-                              "invalid_value")
-        if not isinstance(value, str):
-            raise bad_request(f"Invalid type for 'metadata.{key}': expected a string.", f"metadata.{key}",
-                              "invalid_type")
-        if len(value) > 512:
-            raise bad_request(f"Invalid 'metadata.{key}': string too long. Expected at most 512 characters.",
-                              f"metadata.{key}", "string_above_max_length")
-    return dict(metadata)
+    try:
+        return openai_validation.check_batch_metadata(metadata)
+    except openai_validation.InvalidRequest as refused:
+        raise bad_request(refused.message, refused.param, refused.code) from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -147,3 +147,26 @@ def check_response_format(value: Any, *, typed_json_schema: bool) -> None:
         raise missing("response_format.json_schema.name")
     if typed_json_schema and "schema" in spec and not isinstance(spec["schema"], dict):
         raise invalid_type("response_format.json_schema.schema", "an object", spec["schema"])
+
+
+def check_batch_metadata(metadata: Any, *, ellipsis: str = "…") -> dict[str, str] | None:
+    """`metadata` of `POST /v1/batches`: at most 16 string values, keys up to 64 and values up to 512
+    characters. `ellipsis` ends a long key quoted in the message (the simulator writes "...")."""
+    if metadata is None:
+        return None
+    if not isinstance(metadata, dict):
+        raise InvalidRequest("Invalid type for 'metadata': expected an object.", "metadata", "invalid_type")
+    if len(metadata) > 16:
+        raise InvalidRequest("Invalid 'metadata': too many properties. Expected at most 16 properties.", "metadata",
+                             "object_above_max_properties")
+    for key, value in metadata.items():
+        if len(key) > 64:
+            raise InvalidRequest(f"Invalid 'metadata': key '{key[:20]}{ellipsis}' is longer than 64 characters.",
+                                 "metadata", "invalid_value")
+        if not isinstance(value, str):
+            raise InvalidRequest(f"Invalid type for 'metadata.{key}': expected a string.", f"metadata.{key}",
+                                 "invalid_type")
+        if len(value) > 512:
+            raise InvalidRequest(f"Invalid 'metadata.{key}': string too long. Expected at most 512 characters.",
+                                 f"metadata.{key}", "string_above_max_length")
+    return dict(metadata)

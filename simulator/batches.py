@@ -8,6 +8,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
+from core import openai_validation
 from simulator.batch_input import count_lines
 from simulator.batch_lifecycle import run_batch
 from simulator.errors import OpenAIError, bad_request, not_found, parse_json_body
@@ -25,24 +26,10 @@ def _missing(param: str) -> OpenAIError:
 
 
 def _check_metadata(metadata: Any) -> dict[str, str] | None:
-    if metadata is None:
-        return None
-    if not isinstance(metadata, dict):
-        raise bad_request("Invalid type for 'metadata': expected an object.", "metadata", "invalid_type")
-    if len(metadata) > 16:
-        raise bad_request("Invalid 'metadata': too many properties. Expected at most 16 properties.",
-                          "metadata", "object_above_max_properties")
-    for key, value in metadata.items():
-        if len(key) > 64:
-            raise bad_request(f"Invalid 'metadata': key '{key[:20]}...' is longer than 64 characters.",
-                              "metadata", "invalid_value")
-        if not isinstance(value, str):
-            raise bad_request(f"Invalid type for 'metadata.{key}': expected a string.", f"metadata.{key}",
-                              "invalid_type")
-        if len(value) > 512:
-            raise bad_request(f"Invalid 'metadata.{key}': string too long. Expected at most 512 characters.",
-                              f"metadata.{key}", "string_above_max_length")
-    return dict(metadata)
+    try:
+        return openai_validation.check_batch_metadata(metadata, ellipsis="...")
+    except openai_validation.InvalidRequest as refused:
+        raise bad_request(refused.message, refused.param, refused.code) from None
 
 
 async def create_batch(request: Request) -> dict[str, Any]:

@@ -14,10 +14,9 @@ import httpx
 import openai
 import psycopg
 import pytest
-import redis
 from openai import OpenAI
 
-from tests.conftest import TEST_REDIS_URL
+from tests.integration.conftest import delete_redis_keys
 from tests.support.openapi import validate
 from tests.support.procs import free_port, python_module, wait_http_ok, wait_until
 from tests.support.stack import Stack, psycopg_dsn
@@ -42,13 +41,7 @@ def _close_clients() -> Iterator[None]:
 
 
 def clear_cooldowns(stack: Stack) -> None:
-    client = redis.Redis.from_url(TEST_REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=f"{stack.redis_prefix}tierbatch:cooldown:*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+    delete_redis_keys(f"{stack.redis_prefix}tierbatch:cooldown:")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from core import openai_validation as shared
 from core.openai_validation import (
     InvalidRequest,
     check_messages,
@@ -147,3 +148,22 @@ def test_shared_module_and_simulator_stay_light() -> None:
     first, core = json.loads(out)
     assert first == ["core", "core.openai_validation"]
     assert core == ["core", "core.openai_validation"]
+
+
+def test_batch_metadata() -> None:
+    assert shared.check_batch_metadata(None) is None
+    assert shared.check_batch_metadata({"team": "billing"}) == {"team": "billing"}
+    cases: list[tuple[Any, str, str]] = [
+        ([], "metadata", "invalid_type"),
+        ({f"k{i}": "v" for i in range(17)}, "metadata", "object_above_max_properties"),
+        ({"k" * 65: "v"}, "metadata", "invalid_value"),
+        ({"team": 3}, "metadata.team", "invalid_type"),
+        ({"team": "x" * 513}, "metadata.team", "string_above_max_length"),
+    ]
+    for metadata, param, code in cases:
+        with pytest.raises(shared.InvalidRequest) as refused:
+            shared.check_batch_metadata(metadata)
+        assert (refused.value.param, refused.value.code, refused.value.status) == (param, code, 400)
+    with pytest.raises(shared.InvalidRequest) as long_key:
+        shared.check_batch_metadata({"k" * 65: "v"}, ellipsis="...")
+    assert "kkkkkkkkkkkkkkkkkkkk...'" in long_key.value.message
