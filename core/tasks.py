@@ -7,6 +7,7 @@ the caller owns the transaction, so a state change and its ledger row land toget
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -217,15 +218,42 @@ def answer_queued_from_cache(session: Session, task_ids: Sequence[uuid.UUID], co
     keyed = [(row, (row.tenant_id, cache_key(config.tier(row.tier).model, row.request))) for row in rows
              if wants_cache(config.cache, row.task_type, row.request, row.task_metadata)]
     hits = take_hits(session, [pair for _, pair in keyed])
-    answered: set[uuid.UUID] = set()
-    for row, pair in keyed:
-        answer = hits.get(pair)
-        if answer is None:
-            continue
-        target = CacheTarget(row.id, row.tenant_id, row.job_id, row.task_type, row.tier)
-        if finish_from_cache(session, target, answer, prices, Task.status == TaskStatus.QUEUED) is not None:
-            answered.add(row.id)
+    found = [(CacheTarget(row.id, row.tenant_id, row.job_id, row.task_type, row.tier), hits[pair])
+             for row, pair in keyed if pair in hits]
+    if not found:
+        return set()
+    # one statement for every hit of the chunk (a bulk path: no round trip per task), then their ledger rows
+    values = [{"id": target.id, "provider": answer.provider, "model": answer.requested_model,
+               "served_model": answer.served_model, "output": answer.output, "response": answer.response,
+               "input_tokens": answer.usage.input_tokens, "cached_tokens": answer.usage.cached_tokens,
+               "output_tokens": answer.usage.output_tokens, "reasoning_tokens": answer.usage.reasoning_tokens,
+               "baseline_cost_usd": prices.baseline(answer.usage)} for target, answer in found]
+    answered = set(session.scalars(_FINISH_QUEUED_FROM_CACHE, {"rows": json.dumps(values, default=str)}))
+    for target, answer in found:
+        if target.id in answered:
+            add_ledger_entry(session, prices, _cache_record(target, answer))
     return answered
+
+
+_FINISH_QUEUED_FROM_CACHE = text(
+    "UPDATE tasks AS t SET status = 'succeeded', mode = 'cache', error = NULL, finished_at = now(),"
+    " updated_at = now(), started_at = coalesce(t.started_at, now()), lease_token = NULL, lease_expires_at = NULL,"
+    " not_before = NULL, provider = v.provider, model = v.model, served_model = v.served_model, output = v.output,"
+    " response = v.response, input_tokens = v.input_tokens, cached_tokens = v.cached_tokens,"
+    " output_tokens = v.output_tokens, reasoning_tokens = v.reasoning_tokens, cost_usd = 0,"
+    " baseline_cost_usd = v.baseline_cost_usd "
+    "FROM json_to_recordset(CAST(:rows AS json)) AS v(id uuid, provider text, model text, served_model text,"
+    " output text, response jsonb, input_tokens bigint, cached_tokens bigint, output_tokens bigint,"
+    " reasoning_tokens bigint, baseline_cost_usd numeric) "
+    "WHERE t.id = v.id AND t.status = 'queued' RETURNING t.id"
+)
+
+
+def _cache_record(task: CacheTarget | ClaimedTask, answer: CachedAnswer) -> ResponseRecord:
+    return ResponseRecord(
+        tenant_id=task.tenant_id, task_id=task.id, job_id=task.job_id, batch_id=None, task_type=task.task_type,
+        tier=task.tier, mode=Mode.CACHE, provider=answer.provider, requested_model=answer.requested_model,
+        served_model=answer.served_model, usage=answer.usage)
 
 
 @dataclass(frozen=True, slots=True)
@@ -249,10 +277,7 @@ def finish_from_cache(session: Session, task: CacheTarget | ClaimedTask, answer:
     if moved is None:
         return None
     usage = answer.usage
-    charge = add_ledger_entry(session, prices, ResponseRecord(
-        tenant_id=task.tenant_id, task_id=task.id, job_id=task.job_id, batch_id=None, task_type=task.task_type,
-        tier=task.tier, mode=Mode.CACHE, provider=answer.provider, requested_model=answer.requested_model,
-        served_model=answer.served_model, usage=usage))
+    charge = add_ledger_entry(session, prices, _cache_record(task, answer))
     session.execute(update(Task).where(Task.id == task.id).values(
         provider=answer.provider, model=answer.requested_model, served_model=answer.served_model,
         output=answer.output, response=answer.response, input_tokens=usage.input_tokens,
