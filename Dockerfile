@@ -19,8 +19,12 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 COPY --from=build /wheels /wheels
 RUN pip install --no-index --find-links=/wheels tierbatch \
  && rm -rf /wheels \
- && useradd --create-home --uid 10001 tierbatch
+ && useradd --create-home --uid 10001 tierbatch \
+ && mkdir -p /app/.tierbatch \
+ && chown tierbatch:tierbatch /app/.tierbatch
 WORKDIR /app
+# beat keeps its schedule state under /app/.tierbatch: the one directory the unprivileged user may write
 USER tierbatch
+# 8000: the API; 8100: the simulator, reached by the worker on the compose network (never published)
 EXPOSE 8000 8100
 CMD ["tierbatch", "--help"]

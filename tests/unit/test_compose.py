@@ -1,12 +1,18 @@
 """docker-compose.yml, Dockerfile and the compose config are consistent with each other and with the CLI.
 
-No Docker here: the YAML is parsed and every `tierbatch …` command is checked against the real CLI
-(`cli.main.app`, a typer.Typer, introspected as a click command).
+No Docker engine here: the YAML is parsed and every `tierbatch …` command is checked against the real CLI
+(`cli.main.app`, a typer.Typer, introspected as a click command). Where the `docker compose` CLI plugin is
+installed (it needs no engine for `config`), the file is also resolved by compose itself.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -22,13 +28,26 @@ COMPOSE_CONFIG = REPO_ROOT / "deploy" / "tierbatch.compose.toml"
 
 INFRA = {"postgres", "redis"}
 APP_SERVICES = {"migrate", "api", "worker", "beat", "simulator"}
+# the processes that hold the database, the broker and the secrets; the simulator is only a provider stand-in
+TRUSTED = APP_SERVICES - {"simulator"}
 ONE_SHOT = {"migrate"}
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
-APP_ENV = {
-    "DATABASE_URL": "postgresql+psycopg://tierbatch:tierbatch@postgres:5432/tierbatch",
-    "REDIS_URL": "redis://redis:6379/0",
-    "TIERBATCH_CONFIG": "/app/tierbatch.toml",
+# what an operator must set: compose refuses to start without each, and none has a default
+SECRETS = ("TIERBATCH_ADMIN_TOKEN", "TIERBATCH_SECRET_KEY", "POSTGRES_PASSWORD", "REDIS_PASSWORD")
+OPERATOR_ENV = {
+    "TIERBATCH_ADMIN_TOKEN": "a" * 16 + "b" * 16 + "c" * 8,
+    "TIERBATCH_SECRET_KEY": "secret-key-for-the-compose-test",
+    "POSTGRES_PASSWORD": "pgpass1234",
+    "REDIS_PASSWORD": "redispass5678",
 }
+APP_ENV = {
+    "DATABASE_URL": "postgresql+psycopg://tierbatch:pgpass1234@postgres:5432/tierbatch",
+    "REDIS_URL": "redis://:redispass5678@redis:6379/0",
+    "TIERBATCH_CONFIG": "/app/tierbatch.toml",
+    "TIERBATCH_ADMIN_TOKEN": OPERATOR_ENV["TIERBATCH_ADMIN_TOKEN"],
+    "TIERBATCH_SECRET_KEY": OPERATOR_ENV["TIERBATCH_SECRET_KEY"],
+}
+_REFERENCE = re.compile(r"\$\{(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?P<op>:?[-?+])?(?P<arg>[^}]*)\}")
 
 
 @pytest.fixture(scope="module")
@@ -56,10 +75,18 @@ def _depends_on(service: dict[str, Any]) -> dict[str, str]:
 
 
 def _environment(service: dict[str, Any]) -> dict[str, str]:
+    """The service's environment with the operator's variables put in (OPERATOR_ENV)."""
     raw = service.get("environment") or {}
     if isinstance(raw, list):
-        return dict(str(item).split("=", 1) for item in raw)
-    return {str(key): str(value) for key, value in raw.items()}
+        pairs = dict(str(item).split("=", 1) for item in raw)
+    else:
+        pairs = {str(key): str(value) for key, value in raw.items()}
+    return {key: _interpolate(value) for key, value in pairs.items()}
+
+
+def _interpolate(value: str) -> str:
+    """Compose's `${NAME}` / `${NAME:?message}` substitution, for the variables the tests set."""
+    return _REFERENCE.sub(lambda match: OPERATOR_ENV[match.group("name")], value)
 
 
 def _has_healthcheck(service: dict[str, Any]) -> bool:
@@ -150,18 +177,123 @@ def test_redis_is_durable_and_never_evicts(services: dict[str, dict[str, Any]]) 
 
 def test_app_services_share_image_environment_and_config(services: dict[str, dict[str, Any]]) -> None:
     for name in APP_SERVICES:
+        assert services[name].get("build"), f"{name} is not built from the Dockerfile"
+    for name in TRUSTED:
         service = services[name]
-        assert service.get("build"), f"{name} is not built from the Dockerfile"
         env = _environment(service)
         for key, value in APP_ENV.items():
             assert env.get(key) == value, f"{name}: {key}"
-        token = env.get("TIERBATCH_ADMIN_TOKEN", "")
-        default_prefix = "${TIERBATCH_ADMIN_TOKEN:-"
-        assert token.startswith(default_prefix) and len(token) > len(default_prefix) + 1, token
         mounts = [str(volume).split(":") for volume in service.get("volumes", [])]
         sources = {mount[1]: mount[0] for mount in mounts if len(mount) >= 2}
         assert "/app/tierbatch.toml" in sources, f"{name} does not mount the config"
         assert (REPO_ROOT / sources["/app/tierbatch.toml"]).resolve() == COMPOSE_CONFIG.resolve()
+
+
+def test_no_secret_has_a_default_and_each_is_required() -> None:
+    """Every secret is `${NAME:?…}` (compose stops when it is unset or empty) or a plain `${NAME}` beside such a
+    reference; a `:-`/`-` default (a well-known value) or a literal secret is nowhere in the file."""
+    text = COMPOSE_FILE.read_text()
+    references = [match.groupdict() for match in _REFERENCE.finditer(text)]
+    for secret in SECRETS:
+        mine = [ref for ref in references if ref["name"] == secret]
+        assert any(ref["op"] == ":?" and ref["arg"].strip() for ref in mine), f"{secret} is not required"
+        assert all(ref["op"] in (None, ":?") for ref in mine), f"{secret} has a default: {mine}"
+    assert "change-me" not in text
+    # no variable at all gets a fallback value in this file
+    assert not [ref for ref in references if ref["op"] in (":-", "-")], "a variable with a default"
+
+
+def test_redis_requires_the_password_every_url_carries(services: dict[str, dict[str, Any]]) -> None:
+    argv = [_interpolate(arg) for arg in _argv(services["redis"]["command"])]
+    assert "--requirepass" in argv
+    password = argv[argv.index("--requirepass") + 1]
+    assert password == OPERATOR_ENV["REDIS_PASSWORD"]
+    # the healthcheck's redis-cli authenticates through REDISCLI_AUTH
+    assert _environment(services["redis"]).get("REDISCLI_AUTH") == password
+    for name in TRUSTED:
+        url = urlsplit(_environment(services[name])["REDIS_URL"])
+        assert (url.hostname, url.password) == ("redis", password), name
+    postgres_password = _environment(services["postgres"])["POSTGRES_PASSWORD"]
+    assert postgres_password == OPERATOR_ENV["POSTGRES_PASSWORD"]
+    for name in TRUSTED:
+        assert urlsplit(_environment(services[name])["DATABASE_URL"]).password == postgres_password, name
+
+
+def test_only_the_api_is_published_on_the_host(services: dict[str, dict[str, Any]]) -> None:
+    published = {name for name, service in services.items() if service.get("ports")}
+    assert published == {"api"}
+    assert "ports" not in services["simulator"]
+    assert [str(port) for port in services["simulator"].get("expose", [])] == ["8100"]
+
+
+def test_the_simulator_gets_no_secret_and_no_database(services: dict[str, dict[str, Any]]) -> None:
+    env = _environment(services["simulator"])
+    assert not set(env) & {*SECRETS, "DATABASE_URL", "REDIS_URL"}, env
+    assert not any(value in " ".join(env.values()) for value in OPERATOR_ENV.values())
+
+
+def test_the_worker_consumes_every_queue_the_code_routes_to(services: dict[str, dict[str, Any]]) -> None:
+    from core.messaging import ALL_QUEUES
+
+    argv = _argv(services["worker"]["command"])
+    assert "--queues" in argv, "the worker names its queues"
+    queues = argv[argv.index("--queues") + 1].split(",")
+    assert len(queues) == len(set(queues))
+    assert set(queues) == {*ALL_QUEUES, "webhooks"}
+
+
+def _compose_cli() -> list[str] | None:
+    """`docker compose` (the CLI plugin) or a standalone v2 `docker-compose`, whichever is installed."""
+    candidates = []
+    if shutil.which("docker"):
+        candidates.append(["docker", "compose"])
+    if shutil.which("docker-compose"):
+        candidates.append(["docker-compose"])
+    for argv in candidates:
+        probe = subprocess.run([*argv, "version", "--short"], capture_output=True, text=True, timeout=30,
+                               check=False)
+        if probe.returncode == 0 and probe.stdout.strip()[:1] >= "2":
+            return argv
+    return None
+
+
+def _compose_config(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    argv = _compose_cli()
+    if argv is None:
+        pytest.skip("the docker compose CLI plugin (v2) is not installed")
+    empty = tmp_path / "empty.env"  # an operator's `.env` in the checkout must not leak into the test
+    empty.write_text("")
+    base = {key: os.environ[key] for key in ("PATH", "HOME") if key in os.environ}
+    return subprocess.run([*argv, "--file", str(COMPOSE_FILE), "--project-directory", str(REPO_ROOT),
+                           "--env-file", str(empty), "config", "--format", "json"],
+                          capture_output=True, text=True, timeout=60, check=False,
+                          env={**base, "DOCKER_CONFIG": str(tmp_path / "docker"), **env})
+
+
+def test_docker_compose_resolves_the_file_with_the_operator_variables(tmp_path: Path) -> None:
+    result = _compose_config(tmp_path, OPERATOR_ENV)
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)["services"]
+    for name in TRUSTED:
+        env = resolved[name]["environment"]
+        assert {key: env.get(key) for key in APP_ENV} == APP_ENV, name
+    assert "--requirepass" in resolved["redis"]["command"]
+    assert OPERATOR_ENV["REDIS_PASSWORD"] in resolved["redis"]["command"]
+    assert not resolved["simulator"].get("ports")
+    assert [name for name, service in resolved.items() if service.get("ports")] == ["api"]
+    assert not set(resolved["simulator"].get("environment") or {}) & set(SECRETS)
+
+
+@pytest.mark.parametrize("missing", SECRETS)
+@pytest.mark.parametrize("how", ["unset", "empty"])
+def test_docker_compose_refuses_to_run_without_each_secret(tmp_path: Path, missing: str, how: str) -> None:
+    env = {key: value for key, value in OPERATOR_ENV.items() if key != missing}
+    if how == "empty":
+        env[missing] = ""
+    result = _compose_config(tmp_path, env)
+    assert result.returncode != 0
+    assert missing in result.stderr, result.stderr
+    assert not result.stdout.strip()
 
 
 def test_compose_config_is_valid_and_points_at_the_simulator() -> None:
@@ -180,6 +312,21 @@ def test_dockerfile_builds_the_package_on_python_311_slim() -> None:
     assert "pip install" in text
     ignored = (REPO_ROOT / ".dockerignore").read_text().split()
     assert ".venv" in ignored and ".tierbatch" in ignored
+    assert ".env" in ignored  # the operator's secrets stay out of the build context
+
+
+def test_the_image_user_can_write_the_beat_schedule() -> None:
+    """beat writes its state under the working directory; the image runs as an unprivileged user, so that
+    directory must be created and handed to that user before USER."""
+    beat, _ = _resolve(_cli(), ["beat"])
+    schedule = next(param.default for param in beat.params if param.name == "schedule")
+    text = DOCKERFILE.read_text()
+    workdir = [line.split()[1] for line in text.splitlines() if line.upper().startswith("WORKDIR ")][-1]
+    user = [line.split()[1] for line in text.splitlines() if line.upper().startswith("USER ")][-1]
+    directory = str(Path(workdir) / Path(schedule).parent)
+    before_user = text[:text.rindex("USER ")]
+    assert f"mkdir -p {directory}" in before_user
+    assert f"chown {user}:{user} {directory}" in before_user
 
 
 # --------------------------------------------------------------------------------------------
