@@ -21,6 +21,7 @@ from rich.table import Table
 
 from cli.jobs import CliError, api_client, error_text, request
 from core.costs import COUNTS, MONEY, parse_group_by, parse_instant
+from core.csv_safety import safe_cell
 from core.errors import InvalidInput
 
 _HEADERS = {"requests": "requests", "input_tokens": "input tok", "cached_tokens": "cached tok",
@@ -158,10 +159,14 @@ def write_csv(body: dict[str, Any], report: bool) -> None:
         if "tenant_id" in dims:
             dims.append("tenant_name")
         fields = [*dims, *COUNTS, *MONEY, "savings_pct"]
+    # the names (task types, tenant names, ...) come from tenants and must not run as formulas; the figures
+    # are ours and stay numbers (a negative saving keeps its sign)
+    names = {"task_type"} if report else set(fields) - {*COUNTS, *MONEY, "savings_pct"}
     writer = csv.DictWriter(sys.stdout, fieldnames=fields, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
     for row in rows:
-        writer.writerow(row)
+        writer.writerow({key: safe_cell(value) if isinstance(value, str) and key in names else value
+                         for key, value in row.items()})
 
 
 def run_costs(options: CostsOptions) -> None:

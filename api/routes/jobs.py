@@ -16,7 +16,9 @@ from starlette.concurrency import run_in_threadpool
 
 from api.context import ApiContext
 from api.deps import ContextDep, SessionDep, TenantDep
+from api.downloads import content_disposition
 from api.serialize import money, timestamp
+from core.csv_safety import safe_cell
 from core.errors import InvalidInput, NotFound
 from core.jobs import (
     ItemAppender,
@@ -287,7 +289,9 @@ def results(job_id: str, tenant: TenantDep, ctx: ContextDep,
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
         writer.writeheader()
         for partition in rows():
-            writer.writerows(partition)
+            # item ids, answers and errors come from tenants and providers: no cell may run as a formula
+            writer.writerows({key: safe_cell(value) if isinstance(value, str) else value
+                              for key, value in row.items()} for row in partition)
             yield buffer.getvalue().encode()
             buffer.seek(0)
             buffer.truncate()
@@ -295,7 +299,7 @@ def results(job_id: str, tenant: TenantDep, ctx: ContextDep,
             yield buffer.getvalue().encode()
 
     name = f"job-{job.id}.{result_format}"
-    headers = {"Content-Disposition": f'attachment; filename="{name}"'}
+    headers = {"Content-Disposition": content_disposition(name)}
     if result_format == "csv":
         return StreamingResponse(csv_lines(), media_type="text/csv; charset=utf-8", headers=headers)
     return StreamingResponse(jsonl(), media_type="application/x-ndjson", headers=headers)

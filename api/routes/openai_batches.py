@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.context import ApiContext
+from api.downloads import content_disposition
 from api.routes.openai_chat import authenticate, context_of, parse_json
 from core.facade import (
     batch_object,
@@ -105,7 +106,7 @@ def read_file_content(file_id: str, tenant_id: TenantId, ctx: Context) -> Stream
             yield from iter_file_parts(session, file_id)
 
     return StreamingResponse(parts(), media_type="application/octet-stream", headers={
-        "content-length": str(size), "content-disposition": f'attachment; filename="{name}"'})
+        "content-length": str(size), "content-disposition": content_disposition(name)})
 
 
 @router.delete("/v1/files/{file_id}")
