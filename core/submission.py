@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -29,9 +29,15 @@ class ChatParams(BaseModel):
 
 
 def _deadline_has_timezone(value: datetime | None) -> datetime | None:
-    if value is not None and value.tzinfo is None:
+    """The deadline in UTC: RFC 3339 allows offsets up to ±23:59, Postgres stores only up to ±15:59."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
         raise ValueError("deadline must be RFC 3339 with a timezone offset")
-    return value
+    try:
+        return value.astimezone(UTC)
+    except OverflowError:  # e.g. 9999-12-31T23:00:00-05:00 is past the last representable instant
+        raise ValueError("deadline is out of range") from None
 
 
 def _cache_switch_known(value: dict[str, str]) -> dict[str, str]:

@@ -1,0 +1,29 @@
+"""Deadlines with any RFC 3339 offset are stored in UTC; ones past the representable range are refused."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from core.errors import InvalidInput
+from core.jobs import parse_job_request
+from core.submission import parse_submission
+
+
+@pytest.mark.parametrize(("given", "instant"), [
+    ("3298-09-05T18:47:32+16:17", datetime(3298, 9, 5, 2, 30, 32, tzinfo=UTC)),
+    ("2030-01-01T00:00:00-23:59", datetime(2030, 1, 1, 23, 59, tzinfo=UTC)),
+    ("2030-01-01T12:00:00+02:00", datetime(2030, 1, 1, 10, 0, tzinfo=UTC)),
+])
+def test_any_offset_becomes_the_same_instant_in_utc(given: str, instant: datetime) -> None:
+    task = parse_submission({"prompt": "hi", "deadline": given}, 10, 10_000)[0]
+    job = parse_job_request({"items": [{"id": "1", "text": "x"}], "deadline": given}, 10_000)
+    for parsed in (task.deadline, job.settings.deadline):
+        assert parsed == instant and parsed is not None and parsed.utcoffset() == timedelta(0)
+
+
+def test_a_deadline_past_the_last_instant_is_refused_by_name() -> None:
+    with pytest.raises(InvalidInput) as caught:
+        parse_submission({"prompt": "hi", "deadline": "9999-12-31T23:00:00-05:00"}, 10, 10_000)
+    assert caught.value.param == "deadline"
