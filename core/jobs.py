@@ -180,7 +180,8 @@ def _check_messages(param: str, messages: Any, max_bytes: int) -> list[dict[str,
         where = f"{param}[{index}]"
         if not isinstance(message, dict):
             raise _bad(where, "a chat message must be an object with 'role' and 'content'")
-        if message.get("role") not in _MESSAGE_ROLES:
+        role = message.get("role")
+        if not isinstance(role, str) or role not in _MESSAGE_ROLES:  # a list or an object cannot be looked up
             raise _bad(f"{where}.role", f"must be one of {', '.join(sorted(_MESSAGE_ROLES))}")
         content = message.get("content")
         if content is not None and not isinstance(content, str | list):

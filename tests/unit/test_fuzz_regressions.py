@@ -1,4 +1,6 @@
-"""Deadlines with any RFC 3339 offset are stored in UTC; ones past the representable range are refused."""
+"""Inputs the fuzz suite found answered with a 500, now refused (or accepted) cleanly: deadlines with any RFC 3339
+offset are stored in UTC and ones past the representable range are refused; a chat message whose role is not a
+string is a 422 naming it."""
 
 from __future__ import annotations
 
@@ -27,3 +29,12 @@ def test_a_deadline_past_the_last_instant_is_refused_by_name() -> None:
     with pytest.raises(InvalidInput) as caught:
         parse_submission({"prompt": "hi", "deadline": "9999-12-31T23:00:00-05:00"}, 10, 10_000)
     assert caught.value.param == "deadline"
+
+
+@pytest.mark.parametrize("role", [{"a": 1}, ["user"], 3, None])
+def test_a_message_role_that_is_not_a_string_is_refused_by_name(role: object) -> None:
+    items = [{"id": "1", "messages": [{"role": "user", "content": "hi"}, {"role": role, "content": "x"}]}]
+    with pytest.raises(InvalidInput) as caught:
+        parse_job_request({"items": items}, 10_000)
+    assert caught.value.param == "items[0].messages[1].role"
+    assert caught.value.status_code == 422
