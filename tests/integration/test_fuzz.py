@@ -196,9 +196,14 @@ def _call(world: FuzzWorld, case: Any, identity: Identity, label: str) -> Findin
     try:
         response = case.call(session=session, headers=headers, timeout=REQUEST_TIMEOUT)
     except requests.RequestException as exc:
+        session.close()
         return Finding(label, identity.name, f"no answer ({type(exc).__name__}: {exc})",
                        case.as_curl_command(headers=headers))
     world.record(label, identity, response.status_code)
+    if response.status_code >= 500:
+        # the server may close a connection after an error it did not expect: the next request goes on a new
+        # one, so a failure is blamed on the request that caused it
+        session.close()
     try:
         case.validate_response(response, checks=[not_a_server_error], headers=headers)
     except schemathesis.errors.FailureGroup:
