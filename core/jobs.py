@@ -44,7 +44,7 @@ from core.models import Job, LedgerEntry, Task
 from core.routing import resolve_tier
 from core.rules import RuleView, rule_decision, tenant_rules
 from core.states import CANCELLABLE_TASK_STATUSES, TERMINAL_TASK_STATUSES, Mode, RequestedTier, TaskStatus, Tier
-from core.submission import ChatParams, Deadline, TaskMetadata, invalid_input_from
+from core.submission import ChatParams, Deadline, TaskMetadata, check_content_parts, invalid_input_from
 from core.webhooks import check_webhook_url
 
 MAX_ITEMS_PER_REQUEST = 100_000
@@ -186,6 +186,9 @@ def _check_messages(param: str, messages: Any, max_bytes: int) -> list[dict[str,
         content = message.get("content")
         if content is not None and not isinstance(content, str | list):
             raise _bad(f"{where}.content", "must be a string or a list of content parts")
+        problem = check_content_parts(content) if isinstance(content, list) else None
+        if problem is not None:
+            raise _bad(f"{where}.content{problem[0]}", problem[1])
     try:
         size = len(json.dumps(messages, ensure_ascii=False).encode())
     except (TypeError, ValueError, UnicodeEncodeError):

@@ -50,11 +50,29 @@ Deadline = Annotated[datetime | None, AfterValidator(_deadline_has_timezone)]
 TaskMetadata = Annotated[dict[str, str], AfterValidator(_cache_switch_known)]
 
 
+def check_content_parts(parts: list[Any]) -> tuple[str, str] | None:
+    """What is wrong with a message's content parts (each an object; a `text` is a string), as (where, what):
+    `("[1].text", "must be a string")`; None when nothing is."""
+    for index, part in enumerate(parts):
+        if not isinstance(part, dict):
+            return f"[{index}]", "must be an object such as {\"type\": \"text\", \"text\": \"...\"}"
+        if "text" in part and not isinstance(part["text"], str):
+            return f"[{index}].text", "must be a string"
+    return None
+
+
+def _content_parts_checked(value: str | list[dict[str, Any]] | None) -> str | list[dict[str, Any]] | None:
+    problem = check_content_parts(value) if isinstance(value, list) else None
+    if problem is not None:
+        raise ValueError(f"content{problem[0]} {problem[1]}")
+    return value
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[dict[str, Any]] | None = None
+    content: Annotated[str | list[dict[str, Any]] | None, AfterValidator(_content_parts_checked)] = None
 
 
 class TaskSpec(BaseModel):

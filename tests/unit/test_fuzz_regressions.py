@@ -1,6 +1,6 @@
 """Inputs the fuzz suite found answered with a 500, now refused (or accepted) cleanly: deadlines with any RFC 3339
 offset are stored in UTC and ones past the representable range are refused; a chat message whose role is not a
-string is a 422 naming it."""
+string, or a content part whose text is not a string, is a 422 naming it."""
 
 from __future__ import annotations
 
@@ -38,3 +38,26 @@ def test_a_message_role_that_is_not_a_string_is_refused_by_name(role: object) ->
         parse_job_request({"items": items}, 10_000)
     assert caught.value.param == "items[0].messages[1].role"
     assert caught.value.status_code == 422
+
+
+@pytest.mark.parametrize(("content", "where"), [
+    ([{"type": "text", "text": -35007}], "[0].text"),
+    ([{"type": "text", "text": "ok"}, {"type": "text", "text": {"a": 1}}], "[1].text"),
+    (["plain string part"], "[0]"),
+])
+def test_a_content_part_whose_text_is_not_a_string_is_refused(content: object, where: str) -> None:
+    with pytest.raises(InvalidInput) as task_error:
+        parse_submission({"messages": [{"role": "user", "content": content}]}, 10, 10_000)
+    assert task_error.value.status_code == 422
+    assert task_error.value.param == "messages[0].content" and where in task_error.value.message
+    items = [{"id": "1", "messages": [{"role": "user", "content": content}]}]
+    with pytest.raises(InvalidInput) as job_error:
+        parse_job_request({"items": items}, 10_000)
+    assert job_error.value.status_code == 422 and job_error.value.param == f"items[0].messages[0].content{where}"
+
+
+def test_text_and_other_parts_are_still_accepted() -> None:
+    content = [{"type": "text", "text": "hi"}, {"type": "image_url", "image_url": {"url": "https://x.example/a.png"}}]
+    task = parse_submission({"messages": [{"role": "user", "content": content}]}, 10, 10_000)[0]
+    assert task.chat_messages() == [{"role": "user", "content": content}]
+    parse_job_request({"items": [{"id": "1", "messages": [{"role": "user", "content": content}]}]}, 10_000)
