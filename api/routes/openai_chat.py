@@ -5,6 +5,11 @@ answer is the provider's body, relayed unchanged (its `model` is the model that 
 `x-tierbatch-task-id`, `x-tierbatch-tier`, `x-tierbatch-cost-usd` and `x-tierbatch-cache` (`hit` when
 answered from the response cache, issue 6) headers; a stream (never cached) relays the
 provider's chunks as they arrive (no cost header: the cost is known at the end, on the task).
+
+Fail closed: the request's fields and characters are checked before any provider call
+(`core.chat_fields`); an answer leaves only once its task and ledger row are committed (a stream's
+usage chunk and `[DONE]` wait for the commit), else the client gets a 503 `recording_failed` (an error
+event, for a stream) instead.
 """
 
 from __future__ import annotations
@@ -51,7 +56,7 @@ async def authenticate(request: Request) -> uuid.UUID:
 def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep to parse
         raise GatewayError(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
                            "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what "
                            "was sent was not valid JSON.)", "invalid_request_error", None, None) from None

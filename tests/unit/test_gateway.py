@@ -106,16 +106,19 @@ def test_a_named_model_keeps_its_own_fallbacks() -> None:
     assert bad_tier.value.param == "X-Tier"
 
 
-def test_prepared_call_reads_headers_and_strips_routing_metadata() -> None:
+def test_prepared_call_reads_headers_and_keeps_metadata_off_the_provider_request() -> None:
     call = prepare_chat_call(CONFIG, {"model": SMART_SELECT, "messages": HI, "stream": True,
                                       "stream_options": {"include_usage": True},
                                       "metadata": {"task_type": "reasoning", "team": "a"}},
                              {"x-tier": "light"})
     assert call.stream and call.include_usage
     assert call.route.tier is Tier.LIGHT and call.route.task_type == "reasoning"
-    assert call.request == {"messages": HI, "metadata": {"team": "a"}}
+    # metadata is ours (routing, and the tenant's keys on the task): a provider keeps it only with `store`
+    assert call.request == {"messages": HI}
     assert call.metadata == {"task_type": "reasoning", "team": "a"}
     assert provider_request({"model": "m", "messages": HI, "metadata": {"tier": "light"}}) == {"messages": HI}
+    assert provider_request({"model": "m", "messages": HI, "web_search_options": None, "audio": None,
+                             "temperature": None}) == {"messages": HI, "temperature": None}
 
 
 def test_models_list_smart_select_first_then_each_configured_model_once() -> None:
