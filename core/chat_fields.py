@@ -8,20 +8,26 @@ data at the provider beyond the call. Checked on `POST /v1/chat/completions` and
 `POST /v1/batches` input file, before any provider call; a refusal is a 400 in OpenAI's shape naming
 the field (`param`).
 
-Forwarded to the provider as given (after OpenAI's own checks of their values):
+Forwarded to the provider as given, after OpenAI's own checks of their values (each line: the fields,
+then what is allowed of them and why):
 
-- `messages`: content parts of type `input_audio` are refused (audio tokens are billed at audio rates,
-  which the ledger does not price); text, image and file parts are billed as input tokens.
+- `messages`: content parts of type `input_audio` are refused (audio tokens are billed at audio
+  rates, which the ledger does not price); text, image and file parts are billed as input tokens
 - `temperature`, `top_p`, `n`, `max_tokens`, `max_completion_tokens`, `stop`, `seed`,
-  `presence_penalty`, `frequency_penalty`, `logit_bias`, `logprobs`, `top_logprobs`
-- `response_format`, `tools` (types `function` and `custom` only: hosted tools are billed per call),
-  `tool_choice`, `parallel_tool_calls`, `functions`, `function_call` (the deprecated forms of tools)
-- `reasoning_effort`, `verbosity`: reasoning tokens are output tokens
+  `presence_penalty`, `frequency_penalty`, `logit_bias`, `logprobs`, `top_logprobs`: sampling and
+  output limits, billed as tokens (`n` choices are all counted in the output tokens)
+- `response_format`, `tool_choice`, `parallel_tool_calls`, `functions`, `function_call`: structured
+  output and tool use (`functions` and `function_call` are the deprecated forms of tools)
+- `tools`: of types `function` and `custom` only (hosted tools are billed per call)
+- `reasoning_effort`, `verbosity`: reasoning tokens are counted in the output tokens
 - `prediction`: rejected prediction tokens are counted, and billed, as output tokens
-- `user`, `safety_identifier`, `prompt_cache_key` (the gateway sets its own key when there is none)
-- `service_tier`: `auto` or `default` only (`flex`, `scale`, `priority`, `fast` are billed at other rates)
+- `user`, `safety_identifier`: the tenant's end-user identifiers, for the provider's abuse checks
+- `prompt_cache_key`: a cache routing hint (the gateway sets its own when there is none)
+- `service_tier`: `auto` or `default` only (`flex`, `scale`, `priority`, `fast` are billed at other
+  rates)
 - `modalities`: `["text"]` only (audio output is billed at audio rates)
-- `store`: `false` only (`true` keeps the tenant's prompts and answers in the operator's provider account)
+- `store`: `false` only (`true` keeps the tenant's prompts and answers in the operator's provider
+  account)
 - `prompt_cache_retention`: `in_memory` only (`24h` keeps the tenant's prompt prefixes at the provider
   for a day)
 
@@ -38,7 +44,7 @@ Refused whenever set (null counts as unset):
 - `web_search_options`: web search is billed per call and per search result, not priced
 - `audio`: audio output, billed at audio rates, not priced
 - `moderation`: moderated completions run, and bill, a moderation model the ledger does not price
-- `prompt_cache_options`: cache breakpoints whose billing the ledger does not model
+- `prompt_cache_options`: cache breakpoints, whose billing the ledger does not model
 
 Any other field is a 400 `unknown_parameter` ("Unrecognized request argument supplied"), as OpenAI
 answers.

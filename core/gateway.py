@@ -1113,7 +1113,7 @@ class StreamSession:
                 else:
                     yield line.encode() + b"\n"
             if not self._done and self._error is None:
-                self._error = "the provider's stream ended before its [DONE]"
+                self._error = "the provider's stream ended before the answer was complete"
         except ProviderError as exc:
             self._error = exc.message
         finally:
