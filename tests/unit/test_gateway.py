@@ -380,7 +380,8 @@ def wired_gateway(fail: bool) -> tuple[Gateway, Provider, Writes]:
     provider, writes = Provider(), Writes(fail)
     providers = AsyncProviderClients(CONFIG, transport=httpx2.MockTransport(provider))
     cooldown = Cooldown(FakeRedis(), "t:", CooldownPolicy())  # type: ignore[arg-type]
-    return Gateway(CONFIG, providers, cooldown, PriceBook(CONFIG), "postgresql://unused", write=writes), provider, writes
+    gateway = Gateway(CONFIG, providers, cooldown, PriceBook(CONFIG), "postgresql://unused", write=writes)
+    return gateway, provider, writes
 
 
 def test_an_answer_whose_record_fails_is_withheld() -> None:
