@@ -194,6 +194,35 @@ def check_storable(value: Any, param: str = "") -> None:
     """Every string in `value` (object keys too) storable in Postgres `text`/`jsonb`, and the nesting at
     most `MAX_DEPTH`; else an `InvalidRequest` naming the field (a bad key is named with JSON escapes).
     Iterative: a deep value cannot exhaust the stack."""
+    if not _is_storable(value):
+        _locate(value, param)
+
+
+def _is_storable(value: Any) -> bool:
+    """The check without the field names (the common case, twice as fast)."""
+    pending: list[tuple[Any, int]] = [(value, 0)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, str):
+            if not _clean(item):
+                return False
+        elif isinstance(item, dict):
+            if depth >= MAX_DEPTH:
+                return False
+            for key, sub in item.items():
+                if isinstance(key, str) and not _clean(key):
+                    return False
+                if isinstance(sub, str | dict | list):
+                    pending.append((sub, depth + 1))
+        elif isinstance(item, list):
+            if depth >= MAX_DEPTH:
+                return False
+            pending.extend((sub, depth + 1) for sub in item if isinstance(sub, str | dict | list))
+    return True
+
+
+def _locate(value: Any, param: str) -> None:
+    """Raise the `InvalidRequest` naming the first field `_is_storable` refused."""
     pending: list[tuple[Any, str, int]] = [(value, param, 0)]
     while pending:
         item, where, depth = pending.pop()
