@@ -6,6 +6,12 @@ The call is made from the API process itself (never through Celery). Bookkeeping
 `Recorder`, a group commit: concurrent calls are written together in one transaction (one
 multi-row INSERT per table), and each caller waits for the commit of its own row before it answers.
 A streamed call writes its rows when the stream ends, also when the client leaves midway.
+
+Fail closed: a request is checked before any provider call, fields (`core.chat_fields`: only what
+the ledger can price is forwarded) and characters (nothing Postgres could not record); an answer
+whose rows were not committed is withheld (a 503 `recording_failed`; a stream holds back its usage
+chunk and `[DONE]` until the commit and ends with an error event instead). What a provider answers
+is recorded as Postgres can store it, so no answer is lost to an unstorable character.
 """
 
 from __future__ import annotations
