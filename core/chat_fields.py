@@ -50,8 +50,9 @@ Any other field is a 400 `unknown_parameter` ("Unrecognized request argument sup
 answers.
 
 Recordable: every call is recorded as a task with its ledger row, in Postgres `text` and `jsonb`
-columns, which cannot hold NUL characters or unpaired UTF-16 surrogates. `check_storable` refuses a
-request holding either, anywhere (values and keys), or nested deeper than `MAX_DEPTH`, with a 400 naming
+columns, which cannot hold NUL characters, unpaired UTF-16 surrogates or the non-JSON numbers NaN and
+Infinity (which Python's parser takes, `1e999` included). `check_storable` refuses a request holding any
+of them, anywhere (values and keys), or nested deeper than `MAX_DEPTH`, with a 400 naming
 the field; the API's body limit keeps every string far under Postgres' size limits. What a provider
 answers is recorded as `storable` makes it (those characters replaced by U+FFFD in the stored copy
 only), so an answer can always be recorded.
@@ -62,6 +63,7 @@ Pure and standard-library only.
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from types import MappingProxyType
@@ -99,6 +101,7 @@ REFUSED_CONTENT_PARTS = ("input_audio",)
 MAX_DEPTH = 64  # JSON nesting of a request; tool schemas rarely go past 10
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
+_WALKED = (str, dict, list, float)  # what can hold something Postgres refuses: float for NaN and Infinity
 
 
 def _refused(param: str, message: str, code: str = "unsupported_value") -> InvalidRequest:
@@ -206,18 +209,21 @@ def _is_storable(value: Any) -> bool:
         if isinstance(item, str):
             if not _clean(item):
                 return False
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                return False
         elif isinstance(item, dict):
             if depth >= MAX_DEPTH:
                 return False
             for key, sub in item.items():
                 if isinstance(key, str) and not _clean(key):
                     return False
-                if isinstance(sub, str | dict | list):
+                if isinstance(sub, _WALKED):
                     pending.append((sub, depth + 1))
         elif isinstance(item, list):
             if depth >= MAX_DEPTH:
                 return False
-            pending.extend((sub, depth + 1) for sub in item if isinstance(sub, str | dict | list))
+            pending.extend((sub, depth + 1) for sub in item if isinstance(sub, _WALKED))
     return True
 
 
@@ -229,6 +235,10 @@ def _locate(value: Any, param: str) -> None:
         if isinstance(item, str):
             if not _clean(item):
                 raise _unstorable(where or None, item, "the string")
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                raise InvalidRequest(f"Invalid '{where or 'body'}': {item} is not a JSON number (NaN and "
+                                     "Infinity cannot be recorded).", where or None, "invalid_value")
         elif isinstance(item, dict):
             if depth >= MAX_DEPTH:
                 raise _too_deep(where)
@@ -238,13 +248,13 @@ def _locate(value: Any, param: str) -> None:
                 path = f"{where}.{_shown(key)}" if where else _shown(key)
                 if not _clean(key):
                     raise _unstorable(path, key, "a field name")
-                if isinstance(sub, str | dict | list):
+                if isinstance(sub, _WALKED):
                     pending.append((sub, path, depth + 1))
         elif isinstance(item, list):
             if depth >= MAX_DEPTH:
                 raise _too_deep(where)
             for index, sub in enumerate(item):
-                if isinstance(sub, str | dict | list):
+                if isinstance(sub, _WALKED):
                     pending.append((sub, f"{where}[{index}]", depth + 1))
 
 

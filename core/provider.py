@@ -340,6 +340,10 @@ class ChatStream:
         await self._response.aclose()
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
 class AsyncProviderClients:
     """The API's immediate calls: one pooled async HTTP client per provider, on the SDK's own transport
     (`httpx2`), posting the body as given (the gateway has already cut it down to the fields it forwards,
@@ -403,7 +407,8 @@ class AsyncProviderClients:
             raise self._status_error(response, provider, model)
         content = response.content
         try:
-            body = json.loads(content)
+            # NaN/Infinity are not JSON (Python's parser takes them; Postgres could not record the answer)
+            body = json.loads(content, parse_constant=_not_json)
         except ValueError as exc:
             raise RetryableProviderError(f"{provider}/{model}: the answer is not JSON", provider=provider,
                                          model=model) from exc

@@ -138,7 +138,7 @@ def test_standard_service_tiers_and_store_false_are_served_and_metered(gw: Stack
 def test_characters_postgres_cannot_store_are_refused_before_any_provider_call(gw: Stack) -> None:
     stack = gw
     tenant_id, key = tenant(stack, "bytes")
-    # raw JSON escapes: NUL and an unpaired surrogate, in content, a metadata value, a metadata key
+    # raw JSON escapes: NUL and an unpaired surrogate, in content, a metadata value, a metadata key; NaN
     cases = [
         (b'{"model": "smart-select", "messages": [{"role": "user", "content": "a\\u0000b"}]}',
          "messages[0].content"),
@@ -150,6 +150,12 @@ def test_characters_postgres_cannot_store_are_refused_before_any_provider_call(g
          b'"metadata": {"team": "x\\u0000"}}', "metadata.team"),
         (b'{"model": "smart-select", "messages": [{"role": "user", "content": "hi"}], '
          b'"metadata": {"t\\udc80": "x"}}', "metadata.t\\udc80"),
+        # not JSON numbers, though Python's parser takes them
+        (b'{"model": "smart-select", "stream": true, "messages": [{"role": "user", "content": "hi"}], '
+         b'"temperature": NaN}', "temperature"),
+        (b'{"model": "smart-select", "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": '
+         b'"function", "function": {"name": "f", "parameters": {"default": 1e999}}}]}',
+         "tools[0].function.parameters.default"),
     ]
     for content, param in cases:
         response = post_raw(stack, key, content)

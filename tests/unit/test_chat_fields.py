@@ -132,6 +132,16 @@ def test_strings_postgres_cannot_store_are_refused_by_field(body: dict[str, Any]
     json.dumps({"message": caught.value.message, "param": caught.value.param}, ensure_ascii=False).encode()
 
 
+@pytest.mark.parametrize("raw", ['{"temperature": NaN}', '{"tools": [{"parameters": {"default": Infinity}}]}',
+                                 '{"logit_bias": {"1": -Infinity}}', '{"seed": 1e999}'])
+def test_numbers_that_are_not_json_are_refused(raw: str) -> None:
+    with pytest.raises(InvalidRequest) as caught:
+        check_storable(json.loads(raw))
+    assert caught.value.code == "invalid_value" and caught.value.param in (
+        "temperature", "tools[0].parameters.default", "logit_bias.1", "seed")
+    check_storable({"temperature": 0.5, "seed": 1, "x": [1.5e300, -2.0]})
+
+
 def test_paired_surrogates_and_plain_text_are_storable() -> None:
     check_storable({"messages": [{"role": "user", "content": "emoji 😀, accents é, CJK 漢字"}]})
 
