@@ -529,10 +529,24 @@ def _json_value(value: Any) -> str:
 _dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"), default=_json_value)
 
 
-# What Postgres cannot take in the rows' JSON text: a NUL (`\u0000`, escaped once in our values, twice in
-# the provider's raw JSON), an unpaired surrogate (raw in our values, escaped in the provider's JSON; an
-# escaped *pair* matches too, and only costs the slow path).
-_UNSTORABLE = re.compile(r"\\u0000|\\u[dD][89a-fA-F]|" + "[\ud800-\udfff]")
+# Escapes Postgres cannot take in the rows' JSON text: a NUL (`\u0000`: escaped once in our values, twice
+# in the provider's raw JSON) and a surrogate (in the provider's JSON; an escaped *pair* matches too, and
+# only costs the slow path).
+_UNSTORABLE_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _storable_param(text: str) -> bool:
+    """Whether Postgres takes this JSON text (substring searches and an encode: a regex alternation over
+    the whole text would cost more than building it)."""
+    if "\\u" in text and _UNSTORABLE_ESCAPE.search(text) is not None:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")  # fails on an unpaired surrogate, raw in our own values
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _storable_json(text: str | None) -> str | None:
@@ -564,7 +578,7 @@ def record_params(records: Sequence[CallRecord]) -> dict[str, str]:
     Always storable: a provider's answer holding characters Postgres refuses is stored with them
     replaced, so its task and ledger row are written all the same."""
     params = _record_params(records)
-    if _UNSTORABLE.search(params["tasks"]) is None and _UNSTORABLE.search(params["ledger"]) is None:
+    if _storable_param(params["tasks"]) and _storable_param(params["ledger"]):
         return params
     return _record_params([_storable_record(r) for r in records])
 
