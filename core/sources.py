@@ -83,11 +83,11 @@ def path_parts(path: str) -> list[str]:
     if "\x00" in path:
         raise PathRefused("must not contain NUL characters")
     if path.startswith("/") or os.path.isabs(path) or path.startswith("~"):
-        raise PathRefused(f"{path!r} is absolute: a path is relative to your own files directory "
-                          "(<[files] root>/<tenant id>/), e.g. 'tickets/*.csv'")
+        raise PathRefused("must be relative to your own files directory (<[files] root>/<tenant id>/), "
+                          "e.g. 'tickets/*.csv', not an absolute path")
     parts = [part for part in path.split("/") if part not in ("", ".")]
     if ".." in parts:
-        raise PathRefused(f"{path!r} contains '..': a path must stay inside your own files directory")
+        raise PathRefused("must not contain '..': a path stays inside your own files directory")
     if not parts:
         raise PathRefused("names no file")
     return parts
