@@ -1,8 +1,10 @@
 """Scheduled bulk classification (DESIGN §8 schedules, issue 7).
 
 A schedule is a cron expression in a time zone, a job template (task type, tier, labels, prompts …),
-a source (core/sources.py), an optional sink (a JSONL/CSV file of the results) and an optional
-signed webhook. Its life:
+a source (core/sources.py: a file in the tenant's own directory, a file it uploaded, or a SQL source
+the operator declared and granted to it), an optional sink (a JSONL/CSV file of the results, written
+inside the tenant's directory) and an optional signed webhook. Every check of the source and sink made
+at creation is made again when the run reads or writes them. Its life:
 
 1. **Firing exactly once.** The beat tick (`fire_due`) takes the enabled schedules whose
    `next_fire_at` has passed (`FOR UPDATE SKIP LOCKED`) and inserts a run keyed by
@@ -87,7 +89,6 @@ JOB_KEYS = ("task_type", "tier", "urgent", "deadline_seconds", "params", "system
             "metadata")
 CRON_ALIASES = frozenset({"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"})
 SINK_FIELDS = frozenset({"run_id", "schedule_id", "schedule_name", "fire_time", "date"})
-SOURCE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,100}$")
 LIVE_STATUSES = ("queued", "waiting_batch", "in_batch", "running")
 # how long a message may go unanswered before the tick sends it again (lost in a Redis wipe or a crash)
 RESEND_START_SECONDS = 60.0

@@ -28,7 +28,8 @@ from tests.integration.test_schedules import (
     wait_run,
     write_tickets,
 )
-from tests.support.stack import Stack
+from tests.support.procs import free_port
+from tests.support.stack import Stack, write_app_config
 
 pytestmark = pytest.mark.integration
 
@@ -245,3 +246,28 @@ def test_uploaded_data_files_are_read_by_their_tenant_only(sim_reset: Stack) -> 
         gone = wait_run(stack, owner, schedule["id"], run_now(owner, schedule["id"])["id"])
         assert gone["status"] == "failed" and "no uploaded file" in gone["error"], gone
     seen_by_b.assert_never_contains(["Secret ticket", "U-1", "tickets.csv"])
+
+
+def test_without_a_files_root_paths_are_refused_saying_how_to_enable_them(stack: Stack) -> None:
+    """A second API process on the same database, its config without `[files] root`."""
+    config = write_app_config(stack.tmp / "no-files.toml", stack.simulator_port, "[files]\n")
+    bare = Stack(tmp=stack.tmp, database_url=stack.database_url, redis_url=stack.redis_url, config_path=config,
+                 simulator_port=stack.simulator_port, api_port=free_port(), redis_prefix=stack.redis_prefix)
+    key, home = tenant_with_home(stack)
+    write_tickets(home / "t.csv", 2)
+    try:
+        bare.start_api()
+        with bare.client(key) as client:
+            source = {"type": "file", "path": "t.csv", "text_field": "body"}
+            refused = post_schedule(client, source)
+            assert refused.status_code == 422 and refused.json()["error"]["param"] == "source.path"
+            assert "[files] root" in refused.json()["error"]["message"]
+            uploaded = upload(client, "t.csv", (home / "t.csv").read_bytes())
+            assert uploaded.status_code == 200, uploaded.text
+            by_id = {"type": "file", "file_id": uploaded.json()["id"], "text_field": "body"}
+            sink = post_schedule(client, by_id, {"type": "file", "path": "out.csv"})
+            assert sink.status_code == 422 and sink.json()["error"]["param"] == "sink.path"
+            assert "[files] root" in sink.json()["error"]["message"]
+            assert post_schedule(client, by_id).status_code == 201  # uploaded data needs no directory
+    finally:
+        bare.stop_all()
