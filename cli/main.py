@@ -306,7 +306,8 @@ def schedules_add(
         name: Annotated[str | None, typer.Argument(help="Schedule name (or in --file).", show_default=False)] = None,
         cron: Annotated[str | None, typer.Option(help="Cron expression, e.g. '0 2 * * *'.")] = None,
         timezone: Annotated[str, typer.Option(help="IANA time zone of the cron expression.")] = "UTC",
-        source: Annotated[str | None, typer.Option(help="File source: a path or glob (CSV or JSONL).")] = None,
+        source: Annotated[str | None, typer.Option(help="File source: a path or glob (CSV or JSONL), relative "
+                                                        "to the tenant's files directory on the server.")] = None,
         source_format: Annotated[str, typer.Option("--format", help="auto, csv or jsonl.")] = "auto",
         id_field: Annotated[str, typer.Option(help="Field or column of the item id.")] = "id",
         text_field: Annotated[str, typer.Option(help="Field or column of the item text.")] = "text",
@@ -316,8 +317,8 @@ def schedules_add(
         urgent: Annotated[bool, typer.Option("--urgent", help="Call immediately, not by batch.")] = False,
         system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
         template: Annotated[str | None, typer.Option(help="User message with {text}.")] = None,
-        sink: Annotated[str | None, typer.Option(help="Write results to this path ({run_id} …; .jsonl/.csv).")]
-        = None,
+        sink: Annotated[str | None, typer.Option(help="Write results to this path, relative to the tenant's "
+                                                      "files directory ({run_id} …; .jsonl/.csv).")] = None,
         webhook_url: Annotated[str | None, typer.Option(help="POST a signed summary when a run finishes.")] = None,
         disabled: Annotated[bool, typer.Option("--disabled", help="Create it disabled.")] = False,
         body_file: Annotated[Path | None, typer.Option("--file", help="A whole schedule as JSON (e.g. a SQL "

@@ -319,12 +319,13 @@ OPENAI_BATCH_STATUSES = ("validating", "failed", "in_progress", "finalizing", "c
 
 
 class StoredFile(Base):
-    """A file of the `/v1/files` facade: batch input files uploaded by a tenant, and the output and
-    error files assembled for its batches. The content lives in `file_parts`, in order."""
+    """A file of the `/v1/files` facade: batch input files uploaded by a tenant, the output and error
+    files assembled for its batches, and data files (`user_data`) a schedule's source reads. The
+    content lives in `file_parts`, in order."""
 
     __tablename__ = "files"
     __table_args__ = (
-        CheckConstraint("purpose IN ('batch', 'batch_output')", name="purpose_known"),
+        CheckConstraint("purpose IN ('batch', 'batch_output', 'user_data')", name="purpose_known"),
         Index("ix_files_tenant_created", "tenant_id", "created_at"),
     )
 

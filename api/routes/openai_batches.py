@@ -1,4 +1,5 @@
-"""The Batch API facade (DESIGN §9): `/v1/files` (purpose `batch`) and `/v1/batches`, OpenAI's semantics
+"""The Batch API facade (DESIGN §9): `/v1/files` (purpose `batch`; also `user_data`, CSV or JSONL rows a
+schedule's source reads by `file_id`) and `/v1/batches`, OpenAI's semantics
 and limits over our task path. Domain logic in core/facade.py; output files are assembled lazily, by
 the first read of a batch whose lines are all done."""
 
@@ -28,6 +29,7 @@ from core.facade import (
     list_batches,
     list_files,
     store_batch_file,
+    store_user_file,
 )
 from core.gateway import GatewayError
 from core.jobs import dispatch_in_chunks
@@ -56,16 +58,21 @@ async def upload_file(request: Request, tenant_id: TenantId, ctx: Context) -> di
         upload = form.get("file")
         if purpose is None or purpose == "":
             raise _missing("purpose")
-        if purpose != "batch":
-            raise GatewayError(400, f"Invalid value for 'purpose': '{purpose}'. tierbatch accepts only 'batch'.",
+        if purpose not in ("batch", "user_data"):
+            raise GatewayError(400, f"Invalid value for 'purpose': '{purpose}'. tierbatch accepts 'batch' (Batch "
+                               "API input) and 'user_data' (CSV or JSONL rows for a schedule's source).",
                                "invalid_request_error", "purpose", "invalid_value")
         if not isinstance(upload, UploadFile):
             raise _missing("file")
-        filename = upload.filename or "upload.jsonl"
+        filename = upload.filename or ("upload.jsonl" if purpose == "batch" else "upload.csv")
 
         def store() -> dict[str, Any]:
             with ctx.sessions.begin() as session:
-                stored = store_batch_file(session, tenant_id, filename, upload.file, ctx.file_limits, ctx.config)
+                if purpose == "user_data":
+                    stored = store_user_file(session, tenant_id, filename, upload.file, ctx.file_limits)
+                else:
+                    stored = store_batch_file(session, tenant_id, filename, upload.file, ctx.file_limits,
+                                              ctx.config)
                 return file_object(stored)
 
         return await run_in_threadpool(store)

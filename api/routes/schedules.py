@@ -10,13 +10,15 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.deps import ContextDep, SessionDep, TenantDep
 from api.serialize import money, timestamp
 from core.errors import InvalidInput, NotFound
 from core.messaging import SCHEDULE_RUN
-from core.models import Classification, Schedule, ScheduleRun
+from core.models import Classification, Schedule, ScheduleRun, Tenant
 from core.schedules import (
+    TenantScope,
     create_schedule,
     delete_schedule,
     get_run,
@@ -29,7 +31,7 @@ from core.schedules import (
     update_schedule,
     webhook_attempts,
 )
-from core.sources import cursor_json, source_roots
+from core.sources import cursor_json, user_file
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
@@ -47,6 +49,11 @@ async def json_body(request: Request) -> Any:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"the request body is not valid JSON: {exc}", status_code=400) from None
+
+
+def tenant_scope(session: Session, tenant: Tenant) -> TenantScope:
+    """What the schedule checks need to know of the caller: id, name, and its own uploaded files."""
+    return TenantScope(tenant.id, tenant.name, lambda file_id: user_file(session, tenant.id, file_id) is not None)
 
 
 def schedule_body(schedule: Schedule) -> dict[str, Any]:
@@ -91,8 +98,8 @@ def _run_cursor(session: SessionDep, after: str | None, schedule_id: uuid.UUID) 
 @router.post("", status_code=201)
 async def create(request: Request, tenant: TenantDep, ctx: ContextDep) -> JSONResponse:
     payload = await json_body(request)
-    spec = parse_schedule(payload, ctx.config, source_roots())
     with ctx.sessions.begin() as session:
+        spec = parse_schedule(payload, ctx.config, tenant_scope(session, tenant))
         schedule = create_schedule(session, tenant.id, spec)
         body = schedule_body(schedule)
     # the signing secret is shown once, here; it is never returned again
@@ -118,7 +125,8 @@ async def change(schedule_id: str, request: Request, tenant: TenantDep, ctx: Con
     parsed = parse_uuid(schedule_id, "schedule")
     payload = await json_body(request)
     with ctx.sessions.begin() as session:
-        schedule = update_schedule(session, tenant.id, parsed, payload, ctx.config, source_roots())
+        schedule = update_schedule(session, tenant.id, parsed, payload, ctx.config,
+                                   tenant_scope(session, tenant))
         return schedule_body(schedule)
 
 

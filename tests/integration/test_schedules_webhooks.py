@@ -8,12 +8,19 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.test_schedules import JOB, file_schedule, query, run_now, wait_run, write_tickets
+from tests.integration.test_schedules import (
+    JOB,
+    file_schedule,
+    query,
+    run_now,
+    tenant_with_home,
+    wait_run,
+    write_tickets,
+)
 from tests.support.procs import wait_until
 from tests.support.stack import Stack
 from tests.support.webhooks import Receiver, webhook_receiver
@@ -28,10 +35,12 @@ def receiver() -> Iterator[Receiver]:
 
 
 def test_signed_webhook_is_retried_with_backoff_and_every_attempt_recorded(
-        sim_reset: Stack, tmp_path: Path, receiver: Receiver) -> None:
+        sim_reset: Stack, receiver: Receiver) -> None:
     stack = sim_reset
-    with stack.client(stack.new_tenant_key()) as client:
-        schedule = file_schedule(client, write_tickets(tmp_path / "t.csv", 5), job={**JOB, "urgent": True},
+    key, home = tenant_with_home(stack)
+    write_tickets(home / "t.csv", 5)
+    with stack.client(key) as client:
+        schedule = file_schedule(client, "t.csv", job={**JOB, "urgent": True},
                                  webhook_url=receiver.url)
         receiver.secret = schedule["webhook_secret"]
         assert "webhook_secret" not in client.get(f"/v1/schedules/{schedule['id']}").json()
@@ -68,11 +77,11 @@ def test_signed_webhook_is_retried_with_backoff_and_every_attempt_recorded(
     assert query(stack, "SELECT count(*) FROM webhook_deliveries WHERE run_id = %s", run["id"]) == [(3,)]
 
 
-def test_a_failed_run_is_reported_by_the_webhook_too(sim_reset: Stack, tmp_path: Path, receiver: Receiver) -> None:
+def test_a_failed_run_is_reported_by_the_webhook_too(sim_reset: Stack, receiver: Receiver) -> None:
     stack = sim_reset
     receiver.failures = 0
     with stack.client(stack.new_tenant_key()) as client:
-        schedule = file_schedule(client, tmp_path / "missing.csv", webhook_url=receiver.url)
+        schedule = file_schedule(client, "missing.csv", webhook_url=receiver.url)
         receiver.secret = schedule["webhook_secret"]
         run = run_now(client, schedule["id"])
         failed = wait_run(stack, client, schedule["id"], run["id"])

@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -108,6 +109,10 @@ def test_up_serves_a_task_and_ctrl_c_stops_everything(tmp_path: Path, embedded_e
             raise AssertionError(f"tierbatch up did not start:\n{up.log_text()}") from None
         assert httpx.get(f"{api_url}/readyz", timeout=5).status_code == 200
         assert httpx.get(f"http://127.0.0.1:{simulator_port}/_sim/stats", timeout=5).status_code == 200
+
+        # tenants' file sources and sinks are confined under the data directory
+        config = tomllib.loads((state / "tierbatch.toml").read_text())
+        assert config["files"]["root"] == str(state / "files") and (state / "files").is_dir()
 
         key_file = state / "dev_api_key"
         dev_key = key_file.read_text().strip()
@@ -209,6 +214,10 @@ def test_demo_reports_costs_and_stops(tmp_path: Path, embedded_env: None) -> Non
     assert Decimal(totals["savings_usd"]) == total_baseline - total_cost
     assert Decimal(totals["savings_usd"]) > 0  # the light tasks ran on the cheaper model
     assert report["ok"] is True
+    # the scheduled classification read the sample uploaded as the tenant's own data file
+    schedule_run = report["schedule_run"]
+    assert schedule_run is not None and schedule_run["status"] != "failed" and not schedule_run["error"], schedule_run
+    assert schedule_run["task_count"] == 40, schedule_run
 
     # the response cache (issue 6): the repeats of a deterministic question cost nothing
     cache = report["cache_scene"]

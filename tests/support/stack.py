@@ -37,9 +37,35 @@ def scratch_database(base_url: str, prefix: str = "tierbatch_test") -> Iterator[
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# SQL sources of the session stack (tests/integration/test_schedules_sources.py): the worker that reads
+# them is started with TB_TEST_TICKETS_DB_URL; granted by tenant name
+SESSION_SOURCES = """
+[sources.tickets]
+url_env = "TB_TEST_TICKETS_DB_URL"
+tenants = ["sql-reader"]
+statement_timeout_seconds = 1
+
+[sources.tickets_capped]
+url_env = "TB_TEST_TICKETS_DB_URL"
+tenants = ["sql-reader"]
+max_rows = 10
+
+[sources.finance]
+url_env = "TB_TEST_TICKETS_DB_URL"
+tenants = ["finance-team"]
+"""
+
+
+def files_root_of(config_path: Path) -> Path:
+    """`[files] root` of a config written by write_app_config (unless its extra sets another)."""
+    return config_path.parent / "files"
+
+
 def write_app_config(path: Path, simulator_port: int, extra: str = "") -> Path:
     # no shadow calls unless a test asks for them (test_quality.py runs a stack of its own)
     quality = "" if "[quality]" in extra else "\n[quality]\nshadow_rate = 0.0\n"
+    # tenants' file sources and sinks live in <root>/<tenant id>/
+    files = "" if "[files]" in extra else f'\n[files]\nroot = "{files_root_of(path)}"\n'
     path.write_text(f"""
 [providers.sim]
 base_url = "http://127.0.0.1:{simulator_port}/v1"
@@ -87,6 +113,7 @@ max_attempts = 3
 cached_always = "always"
 never_cached = "off"
 {quality}
+{files}
 {extra}
 """)
     return path
@@ -158,10 +185,20 @@ class Stack:
                             timeout=30)
 
     def new_tenant_key(self, name: str = "t") -> str:
+        return self.new_tenant(name)[1]
+
+    def new_tenant(self, name: str = "t") -> tuple[str, str]:
+        """(tenant id, API key) of a new tenant."""
         with self.admin_client() as client:
             response = client.post("/v1/admin/tenants", json={"name": name})
             response.raise_for_status()
-            return str(response.json()["api_key"])
+            return str(response.json()["id"]), str(response.json()["api_key"])
+
+    def tenant_dir(self, tenant_id: str) -> Path:
+        """The tenant's own files directory (`<[files] root>/<tenant id>/`), made if missing."""
+        path = files_root_of(self.config_path) / tenant_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def client(self, api_key: str) -> httpx.Client:
         return httpx.Client(base_url=self.api_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30)
