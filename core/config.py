@@ -134,6 +134,17 @@ class BudgetConfig(_Section):
     policy: Literal["reject", "downgrade"] = "reject"
 
 
+class WebhooksConfig(_Section):
+    """Outbound webhooks (core/webhooks.py): where they may go and how long an attempt may take."""
+
+    # false: only public addresses (no loopback, private, link-local, ...); true for internal receivers
+    allow_private_networks: bool = False
+    # one attempt, from resolving the host to the last byte of the answer (an overall deadline)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # the receiver's answer is read up to this many bytes, then dropped (only its status is kept)
+    max_response_bytes: int = Field(default=65_536, ge=0, le=1_048_576)
+
+
 class AppConfig(_Section):
     providers: dict[str, ProviderConfig]
     tiers: dict[Literal["light", "complex"], TierConfig]
@@ -146,6 +157,7 @@ class AppConfig(_Section):
     reconciler: ReconcilerConfig = ReconcilerConfig()
     limits: LimitsConfig = LimitsConfig()
     budget: BudgetConfig = BudgetConfig()
+    webhooks: WebhooksConfig = WebhooksConfig()
 
     @model_validator(mode="after")
     def _check_references(self) -> AppConfig:
