@@ -50,7 +50,7 @@ import secrets
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -440,6 +440,11 @@ def _failure(exc: httpx.HTTPError) -> str:
     return f"request failed ({type(exc).__name__})"
 
 
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield
+
+
 async def _post(call: WebhookCall, policy: TargetPolicy, timeout: float, max_response_bytes: int,
                 transport: httpx.AsyncBaseTransport | None, now: Callable[[], datetime]) -> AttemptResult:
     started = time.monotonic()
@@ -462,7 +467,9 @@ async def _post(call: WebhookCall, policy: TargetPolicy, timeout: float, max_res
                 trust_env=False) as client, client.stream("POST", call.url, content=call.body,
                                                           headers=headers) as response:
             received = 0
-            async for chunk in response.aiter_raw():  # read a little, keep nothing
+            # read a little, keep nothing (an answer built in memory, as by a test transport, is not a stream)
+            chunks = response.aiter_raw() if not response.is_stream_consumed else _nothing()
+            async for chunk in chunks:
                 received += len(chunk)
                 if received >= max_response_bytes:
                     break

@@ -44,7 +44,8 @@ def write_app_config(path: Path, simulator_port: int, extra: str = "") -> Path:
     quality = "" if "[quality]" in extra else "\n[quality]\nshadow_rate = 0.0\n"
     # the webhook tests' receivers listen on 127.0.0.1: the session stack lets webhooks go there
     # (test_webhook_targets.py runs a stack of its own with the default, public addresses only)
-    webhooks = "" if "[webhooks]" in extra else "\n[webhooks]\nallow_private_networks = true\n"
+    webhooks = ("" if "[webhooks]" in extra
+                else "\n[webhooks]\nallow_private_networks = true\ntimeout_seconds = 3\n")
     path.write_text(f"""
 [providers.sim]
 base_url = "http://127.0.0.1:{simulator_port}/v1"
