@@ -477,7 +477,7 @@ async def _post(call: WebhookCall, policy: TargetPolicy, timeout: float, max_res
     except TimeoutError:
         return AttemptResult(None, f"timed out: no complete answer within {timeout:g} s", took())
     except BlockedTarget as exc:
-        return AttemptResult(None, f"not sent: {exc}", took())
+        return AttemptResult(None, f"not sent: {exc} (webhooks are only sent to public addresses)", took())
     except httpx.HTTPError as exc:
         return AttemptResult(None, _failure(exc), took())
     return AttemptResult(status, None if 200 <= status < 300 else f"HTTP {status}", took())

@@ -15,9 +15,9 @@ from typing import Any
 
 import pytest
 
+from core.secretbox import SecretBox
 from tests.integration.test_schedules import JOB, file_schedule, query, run_now, wait_run, write_tickets
 from tests.support.procs import wait_until
-from core.secretbox import SecretBox
 from tests.support.stack import SECRET_KEY, Stack
 from tests.support.webhooks import Receiver, webhook_receiver
 
