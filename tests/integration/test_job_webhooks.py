@@ -278,14 +278,15 @@ def test_the_migration_gives_every_existing_tenant_its_own_secret_then_encrypts_
                              (uuid.uuid4(), f"old-{n}", f"hash-{n}", "tb_"))
         command.upgrade(config, "0007")  # the plain secrets, as they were before encryption
         with psycopg.connect(psycopg_dsn(url)) as conn:
-            plain = dict(conn.execute("SELECT id, webhook_secret FROM tenants").fetchall())
+            plain: dict[uuid.UUID, str] = dict(conn.execute("SELECT id, webhook_secret FROM tenants").fetchall())
         assert len(set(plain.values())) == 3
         assert all(s.startswith("whsec_") and len(s) == len("whsec_") + 64 for s in plain.values())
 
         upgrade_to_head(url, SECRET_KEY)
         box = SecretBox([SECRET_KEY])
         with psycopg.connect(psycopg_dsn(url)) as conn:
-            sealed = dict(conn.execute("SELECT id, webhook_secret_encrypted FROM tenants").fetchall())
+            sealed: dict[uuid.UUID, str] = dict(
+                conn.execute("SELECT id, webhook_secret_encrypted FROM tenants").fetchall())
             columns = {r[0] for r in conn.execute("SELECT column_name FROM information_schema.columns "
                                                   "WHERE table_name IN ('tenants', 'schedules')").fetchall()}
         assert "webhook_secret" not in columns  # the plain text column is gone

@@ -80,6 +80,15 @@ def test_public_addresses_pass_and_operators_may_allow_private_networks() -> Non
 
 # --- at connect time ------------------------------------------------------------------------------------
 
+def recording(sent: list[httpx.Request], status: int) -> httpx.MockTransport:
+    """A transport instead of the network: it keeps every request that reached it."""
+    def handle(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(status)
+
+    return httpx.MockTransport(handle)
+
+
 def call(url: str, secret: str | None = None) -> WebhookCall:
     return WebhookCall("job", uuid.uuid4(), 1, url, b'{"event":"job.finished"}', secret or new_secret(),
                        "job.finished")
@@ -91,7 +100,7 @@ def test_dns_rebinding_a_public_answer_at_creation_then_loopback_at_delivery_is_
     url = "http://rebind.example/hook"
     assert policy.check_url(url) == url  # creation: public
     sent: list[httpx.Request] = []
-    transport = httpx.MockTransport(lambda request: sent.append(request) or httpx.Response(200))
+    transport = recording(sent, 200)
     result = deliver(call(url), WebhooksConfig(), resolver=policy.resolver, transport=transport)
     assert sent == []  # no request was made
     assert not result.delivered and result.status_code is None
@@ -100,7 +109,7 @@ def test_dns_rebinding_a_public_answer_at_creation_then_loopback_at_delivery_is_
 
 def test_the_connection_goes_to_the_checked_address_with_the_original_host_and_sni() -> None:
     sent: list[httpx.Request] = []
-    transport = httpx.MockTransport(lambda request: sent.append(request) or httpx.Response(204))
+    transport = recording(sent, 204)
     secret = new_secret()
     result = deliver(call("https://hooks.example.com:8443/in?x=1", secret), WebhooksConfig(),
                      resolver=lambda host, port: [PUBLIC], transport=transport)
@@ -115,7 +124,7 @@ def test_the_connection_goes_to_the_checked_address_with_the_original_host_and_s
 
 def test_the_webhook_id_is_the_same_on_every_attempt_of_a_subject() -> None:
     sent: list[httpx.Request] = []
-    transport = httpx.MockTransport(lambda request: sent.append(request) or httpx.Response(500))
+    transport = recording(sent, 500)
     subject = uuid.uuid4()
     for attempt in (1, 2):
         one = WebhookCall("job", subject, attempt, "https://8.8.8.8/h", b"{}", new_secret(), "job.finished")
@@ -141,7 +150,7 @@ def test_only_the_status_is_kept_and_the_answer_is_read_up_to_the_cap() -> None:
 
 def test_a_missing_secret_is_a_failed_attempt_and_no_request() -> None:
     sent: list[httpx.Request] = []
-    transport = httpx.MockTransport(lambda request: sent.append(request) or httpx.Response(200))
+    transport = recording(sent, 200)
     orphan = WebhookCall("job", uuid.uuid4(), 1, "https://8.8.8.8/h", b"{}", None, "job.finished",
                          "the tenant has no webhook secret")
     result = deliver(orphan, WebhooksConfig(), transport=transport)
@@ -231,7 +240,11 @@ def test_new_secrets_are_standard_webhooks_secrets() -> None:
 
 def test_blocked_target_is_raised_for_literals_before_any_lookup() -> None:
     asked: list[str] = []
-    policy = TargetPolicy(resolver=lambda host, port: asked.append(host) or [PUBLIC])
+    def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return [PUBLIC]
+
+    policy = TargetPolicy(resolver=resolver)
     with pytest.raises(BlockedTarget):
         policy.addresses("127.1", 80)
     with pytest.raises(BlockedTarget):
