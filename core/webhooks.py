@@ -211,11 +211,16 @@ class TargetPolicy:
             return None
         parsed = httpx.URL(url)
         try:
-            self.addresses(parsed.host, parsed.port or (443 if parsed.scheme == "https" else 80))
+            self.addresses(_ascii_host(parsed), parsed.port or (443 if parsed.scheme == "https" else 80))
         except BlockedTarget as exc:
             raise InvalidInput(f"webhook_url: {exc}; webhooks are only sent to public addresses",
                                param="webhook_url", status_code=422) from None
         return url
+
+
+def _ascii_host(url: httpx.URL) -> str:
+    """The host as DNS and TLS see it (IDNA-encoded), without IPv6 brackets."""
+    return url.raw_host.decode("ascii")
 
 
 def require_secret_box(box: SecretBox | None) -> SecretBox:
@@ -239,13 +244,14 @@ class PinnedTransport(httpx.AsyncBaseTransport):
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
+        host = _ascii_host(url)
         port = url.port or (443 if url.scheme == "https" else 80)
-        addresses = await asyncio.to_thread(self.policy.addresses, url.host, port)
+        addresses = await asyncio.to_thread(self.policy.addresses, host, port)
         last: httpx.ConnectError | None = None
         for ip in addresses:
             extensions = dict(request.extensions)
-            if url.scheme == "https" and literal_address(url.host) is None:
-                extensions["sni_hostname"] = url.host
+            if url.scheme == "https" and literal_address(host) is None:
+                extensions["sni_hostname"] = host
             pinned = httpx.Request(request.method, url.copy_with(host=str(ip)), headers=request.headers,
                                    stream=request.stream, extensions=extensions)
             try:

@@ -251,3 +251,20 @@ def test_blocked_target_is_raised_for_literals_before_any_lookup() -> None:
         policy.addresses("localhost", 80)
     assert asked == []
     assert asyncio.run(asyncio.to_thread(policy.addresses, "hooks.example.com", 443))
+
+
+def test_international_names_are_resolved_and_sent_as_idna_and_ipv6_answers_are_pinned_too() -> None:
+    asked: list[str] = []
+
+    def resolver(host: str, port: int) -> list[str]:
+        asked.append(host)
+        return ["2606:2800:220:1:248:1893:25c8:1946"]
+
+    sent: list[httpx.Request] = []
+    result = deliver(call("https://bücher.example/h"), WebhooksConfig(), resolver=resolver,
+                     transport=recording(sent, 200))
+    assert result.delivered and asked == ["xn--bcher-kva.example"]
+    [request] = sent
+    assert request.url.host == "2606:2800:220:1:248:1893:25c8:1946"
+    assert request.extensions["sni_hostname"] == "xn--bcher-kva.example"
+    assert request.headers["host"] == "xn--bcher-kva.example"
