@@ -20,11 +20,12 @@ from typing import Any
 import psycopg
 import pytest
 
+from core.migrate import upgrade_to_head
 from tests.conftest import TEST_REDIS_URL
 from tests.integration.conftest import delete_redis_keys
 from tests.integration.test_jobs_api import items, row_counts
 from tests.support.procs import free_port, wait_until
-from tests.support.stack import Stack, psycopg_dsn, write_app_config
+from tests.support.stack import SECRET_KEY, Stack, psycopg_dsn, scratch_database, write_app_config
 from tests.support.webhooks import Receiver, webhook_receiver
 
 pytestmark = pytest.mark.integration
@@ -33,21 +34,25 @@ JOB = {"tier": "light", "labels": ["a", "b"], "template": "Ticket: {text}"}
 
 
 @pytest.fixture(scope="module")
-def public_only(migrated_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def public_only(base_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """Its own database too: the session stack's worker (private networks allowed) must not deliver the
+    webhooks stored here."""
     tmp = Path(tmp_path_factory.mktemp("public-only"))
     simulator_port = free_port()  # never started: nothing here reaches a provider
     config = write_app_config(tmp / "tierbatch.toml", simulator_port,
                               extra="[webhooks]\nallow_private_networks = false\ntimeout_seconds = 3\n")
-    running = Stack(tmp=tmp, database_url=migrated_database_url, redis_url=TEST_REDIS_URL, config_path=config,
-                    simulator_port=simulator_port, api_port=free_port())
-    try:
-        running.start_api()
-        running.start_worker()
-        running.start_beat()
-        yield running
-    finally:
-        running.stop_all()
-        delete_redis_keys(running.redis_prefix)
+    with scratch_database(base_database_url, prefix="tierbatch_public_only") as database_url:
+        upgrade_to_head(database_url, SECRET_KEY)
+        running = Stack(tmp=tmp, database_url=database_url, redis_url=TEST_REDIS_URL, config_path=config,
+                        simulator_port=simulator_port, api_port=free_port())
+        try:
+            running.start_api()
+            running.start_worker()
+            running.start_beat()
+            yield running
+        finally:
+            running.stop_all()
+            delete_redis_keys(running.redis_prefix)
 
 
 @pytest.fixture(scope="module")
