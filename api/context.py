@@ -18,7 +18,9 @@ from core.gateway import Gateway, TenantKeyCache, TenantPolicies
 from core.messaging import make_producer
 from core.pricing import PriceBook
 from core.provider import AsyncProviderClients
+from core.secretbox import SecretBox
 from core.settings import Settings
+from core.webhooks import TargetPolicy
 
 
 @dataclass
@@ -36,6 +38,9 @@ class ApiContext:
     tenant_keys: TenantKeyCache
     file_limits: FileLimits
     tenant_policies: TenantPolicies  # routing rules (issue 6) and budgets (issue 4) on the OpenAI surface
+    # --- webhooks: secrets encrypted at rest (None: no key, no webhooks), where a webhook_url may go ---
+    secret_box: SecretBox | None
+    webhook_targets: TargetPolicy
 
     @classmethod
     def build(cls, settings: Settings, config: AppConfig) -> ApiContext:
@@ -52,7 +57,8 @@ class ApiContext:
         # batch file limits: OpenAI's by default; the environment may lower them (tests, small deployments)
         limits = FileLimits.from_env(os.environ)
         return cls(settings, config, engine, sessions, make_producer(settings), prices, providers, redis_client,
-                   gateway, TenantKeyCache(sessions), limits, TenantPolicies(sessions, config))
+                   gateway, TenantKeyCache(sessions), limits, TenantPolicies(sessions, config),
+                   settings.secret_box(), TargetPolicy.from_config(config.webhooks))
 
     async def aclose(self) -> None:
         """Async resources (front door): drain pending call records, close provider and Redis clients."""

@@ -58,7 +58,7 @@ def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] =
            queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ",".join(ALL_QUEUES),
            pool: Annotated[str, typer.Option(help="Celery pool: prefork or threads.")] = "prefork",
            loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
-    """Run a Celery worker on the dispatch, immediate and batch queues."""
+    """Run a Celery worker on the dispatch, immediate, batch and webhooks queues."""
     from worker.app import create_celery_app
 
     settings, config = load_settings_and_config()
@@ -106,7 +106,7 @@ def migrate(wait: Annotated[float, typer.Option(help="Seconds to wait for the da
 
     settings, _ = load_settings_and_config()
     wait_for_database(settings.database_url, wait)
-    upgrade_to_head(settings.database_url)
+    upgrade_to_head(settings.database_url, settings.secret_key)
     err.print("database migrated to head")
 
 
@@ -141,15 +141,25 @@ def tenants_create(name: str,
     engine = make_engine(settings.database_url)
     try:
         with make_session_factory(engine).begin() as session:
-            tenant = create_tenant(session, name, monthly_budget)
+            tenant = create_tenant(session, name, monthly_budget, box=settings.secret_box())
     finally:
         engine.dispose()
     if as_json:
         sys.stdout.write(json.dumps({"id": str(tenant.id), "name": tenant.name, "api_key": tenant.api_key,
                                      "webhook_secret": tenant.webhook_secret}) + "\n")
     else:
+        secret = (f"[green]{tenant.webhook_secret}[/] (both shown once)" if tenant.webhook_secret
+                  else "none (TIERBATCH_SECRET_KEY is not set: webhooks are off)")
         Console().print(f"tenant [bold]{tenant.name}[/] ({tenant.id})\napi key: [green]{tenant.api_key}[/]"
-                        f"\nwebhook secret: [green]{tenant.webhook_secret}[/] (both shown once)")
+                        f"\nwebhook secret: {secret}")
+
+
+@app.command("secret-key")
+def secret_key() -> None:
+    """Print a new key for TIERBATCH_SECRET_KEY (it encrypts the webhook secrets at rest)."""
+    from core.secretbox import generate_key
+
+    sys.stdout.write(generate_key() + "\n")
 
 
 @app.command()

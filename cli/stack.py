@@ -8,6 +8,10 @@ migrations and the dev tenant in-process, then the simulator (unless `TIERBATCH_
 providers), API, worker and beat as child processes, each in its own process group, logging to
 `<dir>/logs/NAME.log`. Leaving the block (normally, on an exception, on Ctrl-C) stops the children
 (SIGTERM to each group, then SIGKILL), then the embedded servers: nothing is left behind.
+
+Secrets of the stack kept in `<dir>` (mode 0600), made on the first start when the environment has none:
+`admin_token` (TIERBATCH_ADMIN_TOKEN) and `secret_key` (TIERBATCH_SECRET_KEY, which encrypts the
+webhook secrets in the database: losing it means rotating them).
 """
 
 from __future__ import annotations
@@ -319,6 +323,7 @@ class LocalStack:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         admin_token = self._admin_token()
+        secret_key = self._secret_key()
 
         # configuration: the user's file, or the default one written under the data directory
         config_path: Path | None = Path(user_config).expanduser().absolute() if user_config else None
@@ -346,11 +351,11 @@ class LocalStack:
         self._say("applying migrations")
         from core.migrate import upgrade_to_head
 
-        upgrade_to_head(database_url)
-        dev_key = self._dev_tenant(database_url)
+        upgrade_to_head(database_url, secret_key)
+        dev_key = self._dev_tenant(database_url, secret_key)
 
         env = {**self.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url,
-               "TIERBATCH_ADMIN_TOKEN": admin_token, "PYTHONUNBUFFERED": "1"}
+               "TIERBATCH_ADMIN_TOKEN": admin_token, "TIERBATCH_SECRET_KEY": secret_key, "PYTHONUNBUFFERED": "1"}
         if config_path is not None:
             env["TIERBATCH_CONFIG"] = str(config_path)
         else:
@@ -428,6 +433,25 @@ class LocalStack:
             _write_private(path, token + "\n")
         return token
 
+    def _secret_key(self) -> str:
+        """TIERBATCH_SECRET_KEY from the environment, else one kept in the state directory (made once)."""
+        from core.errors import ConfigError
+        from core.secretbox import SecretBox, generate_key
+
+        key = self.environ.get("TIERBATCH_SECRET_KEY")
+        path = self.data_dir / "secret_key"
+        if not key:
+            key = _read_text(path)
+        if key is None:
+            key = generate_key()
+            _write_private(path, key + "\n")
+        try:
+            SecretBox.parse(key)
+        except ConfigError as exc:
+            raise StackError(f"{exc} (from {'the environment' if self.environ.get('TIERBATCH_SECRET_KEY') else path})"
+                             ) from None
+        return key
+
     def _write_default_config(self, simulator_url: str) -> Path:
         """The default config (simulator on its port) written under the data directory, with the tenants'
         files directory there too: `[files] root` = <data dir>/files (each tenant gets <root>/<tenant id>/)."""
@@ -481,9 +505,10 @@ class LocalStack:
         finally:
             client.close()
 
-    def _dev_tenant(self, database_url: str) -> str:
+    def _dev_tenant(self, database_url: str, secret_key: str) -> str:
         """The dev tenant's key: the stored one if the database knows it, else a new tenant."""
         from core.db import make_engine, make_session_factory
+        from core.secretbox import SecretBox
         from core.tenants import create_tenant, tenant_for_key
 
         path = self.data_dir / "dev_api_key"
@@ -496,7 +521,7 @@ class LocalStack:
                     if tenant_for_key(session, stored) is not None:
                         return stored
             with sessions.begin() as session:
-                tenant = create_tenant(session, self.tenant_name)
+                tenant = create_tenant(session, self.tenant_name, box=SecretBox.parse(secret_key))
         finally:
             engine.dispose()
         _write_private(path, tenant.api_key + "\n")

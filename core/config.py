@@ -182,6 +182,15 @@ class SqlSourceConfig(_Section):
 
     def allows(self, tenant_id: uuid.UUID | str, tenant_name: str | None) -> bool:
         return str(tenant_id) in self.tenants or (tenant_name is not None and tenant_name in self.tenants)
+class WebhooksConfig(_Section):
+    """Outbound webhooks (core/webhooks.py): where they may go and how long an attempt may take."""
+
+    # false: only public addresses (no loopback, private, link-local, ...); true for internal receivers
+    allow_private_networks: bool = False
+    # one attempt, from resolving the host to the last byte of the answer (an overall deadline)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # the receiver's answer is read up to this many bytes, then dropped (only its status is kept)
+    max_response_bytes: int = Field(default=65_536, ge=0, le=1_048_576)
 
 
 class AppConfig(_Section):
@@ -198,6 +207,7 @@ class AppConfig(_Section):
     budget: BudgetConfig = BudgetConfig()
     files: FilesConfig = FilesConfig()
     sources: dict[str, SqlSourceConfig] = Field(default_factory=dict)
+    webhooks: WebhooksConfig = WebhooksConfig()
 
     @model_validator(mode="after")
     def _check_references(self) -> AppConfig:

@@ -35,7 +35,9 @@ JOB_WEBHOOK = "tierbatch.jobs.webhook"
 QUEUE_DISPATCH = "dispatch"
 QUEUE_IMMEDIATE = "immediate"
 QUEUE_BATCH = "batch"
-ALL_QUEUES = (QUEUE_DISPATCH, QUEUE_IMMEDIATE, QUEUE_BATCH)
+# outbound webhook POSTs: a slow receiver waits here, never in front of the tenants' dispatch work
+QUEUE_WEBHOOKS = "webhooks"
+ALL_QUEUES = (QUEUE_DISPATCH, QUEUE_IMMEDIATE, QUEUE_BATCH, QUEUE_WEBHOOKS)
 
 TASK_ROUTES = {
     SUBMIT_TASKS: {"queue": QUEUE_DISPATCH},
@@ -46,15 +48,15 @@ TASK_ROUTES = {
     SUBMIT_BATCH: {"queue": QUEUE_BATCH},
     POLL_BATCHES: {"queue": QUEUE_BATCH},
     INGEST_BATCH: {"queue": QUEUE_BATCH},
-    # scheduled classification (issue 7): bulk work on the batch queue, webhooks beside dispatch
+    # scheduled classification (issue 7): bulk work on the batch queue, webhook POSTs on their own
     SCHEDULE_TICK: {"queue": QUEUE_DISPATCH},
     SCHEDULE_RUN: {"queue": QUEUE_BATCH},
     SCHEDULE_FINISH: {"queue": QUEUE_BATCH},
-    SCHEDULE_WEBHOOK: {"queue": QUEUE_DISPATCH},
+    SCHEDULE_WEBHOOK: {"queue": QUEUE_WEBHOOKS},
     QUALITY_SHADOW: {"queue": QUEUE_IMMEDIATE},  # quality-aware routing (issue 6)
     EXPIRE_CLIENT_BATCHES: {"queue": QUEUE_BATCH},  # assembles output files: bulk work
-    JOB_WEBHOOK_TICK: {"queue": QUEUE_DISPATCH},  # job webhooks, beside the schedule webhooks
-    JOB_WEBHOOK: {"queue": QUEUE_DISPATCH},
+    JOB_WEBHOOK_TICK: {"queue": QUEUE_DISPATCH},  # job webhooks: the check is quick, the POSTs wait apart
+    JOB_WEBHOOK: {"queue": QUEUE_WEBHOOKS},
 }
 
 # Chunk size for dispatch messages on bulk paths: never one message per task.

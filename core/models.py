@@ -56,8 +56,6 @@ PROVIDER_BATCH_STATUS = _pg_enum(ProviderBatchStatus, "provider_batch_status")
 CACHE_ENTRY_STATUS = _pg_enum(CacheEntryStatus, "cache_entry_status")
 
 _TERMINAL = "('succeeded', 'failed', 'cancelled')"
-# 'whsec_' + 64 hex digits from two gen_random_uuid() (core since Postgres 13: no extension needed)
-WEBHOOK_SECRET_DEFAULT_SQL = "'whsec_' || replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '')"
 
 
 class Base(DeclarativeBase):
@@ -76,11 +74,9 @@ class Tenant(Base):
     api_key_hash: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
     api_key_prefix: Mapped[str] = mapped_column(Text, nullable=False)
     monthly_budget_usd: Mapped[Decimal | None] = mapped_column(MONEY)
-    # job webhooks: the HMAC key that signs the tenant's `job.finished` POSTs, kept as is (it must sign),
-    # shown once at creation and at rotation. The application sets a `secrets` one; the default only
-    # fills rows written without it (migration 0004 backfill, raw inserts), from Postgres' strong RNG.
-    webhook_secret: Mapped[str] = mapped_column(Text, nullable=False,
-                                                server_default=text(WEBHOOK_SECRET_DEFAULT_SQL))
+    # job webhooks: the key that signs the tenant's `job.finished` POSTs, encrypted with TIERBATCH_SECRET_KEY
+    # (core/secretbox.py), shown once at creation and at rotation; NULL: none yet (rotate to set one)
+    webhook_secret_encrypted: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now_column()
 
 
@@ -410,7 +406,8 @@ class Schedule(Base):
     source: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     sink: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     webhook_url: Mapped[str | None] = mapped_column(Text)
-    webhook_secret: Mapped[str] = mapped_column(Text, nullable=False)  # HMAC key: kept to sign, shown once
+    # the key that signs the run webhooks, encrypted (core/secretbox.py), shown once; NULL: none stored
+    webhook_secret_encrypted: Mapped[str | None] = mapped_column(Text)
     cursor: Mapped[dict[str, Any] | None] = mapped_column(JSONB)  # SQL source: {"type", "value"} of the last row
     next_fire_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_fire_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

@@ -61,6 +61,7 @@ from core.errors import InvalidInput, NotFound
 from core.jobs import ItemAppender, JobSettings, parse_job_request
 from core.labels import extract_label, label_error
 from core.models import Classification, Job, LedgerEntry, Schedule, ScheduleRun, Task, Tenant, WebhookDelivery
+from core.secretbox import SecretBox
 from core.sources import (
     CursorTracker,
     PathRefused,
@@ -80,7 +81,7 @@ from core.sources import (
 )
 from core.states import Mode, RequestedTier, TaskStatus
 from core.submission import invalid_input_from
-from core.webhooks import SCHEDULE_RUNS, attempts_of, check_webhook_url, new_secret, resends_due
+from core.webhooks import SCHEDULE_RUNS, attempts_of, check_webhook_url, new_secret, require_secret_box, resends_due
 
 log = logging.getLogger(__name__)
 
@@ -421,14 +422,19 @@ def _name_taken(session: Session, tenant_id: uuid.UUID, name: str, other_than: u
         raise InvalidInput(f"name: a schedule named {name!r} already exists", param="name", status_code=409)
 
 
-def create_schedule(session: Session, tenant_id: uuid.UUID, spec: ScheduleSpec) -> Schedule:
-    """Store a validated schedule; its webhook secret is on the returned object (shown once)."""
+def create_schedule(session: Session, tenant_id: uuid.UUID, spec: ScheduleSpec, *,
+                    box: SecretBox | None = None) -> tuple[Schedule, str | None]:
+    """Store a validated schedule; returns it and its webhook secret (shown once, stored encrypted).
+    Without a key (`box`) there is no secret, and a webhook_url is refused."""
+    secret = new_secret() if box is not None else None
+    if spec.webhook_url is not None:
+        require_secret_box(box)
     _name_taken(session, tenant_id, spec.name)
     now = _now(session)
     schedule = Schedule(
         id=uuid.uuid4(), tenant_id=tenant_id, name=spec.name, cron=spec.cron, timezone=spec.timezone,
         enabled=spec.enabled, job=spec.job, source=spec.source, sink=spec.sink, webhook_url=spec.webhook_url,
-        webhook_secret=new_secret(), cursor=None,
+        webhook_secret_encrypted=box.seal(secret) if box is not None and secret else None, cursor=None,
         next_fire_at=next_fire_after(spec.cron, spec.timezone, now) if spec.enabled else None,
     )
     session.add(schedule)
@@ -438,7 +444,7 @@ def create_schedule(session: Session, tenant_id: uuid.UUID, spec: ScheduleSpec) 
     except IntegrityError:
         raise InvalidInput(f"name: a schedule named {spec.name!r} already exists", param="name",
                            status_code=409) from None
-    return schedule
+    return schedule, secret
 
 
 def get_schedule(session: Session, tenant_id: uuid.UUID, schedule_id: uuid.UUID, *, lock: bool = False) -> Schedule:

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from core.errors import ConfigError
+from core.secretbox import SecretBox
 
 DEFAULT_DATABASE_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -20,6 +23,21 @@ class Settings(BaseSettings):
     admin_token: str = Field(default="", validation_alias="TIERBATCH_ADMIN_TOKEN")
     # lets several deployments (or test runs) share one Redis without reading each other's messages
     redis_key_prefix: str = Field(default="", validation_alias="TIERBATCH_REDIS_PREFIX")
+    # encrypts webhook signing secrets at rest (core/secretbox.py); empty: no webhook can be signed
+    secret_key: str = Field(default="", validation_alias="TIERBATCH_SECRET_KEY", repr=False)
+
+    @field_validator("secret_key")
+    @classmethod
+    def _check_secret_key(cls, value: str) -> str:
+        """A malformed key stops the process at start, not at the first webhook."""
+        try:
+            SecretBox.parse(value)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    def secret_box(self) -> SecretBox | None:
+        return SecretBox.parse(self.secret_key)
 
     @property
     def psycopg_dsn(self) -> str:

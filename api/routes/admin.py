@@ -27,8 +27,8 @@ class TenantCreate(BaseModel):
 
 
 @router.post("/tenants", status_code=201)
-def create(body: TenantCreate, _: AdminDep, session: SessionDep) -> dict[str, Any]:
-    tenant = create_tenant(session, body.name, body.monthly_budget_usd)
+def create(body: TenantCreate, _: AdminDep, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
+    tenant = create_tenant(session, body.name, body.monthly_budget_usd, box=ctx.secret_box)
     return {"id": str(tenant.id), "object": "tenant", "name": tenant.name, "api_key": tenant.api_key,
             "webhook_secret": tenant.webhook_secret, "monthly_budget_usd": money(tenant.monthly_budget_usd)}
 
@@ -46,9 +46,10 @@ def rotate_secret(tenant_id: str, _: AdminDep, ctx: ContextDep) -> dict[str, Any
     """A new webhook secret, shown once; the old one stops signing at once (retries included)."""
     key = _tenant_id(tenant_id)
     with ctx.sessions.begin() as session:  # committed before the answer is sent
-        tenant = rotate_webhook_secret(session, key)
+        rotated = rotate_webhook_secret(session, key, ctx.secret_box)
+        tenant = rotated.tenant
         return {"id": str(tenant.id), "object": "tenant", "name": tenant.name,
-                "webhook_secret": tenant.webhook_secret}
+                "webhook_secret": rotated.webhook_secret}
 # --- end job webhooks -------------------------------------------------------------------------------
 
 

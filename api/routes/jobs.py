@@ -35,7 +35,7 @@ from core.jobs import (
 )
 from core.messaging import DISPATCH_TASKS
 from core.models import Job, WebhookDelivery
-from core.webhooks import JOBS, attempts_of
+from core.webhooks import JOBS, attempts_of, require_secret_box
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -99,6 +99,9 @@ def _submit(ctx: ApiContext, tenant_id: uuid.UUID, body: bytes) -> dict[str, Any
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidInput(f"the request body is not valid JSON: {exc}", status_code=400) from None
     request = parse_job_request(payload, ctx.config.limits.max_prompt_bytes)
+    if request.webhook_url is not None:  # where it goes (DNS: this runs in a worker thread), and a key to sign
+        ctx.webhook_targets.check_url(request.webhook_url)
+        require_secret_box(ctx.secret_box)
     with ctx.sessions.begin() as session:
         submission = submit_job(session, tenant_id, request, ctx.config)
     # after commit: if this process dies here, the reconciler re-dispatches the stale queued tasks

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -32,6 +33,7 @@ from core.schedules import (
     webhook_attempts,
 )
 from core.sources import cursor_json, user_file
+from core.webhooks import require_secret_box
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
@@ -95,15 +97,24 @@ def _run_cursor(session: SessionDep, after: str | None, schedule_id: uuid.UUID) 
     return anchor.created_at, anchor.id
 
 
+async def check_webhook_target(ctx: ContextDep, payload: Any) -> None:
+    """A given `webhook_url` must go to a public address (422 naming it), checked before the rest of the
+    body; the DNS lookup runs off the event loop."""
+    if isinstance(payload, dict) and payload.get("webhook_url") is not None:
+        await run_in_threadpool(ctx.webhook_targets.check_url, payload["webhook_url"])
+        require_secret_box(ctx.secret_box)
+
+
 @router.post("", status_code=201)
 async def create(request: Request, tenant: TenantDep, ctx: ContextDep) -> JSONResponse:
     payload = await json_body(request)
+    await check_webhook_target(ctx, payload)
     with ctx.sessions.begin() as session:
         spec = parse_schedule(payload, ctx.config, tenant_scope(session, tenant))
-        schedule = create_schedule(session, tenant.id, spec)
+        schedule, secret = create_schedule(session, tenant.id, spec, box=ctx.secret_box)
         body = schedule_body(schedule)
     # the signing secret is shown once, here; it is never returned again
-    return JSONResponse({**body, "webhook_secret": schedule.webhook_secret}, status_code=201)
+    return JSONResponse({**body, "webhook_secret": secret}, status_code=201)
 
 
 @router.get("")
@@ -124,6 +135,7 @@ def read_one(schedule_id: str, tenant: TenantDep, session: SessionDep) -> dict[s
 async def change(schedule_id: str, request: Request, tenant: TenantDep, ctx: ContextDep) -> dict[str, Any]:
     parsed = parse_uuid(schedule_id, "schedule")
     payload = await json_body(request)
+    await check_webhook_target(ctx, payload)
     with ctx.sessions.begin() as session:
         schedule = update_schedule(session, tenant.id, parsed, payload, ctx.config,
                                    tenant_scope(session, tenant))

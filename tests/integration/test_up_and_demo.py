@@ -120,6 +120,13 @@ def test_up_serves_a_task_and_ctrl_c_stops_everything(tmp_path: Path, embedded_e
         log = up.log_text()
         assert dev_key in log and f"{api_url}/v1" in log
         assert (state / "admin_token").read_text().strip() in log
+        # the key that encrypts webhook secrets: made once, private, given to every process
+        secret_key = state / "secret_key"
+        assert stat.S_IMODE(secret_key.stat().st_mode) == 0o600 and len(secret_key.read_text().strip()) == 44
+        admin_token = (state / "admin_token").read_text().strip()
+        made = httpx.post(f"{api_url}/v1/admin/tenants", json={"name": "hooks"}, timeout=10,
+                          headers={"Authorization": f"Bearer {admin_token}"})
+        assert made.status_code == 201 and made.json()["webhook_secret"].startswith("whsec_"), made.text
         redis_urls = [word for word in log.split() if word.startswith("redis://127.0.0.1:")]
         assert redis_urls, log
         redis_port = _port_of(redis_urls[0])

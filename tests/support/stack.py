@@ -16,6 +16,8 @@ from sqlalchemy.engine import make_url
 from tests.support.procs import ManagedProcess, python_module, wait_http_ok, wait_until
 
 ADMIN_TOKEN = "test-admin-token"
+# a fixed Fernet key for the test stacks (webhook secrets are encrypted with it); tests read the DB with it
+SECRET_KEY = "dGllcmJhdGNoLXRlc3Qtc2VjcmV0LWtleS0zMmJ5dGU="
 
 
 def psycopg_dsn(database_url: str) -> str:
@@ -66,6 +68,10 @@ def write_app_config(path: Path, simulator_port: int, extra: str = "") -> Path:
     quality = "" if "[quality]" in extra else "\n[quality]\nshadow_rate = 0.0\n"
     # tenants' file sources and sinks live in <root>/<tenant id>/
     files = "" if "[files]" in extra else f'\n[files]\nroot = "{files_root_of(path)}"\n'
+    # the webhook tests' receivers listen on 127.0.0.1: the session stack lets webhooks go there
+    # (test_webhook_targets.py runs a stack of its own with the default, public addresses only)
+    webhooks = ("" if "[webhooks]" in extra
+                else "\n[webhooks]\nallow_private_networks = true\ntimeout_seconds = 3\n")
     path.write_text(f"""
 [providers.sim]
 base_url = "http://127.0.0.1:{simulator_port}/v1"
@@ -114,6 +120,7 @@ cached_always = "always"
 never_cached = "off"
 {quality}
 {files}
+{webhooks}
 {extra}
 """)
     return path
@@ -135,6 +142,7 @@ class Stack:
     def env(self) -> dict[str, str]:
         return {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
                 "TIERBATCH_CONFIG": str(self.config_path), "TIERBATCH_ADMIN_TOKEN": ADMIN_TOKEN,
+                "TIERBATCH_SECRET_KEY": SECRET_KEY,
                 "TIERBATCH_REDIS_PREFIX": self.redis_prefix,
                 "PYTHONUNBUFFERED": "1"}
 

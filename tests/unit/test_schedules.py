@@ -44,7 +44,7 @@ from core.sources import (
     read_sql,
     sqlalchemy_url,
 )
-from core.webhooks import backoff_seconds, signature, verify
+from core.webhooks import backoff_seconds
 from worker.schedules import parse_now
 
 UTC = dt.UTC
@@ -538,17 +538,25 @@ def test_text_hash_is_stable() -> None:
 
 # --- webhooks -------------------------------------------------------------------------------------------
 
-def test_signature_is_hmac_sha256_of_the_raw_body() -> None:
-    import hashlib
-    import hmac
+def test_the_signature_is_standard_webhooks_and_verifies_with_its_library() -> None:
+    from datetime import UTC, datetime
 
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    from core.webhooks import new_secret, signed_headers
+
+    secret = new_secret()
     body = b'{"type":"schedule_run.finished"}'
-    expected = "sha256=" + hmac.new(b"whsec_k", body, hashlib.sha256).hexdigest()
-    assert signature("whsec_k", body) == expected
-    assert verify("whsec_k", body, expected)
-    assert not verify("whsec_k", body + b" ", expected)
-    assert not verify("other", body, expected)
-    assert not verify("whsec_k", body, None)
+    headers = signed_headers(secret, "msg_1", datetime.now(UTC), body)
+    assert set(headers) == {"webhook-id", "webhook-timestamp", "webhook-signature"}
+    assert headers["webhook-signature"].startswith("v1,")
+    assert Webhook(secret).verify(body, headers) == {"type": "schedule_run.finished"}
+    for bad_body, bad_secret in ((body + b" ", secret), (body, new_secret())):
+        with pytest.raises(WebhookVerificationError):
+            Webhook(bad_secret).verify(bad_body, headers)
+    stale = signed_headers(secret, "msg_1", datetime(2020, 1, 1, tzinfo=UTC), body)
+    with pytest.raises(WebhookVerificationError):  # a replayed old delivery is refused by the receiver
+        Webhook(secret).verify(body, stale)
 
 
 def test_backoff_doubles() -> None:
@@ -558,12 +566,15 @@ def test_backoff_doubles() -> None:
 
 def test_a_webhook_that_cannot_be_reached_is_a_failed_attempt_not_an_exception() -> None:
     import socket
+    import uuid
 
-    from core.webhooks import post_signed
+    from core.config import WebhooksConfig
+    from core.webhooks import WebhookCall, deliver, new_secret
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    result = post_signed(f"http://127.0.0.1:{port}/hook", b"{}", "whsec_k", "schedule_run.finished", "r:1",
-                         timeout=2)
+    call = WebhookCall("schedule run", uuid.uuid4(), 1, f"http://127.0.0.1:{port}/hook", b"{}", new_secret(),
+                       "schedule_run.finished")
+    result = deliver(call, WebhooksConfig(allow_private_networks=True, timeout_seconds=2))
     assert not result.delivered and result.status_code is None and result.error
