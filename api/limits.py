@@ -2,7 +2,8 @@
 
 `InputGuard` is an ASGI middleware that, on every route:
 
-- refuses a NUL (or lone surrogate) in the path, a query parameter or a header value: 400 naming it;
+- refuses a NUL (or lone surrogate) in a query parameter or a header value: 400 naming it (path
+  parameters are named after routing, by `check_path_params`, a dependency of every route);
 - refuses a `Content-Length` over the route's limit with 413 at once, before reading a byte of the
   body, and counts a body without one as it arrives, cutting it at the limit with 413;
 - for JSON routes, reads the body (within the limit), parses it once with orjson and checks it
@@ -27,7 +28,6 @@ import anyio
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
-from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import OPENAI_PATHS, error_response, openai_error_response
@@ -91,11 +91,18 @@ def default_limit(method: str) -> RouteLimit:
 
 def install_input_guard(app: FastAPI, files: FileLimits) -> None:
     """The guard around every route, and the answer to a streamed body cut at its limit."""
-    app.add_middleware(InputGuard, limits=route_limits(files), routes=app.router.routes)
+    app.add_middleware(InputGuard, limits=route_limits(files))
 
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
         return InputGuard.too_large(exc.limit, is_openai(request.url.path))
+
+
+def check_path_params(request: Request) -> None:
+    """A dependency of every route: a path parameter that cannot be stored is a 400 naming it."""
+    for name, value in request.path_params.items():
+        if isinstance(value, str):
+            check_text(value, name)
 
 
 def parsed_json(request: Request, raw: bytes, parse: Callable[[bytes], Any]) -> Any:
@@ -111,10 +118,9 @@ def is_openai(path: str) -> bool:
 
 
 class InputGuard:
-    def __init__(self, app: ASGIApp, limits: Sequence[RouteLimit], routes: Sequence[BaseRoute]) -> None:
+    def __init__(self, app: ASGIApp, limits: Sequence[RouteLimit]) -> None:
         self.app = app
         self.limits = tuple(limits)
-        self.routes = routes
         self._defaults = {method: default_limit(method) for method in
                           ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 
@@ -165,12 +171,9 @@ class InputGuard:
             scope.setdefault("state", {})[STATE_KEY] = (value,)
         await self.app(scope, _replay(body, receive), send)
 
-    # --- the path, the query and the headers -------------------------------------------------------
+    # --- the query and the headers -------------------------------------------------------
 
     def check_target(self, scope: Scope) -> None:
-        path: str = scope["path"]
-        if unstorable(path):
-            raise self._path_error(scope)
         query: bytes = scope.get("query_string", b"")
         if b"%00" in query or b"\x00" in query:
             for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
@@ -183,18 +186,6 @@ class InputGuard:
                 header = name.decode("latin-1")
                 raise InvalidInput(f"the header {header} holds a NUL character, which cannot be stored",
                                    param=header)
-
-    def _path_error(self, scope: Scope) -> InvalidInput:
-        """Name the path parameter at fault when a route matches, else the path."""
-        for route in self.routes:
-            match, child = route.matches(scope)
-            if match == Match.NONE:
-                continue
-            for name, value in (child.get("path_params") or {}).items():
-                if isinstance(value, str) and unstorable(value):
-                    return InvalidInput(f"{name}: the value holds a NUL character, which cannot be stored",
-                                        param=name)
-        return InvalidInput("the URL path holds a NUL character", param="path")
 
     # --- answers -----------------------------------------------------------------------------------
 
