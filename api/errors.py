@@ -53,8 +53,7 @@ def openai_error_response(status: int, message: str, type_: str | None = None, p
 # Foreign errors that mean "a dependency is down", by type. A DBAPIError that is none of these is an
 # outage only when SQLAlchemy says the connection died under it (connection_invalidated).
 DATABASE_OUTAGES: tuple[type[BaseException], ...] = (
-    sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError, sqlalchemy.exc.TimeoutError,
-    psycopg.OperationalError, psycopg.InterfaceError)
+    sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError, psycopg.OperationalError)
 BROKER_OUTAGES: tuple[type[BaseException], ...] = (
     redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError)
 

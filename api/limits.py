@@ -2,8 +2,8 @@
 
 `InputGuard` is an ASGI middleware that, on every route:
 
-- refuses a NUL (or lone surrogate) in a query parameter or a header value: 400 naming it (path
-  parameters are named after routing, by `check_path_params`, a dependency of every route);
+- refuses a NUL (or lone surrogate) in a path parameter, a query parameter or a header value: 400
+  naming it (the path parameter by matching the app's route templates, only when the path has one);
 - refuses a `Content-Length` over the route's limit with 413 at once, before reading a byte of the
   body, and counts a body without one as it arrives, cutting it at the limit with 413;
 - for JSON routes, reads the body (within the limit), parses it once with orjson and checks it
@@ -19,7 +19,7 @@ Errors leave in the shape of the surface (api/errors.py): OpenAI's on the OpenAI
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import parse_qsl
@@ -28,6 +28,7 @@ import anyio
 from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from api.errors import OPENAI_PATHS, error_response, openai_error_response
@@ -91,18 +92,11 @@ def default_limit(method: str) -> RouteLimit:
 
 def install_input_guard(app: FastAPI, files: FileLimits) -> None:
     """The guard around every route, and the answer to a streamed body cut at its limit."""
-    app.add_middleware(InputGuard, limits=route_limits(files))
+    app.add_middleware(InputGuard, limits=route_limits(files), templates=lambda: app.openapi()["paths"])
 
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
         return InputGuard.too_large(exc.limit, is_openai(request.url.path))
-
-
-def check_path_params(request: Request) -> None:
-    """A dependency of every route: a path parameter that cannot be stored is a 400 naming it."""
-    for name, value in request.path_params.items():
-        if isinstance(value, str):
-            check_text(value, name)
 
 
 def parsed_json(request: Request, raw: bytes, parse: Callable[[bytes], Any]) -> Any:
@@ -118,9 +112,11 @@ def is_openai(path: str) -> bool:
 
 
 class InputGuard:
-    def __init__(self, app: ASGIApp, limits: Sequence[RouteLimit]) -> None:
+    def __init__(self, app: ASGIApp, limits: Sequence[RouteLimit],
+                 templates: Callable[[], Iterable[str]] = tuple) -> None:
         self.app = app
         self.limits = tuple(limits)
+        self.templates = templates  # the route paths, e.g. /v1/routes/{task_type}
         self._defaults = {method: default_limit(method) for method in
                           ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")}
 
@@ -171,9 +167,12 @@ class InputGuard:
             scope.setdefault("state", {})[STATE_KEY] = (value,)
         await self.app(scope, _replay(body, receive), send)
 
-    # --- the query and the headers -------------------------------------------------------
+    # --- the path, the query and the headers -------------------------------------------------------
 
     def check_target(self, scope: Scope) -> None:
+        path: str = scope["path"]
+        if unstorable(path):
+            raise self._path_error(path)
         query: bytes = scope.get("query_string", b"")
         if b"%00" in query or b"\x00" in query:
             for name, value in parse_qsl(query.decode("latin-1"), keep_blank_values=True):
@@ -186,6 +185,19 @@ class InputGuard:
                 header = name.decode("latin-1")
                 raise InvalidInput(f"the header {header} holds a NUL character, which cannot be stored",
                                    param=header)
+
+    def _path_error(self, path: str) -> InvalidInput:
+        """Name the path parameter at fault (routing has not run yet: match the route templates)."""
+        for template in self.templates():
+            pattern, _, _ = compile_path(template)
+            match = pattern.match(path)
+            if match is None:
+                continue
+            for name, value in match.groupdict().items():
+                if unstorable(value):
+                    return InvalidInput(f"{name}: the value holds a NUL character, which cannot be stored",
+                                        param=name)
+        return InvalidInput("the URL path holds a NUL character, which cannot be stored", param="path")
 
     # --- answers -----------------------------------------------------------------------------------
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI
 
 from api.context import ApiContext
 from api.errors import install_error_handlers
-from api.limits import check_path_params, install_input_guard
+from api.limits import install_input_guard
 from api.routes import admin, health, tasks
 from api.routes import costs as costs_routes  # costs and budgets (issue 4)
 from api.routes import jobs as jobs_routes  # bulk jobs (issue 3)
@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
         await ctx.aclose()  # OpenAI-compatible surface (issue 5): pending call records, async clients
         ctx.close()
 
-    app = FastAPI(title="tierbatch", version="0.1.0", lifespan=lifespan, dependencies=[Depends(check_path_params)])
+    app = FastAPI(title="tierbatch", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx
     install_error_handlers(app)
     install_input_guard(app, ctx.file_limits)

@@ -6,16 +6,16 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from starlette.types import Message
 
 from api.errors import install_error_handlers
-from api.limits import DEFAULT_BODY_BYTES, check_path_params, install_input_guard, parsed_json
+from api.limits import DEFAULT_BODY_BYTES, install_input_guard, parsed_json
 from core.facade import FileLimits
 
 
 def make_app() -> tuple[FastAPI, list[Any]]:
-    app = FastAPI(dependencies=[Depends(check_path_params)])
+    app = FastAPI()
     seen: list[Any] = []
     install_error_handlers(app)
     install_input_guard(app, FileLimits(max_bytes=1000, max_lines=10))
