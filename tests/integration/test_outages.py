@@ -86,6 +86,7 @@ class Outcomes:
     dropped: list[str] = field(default_factory=list)
     jobs: dict[str, int] = field(default_factory=dict)  # job name -> answer status
     served: dict[str, str] = field(default_factory=dict)  # task id of a 2xx answer -> its kind
+    stream_errors: int = 0  # streams that ended with an error event instead of [DONE]
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, kind: str, response: httpx.Response, surface: str) -> None:
@@ -137,9 +138,14 @@ def load(stack: Stack, key: str, stop: threading.Event, outcomes: Outcomes, work
                             "messages": [{"role": "user", "content": f"Stream {tag}"}]}) as response:
                         body = response.read()
                         if response.status_code == 200 and b"[DONE]" not in body:
+                            # an error event in the stream is an answer; a stream cut short is not
                             with outcomes.lock:
-                                outcomes.dropped.append(f"stream {tag}: ended without [DONE]")
-                        outcomes.record(kind, response, "openai")
+                                if b'"error"' in body:
+                                    outcomes.stream_errors += 1
+                                else:
+                                    outcomes.dropped.append(f"stream {tag}: ended without [DONE] or an error")
+                        else:
+                            outcomes.record(kind, response, "openai")
             except httpx.TransportError as exc:
                 with outcomes.lock:
                     outcomes.dropped.append(f"{kind} {tag}: {type(exc).__name__}: {exc}")
