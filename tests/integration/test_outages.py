@@ -87,11 +87,13 @@ class Outcomes:
     jobs: dict[str, int] = field(default_factory=dict)  # job name -> answer status
     served: dict[str, str] = field(default_factory=dict)  # task id of a 2xx answer -> its kind
     stream_errors: int = 0  # streams that ended with an error event instead of [DONE]
+    answered_at: list[float] = field(default_factory=list)  # monotonic times of the answers
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def record(self, kind: str, response: httpx.Response, surface: str) -> None:
         with self.lock:
             self.statuses[(kind, response.status_code)] += 1
+            self.answered_at.append(time.monotonic())
             task_id = response.headers.get("x-tierbatch-task-id")
             if response.status_code < 300 and kind in ("chat", "stream") and task_id:
                 self.served[task_id] = kind
@@ -235,7 +237,9 @@ def test_postgres_then_redis_restarted_under_load(private_stack: tuple[Stack, Em
     with running_load(stack, key) as during_postgres:
         time.sleep(1.5)
         pg.stop()
+        pg_window = time.monotonic()
         down = watch_while(DOWN_SECONDS, lambda: readiness(stack))
+        pg_window_end = time.monotonic()
         pg.start()
         wait_until(lambda: readiness(stack)[0] == 200, 30, 0.2, "ready after the Postgres restart")
         time.sleep(1.5)
@@ -243,7 +247,9 @@ def test_postgres_then_redis_restarted_under_load(private_stack: tuple[Stack, Em
     with running_load(stack, key) as during_redis:
         time.sleep(1.5)
         redis_server.kill()
+        redis_window = time.monotonic()
         redis_down = watch_while(DOWN_SECONDS, lambda: readiness(stack))
+        redis_window_end = time.monotonic()
         redis_server.start()
         wait_until(lambda: readiness(stack)[0] == 200, 30, 0.2, "ready after the Redis restart")
         time.sleep(1.5)
@@ -260,6 +266,9 @@ def test_postgres_then_redis_restarted_under_load(private_stack: tuple[Stack, Em
         assert not outcomes.missing_retry_after, (name, outcomes.missing_retry_after[:5])
         assert not outcomes.bad_shapes, (name, outcomes.bad_shapes[:3])
         assert sum(n for (_, status), n in outcomes.statuses.items() if status < 300) > 10, (name, outcomes.statuses)
+    # the load went on through both windows (answers while the dependency was down)
+    assert sum(pg_window <= t <= pg_window_end for t in during_postgres.answered_at) > 5
+    assert sum(redis_window <= t <= redis_window_end for t in during_redis.answered_at) > 5
     # the Postgres window was really hit by submissions, and answered 503
     assert sum(n for (_, status), n in during_postgres.statuses.items() if status == 503) > 0, during_postgres.statuses
 
