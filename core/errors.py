@@ -33,6 +33,15 @@ class TransitionError(TierbatchError):
     """A guarded state change moved no row: the object was not in an allowed state."""
 
 
+class ServiceUnavailable(TierbatchError):
+    """A dependency (the database, the broker) cannot be reached: worth trying again shortly (503)."""
+
+    def __init__(self, dependency: str, retry_after_seconds: int = 2) -> None:
+        super().__init__(f"the {dependency} is unreachable at the moment; try again in a few seconds")
+        self.dependency = dependency
+        self.retry_after_seconds = retry_after_seconds
+
+
 class ProviderError(TierbatchError):
     """An error answered by (or on the way to) an LLM provider."""
 

@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from core import openai_validation
 from core.config import AppConfig
+from core.errors import InvalidInput
 from core.gateway import (
     GatewayError,
     Route,
@@ -47,6 +48,7 @@ from core.gateway import (
     route_request,
     validate_chat_body,
 )
+from core.inputs import NotJson, loads_checked
 from core.jobs import copy_task_rows, time_ordered_ids
 from core.models import ClientBatch, FilePart, Job, StoredFile, Task
 from core.rules import RuleView, tenant_rules
@@ -125,10 +127,13 @@ def parse_batch_line(number: int, raw: bytes, config: AppConfig, rules: Mapping[
     `smart-select` with tier auto follows the tenant's routing rule for the line's task type (`rules`,
     from `tenant_rules`) before config `[routing]` and the heuristic (DESIGN §3)."""
     try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        obj = loads_checked(raw)
+    except NotJson:
         raise GatewayError(400, f"Line {number}: this line is not parseable as valid JSON.",
                            "invalid_request_error", "file", "invalid_json_line") from None
+    except InvalidInput as refused:  # nesting too deep, NUL or lone surrogate: never stored
+        raise GatewayError(400, f"Line {number}: {refused.message}", "invalid_request_error",
+                           refused.param or "file", "invalid_value") from None
     if not isinstance(obj, dict):
         raise GatewayError(400, f"Line {number}: this line is not a JSON object.", "invalid_request_error",
                            "file", "invalid_json_line")

@@ -624,10 +624,10 @@ class Recorder:
             group, self._pending = self._pending[:self._max_group], self._pending[self._max_group:]
             try:
                 await self._write([r for r, _ in group])
-            except Exception:
+            except Exception as exc:
                 if len(group) == 1:
                     log.exception("could not record gateway call %s", group[0][0].task_id)
-                    _settle(group[0][1], RuntimeError("the call could not be recorded"))
+                    _settle(group[0][1], exc)  # its type says what failed: an unreachable database is a 503
                     continue
                 for record, future in group:
                     try:

@@ -5,8 +5,13 @@ The API sends tasks by name and never imports `worker`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
+import kombu.exceptions
+import redis.exceptions
 from celery import Celery
 
 from core.settings import Settings
@@ -80,6 +85,25 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "enable_utc": True,
     }
+
+
+log = logging.getLogger(__name__)
+
+# what sending a message raises while the broker is unreachable
+BROKER_DOWN: tuple[type[BaseException], ...] = (
+    kombu.exceptions.OperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+@contextlib.contextmanager
+def dispatch_after_commit(what: str) -> Iterator[None]:
+    """Send dispatch messages for rows already committed: an unreachable broker loses nothing (the
+    reconciler re-sends stale queued tasks), so the request still succeeds; answering an error here
+    would make the client submit the same work twice."""
+    try:
+        yield
+    except BROKER_DOWN as exc:
+        log.warning("broker unreachable while dispatching %s (%s); the reconciler will send it",
+                    what, type(exc).__name__)
 
 
 def make_producer(settings: Settings) -> Celery:

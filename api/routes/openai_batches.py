@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
 from api.context import ApiContext
+from api.limits import parsed_json
 from api.routes.openai_chat import authenticate, context_of, parse_json
 from core.facade import (
     batch_object,
@@ -32,7 +33,9 @@ from core.facade import (
     store_user_file,
 )
 from core.gateway import GatewayError
+from core.inputs import unstorable
 from core.jobs import dispatch_in_chunks
+from core.messaging import dispatch_after_commit
 
 router = APIRouter(tags=["openai"])
 
@@ -65,6 +68,9 @@ async def upload_file(request: Request, tenant_id: TenantId, ctx: Context) -> di
         if not isinstance(upload, UploadFile):
             raise _missing("file")
         filename = upload.filename or ("upload.jsonl" if purpose == "batch" else "upload.csv")
+        if unstorable(filename):
+            raise GatewayError(400, "The file name holds a character that cannot be stored (NUL).",
+                               "invalid_request_error", "file", "invalid_value")
 
         def store() -> dict[str, Any]:
             with ctx.sessions.begin() as session:
@@ -126,14 +132,15 @@ def remove_file(file_id: str, tenant_id: TenantId, ctx: Context) -> dict[str, An
 
 @router.post("/v1/batches")
 async def create(request: Request, tenant_id: TenantId, ctx: Context) -> dict[str, Any]:
-    body = parse_json(await request.body())
+    body = parsed_json(request, await request.body(), parse_json)
 
     def run() -> dict[str, Any]:
         with ctx.sessions.begin() as session:
             created = create_batch(session, tenant_id, body, ctx.config)
             answer = batch_object(created.batch)
         # after commit: the reconciler re-sends what the broker loses
-        dispatch_in_chunks(lambda name, chunk: ctx.producer.send_task(name, args=[chunk]), created.task_ids)
+        with dispatch_after_commit("a batch's tasks"):
+            dispatch_in_chunks(lambda name, chunk: ctx.producer.send_task(name, args=[chunk]), created.task_ids)
         return answer
 
     return await run_in_threadpool(run)

@@ -19,6 +19,7 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api.context import ApiContext
+from api.limits import parsed_json
 from core.gateway import GatewayError, format_cost, prepare_chat_call
 
 router = APIRouter(tags=["openai"])
@@ -79,7 +80,7 @@ async def chat_completions(request: Request) -> Response:
     if len(raw) > MAX_CHAT_BODY_BYTES:
         raise GatewayError(413, f"The request body is over {MAX_CHAT_BODY_BYTES} bytes.", "invalid_request_error",
                            None, "request_too_large")
-    call = prepare_chat_call(ctx.config, parse_json(raw), request.headers,
+    call = prepare_chat_call(ctx.config, parsed_json(request, raw, parse_json), request.headers,
                              await ctx.tenant_policies.policy(tenant_id))
     if call.stream:
         session = await ctx.gateway.open_stream(tenant_id, call)

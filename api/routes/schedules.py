@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import datetime
 from typing import Annotated, Any
@@ -14,6 +13,8 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from api.deps import ContextDep, SessionDep, TenantDep
+from api.limits import parsed_json
+from api.routes.tasks import loads_body
 from api.serialize import money, timestamp
 from core.errors import InvalidInput, NotFound
 from core.messaging import SCHEDULE_RUN
@@ -46,11 +47,7 @@ def parse_uuid(value: str, what: str) -> uuid.UUID:
 
 
 async def json_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc}", status_code=400) from None
+    return parsed_json(request, await request.body(), loads_body)
 
 
 def tenant_scope(session: Session, tenant: Tenant) -> TenantScope:
