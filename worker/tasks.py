@@ -48,7 +48,8 @@ def submit_tasks(self: CeleryTask, payload: Any, api_key: str) -> dict[str, Any]
         return {"error": {"type": "invalid_request_error", "message": exc.message, "param": exc.param}}
     try:
         with ctx.sessions.begin() as session:
-            tenant = tenant_for_key(session, api_key)
+            # a key revoked a moment ago is refused here too: the database is asked every time
+            tenant = tenant_for_key(session, api_key) if isinstance(api_key, str) else None
             if tenant is None:
                 log.error("submit_tasks rejected: invalid tenant key")
                 return {"error": {"type": "authentication_error", "message": "invalid API key", "param": None}}

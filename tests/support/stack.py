@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from tests.support.procs import ManagedProcess, python_module, wait_http_ok, wait_until
 
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef-local"  # 38 characters: processes refuse < 32
 
 
 def psycopg_dsn(database_url: str) -> str:
