@@ -10,7 +10,7 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.auth import KeyAuthenticator, RateLimits, limits_storage
+from core.auth import KeyAuthenticator, RateLimits, database_lookup, limits_storage
 from core.config import AppConfig
 from core.cooldown import Cooldown
 from core.db import make_engine, make_session_factory
@@ -54,7 +54,7 @@ class ApiContext:
         # batch file limits: OpenAI's by default; the environment may lower them (tests, small deployments)
         limits = FileLimits.from_env(os.environ)
         rate_limits = RateLimits(limits_storage(redis_client, settings.redis_url, settings.redis_key_prefix))
-        keys = KeyAuthenticator(sessions, redis_client, settings.redis_key_prefix, rate_limits,
+        keys = KeyAuthenticator(database_lookup(sessions), redis_client, settings.redis_key_prefix, rate_limits,
                                 config.limits.failed_auth_per_minute)
         return cls(settings, config, engine, sessions, make_producer(settings), prices, providers, redis_client,
                    gateway, keys, limits, TenantPolicies(sessions, config), rate_limits)

@@ -19,6 +19,7 @@ import hmac
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import anyio
 import redis.asyncio as aioredis
@@ -52,6 +53,14 @@ def limits_storage(redis_client: aioredis.Redis, redis_url: str, key_prefix: str
     uri = f"async+{'redis+unix' if scheme == 'unix' else scheme}{sep}{rest}"
     return RedisStorage(uri, implementation="redispy", key_prefix=f"{key_prefix}limits",
                         connection_pool=redis_client.connection_pool)
+
+
+def database_lookup(sessions: sessionmaker[Session]) -> Callable[[str], KeyGrant | None]:
+    def lookup(api_key: str) -> KeyGrant | None:
+        with sessions() as session:
+            return grant_for_key(session, api_key)
+
+    return lookup
 
 
 def generation_key(key_prefix: str) -> str:
@@ -133,10 +142,10 @@ class RateLimits:
 class KeyAuthenticator:
     """The grant of an API key, or `Unauthenticated`; `RateLimited` for an address with too many failures."""
 
-    def __init__(self, sessions: sessionmaker[Session], redis_client: aioredis.Redis, key_prefix: str,
+    def __init__(self, lookup: Callable[[str], KeyGrant | None], redis_client: aioredis.Redis, key_prefix: str,
                  limits: RateLimits, failed_per_minute: int, *, ttl: float = 10.0, negative_ttl: float = 5.0,
                  generation_check_seconds: float = 0.25, max_entries: int = 10_000) -> None:
-        self._sessions = sessions
+        self._lookup = lookup  # blocking (a query): run in a thread
         self._redis = redis_client
         self._generation_key = generation_key(key_prefix)
         self._limits = limits
@@ -172,10 +181,6 @@ class KeyAuthenticator:
         if self._blind or generation != self._generation:
             self._forget()
         self._generation, self._blind = generation, False
-
-    def _lookup(self, api_key: str) -> KeyGrant | None:
-        with self._sessions() as session:
-            return grant_for_key(session, api_key)
 
     async def grant(self, api_key: str, address: str) -> KeyGrant:
         now = time.monotonic()

@@ -40,6 +40,8 @@ def scratch_database(base_url: str, prefix: str = "tierbatch_test") -> Iterator[
 def write_app_config(path: Path, simulator_port: int, extra: str = "") -> Path:
     # no shadow calls unless a test asks for them (test_quality.py runs a stack of its own)
     quality = "" if "[quality]" in extra else "\n[quality]\nshadow_rate = 0.0\n"
+    # tests on one stack send many bad keys from 127.0.0.1; test_keys_and_limits.py checks the real limit
+    limits = "" if "[limits]" in extra else "\n[limits]\nfailed_auth_per_minute = 100000\n"
     path.write_text(f"""
 [providers.sim]
 base_url = "http://127.0.0.1:{simulator_port}/v1"
@@ -87,6 +89,7 @@ max_attempts = 3
 cached_always = "always"
 never_cached = "off"
 {quality}
+{limits}
 {extra}
 """)
     return path
