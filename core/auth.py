@@ -24,7 +24,7 @@ from collections.abc import Callable
 import anyio
 import redis.asyncio as aioredis
 from limits import RateLimitItem, RateLimitItemPerMinute
-from limits.aio.storage import RedisStorage
+from limits.aio.storage import MemoryStorage, RedisStorage
 from limits.aio.strategies import SlidingWindowCounterRateLimiter
 from redis.exceptions import RedisError
 from sqlalchemy.orm import Session, sessionmaker
@@ -94,7 +94,7 @@ def sliding_window_wait(previous: int, previous_ttl: float, current: int, curren
 class RateLimits:
     """Per-minute sliding-window counters in Redis, shared by every API process."""
 
-    def __init__(self, storage: RedisStorage) -> None:
+    def __init__(self, storage: RedisStorage | MemoryStorage) -> None:  # memory: unit tests
         self._storage = storage
         self._limiter = SlidingWindowCounterRateLimiter(storage)
 
