@@ -10,11 +10,13 @@
   until its window frees, valid key or not (a key known valid in this process still passes).
 - Per-tenant limits (`requests_per_minute`, `tokens_per_minute`) are counted in Redis by `limits`
   (sliding-window counters: two keys per limit, one round trip per check), shared by all API processes.
-  A tenant with no limit set costs no round trip.
+  A tenant with no limit set costs no round trip. While Redis is unreachable a limited tenant is refused
+  (the Redis error propagates: nothing unmetered); failed authentications are then not counted.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import logging
 import math
@@ -130,13 +132,19 @@ class RateLimits:
             raise RateLimited(f"Rate limit reached on tokens per min (TPM): limit {limit}, requested {tokens}. "
                               f"Please try again in {wait}s.", wait, "tokens")
 
+    # Failed authentications are a second line (keys are unguessable; bad ones are also cached): while Redis
+    # is unreachable they are not counted, rather than refusing every caller whose key is not remembered.
     async def failures_exhausted(self, item: RateLimitItem, address: str) -> int | None:
-        if await self._limiter.test(item, "auth-failures", address):
+        try:
+            if await self._limiter.test(item, "auth-failures", address):
+                return None
+            return await self._wait(item, 1, "auth-failures", address)
+        except RedisError:
             return None
-        return await self._wait(item, 1, "auth-failures", address)
 
     async def count_failure(self, item: RateLimitItem, address: str) -> None:
-        await self._limiter.hit(item, "auth-failures", address)
+        with contextlib.suppress(RedisError):
+            await self._limiter.hit(item, "auth-failures", address)
 
 
 class KeyAuthenticator:

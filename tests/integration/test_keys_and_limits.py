@@ -19,7 +19,7 @@ import pytest
 
 from core.settings import MIN_ADMIN_TOKEN_CHARS
 from tests.support.procs import ManagedProcess, free_port, python_module, wait_http_ok, wait_until
-from tests.support.stack import Stack, psycopg_dsn, write_app_config
+from tests.support.stack import Stack, psycopg_dsn, scratch_database, write_app_config
 
 pytestmark = pytest.mark.integration
 
@@ -185,6 +185,39 @@ def test_the_broker_refuses_a_revoked_key(stack: Stack) -> None:
     wait_until(lambda: line in log_path.read_text(errors="replace"), 20, 0.1, "the worker's refusal")
     assert query(stack, "SELECT count(*) FROM tasks WHERE tenant_id = %s", tenant["id"]) == [(0,)]
     assert new["api_key"] not in log_path.read_text(errors="replace")  # only its public prefix is logged
+
+
+def test_the_migration_keeps_every_key_handed_out_before_it(base_database_url: str) -> None:
+    from alembic import command
+    from sqlalchemy import create_engine, pool
+    from sqlalchemy.orm import Session
+
+    from core.migrate import alembic_config, upgrade_to_head
+    from core.tenants import grant_for_key, hash_api_key
+
+    with scratch_database(base_database_url, prefix="tierbatch_keys_migration") as url:
+        config = alembic_config(url)
+        command.upgrade(config, "0007")
+        old_keys = {uuid.uuid4(): f"tb_old-{n}-{uuid.uuid4().hex}" for n in range(3)}
+        with psycopg.connect(psycopg_dsn(url)) as conn:
+            for tenant_id, key in old_keys.items():
+                conn.execute("INSERT INTO tenants (id, name, api_key_hash, api_key_prefix) VALUES (%s, %s, %s, %s)",
+                             (tenant_id, "old", hash_api_key(key), key[:10]))
+        upgrade_to_head(url)
+        engine = create_engine(url, poolclass=pool.NullPool)
+        try:
+            with Session(engine) as session:
+                for tenant_id, key in old_keys.items():
+                    grant = grant_for_key(session, key)
+                    assert grant is not None and grant.tenant_id == tenant_id
+                    assert grant.requests_per_minute is None and grant.tokens_per_minute is None
+        finally:
+            engine.dispose()
+        command.downgrade(config, "0007")  # and back: each tenant gets its key again
+        with psycopg.connect(psycopg_dsn(url)) as conn:
+            rows: dict[uuid.UUID, str] = dict(conn.execute("SELECT id, api_key_hash FROM tenants").fetchall())
+        assert rows == {tenant_id: hash_api_key(key) for tenant_id, key in old_keys.items()}
+        upgrade_to_head(url)
 
 
 # --- rate limits -----------------------------------------------------------------------------------

@@ -281,3 +281,32 @@ def test_up_generates_a_long_admin_token_and_refuses_a_short_one(tmp_path: Path)
     assert stack._admin_token() == token  # kept across starts
     with pytest.raises(StackError, match=f"at least {MIN_ADMIN_TOKEN_CHARS}"):
         LocalStack(tmp_path / "other", environ={"TIERBATCH_ADMIN_TOKEN": "x" * 31})._admin_token()
+
+
+class UnreachableStorage(MemoryStorage):
+    """`limits`' storage while Redis is down."""
+
+    async def acquire_sliding_window_entry(self, key: str, limit: int, expiry: int, amount: int = 1) -> bool:
+        raise RedisConnectionError("connection refused")
+
+    async def get_sliding_window(self, key: str, expiry: int) -> tuple[int, float, int, float]:
+        raise RedisConnectionError("connection refused")
+
+
+def test_without_redis_limited_tenants_are_refused_and_failures_go_uncounted() -> None:
+    keys, redis = Keys(), FakeRedis()
+    redis.down = True
+    limits = RateLimits(UnreachableStorage())
+    auth = KeyAuthenticator(keys, redis, "p:", limits, 1)  # type: ignore[arg-type]
+    grant = keys.add("tb_good", rpm=10)
+
+    async def scenario() -> None:
+        for _ in range(3):  # over the limit of 1, yet a plain 401: the counter cannot be read
+            with pytest.raises(Unauthenticated):
+                await auth.grant("tb_wrong", "10.0.0.1")
+        assert await auth.grant("tb_good", "10.0.0.1") == grant
+        with pytest.raises(RedisConnectionError):  # never admitted unmetered
+            await limits.admit_request(grant)
+        await limits.admit_request(keys.add("tb_free"))  # no limit: no Redis needed
+
+    run(scenario())
