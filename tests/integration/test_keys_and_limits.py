@@ -141,16 +141,25 @@ def test_a_revoked_key_is_refused_within_a_second_on_another_api_process(sim_res
         with stack.admin_client() as admin:
             revoked = admin.delete(f"/v1/admin/tenants/{tenant['id']}/keys/{new['id']}")
         assert revoked.status_code == 200
-        started = time.monotonic()
+        revoked_at = time.monotonic()
         assert revoked.json()["id"] == new["id"] and revoked.json()["revoked_at"] is not None
-
-        def refused_everywhere() -> bool:
-            return all(response.status_code == 401 for response in (
-                other.get("/v1/tasks"), other.get("/v1/models"), other.get("/v1/files"),
-                other.get("/v1/batches"), main.get("/v1/models"), main.get("/v1/tasks")))
-
-        wait_until(refused_everywhere, 1.0, 0.05, "the revoked key refused on both API processes")
-        assert time.monotonic() - started < 1.0
+        # each route is asked until it refuses; every request sent a second or more after the revocation must
+        # be refused (on a loaded machine the polling itself is slow, so its pace is no measure)
+        routes = [(other, "/v1/tasks"), (other, "/v1/models"), (other, "/v1/files"), (other, "/v1/batches"),
+                  (main, "/v1/models"), (main, "/v1/tasks")]
+        seen: list[tuple[str, float, int]] = []
+        pending = list(routes)
+        deadline = revoked_at + 15
+        while pending and time.monotonic() < deadline:
+            for route in list(pending):
+                sent = time.monotonic() - revoked_at
+                status = route[0].get(route[1]).status_code
+                seen.append((f"{route[0].base_url}{route[1]}", sent, status))
+                if status == 401:
+                    pending.remove(route)
+        assert not pending, seen
+        assert all(status in (200, 401) for _, _, status in seen), seen
+        assert all(status == 401 for _, sent, status in seen if sent >= 1.0), seen
         calls = sim_chat_calls(stack)
         refused = other.post("/v1/chat/completions", json=CHAT)
         assert refused.status_code == 401 and refused.json()["error"]["code"] == "invalid_api_key"
