@@ -1,7 +1,7 @@
 """API keys at the door: which tenant is calling, and whether it may call now. Shared by every surface.
 
 - A valid key is remembered per process for `ttl` seconds, so a hot caller costs no query. Revoking a key
-  (or changing a tenant's limits, or issuing a key) increments a generation counter in Redis; each process
+  (or changing a tenant's limits) increments a generation counter in Redis; each process
   reads it at most every `generation_check_seconds` and forgets everything it remembered when it moved. So
   a revoked key is refused by every API process within that interval (plus one query). While Redis cannot
   be read nothing is remembered: every call asks the database (fail closed).
