@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import Conflict, InvalidInput, NotFound, ServiceUnavailable, TransitionError
+from core.errors import Conflict, InvalidInput, NotFound, RateLimited, ServiceUnavailable, TransitionError
 from core.gateway import GatewayError
 
 log = logging.getLogger(__name__)
@@ -25,9 +25,12 @@ _TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "budge
 
 
 def error_response(status: int, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"type": _TYPES.get(status, "invalid_request_error"), "message": message, "param": param}}
-    return JSONResponse(body, status_code=status, headers=headers)
+                   headers: dict[str, str] | None = None, code: str | None = None) -> JSONResponse:
+    error: dict[str, str | None] = {"type": _TYPES.get(status, "invalid_request_error"), "message": message,
+                                    "param": param}
+    if code is not None:  # e.g. `rate_limit_exceeded` on a 429, as the OpenAI surface says it
+        error["code"] = code
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 # --- OpenAI-compatible surface (issue 5): these paths answer errors in OpenAI's shape ---------------
@@ -87,6 +90,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return openai_error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers or None)
+
+    @app.exception_handler(RateLimited)
+    async def rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
+        headers = {"retry-after": str(exc.retry_after)}
+        if is_openai_path(request):  # OpenAI's type names what ran out: `requests` or `tokens`
+            return openai_error_response(429, exc.message, exc.kind, None, "rate_limit_exceeded", headers)
+        return error_response(429, exc.message, None, headers, "rate_limit_exceeded")
 
     @app.exception_handler(InvalidInput)
     async def invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:

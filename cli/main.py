@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from core.config import AppConfig, load_config
@@ -37,7 +38,11 @@ def load_settings_and_config() -> tuple[Settings, AppConfig]:
         return settings, load_config(settings.config_path)
     except ConfigError as exc:
         fail(f"invalid configuration:\n{exc}")
-    except ValueError as exc:  # pydantic-settings errors on bad environment values
+    except ValidationError as exc:  # pydantic-settings errors on bad environment values (inputs hidden)
+        fail("invalid environment:\n" + "\n".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors(include_url=False, include_input=False)))
+    except ValueError as exc:
         fail(f"invalid environment: {exc}")
 
 

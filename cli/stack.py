@@ -423,13 +423,18 @@ class LocalStack:
     # -- steps
 
     def _admin_token(self) -> str:
+        from core.settings import MIN_ADMIN_TOKEN_CHARS
+
         token = self.environ.get("TIERBATCH_ADMIN_TOKEN")
         if token:
+            if len(token) < MIN_ADMIN_TOKEN_CHARS:
+                raise StackError(f"TIERBATCH_ADMIN_TOKEN is {len(token)} characters long; it must be at least "
+                                 f"{MIN_ADMIN_TOKEN_CHARS} (or unset it: one is generated)")
             return token
         path = self.data_dir / "admin_token"
         token = _read_text(path)
-        if token is None:
-            token = secrets.token_urlsafe(24)
+        if token is None or len(token) < MIN_ADMIN_TOKEN_CHARS:  # none yet, or one too short to keep
+            token = secrets.token_urlsafe(32)  # 43 characters
             _write_private(path, token + "\n")
         return token
 

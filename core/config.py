@@ -128,6 +128,8 @@ class ReconcilerConfig(_Section):
 class LimitsConfig(_Section):
     max_prompt_bytes: PositiveInt = 1_048_576
     max_tasks_per_request: PositiveInt = 1000
+    # failed authentications (bad key or admin token) per client address and minute, across API processes
+    failed_auth_per_minute: PositiveInt = 20
 
 
 class BudgetConfig(_Section):

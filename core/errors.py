@@ -65,3 +65,18 @@ class RetryableProviderError(ProviderError):
 
 class PermanentProviderError(ProviderError):
     """A 4xx other than 408/409/429: the same request will fail the same way."""
+
+
+class Unauthenticated(TierbatchError):
+    """No valid credential: a missing, unknown or revoked API key (401)."""
+
+
+class RateLimited(TierbatchError):
+    """A limit is reached (429): `retry_after` seconds until a retry may pass; `kind` names what was counted
+    (`requests`, `tokens`, `failed_authentications`)."""
+
+    def __init__(self, message: str, retry_after: int, kind: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.kind = kind

@@ -10,13 +10,15 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.context import ApiContext
-from api.deps import ContextDep, SessionDep, TenantDep
+from api.deps import ContextDep, GrantDep, SessionDep, TenantDep
 from api.limits import TASKS_BODY_BYTES, parsed_json
 from api.serialize import task_body
+from core.auth import estimated_tokens
 from core.errors import InvalidInput, NotFound
 from core.inputs import NotJson, loads_checked
 from core.messaging import DISPATCH_CHUNK, DISPATCH_TASKS, dispatch_after_commit
 from core.models import Task
+from core.routing import prompt_text
 from core.states import TaskStatus
 from core.submission import TaskSpec, parse_submission
 from core.tasks import AcceptedTask, cancel_task, get_task, insert_tasks, list_tasks
@@ -55,11 +57,20 @@ def store_and_dispatch(ctx: ApiContext, tenant_id: uuid.UUID, specs: list[TaskSp
     return accepted
 
 
+def _prompt_bytes(spec: TaskSpec) -> int:
+    """The prompt text's size, for the tokens-per-minute admission estimate."""
+    if spec.prompt is not None:
+        return len(spec.prompt.encode("utf-8", "surrogatepass"))
+    text = prompt_text([message.model_dump() for message in spec.messages or []])
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 @router.post("", status_code=202)
-async def submit_tasks(request: Request, tenant: TenantDep, ctx: ContextDep) -> JSONResponse:
+async def submit_tasks(request: Request, tenant: TenantDep, grant: GrantDep, ctx: ContextDep) -> JSONResponse:
     payload = await read_json(request)
     limits = ctx.config.limits
     specs = parse_submission(payload, limits.max_tasks_per_request, limits.max_prompt_bytes)
+    await ctx.rate_limits.admit_tokens(grant, estimated_tokens(sum(_prompt_bytes(spec) for spec in specs)))
     # database and broker calls are blocking: keep them off the event loop
     accepted = await run_in_threadpool(store_and_dispatch, ctx, tenant.id, specs)
     items = [{"id": str(a.id), "object": "task", "status": a.status.value, "tier": a.tier.value}

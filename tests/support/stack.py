@@ -15,7 +15,7 @@ from sqlalchemy.engine import make_url
 
 from tests.support.procs import ManagedProcess, python_module, wait_http_ok, wait_until
 
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef-local"  # 38 characters: processes refuse < 32
 # a fixed Fernet key for the test stacks (webhook secrets are encrypted with it); tests read the DB with it
 SECRET_KEY = "dGllcmJhdGNoLXRlc3Qtc2VjcmV0LWtleS0zMmJ5dGU="
 
@@ -72,6 +72,8 @@ def write_app_config(path: Path, simulator_port: int, extra: str = "") -> Path:
     # (test_webhook_targets.py runs a stack of its own with the default, public addresses only)
     webhooks = ("" if "[webhooks]" in extra
                 else "\n[webhooks]\nallow_private_networks = true\ntimeout_seconds = 3\n")
+    # tests on one stack send many bad keys from 127.0.0.1; test_keys_and_limits.py checks the real limit
+    limits = "" if "[limits]" in extra else "\n[limits]\nfailed_auth_per_minute = 100000\n"
     path.write_text(f"""
 [providers.sim]
 base_url = "http://127.0.0.1:{simulator_port}/v1"
@@ -121,6 +123,7 @@ never_cached = "off"
 {quality}
 {files}
 {webhooks}
+{limits}
 {extra}
 """)
     return path
