@@ -66,7 +66,6 @@ from core.retry import ChainExhausted, backoff_delay
 from core.routing import prompt_text, resolve_tier
 from core.rules import RuleView, rule_decision, tenant_rules
 from core.states import Mode, RequestedTier, Tier
-from core.tenants import tenant_for_key
 
 log = logging.getLogger(__name__)
 
@@ -111,32 +110,6 @@ def model_not_found(model: str, param: str | None = "model") -> GatewayError:
 
 
 # --- tenants ---------------------------------------------------------------------------------------
-
-
-class TenantKeyCache:
-    """Tenant id by API key, remembered for `ttl` seconds so a hot caller costs no query per call."""
-
-    def __init__(self, sessions: sessionmaker[Session], ttl: float = 60.0) -> None:
-        self._sessions = sessions
-        self._ttl = ttl
-        self._entries: dict[str, tuple[float, uuid.UUID]] = {}
-
-    def _lookup(self, api_key: str) -> uuid.UUID | None:
-        with self._sessions() as session:
-            tenant = tenant_for_key(session, api_key)
-            return tenant.id if tenant is not None else None
-
-    async def tenant_id(self, api_key: str) -> uuid.UUID | None:
-        now = time.monotonic()
-        entry = self._entries.get(api_key)
-        if entry is not None and entry[0] > now:
-            return entry[1]
-        found = await anyio.to_thread.run_sync(self._lookup, api_key)
-        if found is not None:
-            if len(self._entries) > 10_000:
-                self._entries.clear()
-            self._entries[api_key] = (now + self._ttl, found)
-        return found
 
 
 @dataclass(frozen=True, slots=True)
