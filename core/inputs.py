@@ -55,7 +55,15 @@ def describe(text: str) -> str:
 
 
 def dotted(path: Iterable[object]) -> str:
-    return ".".join(_printable(str(part)) for part in path)
+    """A field's name as the API's other errors spell it: `messages[0].content`, `metadata.team`."""
+    name = ""
+    for part in path:
+        if type(part) is int:
+            name += f"[{part}]"
+        else:
+            text = _printable(str(part))
+            name = f"{name}.{text}" if name else text
+    return name
 
 
 def _printable(text: str) -> str:
@@ -84,7 +92,8 @@ def check_tree(root: Any, max_depth: int = MAX_JSON_DEPTH, prefix: tuple[object,
     while stack:
         node, path = stack.pop()
         if len(path) - len(prefix) >= max_depth:
-            raise too_deep()
+            where = dotted(path)
+            raise TooDeep(f"{where}: the JSON is nested deeper than {max_depth} levels", param=where or None)
         items: Iterable[tuple[object, Any]] = node.items() if type(node) is dict else enumerate(node)
         for key, value in items:
             if type(key) is str and unstorable(key):

@@ -71,7 +71,7 @@ def test_a_nul_in_a_chat_message_is_refused_before_the_provider_and_stores_nothi
     for response in (answer, surrogate):
         assert response.status_code == 400, response.text
         error = error_of(response, "openai")
-        assert error["param"] == "messages.0.content"
+        assert error["param"] == "messages[0].content"
         assert error["type"] == "invalid_request_error"
     assert provider_calls(stack) == 0
     assert tenant_tasks(stack, tenant_id) == 0
@@ -108,9 +108,9 @@ def test_nul_in_task_fields_query_and_path_is_a_400_naming_the_field(stack: Stac
         ("POST", "/v1/tasks", {"prompt": "ok", "metadata": {"x": "a\u0000"}}, "metadata.x"),
         ("POST", "/v1/tasks", {"prompt": "ok", "metadata": {"x\u0000": "a"}}, "metadata.x\\x00"),
         ("POST", "/v1/tasks", {"prompt": "ok", "idempotency_key": "k\u0000"}, "idempotency_key"),
-        ("POST", "/v1/tasks", {"tasks": [{"prompt": "fine"}, {"prompt": "\u0000"}]}, "tasks.1.prompt"),
+        ("POST", "/v1/tasks", {"tasks": [{"prompt": "fine"}, {"prompt": "\u0000"}]}, "tasks[1].prompt"),
         ("POST", "/v1/jobs", {"items": [{"id": "a", "text": "fine"}, {"id": "b\u0000", "text": "t"}]},
-         "items.1.id"),
+         "items[1].id"),
         ("POST", "/v1/schedules", {"name": "n\u0000", "cron": "* * * * *"}, "name"),
     ]
     with stack.client(key) as client:
@@ -160,7 +160,7 @@ def test_a_nul_line_in_an_ndjson_upload_or_a_batch_file_names_the_line(sim_reset
         stored = client.post("/v1/files", files={"file": ("in.jsonl", content)}, data={"purpose": "batch"})
         assert stored.status_code == 400, stored.text
         error = error_of(stored, "openai")
-        assert error["message"].startswith("Line 2:") and error["param"] == "body.messages.0.content"
+        assert error["message"].startswith("Line 2:") and error["param"] == "body.messages[0].content"
         assert rows(stack, "SELECT count(*) FROM files WHERE tenant_id = %s", tenant_id) == files_before
     assert provider_calls(stack) <= 1  # at most the first job's single item; never the refused lines
 

@@ -35,9 +35,9 @@ def test_the_limit_itself_is_accepted_and_brackets_in_strings_do_not_count() -> 
 
 
 @pytest.mark.parametrize(("raw", "param"), [
-    (b'{"messages": [{"role": "user", "content": "hi\\u0000there"}]}', "messages.0.content"),
+    (b'{"messages": [{"role": "user", "content": "hi\\u0000there"}]}', "messages[0].content"),
     (b'{"metadata": {"x": "\\ud800"}}', "metadata.x"),  # lone surrogate: not encodable to UTF-8
-    (b'{"metadata": {"x": "ok", "y": ["a", "\\udfff"]}}', "metadata.y.1"),
+    (b'{"metadata": {"x": "ok", "y": ["a", "\\udfff"]}}', "metadata.y[1]"),
     (b'{"prompt": "raw\x00nul"}', "prompt"),  # a raw NUL byte inside a string
     (b'"\\u0000"', None),
 ])

@@ -129,7 +129,7 @@ async def test_nesting_and_nul_are_400_in_the_surface_shape(app: tuple[FastAPI, 
         error = response.json()["error"]
         assert set(error) == ({"message", "type", "param", "code"} if surface == "openai"
                               else {"type", "message", "param"})
-    assert nul.json()["error"]["param"] == "messages.0.content"
+    assert nul.json()["error"]["param"] == "messages[0].content"
 
 
 @pytest.mark.anyio
