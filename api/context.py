@@ -10,15 +10,18 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.auth import KeyAuthenticator, RateLimits, database_lookup, limits_storage
 from core.config import AppConfig
 from core.cooldown import Cooldown
 from core.db import make_engine, make_session_factory
 from core.facade import FileLimits
-from core.gateway import Gateway, TenantKeyCache, TenantPolicies
+from core.gateway import Gateway, TenantPolicies
 from core.messaging import make_producer
 from core.pricing import PriceBook
 from core.provider import AsyncProviderClients
+from core.secretbox import SecretBox
 from core.settings import Settings
+from core.webhooks import TargetPolicy
 
 
 @dataclass
@@ -33,9 +36,13 @@ class ApiContext:
     providers: AsyncProviderClients
     redis: aioredis.Redis
     gateway: Gateway
-    tenant_keys: TenantKeyCache
+    keys: KeyAuthenticator  # API keys of both surfaces, the admin token, failed-authentication limits
     file_limits: FileLimits
     tenant_policies: TenantPolicies  # routing rules (issue 6) and budgets (issue 4) on the OpenAI surface
+    # --- webhooks: secrets encrypted at rest (None: no key, no webhooks), where a webhook_url may go ---
+    secret_box: SecretBox | None
+    webhook_targets: TargetPolicy
+    rate_limits: RateLimits  # per-tenant requests and tokens per minute, in Redis
 
     @classmethod
     def build(cls, settings: Settings, config: AppConfig) -> ApiContext:
@@ -51,8 +58,12 @@ class ApiContext:
         gateway.warm_prices()
         # batch file limits: OpenAI's by default; the environment may lower them (tests, small deployments)
         limits = FileLimits.from_env(os.environ)
+        rate_limits = RateLimits(limits_storage(redis_client, settings.redis_url, settings.redis_key_prefix))
+        keys = KeyAuthenticator(database_lookup(sessions), redis_client, settings.redis_key_prefix, rate_limits,
+                                config.limits.failed_auth_per_minute)
         return cls(settings, config, engine, sessions, make_producer(settings), prices, providers, redis_client,
-                   gateway, TenantKeyCache(sessions), limits, TenantPolicies(sessions, config))
+                   gateway, keys, limits, TenantPolicies(sessions, config),
+                   settings.secret_box(), TargetPolicy.from_config(config.webhooks), rate_limits)
 
     async def aclose(self) -> None:
         """Async resources (front door): drain pending call records, close provider and Redis clients."""

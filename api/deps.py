@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Iterator
 from typing import Annotated
 
+import anyio
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
 from api.context import ApiContext
+from core.errors import Unauthenticated
 from core.models import Tenant
-from core.tenants import tenant_for_key
+from core.tenants import KeyGrant
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 def get_context(request: Request) -> ApiContext:
@@ -32,32 +35,54 @@ def get_session(ctx: ContextDep) -> Iterator[Session]:
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 
 
+def client_address(request: Request) -> str:
+    """The peer address failed authentications are counted against (uvicorn applies `X-Forwarded-For` only
+    from the proxies it trusts: loopback by default)."""
+    return request.client.host if request.client is not None else "unknown"
+
+
 def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'",
-                            headers={"WWW-Authenticate": "Bearer"})
+        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'", headers=_CHALLENGE)
     return token.strip()
 
 
-def get_tenant(request: Request, ctx: ContextDep) -> Tenant:
+async def key_grant(request: Request, ctx: ContextDep) -> KeyGrant:
+    """The valid, unrevoked key's grant, counted against the tenant's requests per minute."""
     token = bearer_token(request)
-    with ctx.sessions() as session:
-        tenant = tenant_for_key(session, token)
-    if tenant is None:
-        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
+    try:
+        grant = await ctx.keys.grant(token, client_address(request))
+    except Unauthenticated:
+        raise HTTPException(401, "invalid API key", headers=_CHALLENGE) from None
+    await ctx.rate_limits.admit_request(grant)
+    return grant
+
+
+GrantDep = Annotated[KeyGrant, Depends(key_grant)]
+
+
+async def get_tenant(grant: GrantDep, ctx: ContextDep) -> Tenant:
+    def load() -> Tenant | None:
+        with ctx.sessions() as session:
+            return session.get(Tenant, grant.tenant_id)
+
+    tenant = await anyio.to_thread.run_sync(load)
+    if tenant is None:  # cannot happen while keys reference their tenant; never a 500 either way
+        raise HTTPException(401, "invalid API key", headers=_CHALLENGE)
     return tenant
 
 
 TenantDep = Annotated[Tenant, Depends(get_tenant)]
 
 
-def require_admin(request: Request, ctx: ContextDep) -> None:
+async def require_admin(request: Request, ctx: ContextDep) -> None:
     token = bearer_token(request)
-    expected = ctx.settings.admin_token
-    if not expected or not hmac.compare_digest(token, expected):
-        raise HTTPException(401, "admin token required")
+    try:
+        await ctx.keys.check_admin(token, ctx.settings.admin_token, client_address(request))
+    except Unauthenticated:
+        raise HTTPException(401, "admin token required") from None
 
 
 AdminDep = Annotated[None, Depends(require_admin)]

@@ -4,31 +4,39 @@ from __future__ import annotations
 
 import logging
 
+import kombu.exceptions
+import psycopg
+import redis.exceptions
+import sqlalchemy.exc
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import Conflict, InvalidInput, NotFound, TransitionError
+from core.errors import Conflict, InvalidInput, NotFound, RateLimited, ServiceUnavailable, TransitionError
 from core.gateway import GatewayError
 
 log = logging.getLogger(__name__)
 
 _TYPES = {400: "invalid_request_error", 401: "authentication_error", 402: "budget_exceeded",
           404: "not_found_error", 409: "conflict_error", 413: "request_too_large",
-          422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error"}
+          422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
+          503: "service_unavailable"}
 
 
 def error_response(status: int, message: str, param: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = {"error": {"type": _TYPES.get(status, "invalid_request_error"), "message": message, "param": param}}
-    return JSONResponse(body, status_code=status, headers=headers)
+                   headers: dict[str, str] | None = None, code: str | None = None) -> JSONResponse:
+    error: dict[str, str | None] = {"type": _TYPES.get(status, "invalid_request_error"), "message": message,
+                                    "param": param}
+    if code is not None:  # e.g. `rate_limit_exceeded` on a 429, as the OpenAI surface says it
+        error["code"] = code
+    return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
 # --- OpenAI-compatible surface (issue 5): these paths answer errors in OpenAI's shape ---------------
 OPENAI_PATHS = ("/v1/chat/", "/v1/models", "/v1/files", "/v1/batches")
 _OPENAI_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
-                 413: "request_too_large", 500: "internal_error"}
+                 413: "request_too_large", 500: "internal_error", 503: "service_unavailable"}
 
 
 def is_openai_path(request: Request) -> bool:
@@ -45,6 +53,34 @@ def openai_error_response(status: int, message: str, type_: str | None = None, p
 # --- end OpenAI-compatible surface -------------------------------------------------------------------
 
 
+# Foreign errors that mean "a dependency is down", by type. A DBAPIError that is none of these is an
+# outage only when SQLAlchemy says the connection died under it (connection_invalidated).
+DATABASE_OUTAGES: tuple[type[BaseException], ...] = (
+    sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError, psycopg.OperationalError)
+BROKER_OUTAGES: tuple[type[BaseException], ...] = (
+    redis.exceptions.ConnectionError, redis.exceptions.TimeoutError, kombu.exceptions.OperationalError)
+
+
+def outage_of(exc: BaseException) -> ServiceUnavailable | None:
+    """Our ServiceUnavailable for a foreign error that means a dependency is unreachable, else None."""
+    if isinstance(exc, ServiceUnavailable):
+        return exc
+    if isinstance(exc, DATABASE_OUTAGES):
+        return ServiceUnavailable("database")
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        return ServiceUnavailable("database")
+    if isinstance(exc, BROKER_OUTAGES):
+        return ServiceUnavailable("broker")
+    return None
+
+
+def unavailable_response(request: Request, outage: ServiceUnavailable) -> JSONResponse:
+    headers = {"retry-after": str(outage.retry_after_seconds)}
+    if is_openai_path(request):
+        return openai_error_response(503, str(outage), "server_error", None, "service_unavailable", headers)
+    return error_response(503, str(outage), None, headers)
+
+
 def _param_from_loc(loc: tuple[int | str, ...]) -> str | None:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
     return ".".join(parts) or None
@@ -54,6 +90,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(GatewayError)
     async def gateway_error(_: Request, exc: GatewayError) -> JSONResponse:
         return openai_error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers or None)
+
+    @app.exception_handler(RateLimited)
+    async def rate_limited(request: Request, exc: RateLimited) -> JSONResponse:
+        headers = {"retry-after": str(exc.retry_after)}
+        if is_openai_path(request):  # OpenAI's type names what ran out: `requests` or `tokens`
+            return openai_error_response(429, exc.message, exc.kind, None, "rate_limit_exceeded", headers)
+        return error_response(429, exc.message, None, headers, "rate_limit_exceeded")
 
     @app.exception_handler(InvalidInput)
     async def invalid_input(request: Request, exc: InvalidInput) -> JSONResponse:
@@ -102,6 +145,17 @@ def install_error_handlers(app: FastAPI) -> None:
                 message = f"Invalid URL ({request.method} {request.url.path})"
             return openai_error_response(exc.status_code, message, None, None, None, headers)
         return error_response(exc.status_code, str(exc.detail), None, headers=headers)
+
+    async def outage(request: Request, exc: Exception) -> JSONResponse:
+        found = outage_of(exc)
+        if found is None:
+            return await unexpected(request, exc)
+        log.warning("%s %s: %s unreachable (%s)", request.method, request.url.path, found.dependency,
+                    type(exc).__name__)
+        return unavailable_response(request, found)
+
+    for kind in (ServiceUnavailable, sqlalchemy.exc.DBAPIError, *DATABASE_OUTAGES, *BROKER_OUTAGES):
+        app.add_exception_handler(kind, outage)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:

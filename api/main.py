@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from api.context import ApiContext
 from api.errors import install_error_handlers
+from api.limits import install_input_guard
 from api.routes import admin, health, tasks
 from api.routes import costs as costs_routes  # costs and budgets (issue 4)
 from api.routes import jobs as jobs_routes  # bulk jobs (issue 3)
@@ -35,6 +36,7 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
     app = FastAPI(title="tierbatch", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx
     install_error_handlers(app)
+    install_input_guard(app, ctx.file_limits)
     # OpenAI-compatible surface (issue 5): first, so the hot `POST /v1/chat/completions` matches at once
     for openai_module in (openai_chat_routes, openai_models_routes, openai_batches_routes):
         app.include_router(openai_module.router)

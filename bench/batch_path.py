@@ -242,8 +242,7 @@ class BatchFigures:
 def insert_waiting_tasks(dsn: str, n: int, provider: str, model: str) -> tuple[uuid.UUID, float]:
     tenant = uuid.uuid4()
     with psycopg.connect(dsn) as conn:
-        conn.execute("INSERT INTO tenants (id, name, api_key_hash, api_key_prefix) VALUES (%s, %s, %s, %s)",
-                     (tenant, "bench", uuid.uuid4().hex, "tb_bench"))
+        conn.execute("INSERT INTO tenants (id, name) VALUES (%s, %s)", (tenant, "bench"))
         started = time.perf_counter()
         copy_rows(conn, "tasks", waiting_rows(tenant, n, provider, model))
         conn.commit()

@@ -144,8 +144,8 @@ def fill(dsn: str, rows: int, days: int, n_tenants: int, chunk: int) -> tuple[fl
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("ALTER TABLE ledger_entries DROP CONSTRAINT fk_ledger_entries_task_id_tasks")
         with conn.cursor() as cur:
-            cur.executemany("INSERT INTO tenants (id, name, api_key_hash, api_key_prefix) VALUES (%s, %s, %s, %s)",
-                            [(t, f"tenant-{i}", f"hash-{t}", "tb_bench") for i, t in enumerate(tenants)])
+            cur.executemany("INSERT INTO tenants (id, name) VALUES (%s, %s)",
+                            [(t, f"tenant-{i}") for i, t in enumerate(tenants)])
             cur.executemany("INSERT INTO jobs (id, tenant_id, name, task_type, requested_tier, urgent) "
                             "VALUES (%s, %s, %s, 'classification', 'light', false)",
                             [(jobs[t * days + d], tenants[t], f"nightly-{t}-{d}")

@@ -91,7 +91,6 @@ DEMO_SCHEDULE: dict[str, Any] = {
     "name": "demo-support-tickets", "cron": "0 2 * * *", "timezone": "UTC",
     "job": {"tier": "light", "urgent": False, "system": "Route the support ticket.", "template": "Ticket: {text}",
             "labels": ["billing", "account", "bug"]},
-    "source": {"type": "file", "path": str(SAMPLE_TICKETS), "format": "csv", "id_field": "id", "text_field": "body"},
 }
 
 
@@ -100,7 +99,16 @@ def start_schedule(client: httpx.Client, err: Console) -> tuple[str, str] | None
     if not SAMPLE_TICKETS.exists():
         err.print(f"[yellow]no sample tickets at {SAMPLE_TICKETS}: the schedule demo is skipped[/]")
         return None
-    created = client.post("/v1/schedules", json=DEMO_SCHEDULE)
+    # the tenant's data goes up as a file of its own (purpose user_data); the schedule reads it by id
+    with SAMPLE_TICKETS.open("rb") as handle:
+        uploaded = client.post("/v1/files", data={"purpose": "user_data"},
+                               files={"file": (SAMPLE_TICKETS.name, handle, "text/csv")})
+    if uploaded.status_code != 200:
+        err.print(f"[yellow]could not upload the demo tickets: {uploaded.text[:300]}[/]")
+        return None
+    source = {"type": "file", "file_id": uploaded.json()["id"], "format": "csv", "id_field": "id",
+              "text_field": "body"}
+    created = client.post("/v1/schedules", json={**DEMO_SCHEDULE, "source": source})
     if created.status_code != 201:
         err.print(f"[yellow]could not create the demo schedule: {created.text[:300]}[/]")
         return None

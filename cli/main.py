@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, NoReturn
 
 import typer
+from pydantic import ValidationError
 from rich.console import Console
 
 from core.config import AppConfig, load_config
@@ -37,7 +38,11 @@ def load_settings_and_config() -> tuple[Settings, AppConfig]:
         return settings, load_config(settings.config_path)
     except ConfigError as exc:
         fail(f"invalid configuration:\n{exc}")
-    except ValueError as exc:  # pydantic-settings errors on bad environment values
+    except ValidationError as exc:  # pydantic-settings errors on bad environment values (inputs hidden)
+        fail("invalid environment:\n" + "\n".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg'].removeprefix('Value error, ')}"
+            for error in exc.errors(include_url=False, include_input=False)))
+    except ValueError as exc:
         fail(f"invalid environment: {exc}")
 
 
@@ -58,7 +63,7 @@ def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] =
            queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ",".join(ALL_QUEUES),
            pool: Annotated[str, typer.Option(help="Celery pool: prefork or threads.")] = "prefork",
            loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
-    """Run a Celery worker on the dispatch, immediate and batch queues."""
+    """Run a Celery worker on the dispatch, immediate, batch and webhooks queues."""
     from worker.app import create_celery_app
 
     settings, config = load_settings_and_config()
@@ -106,7 +111,7 @@ def migrate(wait: Annotated[float, typer.Option(help="Seconds to wait for the da
 
     settings, _ = load_settings_and_config()
     wait_for_database(settings.database_url, wait)
-    upgrade_to_head(settings.database_url)
+    upgrade_to_head(settings.database_url, settings.secret_key)
     err.print("database migrated to head")
 
 
@@ -141,15 +146,25 @@ def tenants_create(name: str,
     engine = make_engine(settings.database_url)
     try:
         with make_session_factory(engine).begin() as session:
-            tenant = create_tenant(session, name, monthly_budget)
+            tenant = create_tenant(session, name, monthly_budget, box=settings.secret_box())
     finally:
         engine.dispose()
     if as_json:
         sys.stdout.write(json.dumps({"id": str(tenant.id), "name": tenant.name, "api_key": tenant.api_key,
                                      "webhook_secret": tenant.webhook_secret}) + "\n")
     else:
+        secret = (f"[green]{tenant.webhook_secret}[/] (both shown once)" if tenant.webhook_secret
+                  else "none (TIERBATCH_SECRET_KEY is not set: webhooks are off)")
         Console().print(f"tenant [bold]{tenant.name}[/] ({tenant.id})\napi key: [green]{tenant.api_key}[/]"
-                        f"\nwebhook secret: [green]{tenant.webhook_secret}[/] (both shown once)")
+                        f"\nwebhook secret: {secret}")
+
+
+@app.command("secret-key")
+def secret_key() -> None:
+    """Print a new key for TIERBATCH_SECRET_KEY (it encrypts the webhook secrets at rest)."""
+    from core.secretbox import generate_key
+
+    sys.stdout.write(generate_key() + "\n")
 
 
 @app.command()
@@ -306,7 +321,8 @@ def schedules_add(
         name: Annotated[str | None, typer.Argument(help="Schedule name (or in --file).", show_default=False)] = None,
         cron: Annotated[str | None, typer.Option(help="Cron expression, e.g. '0 2 * * *'.")] = None,
         timezone: Annotated[str, typer.Option(help="IANA time zone of the cron expression.")] = "UTC",
-        source: Annotated[str | None, typer.Option(help="File source: a path or glob (CSV or JSONL).")] = None,
+        source: Annotated[str | None, typer.Option(help="File source: a path or glob (CSV or JSONL), relative "
+                                                        "to the tenant's files directory on the server.")] = None,
         source_format: Annotated[str, typer.Option("--format", help="auto, csv or jsonl.")] = "auto",
         id_field: Annotated[str, typer.Option(help="Field or column of the item id.")] = "id",
         text_field: Annotated[str, typer.Option(help="Field or column of the item text.")] = "text",
@@ -316,8 +332,8 @@ def schedules_add(
         urgent: Annotated[bool, typer.Option("--urgent", help="Call immediately, not by batch.")] = False,
         system: Annotated[str | None, typer.Option(help="System prompt.")] = None,
         template: Annotated[str | None, typer.Option(help="User message with {text}.")] = None,
-        sink: Annotated[str | None, typer.Option(help="Write results to this path ({run_id} …; .jsonl/.csv).")]
-        = None,
+        sink: Annotated[str | None, typer.Option(help="Write results to this path, relative to the tenant's "
+                                                      "files directory ({run_id} …; .jsonl/.csv).")] = None,
         webhook_url: Annotated[str | None, typer.Option(help="POST a signed summary when a run finishes.")] = None,
         disabled: Annotated[bool, typer.Option("--disabled", help="Create it disabled.")] = False,
         body_file: Annotated[Path | None, typer.Option("--file", help="A whole schedule as JSON (e.g. a SQL "

@@ -76,11 +76,12 @@ def schedule_body(options: AddOptions) -> dict[str, Any]:
         job["urgent"] = True
     body["job"] = job
     if options.source is not None:
-        body["source"] = {"type": "file", "path": str(Path(options.source).expanduser().resolve()),
+        # a path on the server, relative to the tenant's files directory: sent as given
+        body["source"] = {"type": "file", "path": options.source,
                           "format": options.source_format, "id_field": options.id_field,
                           "text_field": options.text_field}
     if options.sink is not None:
-        body["sink"] = {"type": "file", "path": str(Path(options.sink).expanduser().resolve())}
+        body["sink"] = {"type": "file", "path": options.sink}
     if options.webhook_url is not None:
         body["webhook_url"] = options.webhook_url
     for required in ("name", "cron", "source"):
@@ -126,8 +127,8 @@ def resolve(client: httpx.Client, name_or_id: str) -> dict[str, Any]:
 
 def _source_text(source: dict[str, Any]) -> str:
     if source.get("type") == "sql":
-        return f"sql ${source.get('url_env')}"
-    return str(source.get("path"))
+        return f"sql {source.get('source')}"
+    return str(source.get("path") or source.get("file_id"))
 
 
 def schedules_table(schedules: list[dict[str, Any]]) -> Table:

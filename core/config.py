@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+import uuid
 from collections.abc import Mapping
 from decimal import Decimal
 from pathlib import Path
@@ -16,6 +18,7 @@ from pydantic import (
     PositiveFloat,
     PositiveInt,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -125,6 +128,8 @@ class ReconcilerConfig(_Section):
 class LimitsConfig(_Section):
     max_prompt_bytes: PositiveInt = 1_048_576
     max_tasks_per_request: PositiveInt = 1000
+    # failed authentications (bad key or admin token) per client address and minute, across API processes
+    failed_auth_per_minute: PositiveInt = 20
 
 
 class BudgetConfig(_Section):
@@ -132,6 +137,62 @@ class BudgetConfig(_Section):
 
     # reject: new tasks are answered 402; downgrade: complex tasks are stored (and served) as light
     policy: Literal["reject", "downgrade"] = "reject"
+
+
+class FilesConfig(_Section):
+    """Where tenants' file sources and sinks live: each tenant reads and writes only `<root>/<tenant id>/`.
+    Without a root, file paths in schedules are refused (uploaded files still work)."""
+
+    root: Path | None = None
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, value: Path | None) -> Path | None:
+        if value is None:
+            return None
+        value = value.expanduser()
+        if not value.is_absolute():
+            raise ValueError(f"must be an absolute directory, not {str(value)!r}")
+        if "\x00" in str(value):
+            raise ValueError("must not contain NUL characters")
+        return value
+
+
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
+
+
+class SqlSourceConfig(_Section):
+    """A database the operator lets some tenants query from schedules (`{"type": "sql", "source": NAME}`)."""
+
+    # the name of the environment variable (of the worker) holding the database URL; never the URL itself
+    url_env: str
+    # tenant ids or names allowed to use it; empty: nobody
+    tenants: list[str] = Field(default_factory=list)
+    statement_timeout_seconds: PositiveFloat = 30.0
+    # more rows than this and the run fails (the cursor does not move); None: no cap
+    max_rows: PositiveInt | None = None
+
+    @field_validator("url_env")
+    @classmethod
+    def _env_name(cls, value: str) -> str:
+        if not ENV_NAME.match(value):
+            raise ValueError("must be the name of an environment variable (letters, digits and _), "
+                             "e.g. TICKETS_DB_URL")
+        if value.upper() in ("DATABASE_URL", "REDIS_URL") or value.upper().startswith("TIERBATCH_"):
+            raise ValueError(f"{value} is one of tierbatch's own settings, not a source database")
+        return value
+
+    def allows(self, tenant_id: uuid.UUID | str, tenant_name: str | None) -> bool:
+        return str(tenant_id) in self.tenants or (tenant_name is not None and tenant_name in self.tenants)
+class WebhooksConfig(_Section):
+    """Outbound webhooks (core/webhooks.py): where they may go and how long an attempt may take."""
+
+    # false: only public addresses (no loopback, private, link-local, ...); true for internal receivers
+    allow_private_networks: bool = False
+    # one attempt, from resolving the host to the last byte of the answer (an overall deadline)
+    timeout_seconds: float = Field(default=10.0, gt=0, le=300)
+    # the receiver's answer is read up to this many bytes, then dropped (only its status is kept)
+    max_response_bytes: int = Field(default=65_536, ge=0, le=1_048_576)
 
 
 class AppConfig(_Section):
@@ -146,12 +207,19 @@ class AppConfig(_Section):
     reconciler: ReconcilerConfig = ReconcilerConfig()
     limits: LimitsConfig = LimitsConfig()
     budget: BudgetConfig = BudgetConfig()
+    files: FilesConfig = FilesConfig()
+    sources: dict[str, SqlSourceConfig] = Field(default_factory=dict)
+    webhooks: WebhooksConfig = WebhooksConfig()
 
     @model_validator(mode="after")
     def _check_references(self) -> AppConfig:
         for name in ("light", "complex"):
             if name not in self.tiers:
                 raise ValueError(f"[tiers.{name}] is missing")
+        keys = {p.api_key_env for p in self.providers.values() if p.api_key_env}
+        for source_name, source in self.sources.items():
+            if source.url_env in keys:
+                raise ValueError(f"sources.{source_name}.url_env: {source.url_env} holds a provider key")
         for tier_name, tier in self.tiers.items():
             for index, ref in enumerate(tier.chain):
                 if ref.provider not in self.providers:

@@ -33,6 +33,15 @@ class TransitionError(TierbatchError):
     """A guarded state change moved no row: the object was not in an allowed state."""
 
 
+class ServiceUnavailable(TierbatchError):
+    """A dependency (the database, the broker) cannot be reached: worth trying again shortly (503)."""
+
+    def __init__(self, dependency: str, retry_after_seconds: int = 2) -> None:
+        super().__init__(f"the {dependency} is unreachable at the moment; try again in a few seconds")
+        self.dependency = dependency
+        self.retry_after_seconds = retry_after_seconds
+
+
 class ProviderError(TierbatchError):
     """An error answered by (or on the way to) an LLM provider."""
 
@@ -56,3 +65,18 @@ class RetryableProviderError(ProviderError):
 
 class PermanentProviderError(ProviderError):
     """A 4xx other than 408/409/429: the same request will fail the same way."""
+
+
+class Unauthenticated(TierbatchError):
+    """No valid credential: a missing, unknown or revoked API key (401)."""
+
+
+class RateLimited(TierbatchError):
+    """A limit is reached (429): `retry_after` seconds until a retry may pass; `kind` names what was counted
+    (`requests`, `tokens`, `failed_authentications`)."""
+
+    def __init__(self, message: str, retry_after: int, kind: str) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+        self.kind = kind

@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session
 
 from core import openai_validation
 from core.config import AppConfig
+from core.errors import InvalidInput
 from core.gateway import (
     GatewayError,
     Route,
@@ -47,6 +48,7 @@ from core.gateway import (
     route_request,
     validate_chat_body,
 )
+from core.inputs import NotJson, loads_checked
 from core.jobs import copy_task_rows, time_ordered_ids
 from core.models import ClientBatch, FilePart, Job, StoredFile, Task
 from core.rules import RuleView, tenant_rules
@@ -125,10 +127,13 @@ def parse_batch_line(number: int, raw: bytes, config: AppConfig, rules: Mapping[
     `smart-select` with tier auto follows the tenant's routing rule for the line's task type (`rules`,
     from `tenant_rules`) before config `[routing]` and the heuristic (DESIGN §3)."""
     try:
-        obj = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        obj = loads_checked(raw)
+    except NotJson:
         raise GatewayError(400, f"Line {number}: this line is not parseable as valid JSON.",
                            "invalid_request_error", "file", "invalid_json_line") from None
+    except InvalidInput as refused:  # nesting too deep, NUL or lone surrogate: never stored
+        raise GatewayError(400, f"Line {number}: {refused.message}", "invalid_request_error",
+                           refused.param or "file", "invalid_value") from None
     if not isinstance(obj, dict):
         raise GatewayError(400, f"Line {number}: this line is not a JSON object.", "invalid_request_error",
                            "file", "invalid_json_line")
@@ -226,6 +231,42 @@ def store_batch_file(session: Session, tenant_id: uuid.UUID, filename: str, sour
     writer.flush()
     stored.bytes = writer.size
     stored.line_count = writer.lines
+    session.flush()
+    return stored
+
+
+USER_DATA_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
+UPLOAD_READ_BYTES = 1 << 20
+
+
+def store_user_file(session: Session, tenant_id: uuid.UUID, filename: str, source: IO[bytes],
+                    limits: FileLimits) -> StoredFile:
+    """Store an uploaded data file (purpose `user_data`: CSV or JSONL rows for a schedule's source), read in
+    1 MiB pieces into its parts. Not checked line by line: a schedule that reads it reports a bad row."""
+    if not filename.lower().endswith(USER_DATA_SUFFIXES):
+        raise GatewayError(400, "Invalid file format for purpose 'user_data'. Must be .csv, .tsv, .jsonl or "
+                           ".ndjson", "invalid_request_error", "file", "invalid_file_format")
+    stored = StoredFile(id=new_file_id(), tenant_id=tenant_id, purpose="user_data", filename=filename, bytes=0,
+                        line_count=0)
+    session.add(stored)
+    session.flush()
+    writer = _PartWriter(session, stored.id)
+    ended_line = True
+    while True:
+        data = source.read(min(UPLOAD_READ_BYTES, limits.max_bytes - writer.size + 1))
+        if not data:
+            break
+        writer.write(data)
+        if writer.size > limits.max_bytes:
+            raise GatewayError(413, f"The file is over the upload limit of {limits.max_bytes:,} bytes.",
+                               "invalid_request_error", "file", "file_too_large")
+        writer.lines += data.count(b"\n")
+        ended_line = data.endswith(b"\n")
+    if writer.size == 0:
+        raise GatewayError(400, "The file is empty.", "invalid_request_error", "file", "empty_file")
+    writer.flush()
+    stored.bytes = writer.size
+    stored.line_count = writer.lines + (0 if ended_line else 1)
     session.flush()
     return stored
 

@@ -6,16 +6,25 @@ The call is made from the API process itself (never through Celery). Bookkeeping
 `Recorder`, a group commit: concurrent calls are written together in one transaction (one
 multi-row INSERT per table), and each caller waits for the commit of its own row before it answers.
 A streamed call writes its rows when the stream ends, also when the client leaves midway.
+
+Fail closed: a request is checked before any provider call, fields (`core.chat_fields`: only what
+the ledger can price is forwarded) and characters (nothing Postgres could not record); an answer
+whose rows were not committed is withheld (a 503 `recording_failed`; a stream holds back its usage
+chunk and `[DONE]` until the commit and ends with an error event instead). What a provider answers
+is recorded as Postgres can store it, so no answer is lost to an unstorable character.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import enum
 import functools
 import json
 import logging
 import math
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -28,6 +37,7 @@ import anyio
 import psycopg
 from sqlalchemy.orm import Session, sessionmaker
 
+from core import chat_fields
 from core import openai_validation as shared
 from core.cache import (
     CachedAnswer,
@@ -45,7 +55,6 @@ from core.costs import BudgetExceeded, check_budget
 from core.errors import PermanentProviderError, ProviderError, RetryableProviderError
 from core.pricing import PriceBook, TokenUsage
 from core.provider import (
-    CHAT_REQUEST_FIELDS,
     AsyncProviderClients,
     ChatStream,
     RawChatAnswer,
@@ -57,7 +66,6 @@ from core.retry import ChainExhausted, backoff_delay
 from core.routing import prompt_text, resolve_tier
 from core.rules import RuleView, rule_decision, tenant_rules
 from core.states import Mode, RequestedTier, Tier
-from core.tenants import tenant_for_key
 
 log = logging.getLogger(__name__)
 
@@ -102,32 +110,6 @@ def model_not_found(model: str, param: str | None = "model") -> GatewayError:
 
 
 # --- tenants ---------------------------------------------------------------------------------------
-
-
-class TenantKeyCache:
-    """Tenant id by API key, remembered for `ttl` seconds so a hot caller costs no query per call."""
-
-    def __init__(self, sessions: sessionmaker[Session], ttl: float = 60.0) -> None:
-        self._sessions = sessions
-        self._ttl = ttl
-        self._entries: dict[str, tuple[float, uuid.UUID]] = {}
-
-    def _lookup(self, api_key: str) -> uuid.UUID | None:
-        with self._sessions() as session:
-            tenant = tenant_for_key(session, api_key)
-            return tenant.id if tenant is not None else None
-
-    async def tenant_id(self, api_key: str) -> uuid.UUID | None:
-        now = time.monotonic()
-        entry = self._entries.get(api_key)
-        if entry is not None and entry[0] > now:
-            return entry[1]
-        found = await anyio.to_thread.run_sync(self._lookup, api_key)
-        if found is not None:
-            if len(self._entries) > 10_000:
-                self._entries.clear()
-            self._entries[api_key] = (now + self._ttl, found)
-        return found
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,15 +212,15 @@ def _check_metadata(value: Any) -> dict[str, str]:
 def validate_chat_body(body: Any, *, allow_stream: bool = True) -> dict[str, Any]:
     """OpenAI's checks of a chat completion request, with its messages; returns the body.
 
-    The checks shared with the simulator are `core.openai_validation`'s (its docstring lists where the two
-    differ); the gateway adds unknown fields, `stream_options`, the number ranges, `stop`, `tools` and
-    `metadata`, and refuses streaming for batch lines (`allow_stream=False`)."""
+    First what can be recorded and which fields are accepted (`core.chat_fields`: its docstring is the
+    list), so no later message quotes a character that cannot be stored. The checks shared with the
+    simulator are `core.openai_validation`'s (its docstring lists where the two differ); the gateway adds
+    `stream_options`, the number ranges, `stop`, `tools` and `metadata`, and refuses streaming for batch
+    lines (`allow_stream=False`)."""
     try:
         body = shared.check_request_object(body)
-        for key in body:
-            if key not in CHAT_REQUEST_FIELDS:
-                raise shared.InvalidRequest(f"Unrecognized request argument supplied: {key}", key,
-                                            "unknown_parameter")
+        chat_fields.check_storable(body)
+        chat_fields.check_fields(body)
         shared.check_model(body, name_missing=True)
         shared.check_messages(body.get("messages"), roles=ROLES)
         stream = shared.check_stream(body)
@@ -309,6 +291,10 @@ def _task_type_hint(value: str | None, param: str) -> str:
     value = value.strip()
     if len(value) > 100:
         raise bad_request(f"Invalid '{param}': at most 100 characters.", param, "invalid_value")
+    try:
+        chat_fields.check_storable(value, param)
+    except shared.InvalidRequest as refused:
+        raise _gateway_error(refused) from None
     return value
 
 
@@ -357,20 +343,14 @@ def route_request(config: AppConfig, model: str, messages: Sequence[Mapping[str,
     return Route(tier, RequestedTier(tier.value), f"model {model!r} asked by name", task_type, chain)
 
 
-ROUTING_KEYS = ("tier", "task_type", "cache")  # ours, not the provider's
+_TO_PROVIDER = chat_fields.FORWARDED_FIELDS | {"stream", "stream_options"}
 
 
 def provider_request(body: Mapping[str, Any]) -> dict[str, Any]:
-    """What goes to the provider: the body minus `model` (chosen per call) and our routing metadata."""
-    request = {k: v for k, v in body.items() if k != "model"}
-    metadata = request.get("metadata")
-    if isinstance(metadata, dict) and any(k in metadata for k in ROUTING_KEYS):
-        rest = {k: v for k, v in metadata.items() if k not in ROUTING_KEYS}
-        if rest:
-            request["metadata"] = rest
-        else:
-            del request["metadata"]
-    return request
+    """What goes to the provider: the fields `core.chat_fields` forwards, as given, plus `stream` and
+    `stream_options` for the caller to take off; never `model` (chosen per call), `metadata` (ours) or
+    a refused field left null."""
+    return {k: v for k, v in body.items() if k in _TO_PROVIDER}
 
 
 def apply_budget_policy(config: AppConfig, route: Route, policy: TenantPolicy) -> Route:
@@ -522,8 +502,61 @@ def _json_value(value: Any) -> str:
 _dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"), default=_json_value)
 
 
+# Escapes Postgres cannot take in the rows' JSON text: a NUL (`\u0000`: escaped once in our values, twice
+# in the provider's raw JSON) and a surrogate (in the provider's JSON; an escaped *pair* matches too, and
+# only costs the slow path).
+_UNSTORABLE_ESCAPE = re.compile(r"\\u(?:0000|[dD][89a-fA-F])")
+
+
+def _storable_param(text: str) -> bool:
+    """Whether Postgres takes this JSON text (substring searches and an encode: a regex alternation over
+    the whole text would cost more than building it)."""
+    if "\\u" in text and _UNSTORABLE_ESCAPE.search(text) is not None:
+        return False
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")  # fails on an unpaired surrogate, raw in our own values
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _storable_json(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        return _json(chat_fields.storable(json.loads(text)))
+    except (ValueError, RecursionError):
+        return None
+
+
+def _storable_record(r: CallRecord) -> CallRecord:
+    """The record as Postgres can store it: what the provider answered with NUL characters or unpaired
+    surrogates replaced (requests holding them are refused before any call)."""
+    def text(value: str | None) -> str | None:
+        return chat_fields.storable_text(value) if value is not None else None
+
+    return dataclasses.replace(
+        r, request=chat_fields.storable(r.request), metadata=chat_fields.storable(r.metadata),
+        output=text(r.output), response_json=_storable_json(r.response_json), error=text(r.error),
+        served_model=text(r.served_model), requested_model=text(r.requested_model),
+        route=dataclasses.replace(r.route, reason=chat_fields.storable_text(r.route.reason),
+                                  task_type=chat_fields.storable_text(r.route.task_type)))
+
+
 def record_params(records: Sequence[CallRecord]) -> dict[str, str]:
-    """The statement's two parameters: the task rows and the ledger rows, each a JSON array of objects."""
+    """The statement's two parameters: the task rows and the ledger rows, each a JSON array of objects.
+
+    Always storable: a provider's answer holding characters Postgres refuses is stored with them
+    replaced, so its task and ledger row are written all the same."""
+    params = _record_params(records)
+    if _storable_param(params["tasks"]) and _storable_param(params["ledger"]):
+        return params
+    return _record_params([_storable_record(r) for r in records])
+
+
+def _record_params(records: Sequence[CallRecord]) -> dict[str, str]:
     tasks: list[dict[str, Any]] = []
     ledger: list[dict[str, Any]] = []
     for r in records:
@@ -599,14 +632,23 @@ class CallWriter:
                 await connection.close()
 
 
+WriteRecords = Callable[[Sequence[CallRecord]], Awaitable[None]]
+
+
+class RecordingFailed(Exception):
+    """A call's task and ledger row could not be committed: its answer must not be served."""
+
+
 class Recorder:
     """Group commit for call records: whoever is waiting when a write starts goes in the next one.
 
-    One writer at a time per process; a caller's `record` returns once its rows are committed. A
-    group that fails is retried record by record, so one bad row cannot sink the others.
+    One writer at a time per process; a caller's `record` returns once its rows are committed, and
+    raises `RecordingFailed` when they were not (whatever the writer's error, also when the writer
+    itself is cancelled). A group that fails is retried record by record, so one bad row cannot sink
+    the others.
     """
 
-    def __init__(self, write: Callable[[Sequence[CallRecord]], Awaitable[None]], max_group: int = 500) -> None:
+    def __init__(self, write: WriteRecords, max_group: int = 500) -> None:
         self._write = write
         self._max_group = max_group
         self._pending: list[tuple[CallRecord, asyncio.Future[None]]] = []
@@ -620,26 +662,34 @@ class Recorder:
         await asyncio.shield(future)
 
     async def _drain(self) -> None:
-        while self._pending:
-            group, self._pending = self._pending[:self._max_group], self._pending[self._max_group:]
-            try:
-                await self._write([r for r, _ in group])
-            except Exception:
-                if len(group) == 1:
-                    log.exception("could not record gateway call %s", group[0][0].task_id)
-                    _settle(group[0][1], RuntimeError("the call could not be recorded"))
-                    continue
-                for record, future in group:
-                    try:
-                        await self._write([record])
-                    except Exception as exc:
-                        log.exception("could not record gateway call %s", record.task_id)
-                        _settle(future, exc)
-                    else:
+        group: list[tuple[CallRecord, asyncio.Future[None]]] = []
+        try:
+            while self._pending:
+                group, self._pending = self._pending[:self._max_group], self._pending[self._max_group:]
+                try:
+                    await self._write([r for r, _ in group])
+                except Exception as exc:
+                    if len(group) == 1:
+                        log.exception("could not record gateway call %s", group[0][0].task_id)
+                        _settle(group[0][1], RecordingFailed(f"the call could not be recorded: {exc}"))
+                        continue
+                    for record, future in group:
+                        try:
+                            await self._write([record])
+                        except Exception as single:
+                            log.exception("could not record gateway call %s", record.task_id)
+                            _settle(future, RecordingFailed(f"the call could not be recorded: {single}"))
+                        else:
+                            _settle(future, None)
+                else:
+                    for _, future in group:
                         _settle(future, None)
-            else:
-                for _, future in group:
-                    _settle(future, None)
+        finally:
+            # a writer stopped midway (cancelled, or an error of its own) leaves no caller waiting, and none
+            # answering as if its rows were written
+            left, self._pending = group + self._pending, []
+            for _, future in left:
+                _settle(future, RecordingFailed("the recorder stopped before the call was recorded"))
 
     async def aclose(self) -> None:
         if self._writer is not None:
@@ -678,6 +728,13 @@ def format_cost(cost: Decimal | None) -> str:
     return "unpriced" if cost is None else format(cost.normalize(), "f")
 
 
+def recording_failed(task_id: uuid.UUID) -> GatewayError:
+    """The client's view of a call whose task and ledger row could not be committed: no answer, a 503 to
+    retry (the usual cause is the database being unreachable)."""
+    return GatewayError(503, "The request could not be recorded, so its answer is withheld; please try again.",
+                        "server_error", None, "recording_failed", {"retry-after": "1"})
+
+
 def error_for(exhausted: ChainExhausted, cooling_retry_after: float | None) -> GatewayError:
     """The client's view of a chain that failed: OpenAI's status and shape; a 429 keeps `retry-after`."""
     errors = exhausted.errors
@@ -711,7 +768,8 @@ def error_for(exhausted: ChainExhausted, cooling_retry_after: float | None) -> G
 class Gateway:
     def __init__(self, config: AppConfig, providers: AsyncProviderClients, cooldown: Cooldown, prices: PriceBook,
                  database_dsn: str, *, durable_records: bool = False,
-                 sessions: sessionmaker[Session] | None = None) -> None:
+                 sessions: sessionmaker[Session] | None = None, write: WriteRecords | None = None) -> None:
+        """`write` commits a group of call records (default: `CallWriter` on `database_dsn`)."""
         self.config = config
         # the response cache (issue 6) needs the database; without sessions every call goes to a provider
         self.sessions = sessions
@@ -720,7 +778,7 @@ class Gateway:
         self.cooldown = cooldown
         self.prices = prices
         self.writer = CallWriter(database_dsn, durable=durable_records)
-        self.recorder = Recorder(self.writer.write)
+        self.recorder = Recorder(write or self.writer.write)
         self.policy: ImmediateConfig = config.immediate
 
     def warm_prices(self) -> None:
@@ -779,11 +837,14 @@ class Gateway:
         """Record a call that no model answered; returns the OpenAI-shaped error to raise."""
         error = error_for(exhausted, await self._cooling_retry_after(call.route.chain)
                           if not exhausted.errors else None)
+        try:
+            await self.recorder.record(CallRecord(
+                task_id, tenant_id, call.route, call.request, call.metadata, "failed",
+                max(1, len(exhausted.errors)), call.received_at, started,
+                error=str(exhausted) or error.message))
+        except RecordingFailed:
+            return recording_failed(task_id)
         error.headers["x-tierbatch-task-id"] = str(task_id)
-        await self.recorder.record(CallRecord(
-            task_id, tenant_id, call.route, call.request, call.metadata, "failed",
-            max(1, len(exhausted.errors)), call.received_at, started,
-            error=str(exhausted) or error.message))
         return error
 
     async def complete(self, tenant_id: uuid.UUID, call: ChatCall) -> Completed:
@@ -847,11 +908,14 @@ class Gateway:
         usage = answer.usage
         baseline = self.prices.baseline(usage)
         content = json.dumps(answer.response, ensure_ascii=False).encode()
-        await self.recorder.record(CallRecord(
-            task_id, tenant_id, call.route, call.request, call.metadata, "succeeded", 0, call.received_at, now,
-            provider=answer.provider, requested_model=answer.requested_model, served_model=answer.served_model,
-            output=answer.output, response_json=content.decode(), usage=usage, latency_ms=0,
-            cost_usd=Decimal(0), baseline_cost_usd=baseline, mode=Mode.CACHE))
+        try:
+            await self.recorder.record(CallRecord(
+                task_id, tenant_id, call.route, call.request, call.metadata, "succeeded", 0, call.received_at,
+                now, provider=answer.provider, requested_model=answer.requested_model,
+                served_model=answer.served_model, output=answer.output, response_json=content.decode(),
+                usage=usage, latency_ms=0, cost_usd=Decimal(0), baseline_cost_usd=baseline, mode=Mode.CACHE))
+        except RecordingFailed:
+            raise recording_failed(task_id) from None
         return Completed(task_id, call.route.tier, content, Decimal(0), answer.served_model, cache_hit=True)
 
     async def _call_provider(self, tenant_id: uuid.UUID, call: ChatCall, claim: Claim | None = None) -> Completed:
@@ -888,11 +952,16 @@ class Gateway:
         usage = usage_from_body(answer.body)
         served = answer.served_model
         priced, cost, baseline = self._price(answer.provider, served, answer.requested_model, usage)
-        await self.recorder.record(CallRecord(
-            task_id, tenant_id, call.route, call.request, call.metadata, "succeeded", calls, call.received_at,
-            started, provider=answer.provider, requested_model=answer.requested_model, served_model=served,
-            output=output_from_body(answer.body), response_json=answer.content.decode("utf-8", "replace"),
-            usage=usage, latency_ms=answer.latency_ms, prices=priced, cost_usd=cost, baseline_cost_usd=baseline))
+        try:
+            # the answer leaves only once its task and ledger row are committed
+            await self.recorder.record(CallRecord(
+                task_id, tenant_id, call.route, call.request, call.metadata, "succeeded", calls, call.received_at,
+                started, provider=answer.provider, requested_model=answer.requested_model, served_model=served,
+                output=output_from_body(answer.body), response_json=answer.content.decode("utf-8", "replace"),
+                usage=usage, latency_ms=answer.latency_ms, prices=priced, cost_usd=cost,
+                baseline_cost_usd=baseline))
+        except RecordingFailed:
+            raise recording_failed(task_id) from None
         return _Answered(Completed(task_id, call.route.tier, answer.content, cost, served), answer)
 
     async def open_stream(self, tenant_id: uuid.UUID, call: ChatCall) -> StreamSession:
@@ -930,12 +999,27 @@ class _Choice:
     tool_calls: dict[int, dict[str, Any]] = field(default_factory=dict)
 
 
+class _Relay(enum.Enum):
+    SEND = "send"  # to the client now
+    HOLD = "hold"  # the end of the answer: to the client once the call is recorded
+    DROP = "drop"  # not for the client
+
+
+def _sse_error(message: str, type_: str, code: str) -> bytes:
+    """An error event in OpenAI's stream shape (the SDKs raise it as an APIError)."""
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return b"data: " + _json(body).encode() + b"\n\n"
+
+
 class StreamSession:
     """Relays the provider's SSE lines as they arrive and records the call when the stream ends.
 
-    `events()` yields bytes for the client; its `finally` records the call (exact usage from the
-    provider's final chunk, or an estimate flagged as such when the stream stopped early), shielded
-    from cancellation so a client that disconnects still leaves its task and ledger row behind.
+    `events()` yields bytes for the client; when the provider's stream ends it records the call (exact
+    usage from the provider's final chunk, or an estimate flagged as such when the stream stopped early),
+    shielded from cancellation so a client that disconnects still leaves its task and ledger row behind.
+    Fail closed: the end of the answer (the usage chunk and `[DONE]`) is held back until the task and
+    ledger row are committed; if they cannot be, the stream ends with an error event instead. A stream
+    the provider broke off ends with an error event too, never with `[DONE]`.
     """
 
     def __init__(self, gateway: Gateway, tenant_id: uuid.UUID, task_id: uuid.UUID, call: ChatCall,
@@ -954,23 +1038,25 @@ class StreamSession:
         self._meta: dict[str, Any] = {}
         self._done = False
         self._error: str | None = None
-        self._recorded = False
+        self._error_relayed = False  # the provider's own error event reached the client
+        self._finished: bool | None = None  # None until the call is recorded (or failed to be)
 
-    def _observe(self, payload: str) -> bool:
-        """Take note of one `data:` payload; False if the client must not get it."""
+    def _observe(self, payload: str) -> _Relay:
+        """Take note of one `data:` payload, and say where it goes."""
         if payload == "[DONE]":
             self._done = True
-            return True
+            return _Relay.HOLD
         try:
             chunk = json.loads(payload)
         except ValueError:
-            return True
+            return _Relay.SEND
         if not isinstance(chunk, dict):
-            return True
+            return _Relay.SEND
         if "error" in chunk:
             error = chunk.get("error")
             self._error = f"provider error in stream: {error}"
-            return True
+            self._error_relayed = True
+            return _Relay.SEND
         for key in ("id", "created", "model", "system_fingerprint", "service_tier"):
             if chunk.get(key) is not None:
                 self._meta[key] = chunk[key]
@@ -998,38 +1084,63 @@ class StreamSession:
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self._usage = usage
-            if not chunk.get("choices") and not self.call.include_usage:
-                return False  # we asked for it, the client did not
-        return True
+            if not chunk.get("choices"):
+                # we asked for it; the client gets it only if it did too
+                return _Relay.HOLD if self.call.include_usage else _Relay.DROP
+        return _Relay.SEND
 
     async def events(self) -> AsyncIterator[bytes]:
+        held: list[bytes] = []
         try:
             async for line in self._stream.lines():
                 if not line:
                     continue
                 if line.startswith("data:"):
-                    if self._observe(line[5:].strip()):
+                    relay = self._observe(line[5:].strip())
+                    if relay is _Relay.SEND:
                         yield line.encode() + b"\n\n"
+                    elif relay is _Relay.HOLD:
+                        held.append(line.encode() + b"\n\n")
+                    if self._done:
+                        break  # nothing follows `[DONE]`; do not wait for the provider to close
                 else:
                     yield line.encode() + b"\n"
+            if not self._done and self._error is None:
+                self._error = "the provider's stream ended before the answer was complete"
         except ProviderError as exc:
             self._error = exc.message
         finally:
             with anyio.CancelScope(shield=True):
-                await self._finish()
+                recorded = await self._finish()
+        # only reached when the stream ran to its end (a client that left closes the generator above)
+        if not recorded:
+            yield _sse_error(recording_failed(self.task_id).message, "server_error", "recording_failed")
+        elif self._done and self._error is None:
+            for event in held:
+                yield event
+        elif not self._error_relayed:
+            yield _sse_error(self._error or "The provider's stream ended before the answer was complete.",
+                             "server_error", "upstream_stream_broken")
 
-    async def _finish(self) -> None:
-        if self._recorded:
-            return
-        self._recorded = True
+    async def _finish(self) -> bool:
+        """Close the provider stream and record the call, once; whether its rows are committed."""
+        if self._finished is not None:
+            return self._finished
+        self._finished = False
         try:
             await self._stream.aclose()
         except Exception:  # the connection may already be gone
             log.debug("closing the provider stream failed", exc_info=True)
         try:
             await self.gateway.recorder.record(self._record())
+        except RecordingFailed:
+            log.error("stream %s: the call could not be recorded; its end is withheld", self.task_id)
+            return False
         except Exception:
-            log.exception("stream %s: the call could not be recorded", self.task_id)
+            log.exception("stream %s: the call could not be recorded; its end is withheld", self.task_id)
+            return False
+        self._finished = True
+        return True
 
     def _output(self) -> str:
         first = self._choices.get(0)

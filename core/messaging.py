@@ -5,8 +5,13 @@ The API sends tasks by name and never imports `worker`.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+from collections.abc import Iterator
 from typing import Any
 
+import kombu.exceptions
+import redis.exceptions
 from celery import Celery
 
 from core.settings import Settings
@@ -35,7 +40,9 @@ JOB_WEBHOOK = "tierbatch.jobs.webhook"
 QUEUE_DISPATCH = "dispatch"
 QUEUE_IMMEDIATE = "immediate"
 QUEUE_BATCH = "batch"
-ALL_QUEUES = (QUEUE_DISPATCH, QUEUE_IMMEDIATE, QUEUE_BATCH)
+# outbound webhook POSTs: a slow receiver waits here, never in front of the tenants' dispatch work
+QUEUE_WEBHOOKS = "webhooks"
+ALL_QUEUES = (QUEUE_DISPATCH, QUEUE_IMMEDIATE, QUEUE_BATCH, QUEUE_WEBHOOKS)
 
 TASK_ROUTES = {
     SUBMIT_TASKS: {"queue": QUEUE_DISPATCH},
@@ -46,15 +53,15 @@ TASK_ROUTES = {
     SUBMIT_BATCH: {"queue": QUEUE_BATCH},
     POLL_BATCHES: {"queue": QUEUE_BATCH},
     INGEST_BATCH: {"queue": QUEUE_BATCH},
-    # scheduled classification (issue 7): bulk work on the batch queue, webhooks beside dispatch
+    # scheduled classification (issue 7): bulk work on the batch queue, webhook POSTs on their own
     SCHEDULE_TICK: {"queue": QUEUE_DISPATCH},
     SCHEDULE_RUN: {"queue": QUEUE_BATCH},
     SCHEDULE_FINISH: {"queue": QUEUE_BATCH},
-    SCHEDULE_WEBHOOK: {"queue": QUEUE_DISPATCH},
+    SCHEDULE_WEBHOOK: {"queue": QUEUE_WEBHOOKS},
     QUALITY_SHADOW: {"queue": QUEUE_IMMEDIATE},  # quality-aware routing (issue 6)
     EXPIRE_CLIENT_BATCHES: {"queue": QUEUE_BATCH},  # assembles output files: bulk work
-    JOB_WEBHOOK_TICK: {"queue": QUEUE_DISPATCH},  # job webhooks, beside the schedule webhooks
-    JOB_WEBHOOK: {"queue": QUEUE_DISPATCH},
+    JOB_WEBHOOK_TICK: {"queue": QUEUE_DISPATCH},  # job webhooks: the check is quick, the POSTs wait apart
+    JOB_WEBHOOK: {"queue": QUEUE_WEBHOOKS},
 }
 
 # Chunk size for dispatch messages on bulk paths: never one message per task.
@@ -78,6 +85,25 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "broker_connection_retry_on_startup": True,
         "enable_utc": True,
     }
+
+
+log = logging.getLogger(__name__)
+
+# what sending a message raises while the broker is unreachable
+BROKER_DOWN: tuple[type[BaseException], ...] = (
+    kombu.exceptions.OperationalError, redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+
+
+@contextlib.contextmanager
+def dispatch_after_commit(what: str) -> Iterator[None]:
+    """Send dispatch messages for rows already committed: an unreachable broker loses nothing (the
+    reconciler re-sends stale queued tasks), so the request still succeeds; answering an error here
+    would make the client submit the same work twice."""
+    try:
+        yield
+    except BROKER_DOWN as exc:
+        log.warning("broker unreachable while dispatching %s (%s); the reconciler will send it",
+                    what, type(exc).__name__)
 
 
 def make_producer(settings: Settings) -> Celery:

@@ -56,8 +56,6 @@ PROVIDER_BATCH_STATUS = _pg_enum(ProviderBatchStatus, "provider_batch_status")
 CACHE_ENTRY_STATUS = _pg_enum(CacheEntryStatus, "cache_entry_status")
 
 _TERMINAL = "('succeeded', 'failed', 'cancelled')"
-# 'whsec_' + 64 hex digits from two gen_random_uuid() (core since Postgres 13: no extension needed)
-WEBHOOK_SECRET_DEFAULT_SQL = "'whsec_' || replace(gen_random_uuid()::text || gen_random_uuid()::text, '-', '')"
 
 
 class Base(DeclarativeBase):
@@ -70,18 +68,38 @@ def _now_column() -> Mapped[datetime]:
 
 class Tenant(Base):
     __tablename__ = "tenants"
+    __table_args__ = (
+        CheckConstraint("requests_per_minute > 0", name="requests_per_minute_positive"),
+        CheckConstraint("tokens_per_minute > 0", name="tokens_per_minute_positive"),
+    )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     name: Mapped[str] = mapped_column(Text, nullable=False)
-    api_key_hash: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
-    api_key_prefix: Mapped[str] = mapped_column(Text, nullable=False)
     monthly_budget_usd: Mapped[Decimal | None] = mapped_column(MONEY)
-    # job webhooks: the HMAC key that signs the tenant's `job.finished` POSTs, kept as is (it must sign),
-    # shown once at creation and at rotation. The application sets a `secrets` one; the default only
-    # fills rows written without it (migration 0004 backfill, raw inserts), from Postgres' strong RNG.
-    webhook_secret: Mapped[str] = mapped_column(Text, nullable=False,
-                                                server_default=text(WEBHOOK_SECRET_DEFAULT_SQL))
+    # per-tenant rate limits across all API processes (NULL: no limit); see core/auth.py
+    requests_per_minute: Mapped[int | None] = mapped_column(Integer)
+    tokens_per_minute: Mapped[int | None] = mapped_column(Integer)
+    # job webhooks: the key that signs the tenant's `job.finished` POSTs, encrypted with TIERBATCH_SECRET_KEY
+    # (core/secretbox.py), shown once at creation and at rotation; NULL: none yet (rotate to set one)
+    webhook_secret_encrypted: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = _now_column()
+
+
+class ApiKey(Base):
+    """A tenant's API key: only its SHA-256 digest is kept (keys are long and random, so the digest is a
+    safe store). A revoked key keeps its row (who held what, and when) and is refused from then on."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (
+        CheckConstraint("revoked_at IS NULL OR revoked_at >= created_at", name="revoked_after_created"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), nullable=False, index=True)
+    key_hash: Mapped[str] = mapped_column(Text, nullable=False, unique=True)
+    prefix: Mapped[str] = mapped_column(Text, nullable=False)  # the first characters, to tell keys apart
+    created_at: Mapped[datetime] = _now_column()
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class Job(Base):
@@ -319,12 +337,13 @@ OPENAI_BATCH_STATUSES = ("validating", "failed", "in_progress", "finalizing", "c
 
 
 class StoredFile(Base):
-    """A file of the `/v1/files` facade: batch input files uploaded by a tenant, and the output and
-    error files assembled for its batches. The content lives in `file_parts`, in order."""
+    """A file of the `/v1/files` facade: batch input files uploaded by a tenant, the output and error
+    files assembled for its batches, and data files (`user_data`) a schedule's source reads. The
+    content lives in `file_parts`, in order."""
 
     __tablename__ = "files"
     __table_args__ = (
-        CheckConstraint("purpose IN ('batch', 'batch_output')", name="purpose_known"),
+        CheckConstraint("purpose IN ('batch', 'batch_output', 'user_data')", name="purpose_known"),
         Index("ix_files_tenant_created", "tenant_id", "created_at"),
     )
 
@@ -409,7 +428,8 @@ class Schedule(Base):
     source: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     sink: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     webhook_url: Mapped[str | None] = mapped_column(Text)
-    webhook_secret: Mapped[str] = mapped_column(Text, nullable=False)  # HMAC key: kept to sign, shown once
+    # the key that signs the run webhooks, encrypted (core/secretbox.py), shown once; NULL: none stored
+    webhook_secret_encrypted: Mapped[str | None] = mapped_column(Text)
     cursor: Mapped[dict[str, Any] | None] = mapped_column(JSONB)  # SQL source: {"type", "value"} of the last row
     next_fire_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     last_fire_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))

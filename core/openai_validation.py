@@ -20,8 +20,11 @@ surfaces differ today, the difference is kept, by a parameter here or in the cal
   non-number); the simulator checks n and the token limits with OpenAI's integer messages
   (`integer_below_min_value` / `integer_above_max_value`) and answers any bad temperature, of any
   type, with `invalid_value`. Those checks stay with each caller.
-- only the gateway refuses unknown fields, streaming for batch lines and `stream_options` without
-  `stream`, and checks `stop`, `tools` and `metadata`; only the simulator checks `prompt_cache_key`.
+- only the gateway refuses streaming for batch lines and `stream_options` without `stream`, and
+  checks `stop`, `tools` and `metadata`; only the simulator checks `prompt_cache_key`.
+- which fields are accepted at all is the gateway's own list (`core.chat_fields`, not OpenAI's: it
+  refuses fields OpenAI takes but the ledger cannot price); the simulator takes any field, like the
+  provider it stands for.
 """
 
 from __future__ import annotations

@@ -15,7 +15,6 @@ from __future__ import annotations
 import email.utils
 import functools
 import hashlib
-import inspect
 import json
 import re
 import time
@@ -26,7 +25,6 @@ from typing import Any
 
 import httpx2
 import openai
-from openai.resources.chat.completions import AsyncCompletions
 
 from core.config import AppConfig
 from core.errors import PermanentProviderError, ProviderError, RetryableProviderError
@@ -131,6 +129,39 @@ def _message_of(exc: openai.APIStatusError) -> str:
     return exc.message
 
 
+MAX_ERROR_TEXT = 1000  # characters of a non-JSON error body kept in the message
+
+
+def _error_text(content: bytes, status: int) -> str:
+    """OpenAI's `error.message` of an error body; else the body's text, as the SDK words it."""
+    text = content.decode("utf-8", "replace").strip()
+    try:
+        body = json.loads(text)
+    except ValueError:
+        body = None
+    if isinstance(body, Mapping):
+        inner = body.get("error", body)
+        if isinstance(inner, Mapping) and inner.get("message"):
+            return str(inner["message"])
+    return f"Error code: {status} - {text[:MAX_ERROR_TEXT]}"
+
+
+def status_error(status: int, headers: Mapping[str, str], content: bytes, provider: str, model: str
+                 ) -> ProviderError:
+    """A provider's error answer, classified by its status code like `map_openai_error` does."""
+    return _classified(status, _error_text(content, status), headers, provider, model)
+
+
+def _classified(status: int, message: str, headers: Mapping[str, str], provider: str, model: str
+                ) -> ProviderError:
+    """408/409/429 and 5xx are worth retrying (with the provider's `retry-after`); other 4xx are not."""
+    text = f"{provider}/{model}: HTTP {status}: {message}"
+    if status in RETRYABLE_STATUS or status >= 500:
+        return RetryableProviderError(text, status_code=status, provider=provider, model=model,
+                                      retry_after=parse_retry_after(headers))
+    return PermanentProviderError(text, status_code=status, provider=provider, model=model)
+
+
 def map_openai_error(exc: openai.OpenAIError, provider: str, model: str) -> ProviderError:
     """Classify an openai SDK error by its type and status code, never by its text."""
     if isinstance(exc, openai.APITimeoutError):
@@ -139,12 +170,7 @@ def map_openai_error(exc: openai.OpenAIError, provider: str, model: str) -> Prov
         return RetryableProviderError(f"{provider}/{model}: connection failed: {exc}", provider=provider,
                                       model=model)
     if isinstance(exc, openai.APIStatusError):
-        status = exc.status_code
-        text = f"{provider}/{model}: HTTP {status}: {_message_of(exc)}"
-        if status in RETRYABLE_STATUS or status >= 500:
-            return RetryableProviderError(text, status_code=status, provider=provider, model=model,
-                                          retry_after=parse_retry_after(exc.response.headers))
-        return PermanentProviderError(text, status_code=status, provider=provider, model=model)
+        return _classified(exc.status_code, _message_of(exc), exc.response.headers, provider, model)
     return PermanentProviderError(f"{provider}/{model}: {type(exc).__name__}: {exc}", provider=provider,
                                   model=model)
 
@@ -277,14 +303,6 @@ class ProviderBatches:
 
 # --- OpenAI-compatible front door (issue 5): async calls for the API process ------------------------
 
-# The request fields of a chat completion, as the installed SDK knows them (OpenAI's
-# CreateChatCompletionRequest); the front door refuses any other field, like OpenAI does.
-CHAT_REQUEST_FIELDS = frozenset(
-    name for name in inspect.signature(AsyncCompletions.create).parameters
-    if name not in {"self", "extra_headers", "extra_query", "extra_body", "timeout"}
-)
-
-
 @dataclass(frozen=True, slots=True)
 class RawChatAnswer:
     """A provider's successful chat completion, as bytes (relayed unchanged) and parsed."""
@@ -322,27 +340,23 @@ class ChatStream:
         await self._response.aclose()
 
 
+def _not_json(constant: str) -> Any:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
 class AsyncProviderClients:
     """The API's immediate calls: one pooled async HTTP client per provider, on the SDK's own transport
-    (`httpx2`), posting the body as given and keeping the answer as raw bytes. No typed models on the
-    hot path (the SDK's request machinery costs about a third of a millisecond a call), so fields the
-    SDK does not model are relayed too. Error statuses become the SDK's own exception types (built by
-    its client from the response) and are mapped by `map_openai_error`, exactly like the worker's.
+    (`httpx2`), posting the body as given (the gateway has already cut it down to the fields it forwards,
+    `core.chat_fields`) and keeping the answer as raw bytes. No typed models on the hot path (the SDK's
+    request machinery costs about a third of a millisecond a call). Error statuses are classified by
+    `status_error`, by status code, with the same rule as `map_openai_error` for the worker's calls.
+    `transport` replaces the network (tests: `httpx2.MockTransport`).
     """
 
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, *, transport: httpx2.AsyncBaseTransport | None = None) -> None:
         self._config = config
-        self._clients: dict[str, openai.AsyncOpenAI] = {}
+        self._transport = transport
         self._http: dict[str, httpx2.AsyncClient] = {}
-
-    def client(self, provider: str) -> openai.AsyncOpenAI:
-        if provider not in self._clients:
-            provider_config = self._config.provider(provider)
-            self._clients[provider] = openai.AsyncOpenAI(
-                base_url=provider_config.base_url, api_key=self._config.api_key(provider),
-                max_retries=0, timeout=provider_config.timeout_seconds,
-            )
-        return self._clients[provider]
 
     def http(self, provider: str) -> httpx2.AsyncClient:
         if provider not in self._http:
@@ -353,6 +367,7 @@ class AsyncProviderClients:
                          "Content-Type": "application/json", "Accept": "application/json"},
                 timeout=provider_config.timeout_seconds,
                 limits=httpx2.Limits(max_connections=256, max_keepalive_connections=64),
+                transport=self._transport,
             )
         return self._http[provider]
 
@@ -360,14 +375,10 @@ class AsyncProviderClients:
         for http in self._http.values():
             await http.aclose()
         self._http.clear()
-        for client in self._clients.values():
-            await client.close()
-        self._clients.clear()
 
-    def _status_error(self, response: httpx2.Response, provider: str, model: str) -> ProviderError:
-        # the SDK's client turns an error response into its exception type (RateLimitError, ...)
-        exc = self.client(provider)._make_status_error_from_response(response)
-        return map_openai_error(exc, provider, model)
+    @staticmethod
+    def _status_error(response: httpx2.Response, provider: str, model: str) -> ProviderError:
+        return status_error(response.status_code, response.headers, response.content, provider, model)
 
     @staticmethod
     def _transport_error(exc: Exception, provider: str, model: str) -> ProviderError:
@@ -396,7 +407,8 @@ class AsyncProviderClients:
             raise self._status_error(response, provider, model)
         content = response.content
         try:
-            body = json.loads(content)
+            # NaN/Infinity are not JSON (Python's parser takes them; Postgres could not record the answer)
+            body = json.loads(content, parse_constant=_not_json)
         except ValueError as exc:
             raise RetryableProviderError(f"{provider}/{model}: the answer is not JSON", provider=provider,
                                          model=model) from exc

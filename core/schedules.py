@@ -1,8 +1,10 @@
 """Scheduled bulk classification (DESIGN §8 schedules, issue 7).
 
 A schedule is a cron expression in a time zone, a job template (task type, tier, labels, prompts …),
-a source (core/sources.py), an optional sink (a JSONL/CSV file of the results) and an optional
-signed webhook. Its life:
+a source (core/sources.py: a file in the tenant's own directory, a file it uploaded, or a SQL source
+the operator declared and granted to it), an optional sink (a JSONL/CSV file of the results, written
+inside the tenant's directory) and an optional signed webhook. Every check of the source and sink made
+at creation is made again when the run reads or writes them. Its life:
 
 1. **Firing exactly once.** The beat tick (`fire_due`) takes the enabled schedules whose
    `next_fire_at` has passed (`FOR UPDATE SKIP LOCKED`) and inserts a run keyed by
@@ -27,16 +29,17 @@ Nothing here sends messages; worker/schedules.py does, after each commit.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import logging
 import os
 import re
+import stat
 import string
-import tempfile
 import uuid
-from collections.abc import Generator, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
@@ -45,32 +48,40 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 from croniter import CroniterBadCronError, CroniterBadDateError, CroniterError, croniter
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from sqlalchemy import delete, exists, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session
 
 from core.config import AppConfig
+from core.csv_safety import safe_row
 from core.db import newest_first_page
 from core.errors import InvalidInput, NotFound
 from core.jobs import ItemAppender, JobSettings, parse_job_request
 from core.labels import extract_label, label_error
-from core.models import Classification, Job, LedgerEntry, Schedule, ScheduleRun, Task, WebhookDelivery
+from core.models import Classification, Job, LedgerEntry, Schedule, ScheduleRun, Task, Tenant, WebhookDelivery
+from core.secretbox import SecretBox
 from core.sources import (
     CursorTracker,
+    PathRefused,
     SourceError,
     SourceRow,
-    check_under_roots,
+    TenantFiles,
     cursor_json,
     decode_cursor,
     encode_cursor,
+    has_glob,
+    path_parts,
     read_files,
     read_sql,
+    read_stored,
+    unavailable,
+    walk_directories,
 )
 from core.states import Mode, RequestedTier, TaskStatus
 from core.submission import invalid_input_from
-from core.webhooks import SCHEDULE_RUNS, attempts_of, check_webhook_url, new_secret, resends_due
+from core.webhooks import SCHEDULE_RUNS, attempts_of, check_webhook_url, new_secret, require_secret_box, resends_due
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +90,6 @@ JOB_KEYS = ("task_type", "tier", "urgent", "deadline_seconds", "params", "system
             "metadata")
 CRON_ALIASES = frozenset({"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"})
 SINK_FIELDS = frozenset({"run_id", "schedule_id", "schedule_name", "fire_time", "date"})
-ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")
-RESERVED_ENV = frozenset({"DATABASE_URL", "REDIS_URL"})
 LIVE_STATUSES = ("queued", "waiting_batch", "in_batch", "running")
 # how long a message may go unanswered before the tick sends it again (lost in a Redis wipe or a crash)
 RESEND_START_SECONDS = 60.0
@@ -152,43 +161,39 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-def _absolute(value: str) -> str:
-    if not os.path.isabs(value):
-        raise ValueError("must be an absolute path on the worker's file system")
-    if "\x00" in value:
-        raise ValueError("must not contain NUL characters")
+def _relative(value: str) -> str:
+    try:
+        path_parts(value)
+    except PathRefused as exc:
+        raise ValueError(str(exc)) from None
     return value
 
 
-AbsolutePath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_absolute)]
+RelativePath = Annotated[str, Field(min_length=1, max_length=4096), AfterValidator(_relative)]
+FILE_ID = re.compile(r"^file-[0-9a-f]{24}$")
 
 
 class FileSourceSpec(_Strict):
+    """A path (or glob) relative to the tenant's directory, or the id of a file it uploaded: one of them."""
+
     type: Literal["file"]
-    path: AbsolutePath
+    path: RelativePath | None = None
+    file_id: Annotated[str, Field(min_length=1, max_length=100)] | None = None
     format: Literal["auto", "csv", "jsonl"] = "auto"
     id_field: Annotated[str, Field(min_length=1, max_length=200)] = "id"
     text_field: Annotated[str, Field(min_length=1, max_length=200)] = "text"
 
 
 class SqlSourceSpec(_Strict):
+    """A query on a source the operator declared in `[sources.NAME]` and granted to the tenant."""
+
     type: Literal["sql"]
-    url_env: str
+    source: Annotated[str, Field(min_length=1, max_length=100)]
     query: Annotated[str, Field(min_length=1, max_length=100_000)]
     id_field: Annotated[str, Field(min_length=1, max_length=200)] = "id"
     text_field: Annotated[str, Field(min_length=1, max_length=200)] = "text"
     cursor_field: Annotated[str, Field(min_length=1, max_length=200)] | None = None
     cursor_start: str | int | float | None = None
-
-    @field_validator("url_env")
-    @classmethod
-    def _env_name(cls, value: str) -> str:
-        if not ENV_NAME.match(value):
-            raise ValueError("must be the name of an environment variable (letters, digits and _, not starting "
-                             "with a digit), e.g. TICKETS_DB_URL; the URL itself is never stored")
-        if value.upper() in RESERVED_ENV or value.upper().startswith("TIERBATCH_"):
-            raise ValueError(f"{value} is one of tierbatch's own settings, not a source database")
-        return value
 
     @model_validator(mode="after")
     def _cursor_in_query(self) -> SqlSourceSpec:
@@ -203,7 +208,7 @@ class SqlSourceSpec(_Strict):
 
 class FileSinkSpec(_Strict):
     type: Literal["file"]
-    path: AbsolutePath
+    path: RelativePath
     format: Literal["auto", "csv", "jsonl"] = "auto"
 
     @model_validator(mode="after")
@@ -239,7 +244,33 @@ class ScheduleFields(_Strict):
     webhook_url: Any = None
 
 
-def check_source(value: Any, config: AppConfig | None = None, roots: Sequence[str] = ()) -> dict[str, Any]:
+@dataclass(frozen=True, slots=True)
+class TenantScope:
+    """Who a schedule belongs to, for the checks that depend on it: its directory, its granted SQL
+    sources (by id or name) and its uploaded files (`has_file(file_id)`: the tenant's own user_data file)."""
+
+    id: uuid.UUID
+    name: str | None = None
+    has_file: Callable[[str], bool] = lambda _file_id: False
+
+
+FILES_DISABLED = ("file paths are disabled on this server: the operator enables them with [files] root = "
+                  "\"/some/dir\" in the config (each tenant then reads and writes only <root>/<tenant id>/); "
+                  "or upload the data (POST /v1/files, purpose user_data) and use source.file_id")
+
+
+def tenant_files(config: AppConfig, tenant_id: uuid.UUID) -> TenantFiles | None:
+    root = config.files.root
+    return None if root is None else TenantFiles(root, tenant_id)
+
+
+def _no_sql_source(name: str) -> InvalidInput:
+    # the same answer for a source that does not exist and one granted to others: nothing to learn
+    return _bad("source.source", f"no SQL source named {name!r} is available to this tenant (the operator "
+                                 "declares sources in [sources.NAME] of the config and grants them to tenants)")
+
+
+def check_source(value: Any, config: AppConfig, scope: TenantScope) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _bad("source", "must be an object with a type: 'file' or 'sql'")
     kind = value.get("type")
@@ -250,39 +281,66 @@ def check_source(value: Any, config: AppConfig | None = None, roots: Sequence[st
         model = FileSourceSpec
     elif kind == "sql":
         model = SqlSourceSpec
+        if "url_env" in value:
+            raise _bad("source.url_env", "a schedule names a SQL source the operator declared ([sources.NAME] in "
+                                         "the config), not an environment variable: use \"source\": \"NAME\"")
     else:
         raise _bad("source.type", f"unknown source type {kind!r} (known: 'file', 'sql')")
     try:
         spec = model.model_validate(value)
     except ValidationError as exc:
         raise invalid_input_from(exc, ("source",)) from None
-    if isinstance(spec, SqlSourceSpec) and config is not None:
-        keys = {p.api_key_env for p in config.providers.values() if p.api_key_env}
-        if spec.url_env in keys:
-            raise _bad("source.url_env", f"{spec.url_env} holds a provider key, not a source database")
-    if isinstance(spec, FileSourceSpec):
-        try:
-            check_under_roots(spec.path, roots, "source.path")
-        except SourceError as exc:
-            raise _bad("source.path", str(exc).removeprefix("source.path: ")) from None
-    return spec.model_dump()
+    if isinstance(spec, SqlSourceSpec):
+        declared = config.sources.get(spec.source)
+        if declared is None or not declared.allows(scope.id, scope.name):
+            raise _no_sql_source(spec.source)
+        return spec.model_dump()
+    if spec.path is not None and spec.file_id is not None:
+        raise _bad("source.file_id", "give either path (relative to your files directory) or file_id (an "
+                                     "uploaded file), not both")
+    if spec.path is None and spec.file_id is None:
+        raise _bad("source.path", "field required: path (relative to your files directory) or file_id (a file "
+                                  "uploaded with POST /v1/files, purpose user_data)")
+    if spec.file_id is not None:
+        if not FILE_ID.match(spec.file_id) or not scope.has_file(spec.file_id):
+            raise _bad("source.file_id", f"there is no uploaded file {spec.file_id!r} (upload one with "
+                                         "POST /v1/files, purpose user_data)")
+        return spec.model_dump(exclude={"path"})
+    files = tenant_files(config, scope.id)
+    if files is None:
+        raise _bad("source.path", FILES_DISABLED)
+    assert spec.path is not None
+    try:
+        files.probe(spec.path)
+    except PathRefused as exc:
+        raise _bad("source.path", str(exc)) from None
+    return spec.model_dump(exclude={"file_id"})
 
 
-def check_sink(value: Any, roots: Sequence[str] = ()) -> dict[str, Any] | None:
+def _placeholder(part: str) -> bool:
+    return "{" in part or "}" in part
+
+
+def check_sink(value: Any, config: AppConfig, scope: TenantScope) -> dict[str, Any] | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise _bad("sink", "must be an object: {\"type\": \"file\", \"path\": \"/out/{run_id}.jsonl\"}")
+        raise _bad("sink", "must be an object: {\"type\": \"file\", \"path\": \"out/{run_id}.jsonl\"}")
     if value.get("type") != "file":
         raise _bad("sink.type", f"unknown sink type {value.get('type')!r} (known: 'file')")
     try:
         spec = FileSinkSpec.model_validate(value)
     except ValidationError as exc:
         raise invalid_input_from(exc, ("sink",)) from None
+    files = tenant_files(config, scope.id)
+    if files is None:
+        raise _bad("sink.path", FILES_DISABLED)
+    if has_glob(spec.path):
+        raise _bad("sink.path", "must name one file, not a pattern (* ? [ are not allowed)")
     try:
-        check_under_roots(os.path.dirname(spec.path) or "/", roots, "sink.path")
-    except SourceError as exc:
-        raise _bad("sink.path", str(exc).removeprefix("sink.path: ")) from None
+        files.probe(spec.path, dynamic=_placeholder)
+    except PathRefused as exc:
+        raise _bad("sink.path", str(exc)) from None
     return spec.model_dump()
 
 
@@ -326,7 +384,7 @@ class ScheduleSpec:
     webhook_url: str | None
 
 
-def parse_schedule(payload: Any, config: AppConfig, roots: Sequence[str] = ()) -> ScheduleSpec:
+def parse_schedule(payload: Any, config: AppConfig, scope: TenantScope) -> ScheduleSpec:
     """Validate a `POST /v1/schedules` body; raises InvalidInput naming the field. Stores nothing."""
     if not isinstance(payload, dict):
         raise InvalidInput("the body must be a JSON object (name, cron, timezone, job, source …)", param=None)
@@ -339,8 +397,8 @@ def parse_schedule(payload: Any, config: AppConfig, roots: Sequence[str] = ()) -
     cron = check_cron(fields.cron)
     timezone = check_timezone(fields.timezone)
     job = check_job(fields.job, config.limits.max_prompt_bytes)
-    source = check_source(fields.source, config, roots)
-    sink = check_sink(fields.sink, roots)
+    source = check_source(fields.source, config, scope)
+    sink = check_sink(fields.sink, config, scope)
     webhook = check_webhook_url(fields.webhook_url)
     return ScheduleSpec(fields.name, cron, timezone, fields.enabled, job, source, sink, webhook)
 
@@ -364,14 +422,19 @@ def _name_taken(session: Session, tenant_id: uuid.UUID, name: str, other_than: u
         raise InvalidInput(f"name: a schedule named {name!r} already exists", param="name", status_code=409)
 
 
-def create_schedule(session: Session, tenant_id: uuid.UUID, spec: ScheduleSpec) -> Schedule:
-    """Store a validated schedule; its webhook secret is on the returned object (shown once)."""
+def create_schedule(session: Session, tenant_id: uuid.UUID, spec: ScheduleSpec, *,
+                    box: SecretBox | None = None) -> tuple[Schedule, str | None]:
+    """Store a validated schedule; returns it and its webhook secret (shown once, stored encrypted).
+    Without a key (`box`) there is no secret, and a webhook_url is refused."""
+    secret = new_secret() if box is not None else None
+    if spec.webhook_url is not None:
+        require_secret_box(box)
     _name_taken(session, tenant_id, spec.name)
     now = _now(session)
     schedule = Schedule(
         id=uuid.uuid4(), tenant_id=tenant_id, name=spec.name, cron=spec.cron, timezone=spec.timezone,
         enabled=spec.enabled, job=spec.job, source=spec.source, sink=spec.sink, webhook_url=spec.webhook_url,
-        webhook_secret=new_secret(), cursor=None,
+        webhook_secret_encrypted=box.seal(secret) if box is not None and secret else None, cursor=None,
         next_fire_at=next_fire_after(spec.cron, spec.timezone, now) if spec.enabled else None,
     )
     session.add(schedule)
@@ -381,7 +444,7 @@ def create_schedule(session: Session, tenant_id: uuid.UUID, spec: ScheduleSpec) 
     except IntegrityError:
         raise InvalidInput(f"name: a schedule named {spec.name!r} already exists", param="name",
                            status_code=409) from None
-    return schedule
+    return schedule, secret
 
 
 def get_schedule(session: Session, tenant_id: uuid.UUID, schedule_id: uuid.UUID, *, lock: bool = False) -> Schedule:
@@ -402,7 +465,7 @@ def list_schedules(session: Session, tenant_id: uuid.UUID, *, limit: int,
 
 
 def update_schedule(session: Session, tenant_id: uuid.UUID, schedule_id: uuid.UUID, payload: Any,
-                    config: AppConfig, roots: Sequence[str] = ()) -> Schedule:
+                    config: AppConfig, scope: TenantScope) -> Schedule:
     """PATCH: the given fields are validated like at creation; `"cursor": null` resets a SQL cursor."""
     if not isinstance(payload, dict) or not payload:
         raise InvalidInput("the body must be a JSON object with the fields to change", param=None)
@@ -416,7 +479,7 @@ def update_schedule(session: Session, tenant_id: uuid.UUID, schedule_id: uuid.UU
     merged.update({k: v for k, v in payload.items() if k != "cursor"})
     if "enabled" in payload and not isinstance(payload["enabled"], bool):
         raise _bad("enabled", "must be true or false")
-    spec = parse_schedule(merged, config, roots)
+    spec = parse_schedule(merged, config, scope)
     if "cursor" in payload:
         if payload["cursor"] is not None:
             raise _bad("cursor", "only null is accepted: it resets the cursor (the next run reads from cursor_start)")
@@ -548,13 +611,28 @@ def _chunks(rows: Iterable[SourceRow], size: int) -> Iterator[list[SourceRow]]:
         yield chunk
 
 
-def _source_rows(schedule: Schedule, environ: Mapping[str, str], own_database_url: str | None,
-                 roots: Sequence[str]) -> Generator[SourceRow, None, None]:
+def _source_rows(session: Session, schedule: Schedule, config: AppConfig, environ: Mapping[str, str],
+                 own_database_url: str | None) -> Generator[SourceRow, None, None]:
+    """The source's rows, every check of creation made again: the config, the grant or the files may have
+    changed since (a file replaced by a symbolic link is refused here)."""
     source = schedule.source
     if source["type"] == "file":
-        return read_files(source, roots)
+        if source.get("file_id"):
+            return read_stored(source, session, schedule.tenant_id)
+        files = tenant_files(config, schedule.tenant_id)
+        if files is None:
+            raise SourceError(f"source.path: {FILES_DISABLED}")
+        return read_files(source, files)
+    name = source.get("source")
+    if not isinstance(name, str):  # stored before sources were declared by the operator
+        raise SourceError("source: this schedule names an environment variable (url_env); SQL sources are now "
+                          "declared by the operator ([sources.NAME]): set source.source to one of them")
+    declared = config.sources.get(name)
+    tenant = session.get(Tenant, schedule.tenant_id)
+    if declared is None or tenant is None or not declared.allows(tenant.id, tenant.name):
+        raise unavailable(name)
     start = decode_cursor(schedule.cursor) if schedule.cursor is not None else source.get("cursor_start")
-    return read_sql(source, start, environ, own_database_url)
+    return read_sql(source, start, declared, environ, own_database_url)
 
 
 def _copy_new_items(session: Session, schedule: Schedule, run: ScheduleRun, config: AppConfig,
@@ -601,13 +679,12 @@ def _copy_new_items(session: Session, schedule: Schedule, run: ScheduleRun, conf
 
 
 def _materialize(session: Session, schedule: Schedule, run: ScheduleRun, config: AppConfig,
-                 environ: Mapping[str, str], own_database_url: str | None, roots: Sequence[str],
-                 chunk_size: int) -> uuid.UUID | None:
+                 environ: Mapping[str, str], own_database_url: str | None, chunk_size: int) -> uuid.UUID | None:
     """Read the source and COPY the new items as the tasks of a new job; returns the job id (None: no items)."""
     settings = run_job_settings(schedule, run)
     tracker = CursorTracker()
     counts = {"read": 0, "new": 0, "already_classified": 0, "duplicate": 0, "empty": 0, "too_large": 0}
-    rows = _source_rows(schedule, environ, own_database_url, roots)
+    rows = _source_rows(session, schedule, config, environ, own_database_url)
     try:
         appender = _copy_new_items(session, schedule, run, config, settings, rows, tracker, counts, chunk_size)
     finally:
@@ -628,7 +705,7 @@ def _materialize(session: Session, schedule: Schedule, run: ScheduleRun, config:
 
 
 def start_run(session: Session, run_id: uuid.UUID, config: AppConfig, *, environ: Mapping[str, str],
-              own_database_url: str | None = None, roots: Sequence[str] = (), chunk_size: int = RUN_CHUNK
+              own_database_url: str | None = None, chunk_size: int = RUN_CHUNK
               ) -> RunStep:
     """Read the run's source and create its job, in the caller's transaction (commit, then dispatch)."""
     run = session.scalar(select(ScheduleRun).where(ScheduleRun.id == run_id).with_for_update(skip_locked=True))
@@ -641,7 +718,7 @@ def start_run(session: Session, run_id: uuid.UUID, config: AppConfig, *, environ
     reason: str | None = None
     try:
         with session.begin_nested():
-            job_id = _materialize(session, schedule, run, config, environ, own_database_url, roots, chunk_size)
+            job_id = _materialize(session, schedule, run, config, environ, own_database_url, chunk_size)
     except SourceError as exc:
         reason = str(exc)
     except (OperationalError, psycopg.OperationalError):
@@ -655,7 +732,7 @@ def start_run(session: Session, run_id: uuid.UUID, config: AppConfig, *, environ
         log.warning("schedule run %s failed: %s", run_id, reason)
         return _close(session, schedule, run, "failed", reason)
     if job_id is None:  # nothing new: the run is done already
-        return _finalize(session, schedule, run, roots)
+        return _finalize(session, schedule, run, config)
     run.phase = "classifying"
     run.nudged_at = None
     run.updated_at = _now(session)
@@ -696,7 +773,7 @@ def _invalid_answers(session: Session, run: ScheduleRun) -> list[tuple[str, list
             if isinstance(request, dict) and request.get("messages") and label_error(request, output) is not None]
 
 
-def finish_run(session: Session, run_id: uuid.UUID, config: AppConfig, *, roots: Sequence[str] = ()) -> RunStep:
+def finish_run(session: Session, run_id: uuid.UUID, config: AppConfig) -> RunStep:
     """Once the run's tasks are all terminal: retry invalid answers once, then write the results."""
     run = session.scalar(select(ScheduleRun).where(ScheduleRun.id == run_id).with_for_update(skip_locked=True))
     if run is None or run.status != "running" or run.phase not in ("classifying", "retrying"):
@@ -726,7 +803,7 @@ def finish_run(session: Session, run_id: uuid.UUID, config: AppConfig, *, roots:
             run.updated_at = _now(session)
             log.info("schedule run %s: %d answers were not labels; asked once more", run.id, len(invalid))
             return RunStep("retrying", dispatch_job=retry.id)
-    return _finalize(session, schedule, run, roots)
+    return _finalize(session, schedule, run, config)
 
 
 def _record_results(session: Session, run: ScheduleRun, labels: Sequence[str] | None, page: int = 5000) -> None:
@@ -794,53 +871,80 @@ SINK_COLUMNS = ("item_id", "status", "label", "output", "model", "cost_usd", "er
 
 
 def sink_path(schedule: Schedule, run: ScheduleRun) -> str:
+    """The sink path of this run, relative to the tenant's directory (placeholders filled)."""
     fire = run.fire_time.astimezone(UTC)
-    safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", schedule.name)
+    # a name of dots would climb out ("..") once put in a path: leading dots go too
+    safe_name = re.sub(r"[^A-Za-z0-9._-]+", "_", schedule.name).lstrip(".") or "_"
     assert schedule.sink is not None
     return str(schedule.sink["path"]).format(run_id=run.id, schedule_id=schedule.id, schedule_name=safe_name,
                                              fire_time=fire.strftime("%Y%m%dT%H%M%SZ"), date=fire.strftime("%Y-%m-%d"))
 
 
-def write_sink(session: Session, schedule: Schedule, run: ScheduleRun, roots: Sequence[str]) -> str:
-    """The run's results as JSONL or CSV at the sink path, written to a temporary file then renamed."""
+def _sink_rows(session: Session, run: ScheduleRun, columns: Sequence[str]) -> Iterator[dict[str, Any]]:
+    for page in iter_classifications(session, run.id):
+        for c in page:
+            row = {"item_id": c.item_id, "status": c.status, "label": c.label, "output": c.output,
+                   "model": c.model, "cost_usd": _money(c.cost_usd), "error": c.error,
+                   "task_id": str(c.task_id) if c.task_id else None}
+            yield {k: row[k] for k in columns}
+
+
+def write_sink(session: Session, schedule: Schedule, run: ScheduleRun, config: AppConfig) -> str:
+    """The run's results as JSONL or CSV at the sink path inside the tenant's directory; returns that
+    relative path. Every directory is opened without following links (missing ones are made inside);
+    the content goes to a new file (O_CREAT|O_EXCL|O_NOFOLLOW) renamed over the name in the same
+    directory, so a link planted at the name is replaced, never written through."""
     assert schedule.sink is not None
+    files = tenant_files(config, schedule.tenant_id)
+    if files is None:
+        raise SourceError(FILES_DISABLED)
     path = sink_path(schedule, run)
-    check_under_roots(path, roots, "sink.path")
+    parts = path_parts(path)
     kind = FileSinkSpec.model_validate(schedule.sink).resolved_format
     labelled = schedule.job.get("labels") is not None
     columns = [c for c in SINK_COLUMNS if c != ("output" if labelled else "label")]
-    directory = os.path.dirname(path)
-    os.makedirs(directory, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=".tierbatch-", dir=directory)
+    top = files.open_directory(create=True)
     try:
-        with os.fdopen(handle, "w", encoding="utf-8", newline="") as out:
-            writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n") if kind == "csv" else None
-            if writer is not None:
-                writer.writeheader()
-            for page in iter_classifications(session, run.id):
-                for c in page:
-                    row = {"item_id": c.item_id, "status": c.status, "label": c.label, "output": c.output,
-                           "model": c.model, "cost_usd": _money(c.cost_usd), "error": c.error,
-                           "task_id": str(c.task_id) if c.task_id else None}
-                    row = {k: row[k] for k in columns}
-                    if writer is not None:
-                        writer.writerow(row)
-                    else:
+        directory = walk_directories(top, parts[:-1], create=True)
+    finally:
+        os.close(top)
+    name = parts[-1]
+    temporary = f".tierbatch-{uuid.uuid4().hex}.tmp"
+    try:
+        try:
+            if stat.S_ISLNK(os.stat(name, dir_fd=directory, follow_symlinks=False).st_mode):
+                raise PathRefused(f"{path} is a symbolic link, which is not allowed")
+        except FileNotFoundError:
+            pass
+        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644,
+                     dir_fd=directory)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8", newline="") as out:
+                if kind == "csv":
+                    writer = csv.DictWriter(out, fieldnames=columns, lineterminator="\n")
+                    writer.writeheader()
+                    for row in _sink_rows(session, run, columns):
+                        writer.writerow(safe_row(row))  # no cell a spreadsheet would run as a formula
+                else:
+                    for row in _sink_rows(session, run, columns):
                         out.write(json.dumps(row, ensure_ascii=False) + "\n")
-        os.chmod(temporary, 0o644)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-        raise
-    return path
+                out.flush()
+                os.fchmod(out.fileno(), 0o644)
+            os.rename(temporary, name, src_dir_fd=directory, dst_dir_fd=directory)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temporary, dir_fd=directory)
+            raise
+    finally:
+        os.close(directory)
+    return "/".join(parts)
 
 
 def _money(value: Decimal | None) -> str | None:
     return None if value is None else format(value.normalize(), "f")
 
 
-def _finalize(session: Session, schedule: Schedule, run: ScheduleRun, roots: Sequence[str]) -> RunStep:
+def _finalize(session: Session, schedule: Schedule, run: ScheduleRun, config: AppConfig) -> RunStep:
     labels = schedule.job.get("labels")
     _record_results(session, run, labels)
     counts = {status: int(n) for status, n in session.execute(
@@ -862,8 +966,12 @@ def _finalize(session: Session, schedule: Schedule, run: ScheduleRun, roots: Seq
     status, error = "succeeded", None
     if schedule.sink is not None:
         try:
-            run.sink_path = write_sink(session, schedule, run, roots)
-        except (OSError, SourceError, ValueError) as exc:
+            run.sink_path = write_sink(session, schedule, run, config)
+        except SourceError as exc:
+            status, error = "failed", f"sink: {exc}"
+        except OSError as exc:  # the OS reason only: no path of the operator's
+            status, error = "failed", f"sink: cannot write {sink_path(schedule, run)} ({exc.strerror or exc})"
+        except ValueError as exc:
             status, error = "failed", f"sink: {exc}"
     return _close(session, schedule, run, status, error)
 

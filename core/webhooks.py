@@ -1,11 +1,30 @@
-"""Signed webhooks: a JSON POST whose raw body is signed with HMAC-SHA256 under a secret.
+"""Signed webhooks to public addresses: a JSON POST signed with the Standard Webhooks scheme.
 
-The receiver recomputes `hmac.new(secret, raw_body, sha256).hexdigest()` and compares it with the
-`X-Tierbatch-Signature: sha256=<hex>` header (constant-time). Two things send them, through the same
-code here:
+Headers (https://www.standardwebhooks.com, the `standardwebhooks` package): `webhook-id` (one per
+subject: the same on every retry, so a receiver drops repeats), `webhook-timestamp` (Unix seconds of
+this attempt) and `webhook-signature` (`v1,<base64 HMAC-SHA256 of "id.timestamp.body">`) under a
+`whsec_<base64>` secret; `X-Tierbatch-Event` names the event. A receiver verifies with
+`standardwebhooks.Webhook(secret).verify(body, headers)`, which also refuses stale timestamps
+(replays). Two things send them, through the same code here:
 
 - a schedule run (`schedule_run.finished`, core/schedules.py), signed with the schedule's secret;
 - a bulk job with a `webhook_url` (`job.finished`, core/job_webhooks.py), signed with its tenant's secret.
+
+Secrets are stored encrypted (core/secretbox.py, key `TIERBATCH_SECRET_KEY`) and decrypted when an
+attempt is made.
+
+**Where they may go.** A tenant names the URL, so it is checked twice against `TargetPolicy`: when it
+is given (a 422 naming `webhook_url`) and when each attempt connects. The host is resolved once, every
+address is checked (loopback, private, link-local, multicast, reserved, unspecified, shared and
+site-local addresses are refused, IPv4 in any spelling and IPv4 inside IPv6 too) and the connection
+goes to a checked address, with the original `Host` header and, for https, the hostname as SNI and
+for certificate verification: a DNS answer that changes between the check and the connection
+(rebinding) cannot send it elsewhere. `[webhooks] allow_private_networks = true` lets operators
+use internal receivers. Redirects are not followed and proxies from the environment are not used.
+
+**What is kept of the answer.** Only its status code and the time taken: the body is read up to
+`[webhooks] max_response_bytes` and dropped, and the whole attempt (resolving, connecting, sending,
+reading) has one deadline, `[webhooks] timeout_seconds`.
 
 **The outbox.** The subject row (a schedule run, a job) holds the delivery state: `webhook_status`
 (`pending` → `delivered` | `failed`), the exact body to sign (`webhook_body`: every attempt sends the
@@ -15,54 +34,72 @@ made only when no row for it (or a later one) exists, so a redelivered Celery me
 once its attempt is recorded; failures come back with exponential backoff, up to `MAX_ATTEMPTS`; a
 message lost with Redis is sent again by the beat tick once the nudge is stale. A worker killed between
 the POST and its record makes the attempt again: the receiver may see a delivery twice (same
-`X-Tierbatch-Delivery`), never two different events for one subject.
+`webhook-id`), never two different events for one subject.
 
-Nothing here commits; the worker tasks (worker/schedules.py, worker/job_webhooks.py) do, around the POST.
+Nothing here commits; the worker tasks (worker/schedules.py, worker/webhooks.py) do, around the POST.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+import asyncio
+import base64
+import binascii
+import ipaddress
 import logging
 import secrets
+import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
 from sqlalchemy import Select, func, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.orm import Session
+from standardwebhooks.webhooks import Webhook
 
-from core.errors import InvalidInput
+from core.config import WebhooksConfig
+from core.errors import InvalidInput, TierbatchError
 from core.models import Job, Schedule, ScheduleRun, Tenant, WebhookDelivery
+from core.secretbox import ENV_NAME as SECRET_KEY_ENV
+from core.secretbox import SecretBox, SecretUnreadable
 
 log = logging.getLogger(__name__)
 
-SIGNATURE_HEADER = "X-Tierbatch-Signature"
+ID_HEADER = "webhook-id"
+TIMESTAMP_HEADER = "webhook-timestamp"
+SIGNATURE_HEADER = "webhook-signature"
 EVENT_HEADER = "X-Tierbatch-Event"
-DELIVERY_HEADER = "X-Tierbatch-Delivery"
+ATTEMPT_HEADER = "X-Tierbatch-Attempt"
 MAX_ATTEMPTS = 5
 BACKOFF_BASE_SECONDS = 1.0
 BACKOFF_MAX_SECONDS = 300.0
-TIMEOUT_SECONDS = 10.0
 SECRET_PREFIX = "whsec_"
 MAX_URL_CHARS = 2048
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Resolver = Callable[[str, int], Sequence[str]]  # (host, port) -> addresses, as text
+
+# IPv4 carried inside IPv6: checked as the IPv4 address it reaches (NAT64, RFC 6052)
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
 
 def new_secret() -> str:
-    return SECRET_PREFIX + secrets.token_urlsafe(32)
+    """`whsec_` and 32 random bytes in standard base64: the Standard Webhooks secret format."""
+    return SECRET_PREFIX + base64.b64encode(secrets.token_bytes(32)).decode("ascii")
 
 
-def signature(secret: str, body: bytes) -> str:
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-
-
-def verify(secret: str, body: bytes, header: str | None) -> bool:
-    return header is not None and hmac.compare_digest(signature(secret, body), header.strip())
+def signed_headers(secret: str, message_id: str, at: datetime, body: bytes) -> dict[str, str]:
+    """The three Standard Webhooks headers for `body` (ValueError for a secret that cannot sign)."""
+    try:
+        signer = Webhook(secret)
+    except (binascii.Error, ValueError, RuntimeError) as exc:  # EmptyWebhookSecretError is a RuntimeError
+        raise ValueError("the webhook secret is not in the whsec_<base64> format: rotate it") from exc
+    return {ID_HEADER: message_id, TIMESTAMP_HEADER: str(int(at.timestamp())),
+            SIGNATURE_HEADER: signer.sign(message_id, at, body.decode("utf-8"))}
 
 
 def backoff_seconds(attempt: int) -> float:
@@ -72,6 +109,8 @@ def backoff_seconds(attempt: int) -> float:
 
 @dataclass(frozen=True, slots=True)
 class AttemptResult:
+    """What is kept of an attempt: the status code, the time, and our own reason (never the answer's body)."""
+
     status_code: int | None
     error: str | None
     duration_ms: int
@@ -81,23 +120,154 @@ class AttemptResult:
         return self.status_code is not None and 200 <= self.status_code < 300
 
 
-def post_signed(url: str, body: bytes, secret: str, event: str, delivery_id: str,
-                timeout: float = TIMEOUT_SECONDS) -> AttemptResult:
-    """One POST; never raises for network or HTTP errors (they are the attempt's result)."""
-    headers = {"Content-Type": "application/json", SIGNATURE_HEADER: signature(secret, body),
-               EVENT_HEADER: event, DELIVERY_HEADER: delivery_id, "User-Agent": "tierbatch-webhook/1"}
-    started = time.monotonic()
+# --- where a webhook may go --------------------------------------------------------------------------------
+
+class BlockedTarget(TierbatchError):
+    """The URL's host is not (only) public addresses, or does not resolve."""
+
+
+def system_resolver(host: str, port: int) -> list[str]:
+    return list(dict.fromkeys(str(info[4][0]) for info in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)))
+
+
+def literal_address(host: str) -> IPAddress | None:
+    """The address a host names by itself: IPv6, dotted IPv4 and the other spellings the C library
+    accepts (`127.1`, `2130706433`, `0x7f.1`, `0177.0.0.1`), or None for a name."""
+    text = host.strip("[]")
     try:
-        response = httpx.post(url, content=body, headers=headers, timeout=timeout, follow_redirects=False)
-    except httpx.HTTPError as exc:
-        return AttemptResult(None, f"{type(exc).__name__}: {exc}"[:500], int((time.monotonic() - started) * 1000))
-    elapsed = int((time.monotonic() - started) * 1000)
-    error = None if 200 <= response.status_code < 300 else f"HTTP {response.status_code}: {response.text[:300]}"
-    return AttemptResult(response.status_code, error, elapsed)
+        return ipaddress.ip_address(text)
+    except ValueError:
+        pass
+    if not text or not all(c.isalnum() or c == "." for c in text):
+        return None
+    try:
+        return ipaddress.IPv4Address(socket.inet_aton(text))
+    except OSError:
+        return None
+
+
+def address_problem(ip: IPAddress, allow_private_networks: bool = False) -> str | None:
+    """Why a webhook may not go to `ip` (a short phrase), or None."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is None and ip in _NAT64:
+            embedded = ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+        if embedded is not None:
+            inner = address_problem(embedded, allow_private_networks)
+            if inner is not None:
+                return f"{inner} (IPv4 {embedded} inside IPv6)"
+    if ip.is_unspecified:
+        return "an unspecified address"
+    if ip.is_multicast:
+        return "a multicast address"
+    if allow_private_networks:
+        return None
+    for flag, phrase in (("is_loopback", "a loopback address"), ("is_link_local", "a link-local address"),
+                         ("is_private", "a private address"), ("is_reserved", "a reserved address"),
+                         ("is_site_local", "a site-local address")):
+        if getattr(ip, flag, False):
+            return phrase
+    if not ip.is_global:
+        return "not a public address"
+    return None
+
+
+@dataclass(frozen=True)
+class TargetPolicy:
+    """Which hosts a webhook may reach; `resolver` is the seam for DNS (tests inject one)."""
+
+    allow_private_networks: bool = False
+    resolver: Resolver = system_resolver
+
+    @classmethod
+    def from_config(cls, config: WebhooksConfig, resolver: Resolver | None = None) -> TargetPolicy:
+        return cls(config.allow_private_networks, resolver or system_resolver)
+
+    def addresses(self, host: str, port: int) -> list[IPAddress]:
+        """Resolve `host` once; every address must pass (BlockedTarget), and these are the ones to use."""
+        name = host.rstrip(".").lower()
+        literal = literal_address(name)
+        if literal is not None:
+            problem = address_problem(literal, self.allow_private_networks)
+            if problem is not None:
+                raise BlockedTarget(f"{host} is {problem}")
+            return [literal]
+        refused = f"{host} does not resolve to public addresses only"
+        if not self.allow_private_networks and (name == "localhost" or name.endswith(".localhost")):
+            raise BlockedTarget(refused)
+        try:
+            found = [ipaddress.ip_address(str(a).split("%", 1)[0]) for a in self.resolver(name, port)]
+        except (OSError, UnicodeError, ValueError):
+            raise BlockedTarget(f"{host} does not resolve") from None
+        # the resolved addresses are not named: an error must not map a tenant's view of internal DNS
+        if not found or any(address_problem(ip, self.allow_private_networks) for ip in found):
+            raise BlockedTarget(refused)
+        return found
+
+    def check_url(self, value: Any) -> str | None:
+        """A `webhook_url` as given: its form, then where it goes (InvalidInput 422 naming the field)."""
+        url = check_webhook_url(value)
+        if url is None:
+            return None
+        parsed = httpx.URL(url)
+        try:
+            self.addresses(_ascii_host(parsed), parsed.port or (443 if parsed.scheme == "https" else 80))
+        except BlockedTarget as exc:
+            raise InvalidInput(f"webhook_url: {exc}; webhooks are only sent to public addresses",
+                               param="webhook_url", status_code=422) from None
+        return url
+
+
+def _ascii_host(url: httpx.URL) -> str:
+    """The host as DNS and TLS see it (IDNA-encoded), without IPv6 brackets."""
+    return url.raw_host.decode("ascii")
+
+
+def require_secret_box(box: SecretBox | None) -> SecretBox:
+    """Webhooks need a key to keep their secrets: a 422 naming the field when the server has none."""
+    if box is None:
+        raise InvalidInput(f"webhook_url: webhooks are not enabled on this server ({SECRET_KEY_ENV} is not set)",
+                           param="webhook_url", status_code=422)
+    return box
+
+
+class PinnedTransport(httpx.AsyncBaseTransport):
+    """Connects only to the addresses the policy checked for the request's host, resolved once here.
+
+    The request goes to the address itself; its `Host` header stays the original one, and for https the
+    hostname is the SNI name and the name the certificate is verified against (httpcore's
+    `sni_hostname` extension)."""
+
+    def __init__(self, policy: TargetPolicy, inner: httpx.AsyncBaseTransport | None = None) -> None:
+        self.policy = policy
+        self.inner = inner or httpx.AsyncHTTPTransport(retries=0)
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        url = request.url
+        host = _ascii_host(url)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        addresses = await asyncio.to_thread(self.policy.addresses, host, port)
+        last: httpx.ConnectError | None = None
+        for ip in addresses:
+            extensions = dict(request.extensions)
+            if url.scheme == "https" and literal_address(host) is None:
+                extensions["sni_hostname"] = host
+            pinned = httpx.Request(request.method, url.copy_with(host=str(ip)), headers=request.headers,
+                                   stream=request.stream, extensions=extensions)
+            try:
+                return await self.inner.handle_async_request(pinned)
+            except httpx.ConnectError as exc:  # the next checked address, if any
+                last = exc
+        assert last is not None
+        raise last
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 def check_webhook_url(value: Any) -> str | None:
-    """A `webhook_url` field: None, or an absolute http(s) URL with a host (InvalidInput naming the field)."""
+    """A `webhook_url` field: None, or an absolute http(s) URL with a host (InvalidInput naming the field).
+    Its form only; `TargetPolicy.check_url` also checks where it goes."""
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
@@ -130,16 +300,17 @@ class WebhookCall:
     attempt: int
     url: str
     body: bytes
-    secret: str
+    secret: str | None  # decrypted; None when it cannot be (`secret_problem` says why)
     event: str
+    secret_problem: str | None = None
 
     @property
-    def delivery_id(self) -> str:
-        """`X-Tierbatch-Delivery`: the same for a repeated attempt, so a receiver can drop the repeat."""
-        return f"{self.subject_id}:{self.attempt}"
+    def message_id(self) -> str:
+        """`webhook-id`: one per subject, the same on every attempt, so a receiver can drop the repeats."""
+        return f"msg_{self.subject_id.hex}"
 
 
-TargetQuery = Select[uuid.UUID, str | None, str, str | None, str | None]  # tenant_id, url, secret, status, body
+TargetQuery = Select[uuid.UUID, str | None, str | None, str | None, str | None]  # tenant, url, secret, status, body
 
 
 @dataclass(frozen=True)
@@ -157,13 +328,14 @@ class Outbox:
 
 
 def _schedule_run_target(run_id: uuid.UUID) -> TargetQuery:
-    return (select(ScheduleRun.tenant_id, Schedule.webhook_url.label("url"), Schedule.webhook_secret.label("secret"),
+    return (select(ScheduleRun.tenant_id, Schedule.webhook_url.label("url"),
+                   Schedule.webhook_secret_encrypted.label("secret"),
                    ScheduleRun.webhook_status.label("status"), ScheduleRun.webhook_body.label("body"))
             .join(Schedule, Schedule.id == ScheduleRun.schedule_id).where(ScheduleRun.id == run_id))
 
 
 def _job_target(job_id: uuid.UUID) -> TargetQuery:
-    return (select(Job.tenant_id, Job.webhook_url.label("url"), Tenant.webhook_secret.label("secret"),
+    return (select(Job.tenant_id, Job.webhook_url.label("url"), Tenant.webhook_secret_encrypted.label("secret"),
                    Job.webhook_status.label("status"), Job.webhook_body.label("body"))
             .join(Tenant, Tenant.id == Job.tenant_id).where(Job.id == job_id))
 
@@ -175,7 +347,22 @@ JOBS = Outbox("job", "job.finished", Job, Job.webhook_status, Job.webhook_nudged
               "uq_webhook_deliveries_job_attempt", _job_target)
 
 
-def call_to_make(session: Session, outbox: Outbox, subject_id: uuid.UUID, attempt: int) -> WebhookCall | None:
+def _open_secret(sealed: str | None, box: SecretBox | None, kind: str) -> tuple[str | None, str | None]:
+    """(secret, None), or (None, why it cannot be used): recorded as the attempt's failure."""
+    owner = "tenant" if kind == "job" else "schedule"
+    if sealed is None:
+        return None, (f"the {owner} has no webhook secret (set one: POST /v1/admin/tenants/{{id}}/webhook-secret)"
+                      if owner == "tenant" else "the schedule has no webhook secret (stored before encryption)")
+    if box is None:
+        return None, f"{SECRET_KEY_ENV} is not set on the worker: the webhook secret cannot be read"
+    try:
+        return box.open(sealed), None
+    except SecretUnreadable as exc:
+        return None, str(exc)
+
+
+def call_to_make(session: Session, outbox: Outbox, subject_id: uuid.UUID, attempt: int,
+                 box: SecretBox | None) -> WebhookCall | None:
     """The call for this attempt, or None (nothing pending, or this attempt or a later one was made)."""
     row = session.execute(outbox.target(subject_id)).first()
     if row is None or row.status != "pending" or not row.body or not row.url:
@@ -184,7 +371,8 @@ def call_to_make(session: Session, outbox: Outbox, subject_id: uuid.UUID, attemp
                                                            WebhookDelivery.attempt >= attempt).limit(1))
     if made is not None:
         return None
-    return WebhookCall(outbox.kind, subject_id, attempt, row.url, row.body.encode(), row.secret, outbox.event)
+    secret, problem = _open_secret(row.secret, box, outbox.kind)
+    return WebhookCall(outbox.kind, subject_id, attempt, row.url, row.body.encode(), secret, outbox.event, problem)
 
 
 def record_attempt(session: Session, outbox: Outbox, call: WebhookCall, result: AttemptResult,
@@ -249,6 +437,62 @@ def attempts_of(session: Session, outbox: Outbox, subject_ids: Sequence[uuid.UUI
     return out
 
 
-def deliver(call: WebhookCall, timeout: float = TIMEOUT_SECONDS) -> AttemptResult:
-    """Make the attempt: one signed POST (never raises for network or HTTP errors)."""
-    return post_signed(call.url, call.body, call.secret, call.event, call.delivery_id, timeout=timeout)
+def _failure(exc: httpx.HTTPError) -> str:
+    """Our own words for a network failure: nothing the receiver sent is quoted."""
+    if isinstance(exc, httpx.TimeoutException):
+        return f"timed out ({type(exc).__name__})"
+    if isinstance(exc, httpx.ConnectError):
+        return "could not connect (ConnectError)"
+    return f"request failed ({type(exc).__name__})"
+
+
+async def _nothing() -> AsyncIterator[bytes]:
+    return
+    yield
+
+
+async def _post(call: WebhookCall, policy: TargetPolicy, timeout: float, max_response_bytes: int,
+                transport: httpx.AsyncBaseTransport | None, now: Callable[[], datetime]) -> AttemptResult:
+    started = time.monotonic()
+
+    def took() -> int:
+        return int((time.monotonic() - started) * 1000)
+
+    if call.secret is None:
+        return AttemptResult(None, f"not sent: {call.secret_problem}", 0)
+    try:
+        signed = signed_headers(call.secret, call.message_id, now(), call.body)
+    except ValueError as exc:
+        return AttemptResult(None, f"not sent: {exc}", 0)
+    headers = {"Content-Type": "application/json", "User-Agent": "tierbatch-webhook/2", EVENT_HEADER: call.event,
+               ATTEMPT_HEADER: str(call.attempt), **signed}
+    try:
+        # one deadline for the whole attempt (resolve, connect, send, read), not one per read
+        async with asyncio.timeout(timeout), httpx.AsyncClient(
+                transport=PinnedTransport(policy, transport), timeout=timeout, follow_redirects=False,
+                trust_env=False) as client, client.stream("POST", call.url, content=call.body,
+                                                          headers=headers) as response:
+            received = 0
+            # read a little, keep nothing (an answer built in memory, as by a test transport, is not a stream)
+            chunks = response.aiter_raw() if not response.is_stream_consumed else _nothing()
+            async for chunk in chunks:
+                received += len(chunk)
+                if received >= max_response_bytes:
+                    break
+            status = response.status_code
+    except TimeoutError:
+        return AttemptResult(None, f"timed out: no complete answer within {timeout:g} s", took())
+    except BlockedTarget as exc:
+        return AttemptResult(None, f"not sent: {exc} (webhooks are only sent to public addresses)", took())
+    except httpx.HTTPError as exc:
+        return AttemptResult(None, _failure(exc), took())
+    return AttemptResult(status, None if 200 <= status < 300 else f"HTTP {status}", took())
+
+
+def deliver(call: WebhookCall, config: WebhooksConfig, *, resolver: Resolver | None = None,
+            transport: httpx.AsyncBaseTransport | None = None,
+            now: Callable[[], datetime] = lambda: datetime.now(UTC)) -> AttemptResult:
+    """Make the attempt: one signed POST to a checked address (never raises for network or HTTP errors).
+    `resolver` and `transport` are seams for tests (DNS answers, and a transport instead of the network)."""
+    policy = TargetPolicy.from_config(config, resolver)
+    return asyncio.run(_post(call, policy, config.timeout_seconds, config.max_response_bytes, transport, now))

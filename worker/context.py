@@ -16,6 +16,7 @@ from core.config import AppConfig, load_config
 from core.db import make_engine, make_session_factory
 from core.pricing import PriceBook
 from core.provider import ProviderClients
+from core.secretbox import SecretBox
 from core.settings import Settings
 
 
@@ -27,6 +28,7 @@ class WorkerContext:
     sessions: sessionmaker[Session]
     prices: PriceBook
     providers: ProviderClients
+    secret_box: SecretBox | None = None  # decrypts webhook secrets; None: TIERBATCH_SECRET_KEY not set
 
 
 @functools.cache
@@ -35,4 +37,4 @@ def get_worker_context() -> WorkerContext:
     config = load_config(settings.config_path)
     engine = make_engine(settings.database_url)
     return WorkerContext(settings, config, engine, make_session_factory(engine), PriceBook(config),
-                         ProviderClients(config))
+                         ProviderClients(config), settings.secret_box())

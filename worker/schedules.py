@@ -31,7 +31,6 @@ from core.schedules import (
     runs_to_nudge,
     start_run,
 )
-from core.sources import source_roots
 from core.webhooks import SCHEDULE_RUNS
 from worker.context import WorkerContext, get_worker_context
 from worker.webhooks import make_attempt
@@ -86,7 +85,7 @@ def run(self: CeleryTask, run_id: str) -> str:
     ctx = get_worker_context()
     with ctx.sessions.begin() as session:
         step = start_run(session, uuid.UUID(run_id), ctx.config, environ=os.environ,
-                         own_database_url=ctx.settings.database_url, roots=source_roots())
+                         own_database_url=ctx.settings.database_url)
     _after(self.app, ctx, run_id, step)
     return step.state
 
@@ -95,7 +94,7 @@ def run(self: CeleryTask, run_id: str) -> str:
 def finish(self: CeleryTask, run_id: str) -> str:
     ctx = get_worker_context()
     with ctx.sessions.begin() as session:
-        step = finish_run(session, uuid.UUID(run_id), ctx.config, roots=source_roots())
+        step = finish_run(session, uuid.UUID(run_id), ctx.config)
     _after(self.app, ctx, run_id, step)
     return step.state
 

@@ -48,9 +48,12 @@ def submit_tasks(self: CeleryTask, payload: Any, api_key: str) -> dict[str, Any]
         return {"error": {"type": "invalid_request_error", "message": exc.message, "param": exc.param}}
     try:
         with ctx.sessions.begin() as session:
-            tenant = tenant_for_key(session, api_key)
+            # a key revoked a moment ago is refused here too: the database is asked every time
+            tenant = tenant_for_key(session, api_key) if isinstance(api_key, str) else None
             if tenant is None:
-                log.error("submit_tasks rejected: invalid tenant key")
+                # the prefix is not secret (the admin key list shows it) and tells operators which key it was
+                shown = api_key[:10] if isinstance(api_key, str) and api_key.isascii() else "?"
+                log.error("submit_tasks rejected: invalid or revoked tenant key %s…", shown)
                 return {"error": {"type": "authentication_error", "message": "invalid API key", "param": None}}
             accepted = insert_tasks(session, tenant.id, specs, ctx.config)
     except InvalidInput as exc:  # e.g. the tenant's monthly budget is reached (policy `reject`)

@@ -3,7 +3,8 @@
 - `tierbatch.jobs.webhook_tick` (beat, every few seconds): claims the finished jobs that have a
   `webhook_url` (one transaction each), sends their first attempt, and sends again the attempts whose
   message was lost (a pending webhook with no news for a while).
-- `tierbatch.jobs.webhook`: one signed POST; a failure comes back with exponential backoff.
+- `tierbatch.jobs.webhook`: one signed POST; a failure comes back with exponential backoff. Attempts run
+  on the `webhooks` queue of their own: a slow receiver holds a webhook slot, never the dispatch work.
 
 `make_attempt` is shared with the schedule runs' webhook (worker/schedules.py): read the call in one
 transaction, POST outside any transaction, record the outcome in another.
@@ -30,10 +31,10 @@ def make_attempt(app: Celery, outbox: Outbox, subject_id: str, attempt: int, tas
     """One attempt of a subject's webhook; the next one is sent with its backoff when this one fails."""
     ctx = get_worker_context()
     with ctx.sessions.begin() as session:
-        call = call_to_make(session, outbox, uuid.UUID(subject_id), attempt)
+        call = call_to_make(session, outbox, uuid.UUID(subject_id), attempt, ctx.secret_box)
     if call is None:
         return "nothing to send"
-    result = deliver(call)
+    result = deliver(call, ctx.config.webhooks)
     with ctx.sessions.begin() as session:
         delay = record_attempt(session, outbox, call, result)
     if delay is not None:

@@ -1,20 +1,29 @@
 """Admin API: tenants (DESIGN §8). Keys are shown once and stored hashed; the webhook secret (it signs the
-tenant's job webhooks) is shown once at creation and at each rotation."""
+tenant's job webhooks) is shown once at creation and at each rotation. A tenant may hold several keys;
+a revoked one is refused by every API process within a second."""
 
 from __future__ import annotations
 
+import logging
 import uuid
+from datetime import datetime
 from decimal import Decimal
 from typing import Annotated, Any
 
 from fastapi import APIRouter
+from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
+from redis.exceptions import RedisError
 
+from api.context import ApiContext
 from api.deps import AdminDep, ContextDep, SessionDep
 from api.serialize import money
+from core.auth import bump_generation
 from core.errors import NotFound
-from core.models import Tenant
-from core.tenants import create_tenant, rotate_webhook_secret
+from core.models import ApiKey, Tenant
+from core.tenants import create_api_key, create_tenant, list_api_keys, revoke_api_key, rotate_webhook_secret
+
+log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
@@ -27,8 +36,8 @@ class TenantCreate(BaseModel):
 
 
 @router.post("/tenants", status_code=201)
-def create(body: TenantCreate, _: AdminDep, session: SessionDep) -> dict[str, Any]:
-    tenant = create_tenant(session, body.name, body.monthly_budget_usd)
+def create(body: TenantCreate, _: AdminDep, session: SessionDep, ctx: ContextDep) -> dict[str, Any]:
+    tenant = create_tenant(session, body.name, body.monthly_budget_usd, box=ctx.secret_box)
     return {"id": str(tenant.id), "object": "tenant", "name": tenant.name, "api_key": tenant.api_key,
             "webhook_secret": tenant.webhook_secret, "monthly_budget_usd": money(tenant.monthly_budget_usd)}
 
@@ -46,31 +55,102 @@ def rotate_secret(tenant_id: str, _: AdminDep, ctx: ContextDep) -> dict[str, Any
     """A new webhook secret, shown once; the old one stops signing at once (retries included)."""
     key = _tenant_id(tenant_id)
     with ctx.sessions.begin() as session:  # committed before the answer is sent
-        tenant = rotate_webhook_secret(session, key)
+        rotated = rotate_webhook_secret(session, key, ctx.secret_box)
+        tenant = rotated.tenant
         return {"id": str(tenant.id), "object": "tenant", "name": tenant.name,
-                "webhook_secret": tenant.webhook_secret}
+                "webhook_secret": rotated.webhook_secret}
 # --- end job webhooks -------------------------------------------------------------------------------
 
 
-# --- budgets (issue 4) -------------------------------------------------------------------------------
+# --- budgets (issue 4) and rate limits ---------------------------------------------------------------
+PerMinute = Annotated[int, Field(ge=1, le=2_000_000_000)]
+
+
 class TenantPatch(BaseModel):
+    """Each field is optional: a PATCH changes only the fields it names; null removes that budget or limit."""
+
     model_config = ConfigDict(extra="forbid")
 
-    monthly_budget_usd: Decimal | None = Field(ge=0)  # required; null removes the budget
+    monthly_budget_usd: Decimal | None = Field(default=None, ge=0)
+    requests_per_minute: PerMinute | None = None
+    tokens_per_minute: PerMinute | None = None
+
+
+def tenant_body(tenant: Tenant) -> dict[str, Any]:
+    return {"id": str(tenant.id), "object": "tenant", "name": tenant.name,
+            "monthly_budget_usd": money(tenant.monthly_budget_usd),
+            "requests_per_minute": tenant.requests_per_minute, "tokens_per_minute": tenant.tokens_per_minute}
+
+
+async def _tell_processes(ctx: ApiContext) -> None:
+    """After a committed change of keys or limits: every API process forgets what it remembered."""
+    try:
+        await bump_generation(ctx.redis, ctx.settings.redis_key_prefix)
+    except RedisError as exc:  # the change stands; processes' key caches expire on their own (10 s)
+        log.warning("key change committed but not announced: Redis %s", type(exc).__name__)
 
 
 @router.patch("/tenants/{tenant_id}")
-def patch(tenant_id: str, body: TenantPatch, _: AdminDep, ctx: ContextDep) -> dict[str, Any]:
-    try:
-        key = uuid.UUID(tenant_id)
-    except ValueError:
-        raise NotFound(f"no tenant {tenant_id}") from None
-    # committed before the answer is sent (SessionDep commits after it), so the next request sees it
-    with ctx.sessions.begin() as session:
-        tenant = session.get(Tenant, key, with_for_update=True)
-        if tenant is None:
-            raise NotFound(f"no tenant {tenant_id}")
-        tenant.monthly_budget_usd = body.monthly_budget_usd
-        return {"id": str(tenant.id), "object": "tenant", "name": tenant.name,
-                "monthly_budget_usd": money(tenant.monthly_budget_usd)}
+async def patch(tenant_id: str, body: TenantPatch, _: AdminDep, ctx: ContextDep) -> dict[str, Any]:
+    key = _tenant_id(tenant_id)
+    changes = {name: getattr(body, name) for name in body.model_fields_set}
+
+    def apply() -> dict[str, Any]:
+        # committed before the answer is sent, so the next request sees it
+        with ctx.sessions.begin() as session:
+            tenant = session.get(Tenant, key, with_for_update=True)
+            if tenant is None:
+                raise NotFound(f"no tenant {tenant_id}")
+            for name, value in changes.items():
+                setattr(tenant, name, value)
+            session.flush()
+            return tenant_body(tenant)
+
+    answer = await run_in_threadpool(apply)
+    if changes.keys() & {"requests_per_minute", "tokens_per_minute"}:
+        await _tell_processes(ctx)
+    return answer
 # --- end budgets -------------------------------------------------------------------------------------
+
+
+# --- API keys ----------------------------------------------------------------------------------------
+def _when(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def key_body(row: ApiKey) -> dict[str, Any]:
+    """A key as listed: never its secret, nor its digest."""
+    return {"id": str(row.id), "object": "api_key", "tenant_id": str(row.tenant_id), "prefix": row.prefix,
+            "created_at": _when(row.created_at), "revoked_at": _when(row.revoked_at)}
+
+
+@router.post("/tenants/{tenant_id}/keys", status_code=201)
+def create_key(tenant_id: str, _: AdminDep, session: SessionDep) -> dict[str, Any]:
+    """A new key for the tenant, shown once here; the tenant's other keys keep working."""
+    new = create_api_key(session, _tenant_id(tenant_id))
+    return {"id": str(new.id), "object": "api_key", "api_key": new.api_key, "prefix": new.api_key[:10],
+            "created_at": _when(new.created_at)}
+
+
+@router.get("/tenants/{tenant_id}/keys")
+def list_keys(tenant_id: str, _: AdminDep, session: SessionDep) -> dict[str, Any]:
+    return {"object": "list", "data": [key_body(row) for row in list_api_keys(session, _tenant_id(tenant_id))]}
+
+
+@router.delete("/tenants/{tenant_id}/keys/{key_id}")
+async def revoke_key(tenant_id: str, key_id: str, _: AdminDep, ctx: ContextDep) -> dict[str, Any]:
+    """Revoke a key (idempotent): refused from then on, by every API process within a second."""
+    tenant = _tenant_id(tenant_id)
+    try:
+        key = uuid.UUID(key_id)
+    except ValueError:
+        raise NotFound(f"no key {key_id} for tenant {tenant_id}") from None
+
+    def revoke() -> dict[str, Any]:
+        with ctx.sessions.begin() as session:  # committed before the processes are told
+            return key_body(revoke_api_key(session, tenant, key))
+
+    answer = await run_in_threadpool(revoke)
+    await _tell_processes(ctx)
+    return answer
+# --- end API keys ------------------------------------------------------------------------------------

@@ -7,16 +7,16 @@ whitelisted query; unknown or invalid ones are a 400 naming the parameter.
 
 from __future__ import annotations
 
-import hmac
 import uuid
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi import APIRouter, Depends, Request
 
-from api.deps import ContextDep, SessionDep, bearer_token
+from api.deps import ContextDep, SessionDep, bearer_token, key_grant
 from api.serialize import money
+from core.auth import secret_matches
 from core.costs import (
     budget_status,
     parse_cost_query,
@@ -27,7 +27,6 @@ from core.costs import (
 )
 from core.errors import InvalidInput, NotFound
 from core.models import Tenant
-from core.tenants import tenant_for_key
 
 router = APIRouter(prefix="/v1/costs", tags=["costs"])
 
@@ -41,16 +40,12 @@ class Caller:
         return self.tenant_id is None
 
 
-def get_caller(request: Request, ctx: ContextDep) -> Caller:
+async def get_caller(request: Request, ctx: ContextDep) -> Caller:
     token = bearer_token(request)
     expected = ctx.settings.admin_token
-    if expected and hmac.compare_digest(token.encode(), expected.encode()):
+    if expected and secret_matches(token, expected):
         return Caller(None)
-    with ctx.sessions() as session:
-        tenant = tenant_for_key(session, token)
-    if tenant is None:
-        raise HTTPException(401, "invalid API key", headers={"WWW-Authenticate": "Bearer"})
-    return Caller(tenant.id)
+    return Caller((await key_grant(request, ctx)).tenant_id)
 
 
 CallerDep = Annotated[Caller, Depends(get_caller)]

@@ -30,7 +30,7 @@ def readyz(ctx: ContextDep) -> JSONResponse:
     except Exception as exc:  # report, don't raise: this endpoint exists to say what is down
         checks["database"] = f"unreachable: {type(exc).__name__}"
     try:
-        client = redis.Redis.from_url(ctx.settings.redis_url, socket_timeout=2)
+        client = redis.Redis.from_url(ctx.settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         try:
             client.ping()
         finally:
@@ -40,7 +40,7 @@ def readyz(ctx: ContextDep) -> JSONResponse:
         checks["broker"] = f"unreachable: {type(exc).__name__}"
     ready = all(value == "ok" for value in checks.values())
     return JSONResponse({"status": "ready" if ready else "not ready", "checks": checks},
-                        status_code=200 if ready else 503)
+                        status_code=200 if ready else 503, headers=None if ready else {"retry-after": "2"})
 
 
 @router.get("/metrics")

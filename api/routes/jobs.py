@@ -17,9 +17,12 @@ from starlette.concurrency import run_in_threadpool
 from api.context import ApiContext
 from api.deps import ContextDep, SessionDep, TenantDep
 from api.downloads import content_disposition
+from api.limits import JOBS_BODY_BYTES, parsed_json
+from api.routes.tasks import loads_body
 from api.serialize import money, timestamp
 from core.csv_safety import safe_cell
 from core.errors import InvalidInput, NotFound
+from core.inputs import NotJson, loads_checked
 from core.jobs import (
     ItemAppender,
     JobSummary,
@@ -35,14 +38,13 @@ from core.jobs import (
     submit_job,
     summarize_jobs,
 )
-from core.messaging import DISPATCH_TASKS
+from core.messaging import DISPATCH_TASKS, dispatch_after_commit
 from core.models import Job, WebhookDelivery
-from core.webhooks import JOBS, attempts_of
+from core.webhooks import JOBS, attempts_of, require_secret_box
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-# 100,000 items of a few hundred bytes fit easily; bigger jobs go in several requests with one name.
-MAX_JOB_BODY_BYTES = 128 * 1024 * 1024
+MAX_JOB_BODY_BYTES = JOBS_BODY_BYTES
 
 
 def parse_uuid(value: str, what: str) -> uuid.UUID:
@@ -94,17 +96,19 @@ def job_body(job: Job, summary: JobSummary, attempts: list[WebhookDelivery] | No
     }
 
 
-def _submit(ctx: ApiContext, tenant_id: uuid.UUID, body: bytes) -> dict[str, Any]:
-    """Parse, store in one transaction, then dispatch in chunks (runs in a worker thread)."""
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc}", status_code=400) from None
+def _submit(ctx: ApiContext, tenant_id: uuid.UUID, payload: Any) -> dict[str, Any]:
+    """Validate, store in one transaction, then dispatch in chunks (runs in a worker thread)."""
     request = parse_job_request(payload, ctx.config.limits.max_prompt_bytes)
+    if request.webhook_url is not None:  # where it goes (DNS: this runs in a worker thread), and a key to sign
+        ctx.webhook_targets.check_url(request.webhook_url)
+        require_secret_box(ctx.secret_box)
     with ctx.sessions.begin() as session:
         submission = submit_job(session, tenant_id, request, ctx.config)
     # after commit: if this process dies here, the reconciler re-dispatches the stale queued tasks
-    messages = dispatch_in_chunks(lambda name, ids: ctx.producer.send_task(name, args=[ids]), submission.task_ids)
+    messages = 0
+    with dispatch_after_commit("a job's tasks"):
+        messages = dispatch_in_chunks(lambda name, ids: ctx.producer.send_task(name, args=[ids]),
+                                      submission.task_ids)
     job = submission.job
     added = len(submission.task_ids)
     return {"id": str(job.id), "object": "job", "name": job.name, "created": submission.created,
@@ -115,7 +119,8 @@ def _submit(ctx: ApiContext, tenant_id: uuid.UUID, body: bytes) -> dict[str, Any
 @router.post("", status_code=202)
 async def submit(request: Request, tenant: TenantDep, ctx: ContextDep) -> JSONResponse:
     body = await read_body(request, MAX_JOB_BODY_BYTES)
-    answer = await run_in_threadpool(_submit, ctx, tenant.id, body)
+    payload = parsed_json(request, body, loads_body)
+    answer = await run_in_threadpool(_submit, ctx, tenant.id, payload)
     return JSONResponse(answer, status_code=202)
 
 
@@ -171,7 +176,7 @@ def _dispatch_upload(ctx: ApiContext, job_id: uuid.UUID, appender: ItemAppender)
     if appender.first_id is None or appender.last_id is None:
         return 0
     messages = 0
-    with ctx.sessions() as session, session.begin():
+    with dispatch_after_commit("uploaded job items"), ctx.sessions() as session, session.begin():
         for chunk in queued_ids_between(session, job_id, appender.first_id, appender.last_id):
             ctx.producer.send_task(DISPATCH_TASKS, args=[chunk])
             messages += 1
@@ -211,9 +216,12 @@ async def upload_items(job_id: str, request: Request, tenant: TenantDep, ctx: Co
             if not raw.strip():
                 return
             try:
-                pending.append(json.loads(raw))
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise InvalidInput(f"line {number}: not valid JSON ({exc})", param=None, status_code=400) from None
+                pending.append(loads_checked(raw))
+            except NotJson as exc:
+                raise InvalidInput(f"line {number}: not valid JSON ({exc.message})", param=None,
+                                   status_code=400) from None
+            except InvalidInput as exc:  # nesting, NUL: the line and the field inside it
+                raise InvalidInput(f"line {number}: {exc.message}", param=exc.param, status_code=400) from None
             lines.append(number)
 
         buffer = b""

@@ -1,4 +1,5 @@
-"""The Batch API facade (DESIGN §9): `/v1/files` (purpose `batch`) and `/v1/batches`, OpenAI's semantics
+"""The Batch API facade (DESIGN §9): `/v1/files` (purpose `batch`; also `user_data`, CSV or JSONL rows a
+schedule's source reads by `file_id`) and `/v1/batches`, OpenAI's semantics
 and limits over our task path. Domain logic in core/facade.py; output files are assembled lazily, by
 the first read of a batch whose lines are all done."""
 
@@ -15,6 +16,7 @@ from starlette.datastructures import UploadFile
 
 from api.context import ApiContext
 from api.downloads import content_disposition
+from api.limits import parsed_json
 from api.routes.openai_chat import authenticate, context_of, parse_json
 from core.facade import (
     batch_object,
@@ -29,9 +31,12 @@ from core.facade import (
     list_batches,
     list_files,
     store_batch_file,
+    store_user_file,
 )
 from core.gateway import GatewayError
+from core.inputs import unstorable
 from core.jobs import dispatch_in_chunks
+from core.messaging import dispatch_after_commit
 
 router = APIRouter(tags=["openai"])
 
@@ -57,16 +62,24 @@ async def upload_file(request: Request, tenant_id: TenantId, ctx: Context) -> di
         upload = form.get("file")
         if purpose is None or purpose == "":
             raise _missing("purpose")
-        if purpose != "batch":
-            raise GatewayError(400, f"Invalid value for 'purpose': '{purpose}'. tierbatch accepts only 'batch'.",
+        if purpose not in ("batch", "user_data"):
+            raise GatewayError(400, f"Invalid value for 'purpose': '{purpose}'. tierbatch accepts 'batch' (Batch "
+                               "API input) and 'user_data' (CSV or JSONL rows for a schedule's source).",
                                "invalid_request_error", "purpose", "invalid_value")
         if not isinstance(upload, UploadFile):
             raise _missing("file")
-        filename = upload.filename or "upload.jsonl"
+        filename = upload.filename or ("upload.jsonl" if purpose == "batch" else "upload.csv")
+        if unstorable(filename):
+            raise GatewayError(400, "The file name holds a character that cannot be stored (NUL).",
+                               "invalid_request_error", "file", "invalid_value")
 
         def store() -> dict[str, Any]:
             with ctx.sessions.begin() as session:
-                stored = store_batch_file(session, tenant_id, filename, upload.file, ctx.file_limits, ctx.config)
+                if purpose == "user_data":
+                    stored = store_user_file(session, tenant_id, filename, upload.file, ctx.file_limits)
+                else:
+                    stored = store_batch_file(session, tenant_id, filename, upload.file, ctx.file_limits,
+                                              ctx.config)
                 return file_object(stored)
 
         return await run_in_threadpool(store)
@@ -120,14 +133,15 @@ def remove_file(file_id: str, tenant_id: TenantId, ctx: Context) -> dict[str, An
 
 @router.post("/v1/batches")
 async def create(request: Request, tenant_id: TenantId, ctx: Context) -> dict[str, Any]:
-    body = parse_json(await request.body())
+    body = parsed_json(request, await request.body(), parse_json)
 
     def run() -> dict[str, Any]:
         with ctx.sessions.begin() as session:
             created = create_batch(session, tenant_id, body, ctx.config)
             answer = batch_object(created.batch)
         # after commit: the reconciler re-sends what the broker loses
-        dispatch_in_chunks(lambda name, chunk: ctx.producer.send_task(name, args=[chunk]), created.task_ids)
+        with dispatch_after_commit("a batch's tasks"):
+            dispatch_in_chunks(lambda name, chunk: ctx.producer.send_task(name, args=[chunk]), created.task_ids)
         return answer
 
     return await run_in_threadpool(run)

@@ -5,6 +5,11 @@ answer is the provider's body, relayed unchanged (its `model` is the model that 
 `x-tierbatch-task-id`, `x-tierbatch-tier`, `x-tierbatch-cost-usd` and `x-tierbatch-cache` (`hit` when
 answered from the response cache, issue 6) headers; a stream (never cached) relays the
 provider's chunks as they arrive (no cost header: the cost is known at the end, on the task).
+
+Fail closed: the request's fields and characters are checked before any provider call
+(`core.chat_fields`); an answer leaves only once its task and ledger row are committed (a stream's
+usage chunk and `[DONE]` wait for the commit), else the client gets a 503 `recording_failed` (an error
+event, for a stream) instead.
 """
 
 from __future__ import annotations
@@ -19,7 +24,12 @@ from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from api.context import ApiContext
+from api.deps import client_address
+from api.limits import parsed_json
+from core.auth import MAX_KEY_CHARS, estimated_tokens
+from core.errors import Unauthenticated
 from core.gateway import GatewayError, format_cost, prepare_chat_call
+from core.tenants import KeyGrant
 
 router = APIRouter(tags=["openai"])
 
@@ -31,8 +41,9 @@ def context_of(request: Request) -> ApiContext:
     return ctx
 
 
-async def authenticate(request: Request) -> uuid.UUID:
-    """The tenant of the Bearer key (cached per process), or OpenAI's 401."""
+async def authenticate_grant(request: Request) -> KeyGrant:
+    """The grant of the Bearer key (remembered per process, revocations seen within a second), counted
+    against the tenant's requests per minute; else OpenAI's 401."""
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
@@ -40,18 +51,26 @@ async def authenticate(request: Request) -> uuid.UUID:
         raise GatewayError(401, "You didn't provide an API key. You need to provide your API key in an "
                            "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
                            "invalid_request_error", None, "missing_api_key", {"WWW-Authenticate": "Bearer"})
-    tenant_id = await context_of(request).tenant_keys.tenant_id(token)
-    if tenant_id is None:
-        shown = token[:6] + "…" + token[-4:] if len(token) > 12 else "…"
+    ctx = context_of(request)
+    try:
+        grant = await ctx.keys.grant(token, client_address(request))
+    except Unauthenticated:
+        shown = token[:6] + "…" + token[-4:] if 12 < len(token) <= MAX_KEY_CHARS else "…"
         raise GatewayError(401, f"Incorrect API key provided: {shown}.", "invalid_request_error", None,
-                           "invalid_api_key", {"WWW-Authenticate": "Bearer"})
-    return tenant_id
+                           "invalid_api_key", {"WWW-Authenticate": "Bearer"}) from None
+    await ctx.rate_limits.admit_request(grant)
+    return grant
+
+
+async def authenticate(request: Request) -> uuid.UUID:
+    """The tenant of the Bearer key (see `authenticate_grant`)."""
+    return (await authenticate_grant(request)).tenant_id
 
 
 def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep to parse
         raise GatewayError(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
                            "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what "
                            "was sent was not valid JSON.)", "invalid_request_error", None, None) from None
@@ -74,12 +93,15 @@ class RelayResponse(StreamingResponse):
 @router.post("/v1/chat/completions")
 async def chat_completions(request: Request) -> Response:
     ctx = context_of(request)
-    tenant_id = await authenticate(request)
+    grant = await authenticate_grant(request)
+    tenant_id = grant.tenant_id
     raw = await request.body()
     if len(raw) > MAX_CHAT_BODY_BYTES:
         raise GatewayError(413, f"The request body is over {MAX_CHAT_BODY_BYTES} bytes.", "invalid_request_error",
                            None, "request_too_large")
-    call = prepare_chat_call(ctx.config, parse_json(raw), request.headers,
+    # tokens per minute: the body's size is the admission estimate (before any provider call)
+    await ctx.rate_limits.admit_tokens(grant, estimated_tokens(len(raw)))
+    call = prepare_chat_call(ctx.config, parsed_json(request, raw, parse_json), request.headers,
                              await ctx.tenant_policies.policy(tenant_id))
     if call.stream:
         session = await ctx.gateway.open_stream(tenant_id, call)

@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from api.deps import ContextDep, SessionDep, TenantDep
+from api.limits import parsed_json
+from api.routes.tasks import loads_body
 from api.serialize import money, timestamp
 from core.errors import InvalidInput, NotFound
 from core.messaging import SCHEDULE_RUN
-from core.models import Classification, Schedule, ScheduleRun
+from core.models import Classification, Schedule, ScheduleRun, Tenant
 from core.schedules import (
+    TenantScope,
     create_schedule,
     delete_schedule,
     get_run,
@@ -29,7 +33,8 @@ from core.schedules import (
     update_schedule,
     webhook_attempts,
 )
-from core.sources import cursor_json, source_roots
+from core.sources import cursor_json, user_file
+from core.webhooks import require_secret_box
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 
@@ -42,11 +47,12 @@ def parse_uuid(value: str, what: str) -> uuid.UUID:
 
 
 async def json_body(request: Request) -> Any:
-    raw = await request.body()
-    try:
-        return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc}", status_code=400) from None
+    return parsed_json(request, await request.body(), loads_body)
+
+
+def tenant_scope(session: Session, tenant: Tenant) -> TenantScope:
+    """What the schedule checks need to know of the caller: id, name, and its own uploaded files."""
+    return TenantScope(tenant.id, tenant.name, lambda file_id: user_file(session, tenant.id, file_id) is not None)
 
 
 def schedule_body(schedule: Schedule) -> dict[str, Any]:
@@ -88,15 +94,24 @@ def _run_cursor(session: SessionDep, after: str | None, schedule_id: uuid.UUID) 
     return anchor.created_at, anchor.id
 
 
+async def check_webhook_target(ctx: ContextDep, payload: Any) -> None:
+    """A given `webhook_url` must go to a public address (422 naming it), checked before the rest of the
+    body; the DNS lookup runs off the event loop."""
+    if isinstance(payload, dict) and payload.get("webhook_url") is not None:
+        await run_in_threadpool(ctx.webhook_targets.check_url, payload["webhook_url"])
+        require_secret_box(ctx.secret_box)
+
+
 @router.post("", status_code=201)
 async def create(request: Request, tenant: TenantDep, ctx: ContextDep) -> JSONResponse:
     payload = await json_body(request)
-    spec = parse_schedule(payload, ctx.config, source_roots())
+    await check_webhook_target(ctx, payload)
     with ctx.sessions.begin() as session:
-        schedule = create_schedule(session, tenant.id, spec)
+        spec = parse_schedule(payload, ctx.config, tenant_scope(session, tenant))
+        schedule, secret = create_schedule(session, tenant.id, spec, box=ctx.secret_box)
         body = schedule_body(schedule)
     # the signing secret is shown once, here; it is never returned again
-    return JSONResponse({**body, "webhook_secret": schedule.webhook_secret}, status_code=201)
+    return JSONResponse({**body, "webhook_secret": secret}, status_code=201)
 
 
 @router.get("")
@@ -117,8 +132,10 @@ def read_one(schedule_id: str, tenant: TenantDep, session: SessionDep) -> dict[s
 async def change(schedule_id: str, request: Request, tenant: TenantDep, ctx: ContextDep) -> dict[str, Any]:
     parsed = parse_uuid(schedule_id, "schedule")
     payload = await json_body(request)
+    await check_webhook_target(ctx, payload)
     with ctx.sessions.begin() as session:
-        schedule = update_schedule(session, tenant.id, parsed, payload, ctx.config, source_roots())
+        schedule = update_schedule(session, tenant.id, parsed, payload, ctx.config,
+                                   tenant_scope(session, tenant))
         return schedule_body(schedule)
 
 

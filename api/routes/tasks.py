@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import uuid
 from typing import Annotated, Any
 
@@ -11,29 +10,33 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
 from api.context import ApiContext
-from api.deps import ContextDep, SessionDep, TenantDep
+from api.deps import ContextDep, GrantDep, SessionDep, TenantDep
+from api.limits import TASKS_BODY_BYTES, parsed_json
 from api.serialize import task_body
+from core.auth import estimated_tokens
 from core.errors import InvalidInput, NotFound
-from core.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
+from core.inputs import NotJson, loads_checked
+from core.messaging import DISPATCH_CHUNK, DISPATCH_TASKS, dispatch_after_commit
 from core.models import Task
+from core.routing import prompt_text
 from core.states import TaskStatus
 from core.submission import TaskSpec, parse_submission
 from core.tasks import AcceptedTask, cancel_task, get_task, insert_tasks, list_tasks
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 
-# A whole request may hold up to max_tasks_per_request prompts; refuse absurd bodies before parsing.
-_MAX_BODY_BYTES = 64 * 1024 * 1024
+def loads_body(raw: bytes) -> Any:
+    try:
+        return loads_checked(raw)
+    except NotJson as exc:
+        raise InvalidInput(f"the request body is not valid JSON: {exc.message}", status_code=400) from None
 
 
 async def read_json(request: Request) -> Any:
     body = await request.body()
-    if len(body) > _MAX_BODY_BYTES:
-        raise InvalidInput(f"the request body is over {_MAX_BODY_BYTES} bytes", status_code=413)
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc}", status_code=400) from None
+    if len(body) > TASKS_BODY_BYTES:
+        raise InvalidInput(f"the request body is over {TASKS_BODY_BYTES} bytes", status_code=413)
+    return parsed_json(request, body, loads_body)
 
 
 def parse_uuid(value: str, what: str) -> uuid.UUID:
@@ -47,17 +50,27 @@ def store_and_dispatch(ctx: ApiContext, tenant_id: uuid.UUID, specs: list[TaskSp
     with ctx.sessions.begin() as session:
         accepted = insert_tasks(session, tenant_id, specs, ctx.config)
     created = [str(a.id) for a in accepted if a.created]
-    for start in range(0, len(created), DISPATCH_CHUNK):
-        # after commit: if the broker loses this, the reconciler dispatches the tasks again
-        ctx.producer.send_task(DISPATCH_TASKS, args=[created[start:start + DISPATCH_CHUNK]])
+    with dispatch_after_commit("new tasks"):
+        for start in range(0, len(created), DISPATCH_CHUNK):
+            # after commit: if the broker loses this, the reconciler dispatches the tasks again
+            ctx.producer.send_task(DISPATCH_TASKS, args=[created[start:start + DISPATCH_CHUNK]])
     return accepted
 
 
+def _prompt_bytes(spec: TaskSpec) -> int:
+    """The prompt text's size, for the tokens-per-minute admission estimate."""
+    if spec.prompt is not None:
+        return len(spec.prompt.encode("utf-8", "surrogatepass"))
+    text = prompt_text([message.model_dump() for message in spec.messages or []])
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
 @router.post("", status_code=202)
-async def submit_tasks(request: Request, tenant: TenantDep, ctx: ContextDep) -> JSONResponse:
+async def submit_tasks(request: Request, tenant: TenantDep, grant: GrantDep, ctx: ContextDep) -> JSONResponse:
     payload = await read_json(request)
     limits = ctx.config.limits
     specs = parse_submission(payload, limits.max_tasks_per_request, limits.max_prompt_bytes)
+    await ctx.rate_limits.admit_tokens(grant, estimated_tokens(sum(_prompt_bytes(spec) for spec in specs)))
     # database and broker calls are blocking: keep them off the event loop
     accepted = await run_in_threadpool(store_and_dispatch, ctx, tenant.id, specs)
     items = [{"id": str(a.id), "object": "task", "status": a.status.value, "tier": a.tier.value}

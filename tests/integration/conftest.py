@@ -13,7 +13,7 @@ from openai import OpenAI
 from core.migrate import upgrade_to_head
 from tests.conftest import TEST_REDIS_URL
 from tests.support.procs import free_port, wait_until
-from tests.support.stack import Stack, psycopg_dsn, scratch_database, write_app_config
+from tests.support.stack import SESSION_SOURCES, Stack, psycopg_dsn, scratch_database, write_app_config
 
 
 @pytest.fixture(scope="session")
@@ -29,7 +29,7 @@ def stack(migrated_database_url: str, tmp_path_factory: pytest.TempPathFactory) 
     """Simulator, API, worker and beat as real processes, for the whole run."""
     tmp = tmp_path_factory.mktemp("stack")
     simulator_port = free_port()
-    config_path = write_app_config(Path(tmp) / "tierbatch.toml", simulator_port)
+    config_path = write_app_config(Path(tmp) / "tierbatch.toml", simulator_port, SESSION_SOURCES)
     running = Stack(tmp=Path(tmp), database_url=migrated_database_url, redis_url=TEST_REDIS_URL,
                     config_path=config_path, simulator_port=simulator_port, api_port=free_port())
     try:

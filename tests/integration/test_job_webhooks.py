@@ -1,8 +1,11 @@
 """Job webhooks: a bulk job with a `webhook_url` is POSTed once, signed with its tenant's secret, when all
 its tasks are terminal; retried with backoff, every attempt recorded; bad URLs are a 422 naming the field.
+The receiver's answer is kept nowhere, a slow receiver is cut at the deadline, secrets are encrypted at rest.
 
-The receiver is a real HTTP server in the test (tests/support/webhooks.py); the tenant's secret comes from
-the admin answer that creates it (or rotates it).
+The receiver is a real HTTP server in the test (tests/support/webhooks.py) that verifies the Standard
+Webhooks signature with the `standardwebhooks` library; the tenant's secret comes from the admin answer
+that creates it (or rotates it). The session stack allows private networks (the receiver is on
+127.0.0.1); test_webhook_targets.py checks the default, public-only policy on a stack of its own.
 """
 
 from __future__ import annotations
@@ -25,11 +28,12 @@ from sqlalchemy.orm import Session
 from core.job_webhooks import claim_notification, jobs_to_notify
 from core.migrate import alembic_config, upgrade_to_head
 from core.models import Job, Task
+from core.secretbox import SecretBox
 from core.states import RequestedTier, TaskStatus, Tier
 from core.webhooks import JOBS, call_to_make
 from tests.integration.test_jobs_api import items, row_counts, wait_for_job
 from tests.support.procs import wait_until
-from tests.support.stack import Stack, psycopg_dsn, scratch_database
+from tests.support.stack import SECRET_KEY, Stack, psycopg_dsn, scratch_database
 from tests.support.webhooks import Receiver, webhook_receiver
 
 pytestmark = pytest.mark.integration
@@ -100,7 +104,8 @@ def test_a_finished_job_is_posted_once_signed_with_the_tenant_secret(sim_reset: 
     got = receiver.received[0]
     assert got.signature_ok
     assert got.headers["x-tierbatch-event"] == "job.finished"
-    assert got.headers["x-tierbatch-delivery"] == f"{job_id}:1"
+    assert got.headers["webhook-id"] == f"msg_{uuid.UUID(job_id).hex}" and got.headers["x-tierbatch-attempt"] == "1"
+    assert got.headers["webhook-signature"].startswith("v1,") and "x-tierbatch-signature" not in got.headers
     assert got.headers["content-type"] == "application/json"
 
     payload = json.loads(got.body)
@@ -135,12 +140,14 @@ def test_a_failing_receiver_gets_retries_with_backoff_and_every_attempt_is_recor
     assert len(receiver.received) == 3
     assert all(r.signature_ok for r in receiver.received)
     assert len({r.body for r in receiver.received}) == 1  # the same bytes, signed the same way, every time
-    assert [r.headers["x-tierbatch-delivery"] for r in receiver.received] == [f"{job_id}:{n}" for n in (1, 2, 3)]
+    # one webhook-id for the three attempts: a receiver dedupes by it
+    assert {r.headers["webhook-id"] for r in receiver.received} == {f"msg_{uuid.UUID(job_id).hex}"}
+    assert [r.headers["x-tierbatch-attempt"] for r in receiver.received] == ["1", "2", "3"]
     gaps = [b.at - a.at for a, b in zip(receiver.received, receiver.received[1:], strict=False)]
     assert gaps[0] >= 0.9 and gaps[1] >= 1.9, gaps  # exponential backoff: 1 s, then 2 s
     attempts = final["webhook"]["attempts"]
     assert [(a["attempt"], a["status_code"]) for a in attempts] == [(1, 500), (2, 500), (3, 200)]
-    assert attempts[0]["error"].startswith("HTTP 500") and attempts[2]["error"] is None
+    assert attempts[0]["error"] == "HTTP 500" and attempts[2]["error"] is None
     assert query(stack, "SELECT attempt, status_code FROM webhook_deliveries WHERE job_id = %s ORDER BY attempt",
                  job_id) == [(1, 500), (2, 500), (3, 200)]
 
@@ -254,13 +261,14 @@ def test_the_claim_is_taken_once_and_only_when_no_task_is_live(stack: Stack) -> 
             assert stored.webhook_status == "pending" and stored.finished_notified_at is not None
             body = json.loads(stored.webhook_body)
             assert body["counts"] == {"cancelled": 1} and body["cost_usd"] == "0"
-            call = call_to_make(session, JOBS, job.id, 1)
+            call = call_to_make(session, JOBS, job.id, 1, SecretBox([SECRET_KEY]))
             assert call is not None and call.body == stored.webhook_body.encode() and call.event == "job.finished"
+            assert call.secret is not None and call.secret.startswith("whsec_")  # decrypted for the attempt
     finally:
         engine.dispose()
 
 
-def test_the_migration_gives_every_existing_tenant_its_own_secret(base_database_url: str) -> None:
+def test_the_migration_gives_every_existing_tenant_its_own_secret_then_encrypts_it(base_database_url: str) -> None:
     with scratch_database(base_database_url, prefix="tierbatch_wh_migration") as url:
         config = alembic_config(url)
         command.upgrade(config, "0003")
@@ -268,10 +276,98 @@ def test_the_migration_gives_every_existing_tenant_its_own_secret(base_database_
             for n in range(3):
                 conn.execute("INSERT INTO tenants (id, name, api_key_hash, api_key_prefix) VALUES (%s, %s, %s, %s)",
                              (uuid.uuid4(), f"old-{n}", f"hash-{n}", "tb_"))
-        upgrade_to_head(url)
+        command.upgrade(config, "0007")  # the plain secrets, as they were before encryption
         with psycopg.connect(psycopg_dsn(url)) as conn:
-            secrets = [row[0] for row in conn.execute("SELECT webhook_secret FROM tenants").fetchall()]
-        assert len(secrets) == 3 and len(set(secrets)) == 3
-        assert all(s.startswith("whsec_") and len(s) == len("whsec_") + 64 for s in secrets)
-        command.downgrade(config, "0003")  # and back: the downgrade leaves the 0003 schema
-        upgrade_to_head(url)
+            plain: dict[uuid.UUID, str] = dict(conn.execute("SELECT id, webhook_secret FROM tenants").fetchall())
+        assert len(set(plain.values())) == 3
+        assert all(s.startswith("whsec_") and len(s) == len("whsec_") + 64 for s in plain.values())
+
+        upgrade_to_head(url, SECRET_KEY)
+        box = SecretBox([SECRET_KEY])
+        with psycopg.connect(psycopg_dsn(url)) as conn:
+            sealed: dict[uuid.UUID, str] = dict(
+                conn.execute("SELECT id, webhook_secret_encrypted FROM tenants").fetchall())
+            columns = {r[0] for r in conn.execute("SELECT column_name FROM information_schema.columns "
+                                                  "WHERE table_name IN ('tenants', 'schedules')").fetchall()}
+        assert "webhook_secret" not in columns  # the plain text column is gone
+        assert {k: box.open(v) for k, v in sealed.items()} == plain  # the same secrets keep signing
+        assert not any(p in s or p.removeprefix("whsec_") in s for p, s in zip(plain.values(), sealed.values(),
+                                                                               strict=True))
+
+        command.downgrade(alembic_config(url, SECRET_KEY), "0007")  # and back: decrypted again
+        with psycopg.connect(psycopg_dsn(url)) as conn:
+            assert dict(conn.execute("SELECT id, webhook_secret FROM tenants").fetchall()) == plain
+        upgrade_to_head(url, "")  # without a key: the plain secrets are dropped (rotate after the upgrade)
+        with psycopg.connect(psycopg_dsn(url)) as conn:
+            assert conn.execute("SELECT count(*) FROM tenants WHERE webhook_secret_encrypted IS NULL"
+                                ).fetchone() == (3,)
+        command.downgrade(config, "0003")
+        upgrade_to_head(url, SECRET_KEY)
+
+
+def all_text(stack: Stack, table: str) -> str:
+    """Every column of every row of a table, as text: what someone with the database would read."""
+    rows = query(stack, f"SELECT t::text FROM {table} t")
+    return "\n".join(str(r[0]) for r in rows)
+
+
+def test_the_receivers_answer_is_kept_nowhere_only_its_status(sim_reset: Stack, receiver: Receiver) -> None:
+    stack = sim_reset
+    leaked = f"TOPSECRET-{uuid.uuid4().hex}"  # what an internal service would answer
+    receiver.answer = f"<html>{leaked} root:x:0:0 </html>".encode()
+    receiver.failures = 1
+    tenant = new_tenant(stack)
+    receiver.secret = tenant["webhook_secret"]
+    with stack.client(tenant["api_key"]) as client:
+        job_id = client.post("/v1/jobs", json={**JOB, "items": items(2), "webhook_url": receiver.url}).json()["id"]
+        wait_for_job(stack, client, job_id)
+        final = wait_webhook(stack, client, job_id)
+        answers = [client.get(f"/v1/jobs/{job_id}").text, client.get("/v1/jobs").text,
+                   client.get(f"/v1/jobs/{job_id}/results").text]
+    assert [(a["status_code"], a["error"]) for a in final["webhook"]["attempts"]] == [(500, "HTTP 500"), (200, None)]
+    assert all(a["duration_ms"] >= 0 for a in final["webhook"]["attempts"])
+    assert len(receiver.received) == 2
+    for text in answers:
+        assert leaked not in text
+    for table in ("webhook_deliveries", "jobs", "tasks"):
+        assert leaked not in all_text(stack, table), table
+
+
+def test_webhook_secrets_are_encrypted_at_rest(stack: Stack) -> None:
+    tenant = new_tenant(stack, "at-rest")
+    secret = tenant["webhook_secret"]
+    [(sealed,)] = query(stack, "SELECT webhook_secret_encrypted FROM tenants WHERE id = %s", tenant["id"])
+    assert secret not in sealed and secret.removeprefix("whsec_") not in sealed
+    assert secret not in all_text(stack, "tenants")
+    assert SecretBox([SECRET_KEY]).open(sealed) == secret  # sealed with the deployment's key, not hashed
+    with stack.admin_client() as admin:
+        rotated = admin.post(f"/v1/admin/tenants/{tenant['id']}/webhook-secret").json()["webhook_secret"]
+    assert rotated.startswith("whsec_") and rotated != secret
+    text = all_text(stack, "tenants")
+    assert rotated not in text and rotated.removeprefix("whsec_") not in text
+
+
+def test_a_slow_receiver_is_cut_at_the_deadline_and_dispatch_goes_on(sim_reset: Stack, receiver: Receiver) -> None:
+    stack = sim_reset
+    deadline = 3.0  # [webhooks] timeout_seconds of the session stack's config
+    receiver.delay = 20.0
+    tenant = new_tenant(stack)
+    receiver.secret = tenant["webhook_secret"]
+    with stack.client(tenant["api_key"]) as client:
+        slow = client.post("/v1/jobs", json={**JOB, "items": items(1), "webhook_url": receiver.url}).json()["id"]
+        wait_for_job(stack, client, slow)
+
+        def first_attempt() -> dict[str, Any] | None:
+            hook = client.get(f"/v1/jobs/{slow}").json()["webhook"]
+            return hook["attempts"][0] if hook and hook["attempts"] else None
+
+        attempt = wait_until(first_attempt, 30, 0.1, "the first attempt recorded")
+        assert isinstance(attempt, dict)
+        assert attempt["status_code"] is None and attempt["error"].startswith("timed out"), attempt
+        assert deadline * 1000 * 0.9 <= attempt["duration_ms"] < deadline * 1000 + 2000, attempt
+        # the webhook retries wait on their own queue: other tenants' work runs meanwhile
+        other = client.post("/v1/jobs", json={**JOB, "items": items(3, "other")}).json()["id"]
+        assert wait_for_job(stack, client, other)["counts"] == {"succeeded": 3}
+        receiver.delay = 0.0  # the receiver recovers: a later attempt is delivered
+        final = wait_webhook(stack, client, slow, timeout=60)
+    assert final["webhook"]["attempts"][-1]["status_code"] == 200

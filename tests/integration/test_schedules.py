@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -92,10 +93,17 @@ def create_schedule(client: httpx.Client, **body: Any) -> dict[str, Any]:
     return created
 
 
-def file_schedule(client: httpx.Client, path: Path, **changes: Any) -> dict[str, Any]:
+def tenant_with_home(stack: Stack, name: str = "t") -> tuple[str, Path]:
+    """(API key, the tenant's own files directory) of a new tenant."""
+    tenant_id, key = stack.new_tenant(name)
+    return key, stack.tenant_dir(tenant_id)
+
+
+def file_schedule(client: httpx.Client, path: str, **changes: Any) -> dict[str, Any]:
+    """A schedule over `path`, relative to the tenant's files directory."""
     body: dict[str, Any] = {"name": f"tickets-{uuid.uuid4().hex[:6]}", "cron": "* * * * *", "timezone": "UTC",
                             "enabled": False, "job": JOB,
-                            "source": {"type": "file", "path": str(path), "id_field": "id", "text_field": "body"}}
+                            "source": {"type": "file", "path": path, "id_field": "id", "text_field": "body"}}
     body.update(changes)
     return create_schedule(client, **body)
 
@@ -175,11 +183,12 @@ def sessions(stack: Stack) -> Iterator[sessionmaker[Session]]:
 # --- the "done when" of issue 7 ------------------------------------------------------------------------------
 
 def test_every_minute_over_1000_csv_items_through_a_batch_then_a_fire_with_nothing_new(
-        sim_reset: Stack, tmp_path: Path) -> None:
+        sim_reset: Stack) -> None:
     stack = sim_reset
-    source = write_tickets(tmp_path / "tickets.csv", 1000)
-    with stack.client(stack.new_tenant_key()) as client:
-        schedule = file_schedule(client, source, sink={"type": "file", "path": str(tmp_path / "out" / "{run_id}.csv")})
+    key, home = tenant_with_home(stack)
+    write_tickets(home / "tickets.csv", 1000)
+    with stack.client(key) as client:
+        schedule = file_schedule(client, "tickets.csv", sink={"type": "file", "path": "out/{run_id}.csv"})
         assert schedule["webhook_secret"].startswith("whsec_")
         first = future_minute()
         arm(stack, schedule["id"], first)
@@ -208,9 +217,9 @@ def test_every_minute_over_1000_csv_items_through_a_batch_then_a_fire_with_nothi
         results = client.get(f"/v1/jobs/{job_id}/results").text.splitlines()
         by_item = {json.loads(line)["item_id"]: json.loads(line)["label"] for line in results}
         assert by_item == {r["item_id"]: r["label"] for r in rows}
-        with open(run["sink_path"], newline="") as handle:
+        assert run["sink_path"] == f"out/{run['id']}.csv"  # relative: the server's directories are not shown
+        with open(home / run["sink_path"], newline="") as handle:
             sink = list(csv.DictReader(handle))
-        assert run["sink_path"] == str(tmp_path / "out" / f"{run['id']}.csv")
         assert {r["item_id"]: r["label"] for r in sink} == by_item
 
         # the next minute: nothing new in the file, a run with zero tasks
@@ -226,11 +235,12 @@ def test_every_minute_over_1000_csv_items_through_a_batch_then_a_fire_with_nothi
         assert query(stack, "SELECT count(*) FROM tasks WHERE job_id = %s", job_id)[0][0] == 1000
 
 
-def test_a_beat_down_for_three_slots_catches_up_with_one_run(sim_reset: Stack, tmp_path: Path) -> None:
+def test_a_beat_down_for_three_slots_catches_up_with_one_run(sim_reset: Stack) -> None:
     stack = sim_reset
-    source = write_tickets(tmp_path / "few.csv", 3)
-    with stack.client(stack.new_tenant_key()) as client:
-        schedule = file_schedule(client, source, job={**JOB, "urgent": True})
+    key, home = tenant_with_home(stack)
+    write_tickets(home / "few.csv", 3)
+    with stack.client(key) as client:
+        schedule = file_schedule(client, "few.csv", job={**JOB, "urgent": True})
         first = future_minute()
         arm(stack, schedule["id"], first)
         tick(stack, first + timedelta(seconds=1))
@@ -249,12 +259,13 @@ def test_a_beat_down_for_three_slots_catches_up_with_one_run(sim_reset: Stack, t
     assert stack.processes["beat"].alive()
 
 
-def test_two_beats_ticking_at_once_start_each_run_once(sim_reset: Stack, tmp_path: Path,
+def test_two_beats_ticking_at_once_start_each_run_once(sim_reset: Stack,
                                                        sessions: sessionmaker[Session]) -> None:
     stack = sim_reset
-    source = write_tickets(tmp_path / "few.csv", 2)
-    with stack.client(stack.new_tenant_key()) as client:
-        schedule = file_schedule(client, source, job={**JOB, "urgent": True})
+    key, home = tenant_with_home(stack)
+    write_tickets(home / "few.csv", 2)
+    with stack.client(key) as client:
+        schedule = file_schedule(client, "few.csv", job={**JOB, "urgent": True})
         first = future_minute()
         arm(stack, schedule["id"], first)
         now = first + timedelta(seconds=3)
@@ -295,14 +306,14 @@ def test_two_beats_ticking_at_once_start_each_run_once(sim_reset: Stack, tmp_pat
 
 
 def test_an_invalid_answer_is_asked_again_once_then_fails_with_the_raw_answer(
-        sim_reset: Stack, tmp_path: Path, sessions: sessionmaker[Session]) -> None:
+        sim_reset: Stack, sessions: sessionmaker[Session]) -> None:
     """A/B answered with a non-label: A is right on the retry, B is wrong again; C was right at once."""
     stack = sim_reset
     config = load_config(stack.config_path)
-    source = tmp_path / "abc.csv"
-    source.write_text("id,body\nA,Ticket A about billing\nB,Ticket B about login\nC,Ticket C crashes\n")
-    with stack.client(stack.new_tenant_key()) as client:
-        schedule = file_schedule(client, source, job={**JOB, "urgent": True})
+    key, home = tenant_with_home(stack)
+    (home / "abc.csv").write_text("id,body\nA,Ticket A about billing\nB,Ticket B about login\nC,Ticket C crashes\n")
+    with stack.client(key) as client:
+        schedule = file_schedule(client, "abc.csv", job={**JOB, "urgent": True})
         bad = "answer 'nonsense' is not one of the labels"
         with sessions.begin() as session:
             run = request_run(session, _tenant_of(stack, schedule["id"]), uuid.UUID(schedule["id"]))
@@ -350,8 +361,8 @@ def _answer_sql() -> Any:
 
 # --- bad input --------------------------------------------------------------------------------------------------
 
-def test_bad_schedules_are_refused_naming_the_field_and_nothing_is_stored(stack: Stack, tmp_path: Path) -> None:
-    source = {"type": "file", "path": str(tmp_path / "x.csv"), "text_field": "body"}
+def test_bad_schedules_are_refused_naming_the_field_and_nothing_is_stored(stack: Stack) -> None:
+    source = {"type": "file", "path": "x.csv", "text_field": "body"}
     good = {"name": "n", "cron": "0 2 * * *", "timezone": "Europe/Paris", "job": JOB, "source": source}
     cases: list[tuple[dict[str, Any], int, str]] = [
         ({**good, "cron": "61 * * * *"}, 422, "cron"),
@@ -360,6 +371,8 @@ def test_bad_schedules_are_refused_naming_the_field_and_nothing_is_stored(stack:
         ({**good, "job": {"template": "Ticket: {text}"}}, 422, "job.labels"),
         ({**good, "source": {"type": "ftp", "path": "/x"}}, 422, "source.type"),
         ({**good, "source": {"type": "sql", "url_env": "tickets-db", "query": "select 1"}}, 422, "source.url_env"),
+        ({**good, "source": {**source, "path": "/etc/passwd"}}, 422, "source.path"),
+        ({**good, "sink": {"type": "file", "path": "/tmp/out.csv"}}, 422, "sink.path"),
         ({k: v for k, v in good.items() if k != "source"}, 422, "source"),
         ({k: v for k, v in good.items() if k != "cron"}, 422, "cron"),
         ({**good, "webhook_url": "ftp://x"}, 422, "webhook_url"),
@@ -382,17 +395,18 @@ def test_bad_schedules_are_refused_naming_the_field_and_nothing_is_stored(stack:
 
 
 def test_failures_at_fire_time_fail_the_run_with_the_reason_and_the_beat_goes_on(
-        sim_reset: Stack, tmp_path: Path) -> None:
+        sim_reset: Stack) -> None:
     stack = sim_reset
-    with stack.client(stack.new_tenant_key()) as client:
-        missing = file_schedule(client, tmp_path / "not-there.csv")
-        empty_glob = file_schedule(client, tmp_path / "nothing-*.csv")
-        bad_column = write_tickets(tmp_path / "bad.csv", 3)
-        wrong = file_schedule(client, bad_column, source={"type": "file", "path": str(bad_column),
-                                                          "text_field": "text"})
-        unset = file_schedule(client, tmp_path / "x.csv", source={
-            "type": "sql", "url_env": "TB_TEST_UNSET_DB_URL_7", "query": "select id, text from t"})
-        healthy = file_schedule(client, write_tickets(tmp_path / "ok.csv", 2), job={**JOB, "urgent": True})
+    key, home = tenant_with_home(stack, "sql-reader")  # granted the stack's SQL sources, not set in this worker
+    with stack.client(key) as client:
+        missing = file_schedule(client, "not-there.csv")
+        empty_glob = file_schedule(client, "nothing-*.csv")
+        write_tickets(home / "bad.csv", 3)
+        wrong = file_schedule(client, "bad.csv", source={"type": "file", "path": "bad.csv", "text_field": "text"})
+        unset = file_schedule(client, "x.csv", source={
+            "type": "sql", "source": "tickets", "query": "select id, text from t"})
+        write_tickets(home / "ok.csv", 2)
+        healthy = file_schedule(client, "ok.csv", job={**JOB, "urgent": True})
         first = future_minute()
         for schedule in (missing, empty_glob, wrong, unset, healthy):
             arm(stack, schedule["id"], first)
@@ -402,10 +416,13 @@ def test_failures_at_fire_time_fail_the_run_with_the_reason_and_the_beat_goes_on
             [run] = wait_runs(stack, client, schedule["id"], 1)
             assert run["status"] == "failed" and run["task_count"] == 0 and run["job_id"] is None
             reasons[schedule["id"]] = run["error"]
-        assert "does not exist" in reasons[missing["id"]] and str(tmp_path) in reasons[missing["id"]]
+        assert "not-there.csv does not exist" in reasons[missing["id"]]
         assert "no file matches" in reasons[empty_glob["id"]]
-        assert "no column 'text'" in reasons[wrong["id"]]
-        assert "TB_TEST_UNSET_DB_URL_7 is not set" in reasons[unset["id"]]
+        assert "no column named 'text'" in reasons[wrong["id"]]
+        assert "Ticket 0" not in reasons[wrong["id"]] and "body" not in reasons[wrong["id"]]  # no file content
+        # the variable of the source is not set in this worker: said without naming it
+        assert reasons[unset["id"]] == "source tickets is not available (ask the operator)"
+        assert all(str(home.parent) not in reason for reason in reasons.values())
         [ok] = wait_runs(stack, client, healthy["id"], 1)
         assert ok["status"] == "succeeded" and ok["task_count"] == 2
         # the failed schedules keep their place: the next minute fires again (and fails again, once)
@@ -416,10 +433,11 @@ def test_failures_at_fire_time_fail_the_run_with_the_reason_and_the_beat_goes_on
 
 # --- the API around it ------------------------------------------------------------------------------------------
 
-def test_crud_pagination_disable_delete_and_isolation(stack: Stack, tmp_path: Path) -> None:
-    source = write_tickets(tmp_path / "t.csv", 2)
-    with stack.client(stack.new_tenant_key()) as owner, stack.client(stack.new_tenant_key()) as other:
-        made = [file_schedule(owner, source, name=f"s{i}", enabled=True, cron="0 2 * * *",
+def test_crud_pagination_disable_delete_and_isolation(stack: Stack) -> None:
+    key, home = tenant_with_home(stack)
+    write_tickets(home / "t.csv", 2)
+    with stack.client(key) as owner, stack.client(stack.new_tenant_key()) as other:
+        made = [file_schedule(owner, "t.csv", name=f"s{i}", enabled=True, cron="0 2 * * *",
                               timezone="Europe/Paris") for i in range(3)]
         assert all("webhook_secret" in m for m in made)
         got = owner.get(f"/v1/schedules/{made[0]['id']}").json()
@@ -459,17 +477,19 @@ def run_cli(stack: Stack, key: str, *args: str, timeout: float = 120) -> subproc
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 
-def test_cli_add_list_run_disable(sim_reset: Stack, tmp_path: Path) -> None:
+def test_cli_add_list_run_disable(sim_reset: Stack) -> None:
     stack = sim_reset
-    key = stack.new_tenant_key()
+    key, home = tenant_with_home(stack)
     sample = REPO_ROOT / "deploy" / "samples" / "support_tickets.csv"
+    (home / "samples").mkdir()
+    shutil.copy(sample, home / "samples" / sample.name)
     added = run_cli(stack, key, "schedules", "add", "nightly-tickets", "--cron", "0 2 * * *", "--timezone",
-                    "Europe/Paris", "--source", str(sample), "--text-field", "body", "--labels", "billing,account,bug",
-                    "--system", "Route the support ticket.", "--template", "Ticket: {text}", "--urgent",
-                    "--sink", str(tmp_path / "{date}-{run_id}.jsonl"), "--json")
+                    "Europe/Paris", "--source", "samples/support_tickets.csv", "--text-field", "body", "--labels",
+                    "billing,account,bug", "--system", "Route the support ticket.", "--template", "Ticket: {text}",
+                    "--urgent", "--sink", "out/{date}-{run_id}.jsonl", "--json")
     assert added.returncode == 0, added.stderr
     created = json.loads(added.stdout)
-    assert created["name"] == "nightly-tickets" and created["source"]["path"] == str(sample)
+    assert created["name"] == "nightly-tickets" and created["source"]["path"] == "samples/support_tickets.csv"
 
     listed = run_cli(stack, key, "schedules", "list", "--json")
     assert listed.returncode == 0 and [s["name"] for s in json.loads(listed.stdout)["data"]] == ["nightly-tickets"]
@@ -480,7 +500,7 @@ def test_cli_add_list_run_disable(sim_reset: Stack, tmp_path: Path) -> None:
     assert ran.returncode == 0, ran.stderr
     run = json.loads(ran.stdout)
     assert run["status"] == "succeeded" and run["task_count"] == 40 and sum(run["label_counts"].values()) == 40
-    with open(run["sink_path"]) as handle:
+    with open(home / run["sink_path"]) as handle:
         assert len(handle.readlines()) == 40
     again = run_cli(stack, key, "schedules", "run", created["id"], "--poll", "0.2")
     assert again.returncode == 0 and "succeeded" in again.stdout and "skipped" in again.stdout
@@ -490,6 +510,6 @@ def test_cli_add_list_run_disable(sim_reset: Stack, tmp_path: Path) -> None:
 
     missing = run_cli(stack, key, "schedules", "run", "no-such-schedule")
     assert missing.returncode == 2 and "no schedule named 'no-such-schedule'" in missing.stderr
-    bad = run_cli(stack, key, "schedules", "add", "x", "--cron", "61 * * * *", "--source", str(sample),
+    bad = run_cli(stack, key, "schedules", "add", "x", "--cron", "61 * * * *", "--source", "samples/x.csv",
                   "--labels", "a,b")
     assert bad.returncode == 2 and "cron" in bad.stderr

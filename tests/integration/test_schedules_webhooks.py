@@ -1,21 +1,31 @@
 """The run webhook: a signed POST, retried with backoff when the receiver fails, every attempt recorded.
 
-The receiver is a small HTTP server in the test; it checks the `X-Tierbatch-Signature` header
-against the schedule's secret (returned once at creation), answers 500 twice, then 200.
+The receiver is a small HTTP server in the test; it verifies the Standard Webhooks headers with the
+`standardwebhooks` library and the schedule's secret (returned once at creation, stored encrypted),
+answers 500 twice, then 200.
 """
 
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.integration.test_schedules import JOB, file_schedule, query, run_now, wait_run, write_tickets
+from core.secretbox import SecretBox
+from tests.integration.test_schedules import (
+    JOB,
+    file_schedule,
+    query,
+    run_now,
+    tenant_with_home,
+    wait_run,
+    write_tickets,
+)
 from tests.support.procs import wait_until
-from tests.support.stack import Stack
+from tests.support.stack import SECRET_KEY, Stack
 from tests.support.webhooks import Receiver, webhook_receiver
 
 pytestmark = pytest.mark.integration
@@ -28,10 +38,12 @@ def receiver() -> Iterator[Receiver]:
 
 
 def test_signed_webhook_is_retried_with_backoff_and_every_attempt_recorded(
-        sim_reset: Stack, tmp_path: Path, receiver: Receiver) -> None:
+        sim_reset: Stack, receiver: Receiver) -> None:
     stack = sim_reset
-    with stack.client(stack.new_tenant_key()) as client:
-        schedule = file_schedule(client, write_tickets(tmp_path / "t.csv", 5), job={**JOB, "urgent": True},
+    key, home = tenant_with_home(stack)
+    write_tickets(home / "t.csv", 5)
+    with stack.client(key) as client:
+        schedule = file_schedule(client, "t.csv", job={**JOB, "urgent": True},
                                  webhook_url=receiver.url)
         receiver.secret = schedule["webhook_secret"]
         assert "webhook_secret" not in client.get(f"/v1/schedules/{schedule['id']}").json()
@@ -49,7 +61,8 @@ def test_signed_webhook_is_retried_with_backoff_and_every_attempt_recorded(
     assert len(receiver.received) == 3
     assert all(r.signature_ok for r in receiver.received)
     assert len({r.body for r in receiver.received}) == 1  # the same bytes, signed the same way, every time
-    assert [r.headers["x-tierbatch-delivery"] for r in receiver.received] == [f"{run['id']}:{n}" for n in (1, 2, 3)]
+    assert {r.headers["webhook-id"] for r in receiver.received} == {f"msg_{uuid.UUID(run['id']).hex}"}
+    assert [r.headers["x-tierbatch-attempt"] for r in receiver.received] == ["1", "2", "3"]
     assert {r.headers["x-tierbatch-event"] for r in receiver.received} == {"schedule_run.finished"}
     assert {r.headers["content-type"] for r in receiver.received} == {"application/json"}
     gaps = [b.at - a.at for a, b in zip(receiver.received, receiver.received[1:], strict=False)]
@@ -64,15 +77,23 @@ def test_signed_webhook_is_retried_with_backoff_and_every_attempt_recorded(
 
     attempts = final["webhook"]["attempts"]
     assert [(a["attempt"], a["status_code"]) for a in attempts] == [(1, 500), (2, 500), (3, 200)]
-    assert attempts[0]["error"].startswith("HTTP 500") and attempts[2]["error"] is None
+    assert attempts[0]["error"] == "HTTP 500" and attempts[2]["error"] is None
     assert query(stack, "SELECT count(*) FROM webhook_deliveries WHERE run_id = %s", run["id"]) == [(3,)]
 
+    # the signing secret is stored encrypted: the database never holds it in plain text
+    secret = schedule["webhook_secret"]
+    [(sealed,)] = query(stack, "SELECT webhook_secret_encrypted FROM schedules WHERE id = %s", schedule["id"])
+    assert secret not in sealed and secret.removeprefix("whsec_") not in sealed
+    assert SecretBox([SECRET_KEY]).open(sealed) == secret
+    [(row,)] = query(stack, "SELECT s::text FROM schedules s WHERE id = %s", schedule["id"])
+    assert secret.removeprefix("whsec_") not in row
 
-def test_a_failed_run_is_reported_by_the_webhook_too(sim_reset: Stack, tmp_path: Path, receiver: Receiver) -> None:
+
+def test_a_failed_run_is_reported_by_the_webhook_too(sim_reset: Stack, receiver: Receiver) -> None:
     stack = sim_reset
     receiver.failures = 0
     with stack.client(stack.new_tenant_key()) as client:
-        schedule = file_schedule(client, tmp_path / "missing.csv", webhook_url=receiver.url)
+        schedule = file_schedule(client, "missing.csv", webhook_url=receiver.url)
         receiver.secret = schedule["webhook_secret"]
         run = run_now(client, schedule["id"])
         failed = wait_run(stack, client, schedule["id"], run["id"])

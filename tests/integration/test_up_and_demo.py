@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tomllib
 from collections.abc import Iterator
 from decimal import Decimal
 from pathlib import Path
@@ -109,12 +110,23 @@ def test_up_serves_a_task_and_ctrl_c_stops_everything(tmp_path: Path, embedded_e
         assert httpx.get(f"{api_url}/readyz", timeout=5).status_code == 200
         assert httpx.get(f"http://127.0.0.1:{simulator_port}/_sim/stats", timeout=5).status_code == 200
 
+        # tenants' file sources and sinks are confined under the data directory
+        config = tomllib.loads((state / "tierbatch.toml").read_text())
+        assert config["files"]["root"] == str(state / "files") and (state / "files").is_dir()
+
         key_file = state / "dev_api_key"
         dev_key = key_file.read_text().strip()
         assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
         log = up.log_text()
         assert dev_key in log and f"{api_url}/v1" in log
         assert (state / "admin_token").read_text().strip() in log
+        # the key that encrypts webhook secrets: made once, private, given to every process
+        secret_key = state / "secret_key"
+        assert stat.S_IMODE(secret_key.stat().st_mode) == 0o600 and len(secret_key.read_text().strip()) == 44
+        admin_token = (state / "admin_token").read_text().strip()
+        made = httpx.post(f"{api_url}/v1/admin/tenants", json={"name": "hooks"}, timeout=10,
+                          headers={"Authorization": f"Bearer {admin_token}"})
+        assert made.status_code == 201 and made.json()["webhook_secret"].startswith("whsec_"), made.text
         redis_urls = [word for word in log.split() if word.startswith("redis://127.0.0.1:")]
         assert redis_urls, log
         redis_port = _port_of(redis_urls[0])
@@ -209,6 +221,10 @@ def test_demo_reports_costs_and_stops(tmp_path: Path, embedded_env: None) -> Non
     assert Decimal(totals["savings_usd"]) == total_baseline - total_cost
     assert Decimal(totals["savings_usd"]) > 0  # the light tasks ran on the cheaper model
     assert report["ok"] is True
+    # the scheduled classification read the sample uploaded as the tenant's own data file
+    schedule_run = report["schedule_run"]
+    assert schedule_run is not None and schedule_run["status"] != "failed" and not schedule_run["error"], schedule_run
+    assert schedule_run["task_count"] == 40, schedule_run
 
     # the response cache (issue 6): the repeats of a deterministic question cost nothing
     cache = report["cache_scene"]

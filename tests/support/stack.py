@@ -15,7 +15,9 @@ from sqlalchemy.engine import make_url
 
 from tests.support.procs import ManagedProcess, python_module, wait_http_ok, wait_until
 
-ADMIN_TOKEN = "test-admin-token"
+ADMIN_TOKEN = "test-admin-token-0123456789abcdef-local"  # 38 characters: processes refuse < 32
+# a fixed Fernet key for the test stacks (webhook secrets are encrypted with it); tests read the DB with it
+SECRET_KEY = "dGllcmJhdGNoLXRlc3Qtc2VjcmV0LWtleS0zMmJ5dGU="
 
 
 def psycopg_dsn(database_url: str) -> str:
@@ -37,9 +39,41 @@ def scratch_database(base_url: str, prefix: str = "tierbatch_test") -> Iterator[
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
+# SQL sources of the session stack (tests/integration/test_schedules_sources.py): the worker that reads
+# them is started with TB_TEST_TICKETS_DB_URL; granted by tenant name
+SESSION_SOURCES = """
+[sources.tickets]
+url_env = "TB_TEST_TICKETS_DB_URL"
+tenants = ["sql-reader"]
+statement_timeout_seconds = 1
+
+[sources.tickets_capped]
+url_env = "TB_TEST_TICKETS_DB_URL"
+tenants = ["sql-reader"]
+max_rows = 10
+
+[sources.finance]
+url_env = "TB_TEST_TICKETS_DB_URL"
+tenants = ["finance-team"]
+"""
+
+
+def files_root_of(config_path: Path) -> Path:
+    """`[files] root` of a config written by write_app_config (unless its extra sets another)."""
+    return config_path.parent / "files"
+
+
 def write_app_config(path: Path, simulator_port: int, extra: str = "") -> Path:
     # no shadow calls unless a test asks for them (test_quality.py runs a stack of its own)
     quality = "" if "[quality]" in extra else "\n[quality]\nshadow_rate = 0.0\n"
+    # tenants' file sources and sinks live in <root>/<tenant id>/
+    files = "" if "[files]" in extra else f'\n[files]\nroot = "{files_root_of(path)}"\n'
+    # the webhook tests' receivers listen on 127.0.0.1: the session stack lets webhooks go there
+    # (test_webhook_targets.py runs a stack of its own with the default, public addresses only)
+    webhooks = ("" if "[webhooks]" in extra
+                else "\n[webhooks]\nallow_private_networks = true\ntimeout_seconds = 3\n")
+    # tests on one stack send many bad keys from 127.0.0.1; test_keys_and_limits.py checks the real limit
+    limits = "" if "[limits]" in extra else "\n[limits]\nfailed_auth_per_minute = 100000\n"
     path.write_text(f"""
 [providers.sim]
 base_url = "http://127.0.0.1:{simulator_port}/v1"
@@ -87,6 +121,9 @@ max_attempts = 3
 cached_always = "always"
 never_cached = "off"
 {quality}
+{files}
+{webhooks}
+{limits}
 {extra}
 """)
     return path
@@ -108,6 +145,7 @@ class Stack:
     def env(self) -> dict[str, str]:
         return {"DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url,
                 "TIERBATCH_CONFIG": str(self.config_path), "TIERBATCH_ADMIN_TOKEN": ADMIN_TOKEN,
+                "TIERBATCH_SECRET_KEY": SECRET_KEY,
                 "TIERBATCH_REDIS_PREFIX": self.redis_prefix,
                 "PYTHONUNBUFFERED": "1"}
 
@@ -158,10 +196,20 @@ class Stack:
                             timeout=30)
 
     def new_tenant_key(self, name: str = "t") -> str:
+        return self.new_tenant(name)[1]
+
+    def new_tenant(self, name: str = "t") -> tuple[str, str]:
+        """(tenant id, API key) of a new tenant."""
         with self.admin_client() as client:
             response = client.post("/v1/admin/tenants", json={"name": name})
             response.raise_for_status()
-            return str(response.json()["api_key"])
+            return str(response.json()["id"]), str(response.json()["api_key"])
+
+    def tenant_dir(self, tenant_id: str) -> Path:
+        """The tenant's own files directory (`<[files] root>/<tenant id>/`), made if missing."""
+        path = files_root_of(self.config_path) / tenant_id
+        path.mkdir(parents=True, exist_ok=True)
+        return path
 
     def client(self, api_key: str) -> httpx.Client:
         return httpx.Client(base_url=self.api_url, headers={"Authorization": f"Bearer {api_key}"}, timeout=30)

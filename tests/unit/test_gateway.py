@@ -4,11 +4,14 @@ cooldown, and the stream relay's bookkeeping (exact usage, or an estimate when t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
+import httpx2
+import psycopg
 import pytest
 
 from core.config import default_config_data, parse_config
@@ -19,15 +22,18 @@ from core.gateway import (
     CallRecord,
     Gateway,
     GatewayError,
+    Recorder,
+    RecordingFailed,
     error_for,
     listed_models,
     prepare_chat_call,
     provider_request,
+    record_params,
     route_request,
     validate_chat_body,
 )
 from core.pricing import PriceBook
-from core.provider import RawChatAnswer
+from core.provider import AsyncProviderClients, RawChatAnswer
 from core.retry import ChainExhausted
 from core.states import RequestedTier, Tier
 from tests.unit.test_cooldown import FakeRedis
@@ -106,16 +112,19 @@ def test_a_named_model_keeps_its_own_fallbacks() -> None:
     assert bad_tier.value.param == "X-Tier"
 
 
-def test_prepared_call_reads_headers_and_strips_routing_metadata() -> None:
+def test_prepared_call_reads_headers_and_keeps_metadata_off_the_provider_request() -> None:
     call = prepare_chat_call(CONFIG, {"model": SMART_SELECT, "messages": HI, "stream": True,
                                       "stream_options": {"include_usage": True},
                                       "metadata": {"task_type": "reasoning", "team": "a"}},
                              {"x-tier": "light"})
     assert call.stream and call.include_usage
     assert call.route.tier is Tier.LIGHT and call.route.task_type == "reasoning"
-    assert call.request == {"messages": HI, "metadata": {"team": "a"}}
+    # metadata is ours (routing, and the tenant's keys on the task): a provider keeps it only with `store`
+    assert call.request == {"messages": HI}
     assert call.metadata == {"task_type": "reasoning", "team": "a"}
     assert provider_request({"model": "m", "messages": HI, "metadata": {"tier": "light"}}) == {"messages": HI}
+    assert provider_request({"model": "m", "messages": HI, "web_search_options": None, "audio": None,
+                             "temperature": None}) == {"messages": HI, "temperature": None}
 
 
 def test_models_list_smart_select_first_then_each_configured_model_once() -> None:
@@ -320,3 +329,204 @@ def test_budget_policy_on_the_gateway_route() -> None:
     with pytest.raises(GatewayError) as refused:
         apply_budget_policy(config, route, TenantPolicy({}, budget_refusal="spent $1 of $1"))
     assert (refused.value.status, refused.value.code) == (402, "budget_exceeded")
+
+
+# --- fail closed: no answer without its committed record ----------------------------------------------
+
+
+def completion_body(content: str = "the secret answer") -> dict[str, Any]:
+    return {"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "gpt-4o-mini",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 4}}
+
+
+def stream_body(include_usage: bool = True) -> bytes:
+    pieces = [chunk("the secret "), chunk("answer"), chunk(finish="stop")]
+    if include_usage:
+        pieces.append(chunk(usage={"prompt_tokens": 10, "completion_tokens": 4}, choices=False))
+    pieces.append("data: [DONE]")
+    return "".join(p + "\n\n" for p in pieces).encode()
+
+
+class Provider:
+    """The provider behind `httpx2.MockTransport`: counts calls, answers a completion or a stream."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    def __call__(self, request: httpx2.Request) -> httpx2.Response:
+        body = json.loads(request.content)
+        self.calls.append(body)
+        if body.get("stream"):
+            return httpx2.Response(200, content=stream_body(), headers={"content-type": "text/event-stream"})
+        return httpx2.Response(200, json=completion_body())
+
+
+class Writes:
+    """A record writer: commits (keeps) groups, or fails like a database that is down."""
+
+    def __init__(self, fail: bool) -> None:
+        self.fail = fail
+        self.committed: list[CallRecord] = []
+
+    async def __call__(self, records: Sequence[CallRecord]) -> None:
+        await asyncio.sleep(0)
+        if self.fail:
+            raise psycopg.OperationalError("connection refused")
+        self.committed.extend(records)
+
+
+def wired_gateway(fail: bool) -> tuple[Gateway, Provider, Writes]:
+    provider, writes = Provider(), Writes(fail)
+    providers = AsyncProviderClients(CONFIG, transport=httpx2.MockTransport(provider))
+    cooldown = Cooldown(FakeRedis(), "t:", CooldownPolicy())  # type: ignore[arg-type]
+    gateway = Gateway(CONFIG, providers, cooldown, PriceBook(CONFIG), "postgresql://unused", write=writes)
+    return gateway, provider, writes
+
+
+def test_an_answer_whose_record_fails_is_withheld() -> None:
+    gateway, provider, writes = wired_gateway(fail=True)
+    call = prepare_chat_call(CONFIG, {"model": "gpt-4o-mini", "messages": HI}, {})
+    with pytest.raises(GatewayError) as caught:
+        asyncio.run(gateway.complete(uuid.uuid4(), call))
+    error = caught.value
+    assert (error.status, error.type, error.code, error.headers["retry-after"]) == (
+        503, "server_error", "recording_failed", "1")
+    assert "secret" not in json.dumps(error.body())
+    assert "x-tierbatch-task-id" not in error.headers  # no task to point at
+    assert len(provider.calls) == 1 and writes.committed == []
+
+    gateway, provider, writes = wired_gateway(fail=False)
+    done = asyncio.run(gateway.complete(uuid.uuid4(), call))
+    assert json.loads(done.content)["choices"][0]["message"]["content"] == "the secret answer"
+    assert [r.task_id for r in writes.committed] == [done.task_id]
+
+
+def test_a_failed_call_whose_record_fails_says_so() -> None:
+    providers = FakeProviders({"gpt-4o": [PermanentProviderError("sim/gpt-4o: HTTP 400: nope", status_code=400)],
+                               "gpt-4.1": [PermanentProviderError("sim/gpt-4.1: HTTP 400: nope", status_code=400)]})
+    cooldown = Cooldown(FakeRedis(), "t:", CooldownPolicy())  # type: ignore[arg-type]
+    gateway = Gateway(CONFIG, providers, cooldown, PriceBook(CONFIG), "postgresql://unused", write=Writes(True))
+    with pytest.raises(GatewayError) as caught:
+        asyncio.run(gateway.complete(uuid.uuid4(), prepare_chat_call(CONFIG, {"model": "gpt-4o", "messages": HI},
+                                                                     {})))
+    assert (caught.value.status, caught.value.code) == (503, "recording_failed")
+
+
+def has_usage(event: bytes) -> bool:
+    payload = event.removeprefix(b"data: ").strip()
+    return payload != b"[DONE]" and isinstance(json.loads(payload).get("usage"), dict)
+
+
+def relay(gateway: Gateway, writes: Writes, include_usage: bool) -> list[bytes]:
+    """A streamed call's events, asserting that `[DONE]` never comes before the record's commit."""
+    body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": HI, "stream": True}
+    if include_usage:
+        body["stream_options"] = {"include_usage": True}
+    call = prepare_chat_call(CONFIG, body, {})
+
+    async def run() -> list[bytes]:
+        session = await gateway.open_stream(uuid.uuid4(), call)
+        sent = []
+        async for event in session.events():
+            if b"[DONE]" in event or has_usage(event):
+                assert writes.committed, "the end of the answer went out before its record was committed"
+            sent.append(event)
+        return sent
+
+    return asyncio.run(run())
+
+
+def test_a_stream_whose_record_fails_ends_with_an_error_not_done() -> None:
+    for include_usage in (False, True):
+        gateway, provider, writes = wired_gateway(fail=True)
+        sent = relay(gateway, writes, include_usage)
+        assert len(provider.calls) == 1
+        assert all(b"[DONE]" not in e for e in sent)
+        assert not any(has_usage(e) for e in sent)  # the usage chunk is held back too
+        last = json.loads(sent[-1].removeprefix(b"data: "))
+        assert last["error"]["code"] == "recording_failed" and last["error"]["type"] == "server_error"
+        assert set(last["error"]) == {"message", "type", "param", "code"}
+
+
+def test_a_recorded_stream_ends_with_usage_if_asked_then_done() -> None:
+    for include_usage in (False, True):
+        gateway, _, writes = wired_gateway(fail=False)
+        sent = relay(gateway, writes, include_usage)
+        assert sent[-1] == b"data: [DONE]\n\n"
+        assert any(has_usage(e) for e in sent) is include_usage
+        assert len(writes.committed) == 1 and writes.committed[0].status == "succeeded"
+        assert writes.committed[0].output == "the secret answer"
+
+
+def test_a_stream_the_provider_breaks_off_ends_with_an_error_event() -> None:
+    stream = FakeStream([chunk("Once "), chunk("upon")])  # no finish, no [DONE]
+    session, recorded = open_session(stream, include_usage=True)
+
+    async def drain(events: AsyncIterator[bytes]) -> list[bytes]:
+        return [event async for event in events]
+
+    sent = asyncio.run(drain(session.events()))
+    assert json.loads(sent[-1].removeprefix(b"data: "))["error"]["code"] == "upstream_stream_broken"
+    assert all(b"[DONE]" not in e for e in sent)
+    assert recorded.records[0].status == "failed"
+
+
+def test_a_recorder_stopped_midway_fails_its_callers_instead_of_leaving_them_waiting() -> None:
+    async def cancelled(records: Sequence[CallRecord]) -> None:
+        raise asyncio.CancelledError
+
+    record = prepare_chat_call(CONFIG, {"model": "gpt-4o-mini", "messages": HI}, {})
+
+    async def run() -> None:
+        recorder = Recorder(cancelled)
+        await asyncio.wait_for(recorder.record(CallRecord(
+            uuid.uuid4(), uuid.uuid4(), record.route, record.request, record.metadata, "failed", 1,
+            record.received_at, record.received_at)), 5)
+
+    with pytest.raises(RecordingFailed):
+        asyncio.run(run())
+
+
+def test_a_provider_answer_postgres_cannot_store_is_recorded_storable() -> None:
+    call = prepare_chat_call(CONFIG, {"model": "gpt-4o-mini", "messages": HI}, {})
+    raw = json.dumps(completion_body("bad \u0000 and \ud800 here"))  # escaped, as a provider sends them
+    record = CallRecord(uuid.uuid4(), uuid.uuid4(), call.route, call.request, call.metadata, "succeeded", 1,
+                        call.received_at, call.received_at, provider="openai", requested_model="gpt-4o-mini",
+                        served_model="gpt-4o-mini\u0000", output="bad \u0000 and \ud800 here", response_json=raw,
+                        usage=None, error=None)
+    params = record_params([record])
+    for text in params.values():
+        assert "\\u0000" not in text and "\ud800" not in text
+        text.encode("utf-8")  # what psycopg sends
+    task = json.loads(params["tasks"])[0]
+    assert task["output"] == "bad \ufffd and \ufffd here" and task["served_model"] == "gpt-4o-mini\ufffd"
+    assert json.loads(task["response"])["choices"][0]["message"]["content"] == "bad \ufffd and \ufffd here"
+    clean = dataclasses.replace(record, served_model="gpt-4o-mini", output="fine",
+                                response_json=json.dumps(completion_body("fine")))
+    assert json.loads(record_params([clean])["tasks"])[0]["response"] == clean.response_json  # kept as given
+
+
+@pytest.mark.parametrize(("status", "headers", "content", "kind", "retry_after", "message"), [
+    (429, {"retry-after": "7"}, b'{"error": {"message": "slow down"}}', RetryableProviderError, 7.0, "slow down"),
+    (400, {}, b'{"error": {"message": "bad field", "param": "x"}}', PermanentProviderError, None, "bad field"),
+    (503, {}, b"<html>overloaded</html>", RetryableProviderError, None, "Error code: 503 - <html>overloaded</html>"),
+    (401, {}, b"", PermanentProviderError, None, "Error code: 401 - "),
+])
+def test_provider_error_answers_are_classified_by_status(status: int, headers: dict[str, str], content: bytes,
+                                                         kind: type, retry_after: float | None,
+                                                         message: str) -> None:
+    providers = AsyncProviderClients(CONFIG, transport=httpx2.MockTransport(
+        lambda _: httpx2.Response(status, headers=headers, content=content)))
+
+    async def run() -> None:
+        try:
+            await providers.chat("sim", "gpt-4o-mini", {"messages": HI})
+        finally:
+            await providers.aclose()
+
+    with pytest.raises(kind) as caught:
+        asyncio.run(run())
+    error = caught.value
+    assert error.status_code == status and error.message == f"sim/gpt-4o-mini: HTTP {status}: {message}"
+    assert getattr(error, "retry_after", None) == retry_after

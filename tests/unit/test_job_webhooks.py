@@ -9,15 +9,24 @@ from decimal import Decimal
 from typing import Any
 
 import pytest
+from standardwebhooks.webhooks import Webhook
 
 from core.config import AppConfig
 from core.errors import InvalidInput
 from core.job_webhooks import encode_payload, job_payload
 from core.jobs import JobSummary, _settings_for_append, parse_job_request
-from core.messaging import JOB_WEBHOOK, JOB_WEBHOOK_TICK, QUEUE_DISPATCH, TASK_ROUTES
+from core.messaging import (
+    ALL_QUEUES,
+    JOB_WEBHOOK,
+    JOB_WEBHOOK_TICK,
+    QUEUE_DISPATCH,
+    QUEUE_WEBHOOKS,
+    SCHEDULE_WEBHOOK,
+    TASK_ROUTES,
+)
 from core.models import Job
 from core.states import RequestedTier
-from core.webhooks import JOBS, SCHEDULE_RUNS, check_webhook_url, signature, verify
+from core.webhooks import JOBS, SCHEDULE_RUNS, check_webhook_url, new_secret, signed_headers
 from worker.app import beat_schedule
 
 LIMIT = 1 << 20
@@ -87,7 +96,9 @@ def test_the_body_is_the_job_summary_as_compact_json_and_signs_as_sent() -> None
     assert payload["results_url"] == f"/v1/jobs/{job.id}/results"
     text = encode_payload(payload)
     assert ", " not in text and json.loads(text) == payload
-    assert verify("whsec_k", text.encode(), signature("whsec_k", text.encode()))
+    secret = new_secret()
+    headers = signed_headers(secret, "msg_x", datetime.now(UTC), text.encode())
+    assert Webhook(secret).verify(text.encode(), headers) == payload
 
 
 def test_the_two_outboxes_send_their_own_event() -> None:
@@ -95,11 +106,13 @@ def test_the_two_outboxes_send_their_own_event() -> None:
     assert SCHEDULE_RUNS.constraint != JOBS.constraint
 
 
-def test_the_beat_runs_the_job_webhook_tick_and_messages_go_to_the_dispatch_queue() -> None:
+def test_the_beat_runs_the_job_webhook_tick_and_the_posts_go_to_a_queue_of_their_own() -> None:
     config = AppConfig.model_validate({
         "providers": {"sim": {"base_url": "http://127.0.0.1:1/v1"}},
         "tiers": {"light": {"provider": "sim", "model": "small"}, "complex": {"provider": "sim", "model": "big"}},
     })
     entry = beat_schedule(config)["job-webhooks-tick"]
     assert entry["task"] == JOB_WEBHOOK_TICK
-    assert TASK_ROUTES[JOB_WEBHOOK_TICK] == TASK_ROUTES[JOB_WEBHOOK] == {"queue": QUEUE_DISPATCH}
+    assert TASK_ROUTES[JOB_WEBHOOK_TICK] == {"queue": QUEUE_DISPATCH}
+    assert TASK_ROUTES[JOB_WEBHOOK] == TASK_ROUTES[SCHEDULE_WEBHOOK] == {"queue": QUEUE_WEBHOOKS}
+    assert QUEUE_WEBHOOKS in ALL_QUEUES  # what `tierbatch worker` consumes by default
