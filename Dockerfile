@@ -20,10 +20,11 @@ COPY --from=build /wheels /wheels
 RUN pip install --no-index --find-links=/wheels tierbatch \
  && rm -rf /wheels \
  && useradd --create-home --uid 10001 tierbatch \
- && mkdir -p /app/.tierbatch \
- && chown tierbatch:tierbatch /app/.tierbatch
+ && mkdir -p /app/.tierbatch /app/files \
+ && chown tierbatch:tierbatch /app/.tierbatch /app/files
 WORKDIR /app
-# beat keeps its schedule state under /app/.tierbatch: the one directory the unprivileged user may write
+# beat keeps its schedule state under /app/.tierbatch and tenants' files live under /app/files (a volume):
+# the only directories the unprivileged user may write
 USER tierbatch
 # 8000: the API; 8100: the simulator, reached by the worker on the compose network (never published)
 EXPOSE 8000 8100

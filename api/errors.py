@@ -160,7 +160,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s %s", request.method, request.url.path)
+        # Starlette re-raises after this answer and the server then drops the connection: tell the client
+        # not to send another request on it
+        close = {"connection": "close"}
         if is_openai_path(request):
             return openai_error_response(500, "The server had an error while processing your request; the details "
-                                         "are in the server log.")
-        return error_response(500, "internal error; the details are in the server log")
+                                         "are in the server log.", headers=close)
+        return error_response(500, "internal error; the details are in the server log", headers=close)

@@ -27,12 +27,15 @@ log = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
 
+# what the money column (Numeric(20, 10)) can hold: a larger figure is a 422 naming the field, not a 500
+BudgetUsd = Annotated[Decimal, Field(ge=0, lt=Decimal("1e10"), decimal_places=10)]
+
 
 class TenantCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Annotated[str, Field(min_length=1, max_length=200)]
-    monthly_budget_usd: Decimal | None = Field(default=None, ge=0)
+    monthly_budget_usd: BudgetUsd | None = None
 
 
 @router.post("/tenants", status_code=201)
@@ -71,7 +74,7 @@ class TenantPatch(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    monthly_budget_usd: Decimal | None = Field(default=None, ge=0)
+    monthly_budget_usd: BudgetUsd | None = None
     requests_per_minute: PerMinute | None = None
     tokens_per_minute: PerMinute | None = None
 

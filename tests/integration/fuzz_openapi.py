@@ -156,6 +156,7 @@ BODYLESS = frozenset({
     ("post", "/v1/batches/{batch_id}/cancel"),
     ("post", "/v1/tasks/{task_id}/cancel"), ("post", "/v1/jobs/{job_id}/cancel"),
     ("post", "/v1/schedules/{schedule_id}/run"), ("post", "/v1/admin/tenants/{tenant_id}/webhook-secret"),
+    ("post", "/v1/admin/tenants/{tenant_id}/keys"),
 })
 
 

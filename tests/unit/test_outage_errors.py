@@ -84,6 +84,8 @@ async def test_a_database_error_that_is_no_outage_stays_a_500() -> None:
         response = await client.post("/v1/tasks")
     assert response.status_code == 500
     assert "retry-after" not in response.headers
+    # the server drops the connection after an unexpected error: the client is told not to reuse it
+    assert response.headers["connection"] == "close"
 
 
 def test_dispatch_after_commit_leaves_a_lost_broker_to_the_reconciler() -> None:
