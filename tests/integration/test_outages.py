@@ -241,6 +241,12 @@ def test_postgres_then_redis_restarted_under_load(private_stack: tuple[Stack, Em
     stack, pg, redis_server = private_stack
     dsn = psycopg_dsn(stack.database_url)
     key = stack.new_tenant_key("outages")
+    # a tenant with rate limits: its admission needs Redis, so the Redis window must answer it 503, not 500
+    limited_id, limited_key = stack.new_tenant("outages-limited")
+    with stack.admin_client() as admin:
+        patched = admin.patch(f"/v1/admin/tenants/{limited_id}",
+                              json={"requests_per_minute": 1_000_000, "tokens_per_minute": 100_000_000})
+        assert patched.status_code == 200, patched.text
     wait_until(lambda: readiness(stack)[0] == 200, 30, 0.2, "ready before the outages")
 
     with running_load(stack, key) as during_postgres:
@@ -253,7 +259,7 @@ def test_postgres_then_redis_restarted_under_load(private_stack: tuple[Stack, Em
         wait_until(lambda: readiness(stack)[0] == 200, 30, 0.2, "ready after the Postgres restart")
         time.sleep(1.5)
 
-    with running_load(stack, key) as during_redis:
+    with running_load(stack, key) as during_redis, running_load(stack, limited_key, clients=1) as limited:
         time.sleep(1.5)
         redis_server.kill()
         redis_window = time.monotonic()
@@ -269,7 +275,9 @@ def test_postgres_then_redis_restarted_under_load(private_stack: tuple[Stack, Em
     assert any(status == 503 and body["checks"]["broker"] != "ok" and body["checks"]["database"] == "ok"
                for status, body in redis_down), redis_down
 
-    for name, outcomes in (("postgres", during_postgres), ("redis", during_redis)):
+    # the rate-limited tenant was refused with 503 (retry-after) while its limits could not be counted
+    assert sum(n for (_, status), n in limited.statuses.items() if status == 503) > 0, limited.statuses
+    for name, outcomes in (("postgres", during_postgres), ("redis", during_redis), ("redis, limited", limited)):
         assert not outcomes.dropped, (name, outcomes.dropped[:5])
         assert not outcomes.server_errors(), (name, outcomes.server_errors(), errors_in_log(stack.processes["api"]))
         assert not outcomes.missing_retry_after, (name, outcomes.missing_retry_after[:5])
@@ -307,7 +315,7 @@ def test_postgres_then_redis_restarted_under_load(private_stack: tuple[Stack, Em
     assert succeeded > 20
 
     # every chat answer served (streamed or not) has its task and its ledger row: none was free
-    served = {**during_postgres.served, **during_redis.served}
+    served = {**during_postgres.served, **during_redis.served, **limited.served}
     recorded = dict(query(dsn, "SELECT t.id::text, count(l.id) FROM tasks t LEFT JOIN ledger_entries l "
                                "ON l.task_id = t.id WHERE t.status = 'succeeded' GROUP BY t.id"))
     unrecorded = Counter(kind for task_id, kind in served.items() if recorded.get(task_id) != 1)
@@ -316,7 +324,7 @@ def test_postgres_then_redis_restarted_under_load(private_stack: tuple[Stack, Em
     # nothing half-written: a job is there with all its items, or not at all
     counts = dict(query(dsn, "SELECT j.name, count(t.id) FROM jobs j LEFT JOIN tasks t ON t.job_id = j.id "
                              "GROUP BY j.name"))
-    jobs = {**during_postgres.jobs, **during_redis.jobs}
+    jobs = {**during_postgres.jobs, **during_redis.jobs, **limited.jobs}
     for name, status in jobs.items():
         if status == 202:
             assert counts.get(name) == JOB_ITEMS, (name, counts.get(name))
