@@ -53,7 +53,7 @@ TASK_ROUTES = {
     SUBMIT_BATCH: {"queue": QUEUE_BATCH},
     POLL_BATCHES: {"queue": QUEUE_BATCH},
     INGEST_BATCH: {"queue": QUEUE_BATCH},
-    # scheduled classification (issue 7): bulk work on the batch queue, webhook POSTs on their own
+    # scheduled classification: bulk work on the batch queue, webhook POSTs on their own
     SCHEDULE_TICK: {"queue": QUEUE_DISPATCH},
     SCHEDULE_RUN: {"queue": QUEUE_BATCH},
     SCHEDULE_FINISH: {"queue": QUEUE_BATCH},

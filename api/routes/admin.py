@@ -65,7 +65,7 @@ def rotate_secret(tenant_id: str, _: AdminDep, ctx: ContextDep) -> dict[str, Any
 # --- end job webhooks -------------------------------------------------------------------------------
 
 
-# --- budgets (issue 4) and rate limits ---------------------------------------------------------------
+# --- budgets and rate limits ------------------------------------------------------------------------
 PerMinute = Annotated[int, Field(ge=1, le=2_000_000_000)]
 
 

@@ -1,4 +1,4 @@
-"""The Batch API facade (DESIGN §9): `/v1/files` (purpose `batch`; also `user_data`, CSV or JSONL rows a
+"""The Batch API facade: `/v1/files` (purpose `batch`; also `user_data`, CSV or JSONL rows a
 schedule's source reads by `file_id`) and `/v1/batches`, OpenAI's semantics
 and limits over our task path. Domain logic in core/facade.py; output files are assembled lazily, by
 the first read of a batch whose lines are all done."""
