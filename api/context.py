@@ -31,14 +31,14 @@ class ApiContext:
     engine: Engine
     sessions: sessionmaker[Session]
     producer: Celery
-    # --- OpenAI-compatible front door (issue 5) ---
+    # --- OpenAI-compatible front door ---
     prices: PriceBook
     providers: AsyncProviderClients
     redis: aioredis.Redis
     gateway: Gateway
     keys: KeyAuthenticator  # API keys of both surfaces, the admin token, failed-authentication limits
     file_limits: FileLimits
-    tenant_policies: TenantPolicies  # routing rules (issue 6) and budgets (issue 4) on the OpenAI surface
+    tenant_policies: TenantPolicies  # routing rules and budgets on the OpenAI surface
     # --- webhooks: secrets encrypted at rest (None: no key, no webhooks), where a webhook_url may go ---
     secret_box: SecretBox | None
     webhook_targets: TargetPolicy
@@ -48,7 +48,7 @@ class ApiContext:
     def build(cls, settings: Settings, config: AppConfig) -> ApiContext:
         engine = make_engine(settings.database_url, pool_size=10)
         sessions = make_session_factory(engine)
-        # --- OpenAI-compatible front door (issue 5) ---
+        # --- OpenAI-compatible front door ---
         prices = PriceBook(config)
         providers = AsyncProviderClients(config)
         redis_client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)

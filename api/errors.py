@@ -33,7 +33,7 @@ def error_response(status: int, message: str, param: str | None = None,
     return JSONResponse({"error": error}, status_code=status, headers=headers)
 
 
-# --- OpenAI-compatible surface (issue 5): these paths answer errors in OpenAI's shape ---------------
+# --- OpenAI-compatible surface: these paths answer errors in OpenAI's shape -----------------------
 OPENAI_PATHS = ("/v1/chat/", "/v1/models", "/v1/files", "/v1/batches")
 _OPENAI_CODES = {401: "invalid_api_key", 404: "not_found", 405: "method_not_allowed", 409: "conflict",
                  413: "request_too_large", 500: "internal_error", 503: "service_unavailable"}

@@ -11,13 +11,13 @@ from api.context import ApiContext
 from api.errors import install_error_handlers
 from api.limits import install_input_guard
 from api.routes import admin, health, tasks
-from api.routes import costs as costs_routes  # costs and budgets (issue 4)
-from api.routes import jobs as jobs_routes  # bulk jobs (issue 3)
-from api.routes import openai_batches as openai_batches_routes  # OpenAI-compatible surface (issue 5)
-from api.routes import openai_chat as openai_chat_routes  # OpenAI-compatible surface (issue 5)
-from api.routes import openai_models as openai_models_routes  # OpenAI-compatible surface (issue 5)
-from api.routes import quality as quality_routes  # quality-aware routing (issue 6)
-from api.routes import schedules as schedules_routes  # scheduled classification (issue 7)
+from api.routes import costs as costs_routes  # costs and budgets
+from api.routes import jobs as jobs_routes  # bulk jobs
+from api.routes import openai_batches as openai_batches_routes  # OpenAI-compatible surface
+from api.routes import openai_chat as openai_chat_routes  # OpenAI-compatible surface
+from api.routes import openai_models as openai_models_routes  # OpenAI-compatible surface
+from api.routes import quality as quality_routes  # quality-aware routing
+from api.routes import schedules as schedules_routes  # scheduled classification
 from core.config import AppConfig, load_config
 from core.settings import Settings
 
@@ -30,20 +30,20 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
-        await ctx.aclose()  # OpenAI-compatible surface (issue 5): pending call records, async clients
+        await ctx.aclose()  # OpenAI-compatible surface: pending call records, async clients
         ctx.close()
 
     app = FastAPI(title="tierbatch", version="0.1.0", lifespan=lifespan)
     app.state.ctx = ctx
     install_error_handlers(app)
     install_input_guard(app, ctx.file_limits)
-    # OpenAI-compatible surface (issue 5): first, so the hot `POST /v1/chat/completions` matches at once
+    # OpenAI-compatible surface first, so the hot `POST /v1/chat/completions` matches at once
     for openai_module in (openai_chat_routes, openai_models_routes, openai_batches_routes):
         app.include_router(openai_module.router)
     for module in (health, tasks, admin):
         app.include_router(module.router)
-    app.include_router(jobs_routes.router)  # bulk jobs (issue 3)
-    app.include_router(schedules_routes.router)  # scheduled classification (issue 7)
-    app.include_router(costs_routes.router)  # costs and budgets (issue 4)
-    app.include_router(quality_routes.router)  # quality-aware routing (issue 6)
+    app.include_router(jobs_routes.router)  # bulk jobs
+    app.include_router(schedules_routes.router)  # scheduled classification
+    app.include_router(costs_routes.router)  # costs and budgets
+    app.include_router(quality_routes.router)  # quality-aware routing
     return app

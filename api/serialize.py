@@ -1,4 +1,4 @@
-"""Wire shapes of our objects (DESIGN §8). Money goes out as decimal strings."""
+"""Wire shapes of our objects in the HTTP API. Money goes out as decimal strings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The batch path against DESIGN §13, each figure beside the raw limit measured in the same run.
+"""The batch path against its targets (README, Benchmarks), each figure beside the raw limit measured in the same run.
 
     .venv/bin/python bench/batch_path.py                      # everything (a few minutes on 2 cores)
     .venv/bin/python bench/batch_path.py --skip-e2e           # raw limits + 50,000-line batch only
@@ -81,7 +81,7 @@ TARGET_SUBMIT_SECONDS = 3.0
 TARGET_INGEST_RATE = 30_000.0
 TARGET_E2E_SECONDS = 30.0
 TARGET_RSS_MB = 500.0
-REFERENCE = {"copy": 90_000.0, "insert": 50_000.0, "lpush": 80_000.0}  # DESIGN §13 table
+REFERENCE = {"copy": 90_000.0, "insert": 50_000.0, "lpush": 80_000.0}  # the README's Benchmarks table
 SIM_FAST = {"batch": {"validating_seconds": 0.05, "in_progress_seconds": 0.05, "finalizing_seconds": 0.05,
                       "line_error_rate": 0.0, "expire": False, "enqueued_token_limit": 0},
             "models": {"*": {"latency_ms": [1, 5], "error_rate": 0.0}}}
@@ -539,7 +539,7 @@ def report(raw: RawLimits, batch: BatchFigures | None, runs: list[EndToEnd]) -> 
     from rich.table import Table
 
     console = Console(width=max(150, shutil.get_terminal_size((150, 40)).columns))
-    table = Table(title="tierbatch batch path — DESIGN §13", show_lines=True)
+    table = Table(title="tierbatch batch path — targets", show_lines=True)
     for column in ("probe", "figure", "raw limit (same run)", "ratio", "§13 target", ""):
         table.add_column(column, overflow="fold")
     table.add_row("Postgres COPY, task-like rows, scratch table", f"{raw.copy_rows_s:,.0f} rows/s", "—", "—",

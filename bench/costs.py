@@ -1,4 +1,4 @@
-"""Cost queries over a 10,000,000-row ledger (issue 4: under 1 s), beside the same queries on raw rows.
+"""Cost queries over a 10,000,000-row ledger (target: under 1 s), beside the same queries on raw rows.
 
     .venv/bin/python bench/costs.py                      # 10M rows, 90 days, 20 tenants
     .venv/bin/python bench/costs.py --rows 1000000       # quicker

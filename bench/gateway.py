@@ -1,4 +1,4 @@
-"""Added latency of `POST /v1/chat/completions` over calling the simulator directly (DESIGN §13: ≤ 4 ms median).
+"""Added latency of `POST /v1/chat/completions` over calling the simulator directly (target: ≤ 4 ms median).
 
     .venv/bin/python bench/gateway.py                       # self-contained: scratch database, simulator, API
     .venv/bin/python bench/gateway.py --requests 2000 --concurrency 50
@@ -264,7 +264,7 @@ def main() -> None:
         concurrent = run(lambda: measure(endpoints, args.requests, args.concurrency, args.rounds))
     added = report("sequential (1 client)", sequential)
     added_concurrent = report(f"{args.concurrency} concurrent clients", concurrent)
-    print("\nreference (DESIGN §13): a well-known LLM proxy adds ~16–19 ms median against a local fake provider")
+    print("\nreference: a well-known LLM proxy adds ~16–19 ms median against a local fake provider")
     verdict = "meets" if added <= TARGET_MS else "MISSES"
     print(f"target: ≤ {TARGET_MS:g} ms median added (sequential): {added:.2f} ms, {verdict} it "
           f"({added_concurrent:.2f} ms at {args.concurrency} concurrent clients)")

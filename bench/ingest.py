@@ -1,4 +1,4 @@
-"""Bulk ingest through `POST /v1/jobs` (DESIGN §13: ≥ 20,000 tasks/s), beside the raw Postgres COPY rate.
+"""Bulk ingest through `POST /v1/jobs` (target: ≥ 20,000 tasks/s), beside the raw Postgres COPY rate.
 
     .venv/bin/python bench/ingest.py                       # self-contained: scratch database + API process
     .venv/bin/python bench/ingest.py --api-url http://127.0.0.1:8000 --api-key tb_...   # a running API
@@ -171,7 +171,7 @@ def main() -> None:
     print(f"{'dispatch messages per job':<58}{messages:>18}")
     print(f"ingest / raw COPY = {rate / raw:.0%}; ingest / indexed COPY = {rate / indexed:.0%}")
     verdict = "meets" if rate >= TARGET else "MISSES"
-    print(f"target (DESIGN §13): ≥ {TARGET:,} tasks/s: {verdict} it")
+    print(f"target: ≥ {TARGET:,} tasks/s: {verdict} it")
 
 
 if __name__ == "__main__":

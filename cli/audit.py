@@ -1,4 +1,4 @@
-"""`tierbatch audit LOGFILE` (DESIGN §10, issue 6): what logged calls cost, routed and batched. Never calls a
+"""`tierbatch audit LOGFILE`: what logged calls cost, routed and batched. Never calls a
 provider and needs no database: the logic is in core.audit (its docstring says how every figure is made).
 
 - `tierbatch audit calls.jsonl`: a call log, one `{"request": …, "response": …}` per line.

@@ -1,4 +1,4 @@
-"""`tierbatch costs` (DESIGN §10, issue 4): cost queries and the token report over the HTTP API.
+"""`tierbatch costs`: cost queries and the token report over the HTTP API.
 
 The key is `--api-key`, else TIERBATCH_API_KEY (a tenant sees its own rows), else TIERBATCH_ADMIN_TOKEN
 (every tenant). `--since` / `--until` take a duration back from now (`30m`, `24h`, `7d`, `2w`), a date

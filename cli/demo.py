@@ -3,9 +3,9 @@
 The workload: Complex reasoning tasks (premium model, immediate), urgent Light tasks (cheap model,
 immediate) and non-urgent Light classification tasks (the batch path: they wait for a provider
 batch and are shown as waiting when they have not finished within the wait). Beside it, a nightly
-schedule over a sample CSV of support tickets is created and run once now (issue 7).
+schedule over a sample CSV of support tickets is created and run once now.
 
-Then the quality scene (issue 6), last: the simulator's cheap model is made to agree poorly with the
+Then the quality scene, last: the simulator's cheap model is made to agree poorly with the
 premium one (`POST /_sim/config`), a batch of `sentiment` reviews goes through a provider batch, the
 quality monitor shadows a sample of them on the premium model and promotes `sentiment` to complex; the
 report prints the promotion event (GET /v1/quality) and the run's spend by mode (GET /v1/costs), shadow
@@ -38,7 +38,7 @@ TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 IMMEDIATE_GROUPS = ("complex", "light urgent")
 BATCH_GROUP = "light batch"
 
-# quality scene (issue 6): a task type whose cheap model agrees poorly with the premium one
+# quality scene: a task type whose cheap model agrees poorly with the premium one
 QUALITY_TASK_TYPE = "sentiment"
 QUALITY_ITEMS = 240  # about 48 shadowed at 20%; fewer than the 20 that decide: about 2 in 10 million
 POOR_AGREEMENT = 0.5  # the simulator's share of the cheap model's labels equal to the premium model's
@@ -85,7 +85,7 @@ _BATCH = [
 ]
 
 
-# --- scheduled classification (issue 7): a nightly schedule over the sample CSV, run once now ---------
+# --- scheduled classification: a nightly schedule over the sample CSV, run once now ------------------
 SAMPLE_TICKETS = Path(__file__).resolve().parents[1] / "deploy" / "samples" / "support_tickets.csv"
 DEMO_SCHEDULE: dict[str, Any] = {
     "name": "demo-support-tickets", "cron": "0 2 * * *", "timezone": "UTC",
@@ -340,7 +340,7 @@ def print_report(console: Console, report: dict[str, Any]) -> None:
         console.print("[bold red]immediate tasks not succeeded:[/] " + ", ".join(report["immediate_failed"]))
 
 
-# --- quality scene (issue 6): a poor cheap model, its task type promoted, shadow spend on its own line ---
+# --- quality scene: a poor cheap model, its task type promoted, shadow spend on its own line ------------
 _REVIEW_OPENINGS = (
     "Arrived a day early and works perfectly", "Stopped working after a week", "Does what it says",
     "The colour is not the one in the pictures", "Great value for the price", "Support never answered me",
@@ -385,7 +385,7 @@ def scene_setup(info: StackInfo) -> SceneSetup | str:
 
 
 def _sim_config(setup: SceneSetup, patch: dict[str, Any]) -> dict[str, Any]:
-    """Merge `patch` into the running simulator's settings (DESIGN §11); the settings after it."""
+    """Merge `patch` into the running simulator's settings; the settings after it."""
     response = httpx.post(f"{setup.simulator_url}/_sim/config", json=patch, timeout=10)
     if response.status_code != 200:
         raise StackError(f"simulator POST /_sim/config answered {response.status_code}: {response.text[:300]}")
@@ -586,7 +586,7 @@ def _amount(value: Any) -> str:
 # --- end quality scene -----------------------------------------------------------------------------------
 
 
-# --- response cache (issue 6): a repeated deterministic question costs nothing the second time ----------
+# --- response cache: a repeated deterministic question costs nothing the second time -------------------
 
 CACHE_QUESTION = {"prompt": "What are your support hours? Answer in one sentence.", "task_type": "faq",
                   "urgent": True, "params": {"temperature": 0}}
@@ -666,7 +666,7 @@ def run_demo(data_dir: Path, api_port: int | None, simulator_port: int | None, c
             with httpx.Client(base_url=info.api_url, timeout=30,
                               headers={"Authorization": f"Bearer {api_key}"}) as client:
                 submit(client, tasks)
-                schedule_ids = start_schedule(client, err)  # scheduled classification (issue 7)
+                schedule_ids = start_schedule(client, err)  # scheduled classification
                 started = time.monotonic()
                 progress = Progress(TextColumn("{task.description}", justify="left"), BarColumn(),
                                     MofNCompleteColumn(), TimeElapsedColumn(), console=err, disable=as_json)
@@ -674,7 +674,7 @@ def run_demo(data_dir: Path, api_port: int | None, simulator_port: int | None, c
                     poll(client, tasks, wait, batch_wait, progress)
                 schedule_run = wait_schedule_run(client, schedule_ids,
                                                  min(started + wait, time.monotonic() + batch_wait))
-                cache_scene = run_cache_scene(client, batch_wait)  # response cache (issue 6)
+                cache_scene = run_cache_scene(client, batch_wait)  # response cache
                 scene = None
                 if isinstance(setup, SceneSetup):  # last: it makes the cheap model poor for a while
                     progress = Progress(TextColumn("{task.description}", justify="left"), BarColumn(),

@@ -1,4 +1,4 @@
-"""Embedded PostgreSQL and Redis for `tierbatch up` (DESIGN §10).
+"""Embedded PostgreSQL and Redis for `tierbatch up`.
 
 When neither `DATABASE_URL` nor `REDIS_URL` is set, `tierbatch up` runs its own servers with their
 data under one directory (default `./.tierbatch/`):

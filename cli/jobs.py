@@ -1,4 +1,4 @@
-"""`tierbatch submit FILE` and `tierbatch jobs show ID` (DESIGN §10): bulk jobs over the HTTP API.
+"""`tierbatch submit FILE` and `tierbatch jobs show ID`: bulk jobs over the HTTP API.
 
 The file is read as a stream and posted in chunks to `POST /v1/jobs` under one job name (a request
 with the name of an existing job adds its items to it), so memory stays flat whatever the file size.

@@ -1,4 +1,4 @@
-"""The `tierbatch` command line (DESIGN §10)."""
+"""The `tierbatch` command line."""
 
 from __future__ import annotations
 
@@ -202,7 +202,7 @@ def demo(directory: Annotated[Path, typer.Option("--dir", help="State directory 
                               wait, batch_wait, as_json))
 
 
-# --- bulk jobs (issue 3): thin wrappers over cli/jobs.py -------------------------------------------
+# --- bulk jobs: thin wrappers over cli/jobs.py ----------------------------------------------------
 jobs_app = typer.Typer(help="Bulk jobs.", no_args_is_help=True)
 app.add_typer(jobs_app, name="jobs")
 
@@ -250,7 +250,7 @@ def jobs_show(job_id: Annotated[str, typer.Argument(help="Job id.", show_default
 # --- end bulk jobs -----------------------------------------------------------------------------------
 
 
-# --- costs (issue 4): thin wrapper over cli/costs.py --------------------------------------------------
+# --- costs: thin wrapper over cli/costs.py -----------------------------------------------------------
 @app.command()
 def costs(by: Annotated[str, typer.Option("--by", help="Group by any of day, hour, model, provider, tier, "
                                                        "task_type, mode, job, tenant (comma-separated).")] = "day",
@@ -276,7 +276,7 @@ def costs(by: Annotated[str, typer.Option("--by", help="Group by any of day, hou
 # --- end costs ---------------------------------------------------------------------------------------
 
 
-# --- quality-aware routing (issue 6): thin wrapper over cli/quality.py ----------------------------------
+# --- quality-aware routing: thin wrapper over cli/quality.py -------------------------------------------
 @app.command()
 def quality(as_json: Annotated[bool, typer.Option("--json", help="Print the API's JSON.")] = False,
             api_url: ApiUrlOption = "http://127.0.0.1:8000", api_key: ApiKeyOption = None) -> None:
@@ -288,7 +288,7 @@ def quality(as_json: Annotated[bool, typer.Option("--json", help="Print the API'
 # --- end quality-aware routing -----------------------------------------------------------------------
 
 
-# --- audit of existing call logs (issue 6): thin wrapper over cli/audit.py ------------------------------
+# --- audit of existing call logs: thin wrapper over cli/audit.py ---------------------------------------
 @app.command()
 def audit(logfile: Annotated[Path, typer.Argument(help="A call log (JSONL of {request, response}), or a Batch "
                                                         "API input file with --output.", show_default=False)],
@@ -311,7 +311,7 @@ def audit(logfile: Annotated[Path, typer.Argument(help="A call log (JSONL of {re
 # --- end audit ---------------------------------------------------------------------------------------
 
 
-# --- scheduled classification (issue 7): thin wrappers over cli/schedules.py ------------------------
+# --- scheduled classification: thin wrappers over cli/schedules.py ---------------------------------
 schedules_app = typer.Typer(help="Scheduled bulk classification.", no_args_is_help=True)
 app.add_typer(schedules_app, name="schedules")
 

@@ -1,4 +1,4 @@
-"""`tierbatch quality` (issue 6): per task type, tier, agreement with its samples and window, promotions and
+"""`tierbatch quality`: per task type, tier, agreement with its samples and window, promotions and
 demotions with their times and figures, latency per model and batch turnaround, over the HTTP API."""
 
 from __future__ import annotations

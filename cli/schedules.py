@@ -1,4 +1,4 @@
-"""`tierbatch schedules add|list|run|disable` (DESIGN §10): scheduled classification over the HTTP API.
+"""`tierbatch schedules add|list|run|disable`: scheduled classification over the HTTP API.
 
 A schedule is named by its id or by its name. `add` builds the body from options (a file source) or
 reads a whole JSON body with `--file` (any source, e.g. SQL); the webhook signing secret is printed

@@ -1,4 +1,4 @@
-"""`tierbatch up`: the all-in-one local stack (DESIGN §10), as a reusable context manager.
+"""`tierbatch up`: the all-in-one local stack, as a reusable context manager.
 
     with LocalStack(Path(".tierbatch"), api_port=8000, simulator_port=8100) as info:
         ... info.api_url, info.dev_api_key, info.admin_token, info.simulator_url ...

@@ -1,4 +1,4 @@
-"""`tierbatch audit` (issue 6, DESIGN §10): what existing calls cost, and what they would cost routed and batched.
+"""`tierbatch audit`: what existing calls cost, and what they would cost routed and batched.
 
 Pure logic: no database, no network, never a provider call. The file is streamed one line at a time, so
 memory stays flat whatever its size (a Batch API pair keeps one small entry per input line, see below).
@@ -31,7 +31,7 @@ Each call
   (priced on what served them). Same mode as the actual call (immediate for a log, batch for a pair).
 - **Batched cost**: the routed cost, with the ``non_urgent_share`` of each light call at the light model's
   batch price (an expected value: a share of 0.5 prices every light call half immediate, half batch, so the
-  figure does not depend on which calls are picked). Complex calls are never batched (DESIGN §3). For a Batch
+  figure does not depend on which calls are picked). Complex calls are never batched. For a Batch
   API pair every call was already batched: batched = routed and the share is reported as 1. A light provider
   with ``batch = false`` batches nothing.
 - **Savings**: actual − routed and actual − batched.

@@ -1,4 +1,4 @@
-"""The batch path (DESIGN §4): claim waiting tasks into a batch, build its JSONL, record the
+"""The batch path: claim waiting tasks into a batch, build its JSONL, record the
 provider's batch, ingest its output and error files in bulk.
 
 Each function takes a session and never commits; the worker owns the transactions. Guards on
@@ -333,7 +333,7 @@ _APPLY_INGEST_ROWS = text(
     " requested_model, served_model, input_tokens, cached_tokens, output_tokens, reasoning_tokens, input_price,"
     " cached_input_price, output_price, input_cost_usd, cached_input_cost_usd, output_cost_usd, cost_usd,"
     " baseline_cost_usd, unpriced, usage_estimated) "
-    # a shadow task's line is a `shadow` row of the task it shadows, in that task's job (issue 6)
+    # a shadow task's line is a `shadow` row of the task it shadows, in that task's job
     "SELECT m.tenant_id, coalesce(m.shadow_of, m.id),"
     " CASE WHEN m.shadow_of IS NULL THEN m.job_id ELSE (SELECT o.job_id FROM tasks AS o WHERE o.id = m.shadow_of) END,"
     " :batch, m.task_type, m.tier,"
@@ -347,7 +347,7 @@ _APPLY_INGEST_ROWS = text(
     "  WHERE m.status = 'succeeded' AND m.shadow_of IS NULL AND m.id = ANY(CAST(:watch AS uuid[]))) AS succeeded,"
     " (SELECT array_agg(m.id) FROM moved AS m WHERE m.shadow_of IS NOT NULL) AS shadows"
 )
-# DESIGN §12.2: a task's cost is the sum of its ledger rows, its shadow rows included
+# no double billing: a task's cost is the sum of its ledger rows, its shadow rows included
 _CHARGE_SHADOWED_TASKS = text(
     "UPDATE tasks AS o SET cost_usd = coalesce(o.cost_usd, 0) + v.cost_usd FROM tasks AS s, ingest_rows AS v "
     "WHERE s.id = ANY(CAST(:shadows AS uuid[])) AND v.id = s.id AND o.id = s.shadow_of AND v.cost_usd IS NOT NULL"

@@ -1,4 +1,4 @@
-"""Response cache (issue 6 point 5): not paying twice for the same answer.
+"""Response cache: not paying twice for the same answer.
 
 - What is identical: the same tenant, the tier's model (the model asked first) and the request body
   (messages and parameters), hashed with SHA-256 over canonical JSON. Fields that do not change the

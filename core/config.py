@@ -1,4 +1,4 @@
-"""The TOML configuration file (DESIGN §7), validated at start with one clear message per mistake."""
+"""The TOML configuration file, validated at start with one clear message per mistake."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ class QualityConfig(_Section):
     promote_below: float = Field(default=0.90, ge=0, le=1)
     demote_above: float = Field(default=0.95, ge=0, le=1)
     probe_rate: float = Field(default=0.02, ge=0, le=1)
-    # free-text answers agree when rapidfuzz's ratio (0-100) / 100 is at least this (issue 6)
+    # free-text answers agree when rapidfuzz's ratio (0-100) / 100 is at least this
     similarity_threshold: float = Field(default=0.85, ge=0, le=1)
 
 
@@ -133,7 +133,7 @@ class LimitsConfig(_Section):
 
 
 class BudgetConfig(_Section):
-    """What happens once a tenant's month-to-date spend reaches its monthly budget (issue 4)."""
+    """What happens once a tenant's month-to-date spend reaches its monthly budget."""
 
     # reject: new tasks are answered 402; downgrade: complex tasks are stored (and served) as light
     policy: Literal["reject", "downgrade"] = "reject"

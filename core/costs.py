@@ -1,4 +1,4 @@
-"""Cost queries, the token report and monthly budgets (DESIGN §5, issue 4).
+"""Cost queries, the token report and monthly budgets.
 
 Where the figures come from
 ---------------------------

@@ -1,4 +1,4 @@
-"""The Batch API facade (DESIGN §9): OpenAI's `/v1/files` and `/v1/batches` over our own task path.
+"""The Batch API facade: OpenAI's `/v1/files` and `/v1/batches` over our own task path.
 
 - A file (purpose `batch`) is validated line by line when it is uploaded (JSON, unique `custom_id`,
   `POST`, `/v1/chat/completions`, a chat body with `smart-select` or a configured model), within
@@ -125,7 +125,7 @@ def parse_batch_line(number: int, raw: bytes, config: AppConfig, rules: Mapping[
                      ) -> BatchLine:
     """One line of a batch input file, checked as OpenAI checks it plus our routing of its model:
     `smart-select` with tier auto follows the tenant's routing rule for the line's task type (`rules`,
-    from `tenant_rules`) before config `[routing]` and the heuristic (DESIGN §3)."""
+    from `tenant_rules`) before config `[routing]` and the heuristic."""
     try:
         obj = loads_checked(raw)
     except NotJson:

@@ -1,4 +1,4 @@
-"""The OpenAI-compatible front door's immediate path (DESIGN §3, §9): validate a chat completion
+"""The OpenAI-compatible front door's immediate path: validate a chat completion
 request, route it (`smart-select` or a configured model), call the chain with retries, fallbacks
 and the shared cooldown, and record the call as a task with its ledger row, in one transaction.
 
@@ -116,7 +116,7 @@ def model_not_found(model: str, param: str | None = "model") -> GatewayError:
 class TenantPolicy:
     """What the gateway applies to a tenant's calls besides the request itself."""
 
-    rules: dict[str, RuleView]  # routing rules by task type (issue 6)
+    rules: dict[str, RuleView]  # routing rules by task type
     budget_refusal: str | None = None  # the monthly budget is reached under policy `reject`
     budget_downgrade: str | None = None  # ... under policy `downgrade`: the reason complex is served as light
 
@@ -194,7 +194,7 @@ def _metadata(value: Any) -> dict[str, str]:
             raise shared.InvalidRequest(f"Invalid 'metadata.{key}': string too long. Expected a string with maximum "
                                         f"length 512, but got a string with length {len(item)} instead.",
                                         f"metadata.{key}", "string_above_max_length")
-    switch = value.get("cache")  # ours: the response cache switch (issue 6)
+    switch = value.get("cache")  # ours: the response cache switch
     if switch is not None and switch not in ("on", "off"):
         raise shared.InvalidRequest(f"Invalid value for 'metadata.cache': '{switch}'. Supported values are: 'on' and "
                                     "'off'.", "metadata.cache", "invalid_value")
@@ -331,7 +331,7 @@ def route_request(config: AppConfig, model: str, messages: Sequence[Mapping[str,
     task_type = _task_type_hint(task_type_hint, task_type_param)
     requested = _tier_hint(tier_hint, tier_param)
     if model == SMART_SELECT:
-        # the tenant's routing rule (issue 6) comes before config routing and the heuristic
+        # the tenant's routing rule comes before config routing and the heuristic
         decision = (rule_decision(rules or {}, requested, task_type)
                     or resolve_tier(config, requested, task_type, messages, tools_requested=tools_requested))
         return Route(decision.tier, requested, f"smart-select: {decision.reason}", task_type,
@@ -354,7 +354,7 @@ def provider_request(body: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def apply_budget_policy(config: AppConfig, route: Route, policy: TenantPolicy) -> Route:
-    """Over the tenant's monthly budget (issue 4): `reject` refuses the call with 402, `downgrade` serves a
+    """Over the tenant's monthly budget: `reject` refuses the call with 402, `downgrade` serves a
     complex call on the light tier's chain, saying so in the task's tier reason."""
     if policy.budget_refusal is not None:
         raise GatewayError(402, f"Monthly budget reached: {policy.budget_refusal}", "insufficient_quota", None,
@@ -442,7 +442,7 @@ class CallRecord:
     prices: Any = None  # PricedUsage | None
     cost_usd: Decimal | None = None
     baseline_cost_usd: Decimal | None = None
-    mode: Mode = Mode.IMMEDIATE  # or `cache`: answered from the response cache (issue 6)
+    mode: Mode = Mode.IMMEDIATE  # or `cache`: answered from the response cache
 
 
 _TASK_COLUMNS = ("id uuid", "tenant_id uuid", "task_type text", "requested_tier requested_tier", "tier tier",
@@ -771,7 +771,7 @@ class Gateway:
                  sessions: sessionmaker[Session] | None = None, write: WriteRecords | None = None) -> None:
         """`write` commits a group of call records (default: `CallWriter` on `database_dsn`)."""
         self.config = config
-        # the response cache (issue 6) needs the database; without sessions every call goes to a provider
+        # the response cache needs the database; without sessions every call goes to a provider
         self.sessions = sessions
         self._flights: dict[tuple[uuid.UUID, bytes], asyncio.Future[None]] = {}
         self.providers = providers

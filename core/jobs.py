@@ -1,6 +1,6 @@
-"""Bulk jobs (DESIGN §8): validate a job request, store its tasks with one COPY, read it back.
+"""Bulk jobs: validate a job request, store its tasks with one COPY, read it back.
 
-Speed matters here (DESIGN §13: ≥ 20,000 tasks/s through `POST /v1/jobs`), so the up to 100,000
+Speed matters here (the target is ≥ 20,000 tasks/s through `POST /v1/jobs`), so the up to 100,000
 items of a request are checked by a tight loop rather than one pydantic model each, and every
 task's request body is the job's pre-serialized JSON with the item's text spliced in.
 
@@ -424,7 +424,7 @@ class TierChoice:
 
 def tier_chooser(settings: JobSettings, config: AppConfig, budget_reason: str | None = None,
                  rules: Mapping[str, RuleView] | None = None) -> Callable[[JobItem], TierChoice]:
-    """The tier of each item, first that applies (DESIGN §3): the job's explicit tier → the tenant's
+    """The tier of each item, first that applies: the job's explicit tier → the tenant's
     routing rule for the job's task type (`rules`, from `tenant_rules`, loaded once per request) →
     config `[routing]` → the prompt heuristic. All but the last are the same for every item: resolved
     once. Over a budget with the `downgrade` policy (`budget_reason`), complex items are stored as

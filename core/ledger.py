@@ -1,4 +1,4 @@
-"""Ledger rows (DESIGN §5): one per provider response, with unit prices and costs per token kind."""
+"""Ledger rows: one per provider response, with unit prices and costs per token kind."""
 
 from __future__ import annotations
 

@@ -24,12 +24,12 @@ ASSEMBLE_BATCHES = "tierbatch.batch.assemble"
 SUBMIT_BATCH = "tierbatch.batch.submit"
 POLL_BATCHES = "tierbatch.batch.poll"
 INGEST_BATCH = "tierbatch.batch.ingest"
-# scheduled classification (issue 7)
+# scheduled classification
 SCHEDULE_TICK = "tierbatch.schedules.tick"
 SCHEDULE_RUN = "tierbatch.schedules.run"
 SCHEDULE_FINISH = "tierbatch.schedules.finish"
 SCHEDULE_WEBHOOK = "tierbatch.schedules.webhook"
-# quality-aware routing (issue 6)
+# quality-aware routing
 QUALITY_SHADOW = "tierbatch.quality.shadow"
 # Batch API facade: the beat step that expires client batches past their completion window
 EXPIRE_CLIENT_BATCHES = "tierbatch.facade.expire"
@@ -58,7 +58,7 @@ TASK_ROUTES = {
     SCHEDULE_RUN: {"queue": QUEUE_BATCH},
     SCHEDULE_FINISH: {"queue": QUEUE_BATCH},
     SCHEDULE_WEBHOOK: {"queue": QUEUE_WEBHOOKS},
-    QUALITY_SHADOW: {"queue": QUEUE_IMMEDIATE},  # quality-aware routing (issue 6)
+    QUALITY_SHADOW: {"queue": QUEUE_IMMEDIATE},  # quality-aware routing
     EXPIRE_CLIENT_BATCHES: {"queue": QUEUE_BATCH},  # assembles output files: bulk work
     JOB_WEBHOOK_TICK: {"queue": QUEUE_DISPATCH},  # job webhooks: the check is quick, the POSTs wait apart
     JOB_WEBHOOK: {"queue": QUEUE_WEBHOOKS},

@@ -181,10 +181,10 @@ class Task(Base):
         # deadline escalation looks only at batch-path tasks that have a deadline
         Index("ix_tasks_batch_deadline", "deadline",
               postgresql_where=text("deadline IS NOT NULL AND status IN ('waiting_batch', 'in_batch')")),
-        # budgets (issue 4): a tenant's not-yet-finished tasks, counted for the pending-spend estimate
+        # budgets: a tenant's not-yet-finished tasks, counted for the pending-spend estimate
         Index("ix_tasks_tenant_live", "tenant_id",
               postgresql_where=text("status IN ('queued', 'waiting_batch', 'in_batch', 'running')")),
-        # quality monitor (issue 6): at most one batch-path shadow task per task, never part of a job
+        # quality monitor: at most one batch-path shadow task per task, never part of a job
         Index("uq_tasks_shadow_of", "shadow_of", unique=True, postgresql_where=text("shadow_of IS NOT NULL")),
         CheckConstraint("shadow_of IS NULL OR job_id IS NULL", name="shadow_task_has_no_job"),
     )
@@ -228,7 +228,7 @@ class Task(Base):
     updated_at: Mapped[datetime] = _now_column()
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
-    # A shadow task (issue 6): the quality monitor's second request of task `shadow_of` on the other tier,
+    # A shadow task: the quality monitor's second request of task `shadow_of` on the other tier,
     # sent through the batch path when that task was not urgent. Its ledger row is a `shadow` row of
     # `shadow_of`; it is not listed to the tenant and belongs to no job.
     shadow_of: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tasks.id"))
@@ -239,12 +239,12 @@ class LedgerEntry(Base):
 
     __tablename__ = "ledger_entries"
     __table_args__ = (
-        # No double billing (DESIGN §12.2): one non-shadow row per task, enforced by the database.
+        # No double billing: one non-shadow row per task, enforced by the database.
         Index("uq_ledger_entries_task_billed", "task_id", unique=True,
               postgresql_where=text("mode <> 'shadow'")),
         Index("ix_ledger_entries_tenant_created", "tenant_id", "created_at"),
         Index("ix_ledger_entries_job", "job_id", postgresql_where=text("job_id IS NOT NULL")),
-        # cost queries (issue 4): time ranges over all tenants; rows arrive in time order, so BRIN is tiny
+        # cost queries: time ranges over all tenants; rows arrive in time order, so BRIN is tiny
         Index("ix_ledger_entries_created_brin", "created_at", postgresql_using="brin"),
         CheckConstraint("unpriced = (cost_usd IS NULL)", name="unpriced_iff_no_cost"),
         CheckConstraint(
@@ -281,14 +281,14 @@ class LedgerEntry(Base):
     baseline_cost_usd: Mapped[Decimal | None] = mapped_column(MONEY)
     unpriced: Mapped[bool] = mapped_column(Boolean, nullable=False)
     latency_ms: Mapped[int | None] = mapped_column(Integer)
-    # OpenAI front door (issue 5): true when the token counts are our estimate (a stream the client left
+    # OpenAI front door: true when the token counts are our estimate (a stream the client left
     # before the provider reported usage), not the provider's
     usage_estimated: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False,
                                                   server_default=text("false"))
     created_at: Mapped[datetime] = _now_column()
 
 
-# --- cost rollup (issue 4) ---------------------------------------------------------------------------
+# --- cost rollup -------------------------------------------------------------------------------------
 class LedgerDaily(Base):
     """Ledger sums per UTC day and (tenant, job, task type, tier, mode, provider, served model).
 
@@ -331,7 +331,7 @@ class LedgerDaily(Base):
 # --- end cost rollup ---------------------------------------------------------------------------------
 
 
-# --- OpenAI-compatible Batch API facade (issue 5) ----------------------------------------------------
+# --- OpenAI-compatible Batch API facade --------------------------------------------------------------
 OPENAI_BATCH_STATUSES = ("validating", "failed", "in_progress", "finalizing", "completed", "expired",
                          "cancelling", "cancelled")
 
@@ -403,7 +403,7 @@ class ClientBatch(Base):
 # --- end OpenAI-compatible Batch API facade ----------------------------------------------------------
 
 
-# --- scheduled classification (issue 7) --------------------------------------------------------------
+# --- scheduled classification ------------------------------------------------------------------------
 SCHEDULE_RUN_STATUSES = ("running", "succeeded", "failed")
 CLASSIFICATION_STATUSES = ("pending", "succeeded", "failed")
 
@@ -533,7 +533,7 @@ class WebhookDelivery(Base):
 # --- end scheduled classification --------------------------------------------------------------------
 
 
-# --- quality-aware routing (issue 6) ------------------------------------------------------------------
+# --- quality-aware routing ----------------------------------------------------------------------------
 class RoutingRule(Base):
     """The tier for a tenant's task type; overrides config `[routing]` (seeded from it lazily)."""
 

@@ -1,4 +1,4 @@
-"""Prices per token kind (DESIGN §5): genai-prices offline, overridden by config `[prices]`.
+"""Prices per token kind: genai-prices offline, overridden by config `[prices]`.
 
 Unit prices are USD per million tokens and are stored on each ledger row, so history never
 changes when prices do. A model without any known price is *unpriced*: cost None, never 0.
@@ -105,7 +105,7 @@ class PriceBook:
 
     def price(self, provider: str, served_model: str, requested_model: str, usage: TokenUsage, *,
               batch: bool = False) -> PricedUsage | None:
-        """Price by the served model first, then by the requested one (DESIGN §5)."""
+        """Price by the served model first, then by the requested one."""
         for model in (served_model, requested_model):
             prices = self.unit_prices(provider, model, batch=batch)
             if prices is not None:

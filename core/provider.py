@@ -2,7 +2,7 @@
 
 `openai.*` errors are mapped here, by type, to core.errors; nothing outside sees them.
 
-Prompt caching (issue 6): providers cache a request's longest previously seen prefix of 1,024+
+Prompt caching: providers cache a request's longest previously seen prefix of 1,024+
 tokens and bill it at the cached-input rate. Our requests keep that prefix stable: a job's request is
 its system prompt, then the rendered template with the item's text last (`core.jobs.RequestEncoder`),
 and params come after the messages. Where the provider config allows it (`prompt_cache_key`, on by
@@ -301,7 +301,7 @@ class ProviderBatches:
             raise self._mapped(exc) from exc
 
 
-# --- OpenAI-compatible front door (issue 5): async calls for the API process ------------------------
+# --- OpenAI-compatible front door: async calls for the API process ---------------------------------
 
 @dataclass(frozen=True, slots=True)
 class RawChatAnswer:

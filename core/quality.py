@@ -1,4 +1,4 @@
-"""Shadow comparisons and automatic promotion / demotion (DESIGN §6, issue 6).
+"""Shadow comparisons and automatic promotion / demotion.
 
 - Sampling: a Light task is shadowed on the complex model with probability `shadow_rate`; a task type the
   quality loop promoted to complex is probed the other way (its complex tasks also run on the light

@@ -1,4 +1,4 @@
-"""Retry policy for immediate calls (DESIGN §3): retry retryable errors with backoff honouring
+"""Retry policy for immediate calls: retry retryable errors with backoff honouring
 `retry-after`, then fall back along the tier's ordered chain."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Tier resolution and path choice (DESIGN §3).
+"""Tier resolution and path choice.
 
 Tier, first that applies: the task's explicit tier → the default for its task type in config
 `[routing]` → `classify_prompt`, a small heuristic that a learned router can replace later.

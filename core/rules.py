@@ -1,4 +1,4 @@
-"""Routing rules per tenant and task type (DESIGN §3, issue 6), and their change events.
+"""Routing rules per tenant and task type, and their change events.
 
 A rule overrides config `[routing]` for one tenant's task type. Rules are seeded from config lazily (the
 first time a tenant's routes are listed); until then config routing gives the same answer. Every change

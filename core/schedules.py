@@ -1,4 +1,4 @@
-"""Scheduled bulk classification (DESIGN §8 schedules, issue 7).
+"""Scheduled bulk classification.
 
 A schedule is a cron expression in a time zone, a job template (task type, tier, labels, prompts …),
 a source (core/sources.py: a file in the tenant's own directory, a file it uploaded, or a SQL source

@@ -1,4 +1,4 @@
-"""Process settings from the environment (DESIGN §7); the TOML file is read by core.config."""
+"""Process settings from the environment; the TOML file is read by core.config."""
 
 from __future__ import annotations
 

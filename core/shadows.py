@@ -1,4 +1,4 @@
-"""Batch-path shadow tasks (DESIGN §6, issue 6): the quality monitor's second request of a non-urgent task,
+"""Batch-path shadow tasks: the quality monitor's second request of a non-urgent task,
 sent through a provider batch at the batch price instead of an immediate call.
 
 A shadow task is a `tasks` row with `shadow_of` set: the same request, on the other tier's primary model,

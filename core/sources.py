@@ -1,4 +1,4 @@
-"""Where a scheduled run's items come from (DESIGN §8 schedules): files and SQL queries, read as streams.
+"""Where a scheduled run's items come from: files and SQL queries, read as streams.
 
 - **file**: a path or a glob relative to the tenant's own directory `<[files] root>/<tenant id>/`
   (every match, in name order), or a file the tenant uploaded (`POST /v1/files`, purpose `user_data`);

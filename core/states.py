@@ -1,6 +1,6 @@
 """Domain states, mirrored one to one by Postgres enums (see core.models).
 
-Task status (DESIGN §2):
+Task status (transitions in docs/architecture.md, States):
 
 - ``queued``: accepted and stored, not yet routed (or put back after a retryable error).
 - ``waiting_batch``: Light and not urgent; waits to be placed in a provider batch.
@@ -53,7 +53,7 @@ class Mode(enum.StrEnum):
 
 
 class CacheEntryStatus(enum.StrEnum):
-    """A response cache entry (issue 6): `pending` while one caller computes the answer for everyone
+    """A response cache entry: `pending` while one caller computes the answer for everyone
     asking the same thing (until `expires_at`, its claim deadline); `ready` once the answer is stored
     (until `expires_at`, the end of its TTL)."""
 

@@ -1,4 +1,4 @@
-"""What a producer submits (DESIGN §8): validated the same way by the API and by the Celery
+"""What a producer submits: validated the same way by the API and by the Celery
 `tierbatch.submit_tasks` path, before anything is stored."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Task storage and guarded state transitions (DESIGN §2).
+"""Task storage and guarded state transitions.
 
 Every transition is one `UPDATE … WHERE status IN (…) RETURNING`; a transition that moves no row
 returns None/False (or raises TransitionError where the caller must know). Nothing here commits:
@@ -59,7 +59,7 @@ class AcceptedTask:
 def _task_row(tenant_id: uuid.UUID, spec: TaskSpec, config: AppConfig, job_id: uuid.UUID | None,
               item_id: str | None, rules: Mapping[str, RuleView] | None = None) -> dict[str, Any]:
     messages = spec.chat_messages()
-    # quality-aware routing (issue 6): the tenant's rule for the task type comes before config routing
+    # quality-aware routing: the tenant's rule for the task type comes before config routing
     decision = (rule_decision(rules or {}, spec.tier, spec.task_type)
                 or resolve_tier(config, spec.tier, spec.task_type, messages))
     return {
@@ -77,7 +77,7 @@ def insert_tasks(session: Session, tenant_id: uuid.UUID, specs: Sequence[TaskSpe
     rows: list[dict[str, Any]] = []
     first_by_key: dict[str, int] = {}
     order: list[int | str] = []  # per spec: index into rows, or an idempotency key seen earlier
-    rules = tenant_rules(session, tenant_id) if specs else {}  # issue 6: one query per request
+    rules = tenant_rules(session, tenant_id) if specs else {}  # one query per request
     for spec in specs:
         key = spec.idempotency_key
         if key is not None and key in first_by_key:
@@ -88,7 +88,7 @@ def insert_tasks(session: Session, tenant_id: uuid.UUID, specs: Sequence[TaskSpe
         order.append(len(rows))
         rows.append(_task_row(tenant_id, spec, config, job_id, None, rules))
 
-    apply_budget(session, tenant_id, rows, config)  # budgets (issue 4): 402, or complex stored as light
+    apply_budget(session, tenant_id, rows, config)  # budgets: 402, or complex stored as light
 
     inserted: set[uuid.UUID] = set()
     if rows:
@@ -125,7 +125,7 @@ def _uuid_array(ids: Sequence[uuid.UUID]) -> BindParameter[Any]:
 def route_queued_tasks(session: Session, task_ids: Sequence[uuid.UUID], config: AppConfig,
                        now: datetime, prices: PriceBook | None = None) -> list[uuid.UUID]:
     """Answer cached requests, send Light non-urgent tasks to `waiting_batch`; return the ids due for an
-    immediate call. With `prices`, the response cache is consulted (issue 6).
+    immediate call. With `prices`, the response cache is consulted.
 
     Only tasks still `queued` and past their `not_before` are routed, so running this twice is harmless.
     """
@@ -204,7 +204,7 @@ def claim_for_immediate_call(session: Session, task_id: uuid.UUID, lease_seconds
                        row.attempts, row.task_metadata or {}, row.urgent)
 
 
-# --- response cache (issue 6) -------------------------------------------------------------------------
+# --- response cache ----------------------------------------------------------------------------------
 
 
 def answer_queued_from_cache(session: Session, task_ids: Sequence[uuid.UUID], config: AppConfig,

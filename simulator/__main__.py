@@ -14,7 +14,7 @@ def main(argv: list[str] | None = None) -> int:
                                      description="OpenAI-compatible provider simulator")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8100)
-    parser.add_argument("--config", type=Path, default=None, help="simulator TOML file (DESIGN §11)")
+    parser.add_argument("--config", type=Path, default=None, help="simulator TOML file")
     args = parser.parse_args(argv)
     from simulator.server import serve
 

@@ -1,4 +1,4 @@
-"""Simulator settings: the TOML file of DESIGN §11 and the JSON body of `POST /_sim/config`.
+"""Simulator settings: its TOML file and the JSON body of `POST /_sim/config`.
 
 A model's effective settings are the `[models."*"]` table merged with the model's own table
 (`SimConfig.model_settings`). Tables keep only the keys that were written, so merging and
@@ -116,7 +116,7 @@ def parse_sim_config(data: Any, source: str = "simulator config") -> SimConfig:
 
 
 def load_sim_config(path: Path | None) -> SimConfig:
-    """Read a TOML file (DESIGN §11); `None` gives the defaults."""
+    """Read the simulator's TOML file; `None` gives the defaults."""
     if path is None:
         return SimConfig()
     try:

@@ -28,7 +28,7 @@ def beat_schedule(config: AppConfig) -> dict[str, dict[str, object]]:
         # Batch API facade: client batches past their 24 h window expire (one query when none is due)
         "expire-client-batches": {"task": EXPIRE_CLIENT_BATCHES,
                                   "schedule": timedelta(seconds=config.batch.poll_interval_seconds)},
-        # scheduled classification (issue 7): cron has minute resolution; a run starts within a few seconds
+        # scheduled classification: cron has minute resolution; a run starts within a few seconds
         "schedules-tick": {"task": SCHEDULE_TICK,
                            "schedule": timedelta(seconds=min(5.0, config.batch.poll_interval_seconds))},
         # job webhooks: finished jobs with a webhook_url are notified within a few seconds
@@ -43,8 +43,8 @@ def create_celery_app(settings: Settings, config: AppConfig) -> Celery:
     app.conf.beat_schedule = beat_schedule(config)
     # registers the shared tasks with this app
     import worker.facade  # Batch API facade: expiry of client batches
-    import worker.quality  # quality-aware routing (issue 6)
-    import worker.schedules  # scheduled classification (issue 7)
+    import worker.quality  # quality-aware routing
+    import worker.schedules  # scheduled classification
     import worker.tasks
     import worker.webhooks  # noqa: F401  job webhooks
 

@@ -239,7 +239,7 @@ def _chunks(api: ProviderBatches, batch: ProviderBatch, size: int) -> Iterator[l
 def _prepare_chunk(ctx: WorkerContext, batch: ProviderBatch, lines: list[str]) -> tuple[PreparedChunk, list[uuid.UUID]]:
     """Parse and price one chunk (it only reads the database); returns it with the quality monitor's watch list."""
     outcomes = classify_lines(lines)
-    # quality monitor (DESIGN §6): the few successes that may be shadowed, by task id alone
+    # quality monitor: the few successes that may be shadowed, by task id alone
     watch = [task_id for task_id in outcomes.successes if may_be_sampled(ctx.config, task_id)]
     with ctx.sessions.begin() as session:
         prepared = prepare_outcomes(session, ctx.prices, batch, outcomes)
@@ -252,7 +252,7 @@ def _write_chunk(ctx: WorkerContext, batch: ProviderBatch, chunk: tuple[Prepared
     prepared, watch = chunk
     with ctx.sessions.begin() as session:
         ingested = write_prepared(session, ctx.config, batch, prepared, watch)
-        # response cache (issue 6): cacheable answers serve later identical requests
+        # response cache: cacheable answers serve later identical requests
         fill_from_succeeded_tasks(session, ctx.config, prepared.success_ids)
         touch_batch(session, batch.id)
     return ingested

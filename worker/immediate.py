@@ -24,7 +24,7 @@ from core.tasks import (
     running_guard,
 )
 from worker.context import WorkerContext
-from worker.quality import maybe_send_shadow  # quality-aware routing (issue 6)
+from worker.quality import maybe_send_shadow  # quality-aware routing
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def run_immediate_call(ctx: WorkerContext, task_id: uuid.UUID, *, escalate: bool
     if charge is None:
         log.warning("task %s: lease lost while calling %s; result discarded", task_id, result.served_model)
         return None
-    maybe_send_shadow(ctx, claimed)  # quality-aware routing (issue 6): shadow sampling
+    maybe_send_shadow(ctx, claimed)  # quality-aware routing: shadow sampling
     return None
 
 

@@ -1,4 +1,4 @@
-"""Shadow comparisons (DESIGN §6, issue 6): the extra call for a sampled task, its comparison, the verdict.
+"""Shadow comparisons: the extra call for a sampled task, its comparison, the verdict.
 
 Where sampling happens:
 - immediate tasks: `maybe_send_shadow`, after the call's result is recorded (worker/immediate.py);
@@ -12,7 +12,7 @@ would say nothing about the one routed to). Its cost is a `shadow` ledger row, a
 A provider error is recorded as a comparison with `agreed = NULL`, which never counts toward the verdict.
 One comparison per task (unique `task_id`): a second delivery records nothing.
 
-Which path a shadow takes (DESIGN §6): an urgent task's shadow is an immediate call on the other tier's
+Which path a shadow takes: an urgent task's shadow is an immediate call on the other tier's
 primary model (a `QUALITY_SHADOW` message). A non-urgent task's shadow goes through the batch path as a
 shadow task (core/shadows.py), at the batch price: it is claimed, submitted and ingested like any batch
 line, billed as a `shadow` row of the task it shadows, and compared by `settle_batch_shadows` once the
@@ -149,7 +149,7 @@ def run_shadow(ctx: WorkerContext, task_id: uuid.UUID, shadow_tier: Tier) -> str
                 task_type=task.task_type, tier=shadow_tier, mode=Mode.SHADOW, provider=result.provider,
                 requested_model=result.requested_model, served_model=result.served_model, usage=result.usage,
                 latency_ms=result.latency_ms))
-            if charge.cost_usd is not None:  # DESIGN §12.2: a task's cost is the sum of its ledger rows
+            if charge.cost_usd is not None:  # no double billing: a task's cost is the sum of its ledger rows
                 session.execute(update(Task).where(Task.id == task_id)
                                 .values(cost_usd=func.coalesce(Task.cost_usd, 0) + charge.cost_usd))
         action = evaluate(session, ctx.config, task.tenant_id, task.task_type)

@@ -132,7 +132,7 @@ def reconcile(self: CeleryTask) -> int:
         with ctx.sessions.begin() as session:
             mark_dispatched(session, [uuid.UUID(i) for i in chunk])
     with ctx.sessions.begin() as session:
-        purged = purge_expired_entries(session)  # response cache (issue 6): expired answers and dead claims
+        purged = purge_expired_entries(session)  # response cache: expired answers and dead claims
     to_submit, to_ingest = stale_batches(ctx)
     for batch_id in to_submit:
         self.app.send_task(SUBMIT_BATCH, args=[str(batch_id)])

@@ -1,4 +1,4 @@
-"""Admin API: tenants (DESIGN §8). Keys are shown once and stored hashed; the webhook secret (it signs the
+"""Admin API: tenants. Keys are shown once and stored hashed; the webhook secret (it signs the
 tenant's job webhooks) is shown once at creation and at each rotation. A tenant may hold several keys;
 a revoked one is refused by every API process within a second."""
 

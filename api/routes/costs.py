@@ -1,4 +1,4 @@
-"""Cost queries, the token report and budget status (DESIGN §5, §8; issue 4).
+"""Cost queries, the token report and budget status.
 
 A tenant key sees that tenant's rows only; the admin token (TIERBATCH_ADMIN_TOKEN) sees every tenant
 and may group by `tenant` or filter by `tenant_id`. Query parameters are parsed by core.costs into a

@@ -1,4 +1,4 @@
-"""Bulk jobs (DESIGN §8): submit up to 100,000 items per request, read counts and costs, stream results."""
+"""Bulk jobs: submit up to 100,000 items per request, read counts and costs, stream results."""
 
 from __future__ import annotations
 

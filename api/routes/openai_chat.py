@@ -1,10 +1,11 @@
-"""`POST /v1/chat/completions`: the OpenAI-compatible front door (DESIGN §9), immediate from this process.
+"""`POST /v1/chat/completions`: the OpenAI-compatible front door, immediate from this process.
 
-`smart-select` routes per DESIGN §3; a configured model is served as asked, with its fallbacks. The
-answer is the provider's body, relayed unchanged (its `model` is the model that served it), with
-`x-tierbatch-task-id`, `x-tierbatch-tier`, `x-tierbatch-cost-usd` and `x-tierbatch-cache` (`hit` when
-answered from the response cache, issue 6) headers; a stream (never cached) relays the
-provider's chunks as they arrive (no cost header: the cost is known at the end, on the task).
+`smart-select` routes as a task is routed (explicit tier, tenant rule, config, heuristic); a configured
+model is served as asked, with its fallbacks. The answer is the provider's body, relayed unchanged (its
+`model` is the model that served it), with `x-tierbatch-task-id`, `x-tierbatch-tier`,
+`x-tierbatch-cost-usd` and `x-tierbatch-cache` (`hit` when answered from the response cache) headers; a
+stream (never cached) relays the provider's chunks as they arrive (no cost header: the cost is known at
+the end, on the task).
 
 Fail closed: the request's fields and characters are checked before any provider call
 (`core.chat_fields`); an answer leaves only once its task and ledger row are committed (a stream's

@@ -1,4 +1,4 @@
-"""Routing rules and the quality report (DESIGN §8, issue 6): `GET /v1/routes`, `PUT /v1/routes/{task_type}`,
+"""Routing rules and the quality report: `GET /v1/routes`, `PUT /v1/routes/{task_type}`,
 `GET /v1/quality`. A tenant key sees and changes its own rules only."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Scheduled bulk classification (DESIGN §8 schedules): CRUD, run now, runs and their classifications."""
+"""Scheduled bulk classification: CRUD, run now, runs and their classifications."""
 
 from __future__ import annotations
 

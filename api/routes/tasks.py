@@ -1,4 +1,4 @@
-"""Native task API: submit, read, list, cancel (DESIGN §8)."""
+"""Native task API: submit, read, list, cancel."""
 
 from __future__ import annotations
 

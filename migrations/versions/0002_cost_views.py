@@ -1,4 +1,4 @@
-"""cost views and the daily ledger rollup trigger (issue 4)
+"""cost views and the daily ledger rollup trigger
 
 Hand-written. The table `ledger_daily` itself comes from the models (0001); this revision adds:
 

@@ -1,4 +1,4 @@
-"""response cache (issue 6): one row per cached answer or in-flight claim, per tenant and request hash
+"""response cache: one row per cached answer or in-flight claim, per tenant and request hash
 
 Revision ID: 0003
 Revises: 0002

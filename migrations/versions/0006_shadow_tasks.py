@@ -1,4 +1,4 @@
-"""shadow tasks (issue 6): the quality monitor's batch-path second requests, as tasks of their own
+"""shadow tasks: the quality monitor's batch-path second requests, as tasks of their own
 
 Revision ID: 0006
 Revises: 0005

@@ -1,4 +1,4 @@
-"""Crashes on the batch path (DESIGN §12): SIGKILL of the worker at each risky step, and a Redis
+"""Crashes on the batch path: SIGKILL of the worker at each risky step, and a Redis
 wipe while tasks are queued. Afterwards nothing is lost, submitted twice or billed twice."""
 
 from __future__ import annotations

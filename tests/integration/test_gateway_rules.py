@@ -1,4 +1,4 @@
-"""`smart-select` follows the tenant's routing rules (issue 6, DESIGN §3): a rule set through
+"""`smart-select` follows the tenant's routing rules: a rule set through
 `PUT /v1/routes` (or by the quality monitor) decides the tier of `auto` calls of its task type, for that
 tenant only; an explicit tier still wins."""
 
@@ -35,7 +35,7 @@ def test_smart_select_follows_the_tenants_rule(sim_reset: Stack) -> None:
 
 
 def test_gateway_refuses_calls_over_the_monthly_budget(sim_reset: Stack) -> None:
-    """Budgets (issue 4) apply to the OpenAI surface too: policy `reject` answers 402 before any provider
+    """Budgets apply to the OpenAI surface too: policy `reject` answers 402 before any provider
     call, in OpenAI's error shape."""
     stack = sim_reset
     with stack.admin_client() as admin:

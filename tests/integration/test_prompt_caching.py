@@ -1,4 +1,4 @@
-"""Provider prompt caching end to end (issue 6): a job with a long system prompt keeps it as the stable
+"""Provider prompt caching end to end: a job with a long system prompt keeps it as the stable
 prefix of every request, so after the first call the provider (the simulator) reports cached tokens;
 each task's ledger row bills them at the cached-input rate of the model's price; and every request,
 batch line or immediate call, carries the task's `prompt_cache_key`.

@@ -1,4 +1,4 @@
-"""Quality-aware routing end to end (issue 6): shadow comparisons against the simulator's agreement model,
+"""Quality-aware routing end to end: shadow comparisons against the simulator's agreement model,
 promotion after min_samples, demotion by probes, pinned rules, provider errors.
 
 The session stack runs with the default quality settings (5% sampling, 50 samples), too slow for a test:
@@ -113,7 +113,7 @@ def test_high_agreement_stays_light(quality_stack: Stack) -> None:
             "SELECT t.cost_usd = sum(l.cost_usd), count(*) FILTER (WHERE l.mode = 'shadow'), "
             "count(*) FILTER (WHERE l.mode <> 'shadow') FROM tasks t JOIN ledger_entries l ON l.task_id = t.id "
             "WHERE t.task_type = 'steady' GROUP BY t.id, t.cost_usd").fetchall()
-    # DESIGN §12.2: one billed row per task; its cost is the sum of its ledger rows, shadow included
+    # no double billing: one billed row per task; its cost is the sum of its ledger rows, shadow included
     assert len(rows) == 30 and set(rows) == {(True, 1, 1)}
 
 

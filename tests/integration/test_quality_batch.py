@@ -1,4 +1,4 @@
-"""Shadow comparisons of batch-path Light tasks (issue 6, DESIGN §6): non-urgent labelled classification
+"""Shadow comparisons of batch-path Light tasks: non-urgent labelled classification
 goes through a provider batch; after each ingested chunk, the tasks the stable hash samples get a shadow
 task, which goes through a provider batch of the complex model in turn (non-urgent: the batch price); a
 poor cheap model promotes the task type; shadow spend is a `shadow` ledger row of the shadowed task.

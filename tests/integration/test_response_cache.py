@@ -1,4 +1,4 @@
-"""The response cache end to end (issue 6): through the OpenAI SDK against the gateway and through
+"""The response cache end to end: through the OpenAI SDK against the gateway and through
 `POST /v1/tasks` against the worker, with the simulator's call counts as the proof of what reached a
 provider. The session stack runs with the default cache settings (on, 24 h TTL, deterministic requests)
 plus two task type policies (`cached_always`, `never_cached`; tests/support/stack.py)."""

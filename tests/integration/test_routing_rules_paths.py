@@ -1,4 +1,4 @@
-"""Tenant routing rules (issue 6) on the bulk paths, through the real stack: a rule set with
+"""Tenant routing rules on the bulk paths, through the real stack: a rule set with
 `PUT /v1/routes/{task_type}` routes a tenant's `auto` tasks of that type in `POST /v1/jobs` (and NDJSON
 item uploads) and in Batch API facade lines, before config `[routing]`; an explicit tier still wins, and
 a tenant without the rule keeps config routing."""

@@ -180,7 +180,7 @@ def sessions(stack: Stack) -> Iterator[sessionmaker[Session]]:
         engine.dispose()
 
 
-# --- the "done when" of issue 7 ------------------------------------------------------------------------------
+# --- what scheduled classification must do, end to end -------------------------------------------------------
 
 def test_every_minute_over_1000_csv_items_through_a_batch_then_a_fire_with_nothing_new(
         sim_reset: Stack) -> None:

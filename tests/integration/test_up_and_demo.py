@@ -1,4 +1,4 @@
-"""`tierbatch up` and `tierbatch demo` (DESIGN §10): the all-in-one stack starts, serves, and stops clean."""
+"""`tierbatch up` and `tierbatch demo`: the all-in-one stack starts, serves, and stops clean."""
 
 from __future__ import annotations
 
@@ -226,7 +226,7 @@ def test_demo_reports_costs_and_stops(tmp_path: Path, embedded_env: None) -> Non
     assert schedule_run is not None and schedule_run["status"] != "failed" and not schedule_run["error"], schedule_run
     assert schedule_run["task_count"] == 40, schedule_run
 
-    # the response cache (issue 6): the repeats of a deterministic question cost nothing
+    # the response cache: the repeats of a deterministic question cost nothing
     cache = report["cache_scene"]
     assert cache is not None and (cache["first"]["status"], cache["first"]["mode"]) == ("succeeded", "immediate")
     assert Decimal(str(cache["first"]["cost_usd"])) > 0
@@ -234,7 +234,7 @@ def test_demo_reports_costs_and_stops(tmp_path: Path, embedded_env: None) -> Non
         [("succeeded", "cache", Decimal(0))] * len(cache["repeats"])
     assert all(Decimal(str(r["baseline_cost_usd"])) > 0 for r in cache["repeats"])
 
-    # the quality scene (issue 6): a poor cheap model, its task type promoted from batch-path shadows
+    # the quality scene: a poor cheap model, its task type promoted from batch-path shadows
     scene = report["quality_scene"]
     assert scene is not None, report.get("quality_scene_skipped")
     assert scene["statuses"] == {"succeeded": scene["tasks"]}, scene

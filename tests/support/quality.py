@@ -1,4 +1,4 @@
-"""Helpers of the quality monitor's tests (issue 6)."""
+"""Helpers of the quality monitor's tests."""
 
 from __future__ import annotations
 

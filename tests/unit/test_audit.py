@@ -1,4 +1,4 @@
-"""`tierbatch audit` (issue 6 point 7): figures checked against arithmetic done by hand in the tests."""
+"""`tierbatch audit`: figures checked against arithmetic done by hand in the tests."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Auto-tiering (issue 6): a table of prompts with the tier and reason `classify_prompt` must give."""
+"""Auto-tiering: a table of prompts with the tier and reason `classify_prompt` must give."""
 
 from __future__ import annotations
 

@@ -385,7 +385,7 @@ def test_every_app_service_runs_an_existing_tierbatch_subcommand(services: dict[
 
 
 def test_cli_interface_that_scripts_rely_on() -> None:
-    """The flags DESIGN §10 promises (and compose or scripts use), checked against the real CLI."""
+    """The CLI flags the README promises (and compose or scripts use), checked against the real CLI."""
     root = _cli()
     promised = {
         "api": ["--host", "--port"],

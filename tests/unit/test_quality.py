@@ -1,4 +1,4 @@
-"""Quality loop pieces without a database (issue 6): sampling, comparison, the promote/demote decision."""
+"""Quality loop pieces without a database: sampling, comparison, the promote/demote decision."""
 
 from __future__ import annotations
 

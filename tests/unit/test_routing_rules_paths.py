@@ -1,6 +1,6 @@
 """Tenant routing rules on the bulk paths, without services: a job's tier chooser and a Batch API
 facade line put the tenant's rule after an explicit tier and before config `[routing]` and the
-heuristic (DESIGN §3), and a rule fixes a job's tier for every item (resolved once)."""
+heuristic, and a rule fixes a job's tier for every item (resolved once)."""
 
 from __future__ import annotations
 
