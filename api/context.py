@@ -60,7 +60,8 @@ class ApiContext:
         limits = FileLimits.from_env(os.environ)
         rate_limits = RateLimits(limits_storage(redis_client, settings.redis_url, settings.redis_key_prefix))
         keys = KeyAuthenticator(database_lookup(sessions), redis_client, settings.redis_key_prefix, rate_limits,
-                                config.limits.failed_auth_per_minute)
+                                config.limits.failed_auth_per_minute,
+                                exempt_networks=config.limits.failed_auth_exempt_networks)
         return cls(settings, config, engine, sessions, make_producer(settings), prices, providers, redis_client,
                    gateway, keys, limits, TenantPolicies(sessions, config),
                    settings.secret_box(), TargetPolicy.from_config(config.webhooks), rate_limits)

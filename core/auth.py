@@ -6,8 +6,10 @@
   a revoked key is refused by every API process within that interval (plus one query). While Redis cannot
   be read nothing is remembered: every call asks the database (fail closed).
 - A bad key is remembered too (`negative_ttl`), so a flood of one wrong key costs no query, and failures
-  are counted per client address across processes: past `failed_per_minute` the address is answered 429
-  until its window frees, valid key or not (a key known valid in this process still passes).
+  are counted per client address across processes: past `failed_per_minute` the address's failures are
+  answered 429 instead of 401 until its window frees. A right key or admin token always passes, so guesses
+  from a shared address cannot lock its real users out; `exempt_networks` (loopback by default: the host
+  itself, or a reverse proxy every client shares) are not counted.
 - Per-tenant limits (`requests_per_minute`, `tokens_per_minute`) are counted in Redis by `limits`
   (sliding-window counters: two keys per limit, one round trip per check), shared by all API processes.
   A tenant with no limit set costs no round trip. While Redis is unreachable a limited tenant is refused
@@ -21,7 +23,9 @@ import hmac
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from ipaddress import IPv4Network, IPv6Network, ip_address
+from typing import NoReturn
 
 import anyio
 import redis.asyncio as aioredis
@@ -152,12 +156,14 @@ class KeyAuthenticator:
 
     def __init__(self, lookup: Callable[[str], KeyGrant | None], redis_client: aioredis.Redis, key_prefix: str,
                  limits: RateLimits, failed_per_minute: int, *, ttl: float = 10.0, negative_ttl: float = 5.0,
-                 generation_check_seconds: float = 0.25, max_entries: int = 10_000) -> None:
+                 generation_check_seconds: float = 0.25, max_entries: int = 10_000,
+                 exempt_networks: Sequence[IPv4Network | IPv6Network] = ()) -> None:
         self._lookup = lookup  # blocking (a query): run in a thread
         self._redis = redis_client
         self._generation_key = generation_key(key_prefix)
         self._limits = limits
         self._failures = RateLimitItemPerMinute(failed_per_minute)
+        self._exempt = tuple(exempt_networks)
         self._ttl = ttl
         self._negative_ttl = negative_ttl
         self._check_every = generation_check_seconds
@@ -197,10 +203,6 @@ class KeyAuthenticator:
         known = self._valid.get(digest)
         if known is not None and known[0] > now:
             return known[1]
-        wait = await self._limits.failures_exhausted(self._failures, address)
-        if wait is not None:
-            raise RateLimited(f"Too many failed authentications from this address. Please try again in {wait}s.",
-                              wait, "failed_authentications")
         grant: KeyGrant | None = None
         if len(api_key) <= MAX_KEY_CHARS and self._invalid.get(digest, 0.0) <= now:
             epoch = self._epoch
@@ -208,9 +210,26 @@ class KeyAuthenticator:
             if epoch == self._epoch and not self._blind:
                 self._remember(digest, grant, time.monotonic())
         if grant is None:
-            await self._limits.count_failure(self._failures, address)
-            raise Unauthenticated("invalid API key")
+            await self._refuse(address, "invalid API key")
         return grant
+
+    async def _refuse(self, address: str, message: str) -> NoReturn:
+        """A failed authentication: 429 once the address has used up its failures, else counted and 401. A
+        right secret is never refused here, so guesses from an address cannot lock its real users out."""
+        if self._counted(address):
+            wait = await self._limits.failures_exhausted(self._failures, address)
+            if wait is not None:
+                raise RateLimited("Too many failed authentications from this address. "
+                                  f"Please try again in {wait}s.", wait, "failed_authentications")
+            await self._limits.count_failure(self._failures, address)
+        raise Unauthenticated(message)
+
+    def _counted(self, address: str) -> bool:
+        try:
+            ip = ip_address(address)
+        except ValueError:
+            return True
+        return not any(ip in network for network in self._exempt)
 
     def _remember(self, digest: str, grant: KeyGrant | None, now: float) -> None:
         if len(self._valid) + len(self._invalid) > self._max_entries:
@@ -225,10 +244,5 @@ class KeyAuthenticator:
     async def check_admin(self, token: str, expected: str, address: str) -> None:
         """`Unauthenticated` unless `token` is the admin token (none configured: admin routes are off);
         failures count against the address like bad keys."""
-        wait = await self._limits.failures_exhausted(self._failures, address)
-        if wait is not None:
-            raise RateLimited(f"Too many failed authentications from this address. Please try again in {wait}s.",
-                              wait, "failed_authentications")
         if not expected or not secret_matches(token, expected):
-            await self._limits.count_failure(self._failures, address)
-            raise Unauthenticated("admin token required")
+            await self._refuse(address, "admin token required")

@@ -8,6 +8,7 @@ import tomllib
 import uuid
 from collections.abc import Mapping
 from decimal import Decimal
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    IPvAnyNetwork,
     PositiveFloat,
     PositiveInt,
     ValidationError,
@@ -130,6 +132,10 @@ class LimitsConfig(_Section):
     max_tasks_per_request: PositiveInt = 1000
     # failed authentications (bad key or admin token) per client address and minute, across API processes
     failed_auth_per_minute: PositiveInt = 20
+    # addresses never limited for failures: loopback is the host itself or a reverse proxy in front of the
+    # API, whose address every client shares (limiting it would lock everyone out together)
+    failed_auth_exempt_networks: list[IPvAnyNetwork] = Field(
+        default_factory=lambda: [ip_network("127.0.0.0/8"), ip_network("::1/128")])
 
 
 class BudgetConfig(_Section):

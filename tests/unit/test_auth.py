@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Awaitable
+from ipaddress import ip_network
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -143,11 +144,11 @@ def test_a_bad_key_is_remembered_and_failures_are_limited_per_address() -> None:
         assert limited.value.kind == "failed_authentications" and 1 <= limited.value.retry_after <= 120
         with pytest.raises(Unauthenticated):  # another address is not affected
             await auth.grant("tb_wrong", "10.0.0.2")
-        with pytest.raises(RateLimited):  # nor is an unknown good key looked up from the limited one
-            await auth.grant("tb_good", "10.0.0.1")
+        # a right key still passes from the limited address: guesses cannot lock its users out
+        assert await auth.grant("tb_good", "10.0.0.1") == keys.grants["tb_good"]
 
     run(scenario())
-    assert keys.lookups == 1  # one lookup of the wrong key, then the negative cache answered
+    assert keys.lookups == 2  # one lookup of the wrong key (then the negative cache answered), one of the good
 
 
 @pytest.mark.parametrize("key", ["x" * 257, "tb_" + "é" * 300])
@@ -168,8 +169,9 @@ def test_the_admin_token_is_compared_and_its_failures_counted() -> None:
         for wrong in ("é" * 40, token):
             with pytest.raises(Unauthenticated):
                 await auth.check_admin(wrong, "b" * 40, "10.0.0.1")
-        with pytest.raises(RateLimited):
-            await auth.check_admin(token, token, "10.0.0.1")
+        with pytest.raises(RateLimited):  # a third wrong token from that address
+            await auth.check_admin("c" * 40, token, "10.0.0.1")
+        await auth.check_admin(token, token, "10.0.0.1")  # the right one still passes there
         with pytest.raises(Unauthenticated):  # no admin token configured: admin routes are off
             await auth.check_admin("", "", "10.0.0.3")
 
@@ -308,5 +310,25 @@ def test_without_redis_limited_tenants_are_refused_and_failures_go_uncounted() -
         with pytest.raises(RedisConnectionError):  # never admitted unmetered
             await limits.admit_request(grant)
         await limits.admit_request(keys.add("tb_free"))  # no limit: no Redis needed
+
+    run(scenario())
+
+
+def test_failures_from_exempt_networks_are_never_limited() -> None:
+    keys, redis = Keys(), FakeRedis()
+    auth = authenticator(keys, redis, failed_per_minute=2, generation_check_seconds=3600.0,
+                         exempt_networks=[ip_network("127.0.0.0/8"), ip_network("::1/128")])
+
+    async def scenario() -> None:
+        for _ in range(5):
+            with pytest.raises(Unauthenticated):
+                await auth.grant("tb_wrong", "127.0.0.1")
+            with pytest.raises(Unauthenticated):
+                await auth.grant("tb_wrong", "::1")
+        for _ in range(2):
+            with pytest.raises(Unauthenticated):
+                await auth.grant("tb_wrong", "192.0.2.7")
+        with pytest.raises(RateLimited):  # a counted address is still limited
+            await auth.grant("tb_wrong", "192.0.2.7")
 
     run(scenario())
