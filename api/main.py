@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from importlib.metadata import version
 
 from fastapi import FastAPI
 
@@ -33,7 +34,7 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
         await ctx.aclose()  # OpenAI-compatible surface: pending call records, async clients
         ctx.close()
 
-    app = FastAPI(title="tierbatch", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="tierbatch", version=version("tierbatch"), lifespan=lifespan)
     app.state.ctx = ctx
     install_error_handlers(app)
     install_input_guard(app, ctx.file_limits)

