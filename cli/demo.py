@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -697,7 +698,7 @@ def run_demo(data_dir: Path, api_port: int | None, simulator_port: int | None, c
         err.print("interrupted")
         return 130
     except (StackError, httpx.HTTPError) as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 1
     if as_json:
         sys.stdout.write(json.dumps(report, indent=2) + "\n")

@@ -34,6 +34,7 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 
 from cli.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServiceError, pid_alive, port_accepts
 
@@ -622,12 +623,12 @@ def run_up(data_dir: Path, api_port: int, simulator_port: int, concurrency: int,
             while True:
                 dead = stack.dead()
                 if dead:
-                    err.print("[bold red]error:[/] stopped unexpectedly: " + "; ".join(dead), highlight=False)
+                    err.print("[bold red]error:[/] stopped unexpectedly: " + escape("; ".join(dead)), highlight=False)
                     return 1
                 time.sleep(0.5)
     except KeyboardInterrupt:
         err.print("stopped")
         return 0
     except StackError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
         return 1
