@@ -64,17 +64,15 @@ from bench._common import (
     waiting_rows,
 )
 from core.config import load_config
-from core.db import make_engine, make_session_factory
 from core.migrate import upgrade_to_head
 from core.models import ProviderBatch
-from core.pricing import PriceBook
-from core.provider import ProviderBatches, ProviderClients
+from core.provider import ProviderBatches
 from core.settings import DEFAULT_DATABASE_URL, Settings
 from core.states import BatchStatus
 from tests.support.procs import REPO_ROOT, ManagedProcess, free_port, python_module, wait_http_ok
 from tests.support.stack import Stack, psycopg_dsn, scratch_database, write_app_config
 from worker import batch as worker_batch
-from worker.context import WorkerContext
+from worker.context import WorkerContext, build_worker_context
 
 BATCH_LINES = 50_000
 TARGET_SUBMIT_SECONDS = 3.0
@@ -117,14 +115,12 @@ def bench_config(path: Path, simulator_port: int, test_reconciler: bool = False)
 
 
 def worker_context(database_url: str, redis_url: str, config_path: Path) -> WorkerContext:
-    """What `get_worker_context` builds, for an explicit database and config (no env, no cache)."""
+    """The worker's context for an explicit database and config (no environment)."""
     values: dict[str, Any] = {"DATABASE_URL": database_url, "REDIS_URL": redis_url,
                               "TIERBATCH_CONFIG": str(config_path)}
     settings = Settings(**values)
     config = load_config(config_path)
-    engine = make_engine(database_url)
-    return WorkerContext(settings, config, engine, make_session_factory(engine), PriceBook(config),
-                         ProviderClients(config))
+    return build_worker_context(settings, config)
 
 
 def configure_simulator(url: str) -> None:

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
-
-from celery import Celery
 
 from core.config import AppConfig
 from core.messaging import (
@@ -17,6 +16,7 @@ from core.messaging import (
     celery_settings,
 )
 from core.settings import Settings
+from worker.context import TierbatchCelery, no_pause
 
 
 def beat_schedule(config: AppConfig) -> dict[str, dict[str, object]]:
@@ -37,8 +37,11 @@ def beat_schedule(config: AppConfig) -> dict[str, dict[str, object]]:
     }
 
 
-def create_celery_app(settings: Settings, config: AppConfig) -> Celery:
-    app = Celery("tierbatch")
+def create_celery_app(settings: Settings, config: AppConfig, *,
+                      pause: Callable[[str], None] = no_pause) -> TierbatchCelery:
+    """The app of a worker or beat process, holding the settings and config its tasks run with; `pause`
+    is the crash-point hook of the batch path (a no-op but in crash tests)."""
+    app = TierbatchCelery(settings, config, pause=pause)
     app.conf.update(celery_settings(settings))
     app.conf.beat_schedule = beat_schedule(config)
     # registers the shared tasks with this app

@@ -52,7 +52,6 @@ from core.provider import ProviderBatches
 from core.quality import may_be_sampled
 from core.states import BatchStatus, ProviderBatchStatus
 from worker.context import WorkerContext
-from worker.faults import pause_point
 from worker.quality import send_batch_shadows, settle_batch_shadows
 
 log = logging.getLogger(__name__)
@@ -124,7 +123,7 @@ def submit_batch(ctx: WorkerContext, batch_id: uuid.UUID) -> float | None:
             with ctx.sessions.begin() as session:
                 note_submission_attempt(session, batch.id)
             info = api.create_batch(file_id, {METADATA_KEY: str(batch.id)})
-            pause_point("after_create")
+            ctx.pause("after_create")
         except ProviderError as exc:
             log.warning("batch %s: submission failed, will retry: %s", batch_id, exc.message)
             return ctx.config.batch.failed_batch_retry_seconds
@@ -143,7 +142,7 @@ def _build_and_upload(ctx: WorkerContext, api: ProviderBatches, batch: ProviderB
                 finish_batch(session, batch.id)
                 return None
         file_id = api.upload_batch_file(str(path), path.name)
-    pause_point("after_upload")
+    ctx.pause("after_upload")
     with ctx.sessions.begin() as session:
         record_uploaded_file(session, batch.id, file_id, lines, size)
     return file_id
@@ -204,7 +203,7 @@ def _ingest_locked(ctx: WorkerContext, batch_id: uuid.UUID, resubmit: Callable[[
                 written += _after_chunk(ctx, pending.result())
                 if first_chunk:
                     first_chunk = False
-                    pause_point("mid_ingest")
+                    ctx.pause("mid_ingest")
             pending = writer.submit(_write_chunk, ctx, batch, prepared)
         if pending is not None:
             written += _after_chunk(ctx, pending.result())

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 import logging
 
+from celery import Task as CeleryTask
 from celery import shared_task
 
 from core.facade import due_batches, expire_batch
 from core.messaging import EXPIRE_CLIENT_BATCHES
-from worker.context import get_worker_context
+from worker.context import context_of
 
 log = logging.getLogger(__name__)
 
 
-@shared_task(name=EXPIRE_CLIENT_BATCHES)
-def expire_client_batches() -> int:
+@shared_task(name=EXPIRE_CLIENT_BATCHES, bind=True)
+def expire_client_batches(self: CeleryTask) -> int:
     """Expire the due client batches; the number that ended `expired` in this run."""
-    ctx = get_worker_context()
+    ctx = context_of(self.app)
     with ctx.sessions() as session:
         due = due_batches(session)
     expired = 0

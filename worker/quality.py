@@ -27,6 +27,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
+from celery import Task as CeleryTask
 from celery import current_app, shared_task
 from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
@@ -42,7 +43,7 @@ from core.retry import ChainExhausted, call_with_fallbacks
 from core.shadows import finished_batch_shadows, queue_batch_shadows, takes_batch_shadow
 from core.states import Mode, TaskStatus, Tier
 from core.tasks import ClaimedTask
-from worker.context import WorkerContext, get_worker_context
+from worker.context import WorkerContext, context_of
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,6 @@ def settle_batch_shadows(ctx: WorkerContext, batch_id: uuid.UUID) -> int:
     return recorded
 
 
-@shared_task(name=QUALITY_SHADOW)
-def quality_shadow(task_id: str, shadow_tier: str) -> None:
-    run_shadow(get_worker_context(), uuid.UUID(task_id), Tier(shadow_tier))
+@shared_task(name=QUALITY_SHADOW, bind=True)
+def quality_shadow(self: CeleryTask, task_id: str, shadow_tier: str) -> None:
+    run_shadow(context_of(self.app), uuid.UUID(task_id), Tier(shadow_tier))

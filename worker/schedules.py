@@ -32,7 +32,7 @@ from core.schedules import (
     start_run,
 )
 from core.webhooks import SCHEDULE_RUNS
-from worker.context import WorkerContext, get_worker_context
+from worker.context import WorkerContext, context_of
 from worker.webhooks import make_attempt
 
 log = logging.getLogger(__name__)
@@ -62,7 +62,7 @@ def _after(app: Celery, ctx: WorkerContext, run_id: str, step: RunStep) -> None:
 
 @shared_task(name=SCHEDULE_TICK, bind=True)
 def tick(self: CeleryTask, now: str | None = None) -> dict[str, Any]:
-    ctx = get_worker_context()
+    ctx = context_of(self.app)
     with ctx.sessions.begin() as session:
         fired = fire_due(session, parse_now(now))
     for run_id in fired:
@@ -82,7 +82,7 @@ def tick(self: CeleryTask, now: str | None = None) -> dict[str, Any]:
 
 @shared_task(name=SCHEDULE_RUN, bind=True)
 def run(self: CeleryTask, run_id: str) -> str:
-    ctx = get_worker_context()
+    ctx = context_of(self.app)
     with ctx.sessions.begin() as session:
         step = start_run(session, uuid.UUID(run_id), ctx.config, environ=os.environ,
                          own_database_url=ctx.settings.database_url)
@@ -92,7 +92,7 @@ def run(self: CeleryTask, run_id: str) -> str:
 
 @shared_task(name=SCHEDULE_FINISH, bind=True)
 def finish(self: CeleryTask, run_id: str) -> str:
-    ctx = get_worker_context()
+    ctx = context_of(self.app)
     with ctx.sessions.begin() as session:
         step = finish_run(session, uuid.UUID(run_id), ctx.config)
     _after(self.app, ctx, run_id, step)

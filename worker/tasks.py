@@ -26,7 +26,7 @@ from core.submission import parse_submission
 from core.tasks import insert_tasks, mark_dispatched, route_queued_tasks
 from core.tenants import tenant_for_key
 from worker.batch import assemble_batches, ingest_batch, poll_batches, stale_batches, submit_batch
-from worker.context import get_worker_context
+from worker.context import context_of
 from worker.immediate import run_immediate_call
 from worker.reconcile import chunks, find_tasks_to_redispatch
 
@@ -39,7 +39,7 @@ def submit_tasks(self: CeleryTask, payload: Any, api_key: str) -> dict[str, Any]
 
     The tasks are durable once this commits; before that they exist only as this message.
     """
-    ctx = get_worker_context()
+    ctx = context_of(self.app)
     try:
         specs = parse_submission(payload, ctx.config.limits.max_tasks_per_request,
                                  ctx.config.limits.max_prompt_bytes)
@@ -68,7 +68,7 @@ def submit_tasks(self: CeleryTask, payload: Any, api_key: str) -> dict[str, Any]
 @shared_task(name=DISPATCH_TASKS, bind=True)
 def dispatch_tasks(self: CeleryTask, task_ids: list[str]) -> int:
     """Route a chunk of queued tasks: batch-path ones in bulk, one call message per immediate one."""
-    ctx = get_worker_context()
+    ctx = context_of(self.app)
     ids = [uuid.UUID(t) for t in task_ids]
     with ctx.sessions.begin() as session:
         immediate = route_queued_tasks(session, ids, ctx.config, datetime.now(UTC), ctx.prices)
@@ -82,7 +82,7 @@ def dispatch_tasks(self: CeleryTask, task_ids: list[str]) -> int:
 
 @shared_task(name=CALL_IMMEDIATE, bind=True)
 def call_immediate(self: CeleryTask, task_id: str, escalate: bool = False) -> None:
-    ctx = get_worker_context()
+    ctx = context_of(self.app)
     retry_in = run_immediate_call(ctx, uuid.UUID(task_id), escalate=escalate)
     if retry_in is not None:
         # the row says when it may run again; this message is only the wake-up call
@@ -91,7 +91,7 @@ def call_immediate(self: CeleryTask, task_id: str, escalate: bool = False) -> No
 
 @shared_task(name=ASSEMBLE_BATCHES, bind=True)
 def assemble(self: CeleryTask) -> int:
-    ctx = get_worker_context()
+    ctx = context_of(self.app)
     escalate, claimed = assemble_batches(ctx)
     for task_id in escalate:
         self.app.send_task(CALL_IMMEDIATE, args=[str(task_id)], kwargs={"escalate": True})
@@ -102,14 +102,14 @@ def assemble(self: CeleryTask) -> int:
 
 @shared_task(name=SUBMIT_BATCH, bind=True)
 def submit(self: CeleryTask, batch_id: str) -> None:
-    retry_in = submit_batch(get_worker_context(), uuid.UUID(batch_id))
+    retry_in = submit_batch(context_of(self.app), uuid.UUID(batch_id))
     if retry_in is not None:
         self.app.send_task(SUBMIT_BATCH, args=[batch_id], countdown=retry_in)
 
 
 @shared_task(name=POLL_BATCHES, bind=True)
 def poll(self: CeleryTask) -> int:
-    ready = poll_batches(get_worker_context())
+    ready = poll_batches(context_of(self.app))
     for batch_id in ready:
         self.app.send_task(INGEST_BATCH, args=[str(batch_id)])
     return len(ready)
@@ -120,12 +120,12 @@ def ingest(self: CeleryTask, batch_id: str) -> int:
     def resubmit(new_batch: uuid.UUID, delay: float) -> None:
         self.app.send_task(SUBMIT_BATCH, args=[str(new_batch)], countdown=delay)
 
-    return ingest_batch(get_worker_context(), uuid.UUID(batch_id), resubmit)
+    return ingest_batch(context_of(self.app), uuid.UUID(batch_id), resubmit)
 
 
 @shared_task(name=RECONCILE, bind=True)
 def reconcile(self: CeleryTask) -> int:
-    ctx = get_worker_context()
+    ctx = context_of(self.app)
     ids = find_tasks_to_redispatch(ctx)
     for chunk in chunks(ids):
         self.app.send_task(DISPATCH_TASKS, args=[chunk])

@@ -22,14 +22,14 @@ from celery import Task as CeleryTask
 from core.job_webhooks import RESEND_SECONDS, claim_notification, jobs_to_notify
 from core.messaging import JOB_WEBHOOK, JOB_WEBHOOK_TICK
 from core.webhooks import JOBS, Outbox, call_to_make, deliver, record_attempt, resends_due
-from worker.context import get_worker_context
+from worker.context import context_of
 
 log = logging.getLogger(__name__)
 
 
 def make_attempt(app: Celery, outbox: Outbox, subject_id: str, attempt: int, task_name: str) -> str:
     """One attempt of a subject's webhook; the next one is sent with its backoff when this one fails."""
-    ctx = get_worker_context()
+    ctx = context_of(app)
     with ctx.sessions.begin() as session:
         call = call_to_make(session, outbox, uuid.UUID(subject_id), attempt, ctx.secret_box)
     if call is None:
@@ -46,7 +46,7 @@ def make_attempt(app: Celery, outbox: Outbox, subject_id: str, attempt: int, tas
 
 @shared_task(name=JOB_WEBHOOK_TICK, bind=True)
 def job_webhook_tick(self: CeleryTask) -> dict[str, Any]:
-    ctx = get_worker_context()
+    ctx = context_of(self.app)
     with ctx.sessions.begin() as session:
         candidates = jobs_to_notify(session)
     claimed: list[str] = []

@@ -15,7 +15,6 @@ from tests.integration.test_batch_path import (
 )
 from tests.support.procs import wait_until
 from tests.support.stack import Stack
-from worker.faults import PAUSE_ENV
 
 pytestmark = pytest.mark.integration
 
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.integration
 def test_worker_killed_at_a_batch_step_loses_and_duplicates_nothing(sim_reset: Stack, step: str, count: int) -> None:
     stack = sim_reset
     stack.processes["worker"].kill()
-    paused = stack.start_worker({PAUSE_ENV: step})
+    paused = stack.start_worker(pause_at=step)
     try:
         ids = submit_light(stack, stack.new_tenant_key(), count)
         wait_until(lambda: f"PAUSED at {step}" in paused.log_text(), 60, 0.05, f"worker paused at {step}")

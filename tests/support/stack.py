@@ -174,9 +174,12 @@ class Stack:
         proc = self._start("api", python_module("cli", "api", "--host", "127.0.0.1", "--port", str(self.api_port)))
         wait_http_ok(f"{self.api_url}/healthz", proc=proc)
 
-    def start_worker(self, extra_env: dict[str, str] | None = None) -> ManagedProcess:
-        proc = self._start("worker", python_module("cli", "worker", "--concurrency", "4", "--pool", "threads"),
-                           extra_env)
+    def start_worker(self, extra_env: dict[str, str] | None = None, *, pause_at: str | None = None
+                     ) -> ManagedProcess:
+        """The worker; with `pause_at`, one that stops at that batch step (tests/support/paused_worker.py)."""
+        args = (python_module("tests.support.paused_worker", pause_at) if pause_at is not None
+                else python_module("cli", "worker", "--concurrency", "4", "--pool", "threads"))
+        proc = self._start("worker", args, extra_env)
         wait_until(lambda: "ready." in proc.log_text() or not proc.alive(), 30, 0.1, "worker ready")
         if not proc.alive():
             raise RuntimeError(f"worker exited:\n{proc.log_text()}")
