@@ -38,6 +38,7 @@ from sqlalchemy import and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from core import openai_validation
+from core import task_transitions as transitions
 from core.config import AppConfig
 from core.errors import InvalidInput
 from core.gateway import (
@@ -53,7 +54,6 @@ from core.jobs import copy_task_rows, time_ordered_ids
 from core.models import ClientBatch, FilePart, Job, StoredFile, Task
 from core.rules import RuleView, tenant_rules
 from core.states import (
-    CANCELLABLE_TASK_STATUSES,
     OPEN_CLIENT_BATCH_STATUSES,
     TERMINAL_TASK_STATUSES,
     ClientBatchStatus,
@@ -648,12 +648,7 @@ def cancel_unstarted(session: Session, job_id: uuid.UUID) -> int:
     """Cancel the tasks of a batch not started yet (queued, waiting for a provider batch): one guarded
     statement. Tasks at a provider or in flight are left to finish; a provider line that lands later
     for a cancelled task is ignored by ingestion (it only moves tasks still `in_batch`)."""
-    result = session.execute(
-        update(Task).where(Task.job_id == job_id, Task.status.in_(CANCELLABLE_TASK_STATUSES))
-        .values(status=TaskStatus.CANCELLED, finished_at=func.now(), updated_at=func.now(), lease_token=None,
-                lease_expires_at=None, not_before=None)
-        .execution_options(synchronize_session=False))
-    return int(getattr(result, "rowcount", 0) or 0)
+    return transitions.cancel_unstarted_of_job(session, job_id)
 
 
 # --- expiry -------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Domain states, mirrored one to one by Postgres enums (see core.models).
 
-Task status (transitions in docs/architecture.md, States):
+Task status (its transitions: core.task_transitions, the only writer of `tasks.status`):
 
 - ``queued``: accepted and stored, not yet routed (or put back after a retryable error).
 - ``waiting_batch``: Light and not urgent; waits to be placed in a provider batch.
