@@ -67,6 +67,7 @@ OPENAI_BATCH_ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/embeddin
 COMPLETION_WINDOW = "24h"
 PART_BYTES = 1024 * 1024
 COPY_CHUNK = 5000
+_QUEUED = TaskStatus.QUEUED.value  # a plain str, as the other COPY fields
 FINAL_STATUSES = frozenset({ClientBatchStatus.COMPLETED, ClientBatchStatus.FAILED, ClientBatchStatus.EXPIRED,
                             ClientBatchStatus.CANCELLED})
 # Stored `finalizing` means: expired, waiting for the lines already at a provider or in flight.
@@ -396,7 +397,7 @@ def _task_rows(lines: Iterator[tuple[int, bytes]], config: AppConfig, tenant_id:
         request.pop("stream_options", None)
         yield (ids[position], line.custom_id, json.dumps(request, ensure_ascii=False), route.tier.value,
                route.reason, tenant, job, route.task_type, route.requested_tier.value, False, None,
-               json.dumps(metadata, ensure_ascii=False), "queued", 0, now)
+               json.dumps(metadata, ensure_ascii=False), _QUEUED, 0, now)
         position += 1
 
 

@@ -62,6 +62,7 @@ _SLOT = "\x01tierbatch-text\x01"
 
 COPY_COLUMNS = ("id", "item_id", "request", "tier", "tier_reason", "tenant_id", "job_id", "task_type",
                 "requested_tier", "urgent", "deadline", "metadata", "status", "attempts", "dispatched_at")
+_QUEUED = TaskStatus.QUEUED.value  # a plain str: the COPY's rows are built per item on a benchmarked path
 
 
 # --- the request -------------------------------------------------------------------------------
@@ -475,7 +476,7 @@ def task_rows(items: Sequence[JobItem], ids: Sequence[uuid.UUID], settings: JobS
     for task_id, item in zip(ids, items, strict=True):
         choice = choose(item)
         yield (task_id, item.id, encode(item), choice.tier, choice.reason, tenant, job, settings.task_type,
-               requested, settings.urgent, settings.deadline, metadata, "queued", 0, now)
+               requested, settings.urgent, settings.deadline, metadata, _QUEUED, 0, now)
 
 
 # --- storing -------------------------------------------------------------------------------------
