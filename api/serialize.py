@@ -7,6 +7,7 @@ from decimal import Decimal
 from typing import Any
 
 from core.models import Task
+from core.states import TaskStatus
 
 
 def money(value: Decimal | None) -> str | None:
@@ -26,7 +27,7 @@ def task_body(task: Task) -> dict[str, Any]:
         "id": str(task.id), "object": "task", "status": task.status.value, "tier": task.tier.value,
         "tier_reason": task.tier_reason, "task_type": task.task_type, "urgent": task.urgent,
         "deadline": timestamp(task.deadline),
-        "mode": task.mode.value if task.mode and task.status.value != "queued" else None,
+        "mode": task.mode.value if task.mode and task.status != TaskStatus.QUEUED else None,
         "model": task.model, "served_model": task.served_model, "provider": task.provider,
         "job_id": str(task.job_id) if task.job_id else None, "item_id": task.item_id,
         "metadata": task.task_metadata,

@@ -34,8 +34,8 @@ from rich.table import Table
 from cli.stack import LocalStack, StackError, StackInfo, sigterm_as_interrupt
 from core.config import load_config
 from core.quality import sampled
+from core.states import TERMINAL_TASK_STATUSES as TERMINAL
 
-TERMINAL = frozenset({"succeeded", "failed", "cancelled"})
 IMMEDIATE_GROUPS = ("complex", "light urgent")
 BATCH_GROUP = "light batch"
 

@@ -25,8 +25,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from core.states import TERMINAL_TASK_STATUSES
+
 DEFAULT_API_URL = "http://127.0.0.1:8000"
-TERMINAL = ("succeeded", "failed", "cancelled")
+TERMINAL = TERMINAL_TASK_STATUSES
 _RETRIES = 3
 
 err = Console(stderr=True)

@@ -19,6 +19,7 @@ import orjson
 from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
+from core import task_transitions as transitions
 from core.config import AppConfig
 from core.labels import label_error
 from core.models import ProviderBatch, Task
@@ -110,11 +111,7 @@ def claim_batch(session: Session, config: AppConfig, provider: str, model: str) 
     session.add(ProviderBatch(id=batch_id, provider=provider, model=model, status=BatchStatus.PREPARING,
                               request_count=len(chosen), byte_size=total, attempts=0))
     session.flush()
-    # one array parameter, not 50,000 bound parameters
-    session.execute(text(
-        "UPDATE tasks SET status = 'in_batch', batch_id = :batch, attempts = attempts + 1, updated_at = now() "
-        "WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'waiting_batch'"
-    ), {"batch": batch_id, "ids": chosen})
+    transitions.claim_for_batch(session, batch_id, chosen)
     return ClaimedBatch(batch_id, provider, model, len(chosen))
 
 
@@ -291,7 +288,7 @@ def write_prepared(session: Session, config: AppConfig, batch: ProviderBatch, pr
     if prepared.retryable:
         return_lines_to_waiting(session, config, batch.id, prepared.retryable)
     if prepared.permanent:
-        _fail_lines(session, batch.id, prepared.permanent)
+        transitions.fail_batch_lines(session, batch.id, prepared.permanent)
     return ingested
 
 
@@ -312,40 +309,6 @@ _CREATE_INGEST_TABLE = (
     "output_tokens bigint, reasoning_tokens bigint, input_price numeric, cached_input_price numeric, "
     "output_price numeric, input_cost_usd numeric, cached_input_cost_usd numeric, output_cost_usd numeric, "
     "cost_usd numeric, baseline_cost_usd numeric) ON COMMIT DELETE ROWS"
-)
-# One statement: the guarded task update and the ledger rows of exactly the rows it moved; it answers
-# one row: how many it moved, and which of the watched ids it moved to `succeeded`.
-_APPLY_INGEST_ROWS = text(
-    "WITH moved AS ("
-    " UPDATE tasks AS t SET status = v.status, error = v.error, mode = 'batch', served_model = v.served_model,"
-    "   output = v.output, response = v.response, input_tokens = v.input_tokens,"
-    "   cached_tokens = v.cached_tokens, output_tokens = v.output_tokens, reasoning_tokens = v.reasoning_tokens,"
-    "   cost_usd = CASE WHEN t.shadow_of IS NULL THEN v.cost_usd END,"
-    "   baseline_cost_usd = CASE WHEN t.shadow_of IS NULL THEN v.baseline_cost_usd END,"
-    "   finished_at = now(), updated_at = now()"
-    " FROM ingest_rows AS v WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
-    # the ledger columns come back with the row: the INSERT reads `moved` alone, no second join
-    " RETURNING t.id, t.tenant_id, t.job_id, t.task_type, t.tier, t.status, t.shadow_of, v.served_model,"
-    "   v.input_tokens, v.cached_tokens, v.output_tokens, v.reasoning_tokens, v.input_price, v.cached_input_price,"
-    "   v.output_price, v.input_cost_usd, v.cached_input_cost_usd, v.output_cost_usd, v.cost_usd,"
-    "   v.baseline_cost_usd), "
-    "billed AS (INSERT INTO ledger_entries (tenant_id, task_id, job_id, batch_id, task_type, tier, mode, provider,"
-    " requested_model, served_model, input_tokens, cached_tokens, output_tokens, reasoning_tokens, input_price,"
-    " cached_input_price, output_price, input_cost_usd, cached_input_cost_usd, output_cost_usd, cost_usd,"
-    " baseline_cost_usd, unpriced, usage_estimated) "
-    # a shadow task's line is a `shadow` row of the task it shadows, in that task's job
-    "SELECT m.tenant_id, coalesce(m.shadow_of, m.id),"
-    " CASE WHEN m.shadow_of IS NULL THEN m.job_id ELSE (SELECT o.job_id FROM tasks AS o WHERE o.id = m.shadow_of) END,"
-    " :batch, m.task_type, m.tier,"
-    " CASE WHEN m.shadow_of IS NULL THEN 'batch' ELSE 'shadow' END::serve_mode, :provider, :model,"
-    " m.served_model, m.input_tokens, m.cached_tokens, m.output_tokens, m.reasoning_tokens, m.input_price,"
-    " m.cached_input_price, m.output_price, m.input_cost_usd, m.cached_input_cost_usd, m.output_cost_usd,"
-    " m.cost_usd, m.baseline_cost_usd, m.cost_usd IS NULL, false "
-    "FROM moved AS m) "
-    "SELECT (SELECT count(*) FROM moved) AS written,"
-    " (SELECT json_agg(json_build_array(m.id, m.tenant_id, m.task_type, m.tier)) FROM moved AS m"
-    "  WHERE m.status = 'succeeded' AND m.shadow_of IS NULL AND m.id = ANY(CAST(:watch AS uuid[]))) AS succeeded,"
-    " (SELECT array_agg(m.id) FROM moved AS m WHERE m.shadow_of IS NOT NULL) AS shadows"
 )
 # no double billing: a task's cost is the sum of its ledger rows, its shadow rows included
 _CHARGE_SHADOWED_TASKS = text(
@@ -433,8 +396,7 @@ def _write_success_rows(session: Session, batch: ProviderBatch, copy_data: bytes
         # statistics of the join column only (row count and id): the plan needs no more, and a full
         # ANALYZE of the wide rows cost ~5% of the chunk
         cursor.execute("ANALYZE ingest_rows (id)")
-    applied = connection.execute(_APPLY_INGEST_ROWS, {"batch": batch.id, "provider": batch.provider,
-                                                      "model": batch.model, "watch": list(watch)}).one()
+    applied = transitions.apply_ingested_rows(connection, batch.id, batch.provider, batch.model, watch)
     if applied.shadows:
         connection.execute(_CHARGE_SHADOWED_TASKS, {"shadows": list(applied.shadows)})
     connection.execute(text("TRUNCATE ingest_rows"))  # the session may go on to another chunk
@@ -447,25 +409,7 @@ def return_lines_to_waiting(session: Session, config: AppConfig, batch_id: uuid.
                             errors: dict[uuid.UUID, str]) -> None:
     """Failed, expired, cancelled or missing lines: back to `waiting_batch` for another batch, or
     `failed` once the task has used `max_attempts` batches."""
-    session.execute(text(
-        "UPDATE tasks AS t SET "
-        "  status = CASE WHEN t.attempts >= :max THEN 'failed'::task_status ELSE 'waiting_batch'::task_status END, "
-        "  finished_at = CASE WHEN t.attempts >= :max THEN now() END, "
-        "  batch_id = CASE WHEN t.attempts >= :max THEN t.batch_id END, "
-        "  error = CASE WHEN t.attempts >= :max THEN 'gave up after ' || t.attempts || ' batches: ' || v.error "
-        "          ELSE v.error END, "
-        "  updated_at = now() "
-        "FROM unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error) "
-        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
-    ), {"ids": list(errors), "errors": list(errors.values()), "max": config.batch.max_attempts, "batch": batch_id})
-
-
-def _fail_lines(session: Session, batch_id: uuid.UUID, errors: dict[uuid.UUID, str]) -> None:
-    session.execute(text(
-        "UPDATE tasks AS t SET status = 'failed', finished_at = now(), error = v.error, updated_at = now() "
-        "FROM unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error) "
-        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
-    ), {"ids": list(errors), "errors": list(errors.values()), "batch": batch_id})
+    transitions.return_lines_to_waiting(session, batch_id, errors, config.batch.max_attempts)
 
 
 def tasks_left_in_batch(session: Session, batch_id: uuid.UUID) -> list[uuid.UUID]:
@@ -500,7 +444,7 @@ def split_failed_batch(session: Session, config: AppConfig, batch: ProviderBatch
     task_ids = sorted(tasks_left_in_batch(session, batch.id))
     new_batches: list[uuid.UUID] = []
     if len(task_ids) == 1:
-        _fail_lines(session, batch.id, {task_ids[0]: f"provider refused the batch: {reason}"})
+        transitions.fail_batch_lines(session, batch.id, {task_ids[0]: f"provider refused the batch: {reason}"})
     elif task_ids:
         middle = len(task_ids) // 2
         for half in (task_ids[:middle], task_ids[middle:]):

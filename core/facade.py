@@ -38,6 +38,7 @@ from sqlalchemy import and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from core import openai_validation
+from core import task_transitions as transitions
 from core.config import AppConfig
 from core.errors import InvalidInput
 from core.gateway import (
@@ -52,7 +53,13 @@ from core.inputs import NotJson, loads_checked
 from core.jobs import copy_task_rows, time_ordered_ids
 from core.models import ClientBatch, FilePart, Job, StoredFile, Task
 from core.rules import RuleView, tenant_rules
-from core.states import CANCELLABLE_TASK_STATUSES, TERMINAL_TASK_STATUSES, RequestedTier, TaskStatus
+from core.states import (
+    OPEN_CLIENT_BATCH_STATUSES,
+    TERMINAL_TASK_STATUSES,
+    ClientBatchStatus,
+    RequestedTier,
+    TaskStatus,
+)
 
 ENDPOINT = "/v1/chat/completions"
 OPENAI_BATCH_ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/embeddings", "/v1/completions",
@@ -60,11 +67,12 @@ OPENAI_BATCH_ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/embeddin
 COMPLETION_WINDOW = "24h"
 PART_BYTES = 1024 * 1024
 COPY_CHUNK = 5000
-FINAL_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})
+_QUEUED = TaskStatus.QUEUED.value  # a plain str, as the other COPY fields
+FINAL_STATUSES = frozenset({ClientBatchStatus.COMPLETED, ClientBatchStatus.FAILED, ClientBatchStatus.EXPIRED,
+                            ClientBatchStatus.CANCELLED})
 # Stored `finalizing` means: expired, waiting for the lines already at a provider or in flight.
-EXPIRING = "finalizing"
-EXPIRABLE_STATUSES = ("in_progress", EXPIRING)
-_TERMINAL = tuple(s.value for s in TERMINAL_TASK_STATUSES)
+EXPIRING = ClientBatchStatus.FINALIZING
+EXPIRABLE_STATUSES = OPEN_CLIENT_BATCH_STATUSES
 _HTTP_STATUS = re.compile(r"HTTP (\d{3})")
 
 
@@ -389,7 +397,7 @@ def _task_rows(lines: Iterator[tuple[int, bytes]], config: AppConfig, tenant_id:
         request.pop("stream_options", None)
         yield (ids[position], line.custom_id, json.dumps(request, ensure_ascii=False), route.tier.value,
                route.reason, tenant, job, route.task_type, route.requested_tier.value, False, None,
-               json.dumps(metadata, ensure_ascii=False), "queued", 0, now)
+               json.dumps(metadata, ensure_ascii=False), _QUEUED, 0, now)
         position += 1
 
 
@@ -416,7 +424,7 @@ def create_batch(session: Session, tenant_id: uuid.UUID, body: Any, config: AppC
     while chunk := list(itertools.islice(rows, COPY_CHUNK)):
         written += copy_task_rows(session, iter(chunk))
     batch = ClientBatch(id=batch_id, tenant_id=tenant_id, job_id=job.id, input_file_id=input_file_id,
-                        endpoint=ENDPOINT, completion_window=COMPLETION_WINDOW, status="in_progress",
+                        endpoint=ENDPOINT, completion_window=COMPLETION_WINDOW, status=ClientBatchStatus.IN_PROGRESS,
                         batch_metadata=metadata, request_total=written, created_at=now,
                         expires_at=now + timedelta(hours=24), in_progress_at=now)
     session.add(batch)
@@ -455,16 +463,16 @@ class Counts:
 
 
 def _counts(batch: ClientBatch, by_status: Mapping[str, int]) -> Counts:
-    completed = by_status.get("succeeded", 0)
-    failed = by_status.get("failed", 0)
-    live = sum(n for s, n in by_status.items() if s not in _TERMINAL)
+    completed = by_status.get(TaskStatus.SUCCEEDED, 0)
+    failed = by_status.get(TaskStatus.FAILED, 0)
+    live = sum(n for s, n in by_status.items() if s not in TERMINAL_TASK_STATUSES)
     return Counts(batch.request_total, completed, failed, live)
 
 
 def batch_object(batch: ClientBatch, counts: Counts | None = None, status: str | None = None) -> dict[str, Any]:
     if counts is None:
         counts = Counts(batch.request_total, batch.request_completed or 0, batch.request_failed or 0, 0)
-    expired = batch.status == "expired"  # its end time is kept in `completed_at`
+    expired = batch.status == ClientBatchStatus.EXPIRED  # its end time is kept in `completed_at`
     out: dict[str, Any] = {
         "id": batch.id, "object": "batch", "endpoint": batch.endpoint,
         "input_file_id": batch.input_file_id, "completion_window": batch.completion_window,
@@ -493,7 +501,7 @@ def batch_view(session: Session, batch: ClientBatch) -> dict[str, Any]:
         if finalize_batch(session, batch.id):
             session.refresh(batch)
             return batch_object(batch)
-        return batch_object(batch, counts, "finalizing")
+        return batch_object(batch, counts, ClientBatchStatus.FINALIZING)
     return batch_object(batch, counts)
 
 
@@ -587,8 +595,9 @@ def finalize_batch(session: Session, batch_id: str) -> bool:
         "coalesce(sum(reasoning_tokens), 0) FROM tasks WHERE job_id = :job AND status = 'succeeded'"),
         {"job": batch.job_id}).one()
     now = datetime.now(UTC)
-    cancelled = batch.status == "cancelling"
-    batch.status = "cancelled" if cancelled else "expired" if expired_lines else "completed"
+    cancelled = batch.status == ClientBatchStatus.CANCELLING
+    batch.status = (ClientBatchStatus.CANCELLED if cancelled else ClientBatchStatus.EXPIRED if expired_lines
+                    else ClientBatchStatus.COMPLETED)
     batch.finalizing_at = finalizing_at
     if cancelled:
         batch.cancelled_at = now
@@ -628,8 +637,8 @@ def cancel_batch(session: Session, tenant_id: uuid.UUID, batch_id: str) -> Clien
     if batch.status in FINAL_STATUSES or batch.status == EXPIRING:  # an expiring batch ends `expired`
         raise GatewayError(409, f"Cannot cancel a batch with status '{batch.status}'.", "invalid_request_error",
                            None, None)
-    if batch.status != "cancelling":
-        batch.status = "cancelling"
+    if batch.status != ClientBatchStatus.CANCELLING:
+        batch.status = ClientBatchStatus.CANCELLING
         batch.cancelling_at = datetime.now(UTC)
         cancel_unstarted(session, batch.job_id)
         session.flush()
@@ -640,12 +649,7 @@ def cancel_unstarted(session: Session, job_id: uuid.UUID) -> int:
     """Cancel the tasks of a batch not started yet (queued, waiting for a provider batch): one guarded
     statement. Tasks at a provider or in flight are left to finish; a provider line that lands later
     for a cancelled task is ignored by ingestion (it only moves tasks still `in_batch`)."""
-    result = session.execute(
-        update(Task).where(Task.job_id == job_id, Task.status.in_(CANCELLABLE_TASK_STATUSES))
-        .values(status=TaskStatus.CANCELLED, finished_at=func.now(), updated_at=func.now(), lease_token=None,
-                lease_expires_at=None, not_before=None)
-        .execution_options(synchronize_session=False))
-    return int(getattr(result, "rowcount", 0) or 0)
+    return transitions.cancel_unstarted_of_job(session, job_id)
 
 
 # --- expiry -------------------------------------------------------------------------------------------
@@ -677,12 +681,13 @@ def expire_batch(session: Session, batch_id: str) -> str | None:
     if row is None:
         return None
     status, job_id = row
-    if status == "in_progress":
+    if status == ClientBatchStatus.IN_PROGRESS:
         live = session.scalar(select(Task.id).where(Task.job_id == job_id,
                                                     Task.status.notin_(TERMINAL_TASK_STATUSES)).limit(1))
         if live is not None:
             moved = session.execute(
-                update(ClientBatch).where(ClientBatch.id == batch_id, ClientBatch.status == "in_progress")
+                update(ClientBatch)
+                .where(ClientBatch.id == batch_id, ClientBatch.status == ClientBatchStatus.IN_PROGRESS)
                 .values(status=EXPIRING, finalizing_at=func.now()).returning(ClientBatch.id)
                 .execution_options(synchronize_session=False)).first()
             if moved is None:

@@ -65,7 +65,7 @@ from core.provider import (
 from core.retry import ChainExhausted, backoff_delay
 from core.routing import prompt_text, resolve_tier
 from core.rules import RuleView, rule_decision, tenant_rules
-from core.states import Mode, RequestedTier, Tier
+from core.states import Mode, RequestedTier, TaskStatus, Tier
 
 log = logging.getLogger(__name__)
 
@@ -426,7 +426,7 @@ class CallRecord:
     route: Route
     request: dict[str, Any]
     metadata: dict[str, str]
-    status: str  # succeeded | failed
+    status: TaskStatus  # succeeded | failed: the gateway stores finished calls only
     attempts: int
     created_at: datetime
     started_at: datetime
@@ -839,7 +839,7 @@ class Gateway:
                           if not exhausted.errors else None)
         try:
             await self.recorder.record(CallRecord(
-                task_id, tenant_id, call.route, call.request, call.metadata, "failed",
+                task_id, tenant_id, call.route, call.request, call.metadata, TaskStatus.FAILED,
                 max(1, len(exhausted.errors)), call.received_at, started,
                 error=str(exhausted) or error.message))
         except RecordingFailed:
@@ -910,7 +910,7 @@ class Gateway:
         content = json.dumps(answer.response, ensure_ascii=False).encode()
         try:
             await self.recorder.record(CallRecord(
-                task_id, tenant_id, call.route, call.request, call.metadata, "succeeded", 0, call.received_at,
+                task_id, tenant_id, call.route, call.request, call.metadata, TaskStatus.SUCCEEDED, 0, call.received_at,
                 now, provider=answer.provider, requested_model=answer.requested_model,
                 served_model=answer.served_model, output=answer.output, response_json=content.decode(),
                 usage=usage, latency_ms=0, cost_usd=Decimal(0), baseline_cost_usd=baseline, mode=Mode.CACHE))
@@ -955,8 +955,9 @@ class Gateway:
         try:
             # the answer leaves only once its task and ledger row are committed
             await self.recorder.record(CallRecord(
-                task_id, tenant_id, call.route, call.request, call.metadata, "succeeded", calls, call.received_at,
-                started, provider=answer.provider, requested_model=answer.requested_model, served_model=served,
+                task_id, tenant_id, call.route, call.request, call.metadata, TaskStatus.SUCCEEDED, calls,
+                call.received_at, started, provider=answer.provider, requested_model=answer.requested_model,
+                served_model=served,
                 output=output_from_body(answer.body), response_json=answer.content.decode("utf-8", "replace"),
                 usage=usage, latency_ms=answer.latency_ms, prices=priced, cost_usd=cost,
                 baseline_cost_usd=baseline))
@@ -1184,7 +1185,7 @@ class StreamSession:
         priced, cost, baseline = gateway._price(provider, self.served_model, requested, usage)
         return CallRecord(
             self.task_id, self.tenant_id, self.call.route, self.call.request, self.call.metadata,
-            "succeeded" if complete else "failed", self._calls, self.call.received_at, self._started,
+            TaskStatus.SUCCEEDED if complete else TaskStatus.FAILED, self._calls, self.call.received_at, self._started,
             provider=provider, requested_model=requested, served_model=self.served_model, output=self._output(),
             response_json=_json(self._body(usage)), usage=usage, usage_estimated=estimated,
             latency_ms=int((time.perf_counter() - self._clock) * 1000), error=error, prices=priced,

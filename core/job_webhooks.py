@@ -41,6 +41,7 @@ from sqlalchemy.orm import Session
 
 from core.jobs import JobSummary, summarize_jobs
 from core.models import Job, Task
+from core.states import LIVE_TASK_STATUSES, WebhookStatus, sql_in
 from core.webhooks import JOBS
 
 EVENT = JOBS.event  # "job.finished"
@@ -49,7 +50,7 @@ SCAN_LIMIT = 1000  # unfinished jobs with a webhook probed per tick at most (old
 RESEND_SECONDS = 120.0  # a pending webhook with no news for this long had its message lost: sent again
 
 # literal, not bound: the partial index of live tasks matches only a predicate the planner can see
-_LIVE_TASK = text("tasks.status IN ('queued', 'waiting_batch', 'in_batch', 'running')")
+_LIVE_TASK = text(f"tasks.status IN {sql_in(LIVE_TASK_STATUSES)}")
 
 
 def _live_task(tenant_id: ColumnElement[uuid.UUID], job_id: ColumnElement[uuid.UUID]) -> ColumnElement[bool]:
@@ -110,7 +111,7 @@ def claim_notification(session: Session, job_id: uuid.UUID) -> bool:
     body = encode_payload(job_payload(job, summarize_jobs(session, [job.id])[job.id]))
     claimed = session.execute(
         update(Job).where(Job.id == job_id, Job.finished_notified_at.is_(None))
-        .values(finished_notified_at=func.clock_timestamp(), webhook_status="pending", webhook_body=body,
+        .values(finished_notified_at=func.clock_timestamp(), webhook_status=WebhookStatus.PENDING, webhook_body=body,
                 webhook_nudged_at=func.clock_timestamp())
         .returning(Job.id).execution_options(synchronize_session=False)
     ).scalar()

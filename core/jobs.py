@@ -31,10 +31,11 @@ from typing import Annotated, Any
 
 import psycopg
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from sqlalchemy import Text, any_, bindparam, func, select, text, update
+from sqlalchemy import Text, any_, bindparam, func, select, text
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
+from core import task_transitions as transitions
 from core.config import AppConfig
 from core.costs import check_budget
 from core.db import newest_first_page
@@ -43,7 +44,7 @@ from core.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
 from core.models import Job, LedgerEntry, Task
 from core.routing import resolve_tier
 from core.rules import RuleView, rule_decision, tenant_rules
-from core.states import CANCELLABLE_TASK_STATUSES, TERMINAL_TASK_STATUSES, Mode, RequestedTier, TaskStatus, Tier
+from core.states import TERMINAL_TASK_STATUSES, Mode, RequestedTier, TaskStatus, Tier
 from core.submission import ChatParams, Deadline, TaskMetadata, check_content_parts, invalid_input_from
 from core.webhooks import check_webhook_url
 
@@ -61,6 +62,7 @@ _SLOT = "\x01tierbatch-text\x01"
 
 COPY_COLUMNS = ("id", "item_id", "request", "tier", "tier_reason", "tenant_id", "job_id", "task_type",
                 "requested_tier", "urgent", "deadline", "metadata", "status", "attempts", "dispatched_at")
+_QUEUED = TaskStatus.QUEUED.value  # a plain str: the COPY's rows are built per item on a benchmarked path
 
 
 # --- the request -------------------------------------------------------------------------------
@@ -474,7 +476,7 @@ def task_rows(items: Sequence[JobItem], ids: Sequence[uuid.UUID], settings: JobS
     for task_id, item in zip(ids, items, strict=True):
         choice = choose(item)
         yield (task_id, item.id, encode(item), choice.tier, choice.reason, tenant, job, settings.task_type,
-               requested, settings.urgent, settings.deadline, metadata, "queued", 0, now)
+               requested, settings.urgent, settings.deadline, metadata, _QUEUED, 0, now)
 
 
 # --- storing -------------------------------------------------------------------------------------
@@ -714,13 +716,7 @@ def summarize_jobs(session: Session, job_ids: Sequence[uuid.UUID]) -> dict[uuid.
 def cancel_job(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> int:
     """queued / waiting_batch → cancelled for every task of the job; returns how many moved."""
     job = get_job(session, tenant_id, job_id)
-    moved = session.execute(
-        update(Task).where(Task.job_id == job.id, Task.status.in_(CANCELLABLE_TASK_STATUSES))
-        .values(status=TaskStatus.CANCELLED, finished_at=func.now(), updated_at=func.now(), lease_token=None,
-                lease_expires_at=None, not_before=None)
-        .execution_options(synchronize_session=False)
-    )
-    return int(getattr(moved, "rowcount", 0) or 0)
+    return transitions.cancel_unstarted_of_job(session, job.id)
 
 
 @dataclass(frozen=True, slots=True)

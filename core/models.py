@@ -28,7 +28,28 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from core.states import BatchStatus, CacheEntryStatus, Mode, ProviderBatchStatus, RequestedTier, TaskStatus, Tier
+from core.states import (
+    BATCH_PATH_TASK_STATUSES,
+    IMMEDIATE_LIVE_TASK_STATUSES,
+    LIVE_TASK_STATUSES,
+    OPEN_CLIENT_BATCH_STATUSES,
+    TERMINAL_BATCH_STATUSES,
+    TERMINAL_SCHEDULE_RUN_STATUSES,
+    TERMINAL_TASK_STATUSES,
+    BatchStatus,
+    CacheEntryStatus,
+    ClassificationStatus,
+    ClientBatchStatus,
+    Mode,
+    ProviderBatchStatus,
+    RequestedTier,
+    ScheduleRunPhase,
+    ScheduleRunStatus,
+    TaskStatus,
+    Tier,
+    WebhookStatus,
+    sql_in,
+)
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -54,8 +75,11 @@ MODE = _pg_enum(Mode, "serve_mode")
 BATCH_STATUS = _pg_enum(BatchStatus, "batch_status")
 PROVIDER_BATCH_STATUS = _pg_enum(ProviderBatchStatus, "provider_batch_status")
 CACHE_ENTRY_STATUS = _pg_enum(CacheEntryStatus, "cache_entry_status")
-
-_TERMINAL = "('succeeded', 'failed', 'cancelled')"
+CLIENT_BATCH_STATUS = _pg_enum(ClientBatchStatus, "client_batch_status")
+SCHEDULE_RUN_STATUS = _pg_enum(ScheduleRunStatus, "schedule_run_status")
+SCHEDULE_RUN_PHASE = _pg_enum(ScheduleRunPhase, "schedule_run_phase")
+WEBHOOK_STATUS = _pg_enum(WebhookStatus, "webhook_status")  # shared by jobs and schedule runs
+CLASSIFICATION_STATUS = _pg_enum(ClassificationStatus, "classification_status")
 
 
 class Base(DeclarativeBase):
@@ -106,13 +130,13 @@ class Job(Base):
     __tablename__ = "jobs"
     __table_args__ = (
         # job webhooks (core/job_webhooks.py): claimed once (finished_notified_at), then delivered or failed
-        CheckConstraint("webhook_status IN ('pending', 'delivered', 'failed')", name="webhook_status_valid"),
         CheckConstraint("(webhook_status IS NULL) = (finished_notified_at IS NULL)",
                         name="webhook_status_iff_notified"),
         # the beat check looks only at jobs with a webhook not yet notified, and at pending deliveries
         Index("ix_jobs_webhook_unnotified", "created_at",
               postgresql_where=text("webhook_url IS NOT NULL AND finished_notified_at IS NULL")),
-        Index("ix_jobs_webhook_pending", "webhook_nudged_at", postgresql_where=text("webhook_status = 'pending'")),
+        Index("ix_jobs_webhook_pending", "webhook_nudged_at",
+              postgresql_where=text(f"webhook_status = '{WebhookStatus.PENDING}'")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -125,7 +149,7 @@ class Job(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
     webhook_url: Mapped[str | None] = mapped_column(Text)  # job webhooks: where `job.finished` is POSTed
     finished_notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # set once: the claim
-    webhook_status: Mapped[str | None] = mapped_column(Text)  # pending | delivered | failed
+    webhook_status: Mapped[WebhookStatus | None] = mapped_column(WEBHOOK_STATUS)
     webhook_body: Mapped[str | None] = mapped_column(Text)  # the exact bytes signed and sent
     webhook_nudged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # last (re)send
     created_at: Mapped[datetime] = _now_column()
@@ -135,9 +159,11 @@ class ProviderBatch(Base):
     __tablename__ = "provider_batches"
     __table_args__ = (
         CheckConstraint(
-            "(status IN ('done', 'failed')) = (finished_at IS NOT NULL)", name="finished_at_iff_terminal"
+            f"(status IN {sql_in(TERMINAL_BATCH_STATUSES)}) = (finished_at IS NOT NULL)",
+            name="finished_at_iff_terminal",
         ),
-        Index("ix_provider_batches_open", "status", postgresql_where=text("status NOT IN ('done', 'failed')")),
+        Index("ix_provider_batches_open", "status",
+              postgresql_where=text(f"status NOT IN {sql_in(TERMINAL_BATCH_STATUSES)}")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -163,7 +189,8 @@ class ProviderBatch(Base):
 class Task(Base):
     __tablename__ = "tasks"
     __table_args__ = (
-        CheckConstraint(f"(status IN {_TERMINAL}) = (finished_at IS NOT NULL)", name="finished_at_iff_terminal"),
+        CheckConstraint(f"(status IN {sql_in(TERMINAL_TASK_STATUSES)}) = (finished_at IS NOT NULL)",
+                        name="finished_at_iff_terminal"),
         CheckConstraint("attempts >= 0", name="attempts_non_negative"),
         # partial: most tasks have no key, and a full index took an entry (a write) for each of them
         Index("uq_tasks_tenant_idempotency_key", "tenant_id", "idempotency_key", unique=True,
@@ -175,15 +202,15 @@ class Task(Base):
         Index("ix_tasks_batch", "batch_id", postgresql_where=text("batch_id IS NOT NULL")),
         # The reconciler and the batch assembler only look at live tasks: keep those indexes small.
         Index("ix_tasks_live", "status", "dispatched_at",
-              postgresql_where=text("status IN ('queued', 'running')")),
+              postgresql_where=text(f"status IN {sql_in(IMMEDIATE_LIVE_TASK_STATUSES)}")),
         Index("ix_tasks_waiting_batch", "provider", "model", "created_at",
-              postgresql_where=text("status = 'waiting_batch'")),
+              postgresql_where=text(f"status = '{TaskStatus.WAITING_BATCH}'")),
         # deadline escalation looks only at batch-path tasks that have a deadline
         Index("ix_tasks_batch_deadline", "deadline",
-              postgresql_where=text("deadline IS NOT NULL AND status IN ('waiting_batch', 'in_batch')")),
+              postgresql_where=text(f"deadline IS NOT NULL AND status IN {sql_in(BATCH_PATH_TASK_STATUSES)}")),
         # budgets: a tenant's not-yet-finished tasks, counted for the pending-spend estimate
         Index("ix_tasks_tenant_live", "tenant_id",
-              postgresql_where=text("status IN ('queued', 'waiting_batch', 'in_batch', 'running')")),
+              postgresql_where=text(f"status IN {sql_in(LIVE_TASK_STATUSES)}")),
         # quality monitor: at most one batch-path shadow task per task, never part of a job
         Index("uq_tasks_shadow_of", "shadow_of", unique=True, postgresql_where=text("shadow_of IS NOT NULL")),
         CheckConstraint("shadow_of IS NULL OR job_id IS NULL", name="shadow_task_has_no_job"),
@@ -332,8 +359,6 @@ class LedgerDaily(Base):
 
 
 # --- OpenAI-compatible Batch API facade --------------------------------------------------------------
-OPENAI_BATCH_STATUSES = ("validating", "failed", "in_progress", "finalizing", "completed", "expired",
-                         "cancelling", "cancelled")
 
 
 class StoredFile(Base):
@@ -372,10 +397,10 @@ class ClientBatch(Base):
 
     __tablename__ = "client_batches"
     __table_args__ = (
-        CheckConstraint("status IN ('" + "', '".join(OPENAI_BATCH_STATUSES) + "')", name="status_known"),
         Index("ix_client_batches_tenant_created", "tenant_id", "created_at", "id"),
         # the expiry tick (core/facade.py `due_batches`) looks only at open batches past their window
-        Index("ix_client_batches_due", "expires_at", postgresql_where=text("status IN ('in_progress', 'finalizing')")),
+        Index("ix_client_batches_due", "expires_at",
+              postgresql_where=text(f"status IN {sql_in(OPEN_CLIENT_BATCH_STATUSES)}")),
     )
 
     id: Mapped[str] = mapped_column(Text, primary_key=True)  # "batch_" + 24 hex digits
@@ -384,7 +409,7 @@ class ClientBatch(Base):
     input_file_id: Mapped[str] = mapped_column(Text, nullable=False)  # no FK: the file may be deleted
     endpoint: Mapped[str] = mapped_column(Text, nullable=False)
     completion_window: Mapped[str] = mapped_column(Text, nullable=False)
-    status: Mapped[str] = mapped_column(Text, nullable=False)
+    status: Mapped[ClientBatchStatus] = mapped_column(CLIENT_BATCH_STATUS, nullable=False)
     batch_metadata: Mapped[dict[str, str] | None] = mapped_column("metadata", JSONB)
     output_file_id: Mapped[str | None] = mapped_column(Text)
     error_file_id: Mapped[str | None] = mapped_column(Text)
@@ -404,8 +429,6 @@ class ClientBatch(Base):
 
 
 # --- scheduled classification ------------------------------------------------------------------------
-SCHEDULE_RUN_STATUSES = ("running", "succeeded", "failed")
-CLASSIFICATION_STATUSES = ("pending", "succeeded", "failed")
 
 
 class Schedule(Base):
@@ -443,13 +466,12 @@ class ScheduleRun(Base):
     __tablename__ = "schedule_runs"
     __table_args__ = (
         UniqueConstraint("schedule_id", "fire_time", name="uq_schedule_runs_schedule_fire_time"),
-        CheckConstraint("status IN ('running', 'succeeded', 'failed')", name="status_valid"),
-        CheckConstraint("phase IN ('pending', 'classifying', 'retrying', 'done')", name="phase_valid"),
-        CheckConstraint("(status IN ('succeeded', 'failed')) = (finished_at IS NOT NULL)",
+        CheckConstraint(f"(status IN {sql_in(TERMINAL_SCHEDULE_RUN_STATUSES)}) = (finished_at IS NOT NULL)",
                         name="finished_at_iff_terminal"),
         Index("ix_schedule_runs_schedule_created", "schedule_id", "created_at"),
-        Index("ix_schedule_runs_open", "phase", postgresql_where=text("status = 'running'")),
-        Index("ix_schedule_runs_webhook_pending", "id", postgresql_where=text("webhook_status = 'pending'")),
+        Index("ix_schedule_runs_open", "phase", postgresql_where=text(f"status = '{ScheduleRunStatus.RUNNING}'")),
+        Index("ix_schedule_runs_webhook_pending", "id",
+              postgresql_where=text(f"webhook_status = '{WebhookStatus.PENDING}'")),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -457,9 +479,8 @@ class ScheduleRun(Base):
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), nullable=False)
     fire_time: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
     trigger: Mapped[str] = mapped_column(Text, nullable=False)  # cron | manual
-    status: Mapped[str] = mapped_column(Text, nullable=False)
-    # pending: source not read yet; classifying: the job runs; retrying: invalid answers asked again; done
-    phase: Mapped[str] = mapped_column(Text, nullable=False)
+    status: Mapped[ScheduleRunStatus] = mapped_column(SCHEDULE_RUN_STATUS, nullable=False)
+    phase: Mapped[ScheduleRunPhase] = mapped_column(SCHEDULE_RUN_PHASE, nullable=False)
     job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id"))
     retry_job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id"))
     task_count: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
@@ -472,7 +493,7 @@ class ScheduleRun(Base):
     cursor_after: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     sink_path: Mapped[str | None] = mapped_column(Text)
     error: Mapped[str | None] = mapped_column(Text)
-    webhook_status: Mapped[str | None] = mapped_column(Text)  # pending | delivered | failed
+    webhook_status: Mapped[WebhookStatus | None] = mapped_column(WEBHOOK_STATUS)
     webhook_body: Mapped[str | None] = mapped_column(Text)  # the exact bytes signed and sent
     nudged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # last (re)send of a message
     created_at: Mapped[datetime] = _now_column()
@@ -487,9 +508,8 @@ class Classification(Base):
     __table_args__ = (
         # an item already classified for the schedule (same id, same text) is skipped; failed ones are retried
         Index("uq_classifications_schedule_item", "schedule_id", "item_id", "text_hash", unique=True,
-              postgresql_where=text("status <> 'failed'")),
+              postgresql_where=text(f"status <> '{ClassificationStatus.FAILED}'")),
         UniqueConstraint("run_id", "item_id", name="uq_classifications_run_item"),
-        CheckConstraint("status IN ('pending', 'succeeded', 'failed')", name="status_valid"),
         Index("ix_classifications_task", "task_id"),
     )
 
@@ -500,7 +520,7 @@ class Classification(Base):
     item_id: Mapped[str] = mapped_column(Text, nullable=False)
     text_hash: Mapped[str] = mapped_column(Text, nullable=False)  # sha256 hex of the item's text
     task_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tasks.id"))
-    status: Mapped[str] = mapped_column(Text, nullable=False)
+    status: Mapped[ClassificationStatus] = mapped_column(CLASSIFICATION_STATUS, nullable=False)
     label: Mapped[str | None] = mapped_column(Text)
     output: Mapped[str | None] = mapped_column(Text)  # the raw answer (kept when it is not a valid label)
     model: Mapped[str | None] = mapped_column(Text)

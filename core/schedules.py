@@ -79,7 +79,16 @@ from core.sources import (
     unavailable,
     walk_directories,
 )
-from core.states import Mode, RequestedTier, TaskStatus
+from core.states import (
+    LIVE_TASK_STATUSES,
+    ClassificationStatus,
+    Mode,
+    RequestedTier,
+    ScheduleRunPhase,
+    ScheduleRunStatus,
+    TaskStatus,
+    WebhookStatus,
+)
 from core.submission import invalid_input_from
 from core.webhooks import SCHEDULE_RUNS, attempts_of, check_webhook_url, new_secret, require_secret_box, resends_due
 
@@ -90,7 +99,8 @@ JOB_KEYS = ("task_type", "tier", "urgent", "deadline_seconds", "params", "system
             "metadata")
 CRON_ALIASES = frozenset({"@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly"})
 SINK_FIELDS = frozenset({"run_id", "schedule_id", "schedule_name", "fire_time", "date"})
-LIVE_STATUSES = ("queued", "waiting_batch", "in_batch", "running")
+# a run whose job is at work (first pass, or asking invalid answers again)
+_RUNNING_PHASES = (ScheduleRunPhase.CLASSIFYING, ScheduleRunPhase.RETRYING)
 # how long a message may go unanswered before the tick sends it again (lost in a Redis wipe or a crash)
 RESEND_START_SECONDS = 60.0
 RESEND_FINISH_SECONDS = 15.0
@@ -515,7 +525,8 @@ def _insert_run(session: Session, schedule: Schedule, fire_time: datetime, trigg
     run_id: uuid.UUID | None = session.execute(
         pg_insert(ScheduleRun).values(
             id=uuid.uuid4(), schedule_id=schedule.id, tenant_id=schedule.tenant_id, fire_time=fire_time,
-            trigger=trigger, status="running", phase="pending", task_count=0, skipped_count=0,
+            trigger=trigger, status=ScheduleRunStatus.RUNNING, phase=ScheduleRunPhase.PENDING,
+            task_count=0, skipped_count=0,
             nudged_at=func.now())
         .on_conflict_do_nothing(constraint="uq_schedule_runs_schedule_fire_time")
         .returning(ScheduleRun.id)
@@ -661,7 +672,7 @@ def _copy_new_items(session: Session, schedule: Schedule, run: ScheduleRun, conf
         inserted = set(session.execute(
             pg_insert(Classification).on_conflict_do_nothing().returning(Classification.item_id),
             [{"schedule_id": schedule.id, "run_id": run.id, "tenant_id": schedule.tenant_id, "item_id": item_id,
-              "text_hash": digest, "status": "pending"} for item_id, (_, digest) in fresh.items()],
+              "text_hash": digest, "status": ClassificationStatus.PENDING} for item_id, (_, digest) in fresh.items()],
         ).scalars())
         counts["already_classified"] += len(fresh) - len(inserted)
         new_items = [{"id": item_id, "text": value} for item_id, (value, _) in fresh.items() if item_id in inserted]
@@ -709,7 +720,7 @@ def start_run(session: Session, run_id: uuid.UUID, config: AppConfig, *, environ
               ) -> RunStep:
     """Read the run's source and create its job, in the caller's transaction (commit, then dispatch)."""
     run = session.scalar(select(ScheduleRun).where(ScheduleRun.id == run_id).with_for_update(skip_locked=True))
-    if run is None or run.status != "running" or run.phase != "pending":
+    if run is None or run.status != ScheduleRunStatus.RUNNING or run.phase != ScheduleRunPhase.PENDING:
         return RunStep("skipped")
     schedule = session.scalar(select(Schedule).where(Schedule.id == run.schedule_id).with_for_update())
     if schedule is None:
@@ -730,10 +741,10 @@ def start_run(session: Session, run_id: uuid.UUID, config: AppConfig, *, environ
         session.refresh(run)
         session.refresh(schedule)
         log.warning("schedule run %s failed: %s", run_id, reason)
-        return _close(session, schedule, run, "failed", reason)
+        return _close(session, schedule, run, ScheduleRunStatus.FAILED, reason)
     if job_id is None:  # nothing new: the run is done already
         return _finalize(session, schedule, run, config)
-    run.phase = "classifying"
+    run.phase = ScheduleRunPhase.CLASSIFYING
     run.nudged_at = None
     run.updated_at = _now(session)
     return RunStep("classifying", dispatch_job=job_id)
@@ -758,7 +769,7 @@ def queued_task_ids(session: Session, job_id: uuid.UUID, chunk: int = 1000) -> I
 def _has_live_tasks(session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID) -> bool:
     # the tenant's live tasks are a small partial index (ix_tasks_tenant_live); all of a job's tasks may not be
     live = exists().where(Task.tenant_id == tenant_id, Task.job_id == job_id,
-                          Task.status.in_([TaskStatus(s) for s in LIVE_STATUSES]))
+                          Task.status.in_(LIVE_TASK_STATUSES))
     return bool(session.scalar(select(live)))
 
 
@@ -776,15 +787,15 @@ def _invalid_answers(session: Session, run: ScheduleRun) -> list[tuple[str, list
 def finish_run(session: Session, run_id: uuid.UUID, config: AppConfig) -> RunStep:
     """Once the run's tasks are all terminal: retry invalid answers once, then write the results."""
     run = session.scalar(select(ScheduleRun).where(ScheduleRun.id == run_id).with_for_update(skip_locked=True))
-    if run is None or run.status != "running" or run.phase not in ("classifying", "retrying"):
+    if run is None or run.status != ScheduleRunStatus.RUNNING or run.phase not in _RUNNING_PHASES:
         return RunStep("skipped")
-    current = run.retry_job_id if run.phase == "retrying" else run.job_id
+    current = run.retry_job_id if run.phase == ScheduleRunPhase.RETRYING else run.job_id
     if current is not None and _has_live_tasks(session, run.tenant_id, current):
         return RunStep("waiting")
     schedule = session.get(Schedule, run.schedule_id)
     if schedule is None:
         return RunStep("skipped")
-    if run.phase == "classifying" and run.job_id is not None and schedule.job.get("labels"):
+    if run.phase == ScheduleRunPhase.CLASSIFYING and run.job_id is not None and schedule.job.get("labels"):
         invalid = _invalid_answers(session, run)
         if invalid:
             original = session.get(Job, run.job_id)
@@ -798,7 +809,7 @@ def finish_run(session: Session, run_id: uuid.UUID, config: AppConfig) -> RunSte
                 "WHERE c.run_id = :run AND t.job_id = :job AND t.item_id = c.item_id"),
                 {"run": run.id, "job": retry.id})
             run.retry_job_id = retry.id
-            run.phase = "retrying"
+            run.phase = ScheduleRunPhase.RETRYING
             run.nudged_at = None
             run.updated_at = _now(session)
             log.info("schedule run %s: %d answers were not labels; asked once more", run.id, len(invalid))
@@ -835,7 +846,8 @@ def _record_results(session: Session, run: ScheduleRun, labels: Sequence[str] | 
             elif status == TaskStatus.CANCELLED:
                 error = error or "cancelled"
             ids.append(cid)
-            statuses.append("succeeded" if status == TaskStatus.SUCCEEDED else "failed")
+            statuses.append(ClassificationStatus.SUCCEEDED if status == TaskStatus.SUCCEEDED
+                            else ClassificationStatus.FAILED)
             answers.append(label)
             outputs.append(kept)
             models.append(model)
@@ -845,7 +857,7 @@ def _record_results(session: Session, run: ScheduleRun, labels: Sequence[str] | 
         session.execute(text(
             "UPDATE classifications AS c SET status = v.status, label = v.label, output = v.output, "
             "  model = v.model, cost_usd = v.cost_usd, error = v.error, classified_at = v.finished_at "
-            "FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS text[]), CAST(:labels AS text[]), "
+            "FROM unnest(CAST(:ids AS bigint[]), CAST(:statuses AS classification_status[]), CAST(:labels AS text[]), "
             "            CAST(:outputs AS text[]), CAST(:models AS text[]), CAST(:costs AS numeric[]), "
             "            CAST(:errors AS text[]), CAST(:times AS timestamptz[])) "
             "  AS v(id, status, label, output, model, cost_usd, error, finished_at) "
@@ -950,11 +962,12 @@ def _finalize(session: Session, schedule: Schedule, run: ScheduleRun, config: Ap
     counts = {status: int(n) for status, n in session.execute(
         select(Classification.status, func.count()).where(Classification.run_id == run.id)
         .group_by(Classification.status))}
-    run.counts = {"succeeded": counts.get("succeeded", 0), "failed": counts.get("failed", 0)}
+    run.counts = {"succeeded": counts.get(ClassificationStatus.SUCCEEDED, 0),
+                  "failed": counts.get(ClassificationStatus.FAILED, 0)}
     if labels is not None:
         found = dict(session.execute(
             select(Classification.label, func.count()).where(Classification.run_id == run.id,
-                                                            Classification.status == "succeeded")
+                                                            Classification.status == ClassificationStatus.SUCCEEDED)
             .group_by(Classification.label)).tuples().all())
         run.label_counts = {label: int(found.get(label, 0)) for label in labels}
     jobs = [j for j in (run.job_id, run.retry_job_id) if j is not None]
@@ -963,28 +976,30 @@ def _finalize(session: Session, schedule: Schedule, run: ScheduleRun, config: Ap
             LedgerEntry.job_id.in_(jobs), LedgerEntry.mode != Mode.SHADOW))
     else:
         run.cost_usd = Decimal(0)
-    status, error = "succeeded", None
+    status, error = ScheduleRunStatus.SUCCEEDED, None
     if schedule.sink is not None:
         try:
             run.sink_path = write_sink(session, schedule, run, config)
         except SourceError as exc:
-            status, error = "failed", f"sink: {exc}"
+            status, error = ScheduleRunStatus.FAILED, f"sink: {exc}"
         except OSError as exc:  # the OS reason only: no path of the operator's
-            status, error = "failed", f"sink: cannot write {sink_path(schedule, run)} ({exc.strerror or exc})"
+            status = ScheduleRunStatus.FAILED
+            error = f"sink: cannot write {sink_path(schedule, run)} ({exc.strerror or exc})"
         except ValueError as exc:
-            status, error = "failed", f"sink: {exc}"
+            status, error = ScheduleRunStatus.FAILED, f"sink: {exc}"
     return _close(session, schedule, run, status, error)
 
 
-def _close(session: Session, schedule: Schedule, run: ScheduleRun, status: str, error: str | None) -> RunStep:
+def _close(session: Session, schedule: Schedule, run: ScheduleRun, status: ScheduleRunStatus, error: str | None
+           ) -> RunStep:
     finished = _now(session)
     run.status = status
-    run.phase = "done"
+    run.phase = ScheduleRunPhase.DONE
     run.error = error
     run.finished_at = finished
     run.updated_at = finished
     if schedule.webhook_url:
-        run.webhook_status = "pending"
+        run.webhook_status = WebhookStatus.PENDING
         run.webhook_body = json.dumps(webhook_payload(schedule, run), ensure_ascii=False, separators=(",", ":"))
         run.nudged_at = finished
     return RunStep("finished", webhook=bool(schedule.webhook_url))
@@ -1044,16 +1059,17 @@ def runs_to_nudge(session: Session, limit: int = 200) -> Nudges:
 
     nudges.start = list(session.scalars(
         update(ScheduleRun).where(ScheduleRun.id.in_(
-            select(ScheduleRun.id).where(ScheduleRun.status == "running", ScheduleRun.phase == "pending",
+            select(ScheduleRun.id).where(ScheduleRun.status == ScheduleRunStatus.RUNNING,
+                                         ScheduleRun.phase == ScheduleRunPhase.PENDING,
                                          stale(RESEND_START_SECONDS)).limit(limit).scalar_subquery()))
         .values(nudged_at=now).returning(ScheduleRun.id)))
     current_job = func.coalesce(ScheduleRun.retry_job_id, ScheduleRun.job_id)
     live = exists().where(Task.tenant_id == ScheduleRun.tenant_id, Task.job_id == current_job,
-                          Task.status.in_([TaskStatus(s) for s in LIVE_STATUSES]))
+                          Task.status.in_(LIVE_TASK_STATUSES))
     nudges.finish = list(session.scalars(
         update(ScheduleRun).where(ScheduleRun.id.in_(
-            select(ScheduleRun.id).where(ScheduleRun.status == "running",
-                                         ScheduleRun.phase.in_(("classifying", "retrying")),
+            select(ScheduleRun.id).where(ScheduleRun.status == ScheduleRunStatus.RUNNING,
+                                         ScheduleRun.phase.in_(_RUNNING_PHASES),
                                          stale(RESEND_FINISH_SECONDS), ~live).limit(limit).scalar_subquery()))
         .values(nudged_at=now).returning(ScheduleRun.id)))
     nudges.webhooks = resends_due(session, SCHEDULE_RUNS, RESEND_WEBHOOK_SECONDS, limit)

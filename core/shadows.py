@@ -19,7 +19,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from core.config import AppConfig
-from core.states import Tier
+from core.states import TERMINAL_TASK_STATUSES, Tier, sql_in
 
 _QUEUE_SHADOW_TASKS = text(
     "INSERT INTO tasks (id, tenant_id, task_type, requested_tier, tier, tier_reason, urgent, request, metadata,"
@@ -77,7 +77,8 @@ _FINISHED_SHADOWS = text(
     " coalesce(s.served_model, s.model) AS shadow_model, s.status::text AS status, s.error, o.output AS task_output,"
     " coalesce(o.served_model, o.model, '') AS task_model, o.request "
     "FROM tasks AS s JOIN tasks AS o ON o.id = s.shadow_of "
-    "WHERE s.batch_id = :batch AND s.shadow_of IS NOT NULL AND s.status IN ('succeeded', 'failed', 'cancelled')"
+    "WHERE s.batch_id = :batch AND s.shadow_of IS NOT NULL AND s.status IN "
+    + sql_in(TERMINAL_TASK_STATUSES) +
     " AND NOT EXISTS (SELECT 1 FROM quality_comparisons AS q WHERE q.task_id = o.id)"
 )
 

@@ -1,6 +1,6 @@
 """Domain states, mirrored one to one by Postgres enums (see core.models).
 
-Task status (transitions in docs/architecture.md, States):
+Task status (its transitions: core.task_transitions, the only writer of `tasks.status`):
 
 - ``queued``: accepted and stored, not yet routed (or put back after a retryable error).
 - ``waiting_batch``: Light and not urgent; waits to be placed in a provider batch.
@@ -12,6 +12,7 @@ Task status (transitions in docs/architecture.md, States):
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 
 
 class TaskStatus(enum.StrEnum):
@@ -28,8 +29,23 @@ class TaskStatus(enum.StrEnum):
         return self in TERMINAL_TASK_STATUSES
 
 
-TERMINAL_TASK_STATUSES = frozenset({TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED})
-CANCELLABLE_TASK_STATUSES = frozenset({TaskStatus.QUEUED, TaskStatus.WAITING_BATCH})
+# Sets of states are tuples so that SQL renderings of them keep one stable order.
+TERMINAL_TASK_STATUSES = (TaskStatus.SUCCEEDED, TaskStatus.FAILED, TaskStatus.CANCELLED)
+LIVE_TASK_STATUSES = (TaskStatus.QUEUED, TaskStatus.WAITING_BATCH, TaskStatus.IN_BATCH, TaskStatus.RUNNING)
+CANCELLABLE_TASK_STATUSES = (TaskStatus.QUEUED, TaskStatus.WAITING_BATCH)
+# the reconciler looks only at these: neither waits for a provider batch
+IMMEDIATE_LIVE_TASK_STATUSES = (TaskStatus.QUEUED, TaskStatus.RUNNING)
+BATCH_PATH_TASK_STATUSES = (TaskStatus.WAITING_BATCH, TaskStatus.IN_BATCH)
+
+
+def sql_in(states: Iterable[enum.StrEnum]) -> str:
+    """The SQL list of `states` for `IN` in query text, CHECKs and index predicates: `('a', 'b')`.
+
+    Values are plain identifiers-like words (the enums above), so no quoting beyond the quotes is needed."""
+    values = [str(state.value) for state in states]
+    if not values or any("'" in value for value in values):
+        raise ValueError(f"cannot render {values!r} as an SQL list")
+    return "(" + ", ".join(f"'{value}'" for value in values) + ")"
 
 
 class Tier(enum.StrEnum):
@@ -80,3 +96,61 @@ class ProviderBatchStatus(enum.StrEnum):
     EXPIRED = "expired"
     CANCELLING = "cancelling"
     CANCELLED = "cancelled"
+
+
+TERMINAL_BATCH_STATUSES = (BatchStatus.DONE, BatchStatus.FAILED)
+
+
+class ClientBatchStatus(enum.StrEnum):
+    """A batch of the OpenAI-compatible `/v1/batches` facade, with OpenAI's own status names:
+    validating → in_progress → finalizing → completed | expired; cancelling → cancelled; failed when the
+    input is refused."""
+
+    VALIDATING = "validating"
+    FAILED = "failed"
+    IN_PROGRESS = "in_progress"
+    FINALIZING = "finalizing"
+    COMPLETED = "completed"
+    EXPIRED = "expired"
+    CANCELLING = "cancelling"
+    CANCELLED = "cancelled"
+
+
+# the expiry tick looks only at these
+OPEN_CLIENT_BATCH_STATUSES = (ClientBatchStatus.IN_PROGRESS, ClientBatchStatus.FINALIZING)
+
+
+class ScheduleRunStatus(enum.StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+TERMINAL_SCHEDULE_RUN_STATUSES = (ScheduleRunStatus.SUCCEEDED, ScheduleRunStatus.FAILED)
+
+
+class ScheduleRunPhase(enum.StrEnum):
+    """pending: the source is not read yet → classifying: its job runs → retrying: invalid answers are
+    asked again (labelled schedules only) → done."""
+
+    PENDING = "pending"
+    CLASSIFYING = "classifying"
+    RETRYING = "retrying"
+    DONE = "done"
+
+
+class WebhookStatus(enum.StrEnum):
+    """The outbox state of a schedule run's or a job's webhook: pending until delivered, or failed
+    once its attempts are used up."""
+
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    FAILED = "failed"
+
+
+class ClassificationStatus(enum.StrEnum):
+    """One item of a schedule run: pending while its task runs, then succeeded or failed."""
+
+    PENDING = "pending"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"

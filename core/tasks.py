@@ -1,8 +1,8 @@
-"""Task storage and guarded state transitions.
+"""Task storage, routing and the steps of the immediate path.
 
-Every transition is one `UPDATE … WHERE status IN (…) RETURNING`; a transition that moves no row
-returns None/False (or raises TransitionError where the caller must know). Nothing here commits:
-the caller owns the transaction, so a state change and its ledger row land together.
+Status changes go through core.task_transitions (guarded, raising TransitionError when no row moved);
+here a lost race turns into None/False where the caller only needs to know whether it won. Nothing
+here commits: the caller owns the transaction, so a state change and its ledger row land together.
 """
 
 from __future__ import annotations
@@ -17,8 +17,6 @@ from typing import Any
 from sqlalchemy import (
     ARRAY,
     BindParameter,
-    ColumnElement,
-    and_,
     any_,
     bindparam,
     func,
@@ -32,6 +30,7 @@ from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from core import task_transitions as transitions
 from core.cache import CachedAnswer, cache_key, maybe_cacheable, take_hits, wants_cache
 from core.config import AppConfig
 from core.costs import apply_budget
@@ -44,7 +43,7 @@ from core.pricing import PriceBook
 from core.provider import ChatResult
 from core.routing import resolve_tier, takes_batch_path
 from core.rules import RuleView, rule_decision, tenant_rules
-from core.states import CANCELLABLE_TASK_STATUSES, Mode, TaskStatus, Tier
+from core.states import Mode, TaskStatus, Tier
 from core.submission import TaskSpec
 
 
@@ -149,12 +148,7 @@ def route_queued_tasks(session: Session, task_ids: Sequence[uuid.UUID], config: 
     immediate = [c.id for c in candidates if c.id not in batch_path]
     if batch_path:
         light = config.tiers["light"]
-        session.execute(
-            update(Task).where(Task.id == any_(_uuid_array(list(batch_path))), Task.status == TaskStatus.QUEUED)
-            .values(status=TaskStatus.WAITING_BATCH, provider=light.provider, model=light.model,
-                    mode=Mode.BATCH, updated_at=func.now(), dispatched_at=func.now()),
-            execution_options={"synchronize_session": False},
-        )
+        transitions.move_to_batch_path(session, list(batch_path), light.provider, light.model)
     if immediate:
         session.execute(update(Task).where(Task.id == any_(_uuid_array(immediate))).values(dispatched_at=func.now()),
                         execution_options={"synchronize_session": False})
@@ -175,9 +169,6 @@ class ClaimedTask:
     urgent: bool = True
 
 
-ESCALATABLE_STATUSES = (TaskStatus.WAITING_BATCH, TaskStatus.IN_BATCH)
-
-
 def claim_for_immediate_call(session: Session, task_id: uuid.UUID, lease_seconds: float, *,
                              escalate: bool = False) -> ClaimedTask | None:
     """queued → running under a fresh lease; None if the task is not (or not yet) claimable.
@@ -186,19 +177,9 @@ def claim_for_immediate_call(session: Session, task_id: uuid.UUID, lease_seconds
     longer be met by the batch path); a later result of its batch line is then ignored.
     """
     token = uuid.uuid4()
-    allowed = Task.status.in_(ESCALATABLE_STATUSES) if escalate else Task.status == TaskStatus.QUEUED
-    row = session.execute(
-        update(Task)
-        .where(Task.id == task_id, allowed,
-               or_(Task.not_before.is_(None), Task.not_before <= func.now()))
-        .values(status=TaskStatus.RUNNING, mode=Mode.IMMEDIATE, lease_token=token,
-                lease_expires_at=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, lease_seconds),
-                attempts=Task.attempts + 1, started_at=func.coalesce(Task.started_at, func.now()),
-                updated_at=func.now(), not_before=None)
-        .returning(Task.tenant_id, Task.job_id, Task.task_type, Task.tier, Task.request, Task.attempts,
-                   Task.task_metadata, Task.urgent)
-    ).one_or_none()
-    if row is None:
+    try:
+        row = transitions.claim_for_call(session, task_id, token, lease_seconds, escalate=escalate)
+    except TransitionError:
         return None
     return ClaimedTask(task_id, token, row.tenant_id, row.job_id, row.task_type, row.tier, row.request,
                        row.attempts, row.task_metadata or {}, row.urgent)
@@ -228,25 +209,11 @@ def answer_queued_from_cache(session: Session, task_ids: Sequence[uuid.UUID], co
                "input_tokens": answer.usage.input_tokens, "cached_tokens": answer.usage.cached_tokens,
                "output_tokens": answer.usage.output_tokens, "reasoning_tokens": answer.usage.reasoning_tokens,
                "baseline_cost_usd": prices.baseline(answer.usage)} for target, answer in found]
-    answered = set(session.scalars(_FINISH_QUEUED_FROM_CACHE, {"rows": json.dumps(values, default=str)}))
+    answered = transitions.succeed_queued_from_cache(session, json.dumps(values, default=str))
     for target, answer in found:
         if target.id in answered:
             add_ledger_entry(session, prices, _cache_record(target, answer))
     return answered
-
-
-_FINISH_QUEUED_FROM_CACHE = text(
-    "UPDATE tasks AS t SET status = 'succeeded', mode = 'cache', error = NULL, finished_at = now(),"
-    " updated_at = now(), started_at = coalesce(t.started_at, now()), lease_token = NULL, lease_expires_at = NULL,"
-    " not_before = NULL, provider = v.provider, model = v.model, served_model = v.served_model, output = v.output,"
-    " response = v.response, input_tokens = v.input_tokens, cached_tokens = v.cached_tokens,"
-    " output_tokens = v.output_tokens, reasoning_tokens = v.reasoning_tokens, cost_usd = 0,"
-    " baseline_cost_usd = v.baseline_cost_usd "
-    "FROM json_to_recordset(CAST(:rows AS json)) AS v(id uuid, provider text, model text, served_model text,"
-    " output text, response jsonb, input_tokens bigint, cached_tokens bigint, output_tokens bigint,"
-    " reasoning_tokens bigint, baseline_cost_usd numeric) "
-    "WHERE t.id = v.id AND t.status = 'queued' RETURNING t.id"
-)
 
 
 def _cache_record(task: CacheTarget | ClaimedTask, answer: CachedAnswer) -> ResponseRecord:
@@ -265,16 +232,12 @@ class CacheTarget:
     tier: Tier
 
 
-def finish_from_cache(session: Session, task: CacheTarget | ClaimedTask, answer: CachedAnswer, prices: PriceBook,
-                      guard: ColumnElement[bool]) -> Charge | None:
-    """→ succeeded, mode `cache`, with its ledger row (cost 0, baseline kept); None if `guard` moved no row."""
-    moved = session.execute(
-        update(Task).where(Task.id == task.id, guard)
-        .values(**_finish_values(TaskStatus.SUCCEEDED), mode=Mode.CACHE, error=None,
-                started_at=func.coalesce(Task.started_at, func.now()))
-        .returning(Task.id)
-    ).first()
-    if moved is None:
+def finish_from_cache(session: Session, task: ClaimedTask, answer: CachedAnswer, prices: PriceBook) -> Charge | None:
+    """running → succeeded, mode `cache`, with its ledger row (cost 0, baseline kept); None if the lease
+    was lost."""
+    try:
+        transitions.succeed_running_from_cache(session, task.id, task.lease_token)
+    except TransitionError:
         return None
     usage = answer.usage
     charge = add_ledger_entry(session, prices, _cache_record(task, answer))
@@ -287,10 +250,6 @@ def finish_from_cache(session: Session, task: CacheTarget | ClaimedTask, answer:
     return charge
 
 
-def running_guard(claimed: ClaimedTask) -> ColumnElement[bool]:
-    return and_(Task.status == TaskStatus.RUNNING, Task.lease_token == claimed.lease_token)
-
-
 def renew_lease(session: Session, task_id: uuid.UUID, token: uuid.UUID, lease_seconds: float) -> bool:
     moved = session.execute(
         update(Task).where(Task.id == task_id, Task.status == TaskStatus.RUNNING, Task.lease_token == token)
@@ -298,11 +257,6 @@ def renew_lease(session: Session, task_id: uuid.UUID, token: uuid.UUID, lease_se
         .returning(Task.id)
     ).first()
     return moved is not None
-
-
-def _finish_values(status: TaskStatus) -> dict[str, Any]:
-    return {"status": status, "finished_at": func.now(), "updated_at": func.now(), "lease_token": None,
-            "lease_expires_at": None, "not_before": None}
 
 
 def record_immediate_success(session: Session, claimed: ClaimedTask, result: ChatResult, prices: PriceBook
@@ -316,13 +270,9 @@ def record_immediate_success(session: Session, claimed: ClaimedTask, result: Cha
     )
     # a labelled request whose answer is not a label is billed (the provider served it) but fails
     problem = label_error(claimed.request, result.output)
-    moved = session.execute(
-        update(Task).where(Task.id == claimed.id, Task.status == TaskStatus.RUNNING,
-                           Task.lease_token == claimed.lease_token)
-        .values(**_finish_values(TaskStatus.FAILED if problem else TaskStatus.SUCCEEDED), error=problem)
-        .returning(Task.id)
-    ).first()
-    if moved is None:
+    try:
+        transitions.succeed_running(session, claimed.id, claimed.lease_token, problem)
+    except TransitionError:
         return None
     charge = add_ledger_entry(session, prices, record)
     usage = result.usage
@@ -340,49 +290,29 @@ def record_immediate_success(session: Session, claimed: ClaimedTask, result: Cha
 
 def requeue_running_task(session: Session, claimed: ClaimedTask, error: str, delay_seconds: float) -> bool:
     """running → queued after a retryable failure, not to be claimed before the delay."""
-    moved = session.execute(
-        update(Task).where(Task.id == claimed.id, Task.status == TaskStatus.RUNNING,
-                           Task.lease_token == claimed.lease_token)
-        .values(status=TaskStatus.QUEUED, lease_token=None, lease_expires_at=None, error=error,
-                not_before=func.now() + func.make_interval(0, 0, 0, 0, 0, 0, delay_seconds),
-                dispatched_at=func.now(), updated_at=func.now())
-        .returning(Task.id)
-    ).first()
-    return moved is not None
+    try:
+        transitions.requeue(session, claimed.id, claimed.lease_token, error, delay_seconds)
+    except TransitionError:
+        return False
+    return True
 
 
 def fail_running_task(session: Session, claimed: ClaimedTask, error: str) -> bool:
-    moved = session.execute(
-        update(Task).where(Task.id == claimed.id, Task.status == TaskStatus.RUNNING,
-                           Task.lease_token == claimed.lease_token)
-        .values(**_finish_values(TaskStatus.FAILED), error=error)
-        .returning(Task.id)
-    ).first()
-    return moved is not None
+    try:
+        transitions.fail_running(session, claimed.id, claimed.lease_token, error)
+    except TransitionError:
+        return False
+    return True
 
 
 def cancel_task(session: Session, tenant_id: uuid.UUID, task_id: uuid.UUID) -> Task:
     """queued / waiting_batch → cancelled. Raises NotFound, or TransitionError if it already started."""
-    moved = session.scalar(
-        update(Task).where(Task.id == task_id, Task.tenant_id == tenant_id, Task.shadow_of.is_(None),
-                           Task.status.in_(CANCELLABLE_TASK_STATUSES))
-        .values(**_finish_values(TaskStatus.CANCELLED))
-        .returning(Task)
-    )
-    if moved is not None:
-        return moved
+    try:
+        return transitions.cancel(session, tenant_id, task_id)
+    except TransitionError:
+        pass
     task = get_task(session, tenant_id, task_id)
     raise TransitionError(f"task {task_id} is {task.status.value} and can no longer be cancelled")
-
-
-def release_expired_leases(session: Session) -> list[uuid.UUID]:
-    """running → queued for tasks whose worker stopped renewing its lease (it died or hung)."""
-    return list(session.scalars(
-        update(Task).where(Task.status == TaskStatus.RUNNING, Task.lease_expires_at < func.now())
-        .values(status=TaskStatus.QUEUED, lease_token=None, lease_expires_at=None,
-                error="worker lost while the call was in flight", updated_at=func.now())
-        .returning(Task.id)
-    ))
 
 
 def stale_queued_task_ids(session: Session, older_than_seconds: float, limit: int = 10_000) -> list[uuid.UUID]:

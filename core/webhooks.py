@@ -66,6 +66,7 @@ from core.errors import InvalidInput, TierbatchError
 from core.models import Job, Schedule, ScheduleRun, Tenant, WebhookDelivery
 from core.secretbox import ENV_NAME as SECRET_KEY_ENV
 from core.secretbox import SecretBox, SecretUnreadable
+from core.states import WebhookStatus
 
 log = logging.getLogger(__name__)
 
@@ -365,7 +366,7 @@ def call_to_make(session: Session, outbox: Outbox, subject_id: uuid.UUID, attemp
                  box: SecretBox | None) -> WebhookCall | None:
     """The call for this attempt, or None (nothing pending, or this attempt or a later one was made)."""
     row = session.execute(outbox.target(subject_id)).first()
-    if row is None or row.status != "pending" or not row.body or not row.url:
+    if row is None or row.status != WebhookStatus.PENDING or not row.body or not row.url:
         return None
     made = session.scalar(select(WebhookDelivery.id).where(outbox.delivery_key == subject_id,
                                                            WebhookDelivery.attempt >= attempt).limit(1))
@@ -392,14 +393,14 @@ def record_attempt(session: Session, outbox: Outbox, call: WebhookCall, result: 
              WebhookDelivery.duration_ms: result.duration_ms})
         .on_conflict_do_nothing(constraint=outbox.constraint).returning(WebhookDelivery.id)
     ).scalar()
-    if recorded is None or state[1] != "pending":
+    if recorded is None or state[1] != WebhookStatus.PENDING:
         return None
     delay: float | None = None
-    status = "pending"
+    status = WebhookStatus.PENDING
     if result.delivered:
-        status = "delivered"
+        status = WebhookStatus.DELIVERED
     elif call.attempt >= max_attempts:
-        status = "failed"
+        status = WebhookStatus.FAILED
         log.warning("%s %s: webhook to %s failed %d times; giving up", outbox.kind, call.subject_id, call.url,
                     call.attempt)
     else:
@@ -417,7 +418,7 @@ def resends_due(session: Session, outbox: Outbox, stale_seconds: float, limit: i
     stale = or_(outbox.nudged.is_(None), outbox.nudged < now - func.make_interval(0, 0, 0, 0, 0, 0, stale_seconds))
     pending = list(session.scalars(
         update(subject).where(subject.id.in_(
-            select(subject.id).where(outbox.status == "pending", stale).limit(limit).scalar_subquery()))
+            select(subject.id).where(outbox.status == WebhookStatus.PENDING, stale).limit(limit).scalar_subquery()))
         .values({outbox.nudged: now}).returning(subject.id)))
     if not pending:
         return []

@@ -14,6 +14,7 @@ from celery import shared_task
 
 from core.facade import due_batches, expire_batch
 from core.messaging import EXPIRE_CLIENT_BATCHES
+from core.states import ClientBatchStatus
 from worker.context import context_of
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ def expire_client_batches(self: CeleryTask) -> int:
         except Exception:  # one batch's failure must not hold up the others; the next tick tries again
             log.exception("client batch %s: expiry step failed", batch_id)
             continue
-        if status == "expired":
+        if status == ClientBatchStatus.EXPIRED:
             expired += 1
             log.info("client batch %s expired", batch_id)
     return expired

@@ -21,7 +21,6 @@ from core.tasks import (
     record_immediate_success,
     renew_lease,
     requeue_running_task,
-    running_guard,
 )
 from worker.context import WorkerContext
 from worker.quality import maybe_send_shadow  # quality-aware routing
@@ -67,7 +66,7 @@ def run_immediate_call(ctx: WorkerContext, task_id: uuid.UUID, *, escalate: bool
             found = wait_for_cache(ctx, claimed)
         if not isinstance(found, Claim):
             with ctx.sessions.begin() as session:
-                finish_from_cache(session, claimed, found, ctx.prices, running_guard(claimed))
+                finish_from_cache(session, claimed, found, ctx.prices)
             return None
         claim = found
     chain = ctx.config.tier(Tier(claimed.tier)).chain

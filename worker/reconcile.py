@@ -7,7 +7,8 @@ import logging
 import uuid
 
 from core.messaging import DISPATCH_CHUNK
-from core.tasks import release_expired_leases, stale_queued_task_ids
+from core.task_transitions import release_expired_leases
+from core.tasks import stale_queued_task_ids
 from worker.context import WorkerContext
 
 log = logging.getLogger(__name__)

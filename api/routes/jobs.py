@@ -40,6 +40,7 @@ from core.jobs import (
 )
 from core.messaging import DISPATCH_TASKS, dispatch_after_commit
 from core.models import Job, WebhookDelivery
+from core.states import TaskStatus
 from core.webhooks import JOBS, attempts_of, require_secret_box
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -279,7 +280,7 @@ def results(job_id: str, tenant: TenantDep, ctx: ContextDep,
                     error = r.error
                     if labels is not None:
                         answer = label_of(r.output, labels)
-                        if answer is None and r.status == "succeeded" and error is None:
+                        if answer is None and r.status == TaskStatus.SUCCEEDED and error is None:
                             error = "the answer is not one of the job's labels"
                     else:
                         answer = r.output
