@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
@@ -56,8 +55,8 @@ class ApiContext:
         gateway = Gateway(config, providers, Cooldown(redis_client, settings.redis_key_prefix), prices,
                           settings.psycopg_dsn, sessions=sessions)
         gateway.warm_prices()
-        # batch file limits: OpenAI's by default; the environment may lower them (tests, small deployments)
-        limits = FileLimits.from_env(os.environ)
+        # batch file limits: OpenAI's by default; settings may lower them (tests, small deployments)
+        limits = FileLimits(max_bytes=settings.batch_file_max_bytes, max_lines=settings.batch_file_max_lines)
         rate_limits = RateLimits(limits_storage(redis_client, settings.redis_url, settings.redis_key_prefix))
         keys = KeyAuthenticator(database_lookup(sessions), redis_client, settings.redis_key_prefix, rate_limits,
                                 config.limits.failed_auth_per_minute,

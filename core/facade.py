@@ -78,16 +78,10 @@ _HTTP_STATUS = re.compile(r"HTTP (\d{3})")
 
 @dataclass(frozen=True, slots=True)
 class FileLimits:
-    """OpenAI's batch input limits (200 MB, 50,000 requests); lower ones may come from the environment."""
+    """Batch input limits (OpenAI's: 200 MB, 50,000 requests); settings may lower them."""
 
     max_bytes: int = 200_000_000
     max_lines: int = 50_000
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str]) -> FileLimits:
-        default = cls()
-        return cls(max_bytes=int(environ.get("TIERBATCH_BATCH_FILE_MAX_BYTES") or default.max_bytes),
-                   max_lines=int(environ.get("TIERBATCH_BATCH_FILE_MAX_LINES") or default.max_lines))
 
 
 def new_file_id() -> str:

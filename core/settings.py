@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
@@ -13,6 +13,8 @@ from core.secretbox import SecretBox
 DEFAULT_DATABASE_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 MIN_ADMIN_TOKEN_CHARS = 32
+BATCH_FILE_MAX_BYTES = 200_000_000  # OpenAI's Batch API input limits
+BATCH_FILE_MAX_LINES = 50_000
 
 
 class Settings(BaseSettings):
@@ -28,6 +30,18 @@ class Settings(BaseSettings):
     redis_key_prefix: str = Field(default="", validation_alias="TIERBATCH_REDIS_PREFIX")
     # encrypts webhook signing secrets at rest (core/secretbox.py); empty: no webhook can be signed
     secret_key: str = Field(default="", validation_alias="TIERBATCH_SECRET_KEY", repr=False)
+    # Batch API input files: OpenAI's limits by default; lower ones for small deployments and tests
+    batch_file_max_bytes: int = Field(default=BATCH_FILE_MAX_BYTES, gt=0, le=BATCH_FILE_MAX_BYTES,
+                                      validation_alias="TIERBATCH_BATCH_FILE_MAX_BYTES")
+    batch_file_max_lines: int = Field(default=BATCH_FILE_MAX_LINES, gt=0, le=BATCH_FILE_MAX_LINES,
+                                      validation_alias="TIERBATCH_BATCH_FILE_MAX_LINES")
+
+    @field_validator("batch_file_max_bytes", "batch_file_max_lines", mode="before")
+    @classmethod
+    def _empty_is_default(cls, value: object, info: ValidationInfo) -> object:
+        if value == "":
+            return BATCH_FILE_MAX_BYTES if info.field_name == "batch_file_max_bytes" else BATCH_FILE_MAX_LINES
+        return value
 
     @field_validator("secret_key")
     @classmethod

@@ -76,3 +76,17 @@ output = 0.10
 """)
     config = load_config(path, environ={})
     assert str(config.prices["my-local-llama"].input) == "0.05"
+
+
+def test_batch_file_limits_come_from_settings_once() -> None:
+    from pydantic import ValidationError
+
+    from core.settings import Settings
+
+    lowered = Settings(TIERBATCH_BATCH_FILE_MAX_BYTES="65536", TIERBATCH_BATCH_FILE_MAX_LINES="10")  # type: ignore[call-arg]
+    assert (lowered.batch_file_max_bytes, lowered.batch_file_max_lines) == (65536, 10)
+    unset = Settings(TIERBATCH_BATCH_FILE_MAX_BYTES="", TIERBATCH_BATCH_FILE_MAX_LINES="")  # type: ignore[call-arg]
+    assert (unset.batch_file_max_bytes, unset.batch_file_max_lines) == (200_000_000, 50_000)  # OpenAI's limits
+    for bad in ("0", "-1", "many", "300000000"):
+        with pytest.raises(ValidationError):
+            Settings(TIERBATCH_BATCH_FILE_MAX_BYTES=bad)  # type: ignore[call-arg]
