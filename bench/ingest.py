@@ -30,7 +30,7 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.jobs import COPY_COLUMNS
+from core.bulk_sql import TASK_COPY_COLUMNS
 from core.migrate import upgrade_to_head
 from core.settings import DEFAULT_DATABASE_URL
 from tests.support.procs import ManagedProcess, free_port, python_module, wait_http_ok
@@ -83,7 +83,8 @@ def copy_rate(dsn: str, n: int, with_indexes: bool) -> float:
         try:
             job = str(uuid.uuid4())
             started = time.perf_counter()
-            with conn.cursor() as cursor, cursor.copy(f"COPY {table} ({', '.join(COPY_COLUMNS)}) FROM STDIN") as copy:
+            statement = f"COPY {table} ({', '.join(TASK_COPY_COLUMNS)}) FROM STDIN"
+            with conn.cursor() as cursor, cursor.copy(statement) as copy:
                 for i in range(n):
                     request = prefix + json.dumps("Ticket: " + ROW_TEXT.format(i=i)) + "}]}"
                     copy.write_row((uuid.uuid4(), f"t{i}", request, "light", "config routing", tenant, job,

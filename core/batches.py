@@ -20,6 +20,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.orm import Session
 
 from core import task_transitions as transitions
+from core.bulk_sql import COPY_INGEST_ROWS, CREATE_INGEST_TABLE
 from core.config import AppConfig
 from core.labels import label_error
 from core.models import ProviderBatch, Task
@@ -260,7 +261,7 @@ class PreparedChunk:
     """One chunk's lines, ready to write: the success rows priced and checked in Python
     (`prepare_outcomes`), so that a worker can build the next chunk while this one is written."""
 
-    copy_data: bytes = b""  # `ingest_rows` in COPY text format (`_INGEST_COLUMNS`), one line per success
+    copy_data: bytes = b""  # `ingest_rows` in COPY text format (`core.bulk_sql.INGEST_COLUMNS`), one line per success
     success_ids: list[uuid.UUID] = field(default_factory=list)
     retryable: dict[uuid.UUID, str] = field(default_factory=dict)
     permanent: dict[uuid.UUID, str] = field(default_factory=dict)
@@ -298,18 +299,6 @@ def ingest_outcomes(session: Session, config: AppConfig, prices: PriceBook, batc
     return write_prepared(session, config, batch, prepare_outcomes(session, prices, batch, outcomes), watch)
 
 
-_INGEST_COLUMNS = (
-    "id", "status", "error", "served_model", "output", "response", "input_tokens", "cached_tokens",
-    "output_tokens", "reasoning_tokens", "input_price", "cached_input_price", "output_price", "input_cost_usd",
-    "cached_input_cost_usd", "output_cost_usd", "cost_usd", "baseline_cost_usd",
-)
-_CREATE_INGEST_TABLE = (
-    "CREATE TEMP TABLE IF NOT EXISTS ingest_rows (id uuid PRIMARY KEY, status task_status, error text, "
-    "served_model text, output text, response jsonb, input_tokens bigint, cached_tokens bigint, "
-    "output_tokens bigint, reasoning_tokens bigint, input_price numeric, cached_input_price numeric, "
-    "output_price numeric, input_cost_usd numeric, cached_input_cost_usd numeric, output_cost_usd numeric, "
-    "cost_usd numeric, baseline_cost_usd numeric) ON COMMIT DELETE ROWS"
-)
 # no double billing: a task's cost is the sum of its ledger rows, its shadow rows included
 _CHARGE_SHADOWED_TASKS = text(
     "UPDATE tasks AS o SET cost_usd = coalesce(o.cost_usd, 0) + v.cost_usd FROM tasks AS s, ingest_rows AS v "
@@ -387,11 +376,11 @@ def _write_success_rows(session: Session, batch: ProviderBatch, copy_data: bytes
     # the statement's estimated cost crosses `jit_above_cost` as `tasks` grows (or when the temp
     # table's statistics lag), and compiling it costs more than running it
     connection.execute(text("SET LOCAL jit = off"))
-    connection.execute(text(_CREATE_INGEST_TABLE))
+    connection.execute(text(CREATE_INGEST_TABLE))
     driver = connection.connection.driver_connection
     assert driver is not None
     with driver.cursor() as cursor:
-        with cursor.copy(f"COPY ingest_rows ({', '.join(_INGEST_COLUMNS)}) FROM STDIN") as copy:
+        with cursor.copy(COPY_INGEST_ROWS) as copy:
             copy.write(copy_data)
         # statistics of the join column only (row count and id): the plan needs no more, and a full
         # ANALYZE of the wide rows cost ~5% of the chunk

@@ -377,7 +377,7 @@ def check_create_request(body: Any) -> tuple[str, dict[str, str] | None]:
 def _task_rows(lines: Iterator[tuple[int, bytes]], config: AppConfig, tenant_id: uuid.UUID, job_id: uuid.UUID,
                ids: list[uuid.UUID], now: datetime, rules: Mapping[str, RuleView] | None = None
                ) -> Iterator[tuple[Any, ...]]:
-    """COPY rows (core.jobs.COPY_COLUMNS order), one per line: routed on its own, never urgent."""
+    """COPY rows (core.bulk_sql.TASK_COPY_COLUMNS order), one per line: routed on its own, never urgent."""
     tenant, job = str(tenant_id), str(job_id)
     position = 0
     for number, raw in lines:

@@ -39,6 +39,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core import chat_fields
 from core import openai_validation as shared
+from core.bulk_sql import GATEWAY_WRITE
 from core.cache import (
     CachedAnswer,
     Claim,
@@ -445,51 +446,6 @@ class CallRecord:
     mode: Mode = Mode.IMMEDIATE  # or `cache`: answered from the response cache
 
 
-_TASK_COLUMNS = ("id uuid", "tenant_id uuid", "task_type text", "requested_tier requested_tier", "tier tier",
-                 "tier_reason text", "request jsonb", "metadata jsonb", "status task_status", "provider text",
-                 "model text", "served_model text", "output text", "response jsonb", "input_tokens bigint",
-                 "cached_tokens bigint", "output_tokens bigint", "reasoning_tokens bigint", "cost_usd numeric",
-                 "baseline_cost_usd numeric", "attempts integer", "error text", "created_at timestamptz",
-                 "started_at timestamptz", "mode serve_mode")
-_LEDGER_COLUMNS = ("tenant_id uuid", "task_id uuid", "task_type text", "tier tier", "provider text",
-                   "requested_model text", "served_model text", "input_tokens bigint", "cached_tokens bigint",
-                   "output_tokens bigint", "reasoning_tokens bigint", "input_price numeric",
-                   "cached_input_price numeric", "output_price numeric", "input_cost_usd numeric",
-                   "cached_input_cost_usd numeric", "output_cost_usd numeric", "cost_usd numeric",
-                   "baseline_cost_usd numeric", "unpriced boolean", "latency_ms integer",
-                   "usage_estimated boolean", "mode serve_mode")
-
-
-# Columns as they travel in the JSON parameter; enums travel as text and the provider's body as its raw
-# JSON text, cast on the way in.
-_CASTS = {"requested_tier": "requested_tier", "tier": "tier", "status": "task_status", "response": "jsonb",
-          "mode": "serve_mode"}
-
-
-def _recordset(param: str, columns: Sequence[str]) -> tuple[list[str], str]:
-    """(column names, `SELECT ... FROM json_to_recordset(%(param)s::json) AS v(...)`): any number of rows in
-    one text parameter (serialized by the json module in C; arrays of Python values cost far more)."""
-    names = [c.split(" ", 1)[0] for c in columns]
-    declared = ", ".join(f"{n} {'text' if n in _CASTS else c.split(' ', 1)[1]}" for n, c in zip(names, columns,
-                                                                                                 strict=True))
-    selected = ", ".join(f"v.{n}::{_CASTS[n]}" if n in _CASTS else f"v.{n}" for n in names)
-    return names, f"SELECT {selected}{{extra}} FROM json_to_recordset(%({param})s::json) AS v({declared})"
-
-
-def _write_sql() -> str:
-    """Both tables in ONE statement (a data-modifying CTE): in autocommit, one round trip is the whole
-    transaction, and the ledger's foreign key to the task is checked at the end of that statement."""
-    task_names, task_select = _recordset("tasks", _TASK_COLUMNS)
-    ledger_names, ledger_select = _recordset("ledger", _LEDGER_COLUMNS)
-    tasks = (f"INSERT INTO tasks ({', '.join(task_names)}, urgent, finished_at, updated_at) "
-             + task_select.format(extra=", true, now(), now()"))
-    ledger = f"INSERT INTO ledger_entries ({', '.join(ledger_names)}) " + ledger_select.format(extra="")
-    return f"WITH written_tasks AS ({tasks} RETURNING id) {ledger}"
-
-
-_WRITE_SQL = _write_sql()
-
-
 def _json(value: Any) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
@@ -620,7 +576,7 @@ class CallWriter:
         try:
             if self._connection is None or self._connection.closed:
                 self._connection = await self._connect()
-            await self._connection.execute(_WRITE_SQL, record_params(records))
+            await self._connection.execute(GATEWAY_WRITE, record_params(records))
         except BaseException:
             await self.aclose()
             raise

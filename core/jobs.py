@@ -36,6 +36,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from core import task_transitions as transitions
+from core.bulk_sql import COPY_TASKS
 from core.config import AppConfig
 from core.costs import check_budget
 from core.db import newest_first_page
@@ -60,8 +61,6 @@ _SETTING_KEYS = ("task_type", "tier", "urgent", "deadline", "params", "system", 
 # Marks where an item's text goes in the pre-serialized request; json.dumps escapes it as \u0001.
 _SLOT = "\x01tierbatch-text\x01"
 
-COPY_COLUMNS = ("id", "item_id", "request", "tier", "tier_reason", "tenant_id", "job_id", "task_type",
-                "requested_tier", "urgent", "deadline", "metadata", "status", "attempts", "dispatched_at")
 _QUEUED = TaskStatus.QUEUED.value  # a plain str: the COPY's rows are built per item on a benchmarked path
 
 
@@ -467,7 +466,7 @@ def _fixed_choice(settings: JobSettings, config: AppConfig, rules: Mapping[str, 
 def task_rows(items: Sequence[JobItem], ids: Sequence[uuid.UUID], settings: JobSettings, config: AppConfig,
               tenant_id: uuid.UUID, job_id: uuid.UUID, now: datetime, budget_reason: str | None = None,
               rules: Mapping[str, RuleView] | None = None) -> Iterator[tuple[Any, ...]]:
-    """COPY rows in `COPY_COLUMNS` order."""
+    """COPY rows in `core.bulk_sql.TASK_COPY_COLUMNS` order."""
     encode = RequestEncoder(settings).encode
     choose = tier_chooser(settings, config, budget_reason, rules)
     metadata = json.dumps(settings.metadata, ensure_ascii=False)
@@ -542,7 +541,7 @@ def copy_task_rows(session: Session, rows: Iterator[tuple[Any, ...]]) -> int:
     raw = session.connection().connection.driver_connection
     assert isinstance(raw, psycopg.Connection)
     written = 0
-    with raw.cursor() as cursor, cursor.copy(f"COPY tasks ({', '.join(COPY_COLUMNS)}) FROM STDIN") as copy:
+    with raw.cursor() as cursor, cursor.copy(COPY_TASKS) as copy:
         for row in rows:
             copy.write_row(row)
             written += 1

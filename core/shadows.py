@@ -18,20 +18,9 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from core.bulk_sql import QUEUE_SHADOW_TASKS
 from core.config import AppConfig
 from core.states import TERMINAL_TASK_STATUSES, Tier, sql_in
-
-_QUEUE_SHADOW_TASKS = text(
-    "INSERT INTO tasks (id, tenant_id, task_type, requested_tier, tier, tier_reason, urgent, request, metadata,"
-    " status, mode, provider, model, attempts, dispatched_at, created_at, updated_at, shadow_of) "
-    "SELECT gen_random_uuid(), o.tenant_id, o.task_type, CAST(v.tier AS requested_tier), CAST(v.tier AS tier),"
-    " 'quality monitor: ' || v.kind || ' of ' || o.id, false, o.request, o.metadata, 'waiting_batch', 'batch',"
-    " v.provider, v.model, 0, now(), now(), now(), o.id "
-    "FROM unnest(CAST(:ids AS uuid[]), CAST(:tiers AS text[]), CAST(:kinds AS text[]), CAST(:providers AS text[]),"
-    " CAST(:models AS text[])) AS v(id, tier, kind, provider, model) "
-    "JOIN tasks AS o ON o.id = v.id "
-    "ON CONFLICT (shadow_of) WHERE shadow_of IS NOT NULL DO NOTHING"
-)
 
 
 def takes_batch_shadow(config: AppConfig, shadow_tier: Tier, urgent: bool) -> bool:
@@ -46,7 +35,7 @@ def queue_batch_shadows(session: Session, config: AppConfig, picks: Sequence[tup
     if not picks:
         return 0
     refs = [config.tier(tier).chain[0] for _, tier in picks]
-    result = session.execute(_QUEUE_SHADOW_TASKS, {
+    result = session.execute(QUEUE_SHADOW_TASKS, {
         "ids": [task_id for task_id, _ in picks], "tiers": [tier.value for _, tier in picks],
         "kinds": ["shadow" if tier is Tier.COMPLEX else "probe" for _, tier in picks],
         "providers": [ref.provider for ref in refs], "models": [ref.model for ref in refs]})

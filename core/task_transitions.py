@@ -40,6 +40,7 @@ from sqlalchemy import ARRAY, BindParameter, Connection, Row, and_, any_, bindpa
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.orm import Session
 
+from core.bulk_sql import INGEST_LEDGER_COLUMNS
 from core.errors import TransitionError
 from core.models import Task
 from core.states import CANCELLABLE_TASK_STATUSES, Mode, TaskStatus
@@ -231,10 +232,7 @@ _APPLY_INGEST_ROWS = text(
     "   v.input_tokens, v.cached_tokens, v.output_tokens, v.reasoning_tokens, v.input_price, v.cached_input_price,"
     "   v.output_price, v.input_cost_usd, v.cached_input_cost_usd, v.output_cost_usd, v.cost_usd,"
     "   v.baseline_cost_usd), "
-    "billed AS (INSERT INTO ledger_entries (tenant_id, task_id, job_id, batch_id, task_type, tier, mode, provider,"
-    " requested_model, served_model, input_tokens, cached_tokens, output_tokens, reasoning_tokens, input_price,"
-    " cached_input_price, output_price, input_cost_usd, cached_input_cost_usd, output_cost_usd, cost_usd,"
-    " baseline_cost_usd, unpriced, usage_estimated) "
+    f"billed AS (INSERT INTO ledger_entries ({', '.join(INGEST_LEDGER_COLUMNS)}) "
     # a shadow task's line is a `shadow` row of the task it shadows, in that task's job
     "SELECT m.tenant_id, coalesce(m.shadow_of, m.id),"
     " CASE WHEN m.shadow_of IS NULL THEN m.job_id ELSE (SELECT o.job_id FROM tasks AS o WHERE o.id = m.shadow_of) END,"

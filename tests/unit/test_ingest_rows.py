@@ -10,7 +10,8 @@ from typing import Any
 
 import orjson
 
-from core.batches import _INGEST_COLUMNS, _copy_field, _success_rows
+from core.batches import _copy_field, _success_rows
+from core.bulk_sql import INGEST_COLUMNS
 from core.config import default_config_data, parse_config
 from core.labels import label_response_format
 from core.pricing import PriceBook, TokenUsage
@@ -23,8 +24,8 @@ def _parse(copy_text: str) -> list[dict[str, str | None]]:
     for line in copy_text.split("\n")[:-1]:  # the data ends with a newline
         fields = [None if f == "\\N" else re.sub(r"\\[\\nrt]", lambda m: _UNESCAPE[m.group(0)], f)
                   for f in line.split("\t")]
-        assert len(fields) == len(_INGEST_COLUMNS)
-        rows.append(dict(zip(_INGEST_COLUMNS, fields, strict=True)))
+        assert len(fields) == len(INGEST_COLUMNS)
+        rows.append(dict(zip(INGEST_COLUMNS, fields, strict=True)))
     return rows
 
 

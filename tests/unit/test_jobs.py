@@ -168,7 +168,7 @@ def test_tier_resolved_once_when_fixed_and_per_item_on_auto() -> None:
 
 
 def test_task_rows_follow_the_copy_columns() -> None:
-    from core.jobs import COPY_COLUMNS
+    from core.bulk_sql import TASK_COPY_COLUMNS
 
     settings = JobSettings(task_type="classification", labels=("a",), metadata={"team": "x"}, urgent=True)
     ids = time_ordered_ids(2)
@@ -176,7 +176,7 @@ def test_task_rows_follow_the_copy_columns() -> None:
     now = datetime.now(UTC)
     rows = list(task_rows([JobItem("1", "p", None), JobItem("2", "q", None)], ids, settings, CONFIG, tenant, job,
                           now))
-    first = dict(zip(COPY_COLUMNS, rows[0], strict=True))
+    first = dict(zip(TASK_COPY_COLUMNS, rows[0], strict=True))
     assert first["id"] == ids[0] and first["item_id"] == "1" and first["tier"] == "light"
     assert first["tenant_id"] == str(tenant) and first["job_id"] == str(job) and first["status"] == "queued"
     assert json.loads(first["metadata"]) == {"team": "x"} and first["urgent"] is True

@@ -1,0 +1,67 @@
+"""Each hand-written bulk statement runs against the migrated schema (with no rows, rolled back): Postgres
+resolves every column, type and cast, which a mismatch with the migrations would fail."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import sqlalchemy as sa
+
+from core import bulk_sql
+from core import task_transitions as transitions
+from tests.support.stack import psycopg_dsn
+
+NO_ID: list[str] = []
+
+
+@pytest.fixture
+def connection(migrated_database_url: str) -> Iterator[sa.Connection]:
+    engine = sa.create_engine(migrated_database_url)
+    try:
+        with engine.connect() as conn:
+            yield conn
+            conn.rollback()
+    finally:
+        engine.dispose()
+
+
+def test_copy_tasks_takes_its_columns(migrated_database_url: str) -> None:
+    with psycopg.connect(psycopg_dsn(migrated_database_url)) as conn:
+        with conn.cursor() as cursor, cursor.copy(bulk_sql.COPY_TASKS):
+            pass
+        conn.rollback()
+
+
+def test_ingestion_statements_run(connection: sa.Connection) -> None:
+    connection.execute(sa.text(bulk_sql.CREATE_INGEST_TABLE))
+    driver = connection.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    with driver.cursor() as cursor, cursor.copy(bulk_sql.COPY_INGEST_ROWS):
+        pass
+    row = transitions.apply_ingested_rows(connection, uuid.uuid4(), "p", "m", ())
+    assert row.written == 0
+    # the temp table's types are those of the columns it feeds (numerics aside: the target has the scale)
+    mirrored = connection.execute(sa.text(
+        "SELECT v.attname, format_type(v.atttypid, NULL) AS temp, "
+        " coalesce(format_type(t.atttypid, NULL), format_type(l.atttypid, NULL)) AS target "
+        "FROM pg_attribute AS v "
+        "LEFT JOIN pg_attribute AS t ON t.attrelid = 'tasks'::regclass AND t.attname = v.attname "
+        "LEFT JOIN pg_attribute AS l ON l.attrelid = 'ledger_entries'::regclass AND l.attname = v.attname "
+        "WHERE v.attrelid = 'ingest_rows'::regclass AND v.attnum > 0 AND NOT v.attisdropped")).all()
+    assert [r.attname for r in mirrored] == list(bulk_sql.INGEST_COLUMNS)
+    assert [(r.attname, r.temp) for r in mirrored] == [(r.attname, r.target) for r in mirrored]
+
+
+def test_shadow_insert_runs(connection: sa.Connection) -> None:
+    result = connection.execute(bulk_sql.QUEUE_SHADOW_TASKS, {"ids": NO_ID, "tiers": NO_ID, "kinds": NO_ID,
+                                                              "providers": NO_ID, "models": NO_ID})
+    assert result.rowcount == 0
+
+
+def test_gateway_write_runs(migrated_database_url: str) -> None:
+    with psycopg.connect(psycopg_dsn(migrated_database_url)) as conn:
+        conn.execute(bulk_sql.GATEWAY_WRITE, {"tasks": "[]", "ledger": "[]"})
+        conn.rollback()
