@@ -64,11 +64,11 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Any
 
+from core.inputs import MAX_JSON_DEPTH, unstorable
 from core.openai_validation import InvalidRequest, invalid_type
 
 FORWARDED_FIELDS = frozenset({
@@ -98,9 +98,8 @@ PROMPT_CACHE_RETENTIONS = ("in_memory",)
 TOOL_TYPES = ("function", "custom")
 REFUSED_CONTENT_PARTS = ("input_audio",)
 
-MAX_DEPTH = 64  # JSON nesting of a request; tool schemas rarely go past 10
+MAX_DEPTH = MAX_JSON_DEPTH  # the input guard's limit: one figure for both
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
 _WALKED = (str, dict, list, float)  # what can hold something Postgres refuses: float for NaN and Infinity
 
 
@@ -183,7 +182,7 @@ def _shown(text: str) -> str:
 
 
 def _clean(text: str) -> bool:
-    return "\x00" not in text and (text.isascii() or _SURROGATE.search(text) is None)
+    return not unstorable(text)
 
 
 def _unstorable(param: str | None, text: str, what: str) -> InvalidRequest:
@@ -261,21 +260,3 @@ def _locate(value: Any, param: str) -> None:
 def _too_deep(where: str) -> InvalidRequest:
     return InvalidRequest(f"Invalid '{where or 'body'}': nested more than {MAX_DEPTH} levels deep.", where or None,
                           "invalid_value")
-
-
-def storable_text(text: str) -> str:
-    """`text` with NUL characters and unpaired surrogates replaced by U+FFFD."""
-    if _clean(text):
-        return text
-    return _SURROGATE.sub("\ufffd", text.replace("\x00", "\ufffd"))
-
-
-def storable(value: Any) -> Any:
-    """`value` (JSON-like) with every string and key made storable (`storable_text`)."""
-    if isinstance(value, str):
-        return storable_text(value)
-    if isinstance(value, dict):
-        return {storable_text(k) if isinstance(k, str) else k: storable(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [storable(v) for v in value]
-    return value

@@ -37,7 +37,7 @@ import anyio
 import psycopg
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import chat_fields
+from core import chat_fields, inputs
 from core import openai_validation as shared
 from core.bulk_sql import GATEWAY_WRITE
 from core.cache import (
@@ -482,7 +482,7 @@ def _storable_json(text: str | None) -> str | None:
     if text is None:
         return None
     try:
-        return _json(chat_fields.storable(json.loads(text)))
+        return _json(inputs.storable(json.loads(text)))
     except (ValueError, RecursionError):
         return None
 
@@ -491,14 +491,14 @@ def _storable_record(r: CallRecord) -> CallRecord:
     """The record as Postgres can store it: what the provider answered with NUL characters or unpaired
     surrogates replaced (requests holding them are refused before any call)."""
     def text(value: str | None) -> str | None:
-        return chat_fields.storable_text(value) if value is not None else None
+        return inputs.storable_text(value) if value is not None else None
 
     return dataclasses.replace(
-        r, request=chat_fields.storable(r.request), metadata=chat_fields.storable(r.metadata),
+        r, request=inputs.storable(r.request), metadata=inputs.storable(r.metadata),
         output=text(r.output), response_json=_storable_json(r.response_json), error=text(r.error),
         served_model=text(r.served_model), requested_model=text(r.requested_model),
-        route=dataclasses.replace(r.route, reason=chat_fields.storable_text(r.route.reason),
-                                  task_type=chat_fields.storable_text(r.route.task_type)))
+        route=dataclasses.replace(r.route, reason=inputs.storable_text(r.route.reason),
+                                  task_type=inputs.storable_text(r.route.task_type)))
 
 
 def record_params(records: Sequence[CallRecord]) -> dict[str, str]:

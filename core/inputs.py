@@ -2,7 +2,7 @@
 
 Postgres cannot store NUL in text (nor `\\u0000` in jsonb), and a lone surrogate cannot be encoded
 to UTF-8 at all; JSON nested without bound exhausts Python's recursion in `json.loads`. These are
-refused here with an `InvalidInput` naming the field (a dotted path such as `messages.0.content`).
+refused here with an `InvalidInput` naming the field as the API names fields (`messages[0].content`).
 
 `loads_checked` parses with orjson (C, no recursion; its own depth cap is 1024) and then verifies the
 tree: on the common path that costs three byte scans in C, since a body with fewer than
@@ -46,7 +46,26 @@ class Unstorable(InvalidInput):
 
 def unstorable(text: str) -> bool:
     """True when `text` holds a character Postgres cannot store (NUL, a lone surrogate)."""
+    if text.isascii():  # the common case: only NUL can be wrong, and `in` is a C scan
+        return "\x00" in text
     return _UNSTORABLE.search(text) is not None
+
+
+def storable_text(text: str) -> str:
+    """`text` with NUL characters and lone surrogates replaced by U+FFFD (for what a provider answered:
+    it is recorded, never refused)."""
+    return _UNSTORABLE.sub("\ufffd", text) if unstorable(text) else text
+
+
+def storable(value: Any) -> Any:
+    """`value` (JSON-like) with every string and key made storable (`storable_text`)."""
+    if isinstance(value, str):
+        return storable_text(value)
+    if isinstance(value, dict):
+        return {storable_text(k) if isinstance(k, str) else k: storable(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [storable(v) for v in value]
+    return value
 
 
 def describe(text: str) -> str:

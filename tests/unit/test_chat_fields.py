@@ -22,9 +22,8 @@ from core.chat_fields import (
     REFUSED_FIELDS,
     check_fields,
     check_storable,
-    storable,
-    storable_text,
 )
+from core.inputs import storable, storable_text
 from core.openai_validation import InvalidRequest
 
 HI = [{"role": "user", "content": "hi"}]
@@ -66,7 +65,7 @@ def test_the_list_does_not_follow_the_installed_sdk() -> None:
         "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('openai', 'core'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert json.loads(out) == ["core", "core.chat_fields", "core.openai_validation"]
+    assert json.loads(out) == ["core", "core.chat_fields", "core.errors", "core.inputs", "core.openai_validation"]
 
 
 def refusal(body: dict[str, Any]) -> InvalidRequest:
