@@ -9,18 +9,18 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.auth import KeyAuthenticator, RateLimits, database_lookup, limits_storage
-from core.config import AppConfig
-from core.cooldown import Cooldown
-from core.db import make_engine, make_session_factory
-from core.facade import FileLimits
-from core.gateway import Gateway, TenantPolicies
-from core.messaging import make_producer
-from core.pricing import PriceBook
-from core.provider import AsyncProviderClients
-from core.secretbox import SecretBox
-from core.settings import Settings
-from core.webhooks import TargetPolicy
+from tierbatch.base.config import AppConfig
+from tierbatch.base.messaging import make_producer
+from tierbatch.base.secretbox import SecretBox
+from tierbatch.base.settings import Settings
+from tierbatch.db.engine import make_engine, make_session_factory
+from tierbatch.gateway.chat import Gateway, TenantPolicies
+from tierbatch.ledger.pricing import PriceBook
+from tierbatch.openai_batches.facade import FileLimits
+from tierbatch.providers.client import AsyncProviderClients
+from tierbatch.providers.cooldown import Cooldown
+from tierbatch.tenants.auth import KeyAuthenticator, RateLimits, database_lookup, limits_storage
+from tierbatch.webhooks.delivery import TargetPolicy
 
 
 @dataclass

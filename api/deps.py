@@ -9,10 +9,10 @@ import anyio
 from fastapi import Depends, HTTPException, Request
 from sqlalchemy.orm import Session
 
-from api.context import ApiContext
-from core.errors import Unauthenticated
-from core.models import Tenant
-from core.tenants import KeyGrant
+from tierbatch.api.context import ApiContext
+from tierbatch.base.errors import Unauthenticated
+from tierbatch.db.models import Tenant
+from tierbatch.tenants.store import KeyGrant
 
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
 

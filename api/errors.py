@@ -13,8 +13,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from core.errors import Conflict, InvalidInput, NotFound, RateLimited, ServiceUnavailable, TransitionError
-from core.gateway import GatewayError
+from tierbatch.base.errors import Conflict, InvalidInput, NotFound, RateLimited, ServiceUnavailable, TransitionError
+from tierbatch.gateway.chat import GatewayError
 
 log = logging.getLogger(__name__)
 

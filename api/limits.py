@@ -7,7 +7,7 @@
 - refuses a `Content-Length` over the route's limit with 413 at once, before reading a byte of the
   body, and counts a body without one as it arrives, cutting it at the limit with 413;
 - for JSON routes, reads the body (within the limit), parses it once with orjson and checks it
-  (`core.inputs.loads_checked`: nesting, NUL and lone surrogates in any string or key, 400 naming
+  (`tierbatch.base.inputs.loads_checked`: nesting, NUL and lone surrogates in any string or key, 400 naming
   the dotted field); the parsed value is kept in the request state for the route (`parsed_json`),
   so the hot path parses once;
 - leaves streamed bodies (multipart uploads, NDJSON items) streamed: they are counted chunk by chunk
@@ -31,10 +31,10 @@ from starlette.responses import JSONResponse
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from api.errors import OPENAI_PATHS, error_response, openai_error_response
-from core.errors import InvalidInput
-from core.facade import FileLimits
-from core.inputs import NotJson, check_text, dotted, loads_checked, unstorable
+from tierbatch.api.errors import OPENAI_PATHS, error_response, openai_error_response
+from tierbatch.base.errors import InvalidInput
+from tierbatch.base.inputs import NotJson, check_text, dotted, loads_checked, unstorable
+from tierbatch.openai_batches.facade import FileLimits
 
 MiB = 1024 * 1024
 # The limits of the routes (a route not named here has DEFAULT_BODY_BYTES).

@@ -4,23 +4,23 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from importlib.metadata import version
 
 from fastapi import FastAPI
 
-from api.context import ApiContext
-from api.errors import install_error_handlers
-from api.limits import install_input_guard
-from api.routes import admin, health, tasks
-from api.routes import costs as costs_routes  # costs and budgets
-from api.routes import jobs as jobs_routes  # bulk jobs
-from api.routes import openai_batches as openai_batches_routes  # OpenAI-compatible surface
-from api.routes import openai_chat as openai_chat_routes  # OpenAI-compatible surface
-from api.routes import openai_models as openai_models_routes  # OpenAI-compatible surface
-from api.routes import quality as quality_routes  # quality-aware routing
-from api.routes import schedules as schedules_routes  # scheduled classification
-from core.config import AppConfig, load_config
-from core.settings import Settings
+from tierbatch import __version__
+from tierbatch.api.context import ApiContext
+from tierbatch.api.errors import install_error_handlers
+from tierbatch.api.limits import install_input_guard
+from tierbatch.api.routes import admin, health, tasks
+from tierbatch.api.routes import costs as costs_routes  # costs and budgets
+from tierbatch.api.routes import jobs as jobs_routes  # bulk jobs
+from tierbatch.api.routes import openai_batches as openai_batches_routes  # OpenAI-compatible surface
+from tierbatch.api.routes import openai_chat as openai_chat_routes  # OpenAI-compatible surface
+from tierbatch.api.routes import openai_models as openai_models_routes  # OpenAI-compatible surface
+from tierbatch.api.routes import quality as quality_routes  # quality-aware routing
+from tierbatch.api.routes import schedules as schedules_routes  # scheduled classification
+from tierbatch.base.config import AppConfig, load_config
+from tierbatch.base.settings import Settings
 
 
 def create_app(settings: Settings | None = None, config: AppConfig | None = None) -> FastAPI:
@@ -34,7 +34,7 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
         await ctx.aclose()  # OpenAI-compatible surface: pending call records, async clients
         ctx.close()
 
-    app = FastAPI(title="tierbatch", version=version("tierbatch"), lifespan=lifespan)
+    app = FastAPI(title="tierbatch", version=__version__, lifespan=lifespan)
     app.state.ctx = ctx
     install_error_handlers(app)
     install_input_guard(app, ctx.file_limits)

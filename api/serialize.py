@@ -6,8 +6,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from core.models import Task
-from core.states import TaskStatus
+from tierbatch.base.states import TaskStatus
+from tierbatch.db.models import Task
 
 
 def money(value: Decimal | None) -> str | None:

@@ -8,7 +8,7 @@
 1. Raw limits: Postgres COPY of task-like rows into a scratch table, pipelined multi-row INSERT,
    Redis pipelined LPUSH (on a throwaway key under this run's prefix).
 2. A 50,000-line batch, in process: COPY 50,000 `waiting_batch` tasks into a scratch database
-   migrated to head, `claim_batch` (one transaction), then `worker.batch.submit_batch` against a
+   migrated to head, `claim_batch` (one transaction), then `tierbatch.worker.batch.submit_batch` against a
    simulator process, timed by step (build the JSONL, upload, create).
 3. Its output ingested, in process: the simulator completes it (durations 0.05 s), `poll_batches`
    moves it to `ingesting`, `ingest_batch` is timed (lines/s).
@@ -63,16 +63,16 @@ from bench._common import (
     redis_lpush_rate,
     waiting_rows,
 )
-from core.config import load_config
-from core.migrate import upgrade_to_head
-from core.models import ProviderBatch
-from core.provider import ProviderBatches
-from core.settings import DEFAULT_DATABASE_URL, Settings
-from core.states import BatchStatus
 from tests.support.procs import REPO_ROOT, ManagedProcess, free_port, python_module, wait_http_ok
 from tests.support.stack import Stack, psycopg_dsn, scratch_database, write_app_config
-from worker import batch as worker_batch
-from worker.context import WorkerContext, build_worker_context
+from tierbatch.base.config import load_config
+from tierbatch.base.settings import DEFAULT_DATABASE_URL, Settings
+from tierbatch.base.states import BatchStatus
+from tierbatch.db.models import ProviderBatch
+from tierbatch.migrations.runner import upgrade_to_head
+from tierbatch.providers.client import ProviderBatches
+from tierbatch.worker import batch as worker_batch
+from tierbatch.worker.context import WorkerContext, build_worker_context
 
 BATCH_LINES = 50_000
 TARGET_SUBMIT_SECONDS = 3.0
@@ -332,7 +332,7 @@ def in_process(base_url: str, redis_url: str, prefix: str, logs: Path, args: arg
         say(f"one {BATCH_LINES:,}-line batch, in process")
         port = free_port()
         config_path = bench_config(logs / "inprocess.toml", port)
-        simulator = ManagedProcess(python_module("simulator", "--host", "127.0.0.1", "--port", str(port)),
+        simulator = ManagedProcess(python_module("tierbatch.simulator", "--host", "127.0.0.1", "--port", str(port)),
                                    env={"PYTHONUNBUFFERED": "1"}, log_path=logs / "inprocess-simulator.log")
         ctx: WorkerContext | None = None
         try:
@@ -424,7 +424,7 @@ def end_to_end(base_url: str, redis_url: str, logs: Path, pool: str, concurrency
             stack.start_simulator()
             configure_simulator(stack.simulator_url)
             stack.start_api()
-            worker = stack._start("worker", python_module("cli", "worker", "--concurrency", str(concurrency),
+            worker = stack._start("worker", python_module("tierbatch.cli", "worker", "--concurrency", str(concurrency),
                                                           "--pool", pool))
             deadline = time.monotonic() + 60
             while "ready." not in worker.log_text():

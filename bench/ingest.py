@@ -30,11 +30,11 @@ import psycopg
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from core.bulk_sql import TASK_COPY_COLUMNS
-from core.migrate import upgrade_to_head
-from core.settings import DEFAULT_DATABASE_URL
 from tests.support.procs import ManagedProcess, free_port, python_module, wait_http_ok
 from tests.support.stack import ADMIN_TOKEN, psycopg_dsn, scratch_database, write_app_config
+from tierbatch.base.settings import DEFAULT_DATABASE_URL
+from tierbatch.db.bulk_sql import TASK_COPY_COLUMNS
+from tierbatch.migrations.runner import upgrade_to_head
 
 TARGET = 20_000
 ROW_TEXT = "ticket {i}: I was charged twice for my subscription this month, please refund"
@@ -111,7 +111,7 @@ def self_contained_api(base_database_url: str, redis_url: str) -> Iterator[tuple
         port = free_port()
         env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url, "TIERBATCH_CONFIG": str(config),
                "TIERBATCH_ADMIN_TOKEN": ADMIN_TOKEN, "PYTHONUNBUFFERED": "1"}
-        api = ManagedProcess(python_module("cli", "api", "--host", "127.0.0.1", "--port", str(port)), env=env,
+        api = ManagedProcess(python_module("tierbatch.cli", "api", "--host", "127.0.0.1", "--port", str(port)), env=env,
                              log_path=tmp / "api.log")
         stack.callback(api.stop)
         api_url = f"http://127.0.0.1:{port}"
@@ -127,7 +127,7 @@ def drop_dispatch_queue(redis_url: str) -> None:
     """No worker ran: the benchmark's dispatch messages are left in the queue; remove them."""
     import redis
 
-    from core.messaging import QUEUE_DISPATCH
+    from tierbatch.base.messaging import QUEUE_DISPATCH
 
     client = redis.Redis.from_url(redis_url)
     try:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-from core.models import Base
-from core.settings import Settings
+from tierbatch.base.settings import Settings
+from tierbatch.db.models import Base
 
 target_metadata = Base.metadata
 

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from core.settings import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL
+from tierbatch.base.settings import DEFAULT_DATABASE_URL, DEFAULT_REDIS_URL
 
 
 def _test_redis_url() -> str:

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 
-from core.config import AppConfig
-from core.messaging import (
+from tierbatch.base.config import AppConfig
+from tierbatch.base.messaging import (
     ASSEMBLE_BATCHES,
     EXPIRE_CLIENT_BATCHES,
     JOB_WEBHOOK_TICK,
@@ -15,8 +15,8 @@ from core.messaging import (
     SCHEDULE_TICK,
     celery_settings,
 )
-from core.settings import Settings
-from worker.context import TierbatchCelery, no_pause
+from tierbatch.base.settings import Settings
+from tierbatch.worker.context import TierbatchCelery, no_pause
 
 
 def beat_schedule(config: AppConfig) -> dict[str, dict[str, object]]:
@@ -45,10 +45,10 @@ def create_celery_app(settings: Settings, config: AppConfig, *,
     app.conf.update(celery_settings(settings))
     app.conf.beat_schedule = beat_schedule(config)
     # registers the shared tasks with this app
-    import worker.facade  # Batch API facade: expiry of client batches
-    import worker.quality  # quality-aware routing
-    import worker.schedules  # scheduled classification
-    import worker.tasks
-    import worker.webhooks  # noqa: F401  job webhooks
+    import tierbatch.worker.facade  # Batch API facade: expiry of client batches
+    import tierbatch.worker.quality  # quality-aware routing
+    import tierbatch.worker.schedules  # scheduled classification
+    import tierbatch.worker.tasks
+    import tierbatch.worker.webhooks  # noqa: F401  job webhooks
 
     return app

@@ -20,7 +20,9 @@ from pathlib import Path
 
 from sqlalchemy import text
 
-from core.batches import (
+from tierbatch.base.errors import ProviderError
+from tierbatch.base.states import BatchStatus, ProviderBatchStatus
+from tierbatch.batching.batches import (
     METADATA_KEY,
     ClaimedBatch,
     IngestedChunk,
@@ -45,14 +47,12 @@ from core.batches import (
     write_batch_file,
     write_prepared,
 )
-from core.cache import fill_from_succeeded_tasks
-from core.errors import ProviderError
-from core.models import ProviderBatch
-from core.provider import ProviderBatches
-from core.quality import may_be_sampled
-from core.states import BatchStatus, ProviderBatchStatus
-from worker.context import WorkerContext
-from worker.quality import send_batch_shadows, settle_batch_shadows
+from tierbatch.cache.responses import fill_from_succeeded_tasks
+from tierbatch.db.models import ProviderBatch
+from tierbatch.providers.client import ProviderBatches
+from tierbatch.quality.monitor import may_be_sampled
+from tierbatch.worker.context import WorkerContext
+from tierbatch.worker.quality import send_batch_shadows, settle_batch_shadows
 
 log = logging.getLogger(__name__)
 

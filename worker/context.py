@@ -1,6 +1,6 @@
 """Per-process resources of a worker: settings, config, database, prices, provider clients.
 
-The Celery app is created with the process's settings and config (`worker.app.create_celery_app`), once,
+The Celery app is created with the process's settings and config (`tierbatch.worker.app.create_celery_app`), once,
 by the command that starts the process; the context is built from them on first use inside the process
 that runs the tasks (after the prefork fork, so no connection crosses it), never at import time and never
 from the environment a second time.
@@ -16,12 +16,12 @@ from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.config import AppConfig
-from core.db import make_engine, make_session_factory
-from core.pricing import PriceBook
-from core.provider import ProviderClients
-from core.secretbox import SecretBox
-from core.settings import Settings
+from tierbatch.base.config import AppConfig
+from tierbatch.base.secretbox import SecretBox
+from tierbatch.base.settings import Settings
+from tierbatch.db.engine import make_engine, make_session_factory
+from tierbatch.ledger.pricing import PriceBook
+from tierbatch.providers.client import ProviderClients
 
 
 def no_pause(step: str) -> None:

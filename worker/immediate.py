@@ -9,11 +9,19 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from core.cache import CachedAnswer, Claim, cache_key, fill_claim, lookup_or_claim, release_claim, wants_cache
-from core.labels import label_error
-from core.retry import ChainExhausted, backoff_delay, call_with_fallbacks
-from core.states import Tier
-from core.tasks import (
+from tierbatch.base.states import Tier
+from tierbatch.cache.responses import (
+    CachedAnswer,
+    Claim,
+    cache_key,
+    fill_claim,
+    lookup_or_claim,
+    release_claim,
+    wants_cache,
+)
+from tierbatch.providers.retry import ChainExhausted, backoff_delay, call_with_fallbacks
+from tierbatch.tasks.labels import label_error
+from tierbatch.tasks.store import (
     ClaimedTask,
     claim_for_immediate_call,
     fail_running_task,
@@ -22,8 +30,8 @@ from core.tasks import (
     renew_lease,
     requeue_running_task,
 )
-from worker.context import WorkerContext
-from worker.quality import maybe_send_shadow  # quality-aware routing
+from tierbatch.worker.context import WorkerContext
+from tierbatch.worker.quality import maybe_send_shadow  # quality-aware routing
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,7 @@
 Where sampling happens:
 - immediate tasks: `maybe_send_shadow`, after the call's result is recorded (worker/immediate.py);
 - batch-path tasks: `send_batch_shadows`, after an ingest chunk commits (worker/batch.py). The sample is
-  chosen in Python by task id (`core.quality.may_be_sampled`, then `shadow_tier_for` with one rule query per
+  chosen in Python by task id (`quality.monitor.may_be_sampled`, then `shadow_tier_for` with one rule query per
   chunk for its (tenant, task type) pairs), so a batch of 50,000 lines costs one statement for its
   *sampled* tasks, and no query per task.
 
@@ -14,7 +14,7 @@ One comparison per task (unique `task_id`): a second delivery records nothing.
 
 Which path a shadow takes: an urgent task's shadow is an immediate call on the other tier's
 primary model (a `QUALITY_SHADOW` message). A non-urgent task's shadow goes through the batch path as a
-shadow task (core/shadows.py), at the batch price: it is claimed, submitted and ingested like any batch
+shadow task (tierbatch/batching/shadows.py), at the batch price: it is claimed, submitted and ingested like any batch
 line, billed as a `shadow` row of the task it shadows, and compared by `settle_batch_shadows` once the
 batch is ingested. The verdict then comes one batch turnaround later, which is what non-urgent means.
 """
@@ -33,17 +33,17 @@ from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
-from core.batches import SucceededTask
-from core.ledger import ResponseRecord, add_ledger_entry
-from core.messaging import QUALITY_SHADOW
-from core.models import QualityComparison, RoutingRule, Task
-from core.provider import ChatResult
-from core.quality import compare_answers, evaluate, shadow_tier_for
-from core.retry import ChainExhausted, call_with_fallbacks
-from core.shadows import finished_batch_shadows, queue_batch_shadows, takes_batch_shadow
-from core.states import Mode, TaskStatus, Tier
-from core.tasks import ClaimedTask
-from worker.context import WorkerContext, context_of
+from tierbatch.base.messaging import QUALITY_SHADOW
+from tierbatch.base.states import Mode, TaskStatus, Tier
+from tierbatch.batching.batches import SucceededTask
+from tierbatch.batching.shadows import finished_batch_shadows, queue_batch_shadows, takes_batch_shadow
+from tierbatch.db.models import QualityComparison, RoutingRule, Task
+from tierbatch.ledger.rows import ResponseRecord, add_ledger_entry
+from tierbatch.providers.client import ChatResult
+from tierbatch.providers.retry import ChainExhausted, call_with_fallbacks
+from tierbatch.quality.monitor import compare_answers, evaluate, shadow_tier_for
+from tierbatch.tasks.store import ClaimedTask
+from tierbatch.worker.context import WorkerContext, context_of
 
 log = logging.getLogger(__name__)
 

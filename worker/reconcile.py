@@ -6,10 +6,10 @@ from __future__ import annotations
 import logging
 import uuid
 
-from core.messaging import DISPATCH_CHUNK
-from core.task_transitions import release_expired_leases
-from core.tasks import stale_queued_task_ids
-from worker.context import WorkerContext
+from tierbatch.base.messaging import DISPATCH_CHUNK
+from tierbatch.tasks.store import stale_queued_task_ids
+from tierbatch.tasks.transitions import release_expired_leases
+from tierbatch.worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
 

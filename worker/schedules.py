@@ -1,4 +1,4 @@
-"""Celery tasks of scheduled classification; the logic is in core/schedules.py.
+"""Celery tasks of scheduled classification; the logic is in tierbatch/schedules/service.py.
 
 - `tierbatch.schedules.tick` (beat, every few seconds): starts the runs of due schedules, sends
   `finish` for runs whose job is done, and sends again any step whose message was lost. It takes an
@@ -22,8 +22,8 @@ from typing import Any
 from celery import Celery, shared_task
 from celery import Task as CeleryTask
 
-from core.messaging import DISPATCH_TASKS, SCHEDULE_FINISH, SCHEDULE_RUN, SCHEDULE_TICK, SCHEDULE_WEBHOOK
-from core.schedules import (
+from tierbatch.base.messaging import DISPATCH_TASKS, SCHEDULE_FINISH, SCHEDULE_RUN, SCHEDULE_TICK, SCHEDULE_WEBHOOK
+from tierbatch.schedules.service import (
     RunStep,
     finish_run,
     fire_due,
@@ -31,9 +31,9 @@ from core.schedules import (
     runs_to_nudge,
     start_run,
 )
-from core.webhooks import SCHEDULE_RUNS
-from worker.context import WorkerContext, context_of
-from worker.webhooks import make_attempt
+from tierbatch.webhooks.delivery import SCHEDULE_RUNS
+from tierbatch.worker.context import WorkerContext, context_of
+from tierbatch.worker.webhooks import make_attempt
 
 log = logging.getLogger(__name__)
 

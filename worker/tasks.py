@@ -10,9 +10,8 @@ from typing import Any
 from celery import Task as CeleryTask
 from celery import shared_task
 
-from core.cache import purge_expired_entries
-from core.errors import InvalidInput
-from core.messaging import (
+from tierbatch.base.errors import InvalidInput
+from tierbatch.base.messaging import (
     ASSEMBLE_BATCHES,
     CALL_IMMEDIATE,
     DISPATCH_TASKS,
@@ -22,13 +21,14 @@ from core.messaging import (
     SUBMIT_BATCH,
     SUBMIT_TASKS,
 )
-from core.submission import parse_submission
-from core.tasks import insert_tasks, mark_dispatched, route_queued_tasks
-from core.tenants import tenant_for_key
-from worker.batch import assemble_batches, ingest_batch, poll_batches, stale_batches, submit_batch
-from worker.context import context_of
-from worker.immediate import run_immediate_call
-from worker.reconcile import chunks, find_tasks_to_redispatch
+from tierbatch.cache.responses import purge_expired_entries
+from tierbatch.tasks.store import insert_tasks, mark_dispatched, route_queued_tasks
+from tierbatch.tasks.submission import parse_submission
+from tierbatch.tenants.store import tenant_for_key
+from tierbatch.worker.batch import assemble_batches, ingest_batch, poll_batches, stale_batches, submit_batch
+from tierbatch.worker.context import context_of
+from tierbatch.worker.immediate import run_immediate_call
+from tierbatch.worker.reconcile import chunks, find_tasks_to_redispatch
 
 log = logging.getLogger(__name__)
 

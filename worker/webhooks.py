@@ -1,4 +1,4 @@
-"""Celery tasks of the job webhooks (core/job_webhooks.py), and the attempt every signed webhook makes.
+"""Celery tasks of the job webhooks (tierbatch/jobs/webhooks.py), and the attempt every signed webhook makes.
 
 - `tierbatch.jobs.webhook_tick` (beat, every few seconds): claims the finished jobs that have a
   `webhook_url` (one transaction each), sends their first attempt, and sends again the attempts whose
@@ -19,10 +19,10 @@ from typing import Any
 from celery import Celery, shared_task
 from celery import Task as CeleryTask
 
-from core.job_webhooks import RESEND_SECONDS, claim_notification, jobs_to_notify
-from core.messaging import JOB_WEBHOOK, JOB_WEBHOOK_TICK
-from core.webhooks import JOBS, Outbox, call_to_make, deliver, record_attempt, resends_due
-from worker.context import context_of
+from tierbatch.base.messaging import JOB_WEBHOOK, JOB_WEBHOOK_TICK
+from tierbatch.jobs.webhooks import RESEND_SECONDS, claim_notification, jobs_to_notify
+from tierbatch.webhooks.delivery import JOBS, Outbox, call_to_make, deliver, record_attempt, resends_due
+from tierbatch.worker.context import context_of
 
 log = logging.getLogger(__name__)
 

@@ -15,13 +15,13 @@ from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field
 from redis.exceptions import RedisError
 
-from api.context import ApiContext
-from api.deps import AdminDep, ContextDep, SessionDep
-from api.serialize import money
-from core.auth import bump_generation
-from core.errors import NotFound
-from core.models import ApiKey, Tenant
-from core.tenants import create_api_key, create_tenant, list_api_keys, revoke_api_key, rotate_webhook_secret
+from tierbatch.api.context import ApiContext
+from tierbatch.api.deps import AdminDep, ContextDep, SessionDep
+from tierbatch.api.serialize import money
+from tierbatch.base.errors import NotFound
+from tierbatch.db.models import ApiKey, Tenant
+from tierbatch.tenants.auth import bump_generation
+from tierbatch.tenants.store import create_api_key, create_tenant, list_api_keys, revoke_api_key, rotate_webhook_secret
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Cost queries, the token report and budget status.
 
 A tenant key sees that tenant's rows only; the admin token (TIERBATCH_ADMIN_TOKEN) sees every tenant
-and may group by `tenant` or filter by `tenant_id`. Query parameters are parsed by core.costs into a
+and may group by `tenant` or filter by `tenant_id`. Query parameters are parsed by tierbatch.costs.queries into a
 whitelisted query; unknown or invalid ones are a 400 naming the parameter.
 """
 
@@ -14,10 +14,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 
-from api.deps import ContextDep, SessionDep, bearer_token, key_grant
-from api.serialize import money
-from core.auth import secret_matches
-from core.costs import (
+from tierbatch.api.deps import ContextDep, SessionDep, bearer_token, key_grant
+from tierbatch.api.serialize import money
+from tierbatch.base.errors import InvalidInput, NotFound
+from tierbatch.costs.queries import (
     budget_status,
     parse_cost_query,
     parse_report_params,
@@ -25,8 +25,8 @@ from core.costs import (
     run_cost_query,
     token_report,
 )
-from core.errors import InvalidInput, NotFound
-from core.models import Tenant
+from tierbatch.db.models import Tenant
+from tierbatch.tenants.auth import secret_matches
 
 router = APIRouter(prefix="/v1/costs", tags=["costs"])
 

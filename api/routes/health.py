@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
-from api.deps import ContextDep
+from tierbatch.api.deps import ContextDep
 
 router = APIRouter(tags=["health"])
 

@@ -14,16 +14,19 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.context import ApiContext
-from api.deps import ContextDep, SessionDep, TenantDep
-from api.downloads import content_disposition
-from api.limits import JOBS_BODY_BYTES, parsed_json
-from api.routes.tasks import loads_body
-from api.serialize import money, timestamp
-from core.csv_safety import safe_cell
-from core.errors import InvalidInput, NotFound
-from core.inputs import NotJson, loads_checked
-from core.jobs import (
+from tierbatch.api.context import ApiContext
+from tierbatch.api.deps import ContextDep, SessionDep, TenantDep
+from tierbatch.api.downloads import content_disposition
+from tierbatch.api.limits import JOBS_BODY_BYTES, parsed_json
+from tierbatch.api.routes.tasks import loads_body
+from tierbatch.api.serialize import money, timestamp
+from tierbatch.base.csv_safety import safe_cell
+from tierbatch.base.errors import InvalidInput, NotFound
+from tierbatch.base.inputs import NotJson, loads_checked
+from tierbatch.base.messaging import DISPATCH_TASKS, dispatch_after_commit
+from tierbatch.base.states import TaskStatus
+from tierbatch.db.models import Job, WebhookDelivery
+from tierbatch.jobs.store import (
     ItemAppender,
     JobSummary,
     cancel_job,
@@ -38,10 +41,7 @@ from core.jobs import (
     submit_job,
     summarize_jobs,
 )
-from core.messaging import DISPATCH_TASKS, dispatch_after_commit
-from core.models import Job, WebhookDelivery
-from core.states import TaskStatus
-from core.webhooks import JOBS, attempts_of, require_secret_box
+from tierbatch.webhooks.delivery import JOBS, attempts_of, require_secret_box
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

@@ -1,6 +1,6 @@
 """The Batch API facade: `/v1/files` (purpose `batch`; also `user_data`, CSV or JSONL rows a
 schedule's source reads by `file_id`) and `/v1/batches`, OpenAI's semantics
-and limits over our task path. Domain logic in core/facade.py; output files are assembled lazily, by
+and limits over our task path. Domain logic in tierbatch/openai_batches/facade.py; output files are assembled lazily, by
 the first read of a batch whose lines are all done."""
 
 from __future__ import annotations
@@ -14,11 +14,15 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 
-from api.context import ApiContext
-from api.downloads import content_disposition
-from api.limits import parsed_json
-from api.routes.openai_chat import authenticate, context_of, parse_json
-from core.facade import (
+from tierbatch.api.context import ApiContext
+from tierbatch.api.downloads import content_disposition
+from tierbatch.api.limits import parsed_json
+from tierbatch.api.routes.openai_chat import authenticate, context_of, parse_json
+from tierbatch.base.inputs import unstorable
+from tierbatch.base.messaging import dispatch_after_commit
+from tierbatch.gateway.chat import GatewayError
+from tierbatch.jobs.store import dispatch_in_chunks
+from tierbatch.openai_batches.facade import (
     batch_object,
     batch_view,
     cancel_batch,
@@ -33,10 +37,6 @@ from core.facade import (
     store_batch_file,
     store_user_file,
 )
-from core.gateway import GatewayError
-from core.inputs import unstorable
-from core.jobs import dispatch_in_chunks
-from core.messaging import dispatch_after_commit
 
 router = APIRouter(tags=["openai"])
 

@@ -8,7 +8,7 @@ stream (never cached) relays the provider's chunks as they arrive (no cost heade
 the end, on the task).
 
 Fail closed: the request's fields and characters are checked before any provider call
-(`core.chat_fields`); an answer leaves only once its task and ledger row are committed (a stream's
+(`tierbatch.gateway.fields`); an answer leaves only once its task and ledger row are committed (a stream's
 usage chunk and `[DONE]` wait for the commit), else the client gets a 503 `recording_failed` (an error
 event, for a stream) instead.
 """
@@ -24,13 +24,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from api.context import ApiContext
-from api.deps import client_address
-from api.limits import parsed_json
-from core.auth import MAX_KEY_CHARS, estimated_tokens
-from core.errors import Unauthenticated
-from core.gateway import GatewayError, format_cost, prepare_chat_call
-from core.tenants import KeyGrant
+from tierbatch.api.context import ApiContext
+from tierbatch.api.deps import client_address
+from tierbatch.api.limits import parsed_json
+from tierbatch.base.errors import Unauthenticated
+from tierbatch.gateway.chat import GatewayError, format_cost, prepare_chat_call
+from tierbatch.tenants.auth import MAX_KEY_CHARS, estimated_tokens
+from tierbatch.tenants.store import KeyGrant
 
 router = APIRouter(tags=["openai"])
 

@@ -6,8 +6,8 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from api.routes.openai_chat import authenticate, context_of
-from core.gateway import listed_models, model_not_found
+from tierbatch.api.routes.openai_chat import authenticate, context_of
+from tierbatch.gateway.chat import listed_models, model_not_found
 
 router = APIRouter(tags=["openai"])
 

@@ -11,12 +11,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from api.deps import ContextDep, SessionDep, TenantDep
-from core.config import AppConfig
-from core.models import LedgerEntry, QualityComparison, RoutingEvent, RoutingRule, Task
-from core.quality import window_stats
-from core.rules import config_tier, list_events, list_rules, seed_rules, set_rule
-from core.states import Mode, TaskStatus, Tier
+from tierbatch.api.deps import ContextDep, SessionDep, TenantDep
+from tierbatch.base.config import AppConfig
+from tierbatch.base.states import Mode, TaskStatus, Tier
+from tierbatch.db.models import LedgerEntry, QualityComparison, RoutingEvent, RoutingRule, Task
+from tierbatch.quality.monitor import window_stats
+from tierbatch.routing.rules import config_tier, list_events, list_rules, seed_rules, set_rule
 
 router = APIRouter(tags=["quality"])
 

@@ -12,14 +12,14 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from api.deps import ContextDep, SessionDep, TenantDep
-from api.limits import parsed_json
-from api.routes.tasks import loads_body
-from api.serialize import money, timestamp
-from core.errors import InvalidInput, NotFound
-from core.messaging import SCHEDULE_RUN
-from core.models import Classification, Schedule, ScheduleRun, Tenant
-from core.schedules import (
+from tierbatch.api.deps import ContextDep, SessionDep, TenantDep
+from tierbatch.api.limits import parsed_json
+from tierbatch.api.routes.tasks import loads_body
+from tierbatch.api.serialize import money, timestamp
+from tierbatch.base.errors import InvalidInput, NotFound
+from tierbatch.base.messaging import SCHEDULE_RUN
+from tierbatch.db.models import Classification, Schedule, ScheduleRun, Tenant
+from tierbatch.schedules.service import (
     TenantScope,
     create_schedule,
     delete_schedule,
@@ -33,8 +33,8 @@ from core.schedules import (
     update_schedule,
     webhook_attempts,
 )
-from core.sources import cursor_json, user_file
-from core.webhooks import require_secret_box
+from tierbatch.schedules.sources import cursor_json, user_file
+from tierbatch.webhooks.delivery import require_secret_box
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 

@@ -9,19 +9,19 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 
-from api.context import ApiContext
-from api.deps import ContextDep, GrantDep, SessionDep, TenantDep
-from api.limits import TASKS_BODY_BYTES, parsed_json
-from api.serialize import task_body
-from core.auth import estimated_tokens
-from core.errors import InvalidInput, NotFound
-from core.inputs import NotJson, loads_checked
-from core.messaging import DISPATCH_CHUNK, DISPATCH_TASKS, dispatch_after_commit
-from core.models import Task
-from core.routing import prompt_text
-from core.states import TaskStatus
-from core.submission import TaskSpec, parse_submission
-from core.tasks import AcceptedTask, cancel_task, get_task, insert_tasks, list_tasks
+from tierbatch.api.context import ApiContext
+from tierbatch.api.deps import ContextDep, GrantDep, SessionDep, TenantDep
+from tierbatch.api.limits import TASKS_BODY_BYTES, parsed_json
+from tierbatch.api.serialize import task_body
+from tierbatch.base.errors import InvalidInput, NotFound
+from tierbatch.base.inputs import NotJson, loads_checked
+from tierbatch.base.messaging import DISPATCH_CHUNK, DISPATCH_TASKS, dispatch_after_commit
+from tierbatch.base.states import TaskStatus
+from tierbatch.db.models import Task
+from tierbatch.routing.tiers import prompt_text
+from tierbatch.tasks.store import AcceptedTask, cancel_task, get_task, insert_tasks, list_tasks
+from tierbatch.tasks.submission import TaskSpec, parse_submission
+from tierbatch.tenants.auth import estimated_tokens
 
 router = APIRouter(prefix="/v1/tasks", tags=["tasks"])
 

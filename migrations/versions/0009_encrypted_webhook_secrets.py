@@ -1,7 +1,7 @@
 """webhook secrets encrypted at rest; no receiver answer kept in the attempts
 
 - tenants.webhook_secret and schedules.webhook_secret (plain text) become `webhook_secret_encrypted`,
-  encrypted with the key in TIERBATCH_SECRET_KEY (core/secretbox.py). When that key is set for the
+  encrypted with the key in TIERBATCH_SECRET_KEY (tierbatch/base/secretbox.py). When that key is set for the
   migration (`tierbatch migrate` reads the environment; `tierbatch up` passes its own), every existing
   secret is encrypted here and keeps signing. Without it, the plain secrets are dropped and the columns
   stay NULL: an admin rotates each tenant's secret (`POST /v1/admin/tenants/{id}/webhook-secret`) and
@@ -22,8 +22,8 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import context, op
 
-from core.secretbox import SecretBox
-from core.settings import Settings
+from tierbatch.base.secretbox import SecretBox
+from tierbatch.base.settings import Settings
 
 revision: str = '0009'
 down_revision: str | None = '0008'
@@ -36,7 +36,7 @@ SECRET_DEFAULT = "'whsec_' || replace(gen_random_uuid()::text || gen_random_uuid
 
 
 def _box() -> SecretBox | None:
-    """The key given to this migration run (core.migrate), else the environment's."""
+    """The key given to this migration run (tierbatch.migrations.runner), else the environment's."""
     given = context.config.attributes.get("secret_key")
     return SecretBox.parse(given if given is not None else Settings().secret_key)
 

@@ -10,10 +10,10 @@ import pytest
 import redis
 from openai import OpenAI
 
-from core.migrate import upgrade_to_head
 from tests.conftest import TEST_REDIS_URL
 from tests.support.procs import free_port, wait_until
 from tests.support.stack import SESSION_SOURCES, Stack, psycopg_dsn, scratch_database, write_app_config
+from tierbatch.migrations.runner import upgrade_to_head
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,9 @@ import psycopg
 import pytest
 import sqlalchemy as sa
 
-from core import bulk_sql
-from core import task_transitions as transitions
 from tests.support.stack import psycopg_dsn
+from tierbatch.db import bulk_sql
+from tierbatch.tasks import transitions
 
 NO_ID: list[str] = []
 

@@ -25,11 +25,6 @@ import pytest
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.costs import DIMENSIONS, Figures, Filters
-from core.db import make_engine, make_session_factory
-from core.models import LedgerEntry
-from core.pricing import TokenUsage
-from core.states import Mode
 from tests.integration.test_costs_helpers import (
     Row,
     expected_groups,
@@ -42,6 +37,11 @@ from tests.integration.test_costs_helpers import (
 )
 from tests.support.procs import ManagedProcess, free_port, python_module, wait_http_ok, wait_until
 from tests.support.stack import Stack, write_app_config
+from tierbatch.base.states import Mode
+from tierbatch.costs.queries import DIMENSIONS, Figures, Filters
+from tierbatch.db.engine import make_engine, make_session_factory
+from tierbatch.db.models import LedgerEntry
+from tierbatch.ledger.pricing import TokenUsage
 
 pytestmark = pytest.mark.integration
 
@@ -303,7 +303,7 @@ def downgrade_api(sim_reset: Stack) -> Iterator[str]:
     stack = sim_reset
     config = write_app_config(stack.tmp / "downgrade.toml", stack.simulator_port, '[budget]\npolicy = "downgrade"\n')
     port = free_port()
-    proc = ManagedProcess(python_module("cli", "api", "--host", "127.0.0.1", "--port", str(port)),
+    proc = ManagedProcess(python_module("tierbatch.cli", "api", "--host", "127.0.0.1", "--port", str(port)),
                           env={**stack.env, "TIERBATCH_CONFIG": str(config)}, log_path=stack.tmp / "api-downgrade.log")
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc=proc)
@@ -355,7 +355,7 @@ def run_cli(stack: Stack, *args: str, key: str | None = None) -> subprocess.Comp
     env.pop("TIERBATCH_API_KEY", None)
     if key is not None:
         env["TIERBATCH_API_KEY"] = key
-    return subprocess.run(python_module("cli", "costs", *args), env=env, capture_output=True, text=True,
+    return subprocess.run(python_module("tierbatch.cli", "costs", *args), env=env, capture_output=True, text=True,
                           timeout=60, check=False)
 
 

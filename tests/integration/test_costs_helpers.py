@@ -14,12 +14,12 @@ from typing import Any
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
-from core.config import default_config_data, parse_config
-from core.costs import Figures, Filters
-from core.ledger import ResponseRecord, add_ledger_entry
-from core.models import Job, LedgerEntry, Task
-from core.pricing import PriceBook, TokenUsage
-from core.states import Mode, RequestedTier, TaskStatus, Tier
+from tierbatch.base.config import default_config_data, parse_config
+from tierbatch.base.states import Mode, RequestedTier, TaskStatus, Tier
+from tierbatch.costs.queries import Figures, Filters
+from tierbatch.db.models import Job, LedgerEntry, Task
+from tierbatch.ledger.pricing import PriceBook, TokenUsage
+from tierbatch.ledger.rows import ResponseRecord, add_ledger_entry
 
 OVERRIDES = {"my-local-llama": {"input": 0.05, "cached_input": 0.025, "output": 0.10, "batch_discount": 0.5}}
 

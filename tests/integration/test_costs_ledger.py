@@ -20,14 +20,6 @@ import pytest
 from sqlalchemy import Engine, delete, func, select, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.config import default_config_data, parse_config
-from core.costs import DIMENSIONS, BudgetExceeded, CostQuery, Figures, Filters, apply_budget, run_cost_query
-from core.db import make_engine, make_session_factory
-from core.migrate import upgrade_to_head
-from core.models import LedgerDaily, LedgerEntry, Task
-from core.pricing import TokenUsage
-from core.states import Mode, RequestedTier, TaskStatus, Tier
-from core.tenants import create_tenant
 from tests.integration.test_costs_helpers import (
     Row,
     expected_groups,
@@ -38,6 +30,22 @@ from tests.integration.test_costs_helpers import (
     write_rows,
 )
 from tests.support.stack import scratch_database
+from tierbatch.base.config import default_config_data, parse_config
+from tierbatch.base.states import Mode, RequestedTier, TaskStatus, Tier
+from tierbatch.costs.queries import (
+    DIMENSIONS,
+    BudgetExceeded,
+    CostQuery,
+    Figures,
+    Filters,
+    apply_budget,
+    run_cost_query,
+)
+from tierbatch.db.engine import make_engine, make_session_factory
+from tierbatch.db.models import LedgerDaily, LedgerEntry, Task
+from tierbatch.ledger.pricing import TokenUsage
+from tierbatch.migrations.runner import upgrade_to_head
+from tierbatch.tenants.store import create_tenant
 
 pytestmark = pytest.mark.integration
 

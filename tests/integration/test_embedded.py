@@ -1,4 +1,4 @@
-"""Embedded PostgreSQL and Redis (cli/embedded.py): start, use, stop without leftovers, restart, recover."""
+"""Embedded PostgreSQL and Redis (tierbatch/cli/embedded.py): start, use, stop without leftovers, restart, recover."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import psycopg
 import pytest
 import redis
 
-from cli.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServiceError, pid_alive, port_accepts
 from tests.support.procs import managed, wait_until
+from tierbatch.cli.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServiceError, pid_alive, port_accepts
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +128,7 @@ def _probe_table(url: str) -> object:
 _OWNER_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from cli.embedded import EmbeddedPostgres, EmbeddedRedis
+    from tierbatch.cli.embedded import EmbeddedPostgres, EmbeddedRedis
     pg = EmbeddedPostgres(sys.argv[1]); rd = EmbeddedRedis(sys.argv[1])
     print(pg.start(), pg.pid, rd.start(), rd.pid, flush=True)
     time.sleep(600)

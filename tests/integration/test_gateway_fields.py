@@ -20,12 +20,12 @@ import psycopg
 import pytest
 from openai import OpenAI
 
-from core.gateway import CallRecord, CallWriter, Route
-from core.pricing import TokenUsage
-from core.states import RequestedTier, Tier
 from tests.integration.conftest import delete_redis_keys
 from tests.support.openapi import validate
 from tests.support.stack import Stack, psycopg_dsn
+from tierbatch.base.states import RequestedTier, Tier
+from tierbatch.gateway.chat import CallRecord, CallWriter, Route
+from tierbatch.ledger.pricing import TokenUsage
 
 pytestmark = pytest.mark.integration
 

@@ -25,16 +25,16 @@ from alembic import command
 from sqlalchemy import create_engine, pool, select
 from sqlalchemy.orm import Session
 
-from core.job_webhooks import claim_notification, jobs_to_notify
-from core.migrate import alembic_config, upgrade_to_head
-from core.models import Job, Task
-from core.secretbox import SecretBox
-from core.states import RequestedTier, TaskStatus, Tier
-from core.webhooks import JOBS, call_to_make
 from tests.integration.test_jobs_api import items, row_counts, wait_for_job
 from tests.support.procs import wait_until
 from tests.support.stack import SECRET_KEY, Stack, psycopg_dsn, scratch_database
 from tests.support.webhooks import Receiver, webhook_receiver
+from tierbatch.base.secretbox import SecretBox
+from tierbatch.base.states import RequestedTier, TaskStatus, Tier
+from tierbatch.db.models import Job, Task
+from tierbatch.jobs.webhooks import claim_notification, jobs_to_notify
+from tierbatch.migrations.runner import alembic_config, upgrade_to_head
+from tierbatch.webhooks.delivery import JOBS, call_to_make
 
 pytestmark = pytest.mark.integration
 

@@ -284,7 +284,7 @@ def test_a_100k_item_job_is_accepted_with_chunked_dispatch(stack: Stack) -> None
 
 def run_cli(stack: Stack, key: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
     env = {**stack.env, "TIERBATCH_API_URL": stack.api_url, "TIERBATCH_API_KEY": key}
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO_ROOT, env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "tierbatch.cli", *args], cwd=REPO_ROOT, env={**os.environ, **env},
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 

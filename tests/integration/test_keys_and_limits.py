@@ -17,9 +17,9 @@ import httpx
 import psycopg
 import pytest
 
-from core.settings import MIN_ADMIN_TOKEN_CHARS
 from tests.support.procs import ManagedProcess, free_port, python_module, wait_http_ok, wait_until
 from tests.support.stack import ADMIN_TOKEN, Stack, psycopg_dsn, scratch_database, write_app_config
+from tierbatch.base.settings import MIN_ADMIN_TOKEN_CHARS
 
 pytestmark = pytest.mark.integration
 
@@ -66,7 +66,7 @@ def second_api(stack: Stack) -> Iterator[str]:
                               f"[limits]\nfailed_auth_per_minute = {SECOND_API_FAILED_AUTH_PER_MINUTE}\n"
                               "failed_auth_exempt_networks = []\n")
     port = free_port()
-    proc = ManagedProcess(python_module("cli", "api", "--host", "127.0.0.1", "--port", str(port)),
+    proc = ManagedProcess(python_module("tierbatch.cli", "api", "--host", "127.0.0.1", "--port", str(port)),
                           env={**stack.env, "TIERBATCH_CONFIG": str(config)},
                           log_path=stack.tmp / "second-api.log")
     try:
@@ -176,8 +176,8 @@ def test_a_revoked_key_is_refused_within_a_second_on_another_api_process(sim_res
 
 
 def test_the_broker_refuses_a_revoked_key(stack: Stack) -> None:
-    from core.messaging import SUBMIT_TASKS, make_producer
-    from core.settings import Settings
+    from tierbatch.base.messaging import SUBMIT_TASKS, make_producer
+    from tierbatch.base.settings import Settings
 
     tenant = new_tenant(stack)
     with stack.admin_client() as admin:
@@ -202,8 +202,8 @@ def test_the_migration_keeps_every_key_handed_out_before_it(base_database_url: s
     from sqlalchemy import create_engine, pool
     from sqlalchemy.orm import Session
 
-    from core.migrate import alembic_config, upgrade_to_head
-    from core.tenants import grant_for_key, hash_api_key
+    from tierbatch.migrations.runner import alembic_config, upgrade_to_head
+    from tierbatch.tenants.store import grant_for_key, hash_api_key
 
     with scratch_database(base_database_url, prefix="tierbatch_keys_migration") as url:
         config = alembic_config(url)
@@ -370,7 +370,7 @@ def test_every_process_refuses_a_short_admin_token(stack: Stack, tmp_path: Path,
     assert len(short) == MIN_ADMIN_TOKEN_CHARS - 1
     if command[0] == "beat":
         command = [*command, "--schedule", str(tmp_path / "beat-schedule")]
-    done = subprocess.run(python_module("cli", *command), env={**os.environ, **stack.env,
+    done = subprocess.run(python_module("tierbatch.cli", *command), env={**os.environ, **stack.env,
                                                                "TIERBATCH_ADMIN_TOKEN": short},
                           capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode != 0
@@ -382,7 +382,7 @@ def test_every_process_refuses_a_short_admin_token(stack: Stack, tmp_path: Path,
 
 def test_up_refuses_a_short_admin_token(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "TIERBATCH_CONFIG")}
-    args = python_module("cli", "up", "--dir", str(tmp_path / "state"), "--api-port", str(free_port()),
+    args = python_module("tierbatch.cli", "up", "--dir", str(tmp_path / "state"), "--api-port", str(free_port()),
                          "--simulator-port", str(free_port()))
     done = subprocess.run(args, env={**env, "TIERBATCH_ADMIN_TOKEN": "x" * 20}, capture_output=True, text=True,
                           timeout=60, cwd=tmp_path)

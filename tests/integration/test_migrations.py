@@ -10,9 +10,9 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine, pool, text
 
-from core.migrate import alembic_config, upgrade_to_head
-from core.models import Base
 from tests.support.stack import scratch_database
+from tierbatch.db.models import Base
+from tierbatch.migrations.runner import alembic_config, upgrade_to_head
 
 pytestmark = pytest.mark.integration
 

@@ -6,7 +6,7 @@ waits for the lines already at a provider (their cost is real), then ends `expir
 in the output file, the cancelled ones as `batch_expired` lines in the error file, billed nothing.
 
 To keep a Light line on the batch path deterministic, a test holds the batch assembler's advisory lock
-for the (provider, model) group: the assembler then claims nothing for it (core/batches.py `claim_batch`).
+for the (provider, model) group: the assembler then claims nothing for it (tierbatch/batching/batches.py `claim_batch`).
 """
 
 from __future__ import annotations
@@ -22,8 +22,6 @@ import psycopg
 import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.db import make_engine, make_session_factory
-from core.facade import expire_batch
 from tests.integration.test_openai_batches import (
     COMPLEX_PROMPT,
     LIGHT_PROMPT,
@@ -41,6 +39,8 @@ from tests.integration.test_openai_batches import (
 from tests.support.openapi import validate
 from tests.support.procs import wait_until
 from tests.support.stack import Stack, psycopg_dsn
+from tierbatch.db.engine import make_engine, make_session_factory
+from tierbatch.openai_batches.facade import expire_batch
 
 pytestmark = pytest.mark.integration
 

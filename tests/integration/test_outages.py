@@ -27,10 +27,10 @@ import httpx
 import psycopg
 import pytest
 
-from cli.embedded import EmbeddedPostgres
-from core.migrate import upgrade_to_head
 from tests.support.procs import ManagedProcess, free_port, wait_until
 from tests.support.stack import Stack, psycopg_dsn, write_app_config
+from tierbatch.cli.embedded import EmbeddedPostgres
+from tierbatch.migrations.runner import upgrade_to_head
 
 pytestmark = pytest.mark.integration
 

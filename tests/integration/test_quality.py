@@ -18,11 +18,11 @@ import httpx
 import psycopg
 import pytest
 
-from core.labels import label_response_format
 from tests.integration.conftest import delete_redis_keys
 from tests.support.procs import free_port, wait_until
 from tests.support.quality import quality_row
 from tests.support.stack import Stack, psycopg_dsn, write_app_config
+from tierbatch.tasks.labels import label_response_format
 
 pytestmark = pytest.mark.integration
 

@@ -23,18 +23,18 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
-from core.batches import LineOutcomes, ingest_outcomes
-from core.config import load_config
-from core.db import make_engine, make_session_factory
-from core.migrate import upgrade_to_head
-from core.models import ProviderBatch, Task
-from core.pricing import PriceBook
-from core.quality import sampled
 from tests.conftest import TEST_REDIS_URL
 from tests.integration.conftest import SIM_BATCH_DEFAULTS, SIM_DEFAULTS, delete_redis_keys
 from tests.support.procs import free_port, wait_until
 from tests.support.quality import quality_row
 from tests.support.stack import Stack, psycopg_dsn, scratch_database, write_app_config
+from tierbatch.base.config import load_config
+from tierbatch.batching.batches import LineOutcomes, ingest_outcomes
+from tierbatch.db.engine import make_engine, make_session_factory
+from tierbatch.db.models import ProviderBatch, Task
+from tierbatch.ledger.pricing import PriceBook
+from tierbatch.migrations.runner import upgrade_to_head
+from tierbatch.quality.monitor import sampled
 
 pytestmark = pytest.mark.integration
 

@@ -28,13 +28,13 @@ import pytest
 from celery import Celery
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.config import load_config
-from core.db import make_engine, make_session_factory
-from core.messaging import DISPATCH_TASKS, SCHEDULE_RUN, SCHEDULE_TICK, make_producer
-from core.schedules import finish_run, fire_due, request_run, start_run
-from core.settings import Settings
 from tests.support.procs import REPO_ROOT, wait_until
 from tests.support.stack import Stack, psycopg_dsn
+from tierbatch.base.config import load_config
+from tierbatch.base.messaging import DISPATCH_TASKS, SCHEDULE_RUN, SCHEDULE_TICK, make_producer
+from tierbatch.base.settings import Settings
+from tierbatch.db.engine import make_engine, make_session_factory
+from tierbatch.schedules.service import finish_run, fire_due, request_run, start_run
 
 pytestmark = pytest.mark.integration
 
@@ -473,7 +473,7 @@ def test_crud_pagination_disable_delete_and_isolation(stack: Stack) -> None:
 
 def run_cli(stack: Stack, key: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     env = {**stack.env, "TIERBATCH_API_URL": stack.api_url, "TIERBATCH_API_KEY": key, "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "cli", *args], cwd=REPO_ROOT, env={**os.environ, **env},
+    return subprocess.run([sys.executable, "-m", "tierbatch.cli", *args], cwd=REPO_ROOT, env={**os.environ, **env},
                           capture_output=True, text=True, timeout=timeout, check=False)
 
 

@@ -14,7 +14,6 @@ from typing import Any
 
 import pytest
 
-from core.secretbox import SecretBox
 from tests.integration.test_schedules import (
     JOB,
     file_schedule,
@@ -27,6 +26,7 @@ from tests.integration.test_schedules import (
 from tests.support.procs import wait_until
 from tests.support.stack import SECRET_KEY, Stack
 from tests.support.webhooks import Receiver, webhook_receiver
+from tierbatch.base.secretbox import SecretBox
 
 pytestmark = pytest.mark.integration
 

@@ -13,9 +13,9 @@ import openai
 import pytest
 from openai import OpenAI
 
-from simulator.answers import input_key, reference_label
 from tests.integration.test_simulator_process import Sim, start
 from tests.support.openapi import validate
+from tierbatch.simulator.answers import input_key, reference_label
 
 pytestmark = pytest.mark.integration
 

@@ -48,7 +48,7 @@ def start(tmp_path: Path, config: str) -> Iterator[Sim]:
     config_path = tmp_path / "sim.toml"
     config_path.write_text(config)
     port = free_port()
-    args = python_module("simulator", "--host", "127.0.0.1", "--port", str(port), "--config", str(config_path))
+    args = python_module("tierbatch.simulator", "--host", "127.0.0.1", "--port", str(port), "--config", str(config_path))
     with managed(args, log_path=tmp_path / "simulator.log") as proc:
         wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc=proc)
         sim = Sim(port)
@@ -61,7 +61,7 @@ def start(tmp_path: Path, config: str) -> Iterator[Sim]:
 
 def test_starts_without_a_config_file(tmp_path: Path) -> None:
     port = free_port()
-    args = python_module("simulator", "--host", "127.0.0.1", "--port", str(port))
+    args = python_module("tierbatch.simulator", "--host", "127.0.0.1", "--port", str(port))
     with managed(args, log_path=tmp_path / "simulator.log") as proc:
         wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc=proc)
         config = httpx.get(f"http://127.0.0.1:{port}/_sim/config", timeout=5).json()
@@ -72,7 +72,7 @@ def test_starts_without_a_config_file(tmp_path: Path) -> None:
 def test_bad_config_file_stops_with_a_clear_message(tmp_path: Path) -> None:
     config = tmp_path / "sim.toml"
     config.write_text('[models."m"]\nagreement = 2\n')
-    result = subprocess.run(python_module("simulator", "--port", str(free_port()), "--config", str(config)),
+    result = subprocess.run(python_module("tierbatch.simulator", "--port", str(free_port()), "--config", str(config)),
                             capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 2
     assert "models.m.agreement" in result.stderr and str(config) in result.stderr

@@ -148,8 +148,8 @@ def test_cancel_a_waiting_task_and_not_a_finished_one(sim_reset: Stack) -> None:
 
 
 def test_producer_submits_through_the_broker_without_http(sim_reset: Stack) -> None:
-    from core.messaging import SUBMIT_TASKS, make_producer
-    from core.settings import Settings
+    from tierbatch.base.messaging import SUBMIT_TASKS, make_producer
+    from tierbatch.base.settings import Settings
 
     stack = sim_reset
     key = stack.new_tenant_key()

@@ -22,9 +22,9 @@ import psutil
 import pytest
 from rich.console import Console
 
-from cli.demo import promotion_line, render_report
-from cli.embedded import port_accepts
 from tests.support.procs import REPO_ROOT, ManagedProcess, free_port, python_module, wait_until
+from tierbatch.cli.demo import promotion_line, render_report
+from tierbatch.cli.embedded import port_accepts
 
 pytestmark = pytest.mark.integration
 
@@ -94,7 +94,7 @@ def test_up_serves_a_task_and_ctrl_c_stops_everything(tmp_path: Path, embedded_e
     state = tmp_path / "state"
     api_port, simulator_port = _two_ports()
     api_url = f"http://127.0.0.1:{api_port}"
-    up = ManagedProcess(python_module("cli", "up", "--dir", str(state), "--api-port", str(api_port),
+    up = ManagedProcess(python_module("tierbatch.cli", "up", "--dir", str(state), "--api-port", str(api_port),
                                       "--simulator-port", str(simulator_port), "--concurrency", "2"),
                         log_path=tmp_path / "up.log")
     try:
@@ -184,7 +184,7 @@ def _run_in_own_group(args: list[str]) -> Iterator[subprocess.Popen[str]]:
 
 def test_demo_reports_costs_and_stops(tmp_path: Path, embedded_env: None) -> None:
     state = tmp_path / "demo"
-    with _run_in_own_group([sys.executable, "-m", "cli", "demo", "--dir", str(state), "--json"]) as proc:
+    with _run_in_own_group([sys.executable, "-m", "tierbatch.cli", "demo", "--dir", str(state), "--json"]) as proc:
         try:
             stdout, stderr = proc.communicate(timeout=START_TIMEOUT + 90)
         except subprocess.TimeoutExpired:

@@ -20,13 +20,13 @@ from typing import Any
 import psycopg
 import pytest
 
-from core.migrate import upgrade_to_head
 from tests.conftest import TEST_REDIS_URL
 from tests.integration.conftest import delete_redis_keys
 from tests.integration.test_jobs_api import items, row_counts
 from tests.support.procs import free_port, wait_until
 from tests.support.stack import SECRET_KEY, Stack, psycopg_dsn, scratch_database, write_app_config
 from tests.support.webhooks import Receiver, webhook_receiver
+from tierbatch.migrations.runner import upgrade_to_head
 
 pytestmark = pytest.mark.integration
 

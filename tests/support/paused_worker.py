@@ -10,10 +10,10 @@ import sys
 import time
 from collections.abc import Callable
 
-from core.config import load_config
-from core.messaging import ALL_QUEUES
-from core.settings import Settings
-from worker.app import create_celery_app
+from tierbatch.base.config import load_config
+from tierbatch.base.messaging import ALL_QUEUES
+from tierbatch.base.settings import Settings
+from tierbatch.worker.app import create_celery_app
 
 log = logging.getLogger("tierbatch.paused_worker")
 

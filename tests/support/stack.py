@@ -166,19 +166,19 @@ class Stack:
         return proc
 
     def start_simulator(self) -> None:
-        proc = self._start("simulator", python_module("simulator", "--host", "127.0.0.1",
+        proc = self._start("simulator", python_module("tierbatch.simulator", "--host", "127.0.0.1",
                                                       "--port", str(self.simulator_port)))
         wait_http_ok(f"{self.simulator_url}/_sim/stats", proc=proc)
 
     def start_api(self) -> None:
-        proc = self._start("api", python_module("cli", "api", "--host", "127.0.0.1", "--port", str(self.api_port)))
+        proc = self._start("api", python_module("tierbatch.cli", "api", "--host", "127.0.0.1", "--port", str(self.api_port)))
         wait_http_ok(f"{self.api_url}/healthz", proc=proc)
 
     def start_worker(self, extra_env: dict[str, str] | None = None, *, pause_at: str | None = None
                      ) -> ManagedProcess:
         """The worker; with `pause_at`, one that stops at that batch step (tests/support/paused_worker.py)."""
         args = (python_module("tests.support.paused_worker", pause_at) if pause_at is not None
-                else python_module("cli", "worker", "--concurrency", "4", "--pool", "threads"))
+                else python_module("tierbatch.cli", "worker", "--concurrency", "4", "--pool", "threads"))
         proc = self._start("worker", args, extra_env)
         wait_until(lambda: "ready." in proc.log_text() or not proc.alive(), 30, 0.1, "worker ready")
         if not proc.alive():
@@ -186,7 +186,7 @@ class Stack:
         return proc
 
     def start_beat(self) -> None:
-        self._start("beat", python_module("cli", "beat", "--schedule", str(self.tmp / "beat-schedule")))
+        self._start("beat", python_module("tierbatch.cli", "beat", "--schedule", str(self.tmp / "beat-schedule")))
 
     def stop_all(self) -> None:
         for key, proc in list(self.processes.items()):

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from cli.main import app
-from core.audit import AuditOptions, Auditor
-from core.config import default_config_data, parse_config
-from core.pricing import PriceBook
-from core.states import Tier
+from tierbatch.base.config import default_config_data, parse_config
+from tierbatch.base.states import Tier
+from tierbatch.cli.main import app
+from tierbatch.costs.audit import AuditOptions, Auditor
+from tierbatch.ledger.pricing import PriceBook
 
 M = Decimal(1_000_000)
 T0 = 1_750_000_000  # response `created`, epoch seconds

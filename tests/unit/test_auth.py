@@ -17,11 +17,11 @@ from limits.aio.storage import MemoryStorage
 from pydantic import ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from cli.stack import LocalStack, StackError
-from core.auth import KeyAuthenticator, RateLimits, estimated_tokens, secret_matches, sliding_window_wait
-from core.errors import RateLimited, Unauthenticated
-from core.settings import MIN_ADMIN_TOKEN_CHARS, Settings
-from core.tenants import KeyGrant
+from tierbatch.base.errors import RateLimited, Unauthenticated
+from tierbatch.base.settings import MIN_ADMIN_TOKEN_CHARS, Settings
+from tierbatch.cli.stack import LocalStack, StackError
+from tierbatch.tenants.auth import KeyAuthenticator, RateLimits, estimated_tokens, secret_matches, sliding_window_wait
+from tierbatch.tenants.store import KeyGrant
 
 T = TypeVar("T")
 

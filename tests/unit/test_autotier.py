@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.routing import LONG_PROMPT_CHARS, classify_prompt
-from core.states import Tier
+from tierbatch.base.states import Tier
+from tierbatch.routing.tiers import LONG_PROMPT_CHARS, classify_prompt
 
 LIGHT, COMPLEX = Tier.LIGHT, Tier.COMPLEX
 SHORT = "auto: short prompt"

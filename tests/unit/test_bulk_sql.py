@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 from sqlalchemy import Column, Enum, LargeBinary, MetaData, Table
 
-from core import bulk_sql, task_transitions
-from core.bulk_sql import LEDGER, TASKS, columns, sql_type
-from core.config import default_config_data, parse_config
-from core.gateway import CallRecord, Route, record_params
-from core.jobs import JobItem, JobSettings, task_rows, time_ordered_ids
-from core.pricing import TokenUsage
-from core.states import Mode, RequestedTier, TaskStatus, Tier
+from tierbatch.base.config import default_config_data, parse_config
+from tierbatch.base.states import Mode, RequestedTier, TaskStatus, Tier
+from tierbatch.db import bulk_sql
+from tierbatch.db.bulk_sql import LEDGER, TASKS, columns, sql_type
+from tierbatch.gateway.chat import CallRecord, Route, record_params
+from tierbatch.jobs.store import JobItem, JobSettings, task_rows, time_ordered_ids
+from tierbatch.ledger.pricing import TokenUsage
+from tierbatch.tasks import transitions as task_transitions
 
 CONFIG = parse_config(default_config_data())
 TABLES = {"tasks": TASKS, "ledger_entries": LEDGER}
@@ -129,10 +130,10 @@ def test_a_type_without_a_spelling_is_caught() -> None:
 
 
 def test_bulk_statements_live_in_one_module() -> None:
-    """A hand-written column list for these tables anywhere else in core/ would escape the checks above
+    """A hand-written column list for these tables anywhere else in the package would escape the checks above
     (a list joined from this module's names, `({', '.join(...)})`, is fine)."""
-    core = Path(bulk_sql.__file__).parent
+    package = Path(bulk_sql.__file__).parents[1]
     pattern = re.compile(r"(INSERT INTO|COPY) (tasks|ledger_entries|ingest_rows) \((?!\{)|CREATE TEMP TABLE")
-    strays = [f"{path.name}: {match.group(0)}" for path in sorted(core.glob("*.py")) if path.name != "bulk_sql.py"
+    strays = [f"{path.name}: {match.group(0)}" for path in sorted(package.rglob("*.py")) if path.name != "bulk_sql.py"
               for match in pattern.finditer(path.read_text())]
     assert strays == []

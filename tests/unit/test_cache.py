@@ -1,4 +1,4 @@
-"""Which requests the response cache takes, and what makes two requests the same (core/cache.py)."""
+"""Which requests the response cache takes, and what makes two requests the same (tierbatch/cache/responses.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from core.cache import cache_key, is_deterministic, wants_cache
-from core.config import CacheConfig
+from tierbatch.base.config import CacheConfig
+from tierbatch.cache.responses import cache_key, is_deterministic, wants_cache
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -53,10 +53,10 @@ def test_key_covers_model_messages_and_parameters_only() -> None:
 
 
 def test_a_bad_cache_switch_is_refused_naming_it() -> None:
-    from core.errors import InvalidInput
-    from core.gateway import GatewayError, validate_chat_body
-    from core.jobs import parse_job_request
-    from core.submission import parse_submission
+    from tierbatch.base.errors import InvalidInput
+    from tierbatch.gateway.chat import GatewayError, validate_chat_body
+    from tierbatch.jobs.store import parse_job_request
+    from tierbatch.tasks.submission import parse_submission
 
     with pytest.raises(InvalidInput) as task:
         parse_submission({"prompt": "hi", "metadata": {"cache": "maybe"}}, 10, 1 << 20)

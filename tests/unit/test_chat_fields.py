@@ -1,4 +1,4 @@
-"""The gateway's own list of chat request fields (`core.chat_fields`): what its docstring documents is
+"""The gateway's own list of chat request fields (`tierbatch.gateway.fields`): what its docstring documents is
 exactly what is accepted, whatever the installed SDK knows; refused fields and values name the field;
 requests that Postgres could not record are refused, without recursion, before any provider call."""
 
@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
-from core import chat_fields
-from core.chat_fields import (
+from tierbatch.base.inputs import storable, storable_text
+from tierbatch.gateway import fields as chat_fields
+from tierbatch.gateway.fields import (
     ACCEPTED_FIELDS,
     CONSUMED_FIELDS,
     FORWARDED_FIELDS,
@@ -23,8 +24,7 @@ from core.chat_fields import (
     check_fields,
     check_storable,
 )
-from core.inputs import storable, storable_text
-from core.openai_validation import InvalidRequest
+from tierbatch.providers.openai_validation import InvalidRequest
 
 HI = [{"role": "user", "content": "hi"}]
 
@@ -61,11 +61,13 @@ def test_the_list_does_not_follow_the_installed_sdk() -> None:
     # and the module never imports the SDK: its list cannot change with an SDK release
     probe = (
         "import json, sys\n"
-        "import core.chat_fields\n"
-        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('openai', 'core'))))\n"
+        "import tierbatch.gateway.fields\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in ('openai', 'tierbatch'))))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    assert json.loads(out) == ["core", "core.chat_fields", "core.errors", "core.inputs", "core.openai_validation"]
+    assert json.loads(out) == ["tierbatch", "tierbatch.base", "tierbatch.base.errors",
+                               "tierbatch.base.inputs", "tierbatch.gateway", "tierbatch.gateway.fields",
+                               "tierbatch.providers", "tierbatch.providers.openai_validation"]
 
 
 def refusal(body: dict[str, Any]) -> InvalidRequest:

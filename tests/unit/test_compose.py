@@ -1,7 +1,7 @@
 """docker-compose.yml, Dockerfile and the compose config are consistent with each other and with the CLI.
 
 No Docker engine here: the YAML is parsed and every `tierbatch …` command is checked against the real CLI
-(`cli.main.app`, a typer.Typer, introspected as a click command). Where the `docker compose` CLI plugin is
+(`tierbatch.cli.main.app`, a typer.Typer, introspected as a click command). Where the `docker compose` CLI plugin is
 installed (it needs no engine for `config`), the file is also resolved by compose itself.
 """
 
@@ -233,7 +233,7 @@ def test_the_simulator_gets_no_secret_and_no_database(services: dict[str, dict[s
 
 
 def test_the_worker_consumes_every_queue_the_code_routes_to(services: dict[str, dict[str, Any]]) -> None:
-    from core.messaging import ALL_QUEUES
+    from tierbatch.base.messaging import ALL_QUEUES
 
     argv = _argv(services["worker"]["command"])
     assert "--queues" in argv, "the worker names its queues"
@@ -297,7 +297,7 @@ def test_docker_compose_refuses_to_run_without_each_secret(tmp_path: Path, missi
 
 
 def test_compose_config_is_valid_and_points_at_the_simulator() -> None:
-    from core.config import load_config
+    from tierbatch.base.config import load_config
 
     config = load_config(COMPOSE_CONFIG, environ={})
     for ref in config.configured_models():
@@ -334,7 +334,7 @@ def test_the_image_user_can_write_the_beat_schedule() -> None:
 
 
 def _cli() -> Any:
-    from cli.main import app
+    from tierbatch.cli.main import app
 
     return typer.main.get_command(app)
 

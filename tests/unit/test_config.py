@@ -4,9 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from core.config import default_config_data, load_config, parse_config
-from core.errors import ConfigError
-from core.states import Tier
+from tierbatch.base.config import default_config_data, load_config, parse_config
+from tierbatch.base.errors import ConfigError
+from tierbatch.base.states import Tier
 
 
 def test_embedded_default_config_routes_everything_to_the_simulator() -> None:
@@ -81,7 +81,7 @@ output = 0.10
 def test_batch_file_limits_come_from_settings_once() -> None:
     from pydantic import ValidationError
 
-    from core.settings import Settings
+    from tierbatch.base.settings import Settings
 
     lowered = Settings(TIERBATCH_BATCH_FILE_MAX_BYTES="65536", TIERBATCH_BATCH_FILE_MAX_LINES="10")  # type: ignore[call-arg]
     assert (lowered.batch_file_max_bytes, lowered.batch_file_max_lines) == (65536, 10)

@@ -8,8 +8,8 @@ from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from core.config import ModelRef
-from core.cooldown import CircuitState, Cooldown, CooldownPolicy
+from tierbatch.base.config import ModelRef
+from tierbatch.providers.cooldown import CircuitState, Cooldown, CooldownPolicy
 
 PRIMARY = ModelRef(provider="sim", model="gpt-4o")
 FALLBACK = ModelRef(provider="sim", model="gpt-4.1")

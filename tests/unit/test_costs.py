@@ -10,10 +10,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy.dialects import postgresql
 
-from cli.costs import CostsOptions, cost_table, query_params
-from cli.jobs import CliError
-from core.config import default_config_data, parse_config
-from core.costs import (
+from tierbatch.base.config import default_config_data, parse_config
+from tierbatch.base.errors import InvalidInput
+from tierbatch.cli.costs import CostsOptions, cost_table, query_params
+from tierbatch.cli.jobs import CliError
+from tierbatch.costs.queries import (
     BudgetStatus,
     Figures,
     Filters,
@@ -25,8 +26,7 @@ from core.costs import (
     parse_report_params,
     plan_segments,
 )
-from core.errors import InvalidInput
-from core.pricing import PriceBook, TokenUsage
+from tierbatch.ledger.pricing import PriceBook, TokenUsage
 
 M = Decimal(1_000_000)
 NOW = datetime(2026, 11, 28, 15, 30, tzinfo=UTC)

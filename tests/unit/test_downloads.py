@@ -9,9 +9,9 @@ from email.message import Message
 
 import pytest
 
-from api.downloads import content_disposition
-from cli.costs import write_csv
-from core.csv_safety import safe_cell
+from tierbatch.api.downloads import content_disposition
+from tierbatch.base.csv_safety import safe_cell
+from tierbatch.cli.costs import write_csv
 
 
 @pytest.mark.parametrize("value", ['=HYPERLINK("http://evil.example/","x")', "@SUM(A1:A9)", "+1+1", "-2+3",

@@ -8,9 +8,9 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from core.errors import InvalidInput
-from core.jobs import parse_job_request
-from core.submission import parse_submission
+from tierbatch.base.errors import InvalidInput
+from tierbatch.jobs.store import parse_job_request
+from tierbatch.tasks.submission import parse_submission
 
 
 @pytest.mark.parametrize(("given", "instant"), [

@@ -14,10 +14,11 @@ import httpx2
 import psycopg
 import pytest
 
-from core.config import default_config_data, parse_config
-from core.cooldown import Cooldown, CooldownPolicy
-from core.errors import PermanentProviderError, RetryableProviderError
-from core.gateway import (
+from tests.unit.test_cooldown import FakeRedis
+from tierbatch.base.config import default_config_data, parse_config
+from tierbatch.base.errors import PermanentProviderError, RetryableProviderError
+from tierbatch.base.states import RequestedTier, Tier
+from tierbatch.gateway.chat import (
     SMART_SELECT,
     CallRecord,
     Gateway,
@@ -32,11 +33,10 @@ from core.gateway import (
     route_request,
     validate_chat_body,
 )
-from core.pricing import PriceBook
-from core.provider import AsyncProviderClients, RawChatAnswer
-from core.retry import ChainExhausted
-from core.states import RequestedTier, Tier
-from tests.unit.test_cooldown import FakeRedis
+from tierbatch.ledger.pricing import PriceBook
+from tierbatch.providers.client import AsyncProviderClients, RawChatAnswer
+from tierbatch.providers.cooldown import Cooldown, CooldownPolicy
+from tierbatch.providers.retry import ChainExhausted
 
 CONFIG = parse_config(default_config_data(), environ={})
 HI = [{"role": "user", "content": "hi"}]
@@ -314,8 +314,8 @@ def test_a_client_leaving_midway_still_records_the_call_with_an_estimate() -> No
 
 def test_budget_policy_on_the_gateway_route() -> None:
     """Over budget: `reject` is a 402 in OpenAI's shape; `downgrade` serves complex on the light chain."""
-    from core.gateway import GatewayError, Route, TenantPolicy, apply_budget_policy
-    from core.states import RequestedTier, Tier
+    from tierbatch.base.states import RequestedTier, Tier
+    from tierbatch.gateway.chat import GatewayError, Route, TenantPolicy, apply_budget_policy
 
     config = parse_config(default_config_data())
     route = Route(Tier.COMPLEX, RequestedTier.AUTO, "smart-select: auto: code in prompt", "general",

@@ -1,4 +1,4 @@
-"""The COPY text that batch ingestion writes into `ingest_rows` (core/batches.py `_success_rows`)."""
+"""The COPY text that batch ingestion writes into `ingest_rows` (tierbatch/batching/batches.py `_success_rows`)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from typing import Any
 
 import orjson
 
-from core.batches import _copy_field, _success_rows
-from core.bulk_sql import INGEST_COLUMNS
-from core.config import default_config_data, parse_config
-from core.labels import label_response_format
-from core.pricing import PriceBook, TokenUsage
+from tierbatch.base.config import default_config_data, parse_config
+from tierbatch.batching.batches import _copy_field, _success_rows
+from tierbatch.db.bulk_sql import INGEST_COLUMNS
+from tierbatch.ledger.pricing import PriceBook, TokenUsage
+from tierbatch.tasks.labels import label_response_format
 
 _UNESCAPE = {"\\\\": "\\", "\\n": "\n", "\\r": "\r", "\\t": "\t"}
 

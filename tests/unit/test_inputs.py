@@ -6,8 +6,16 @@ import json
 
 import pytest
 
-from core.errors import InvalidInput
-from core.inputs import MAX_JSON_DEPTH, NotJson, TooDeep, Unstorable, check_text, loads_checked, nesting_exceeds
+from tierbatch.base.errors import InvalidInput
+from tierbatch.base.inputs import (
+    MAX_JSON_DEPTH,
+    NotJson,
+    TooDeep,
+    Unstorable,
+    check_text,
+    loads_checked,
+    nesting_exceeds,
+)
 
 
 def nested(depth: int) -> bytes:

@@ -11,11 +11,9 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from core.config import AppConfig
-from core.errors import InvalidInput
-from core.job_webhooks import encode_payload, job_payload
-from core.jobs import JobSummary, _settings_for_append, parse_job_request
-from core.messaging import (
+from tierbatch.base.config import AppConfig
+from tierbatch.base.errors import InvalidInput
+from tierbatch.base.messaging import (
     ALL_QUEUES,
     JOB_WEBHOOK,
     JOB_WEBHOOK_TICK,
@@ -24,10 +22,12 @@ from core.messaging import (
     SCHEDULE_WEBHOOK,
     TASK_ROUTES,
 )
-from core.models import Job
-from core.states import RequestedTier
-from core.webhooks import JOBS, SCHEDULE_RUNS, check_webhook_url, new_secret, signed_headers
-from worker.app import beat_schedule
+from tierbatch.base.states import RequestedTier
+from tierbatch.db.models import Job
+from tierbatch.jobs.store import JobSummary, _settings_for_append, parse_job_request
+from tierbatch.jobs.webhooks import encode_payload, job_payload
+from tierbatch.webhooks.delivery import JOBS, SCHEDULE_RUNS, check_webhook_url, new_secret, signed_headers
+from tierbatch.worker.app import beat_schedule
 
 LIMIT = 1 << 20
 ITEMS = [{"id": "a", "text": "hello"}]

@@ -11,10 +11,12 @@ from typing import Any
 
 import pytest
 
-from cli.jobs import CliError, SourceItem, chunked, read_csv, read_jsonl
-from core.config import AppConfig
-from core.errors import InvalidInput
-from core.jobs import (
+from tierbatch.base.config import AppConfig
+from tierbatch.base.errors import InvalidInput
+from tierbatch.base.messaging import DISPATCH_TASKS
+from tierbatch.base.states import RequestedTier
+from tierbatch.cli.jobs import CliError, SourceItem, chunked, read_csv, read_jsonl
+from tierbatch.jobs.store import (
     JobItem,
     JobSettings,
     RequestEncoder,
@@ -26,8 +28,6 @@ from core.jobs import (
     tier_chooser,
     time_ordered_ids,
 )
-from core.messaging import DISPATCH_TASKS
-from core.states import RequestedTier
 
 LIMIT = 1 << 20
 CONFIG = AppConfig.model_validate({
@@ -168,7 +168,7 @@ def test_tier_resolved_once_when_fixed_and_per_item_on_auto() -> None:
 
 
 def test_task_rows_follow_the_copy_columns() -> None:
-    from core.bulk_sql import TASK_COPY_COLUMNS
+    from tierbatch.db.bulk_sql import TASK_COPY_COLUMNS
 
     settings = JobSettings(task_type="classification", labels=("a",), metadata={"team": "x"}, urgent=True)
     ids = time_ordered_ids(2)

@@ -9,9 +9,9 @@ import pytest
 from fastapi import FastAPI, Request
 from starlette.types import Message
 
-from api.errors import install_error_handlers
-from api.limits import DEFAULT_BODY_BYTES, install_input_guard, parsed_json
-from core.facade import FileLimits
+from tierbatch.api.errors import install_error_handlers
+from tierbatch.api.limits import DEFAULT_BODY_BYTES, install_input_guard, parsed_json
+from tierbatch.openai_batches.facade import FileLimits
 
 
 def make_app() -> tuple[FastAPI, list[Any]]:

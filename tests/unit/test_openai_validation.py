@@ -1,4 +1,4 @@
-"""OpenAI's chat request checks shared by the gateway and the simulator (`core.openai_validation`)."""
+"""OpenAI's chat request checks shared by the gateway and the simulator (`tierbatch.providers.openai_validation`)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from core import openai_validation as shared
-from core.openai_validation import (
+from tierbatch.providers import openai_validation as shared
+from tierbatch.providers.openai_validation import (
     InvalidRequest,
     check_messages,
     check_model,
@@ -134,20 +134,21 @@ def test_response_format_json_schema_types_only_when_typed() -> None:
 
 
 def test_shared_module_and_simulator_stay_light() -> None:
-    """The module needs only the standard library, and the simulator reaches no other core module through it."""
+    """The module needs only the standard library, and the simulator reaches no other domain module through it."""
     probe = (
         "import json, sys\n"
         "before = set(sys.modules)\n"
-        "import core.openai_validation\n"
+        "import tierbatch.providers.openai_validation\n"
         "first = sorted(m for m in set(sys.modules) - before if m.split('.')[0] not in sys.stdlib_module_names)\n"
-        "import simulator.app\n"
-        "core = sorted(m for m in sys.modules if m == 'core' or m.startswith('core.'))\n"
-        "print(json.dumps([first, core]))\n"
+        "import tierbatch.simulator.app\n"
+        "domain = sorted(m for m in sys.modules if m.startswith('tierbatch.')\n"
+        "                and m.split('.')[1] not in ('simulator', 'api', 'worker', 'cli'))\n"
+        "print(json.dumps([first, domain]))\n"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
-    first, core = json.loads(out)
-    assert first == ["core", "core.openai_validation"]
-    assert core == ["core", "core.openai_validation"]
+    first, domain = json.loads(out)
+    assert first == ["tierbatch", "tierbatch.providers", "tierbatch.providers.openai_validation"]
+    assert domain == ["tierbatch.providers", "tierbatch.providers.openai_validation"]
 
 
 def test_batch_metadata() -> None:

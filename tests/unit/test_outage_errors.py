@@ -11,9 +11,9 @@ import redis.exceptions
 import sqlalchemy.exc
 from fastapi import FastAPI
 
-from api.errors import install_error_handlers, outage_of
-from core.errors import ServiceUnavailable
-from core.messaging import dispatch_after_commit
+from tierbatch.api.errors import install_error_handlers, outage_of
+from tierbatch.base.errors import ServiceUnavailable
+from tierbatch.base.messaging import dispatch_after_commit
 
 
 def wrapped(error: type[sqlalchemy.exc.DBAPIError], invalidated: bool = False) -> sqlalchemy.exc.DBAPIError:

@@ -4,8 +4,8 @@ from decimal import Decimal
 
 from genai_prices import Usage, calc_price
 
-from core.config import default_config_data, parse_config
-from core.pricing import PriceBook, TokenUsage
+from tierbatch.base.config import default_config_data, parse_config
+from tierbatch.ledger.pricing import PriceBook, TokenUsage
 
 
 def price_book(**extra: object) -> PriceBook:

@@ -11,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from core.config import AppConfig
-from core.jobs import JobItem, JobSettings, RequestEncoder
-from core.provider import ProviderClients, prompt_cache_key, with_prompt_cache_key
-from simulator.batch_input import parse_input
-from simulator.completions import validate_chat_request
-from simulator.errors import OpenAIError
-from simulator.stats import Stats
+from tierbatch.base.config import AppConfig
+from tierbatch.jobs.store import JobItem, JobSettings, RequestEncoder
+from tierbatch.providers.client import ProviderClients, prompt_cache_key, with_prompt_cache_key
+from tierbatch.simulator.batch_input import parse_input
+from tierbatch.simulator.completions import validate_chat_request
+from tierbatch.simulator.errors import OpenAIError
+from tierbatch.simulator.stats import Stats
 
 TENANT = uuid.UUID("00000000-0000-0000-0000-000000000001")
 

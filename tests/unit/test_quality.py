@@ -7,11 +7,11 @@ import uuid
 
 import pytest
 
-from core.config import QualityConfig, default_config_data, parse_config
-from core.labels import label_response_format
-from core.models import RoutingRule
-from core.quality import WindowStats, compare_answers, decide, sampled, shadow_tier_for
-from core.states import Tier
+from tierbatch.base.config import QualityConfig, default_config_data, parse_config
+from tierbatch.base.states import Tier
+from tierbatch.db.models import RoutingRule
+from tierbatch.quality.monitor import WindowStats, compare_answers, decide, sampled, shadow_tier_for
+from tierbatch.tasks.labels import label_response_format
 
 LABELLED = {"messages": [{"role": "user", "content": "rate it"}],
             "response_format": label_response_format(["good", "bad"])}
@@ -105,7 +105,7 @@ def test_similarity_threshold_is_configurable() -> None:
 def test_cli_report_renders_rows_moves_and_latency() -> None:
     from rich.console import Console
 
-    from cli.quality import render
+    from tierbatch.cli.quality import render
 
     event = {"task_type": "shaky", "action": "promote", "actor": "quality", "from_tier": None,
              "to_tier": "complex", "pinned": False, "reason": "agreement 70.0% over 10 comparisons is below 90%",

@@ -6,13 +6,13 @@ from typing import Any
 
 import pytest
 
-from core.config import ImmediateConfig, ModelRef, default_config_data, parse_config
-from core.errors import PermanentProviderError, RetryableProviderError
-from core.pricing import TokenUsage
-from core.provider import ChatResult
-from core.retry import ChainExhausted, backoff_delay, call_with_fallbacks
-from core.routing import classify_prompt, resolve_tier, takes_batch_path
-from core.states import RequestedTier, Tier
+from tierbatch.base.config import ImmediateConfig, ModelRef, default_config_data, parse_config
+from tierbatch.base.errors import PermanentProviderError, RetryableProviderError
+from tierbatch.base.states import RequestedTier, Tier
+from tierbatch.ledger.pricing import TokenUsage
+from tierbatch.providers.client import ChatResult
+from tierbatch.providers.retry import ChainExhausted, backoff_delay, call_with_fallbacks
+from tierbatch.routing.tiers import classify_prompt, resolve_tier, takes_batch_path
 
 CONFIG = parse_config(default_config_data(), environ={})
 

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from core.config import AppConfig
-from core.facade import parse_batch_line
-from core.jobs import JobItem, JobSettings, tier_chooser
-from core.rules import RuleView
-from core.states import RequestedTier, Tier
+from tierbatch.base.config import AppConfig
+from tierbatch.base.states import RequestedTier, Tier
+from tierbatch.jobs.store import JobItem, JobSettings, tier_chooser
+from tierbatch.openai_batches.facade import parse_batch_line
+from tierbatch.routing.rules import RuleView
 
 CONFIG = AppConfig.model_validate({
     "providers": {"sim": {"base_url": "http://127.0.0.1:1/v1"}},

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from core.config import AppConfig, SqlSourceConfig
-from core.csv_safety import safe_cell, safe_row
-from core.errors import InvalidInput
-from core.models import Schedule, ScheduleRun
-from core.schedules import (
+from tierbatch.base.config import AppConfig, SqlSourceConfig
+from tierbatch.base.csv_safety import safe_cell, safe_row
+from tierbatch.base.errors import InvalidInput
+from tierbatch.db.models import Schedule, ScheduleRun
+from tierbatch.schedules.service import (
     TenantScope,
     check_cron,
     check_timezone,
@@ -30,7 +30,7 @@ from core.schedules import (
     sink_path,
     text_hash,
 )
-from core.sources import (
+from tierbatch.schedules.sources import (
     CursorTracker,
     PathRefused,
     SourceError,
@@ -44,8 +44,8 @@ from core.sources import (
     read_sql,
     sqlalchemy_url,
 )
-from core.webhooks import backoff_seconds
-from worker.schedules import parse_now
+from tierbatch.webhooks.delivery import backoff_seconds
+from tierbatch.worker.schedules import parse_now
 
 UTC = dt.UTC
 BASE_CONFIG: dict[str, Any] = {
@@ -483,8 +483,8 @@ def test_sql_source_refuses_tierbatchs_own_database() -> None:
     ({"url_env": "X", "max_rows": 0}, "greater than 0"),
 ])
 def test_bad_source_sections_are_config_errors(section: dict[str, Any], words: str) -> None:
-    from core.config import parse_config
-    from core.errors import ConfigError
+    from tierbatch.base.config import parse_config
+    from tierbatch.base.errors import ConfigError
 
     with pytest.raises(ConfigError) as caught:
         parse_config({**BASE_CONFIG, "sources": {"db": section}}, environ={"SIM_API_KEY": "k"})
@@ -492,8 +492,8 @@ def test_bad_source_sections_are_config_errors(section: dict[str, Any], words: s
 
 
 def test_files_root_must_be_absolute() -> None:
-    from core.config import parse_config
-    from core.errors import ConfigError
+    from tierbatch.base.config import parse_config
+    from tierbatch.base.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"files\.root"):
         parse_config({**BASE_CONFIG, "files": {"root": "relative/dir"}}, environ={"SIM_API_KEY": "k"})
@@ -543,7 +543,7 @@ def test_the_signature_is_standard_webhooks_and_verifies_with_its_library() -> N
 
     from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-    from core.webhooks import new_secret, signed_headers
+    from tierbatch.webhooks.delivery import new_secret, signed_headers
 
     secret = new_secret()
     body = b'{"type":"schedule_run.finished"}'
@@ -568,8 +568,8 @@ def test_a_webhook_that_cannot_be_reached_is_a_failed_attempt_not_an_exception()
     import socket
     import uuid
 
-    from core.config import WebhooksConfig
-    from core.webhooks import WebhookCall, deliver, new_secret
+    from tierbatch.base.config import WebhooksConfig
+    from tierbatch.webhooks.delivery import WebhookCall, deliver, new_secret
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

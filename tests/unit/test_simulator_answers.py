@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from simulator.answers import (
+from tierbatch.simulator.answers import (
     build_answer,
     choose_label,
     find_label_task,
@@ -15,7 +15,7 @@ from simulator.answers import (
     reference_label,
     stable_hash,
 )
-from simulator.config import ModelSettings
+from tierbatch.simulator.config import ModelSettings
 
 LABELS = ("billing", "account", "bug")
 PLAIN = ModelSettings()

@@ -9,11 +9,11 @@ from typing import Any
 
 import pytest
 
-from simulator.answers import build_answer
-from simulator.batch_input import parse_input
-from simulator.batch_output import CANCELLED, compute_results, write_results
-from simulator.config import ModelSettings
-from simulator.tokens import PrefixCache
+from tierbatch.simulator.answers import build_answer
+from tierbatch.simulator.batch_input import parse_input
+from tierbatch.simulator.batch_output import CANCELLED, compute_results, write_results
+from tierbatch.simulator.config import ModelSettings
+from tierbatch.simulator.tokens import PrefixCache
 
 ENDPOINT = "/v1/chat/completions"
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from simulator.config import SimConfig, SimConfigError, load_sim_config, merge_sim_config, parse_sim_config
+from tierbatch.simulator.config import SimConfig, SimConfigError, load_sim_config, merge_sim_config, parse_sim_config
 
 
 def write(tmp_path: Path, text: str) -> Path:

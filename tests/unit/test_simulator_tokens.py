@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from simulator.tokens import PrefixCache, count_tokens, prompt_text
+from tierbatch.simulator.tokens import PrefixCache, count_tokens, prompt_text
 
 
 def test_count_tokens() -> None:

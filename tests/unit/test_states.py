@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import CheckConstraint
 
-from core.job_webhooks import _LIVE_TASK
-from core.models import Base
-from core.states import LIVE_TASK_STATUSES, TERMINAL_TASK_STATUSES, TaskStatus, sql_in
+from tierbatch.base.states import LIVE_TASK_STATUSES, TERMINAL_TASK_STATUSES, TaskStatus, sql_in
+from tierbatch.db.models import Base
+from tierbatch.jobs.webhooks import _LIVE_TASK
 
 # as they stood when they were hand-written (and as migrations 0001-0011 created them)
 EXPECTED = {

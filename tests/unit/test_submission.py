@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from core.errors import InvalidInput
-from core.submission import parse_submission
+from tierbatch.base.errors import InvalidInput
+from tierbatch.tasks.submission import parse_submission
 
 
 def test_prompt_becomes_a_user_message_and_params_pass_through() -> None:

@@ -1,6 +1,6 @@
-"""Only core/task_transitions.py writes `tasks.status`.
+"""Only tierbatch/tasks/transitions.py writes `tasks.status`.
 
-The scan reads every module of core/, api/, worker/ and cli/ and looks for the three ways a status
+The scan reads every module of the tierbatch package (api/ and worker/ included) and looks for the three ways a status
 can be written: SQL text (`UPDATE tasks … SET … status = …`), a Core update of the Task model
 (`update(Task)….values(status=…)`), and an ORM assignment (`task.status = …`). The planted samples
 below prove it would see each of them, and scanning the transitions module itself proves it sees
@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-SCANNED = ("core", "api", "worker", "cli")
-OWNER = ROOT / "core" / "task_transitions.py"
+SCANNED = ("tierbatch", "api", "worker")  # api/ and worker/ are tierbatch.api and tierbatch.worker
+OWNER = ROOT / "tierbatch" / "tasks" / "transitions.py"
 
 _SQL_UPDATE = re.compile(
     r"\bUPDATE\s+tasks\b(?:\s+(?:AS\s+)?\w+)?\s+SET\b(?P<set>.*?)(?=\bFROM\b|\bWHERE\b|\bRETURNING\b|$)",

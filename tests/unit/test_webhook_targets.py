@@ -16,11 +16,11 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
-from core.config import WebhooksConfig
-from core.errors import ConfigError, InvalidInput
-from core.secretbox import SecretBox, SecretUnreadable, generate_key
-from core.settings import Settings
-from core.webhooks import BlockedTarget, TargetPolicy, WebhookCall, deliver, new_secret
+from tierbatch.base.config import WebhooksConfig
+from tierbatch.base.errors import ConfigError, InvalidInput
+from tierbatch.base.secretbox import SecretBox, SecretUnreadable, generate_key
+from tierbatch.base.settings import Settings
+from tierbatch.webhooks.delivery import BlockedTarget, TargetPolicy, WebhookCall, deliver, new_secret
 
 PUBLIC = "93.184.216.34"
 

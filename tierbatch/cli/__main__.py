@@ -1,0 +1,3 @@
+from tierbatch.cli.main import main
+
+main()

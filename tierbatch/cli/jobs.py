@@ -1,0 +1,375 @@
+"""`tierbatch submit FILE` and `tierbatch jobs show ID`: bulk jobs over the HTTP API.
+
+The file is read as a stream and posted in chunks to `POST /v1/jobs` under one job name (a request
+with the name of an existing job adds its items to it), so memory stays flat whatever the file size.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+import httpx
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from tierbatch.base.states import TERMINAL_TASK_STATUSES
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+TERMINAL = TERMINAL_TASK_STATUSES
+_RETRIES = 3
+
+err = Console(stderr=True)
+
+
+class CliError(Exception):
+    """A problem to show the user as one line, without a traceback."""
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+# --- reading the input file ----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class SourceItem:
+    line: int  # where the item starts in the file (1-based; for CSV the header is line 1)
+    body: dict[str, Any]  # {"id", "text"} or {"id", "messages"}
+
+
+class CountingReader(io.RawIOBase):
+    """A binary file that counts the bytes read, for the upload progress bar."""
+
+    def __init__(self, raw: IO[bytes]) -> None:
+        self.raw = raw
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        data = self.raw.read(len(buffer))
+        buffer[:len(data)] = data
+        self.count += len(data)
+        return len(data)
+
+
+def detect_format(path: Path, explicit: str) -> str:
+    if explicit != "auto":
+        return explicit
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    raise CliError(f"{path}: cannot tell the format from the extension {suffix!r}; use --format jsonl|csv")
+
+
+def _item_id(value: Any, where: str, id_field: str) -> str | int:
+    if isinstance(value, bool) or not isinstance(value, str | int) or (isinstance(value, str) and not value.strip()):
+        raise CliError(f"{where}: field {id_field!r} must be a non-empty string or an integer")
+    return value
+
+
+def read_jsonl(stream: IO[str], id_field: str, text_field: str, name: str) -> Iterator[SourceItem]:
+    for number, line in enumerate(stream, start=1):
+        if not line.strip():
+            continue
+        where = f"{name}:{number}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CliError(f"{where}: not valid JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise CliError(f"{where}: each line must be a JSON object")
+        if id_field not in record:
+            raise CliError(f"{where}: no {id_field!r} field (choose another with --id-field)")
+        item_id = _item_id(record[id_field], where, id_field)
+        if text_field in record:
+            text = record[text_field]
+            if not isinstance(text, str) or not text.strip():
+                raise CliError(f"{where}: field {text_field!r} must be a non-empty string")
+            yield SourceItem(number, {"id": item_id, "text": text})
+        elif "messages" in record:
+            yield SourceItem(number, {"id": item_id, "messages": record["messages"]})
+        else:
+            raise CliError(f"{where}: no {text_field!r} (or 'messages') field (choose another with --text-field)")
+
+
+def read_csv(stream: IO[str], id_field: str, text_field: str, name: str, delimiter: str = ",") -> Iterator[SourceItem]:
+    reader = csv.DictReader(stream, delimiter=delimiter)
+    try:
+        header = reader.fieldnames
+    except csv.Error as exc:
+        raise CliError(f"{name}: bad CSV header ({exc})") from None
+    if not header:
+        raise CliError(f"{name}: the file is empty (a CSV header with {id_field!r} and {text_field!r} is needed)")
+    missing = [f for f in (id_field, text_field) if f not in header]
+    if missing:
+        raise CliError(f"{name}: the CSV header has no column {missing[0]!r} (columns: {', '.join(header)}); "
+                       "choose others with --id-field / --text-field")
+    try:
+        start = reader.line_num + 1
+        for row in reader:
+            where = f"{name}:{start}"
+            item_id, text = row.get(id_field), row.get(text_field)
+            if not item_id or not item_id.strip():
+                raise CliError(f"{where}: empty {id_field!r}")
+            if text is None or not text.strip():
+                raise CliError(f"{where}: empty {text_field!r}")
+            yield SourceItem(start, {"id": item_id, "text": text})
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        raise CliError(f"{name}:{reader.line_num}: bad CSV ({exc})") from None
+
+
+def read_items(stream: IO[str], fmt: str, id_field: str, text_field: str, name: str) -> Iterator[SourceItem]:
+    if fmt == "jsonl":
+        return read_jsonl(stream, id_field, text_field, name)
+    return read_csv(stream, id_field, text_field, name, delimiter="\t" if name.endswith(".tsv") else ",")
+
+
+def chunked(items: Iterator[SourceItem], size: int) -> Iterator[list[SourceItem]]:
+    chunk: list[SourceItem] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) >= size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# --- talking to the API ----------------------------------------------------------------------------
+
+def api_client(api_url: str, api_key: str | None, timeout: float = 300.0) -> httpx.Client:
+    if not api_key:
+        raise CliError("no API key: pass --api-key or set TIERBATCH_API_KEY")
+    return httpx.Client(base_url=api_url.rstrip("/"), headers={"Authorization": f"Bearer {api_key}"},
+                        timeout=httpx.Timeout(timeout, connect=10.0))
+
+
+def error_text(response: httpx.Response) -> str:
+    try:
+        error = response.json().get("error") or {}
+        message = error.get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return f"{response.status_code} {message or response.text[:300] or response.reason_phrase}"
+
+
+def request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> httpx.Response:
+    """One call with retries on connection errors and 5xx; raises CliError on what cannot be retried."""
+    for attempt in range(1, _RETRIES + 1):
+        try:
+            response = client.request(method, path, **kwargs)
+        except httpx.TransportError as exc:
+            if attempt == _RETRIES:
+                raise CliError(f"cannot reach the API at {client.base_url}: {exc}") from None
+        else:
+            if response.status_code < 500 or attempt == _RETRIES:
+                return response
+        time.sleep(0.5 * 2 ** attempt)
+    raise AssertionError("unreachable")
+
+
+_ITEM_PARAM = re.compile(r"^items\[(\d+)\]")
+
+
+def post_chunk(client: httpx.Client, spec: dict[str, Any], chunk: list[SourceItem], file_name: str
+               ) -> dict[str, Any]:
+    body = {**spec, "items": [item.body for item in chunk]}
+    content = json.dumps(body, ensure_ascii=False).encode()
+    headers = {"Content-Type": "application/json"}
+    for attempt in range(1, _RETRIES + 1):
+        try:
+            response = client.post("/v1/jobs", content=content, headers=headers)
+        except httpx.TransportError as exc:
+            if attempt == _RETRIES:
+                raise CliError(f"cannot reach the API at {client.base_url}: {exc}") from None
+            time.sleep(0.5 * 2 ** attempt)
+            continue
+        if response.status_code == 202:
+            result: dict[str, Any] = response.json()
+            return result
+        if response.status_code == 409 and attempt > 1 and "already has an item" in response.text:
+            # a retry of a chunk whose first try was stored after all (its answer was lost)
+            return {"items_added": len(chunk), "retried": True}
+        if response.status_code >= 500 and attempt < _RETRIES:
+            time.sleep(0.5 * 2 ** attempt)
+            continue
+        where = ""
+        try:
+            param = response.json()["error"].get("param") or ""
+        except (ValueError, KeyError, AttributeError):
+            param = ""
+        match = _ITEM_PARAM.match(param)
+        if match and int(match.group(1)) < len(chunk):
+            where = f" (at {file_name}:{chunk[int(match.group(1))].line})"
+        raise CliError(f"the API refused the job: {error_text(response)}{where}")
+    raise AssertionError("unreachable")
+
+
+def get_job(client: httpx.Client, job_id: str) -> dict[str, Any]:
+    response = request(client, "GET", f"/v1/jobs/{job_id}")
+    if response.status_code != 200:
+        raise CliError(f"cannot read job {job_id}: {error_text(response)}")
+    body: dict[str, Any] = response.json()
+    return body
+
+
+# --- output ----------------------------------------------------------------------------------------
+
+def done_count(job: dict[str, Any]) -> int:
+    return sum(int(job.get("counts", {}).get(status, 0)) for status in TERMINAL)
+
+
+def job_table(job: dict[str, Any]) -> Table:
+    table = Table(title=f"job {job.get('name') or ''} ({job['id']})", show_header=False, title_justify="left")
+    table.add_column("field", style="bold")
+    table.add_column("value", justify="right")
+    table.add_row("status", str(job.get("status")))
+    table.add_row("task type", str(job.get("task_type")))
+    table.add_row("tasks", str(job.get("task_count")))
+    for status, count in (job.get("counts") or {}).items():
+        table.add_row(f"  {status}", str(count))
+    table.add_row("cost (USD)", str(job.get("cost_usd")))
+    table.add_row("baseline (USD)", str(job.get("baseline_cost_usd")))
+    table.add_row("savings (USD)", f"[green]{job.get('savings_usd')}[/]")
+    if job.get("unpriced_requests"):
+        table.add_row("unpriced requests", f"[yellow]{job['unpriced_requests']}[/]")
+    table.add_row("created", str(job.get("created_at")))
+    table.add_row("finished", str(job.get("finished_at") or "-"))
+    return table
+
+
+def print_job(job: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        sys.stdout.write(json.dumps(job) + "\n")
+    else:
+        Console().print(job_table(job))
+
+
+# --- the commands ----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SubmitOptions:
+    file: Path
+    name: str | None
+    task_type: str | None
+    tier: str | None
+    urgent: bool
+    labels: str | None
+    system: str | None
+    template: str | None
+    id_field: str
+    text_field: str
+    file_format: str
+    chunk: int
+    wait: bool
+    poll_seconds: float
+    as_json: bool
+    api_url: str
+    api_key: str | None
+
+
+def job_spec(options: SubmitOptions, name: str) -> dict[str, Any]:
+    spec: dict[str, Any] = {"name": name}
+    if options.task_type:
+        spec["task_type"] = options.task_type
+    if options.tier:
+        spec["tier"] = options.tier
+    if options.urgent:
+        spec["urgent"] = True
+    if options.labels is not None:
+        labels = [label.strip() for label in options.labels.split(",")]
+        if not all(labels):
+            raise CliError(f"--labels: {options.labels!r} has an empty label; give a,b,c")
+        spec["labels"] = labels
+    if options.system:
+        spec["system"] = options.system
+    if options.template:
+        spec["template"] = options.template
+    return spec
+
+
+def _progress(console: Console, *columns: Any) -> Progress:
+    return Progress(TextColumn("[progress.description]{task.description}"), BarColumn(), *columns,
+                    TimeElapsedColumn(), console=console, transient=False, disable=not console.is_terminal)
+
+
+def run_submit(options: SubmitOptions) -> None:
+    if not options.file.is_file():
+        raise CliError(f"{options.file}: no such file")
+    if options.chunk < 1 or options.chunk > 100_000:
+        raise CliError("--chunk: between 1 and 100000 items per request")
+    fmt = detect_format(options.file, options.file_format)
+    name = options.name or f"{options.file.stem}-{uuid.uuid4().hex[:8]}"
+    spec = job_spec(options, name)
+    console = Console(stderr=True)
+    job_id: str | None = None
+    items = 0
+    with api_client(options.api_url, options.api_key) as client, options.file.open("rb") as raw:
+        counter = CountingReader(raw)
+        stream = io.TextIOWrapper(io.BufferedReader(counter), encoding="utf-8-sig", newline="")
+        with _progress(console, DownloadColumn(), TextColumn("{task.fields[items]} items")) as progress:
+            upload = progress.add_task("upload", total=options.file.stat().st_size, items=0)
+            try:
+                for chunk in chunked(read_items(stream, fmt, options.id_field, options.text_field,
+                                                options.file.name), options.chunk):
+                    answer = post_chunk(client, spec, chunk, options.file.name)
+                    job_id = answer.get("id", job_id)
+                    items += len(chunk)
+                    progress.update(upload, completed=counter.count, items=items)
+            except UnicodeDecodeError as exc:
+                raise CliError(f"{options.file}: not UTF-8 text ({exc.reason})") from None
+            progress.update(upload, completed=options.file.stat().st_size, items=items)
+        if job_id is None:
+            raise CliError(f"{options.file}: no items in the file")
+        if not options.as_json:
+            console.print(f"submitted {items} items as job [bold]{name}[/] ({job_id})")
+        job = get_job(client, job_id)
+        if options.wait:
+            job = wait_for_job(client, job, console, options.poll_seconds)
+    print_job(job, options.as_json)
+
+
+def wait_for_job(client: httpx.Client, job: dict[str, Any], console: Console, poll_seconds: float
+                 ) -> dict[str, Any]:
+    with _progress(console, MofNCompleteColumn()) as progress:
+        bar = progress.add_task("tasks done", total=job["task_count"], completed=done_count(job))
+        while job["status"] != "completed":
+            time.sleep(poll_seconds)
+            job = get_job(client, job["id"])
+            progress.update(bar, total=job["task_count"], completed=done_count(job))
+    return job
+
+
+def run_show(job_id: str, as_json: bool, api_url: str, api_key: str | None) -> None:
+    with api_client(api_url, api_key) as client:
+        print_job(get_job(client, job_id), as_json)
+
+
+def guarded(action: Callable[[], None]) -> None:
+    """Run a command body: CliError becomes one red line and exit code 2, Ctrl-C exit code 130."""
+    try:
+        action()
+    except CliError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        raise typer.Exit(130) from None

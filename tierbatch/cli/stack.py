@@ -1,0 +1,635 @@
+"""`tierbatch up`: the all-in-one local stack, as a reusable context manager.
+
+    with LocalStack(Path(".tierbatch"), api_port=8000, simulator_port=8100) as info:
+        ... info.api_url, info.dev_api_key, info.admin_token, info.simulator_url ...
+
+Starting: check the ports, then embedded Postgres / Redis (unless `DATABASE_URL` / `REDIS_URL` are set),
+migrations and the dev tenant in-process, then the simulator (unless `TIERBATCH_CONFIG` names the
+providers), API, worker and beat as child processes, each in its own process group, logging to
+`<dir>/logs/NAME.log`. Leaving the block (normally, on an exception, on Ctrl-C) stops the children
+(SIGTERM to each group, then SIGKILL), then the embedded servers: nothing is left behind.
+
+Secrets of the stack kept in `<dir>` (mode 0600), made on the first start when the environment has none:
+`admin_token` (TIERBATCH_ADMIN_TOKEN) and `secret_key` (TIERBATCH_SECRET_KEY, which encrypts the
+webhook secrets in the database: losing it means rotating them).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from types import FrameType, TracebackType
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.markup import escape
+
+from tierbatch.cli.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServiceError, pid_alive, port_accepts
+
+HOST = "127.0.0.1"
+DEV_TENANT_NAME = "dev"
+STOP_TIMEOUT = 20.0
+READY_TIMEOUT = 90.0
+
+
+class StackError(RuntimeError):
+    """The stack cannot start or keep running; the message says why."""
+
+
+# ---------------------------------------------------------------------------------------------
+# small helpers
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_free(port: int) -> bool:
+    """True when nothing listens on 127.0.0.1:port and we could bind it."""
+    if port_accepts(port):
+        return False
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def _toml_key(key: str) -> str:
+    bare = key and all(c.isalnum() or c in "-_" for c in key)
+    return key if bare else _toml_value(key)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float | Decimal):
+        return str(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
+    if isinstance(value, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def dump_toml(data: Mapping[str, Any]) -> str:
+    """A small TOML writer for config dicts: nested tables as [a.b] sections, lists inline."""
+    lines: list[str] = []
+
+    def table(prefix: list[str], body: Mapping[str, Any]) -> None:
+        scalars = [(k, v) for k, v in body.items() if not isinstance(v, Mapping)]
+        tables = [(k, v) for k, v in body.items() if isinstance(v, Mapping)]
+        if prefix and (scalars or not tables):
+            if lines:
+                lines.append("")
+            lines.append("[" + ".".join(_toml_key(p) for p in prefix) + "]")
+        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars)
+        for key, sub in tables:
+            table([*prefix, key], sub)
+
+    table([], data)
+    return "\n".join(lines) + "\n"
+
+
+def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _write_private(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    path.chmod(0o600)
+
+
+def _read_text(path: Path) -> str | None:
+    try:
+        value = path.read_text().strip()
+    except OSError:
+        return None
+    return value or None
+
+
+def _log_tail(path: Path, limit: int = 2000) -> str:
+    try:
+        return path.read_text(errors="replace")[-limit:]
+    except OSError:
+        return "(no log)"
+
+
+# ---------------------------------------------------------------------------------------------
+# child processes
+
+
+class Child:
+    """One child process in its own process group, output to a log file."""
+
+    def __init__(self, name: str, args: list[str], env: Mapping[str, str], log_path: Path) -> None:
+        self.name = name
+        self.args = args
+        self.log_path = log_path
+        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
+        try:
+            self.popen = subprocess.Popen(args, env=dict(env), stdin=subprocess.DEVNULL, stdout=self._log,
+                                          stderr=subprocess.STDOUT, start_new_session=True)
+        except BaseException:
+            self._log.close()
+            raise
+        self._family: set[int] = set()
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def log_text(self) -> str:
+        return _log_tail(self.log_path, 100_000)
+
+    def _descendants(self) -> set[int]:
+        import psutil
+
+        try:
+            return {p.pid for p in psutil.Process(self.pid).children(recursive=True)}
+        except psutil.Error:
+            return set()
+
+    def terminate(self) -> None:
+        """SIGTERM to the whole group (remembering the family, to SIGKILL stragglers later)."""
+        if self.alive():
+            self._family |= self._descendants()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGTERM)
+
+    def gone(self) -> bool:
+        if self.alive():
+            return False
+        return not any(pid_alive(pid) for pid in self._family)
+
+    def kill(self) -> None:
+        """SIGKILL whatever remains of the group and the family, reap, close the log."""
+        if self.alive():
+            self._family |= self._descendants()
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        for pid in self._family:
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while any(pid_alive(pid) for pid in self._family) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not self._log.closed:
+            self._log.close()
+
+
+def _wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval)
+    return True
+
+
+@contextlib.contextmanager
+def _signals_ignored() -> Iterator[None]:
+    """Ignore SIGINT/SIGTERM while stopping, so a second Ctrl-C cannot leave things half stopped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------
+# the stack
+
+
+@dataclass(frozen=True)
+class StackInfo:
+    data_dir: Path
+    api_url: str
+    simulator_url: str | None
+    dev_api_key: str
+    admin_token: str
+    logs_dir: Path
+    database_url: str
+    redis_url: str
+    config_path: Path | None
+    embedded_database: bool
+    embedded_redis: bool
+
+    @property
+    def openai_base_url(self) -> str:
+        return f"{self.api_url}/v1"
+
+
+class LocalStack:
+    """Embedded services + simulator + API + worker + beat, stopped on exit (see the module doc).
+
+    `api_port` / `simulator_port` of None pick free ports. `simulator` forces the simulator even
+    when TIERBATCH_CONFIG is set. `config_overrides` are merged into the generated default config
+    (only used when the stack generates it, i.e. TIERBATCH_CONFIG is not set).
+    """
+
+    def __init__(self, data_dir: str | os.PathLike[str] = ".tierbatch", *, api_port: int | None = 8000,
+                 simulator_port: int | None = 8100, concurrency: int = 2, simulator: bool = False,
+                 tenant_name: str = DEV_TENANT_NAME, config_overrides: Mapping[str, Any] | None = None,
+                 environ: Mapping[str, str] | None = None, console: Console | None = None,
+                 ready_timeout: float = READY_TIMEOUT) -> None:
+        self.data_dir = Path(data_dir).expanduser().absolute()
+        self.logs_dir = self.data_dir / "logs"
+        self.requested_api_port = api_port
+        self.requested_simulator_port = simulator_port
+        self.concurrency = concurrency
+        self.force_simulator = simulator
+        self.tenant_name = tenant_name
+        self.config_overrides = dict(config_overrides or {})
+        self.environ = dict(os.environ if environ is None else environ)
+        self.console = console or Console(stderr=True)
+        self.ready_timeout = ready_timeout
+        self.children: list[Child] = []
+        self.postgres: EmbeddedPostgres | None = None
+        self.redis: EmbeddedRedis | None = None
+        self.info: StackInfo | None = None
+        self._stopped = False
+
+    # -- lifecycle
+
+    def __enter__(self) -> StackInfo:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
+
+    def _say(self, message: str) -> None:
+        self.console.print(f"[dim]·[/] {message}", highlight=False)
+
+    def start(self) -> StackInfo:
+        user_config = self.environ.get("TIERBATCH_CONFIG") or None
+        run_simulator = user_config is None or self.force_simulator
+        api_port = self.requested_api_port or free_port()
+        simulator_port: int | None = None
+        if run_simulator:
+            simulator_port = self.requested_simulator_port or free_port()
+            while simulator_port == api_port and self.requested_simulator_port is None:
+                simulator_port = free_port()
+            if simulator_port == api_port:
+                raise StackError(f"--api-port and --simulator-port are both {api_port}")
+        # one clear message before anything starts
+        for what, port in (("API", api_port), ("simulator", simulator_port)):
+            if port is not None and not port_free(port):
+                flag = "--api-port" if what == "API" else "--simulator-port"
+                raise StackError(f"port {port} ({what}) is already in use; stop what holds it or pass "
+                                 f"{flag} with another port")
+
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.logs_dir.mkdir(parents=True, exist_ok=True)
+        admin_token = self._admin_token()
+        secret_key = self._secret_key()
+
+        # configuration: the user's file, or the default one written under the data directory
+        config_path: Path | None = Path(user_config).expanduser().absolute() if user_config else None
+        simulator_url = f"http://{HOST}:{simulator_port}" if simulator_port is not None else None
+        if config_path is None:
+            config_path = self._write_default_config(f"{simulator_url}/v1")
+        self._check_config(config_path)
+
+        database_url = self.environ.get("DATABASE_URL") or None
+        redis_url = self.environ.get("REDIS_URL") or None
+        try:
+            if database_url is None:
+                self._say(f"starting embedded PostgreSQL in {self.data_dir / 'pg'}")
+                self.postgres = EmbeddedPostgres(self.data_dir)
+                database_url = self.postgres.start()
+            if redis_url is None:
+                self._say(f"starting embedded Redis in {self.data_dir / 'redis'}")
+                self.redis = EmbeddedRedis(self.data_dir)
+                redis_url = self.redis.start()
+        except EmbeddedServiceError as exc:
+            raise StackError(str(exc)) from None
+        self._check_database(database_url)
+        self._check_redis(redis_url)
+
+        self._say("applying migrations")
+        from tierbatch.migrations.runner import upgrade_to_head
+
+        upgrade_to_head(database_url, secret_key)
+        dev_key = self._dev_tenant(database_url, secret_key)
+
+        env = {**self.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url,
+               "TIERBATCH_ADMIN_TOKEN": admin_token, "TIERBATCH_SECRET_KEY": secret_key, "PYTHONUNBUFFERED": "1"}
+        if config_path is not None:
+            env["TIERBATCH_CONFIG"] = str(config_path)
+        else:
+            env.pop("TIERBATCH_CONFIG", None)
+
+        python = sys.executable
+        if simulator_port is not None:
+            self._spawn("simulator", [python, "-m", "tierbatch.simulator", "--host", HOST,
+                                     "--port", str(simulator_port)],
+                        env)
+        self._spawn("api", [python, "-m", "tierbatch.cli", "api", "--host", HOST, "--port", str(api_port)], env)
+        self._spawn("worker", [python, "-m", "tierbatch.cli", "worker", "--concurrency", str(self.concurrency)], env)
+        self._spawn("beat", [python, "-m", "tierbatch.cli", "beat", "--schedule",
+                             str(self.data_dir / "celerybeat-schedule")], env)
+
+        api_url = f"http://{HOST}:{api_port}"
+        if simulator_url is not None:
+            self._wait_ready("simulator", lambda: self._http_ok(f"{simulator_url}/_sim/stats"))
+        self._wait_ready("api", lambda: self._http_ok(f"{api_url}/readyz"))
+        worker = self.child("worker")
+        self._wait_ready("worker", lambda: "ready." in worker.log_text())
+
+        self.info = StackInfo(
+            data_dir=self.data_dir, api_url=api_url, simulator_url=simulator_url, dev_api_key=dev_key,
+            admin_token=admin_token, logs_dir=self.logs_dir, database_url=database_url,
+            redis_url=redis_url, config_path=config_path, embedded_database=self.postgres is not None,
+            embedded_redis=self.redis is not None,
+        )
+        return self.info
+
+    def stop(self) -> None:
+        """Stop children (SIGTERM to each group, wait, SIGKILL), then the embedded servers. Idempotent."""
+        with _signals_ignored():
+            children, self.children = list(reversed(self.children)), []
+            if children:
+                self._say("stopping " + ", ".join(child.name for child in children))
+            try:
+                for child in children:
+                    child.terminate()
+                _wait(lambda: all(child.gone() for child in children), STOP_TIMEOUT)
+            finally:
+                for child in children:
+                    child.kill()
+                for server in (self.redis, self.postgres):
+                    if server is not None:
+                        server.stop()
+                self.redis = self.postgres = None
+
+    # -- while running
+
+    def child(self, name: str) -> Child:
+        for child in self.children:
+            if child.name == name:
+                return child
+        raise KeyError(name)
+
+    def dead(self) -> list[str]:
+        """Descriptions of the parts that stopped on their own (empty while all is well)."""
+        found = [f"{child.name} (exit code {child.popen.returncode}; log {child.log_path})"
+                 for child in self.children if not child.alive()]
+        for name, server in (("embedded PostgreSQL", self.postgres), ("embedded Redis", self.redis)):
+            if server is not None and server.pid is not None and not pid_alive(server.pid):
+                found.append(f"{name} (log {server.log_path})")
+        return found
+
+    # -- steps
+
+    def _admin_token(self) -> str:
+        from tierbatch.base.settings import MIN_ADMIN_TOKEN_CHARS
+
+        token = self.environ.get("TIERBATCH_ADMIN_TOKEN")
+        if token:
+            if len(token) < MIN_ADMIN_TOKEN_CHARS:
+                raise StackError(f"TIERBATCH_ADMIN_TOKEN is {len(token)} characters long; it must be at least "
+                                 f"{MIN_ADMIN_TOKEN_CHARS} (or unset it: one is generated)")
+            return token
+        path = self.data_dir / "admin_token"
+        token = _read_text(path)
+        if token is None or len(token) < MIN_ADMIN_TOKEN_CHARS:  # none yet, or one too short to keep
+            token = secrets.token_urlsafe(32)  # 43 characters
+            _write_private(path, token + "\n")
+        return token
+
+    def _secret_key(self) -> str:
+        """TIERBATCH_SECRET_KEY from the environment, else one kept in the state directory (made once)."""
+        from tierbatch.base.errors import ConfigError
+        from tierbatch.base.secretbox import SecretBox, generate_key
+
+        key = self.environ.get("TIERBATCH_SECRET_KEY")
+        path = self.data_dir / "secret_key"
+        if not key:
+            key = _read_text(path)
+        if key is None:
+            key = generate_key()
+            _write_private(path, key + "\n")
+        try:
+            SecretBox.parse(key)
+        except ConfigError as exc:
+            raise StackError(f"{exc} (from {'the environment' if self.environ.get('TIERBATCH_SECRET_KEY') else path})"
+                             ) from None
+        return key
+
+    def _write_default_config(self, simulator_url: str) -> Path:
+        """The default config (simulator on its port) written under the data directory, with the tenants'
+        files directory there too: `[files] root` = <data dir>/files (each tenant gets <root>/<tenant id>/)."""
+        from tierbatch.base.config import default_config_data
+
+        files_root = self.data_dir / "files"
+        files_root.mkdir(mode=0o750, exist_ok=True)
+        data = _deep_merge(default_config_data(simulator_url), {"files": {"root": str(files_root)}})
+        data = _deep_merge(data, self.config_overrides)
+        path = self.data_dir / "tierbatch.toml"
+        path.write_text("# generated by tierbatch up/demo: the default config, simulator on its port\n"
+                        + dump_toml(data))
+        return path
+
+    def _check_config(self, path: Path | None) -> None:
+        from tierbatch.base.config import load_config
+        from tierbatch.base.errors import ConfigError
+
+        try:
+            load_config(path, self.environ)
+        except ConfigError as exc:
+            raise StackError(f"invalid configuration:\n{exc}") from None
+
+    def _check_database(self, database_url: str) -> None:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(database_url, poolclass=sqlalchemy.pool.NullPool)
+        last: Exception | None = None
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    with engine.connect() as connection:
+                        connection.execute(sqlalchemy.text("SELECT 1"))
+                    return
+                except sqlalchemy.exc.OperationalError as exc:
+                    last = exc
+                    time.sleep(0.5)
+        finally:
+            engine.dispose()
+        raise StackError(f"database not reachable at {database_url}: {last}")
+
+    def _check_redis(self, redis_url: str) -> None:
+        import redis
+
+        client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            raise StackError(f"Redis not reachable at {redis_url}: {exc}") from None
+        finally:
+            client.close()
+
+    def _dev_tenant(self, database_url: str, secret_key: str) -> str:
+        """The dev tenant's key: the stored one if the database knows it, else a new tenant."""
+        from tierbatch.base.secretbox import SecretBox
+        from tierbatch.db.engine import make_engine, make_session_factory
+        from tierbatch.tenants.store import create_tenant, tenant_for_key
+
+        path = self.data_dir / "dev_api_key"
+        stored = _read_text(path)
+        engine = make_engine(database_url, pool_size=1)
+        try:
+            sessions = make_session_factory(engine)
+            if stored is not None:
+                with sessions() as session:
+                    if tenant_for_key(session, stored) is not None:
+                        return stored
+            with sessions.begin() as session:
+                tenant = create_tenant(session, self.tenant_name, box=SecretBox.parse(secret_key))
+        finally:
+            engine.dispose()
+        _write_private(path, tenant.api_key + "\n")
+        return tenant.api_key
+
+    def _spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> None:
+        self.children.append(Child(name, args, env, self.logs_dir / f"{name}.log"))
+
+    @staticmethod
+    def _http_ok(url: str) -> bool:
+        try:
+            return httpx.get(url, timeout=2.0).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _wait_ready(self, name: str, ready: Callable[[], bool]) -> None:
+        self._say(f"waiting for {name}")
+        deadline = time.monotonic() + self.ready_timeout
+        while True:
+            dead = self.dead()
+            if dead:
+                child = next((c for c in self.children if not c.alive()), None)
+                tail = f"\n--- {child.log_path} ---\n{_log_tail(child.log_path)}" if child else ""
+                raise StackError("exited during start: " + "; ".join(dead) + tail)
+            if ready():
+                return
+            if time.monotonic() >= deadline:
+                log = self.logs_dir / f"{name}.log"
+                raise StackError(f"{name} not ready after {self.ready_timeout:.0f}s; see {log}\n"
+                                 f"{_log_tail(log)}")
+            time.sleep(0.2)
+
+
+# ---------------------------------------------------------------------------------------------
+# `tierbatch up`
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, handled like Ctrl-C."""
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGINT and SIGTERM raise KeyboardInterrupt (main thread), so both stop the stack like Ctrl-C.
+
+    SIGINT is set explicitly: a shell starts background commands with SIGINT ignored.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
+                signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def print_info(console: Console, info: StackInfo) -> None:
+    rows = [
+        ("API", info.api_url),
+        ("OpenAI base URL", info.openai_base_url),
+        ("simulator", info.simulator_url or "(not started: TIERBATCH_CONFIG names the providers)"),
+        ("dev API key", f"[green]{info.dev_api_key}[/]"),
+        ("admin token", info.admin_token),
+        ("database", ("embedded PostgreSQL " if info.embedded_database else "") + info.database_url),
+        ("redis", ("embedded Redis " if info.embedded_redis else "") + info.redis_url),
+        ("config", str(info.config_path) if info.config_path else "(embedded default)"),
+        ("logs", str(info.logs_dir)),
+    ]
+    width = max(len(label) for label, _ in rows)
+    console.print("[bold green]tierbatch is up[/]")
+    for label, value in rows:
+        console.print(f"  [bold]{label.ljust(width)}[/]  {value}", highlight=False, soft_wrap=True)
+    console.print(f"The dev key is kept in {info.data_dir / 'dev_api_key'}. Press Ctrl-C to stop everything.",
+                  soft_wrap=True)
+
+
+def run_up(data_dir: Path, api_port: int, simulator_port: int, concurrency: int, simulator: bool) -> int:
+    """Run the stack until Ctrl-C / SIGTERM (exit 0) or until a part dies (exit 1)."""
+    out = Console()
+    err = Console(stderr=True)
+    stack = LocalStack(data_dir, api_port=api_port, simulator_port=simulator_port, concurrency=concurrency,
+                       simulator=simulator, console=err)
+    try:
+        with sigterm_as_interrupt(), stack as info:
+            print_info(out, info)
+            while True:
+                dead = stack.dead()
+                if dead:
+                    err.print("[bold red]error:[/] stopped unexpectedly: " + escape("; ".join(dead)), highlight=False)
+                    return 1
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        err.print("stopped")
+        return 0
+    except StackError as exc:
+        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
+        return 1

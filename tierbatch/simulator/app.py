@@ -1,0 +1,45 @@
+"""`create_app(config)`: the simulator's FastAPI application. All state lives on `app.state.sim`."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI
+
+from tierbatch.simulator.admin import admin_router
+from tierbatch.simulator.auth import require_api_key
+from tierbatch.simulator.batch_store import BatchStore
+from tierbatch.simulator.batches import batches_router
+from tierbatch.simulator.chat import chat_router
+from tierbatch.simulator.config import SimConfig
+from tierbatch.simulator.errors import install_error_handlers
+from tierbatch.simulator.files import FileStore, files_router
+from tierbatch.simulator.models import models_router
+from tierbatch.simulator.state import SimState
+
+
+def create_app(config: SimConfig) -> FastAPI:
+    state = SimState(config, FileStore(), BatchStore())
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await state.close()
+
+    app = FastAPI(title="tierbatch provider simulator", lifespan=lifespan, docs_url=None, redoc_url=None,
+                  openapi_url=None)
+    app.state.sim = state
+    install_error_handlers(app)
+    keyed = [Depends(require_api_key)]
+    for router in (chat_router(), models_router(), files_router(), batches_router()):
+        app.include_router(router, dependencies=keyed)
+    app.include_router(admin_router())
+
+    @app.get("/healthz", include_in_schema=False)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    return app
