@@ -10,7 +10,6 @@ import math
 import os
 import subprocess
 import sys
-import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -265,16 +264,14 @@ def test_a_100k_item_job_is_accepted_with_chunked_dispatch(stack: Stack) -> None
             "items": [{"id": i, "text": f"ticket {i}: my card was declined"} for i in range(n)]}
     with stack.client(stack.new_tenant_key()) as client:
         client.timeout = httpx.Timeout(120)
-        started = time.monotonic()
         response = client.post("/v1/jobs", json=body)
-        elapsed = time.monotonic() - started
         assert response.status_code == 202, response.text
         answer = response.json()
         try:
             assert answer["task_count"] == n and answer["counts"] == {"queued": n}
             # one dispatch message per 1,000 tasks, not one per task
             assert answer["dispatch_messages"] == math.ceil(n / 1000) == 100
-            assert elapsed < 20, f"100k items took {elapsed:.1f}s"  # ~3 s; bench/ingest.py measures it
+            # how fast is bench/ingest.py's figure, not an assertion here
             job = client.get(f"/v1/jobs/{answer['id']}").json()
             assert job["task_count"] == n
         finally:

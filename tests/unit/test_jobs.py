@@ -201,14 +201,13 @@ def test_dispatch_is_one_message_per_thousand_tasks() -> None:
     assert [i for _, chunk in sent for i in chunk] == ids
 
 
-def test_parsing_100k_items_is_fast() -> None:
+def test_parsing_100k_items_builds_every_row() -> None:
+    """Its speed is measured by bench/ingest.py, not asserted here."""
     payload = {"labels": ["a", "b"], "items": [{"id": f"t{i}", "text": f"ticket {i} text"} for i in range(100_000)]}
-    started = time.perf_counter()
     request = parse_job_request(payload, LIMIT)
     rows = sum(1 for _ in task_rows(request.items, time_ordered_ids(100_000), request.settings, CONFIG,
                                     uuid.uuid4(), uuid.uuid4(), datetime.now(UTC)))
     assert rows == 100_000
-    assert time.perf_counter() - started < 5  # about 0.5 s on the 2-core machine
 
 
 # --- CLI file readers ------------------------------------------------------------------------------

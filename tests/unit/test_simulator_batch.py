@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 from typing import Any
 
@@ -129,7 +128,8 @@ def test_line_errors_and_partial_writes(tmp_path: Path) -> None:
     assert written.usage["input_tokens"] > 0
 
 
-def test_fifty_thousand_lines_are_fast(tmp_path: Path) -> None:
+def test_fifty_thousand_lines_are_all_answered(tmp_path: Path) -> None:
+    """Its speed is measured by bench/, not asserted here."""
     schema = {"type": "json_schema", "json_schema": {"name": "c", "schema": {
         "type": "object", "properties": {"label": {"type": "string", "enum": ["a", "b", "c"]}}}}}
     path = tmp_path / "big.jsonl"
@@ -139,10 +139,11 @@ def test_fifty_thousand_lines_are_fast(tmp_path: Path) -> None:
                                                {"role": "user", "content": f"Ticket number {i}: it broke"}],
                     "response_format": schema}
             fh.write(json.dumps({"custom_id": f"t{i}", "method": "POST", "url": ENDPOINT, "body": body}) + "\n")
-    start = time.perf_counter()
     parsed = parse(path)
     results = compute_results("batch_big", parsed.lines, "m", ModelSettings(), PrefixCache(), 0.01, [], 1)
     write_results(results, len(results.lines), tmp_path / "o.jsonl", tmp_path / "e.jsonl", None)
-    elapsed = time.perf_counter() - start
     assert len(results.lines) == 50_000
-    assert elapsed < 8.0, f"50,000 lines took {elapsed:.2f}s"
+    # every line is answered once: in the output file, or (the configured 1% errors) in the error file
+    answered = [json.loads(line)["custom_id"] for name in ("o.jsonl", "e.jsonl")
+                for line in (tmp_path / name).read_text().splitlines()]
+    assert sorted(answered) == sorted(f"t{i}" for i in range(50_000))
