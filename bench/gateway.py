@@ -192,13 +192,15 @@ def processes(base_database_url: str, redis_url: str, with_litellm: bool) -> Ite
         env = {"DATABASE_URL": database_url, "REDIS_URL": redis_url, "TIERBATCH_CONFIG": str(config),
                "TIERBATCH_ADMIN_TOKEN": ADMIN_TOKEN, "TIERBATCH_REDIS_PREFIX": f"bench-{os.getpid()}:",
                "PYTHONUNBUFFERED": "1"}
-        sim = ManagedProcess(python_module("tierbatch.simulator", "--host", "127.0.0.1", "--port", str(sim_port)), env=env,
+        sim = ManagedProcess(python_module("tierbatch.simulator", "--host", "127.0.0.1", "--port", str(sim_port)),
+                             env=env,
                              log_path=tmp / "simulator.log")
         stack.callback(sim.stop)
         wait_http_ok(f"http://127.0.0.1:{sim_port}/_sim/stats", proc=sim)
         httpx.post(f"http://127.0.0.1:{sim_port}/_sim/config",
                    json={"models": {"*": {"latency_ms": [0, 0], "error_rate": 0.0}}}).raise_for_status()
-        api = ManagedProcess(python_module("tierbatch.cli", "api", "--host", "127.0.0.1", "--port", str(api_port)), env=env,
+        api = ManagedProcess(python_module("tierbatch.cli", "api", "--host", "127.0.0.1", "--port", str(api_port)),
+                             env=env,
                              log_path=tmp / "api.log")
         stack.callback(api.stop)
         wait_http_ok(f"http://127.0.0.1:{api_port}/healthz", proc=api)

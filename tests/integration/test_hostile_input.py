@@ -238,7 +238,8 @@ def stream_until_answered(port: int, head: str, chunk: bytes, most: int) -> tupl
 def small_files_api(stack: Stack) -> Iterator[int]:
     """A second API process whose batch files may hold at most 64 KiB."""
     port = free_port()
-    proc = stack._start("api-hostile-files", python_module("tierbatch.cli", "api", "--host", "127.0.0.1", "--port", str(port)),
+    proc = stack._start("api-hostile-files",
+                        python_module("tierbatch.cli", "api", "--host", "127.0.0.1", "--port", str(port)),
                         {"TIERBATCH_BATCH_FILE_MAX_BYTES": str(64 * 1024)})
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc=proc)

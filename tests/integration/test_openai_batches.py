@@ -261,7 +261,8 @@ def test_bad_files_and_batches_answer_openai_errors_and_store_nothing(sim_reset:
 def small_limit_api(stack: Stack) -> Iterator[str]:
     """A second API process whose batch files may hold at most 64 KiB (the limit comes from its environment)."""
     port = free_port()
-    proc = stack._start("api-small-files", python_module("tierbatch.cli", "api", "--host", "127.0.0.1", "--port", str(port)),
+    proc = stack._start("api-small-files",
+                        python_module("tierbatch.cli", "api", "--host", "127.0.0.1", "--port", str(port)),
                         {"TIERBATCH_BATCH_FILE_MAX_BYTES": str(64 * 1024)})
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc=proc)

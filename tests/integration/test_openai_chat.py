@@ -254,7 +254,8 @@ def test_fallback_cooldown_shared_across_api_processes_and_recovery(gw: Stack) -
 
     # another API process shares the cooldown through Redis
     port = free_port()
-    second_proc = stack._start("api-second", python_module("tierbatch.cli", "api", "--host", "127.0.0.1", "--port", str(port)))
+    second_proc = stack._start("api-second",
+                               python_module("tierbatch.cli", "api", "--host", "127.0.0.1", "--port", str(port)))
     try:
         wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc=second_proc)
         second = sdk(stack, key, f"http://127.0.0.1:{port}")

@@ -480,7 +480,7 @@ def run_cli(stack: Stack, key: str, *args: str, timeout: float = 120) -> subproc
 def test_cli_add_list_run_disable(sim_reset: Stack) -> None:
     stack = sim_reset
     key, home = tenant_with_home(stack)
-    sample = REPO_ROOT / "deploy" / "samples" / "support_tickets.csv"
+    sample = REPO_ROOT / "tierbatch" / "cli" / "samples" / "support_tickets.csv"
     (home / "samples").mkdir()
     shutil.copy(sample, home / "samples" / sample.name)
     added = run_cli(stack, key, "schedules", "add", "nightly-tickets", "--cron", "0 2 * * *", "--timezone",

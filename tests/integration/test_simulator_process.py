@@ -48,7 +48,8 @@ def start(tmp_path: Path, config: str) -> Iterator[Sim]:
     config_path = tmp_path / "sim.toml"
     config_path.write_text(config)
     port = free_port()
-    args = python_module("tierbatch.simulator", "--host", "127.0.0.1", "--port", str(port), "--config", str(config_path))
+    args = python_module("tierbatch.simulator", "--host", "127.0.0.1", "--port", str(port), "--config",
+                         str(config_path))
     with managed(args, log_path=tmp_path / "simulator.log") as proc:
         wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc=proc)
         sim = Sim(port)

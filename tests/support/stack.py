@@ -171,7 +171,8 @@ class Stack:
         wait_http_ok(f"{self.simulator_url}/_sim/stats", proc=proc)
 
     def start_api(self) -> None:
-        proc = self._start("api", python_module("tierbatch.cli", "api", "--host", "127.0.0.1", "--port", str(self.api_port)))
+        proc = self._start("api", python_module("tierbatch.cli", "api", "--host", "127.0.0.1", "--port",
+                                                str(self.api_port)))
         wait_http_ok(f"{self.api_url}/healthz", proc=proc)
 
     def start_worker(self, extra_env: dict[str, str] | None = None, *, pause_at: str | None = None
