@@ -6,15 +6,13 @@ from collections.abc import Iterator
 from typing import Annotated
 
 import anyio
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 from sqlalchemy.orm import Session
 
 from tierbatch.api.context import ApiContext
 from tierbatch.base.errors import Unauthenticated
 from tierbatch.db.models import Tenant
 from tierbatch.tenants.store import KeyGrant
-
-_CHALLENGE = {"WWW-Authenticate": "Bearer"}
 
 
 def get_context(request: Request) -> ApiContext:
@@ -45,17 +43,14 @@ def bearer_token(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
-        raise HTTPException(401, "missing API key: send 'Authorization: Bearer <key>'", headers=_CHALLENGE)
+        raise Unauthenticated("missing API key: send 'Authorization: Bearer <key>'", "missing_api_key")
     return token.strip()
 
 
 async def key_grant(request: Request, ctx: ContextDep) -> KeyGrant:
-    """The valid, unrevoked key's grant, counted against the tenant's requests per minute."""
-    token = bearer_token(request)
-    try:
-        grant = await ctx.keys.grant(token, client_address(request))
-    except Unauthenticated:
-        raise HTTPException(401, "invalid API key", headers=_CHALLENGE) from None
+    """The valid, unrevoked key's grant, counted against the tenant's requests per minute (else
+    Unauthenticated, or RateLimited once the address has failed too often)."""
+    grant = await ctx.keys.grant(bearer_token(request), client_address(request))
     await ctx.rate_limits.admit_request(grant)
     return grant
 
@@ -70,7 +65,7 @@ async def get_tenant(grant: GrantDep, ctx: ContextDep) -> Tenant:
 
     tenant = await anyio.to_thread.run_sync(load)
     if tenant is None:  # cannot happen while keys reference their tenant; never a 500 either way
-        raise HTTPException(401, "invalid API key", headers=_CHALLENGE)
+        raise Unauthenticated()
     return tenant
 
 
@@ -78,11 +73,7 @@ TenantDep = Annotated[Tenant, Depends(get_tenant)]
 
 
 async def require_admin(request: Request, ctx: ContextDep) -> None:
-    token = bearer_token(request)
-    try:
-        await ctx.keys.check_admin(token, ctx.settings.admin_token, client_address(request))
-    except Unauthenticated:
-        raise HTTPException(401, "admin token required") from None
+    await ctx.keys.check_admin(bearer_token(request), ctx.settings.admin_token, client_address(request))
 
 
 AdminDep = Annotated[None, Depends(require_admin)]

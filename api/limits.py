@@ -31,7 +31,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from tierbatch.api.errors import OPENAI_PATHS, error_response, openai_error_response
+from tierbatch.api.errors import OPENAI_PATHS, error_response, openai_error_response, refused_response
 from tierbatch.base.errors import InvalidInput
 from tierbatch.base.inputs import NotJson, check_text, dotted, loads_checked, unstorable
 from tierbatch.openai_batches.facade import FileLimits
@@ -208,10 +208,7 @@ class InputGuard:
                 return openai_error_response(400, "We could not parse the JSON body of your request. "
                                              f"({exc.message})", "invalid_request_error", None, None)
             return error_response(400, f"the request body is not valid JSON: {exc.message}", None)
-        if openai:
-            return openai_error_response(exc.status_code, exc.message, "invalid_request_error", exc.param,
-                                         "invalid_value")
-        return error_response(exc.status_code, exc.message, exc.param)
+        return refused_response(exc, openai=openai, default_code="invalid_value")
 
     @staticmethod
     def too_large(limit: RouteLimit, openai: bool) -> JSONResponse:

@@ -9,6 +9,7 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from tierbatch.base.errors import ChainExhausted
 from tierbatch.base.states import Tier
 from tierbatch.cache.responses import (
     CachedAnswer,
@@ -19,7 +20,7 @@ from tierbatch.cache.responses import (
     release_claim,
     wants_cache,
 )
-from tierbatch.providers.retry import ChainExhausted, backoff_delay, call_with_fallbacks
+from tierbatch.providers.retry import backoff_delay, call_with_fallbacks
 from tierbatch.tasks.labels import label_error
 from tierbatch.tasks.store import (
     ClaimedTask,
@@ -31,6 +32,7 @@ from tierbatch.tasks.store import (
     requeue_running_task,
 )
 from tierbatch.worker.context import WorkerContext
+from tierbatch.worker.errors import task_error
 from tierbatch.worker.quality import maybe_send_shadow  # quality-aware routing
 
 log = logging.getLogger(__name__)
@@ -83,7 +85,7 @@ def run_immediate_call(ctx: WorkerContext, task_id: uuid.UUID, *, escalate: bool
             result = call_with_fallbacks(ctx.providers.chat_for(claimed.task_type, claimed.tenant_id), chain,
                                          claimed.request, policy, time.sleep)
     except ChainExhausted as exhausted:
-        message = str(exhausted)
+        message = task_error(exhausted)
         with ctx.sessions.begin() as session:
             if claim is not None:
                 release_claim(session, claim)  # an identical request may try again at once

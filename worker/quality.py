@@ -33,6 +33,7 @@ from sqlalchemy import func, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
+from tierbatch.base.errors import ChainExhausted
 from tierbatch.base.messaging import QUALITY_SHADOW
 from tierbatch.base.states import Mode, TaskStatus, Tier
 from tierbatch.batching.batches import SucceededTask
@@ -40,10 +41,11 @@ from tierbatch.batching.shadows import finished_batch_shadows, queue_batch_shado
 from tierbatch.db.models import QualityComparison, RoutingRule, Task
 from tierbatch.ledger.rows import ResponseRecord, add_ledger_entry
 from tierbatch.providers.client import ChatResult
-from tierbatch.providers.retry import ChainExhausted, call_with_fallbacks
+from tierbatch.providers.retry import call_with_fallbacks
 from tierbatch.quality.monitor import compare_answers, evaluate, shadow_tier_for
 from tierbatch.tasks.store import ClaimedTask
 from tierbatch.worker.context import WorkerContext, context_of
+from tierbatch.worker.errors import task_error
 
 log = logging.getLogger(__name__)
 
@@ -136,7 +138,7 @@ def run_shadow(ctx: WorkerContext, task_id: uuid.UUID, shadow_tier: Tier) -> str
         result = call_with_fallbacks(ctx.providers.chat_for(task.task_type, task.tenant_id), [ref], task.request,
                                      ctx.config.immediate, time.sleep)
     except ChainExhausted as exhausted:
-        result, error = None, str(exhausted)
+        result, error = None, task_error(exhausted)
     with ctx.sessions.begin() as session:
         stored = record_comparison(
             session, ctx, task_id=task_id, tenant_id=task.tenant_id, task_type=task.task_type, request=task.request,

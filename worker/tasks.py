@@ -10,7 +10,7 @@ from typing import Any
 from celery import Task as CeleryTask
 from celery import shared_task
 
-from tierbatch.base.errors import InvalidInput
+from tierbatch.base.errors import Refused, Unauthenticated
 from tierbatch.base.messaging import (
     ASSEMBLE_BATCHES,
     CALL_IMMEDIATE,
@@ -27,6 +27,7 @@ from tierbatch.tasks.submission import parse_submission
 from tierbatch.tenants.store import tenant_for_key
 from tierbatch.worker.batch import assemble_batches, ingest_batch, poll_batches, stale_batches, submit_batch
 from tierbatch.worker.context import context_of
+from tierbatch.worker.errors import rejection
 from tierbatch.worker.immediate import run_immediate_call
 from tierbatch.worker.reconcile import chunks, find_tasks_to_redispatch
 
@@ -43,9 +44,9 @@ def submit_tasks(self: CeleryTask, payload: Any, api_key: str) -> dict[str, Any]
     try:
         specs = parse_submission(payload, ctx.config.limits.max_tasks_per_request,
                                  ctx.config.limits.max_prompt_bytes)
-    except InvalidInput as exc:
+    except Refused as exc:
         log.error("submit_tasks rejected: %s", exc.message)
-        return {"error": {"type": "invalid_request_error", "message": exc.message, "param": exc.param}}
+        return rejection(exc)
     try:
         with ctx.sessions.begin() as session:
             # a key revoked a moment ago is refused here too: the database is asked every time
@@ -54,11 +55,11 @@ def submit_tasks(self: CeleryTask, payload: Any, api_key: str) -> dict[str, Any]
                 # the prefix is not secret (the admin key list shows it) and tells operators which key it was
                 shown = api_key[:10] if isinstance(api_key, str) and api_key.isascii() else "?"
                 log.error("submit_tasks rejected: invalid or revoked tenant key %s…", shown)
-                return {"error": {"type": "authentication_error", "message": "invalid API key", "param": None}}
+                return rejection(Unauthenticated())
             accepted = insert_tasks(session, tenant.id, specs, ctx.config)
-    except InvalidInput as exc:  # e.g. the tenant's monthly budget is reached (policy `reject`)
+    except Refused as exc:  # e.g. the tenant's monthly budget is reached (policy `reject`)
         log.error("submit_tasks rejected: %s", exc.message)
-        return {"error": {"type": "invalid_request_error", "message": exc.message, "param": exc.param}}
+        return rejection(exc)
     created = [a.id for a in accepted if a.created]
     for chunk in chunks(created):
         self.app.send_task(DISPATCH_TASKS, args=[chunk])

@@ -21,7 +21,7 @@ from tierbatch.api.limits import JOBS_BODY_BYTES, parsed_json
 from tierbatch.api.routes.tasks import loads_body
 from tierbatch.api.serialize import money, timestamp
 from tierbatch.base.csv_safety import safe_cell
-from tierbatch.base.errors import InvalidInput, NotFound
+from tierbatch.base.errors import InvalidInput, InvalidValue, NotFound, Refused, TooLarge, UnsupportedMediaType
 from tierbatch.base.inputs import NotJson, loads_checked
 from tierbatch.base.messaging import DISPATCH_TASKS, dispatch_after_commit
 from tierbatch.base.states import TaskStatus
@@ -57,8 +57,8 @@ def parse_uuid(value: str, what: str) -> uuid.UUID:
 
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    too_big = InvalidInput(f"the request body is over {limit} bytes; send the items in several requests with "
-                           "the same name", status_code=413)
+    too_big = TooLarge(f"the request body is over {limit} bytes; send the items in several requests with "
+                           "the same name")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_big
     chunks: list[bytes] = []
@@ -164,12 +164,12 @@ NDJSON_CHUNK = 10_000  # items held in memory at a time
 _ITEM_AT = re.compile(r"items\[(\d+)\]")
 
 
-def _with_line(error: InvalidInput, lines: list[int], offset: int) -> InvalidInput:
+def _with_line(error: Refused, lines: list[int], offset: int) -> Refused:
     """Say on which line of the upload the item an error names is."""
     match = _ITEM_AT.search(error.param or "")
     if match and 0 <= int(match.group(1)) - offset < len(lines):
         line = lines[int(match.group(1)) - offset]
-        return InvalidInput(f"line {line}: {error.message}", param=error.param, status_code=error.status_code)
+        return error.reworded(f"line {line}: {error.message}")
     return error
 
 
@@ -192,8 +192,7 @@ async def upload_items(job_id: str, request: Request, tenant: TenantDep, ctx: Co
     """
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type not in NDJSON_TYPES:
-        raise InvalidInput(f"send the items as application/x-ndjson, one item per line (got {content_type!r})",
-                           status_code=415)
+        raise UnsupportedMediaType(f"send the items as application/x-ndjson, one item per line (got {content_type!r})")
     parsed_id = parse_uuid(job_id, "job")
     max_bytes = ctx.config.limits.max_prompt_bytes
     max_line = 2 * max_bytes + 65_536
@@ -208,7 +207,7 @@ async def upload_items(job_id: str, request: Request, tenant: TenantDep, ctx: Co
         async def flush() -> None:
             try:
                 await run_in_threadpool(appender.add, pending)
-            except InvalidInput as exc:
+            except Refused as exc:
                 raise _with_line(exc, lines, appender.added) from None
             pending.clear()
             lines.clear()
@@ -219,10 +218,9 @@ async def upload_items(job_id: str, request: Request, tenant: TenantDep, ctx: Co
             try:
                 pending.append(loads_checked(raw))
             except NotJson as exc:
-                raise InvalidInput(f"line {number}: not valid JSON ({exc.message})", param=None,
-                                   status_code=400) from None
+                raise InvalidInput(f"line {number}: not valid JSON ({exc.message})", param=None) from None
             except InvalidInput as exc:  # nesting, NUL: the line and the field inside it
-                raise InvalidInput(f"line {number}: {exc.message}", param=exc.param, status_code=400) from None
+                raise InvalidInput(f"line {number}: {exc.message}", param=exc.param) from None
             lines.append(number)
 
         buffer = b""
@@ -233,7 +231,7 @@ async def upload_items(job_id: str, request: Request, tenant: TenantDep, ctx: Co
                 number += 1
                 take(raw)
             if len(buffer) > max_line:
-                raise InvalidInput(f"line {number + 1}: over {max_line} bytes", status_code=413)
+                raise TooLarge(f"line {number + 1}: over {max_line} bytes")
             if len(pending) >= NDJSON_CHUNK:
                 await flush()
         if buffer:
@@ -242,7 +240,7 @@ async def upload_items(job_id: str, request: Request, tenant: TenantDep, ctx: Co
         if pending:
             await flush()
         if appender.added == 0:
-            raise InvalidInput("items: the upload holds no items", param="items", status_code=422)
+            raise InvalidValue("items: the upload holds no items", param="items")
         await run_in_threadpool(session.commit)
         total = await run_in_threadpool(count_tasks, session, parsed_id)
     except BaseException:

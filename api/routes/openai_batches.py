@@ -18,9 +18,9 @@ from tierbatch.api.context import ApiContext
 from tierbatch.api.downloads import content_disposition
 from tierbatch.api.limits import parsed_json
 from tierbatch.api.routes.openai_chat import authenticate, context_of, parse_json
+from tierbatch.base.errors import InvalidInput
 from tierbatch.base.inputs import unstorable
 from tierbatch.base.messaging import dispatch_after_commit
-from tierbatch.gateway.chat import GatewayError
 from tierbatch.jobs.store import dispatch_in_chunks
 from tierbatch.openai_batches.facade import (
     batch_object,
@@ -44,8 +44,8 @@ TenantId = Annotated[uuid.UUID, Depends(authenticate)]
 Context = Annotated[ApiContext, Depends(context_of)]
 
 
-def _missing(param: str) -> GatewayError:
-    return GatewayError(400, f"Missing required parameter: '{param}'.", "invalid_request_error", param,
+def _missing(param: str) -> InvalidInput:
+    return InvalidInput(f"Missing required parameter: '{param}'.", param,
                         "missing_required_parameter")
 
 
@@ -55,23 +55,23 @@ def _missing(param: str) -> GatewayError:
 @router.post("/v1/files")
 async def upload_file(request: Request, tenant_id: TenantId, ctx: Context) -> dict[str, Any]:
     if not request.headers.get("content-type", "").startswith("multipart/form-data"):
-        raise GatewayError(400, "The request must be multipart/form-data with a 'file' and a 'purpose'.",
-                           "invalid_request_error", "file", None)
+        raise InvalidInput("The request must be multipart/form-data with a 'file' and a 'purpose'.",
+                           "file", None)
     async with request.form(max_files=1, max_fields=16) as form:
         purpose = form.get("purpose")
         upload = form.get("file")
         if purpose is None or purpose == "":
             raise _missing("purpose")
         if purpose not in ("batch", "user_data"):
-            raise GatewayError(400, f"Invalid value for 'purpose': '{purpose}'. tierbatch accepts 'batch' (Batch "
+            raise InvalidInput(f"Invalid value for 'purpose': '{purpose}'. tierbatch accepts 'batch' (Batch "
                                "API input) and 'user_data' (CSV or JSONL rows for a schedule's source).",
-                               "invalid_request_error", "purpose", "invalid_value")
+                               "purpose", "invalid_value")
         if not isinstance(upload, UploadFile):
             raise _missing("file")
         filename = upload.filename or ("upload.jsonl" if purpose == "batch" else "upload.csv")
         if unstorable(filename):
-            raise GatewayError(400, "The file name holds a character that cannot be stored (NUL).",
-                               "invalid_request_error", "file", "invalid_value")
+            raise InvalidInput("The file name holds a character that cannot be stored (NUL).",
+                               "file", "invalid_value")
 
         def store() -> dict[str, Any]:
             with ctx.sessions.begin() as session:
@@ -90,7 +90,7 @@ def read_files(tenant_id: TenantId, ctx: Context, purpose: str | None = None,
                limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000, after: str | None = None,
                order: str = "desc") -> dict[str, Any]:
     if order not in ("asc", "desc"):
-        raise GatewayError(400, f"Invalid value for 'order': '{order}'.", "invalid_request_error", "order",
+        raise InvalidInput(f"Invalid value for 'order': '{order}'.", "order",
                            "invalid_value")
     with ctx.sessions() as session:
         rows, has_more = list_files(session, tenant_id, purpose=purpose, limit=limit, after=after,

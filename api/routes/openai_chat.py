@@ -27,8 +27,8 @@ from starlette.types import Receive, Scope, Send
 from tierbatch.api.context import ApiContext
 from tierbatch.api.deps import client_address
 from tierbatch.api.limits import parsed_json
-from tierbatch.base.errors import Unauthenticated
-from tierbatch.gateway.chat import GatewayError, format_cost, prepare_chat_call
+from tierbatch.base.errors import InvalidInput, Unauthenticated
+from tierbatch.gateway.chat import format_cost, prepare_chat_call
 from tierbatch.tenants.auth import MAX_KEY_CHARS, estimated_tokens
 from tierbatch.tenants.store import KeyGrant
 
@@ -48,16 +48,14 @@ async def authenticate_grant(request: Request) -> KeyGrant:
     scheme, _, token = header.partition(" ")
     token = token.strip()
     if scheme.lower() != "bearer" or not token:
-        raise GatewayError(401, "You didn't provide an API key. You need to provide your API key in an "
-                           "Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).",
-                           "invalid_request_error", None, "missing_api_key", {"WWW-Authenticate": "Bearer"})
+        raise Unauthenticated("You didn't provide an API key. You need to provide your API key in an Authorization "
+                              "header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).", "missing_api_key")
     ctx = context_of(request)
     try:
         grant = await ctx.keys.grant(token, client_address(request))
     except Unauthenticated:
         shown = token[:6] + "…" + token[-4:] if 12 < len(token) <= MAX_KEY_CHARS else "…"
-        raise GatewayError(401, f"Incorrect API key provided: {shown}.", "invalid_request_error", None,
-                           "invalid_api_key", {"WWW-Authenticate": "Bearer"}) from None
+        raise Unauthenticated(f"Incorrect API key provided: {shown}.", "invalid_api_key") from None
     await ctx.rate_limits.admit_request(grant)
     return grant
 
@@ -71,9 +69,9 @@ def parse_json(raw: bytes) -> Any:
     try:
         return json.loads(raw)
     except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep to parse
-        raise GatewayError(400, "We could not parse the JSON body of your request. (HINT: This likely means you "
-                           "aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what "
-                           "was sent was not valid JSON.)", "invalid_request_error", None, None) from None
+        raise InvalidInput("We could not parse the JSON body of your request. (HINT: This likely means you aren't "
+                           "using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was "
+                           "sent was not valid JSON.)") from None
 
 
 class RelayResponse(StreamingResponse):

@@ -7,7 +7,8 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from tierbatch.api.routes.openai_chat import authenticate, context_of
-from tierbatch.gateway.chat import listed_models, model_not_found
+from tierbatch.base.errors import ModelNotFound
+from tierbatch.gateway.chat import listed_models
 
 router = APIRouter(tags=["openai"])
 
@@ -24,4 +25,4 @@ async def retrieve_model(model_id: str, request: Request) -> dict[str, Any]:
     for model in listed_models(context_of(request).config):
         if model["id"] == model_id:
             return model
-    raise model_not_found(model_id, None)
+    raise ModelNotFound(model_id, None)

@@ -13,7 +13,7 @@ from tierbatch.api.context import ApiContext
 from tierbatch.api.deps import ContextDep, GrantDep, SessionDep, TenantDep
 from tierbatch.api.limits import TASKS_BODY_BYTES, parsed_json
 from tierbatch.api.serialize import task_body
-from tierbatch.base.errors import InvalidInput, NotFound
+from tierbatch.base.errors import InvalidInput, NotFound, TooLarge
 from tierbatch.base.inputs import NotJson, loads_checked
 from tierbatch.base.messaging import DISPATCH_CHUNK, DISPATCH_TASKS, dispatch_after_commit
 from tierbatch.base.states import TaskStatus
@@ -29,13 +29,13 @@ def loads_body(raw: bytes) -> Any:
     try:
         return loads_checked(raw)
     except NotJson as exc:
-        raise InvalidInput(f"the request body is not valid JSON: {exc.message}", status_code=400) from None
+        raise InvalidInput(f"the request body is not valid JSON: {exc.message}") from None
 
 
 async def read_json(request: Request) -> Any:
     body = await request.body()
     if len(body) > TASKS_BODY_BYTES:
-        raise InvalidInput(f"the request body is over {TASKS_BODY_BYTES} bytes", status_code=413)
+        raise TooLarge(f"the request body is over {TASKS_BODY_BYTES} bytes")
     return parsed_json(request, body, loads_body)
 
 

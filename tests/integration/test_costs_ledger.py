@@ -30,11 +30,12 @@ from tests.integration.test_costs_helpers import (
     write_rows,
 )
 from tests.support.stack import scratch_database
+from tierbatch.api.errors import status_of
 from tierbatch.base.config import default_config_data, parse_config
+from tierbatch.base.errors import BudgetExceeded
 from tierbatch.base.states import Mode, RequestedTier, TaskStatus, Tier
 from tierbatch.costs.queries import (
     DIMENSIONS,
-    BudgetExceeded,
     CostQuery,
     Figures,
     Filters,
@@ -338,7 +339,7 @@ def test_reject_policy_at_the_boundary(sessions: sessionmaker[Session]) -> None:
     set_budget(sessions, tenant, spent)
     with sessions() as session, pytest.raises(BudgetExceeded) as caught:
         apply_budget(session, tenant, task_rows(Tier.LIGHT), reject)
-    assert caught.value.status_code == 402
+    assert status_of(caught.value) == 402
     assert "monthly budget reached: spent $0.045225 of $0.045225" in caught.value.message
     set_budget(sessions, tenant, spent + Decimal("0.0000000001"))
     with sessions() as session:

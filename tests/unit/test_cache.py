@@ -53,21 +53,22 @@ def test_key_covers_model_messages_and_parameters_only() -> None:
 
 
 def test_a_bad_cache_switch_is_refused_naming_it() -> None:
-    from tierbatch.base.errors import InvalidInput
-    from tierbatch.gateway.chat import GatewayError, validate_chat_body
+    from tierbatch.api.errors import status_of
+    from tierbatch.base.errors import InvalidInput, Refused
+    from tierbatch.gateway.chat import validate_chat_body
     from tierbatch.jobs.store import parse_job_request
     from tierbatch.tasks.submission import parse_submission
 
     with pytest.raises(InvalidInput) as task:
         parse_submission({"prompt": "hi", "metadata": {"cache": "maybe"}}, 10, 1 << 20)
-    assert (task.value.param, task.value.status_code) == ("metadata", 422)
+    assert (task.value.param, status_of(task.value)) == ("metadata", 422)
     assert "metadata.cache must be \"on\" or \"off\" (got 'maybe')" in task.value.message
     with pytest.raises(InvalidInput) as job:
         parse_job_request({"metadata": {"cache": "yes"}, "items": [{"id": "1", "text": "x"}]}, 1 << 20)
     assert job.value.param == "metadata" and "metadata.cache" in job.value.message
-    with pytest.raises(GatewayError) as chat:
+    with pytest.raises(Refused) as chat:
         validate_chat_body({"model": "smart-select", "messages": HI, "metadata": {"cache": "sometimes"}})
-    assert (chat.value.status, chat.value.param, chat.value.code) == (400, "metadata.cache", "invalid_value")
+    assert (status_of(chat.value), chat.value.param, chat.value.code) == (400, "metadata.cache", "invalid_value")
     # the two values are accepted everywhere
     for switch in ("on", "off"):
         parse_submission({"prompt": "hi", "metadata": {"cache": switch}}, 10, 1 << 20)

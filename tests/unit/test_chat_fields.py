@@ -73,7 +73,6 @@ def test_the_list_does_not_follow_the_installed_sdk() -> None:
 def refusal(body: dict[str, Any]) -> InvalidRequest:
     with pytest.raises(InvalidRequest) as caught:
         check_fields({"model": "smart-select", "messages": HI, **body})
-    assert caught.value.status == 400
     return caught.value
 
 
@@ -128,7 +127,7 @@ def test_what_the_ledger_prices_passes() -> None:
 def test_strings_postgres_cannot_store_are_refused_by_field(body: dict[str, Any], param: str) -> None:
     with pytest.raises(InvalidRequest) as caught:
         check_storable({"model": "m", "messages": HI, **body})
-    assert (caught.value.param, caught.value.code, caught.value.status) == (param, "invalid_value", 400)
+    assert (caught.value.param, caught.value.code) == (param, "invalid_value")
     # the answer can be encoded whatever the request held (a raw surrogate would fail the response)
     json.dumps({"message": caught.value.message, "param": caught.value.param}, ensure_ascii=False).encode()
 

@@ -10,6 +10,7 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy.dialects import postgresql
 
+from tierbatch.api.errors import status_of
 from tierbatch.base.config import default_config_data, parse_config
 from tierbatch.base.errors import InvalidInput
 from tierbatch.cli.costs import CostsOptions, cost_table, query_params
@@ -134,7 +135,7 @@ def test_instants(text: str, end: bool, expected: datetime) -> None:
 def test_bad_instants_name_the_parameter(text: str) -> None:
     with pytest.raises(InvalidInput) as caught:
         parse_instant(text, "until", NOW)
-    assert caught.value.param == "until" and caught.value.status_code == 400
+    assert caught.value.param == "until" and status_of(caught.value) == 400
 
 
 def test_group_by_whitelist() -> None:
@@ -165,7 +166,7 @@ def query(**params: str) -> dict[str, list[str]]:
 def test_cost_query_errors_name_the_parameter(params: dict[str, list[str]], param: str) -> None:
     with pytest.raises(InvalidInput) as caught:
         parse_cost_query(params, tenant_scope=None, now=NOW)
-    assert caught.value.param == param and caught.value.status_code == 400
+    assert caught.value.param == param and status_of(caught.value) == 400
 
 
 def test_tenant_scope_is_forced_and_cannot_be_chosen_by_a_tenant() -> None:

@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tierbatch.api.errors import status_of
 from tierbatch.base.errors import InvalidInput
 from tierbatch.jobs.store import parse_job_request
 from tierbatch.tasks.submission import parse_submission
@@ -37,7 +38,7 @@ def test_a_message_role_that_is_not_a_string_is_refused_by_name(role: object) ->
     with pytest.raises(InvalidInput) as caught:
         parse_job_request({"items": items}, 10_000)
     assert caught.value.param == "items[0].messages[1].role"
-    assert caught.value.status_code == 422
+    assert status_of(caught.value) == 422
 
 
 @pytest.mark.parametrize(("content", "where"), [
@@ -48,12 +49,12 @@ def test_a_message_role_that_is_not_a_string_is_refused_by_name(role: object) ->
 def test_a_content_part_whose_text_is_not_a_string_is_refused(content: object, where: str) -> None:
     with pytest.raises(InvalidInput) as task_error:
         parse_submission({"messages": [{"role": "user", "content": content}]}, 10, 10_000)
-    assert task_error.value.status_code == 422
+    assert status_of(task_error.value) == 422
     assert task_error.value.param == "messages[0].content" and where in task_error.value.message
     items = [{"id": "1", "messages": [{"role": "user", "content": content}]}]
     with pytest.raises(InvalidInput) as job_error:
         parse_job_request({"items": items}, 10_000)
-    assert job_error.value.status_code == 422 and job_error.value.param == f"items[0].messages[0].content{where}"
+    assert status_of(job_error.value) == 422 and job_error.value.param == f"items[0].messages[0].content{where}"
 
 
 def test_text_and_other_parts_are_still_accepted() -> None:

@@ -15,17 +15,23 @@ import psycopg
 import pytest
 
 from tests.unit.test_cooldown import FakeRedis
+from tierbatch.api.errors import response_for, status_of
 from tierbatch.base.config import default_config_data, parse_config
-from tierbatch.base.errors import PermanentProviderError, RetryableProviderError
+from tierbatch.base.errors import (
+    BudgetExceeded,
+    ChainExhausted,
+    PermanentProviderError,
+    RecordingFailed,
+    Refused,
+    RetryableProviderError,
+    TierbatchError,
+)
 from tierbatch.base.states import RequestedTier, Tier
 from tierbatch.gateway.chat import (
     SMART_SELECT,
     CallRecord,
     Gateway,
-    GatewayError,
     Recorder,
-    RecordingFailed,
-    error_for,
     listed_models,
     prepare_chat_call,
     provider_request,
@@ -36,16 +42,25 @@ from tierbatch.gateway.chat import (
 from tierbatch.ledger.pricing import PriceBook
 from tierbatch.providers.client import AsyncProviderClients, RawChatAnswer
 from tierbatch.providers.cooldown import Cooldown, CooldownPolicy
-from tierbatch.providers.retry import ChainExhausted
 
 CONFIG = parse_config(default_config_data(), environ={})
 HI = [{"role": "user", "content": "hi"}]
 
 
-def error_of(body: Any) -> GatewayError:
-    with pytest.raises(GatewayError) as caught:
+def error_of(body: Any) -> Refused:
+    with pytest.raises(Refused) as caught:
         validate_chat_body(body)
     return caught.value
+
+
+def openai_answer(exc: TierbatchError) -> tuple[int, dict[str, Any], Mapping[str, str]]:
+    """Status, error body and headers the API answers for `exc` on the OpenAI surface."""
+    response = response_for(exc, openai=True)
+    return response.status_code, dict(json.loads(bytes(response.body))["error"]), response.headers
+
+
+def openai_body(exc: TierbatchError) -> dict[str, Any]:
+    return openai_answer(exc)[1]
 
 
 @pytest.mark.parametrize(("body", "status", "param", "code"), [
@@ -69,8 +84,10 @@ def error_of(body: Any) -> GatewayError:
 ])
 def test_bad_requests_are_refused_like_openai(body: Any, status: int, param: str | None, code: str) -> None:
     error = error_of(body)
-    assert (error.status, error.param, error.code) == (status, param, code)
-    assert set(error.body()["error"]) == {"message", "type", "param", "code"}
+    assert (status_of(error), error.param, error.code) == (status, param, code)
+    body = openai_body(error)
+    assert set(body) == {"message", "type", "param", "code"}
+    assert (body["type"], body["param"], body["code"]) == ("invalid_request_error", param, code)
 
 
 def test_every_openai_request_field_passes() -> None:
@@ -103,10 +120,10 @@ def test_a_named_model_keeps_its_own_fallbacks() -> None:
     assert primary.tier is Tier.LIGHT and [r.model for r in primary.chain] == ["gpt-4o-mini", "gpt-4.1-mini"]
     fallback = route_request(CONFIG, "gpt-4.1-mini", HI, tier_hint=None, task_type_hint=None, tools_requested=False)
     assert fallback.tier is Tier.LIGHT and [r.model for r in fallback.chain] == ["gpt-4.1-mini"]
-    with pytest.raises(GatewayError) as missing:
+    with pytest.raises(Refused) as missing:
         route_request(CONFIG, "gpt-9", HI, tier_hint=None, task_type_hint=None, tools_requested=False)
-    assert (missing.value.status, missing.value.code) == (404, "model_not_found")
-    with pytest.raises(GatewayError) as bad_tier:
+    assert (status_of(missing.value), missing.value.code) == (404, "model_not_found")
+    with pytest.raises(Refused) as bad_tier:
         route_request(CONFIG, SMART_SELECT, HI, tier_hint="medium", task_type_hint=None, tools_requested=False,
                       tier_param="X-Tier")
     assert bad_tier.value.param == "X-Tier"
@@ -132,21 +149,29 @@ def test_models_list_smart_select_first_then_each_configured_model_once() -> Non
                                                         "gpt-4.1"]
 
 
-def retryable(status: int | None, retry_after: float | None = None, message: str = "boom") -> RetryableProviderError:
-    return RetryableProviderError(message, status_code=status, provider="sim", model="m", retry_after=retry_after)
+def retryable(status: int | None, retry_after: float | None = None, message: str = "boom", *,
+              timed_out: bool = False) -> RetryableProviderError:
+    return RetryableProviderError(message, status_code=status, provider="sim", model="m", retry_after=retry_after,
+                                  timed_out=timed_out)
 
 
 def test_errors_map_to_openai_statuses() -> None:
-    limited = error_for(ChainExhausted([retryable(429, 7), retryable(429, 3)]), None)
-    assert (limited.status, limited.code, limited.headers["retry-after"]) == (429, "rate_limit_exceeded", "3")
-    refused = error_for(ChainExhausted([PermanentProviderError("sim/m: HTTP 400: bad", status_code=400)]), None)
-    assert (refused.status, refused.type) == (400, "invalid_request_error")
-    ours = error_for(ChainExhausted([PermanentProviderError("sim/m: HTTP 401: key", status_code=401)]), None)
-    assert ours.status == 502  # our provider account's problem, not the client's key
-    assert error_for(ChainExhausted([retryable(429, 1), retryable(503)]), None).status == 503
-    assert error_for(ChainExhausted([retryable(None, message="sim/m: request timed out")]), None).status == 504
-    cooling = error_for(ChainExhausted([]), 2.5)
-    assert (cooling.status, cooling.headers["retry-after"]) == (503, "3")
+    status, body, headers = openai_answer(ChainExhausted([retryable(429, 7), retryable(429, 3)]))
+    assert (status, body["code"], headers["retry-after"]) == (429, "rate_limit_exceeded", "3")
+    status, body, _ = openai_answer(ChainExhausted([PermanentProviderError("sim/m: HTTP 400: bad", status_code=400)]))
+    assert (status, body["type"]) == (400, "invalid_request_error")
+    status, _, _ = openai_answer(ChainExhausted([PermanentProviderError("sim/m: HTTP 401: key", status_code=401)]))
+    assert status == 502  # our provider account's problem, not the client's key
+    assert openai_answer(ChainExhausted([retryable(429, 1), retryable(503)]))[0] == 503
+    # a timeout is told by the error's type (set where the SDK's error is mapped), never by its wording
+    timed_out = retryable(None, message="sim/m: request timed out", timed_out=True)
+    assert openai_answer(ChainExhausted([timed_out]))[0] == 504
+    assert openai_answer(ChainExhausted([retryable(None, message="sim/m: request timed out")]))[0] == 502
+    status, body, headers = openai_answer(ChainExhausted([], cooling_retry_after=2.5))
+    assert (status, body["code"], headers["retry-after"]) == (503, "model_cooling_down", "3")
+    assert "x-tierbatch-task-id" not in headers
+    named = uuid.uuid4()
+    assert openai_answer(ChainExhausted([retryable(503)], task_id=named))[2]["x-tierbatch-task-id"] == str(named)
 
 
 # --- the fallback loop --------------------------------------------------------------------------------
@@ -210,10 +235,11 @@ def test_a_chain_that_fails_is_recorded_as_a_failed_task_and_answered_in_openai_
                                "gpt-4.1": [PermanentProviderError("sim/gpt-4.1: HTTP 400: nope", status_code=400)]})
     gateway, recorded, _ = gateway_with(providers)
     call = prepare_chat_call(CONFIG, {"model": "gpt-4o", "messages": HI}, {})
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(ChainExhausted) as caught:
         asyncio.run(gateway.complete(uuid.uuid4(), call))
-    assert caught.value.status == 400
-    assert caught.value.headers["x-tierbatch-task-id"] == str(recorded.records[0].task_id)
+    status, _, headers = openai_answer(caught.value)
+    assert status == 400
+    assert headers["x-tierbatch-task-id"] == str(recorded.records[0].task_id)
     assert recorded.records[0].status == "failed" and recorded.records[0].usage is None
 
 
@@ -315,7 +341,7 @@ def test_a_client_leaving_midway_still_records_the_call_with_an_estimate() -> No
 def test_budget_policy_on_the_gateway_route() -> None:
     """Over budget: `reject` is a 402 in OpenAI's shape; `downgrade` serves complex on the light chain."""
     from tierbatch.base.states import RequestedTier, Tier
-    from tierbatch.gateway.chat import GatewayError, Route, TenantPolicy, apply_budget_policy
+    from tierbatch.gateway.chat import Route, TenantPolicy, apply_budget_policy
 
     config = parse_config(default_config_data())
     route = Route(Tier.COMPLEX, RequestedTier.AUTO, "smart-select: auto: code in prompt", "general",
@@ -326,9 +352,10 @@ def test_budget_policy_on_the_gateway_route() -> None:
     assert downgraded.reason == "budget: reached (was: smart-select: auto: code in prompt)"
     light = Route(Tier.LIGHT, RequestedTier.AUTO, "x", "general", config.tier(Tier.LIGHT).chain)
     assert apply_budget_policy(config, light, TenantPolicy({}, budget_downgrade="budget: reached")) == light
-    with pytest.raises(GatewayError) as refused:
+    with pytest.raises(BudgetExceeded) as refused:
         apply_budget_policy(config, route, TenantPolicy({}, budget_refusal="spent $1 of $1"))
-    assert (refused.value.status, refused.value.code) == (402, "budget_exceeded")
+    status, body, _ = openai_answer(refused.value)
+    assert (status, body["type"], body["code"]) == (402, "insufficient_quota", "budget_exceeded")
 
 
 # --- fail closed: no answer without its committed record ----------------------------------------------
@@ -387,13 +414,13 @@ def wired_gateway(fail: bool) -> tuple[Gateway, Provider, Writes]:
 def test_an_answer_whose_record_fails_is_withheld() -> None:
     gateway, provider, writes = wired_gateway(fail=True)
     call = prepare_chat_call(CONFIG, {"model": "gpt-4o-mini", "messages": HI}, {})
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(RecordingFailed) as caught:
         asyncio.run(gateway.complete(uuid.uuid4(), call))
-    error = caught.value
-    assert (error.status, error.type, error.code, error.headers["retry-after"]) == (
+    status, body, headers = openai_answer(caught.value)
+    assert (status, body["type"], body["code"], headers["retry-after"]) == (
         503, "server_error", "recording_failed", "1")
-    assert "secret" not in json.dumps(error.body())
-    assert "x-tierbatch-task-id" not in error.headers  # no task to point at
+    assert "secret" not in json.dumps(body)
+    assert "x-tierbatch-task-id" not in headers  # no task to point at
     assert len(provider.calls) == 1 and writes.committed == []
 
     gateway, provider, writes = wired_gateway(fail=False)
@@ -407,10 +434,10 @@ def test_a_failed_call_whose_record_fails_says_so() -> None:
                                "gpt-4.1": [PermanentProviderError("sim/gpt-4.1: HTTP 400: nope", status_code=400)]})
     cooldown = Cooldown(FakeRedis(), "t:", CooldownPolicy())  # type: ignore[arg-type]
     gateway = Gateway(CONFIG, providers, cooldown, PriceBook(CONFIG), "postgresql://unused", write=Writes(True))
-    with pytest.raises(GatewayError) as caught:
+    with pytest.raises(RecordingFailed) as caught:
         asyncio.run(gateway.complete(uuid.uuid4(), prepare_chat_call(CONFIG, {"model": "gpt-4o", "messages": HI},
                                                                      {})))
-    assert (caught.value.status, caught.value.code) == (503, "recording_failed")
+    assert openai_answer(caught.value)[:2] == (503, {**openai_body(caught.value), "code": "recording_failed"})
 
 
 def has_usage(event: bytes) -> bool:

@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from tierbatch.api.errors import status_of
 from tierbatch.base.errors import InvalidInput
 from tierbatch.base.inputs import (
     MAX_JSON_DEPTH,
@@ -32,7 +33,7 @@ def nested(depth: int) -> bytes:
 def test_deep_json_is_refused_without_recursion(raw: bytes) -> None:
     with pytest.raises(InvalidInput) as refused:
         loads_checked(raw)
-    assert refused.value.status_code == 400
+    assert status_of(refused.value) == 400
     assert isinstance(refused.value, TooDeep | NotJson)
 
 
@@ -53,7 +54,7 @@ def test_unstorable_strings_are_named_by_their_dotted_path(raw: bytes, param: st
     with pytest.raises(Unstorable) as refused:
         loads_checked(raw)
     assert refused.value.param == param
-    assert refused.value.status_code == 400
+    assert status_of(refused.value) == 400
 
 
 def test_a_nul_in_a_key_names_the_key_escaped() -> None:

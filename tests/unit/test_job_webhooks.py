@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from tierbatch.api.errors import status_of
 from tierbatch.base.config import AppConfig
-from tierbatch.base.errors import InvalidInput
+from tierbatch.base.errors import Conflict, InvalidInput
 from tierbatch.base.messaging import (
     ALL_QUEUES,
     JOB_WEBHOOK,
@@ -50,7 +51,7 @@ def test_http_and_https_urls_are_accepted(url: str) -> None:
 def test_bad_urls_are_a_422_naming_webhook_url(url: Any) -> None:
     with pytest.raises(InvalidInput) as caught:
         parse(webhook_url=url)
-    assert caught.value.param == "webhook_url" and caught.value.status_code == 422
+    assert caught.value.param == "webhook_url" and status_of(caught.value) == 422
     assert caught.value.message.startswith("webhook_url:")
 
 
@@ -71,11 +72,12 @@ def test_an_append_may_repeat_or_leave_out_the_webhook_url_but_not_change_it() -
     job = stored_job("https://example.com/h")
     _settings_for_append(job, parse(name="n", webhook_url="https://example.com/h"))
     _settings_for_append(job, parse(name="n"))
-    with pytest.raises(InvalidInput) as caught:
+    with pytest.raises(Conflict) as caught:
         _settings_for_append(job, parse(name="n", webhook_url="https://example.com/other"))
-    assert caught.value.param == "webhook_url" and caught.value.status_code == 409
-    with pytest.raises(InvalidInput) as late:
+    assert caught.value.param == "webhook_url" and status_of(caught.value) == 409
+    with pytest.raises(Conflict) as late:
         _settings_for_append(stored_job(None), parse(name="n", webhook_url="https://example.com/h"))
+    assert status_of(late.value) == 409
     assert late.value.param == "webhook_url" and "no webhook_url" in late.value.message
 
 

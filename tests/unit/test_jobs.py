@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from tierbatch.api.errors import status_of
 from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import InvalidInput
 from tierbatch.base.messaging import DISPATCH_TASKS
@@ -109,7 +110,7 @@ def test_bad_requests_name_the_problem(label: str, payload: Any, param: str | No
     with pytest.raises(InvalidInput) as caught:
         parse_job_request(payload, LIMIT)
     assert caught.value.param == param
-    assert caught.value.status_code == status
+    assert status_of(caught.value) == status
     assert words in caught.value.message
     if param is not None:
         assert caught.value.message.startswith(f"{param}:")
@@ -118,7 +119,7 @@ def test_bad_requests_name_the_problem(label: str, payload: Any, param: str | No
 def test_too_many_items_is_413_before_looking_at_them() -> None:
     with pytest.raises(InvalidInput) as caught:
         parse_job_request({"items": [None] * 11}, LIMIT, max_items=10)
-    assert caught.value.status_code == 413 and caught.value.param == "items"
+    assert status_of(caught.value) == 413 and caught.value.param == "items"
     assert "at most 10 items" in caught.value.message
 
 

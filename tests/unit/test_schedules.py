@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tierbatch.api.errors import status_of
 from tierbatch.base.config import AppConfig, SqlSourceConfig
 from tierbatch.base.csv_safety import safe_cell, safe_row
 from tierbatch.base.errors import InvalidInput
@@ -98,14 +99,14 @@ def test_valid_cron_expressions_are_normalized(expression: str) -> None:
 ])
 def test_invalid_cron_is_refused_naming_the_field(expression: str, words: str) -> None:
     error = refused(schedule(cron=expression))
-    assert error.param == "cron" and error.status_code == 422
+    assert error.param == "cron" and status_of(error) == 422
     assert words in error.message
 
 
 @pytest.mark.parametrize("zone", ["Mars/Olympus_Mons", "Europe", "../etc/passwd", "", "Europe/Pariss"])
 def test_unknown_time_zone_is_refused(zone: str) -> None:
     error = refused(schedule(timezone=zone))
-    assert error.param == "timezone" and error.status_code == 422
+    assert error.param == "timezone" and status_of(error) == 422
 
 
 def test_known_time_zones() -> None:
@@ -174,7 +175,7 @@ def test_a_declared_sql_source_granted_to_the_tenant_is_accepted() -> None:
 def test_unknown_and_ungranted_sql_sources_get_the_same_answer() -> None:
     unknown = refused(schedule(source={**SQL, "source": "nope"}))
     others = refused(schedule(source={**SQL, "source": "finance"}))
-    assert unknown.param == others.param == "source.source" and unknown.status_code == others.status_code == 422
+    assert unknown.param == others.param == "source.source" and status_of(unknown) == status_of(others) == 422
     assert unknown.message.replace("'nope'", "X") == others.message.replace("'finance'", "X")
     assert "FINANCE_DB_URL" not in others.message
 

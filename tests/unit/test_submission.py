@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from tierbatch.api.errors import status_of
 from tierbatch.base.errors import InvalidInput
 from tierbatch.tasks.submission import parse_submission
 
@@ -31,7 +32,7 @@ def test_errors_name_the_field(payload: object, param: str | None) -> None:
 def test_size_limits() -> None:
     with pytest.raises(InvalidInput) as too_many:
         parse_submission({"tasks": [{"prompt": "a"}] * 3}, 2, 1 << 20)
-    assert too_many.value.status_code == 413
+    assert status_of(too_many.value) == 413
     with pytest.raises(InvalidInput) as too_big:
         parse_submission({"tasks": [{"prompt": "a"}, {"prompt": "x" * 200}]}, 10, 100)
     assert too_big.value.param == "tasks[1].prompt"

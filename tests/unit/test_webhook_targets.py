@@ -16,6 +16,7 @@ import httpx
 import pytest
 from standardwebhooks.webhooks import Webhook
 
+from tierbatch.api.errors import status_of
 from tierbatch.base.config import WebhooksConfig
 from tierbatch.base.errors import ConfigError, InvalidInput
 from tierbatch.base.secretbox import SecretBox, SecretUnreadable, generate_key
@@ -44,7 +45,7 @@ def fixed(*addresses: str) -> TargetPolicy:
 def test_non_public_addresses_are_a_422_naming_webhook_url(url: str) -> None:
     with pytest.raises(InvalidInput) as caught:
         fixed(PUBLIC).check_url(url)  # the resolver is never asked for literals and localhost names
-    assert caught.value.status_code == 422 and caught.value.param == "webhook_url"
+    assert status_of(caught.value) == 422 and caught.value.param == "webhook_url"
     assert caught.value.message.startswith("webhook_url:")
 
 

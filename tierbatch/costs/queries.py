@@ -51,7 +51,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
 from tierbatch.base.config import AppConfig
-from tierbatch.base.errors import InvalidInput
+from tierbatch.base.errors import BudgetExceeded, InvalidInput
 from tierbatch.base.states import Mode, TaskStatus, Tier
 from tierbatch.db.models import LedgerDaily, Task, Tenant
 
@@ -554,13 +554,6 @@ def token_report(session: Session, options: ReportOptions) -> dict[str, Any]:
 
 # --- budgets ------------------------------------------------------------------------------------------
 
-class BudgetExceeded(InvalidInput):
-    """The tenant's monthly budget is reached: answered 402."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, param=None, status_code=402)
-
-
 @dataclass(frozen=True, slots=True)
 class BudgetStatus:
     budget: Decimal
@@ -608,7 +601,7 @@ def budget_status(session: Session, tenant_id: uuid.UUID, budget: Decimal) -> Bu
 
 def check_budget(session: Session, tenant_id: uuid.UUID, config: AppConfig) -> str | None:
     """The budget decision for new tasks of a tenant: None to accept them as they are; under policy
-    `reject`, BudgetExceeded (402) once the budget is reached; under `downgrade`, the `tier_reason` prefix
+    `reject`, BudgetExceeded once the budget is reached; under `downgrade`, the `tier_reason` prefix
     to store complex tasks as light with. For every path that creates tasks (insert_tasks uses it)."""
     budget = session.scalar(select(Tenant.monthly_budget_usd).where(Tenant.id == tenant_id))
     if budget is None:
@@ -624,7 +617,7 @@ def check_budget(session: Session, tenant_id: uuid.UUID, config: AppConfig) -> s
 
 def apply_budget(session: Session, tenant_id: uuid.UUID, rows: list[dict[str, Any]], config: AppConfig) -> None:
     """At task acceptance, on task rows about to be inserted: nothing without a budget or below it; at or
-    over it, `reject` raises BudgetExceeded (402) and `downgrade` stores complex rows as light, saying so in
+    over it, `reject` raises BudgetExceeded and `downgrade` stores complex rows as light, saying so in
     `tier_reason`."""
     if not rows:
         return

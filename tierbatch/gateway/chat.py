@@ -39,7 +39,16 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tierbatch.base import inputs
 from tierbatch.base.config import AppConfig, ImmediateConfig, ModelRef
-from tierbatch.base.errors import PermanentProviderError, ProviderError, RetryableProviderError
+from tierbatch.base.errors import (
+    BudgetExceeded,
+    ChainExhausted,
+    InvalidInput,
+    ModelNotFound,
+    PermanentProviderError,
+    ProviderError,
+    RecordingFailed,
+    RetryableProviderError,
+)
 from tierbatch.base.states import Mode, RequestedTier, TaskStatus, Tier
 from tierbatch.cache.responses import (
     CachedAnswer,
@@ -51,7 +60,7 @@ from tierbatch.cache.responses import (
     take_hit,
     wants_cache,
 )
-from tierbatch.costs.queries import BudgetExceeded, check_budget
+from tierbatch.costs.queries import check_budget
 from tierbatch.db.bulk_sql import GATEWAY_WRITE
 from tierbatch.gateway import fields as chat_fields
 from tierbatch.ledger.pricing import PriceBook, TokenUsage
@@ -65,7 +74,7 @@ from tierbatch.providers.client import (
     usage_from_body,
 )
 from tierbatch.providers.cooldown import Admission, Cooldown
-from tierbatch.providers.retry import ChainExhausted, backoff_delay
+from tierbatch.providers.retry import backoff_delay
 from tierbatch.routing.rules import RuleView, rule_decision, tenant_rules
 from tierbatch.routing.tiers import prompt_text, resolve_tier
 
@@ -77,38 +86,6 @@ ROLES = ("system", "developer", "user", "assistant", "tool", "function")  # in t
 # A synchronous caller is waiting: a retry of the same model never sleeps longer than this
 # (a longer `retry-after` sends the call down the chain, and cools the model down, instead).
 MAX_INLINE_BACKOFF_SECONDS = 0.25
-# Provider statuses a client may see as they are; others (401/403/404 of *our* provider account or
-# config) are our problem and leave as 502.
-_CLIENT_STATUSES = frozenset({400, 413, 422})
-
-
-# --- errors ----------------------------------------------------------------------------------------
-
-
-class GatewayError(Exception):
-    """An error answered in OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`."""
-
-    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: Mapping[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.param = param
-        self.code = code
-        self.headers = dict(headers or {})
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-def bad_request(message: str, param: str | None = None, code: str | None = None) -> GatewayError:
-    return GatewayError(400, message, "invalid_request_error", param, code)
-
-
-def model_not_found(model: str, param: str | None = "model") -> GatewayError:
-    return GatewayError(404, f"The model `{model}` does not exist or you do not have access to it.",
-                        "invalid_request_error", param, "model_not_found")
 
 
 # --- tenants ---------------------------------------------------------------------------------------
@@ -161,8 +138,8 @@ class TenantPolicies:
 # --- request validation ------------------------------------------------------------------------------
 
 
-def _gateway_error(refused: shared.InvalidRequest) -> GatewayError:
-    return GatewayError(refused.status, refused.message, "invalid_request_error", refused.param, refused.code)
+def _refusal(refused: shared.InvalidRequest) -> InvalidInput:
+    return InvalidInput(refused.message, refused.param, refused.code)
 
 
 def _check_number(body: Mapping[str, Any], param: str, lo: float, hi: float | None, integer: bool) -> None:
@@ -208,7 +185,7 @@ def _check_metadata(value: Any) -> dict[str, str]:
     try:
         return _metadata(value)
     except shared.InvalidRequest as refused:
-        raise _gateway_error(refused) from None
+        raise _refusal(refused) from None
 
 
 def validate_chat_body(body: Any, *, allow_stream: bool = True) -> dict[str, Any]:
@@ -261,7 +238,7 @@ def validate_chat_body(body: Any, *, allow_stream: bool = True) -> dict[str, Any
                     raise shared.missing(f"tools[{index}].type")
         _metadata(body.get("metadata"))
     except shared.InvalidRequest as refused:
-        raise _gateway_error(refused) from None
+        raise _refusal(refused) from None
     return body
 
 
@@ -283,7 +260,7 @@ def _tier_hint(value: str | None, param: str) -> RequestedTier:
     try:
         return RequestedTier(value.strip().lower())
     except ValueError:
-        raise bad_request(f"Invalid value for '{param}': '{value}'. Supported values are: 'light', 'complex', "
+        raise InvalidInput(f"Invalid value for '{param}': '{value}'. Supported values are: 'light', 'complex', "
                           "'auto'.", param, "invalid_value") from None
 
 
@@ -292,11 +269,11 @@ def _task_type_hint(value: str | None, param: str) -> str:
         return "general"
     value = value.strip()
     if len(value) > 100:
-        raise bad_request(f"Invalid '{param}': at most 100 characters.", param, "invalid_value")
+        raise InvalidInput(f"Invalid '{param}': at most 100 characters.", param, "invalid_value")
     try:
         chat_fields.check_storable(value, param)
     except shared.InvalidRequest as refused:
-        raise _gateway_error(refused) from None
+        raise _refusal(refused) from None
     return value
 
 
@@ -340,7 +317,7 @@ def route_request(config: AppConfig, model: str, messages: Sequence[Mapping[str,
                      config.tier(decision.tier).chain)
     named = model_chain(config, model)
     if named is None:
-        raise model_not_found(model)
+        raise ModelNotFound(model)
     tier, chain = named
     return Route(tier, RequestedTier(tier.value), f"model {model!r} asked by name", task_type, chain)
 
@@ -359,8 +336,7 @@ def apply_budget_policy(config: AppConfig, route: Route, policy: TenantPolicy) -
     """Over the tenant's monthly budget: `reject` refuses the call with 402, `downgrade` serves a
     complex call on the light tier's chain, saying so in the task's tier reason."""
     if policy.budget_refusal is not None:
-        raise GatewayError(402, f"Monthly budget reached: {policy.budget_refusal}", "insufficient_quota", None,
-                           "budget_exceeded")
+        raise BudgetExceeded(f"Monthly budget reached: {policy.budget_refusal}", None, "budget_exceeded")
     if policy.budget_downgrade is not None and route.tier is Tier.COMPLEX:
         return Route(Tier.LIGHT, route.requested_tier, f"{policy.budget_downgrade} (was: {route.reason})",
                      route.task_type, config.tier(Tier.LIGHT).chain)
@@ -592,10 +568,6 @@ class CallWriter:
 WriteRecords = Callable[[Sequence[CallRecord]], Awaitable[None]]
 
 
-class RecordingFailed(Exception):
-    """A call's task and ledger row could not be committed: its answer must not be served."""
-
-
 class Recorder:
     """Group commit for call records: whoever is waiting when a write starts goes in the next one.
 
@@ -685,43 +657,6 @@ def format_cost(cost: Decimal | None) -> str:
     return "unpriced" if cost is None else format(cost.normalize(), "f")
 
 
-def recording_failed(task_id: uuid.UUID) -> GatewayError:
-    """The client's view of a call whose task and ledger row could not be committed: no answer, a 503 to
-    retry (the usual cause is the database being unreachable)."""
-    return GatewayError(503, "The request could not be recorded, so its answer is withheld; please try again.",
-                        "server_error", None, "recording_failed", {"retry-after": "1"})
-
-
-def error_for(exhausted: ChainExhausted, cooling_retry_after: float | None) -> GatewayError:
-    """The client's view of a chain that failed: OpenAI's status and shape; a 429 keeps `retry-after`."""
-    errors = exhausted.errors
-    if not errors:
-        wait = max(1, math.ceil(cooling_retry_after or 1))
-        return GatewayError(503, "Every model that can serve this request is cooling down after repeated "
-                            f"failures; try again in {wait}s.", "server_error", None, "model_cooling_down",
-                            {"retry-after": str(wait)})
-    retryable = [e for e in errors if isinstance(e, RetryableProviderError)]
-    if not retryable:
-        last: ProviderError = errors[-1]
-        client_status = last.status_code if last.status_code in _CLIENT_STATUSES else None
-        kind = "invalid_request_error" if client_status else "upstream_error"
-        return GatewayError(client_status or 502, last.message, kind, None, None)
-    if all(e.status_code == 429 for e in retryable):
-        hints = [e.retry_after for e in retryable if e.retry_after is not None]
-        hint = min(hints) if hints else 1.0
-        headers = {"retry-after": str(max(1, math.ceil(hint))), "retry-after-ms": str(int(hint * 1000))}
-        return GatewayError(429, retryable[-1].message, "requests", None, "rate_limit_exceeded", headers)
-    last_retryable = retryable[-1]
-    upstream_status = last_retryable.status_code
-    if upstream_status is None:
-        timeout = "timed out" in last_retryable.message
-        return GatewayError(504 if timeout else 502, last_retryable.message, "server_error", None,
-                            "upstream_timeout" if timeout else "upstream_unreachable")
-    # 408/409 after every retry: the upstream did not manage
-    return GatewayError(upstream_status if upstream_status >= 500 else 502, last_retryable.message, "server_error",
-                        None, None)
-
-
 class Gateway:
     def __init__(self, config: AppConfig, providers: AsyncProviderClients, cooldown: Cooldown, prices: PriceBook,
                  database_dsn: str, *, durable_records: bool = False,
@@ -790,19 +725,15 @@ class Gateway:
         return priced, (priced.total if priced is not None else None), self.prices.baseline(usage)
 
     async def _record_failure(self, tenant_id: uuid.UUID, task_id: uuid.UUID, call: ChatCall, started: datetime,
-                              exhausted: ChainExhausted) -> GatewayError:
-        """Record a call that no model answered; returns the OpenAI-shaped error to raise."""
-        error = error_for(exhausted, await self._cooling_retry_after(call.route.chain)
-                          if not exhausted.errors else None)
-        try:
-            await self.recorder.record(CallRecord(
-                task_id, tenant_id, call.route, call.request, call.metadata, TaskStatus.FAILED,
-                max(1, len(exhausted.errors)), call.received_at, started,
-                error=str(exhausted) or error.message))
-        except RecordingFailed:
-            return recording_failed(task_id)
-        error.headers["x-tierbatch-task-id"] = str(task_id)
-        return error
+                              exhausted: ChainExhausted) -> ChainExhausted:
+        """Record a call that no model answered; returns the error to raise, naming its task and, when
+        no model was even tried, how long the chain cools down. Raises RecordingFailed when the failure
+        itself could not be recorded."""
+        cooling = await self._cooling_retry_after(call.route.chain) if not exhausted.errors else None
+        await self.recorder.record(CallRecord(
+            task_id, tenant_id, call.route, call.request, call.metadata, TaskStatus.FAILED,
+            max(1, len(exhausted.errors)), call.received_at, started, error=str(exhausted)))
+        return ChainExhausted(exhausted.errors, cooling, task_id)
 
     async def complete(self, tenant_id: uuid.UUID, call: ChatCall) -> Completed:
         """Answer a non-streamed call: from the response cache when it may be, else from a provider."""
@@ -865,14 +796,11 @@ class Gateway:
         usage = answer.usage
         baseline = self.prices.baseline(usage)
         content = json.dumps(answer.response, ensure_ascii=False).encode()
-        try:
-            await self.recorder.record(CallRecord(
-                task_id, tenant_id, call.route, call.request, call.metadata, TaskStatus.SUCCEEDED, 0, call.received_at,
-                now, provider=answer.provider, requested_model=answer.requested_model,
-                served_model=answer.served_model, output=answer.output, response_json=content.decode(),
-                usage=usage, latency_ms=0, cost_usd=Decimal(0), baseline_cost_usd=baseline, mode=Mode.CACHE))
-        except RecordingFailed:
-            raise recording_failed(task_id) from None
+        await self.recorder.record(CallRecord(
+            task_id, tenant_id, call.route, call.request, call.metadata, TaskStatus.SUCCEEDED, 0, call.received_at,
+            now, provider=answer.provider, requested_model=answer.requested_model,
+            served_model=answer.served_model, output=answer.output, response_json=content.decode(),
+            usage=usage, latency_ms=0, cost_usd=Decimal(0), baseline_cost_usd=baseline, mode=Mode.CACHE))
         return Completed(task_id, call.route.tier, content, Decimal(0), answer.served_model, cache_hit=True)
 
     async def _call_provider(self, tenant_id: uuid.UUID, call: ChatCall, claim: Claim | None = None) -> Completed:
@@ -909,17 +837,14 @@ class Gateway:
         usage = usage_from_body(answer.body)
         served = answer.served_model
         priced, cost, baseline = self._price(answer.provider, served, answer.requested_model, usage)
-        try:
-            # the answer leaves only once its task and ledger row are committed
-            await self.recorder.record(CallRecord(
-                task_id, tenant_id, call.route, call.request, call.metadata, TaskStatus.SUCCEEDED, calls,
-                call.received_at, started, provider=answer.provider, requested_model=answer.requested_model,
-                served_model=served,
-                output=output_from_body(answer.body), response_json=answer.content.decode("utf-8", "replace"),
-                usage=usage, latency_ms=answer.latency_ms, prices=priced, cost_usd=cost,
-                baseline_cost_usd=baseline))
-        except RecordingFailed:
-            raise recording_failed(task_id) from None
+        # the answer leaves only once its task and ledger row are committed (else RecordingFailed)
+        await self.recorder.record(CallRecord(
+            task_id, tenant_id, call.route, call.request, call.metadata, TaskStatus.SUCCEEDED, calls,
+            call.received_at, started, provider=answer.provider, requested_model=answer.requested_model,
+            served_model=served,
+            output=output_from_body(answer.body), response_json=answer.content.decode("utf-8", "replace"),
+            usage=usage, latency_ms=answer.latency_ms, prices=priced, cost_usd=cost,
+            baseline_cost_usd=baseline))
         return _Answered(Completed(task_id, call.route.tier, answer.content, cost, served), answer)
 
     async def open_stream(self, tenant_id: uuid.UUID, call: ChatCall) -> StreamSession:
@@ -1072,7 +997,7 @@ class StreamSession:
                 recorded = await self._finish()
         # only reached when the stream ran to its end (a client that left closes the generator above)
         if not recorded:
-            yield _sse_error(recording_failed(self.task_id).message, "server_error", "recording_failed")
+            yield _sse_error(RecordingFailed().message, "server_error", "recording_failed")
         elif self._done and self._error is None:
             for event in held:
                 yield event

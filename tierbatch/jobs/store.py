@@ -36,7 +36,7 @@ from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.orm import Session
 
 from tierbatch.base.config import AppConfig
-from tierbatch.base.errors import InvalidInput, NotFound
+from tierbatch.base.errors import Conflict, InvalidInput, InvalidValue, NotFound, TooLarge
 from tierbatch.base.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
 from tierbatch.base.states import TERMINAL_TASK_STATUSES, Mode, RequestedTier, TaskStatus, Tier
 from tierbatch.costs.queries import check_budget
@@ -139,8 +139,8 @@ class JobRequest:
     webhook_url: str | None = None  # where `job.finished` goes; set when the job is created
 
 
-def _bad(param: str, message: str, status: int = 422) -> InvalidInput:
-    return InvalidInput(f"{param}: {message}", param=param, status_code=status)
+def _bad(param: str, message: str, kind: type[InvalidInput] = InvalidValue) -> InvalidInput:
+    return kind(f"{param}: {message}", param=param)
 
 
 def _check_labels(value: Any) -> tuple[str, ...] | None:
@@ -171,7 +171,7 @@ def _check_text_value(param: str, value: str, max_bytes: int) -> None:
         except UnicodeEncodeError:
             raise _bad(param, "is not valid Unicode (lone surrogate)") from None
     if len(value) * 4 > max_bytes and len(value.encode()) > max_bytes:
-        raise _bad(param, f"{len(value.encode())} bytes is over the limit of {max_bytes} bytes", 413)
+        raise _bad(param, f"{len(value.encode())} bytes is over the limit of {max_bytes} bytes", TooLarge)
 
 
 def _check_messages(param: str, messages: Any, max_bytes: int) -> list[dict[str, Any]]:
@@ -197,7 +197,7 @@ def _check_messages(param: str, messages: Any, max_bytes: int) -> list[dict[str,
     if "\\u0000" in json.dumps(messages):
         raise _bad(param, "must not contain NUL characters")
     if size > max_bytes:
-        raise _bad(param, f"{size} bytes is over the limit of {max_bytes} bytes", 413)
+        raise _bad(param, f"{size} bytes is over the limit of {max_bytes} bytes", TooLarge)
     return messages
 
 
@@ -283,8 +283,8 @@ def _check_items(items: list[Any], max_bytes: int, offset: int = 0) -> list[JobI
             job_item = JobItem(item_id, None, _check_messages(f"items[{index}].messages", messages, max_bytes))
         previous = first_at.setdefault(item_id, index)
         if previous != index:
-            raise InvalidInput(f"items[{index}].id: duplicate item id {item_id!r} (also items[{previous}])",
-                               param=f"items[{index}].id", status_code=422)
+            raise InvalidValue(f"items[{index}].id: duplicate item id {item_id!r} (also items[{previous}])",
+                               param=f"items[{index}].id")
         append(job_item)
     return out
 
@@ -299,8 +299,7 @@ def _shifted(error: InvalidInput, offset: int) -> InvalidInput:
             return None
         return _POSITION.sub(lambda m: f"items[{int(m.group(1)) + offset}]", text_value)
 
-    return InvalidInput(shift(error.message) or error.message, param=shift(error.param),
-                        status_code=error.status_code)
+    return error.reworded(shift(error.message) or error.message, shift(error.param))
 
 
 def _surrogates(value: str) -> bool:
@@ -324,7 +323,7 @@ def parse_job_request(payload: Any, max_item_bytes: int, max_items: int = MAX_IT
         raise _bad("items", "must hold at least one item")
     if len(items) > max_items:
         raise _bad("items", f"at most {max_items} items per request (got {len(items)}); send several "
-                            "requests with the same name, or upload NDJSON", 413)
+                            "requests with the same name, or upload NDJSON", TooLarge)
     fields = {k: v for k, v in payload.items() if k != "items"}
     labels = _check_labels(fields.get("labels"))
     try:
@@ -497,15 +496,15 @@ def _settings_for_append(job: Job, request: JobRequest) -> JobSettings:
     stored = JobSettings.of_job(job)
     for key in _SETTING_KEYS:
         if key in request.given and request.settings.value_of(key) != stored.value_of(key):
-            raise InvalidInput(
+            raise Conflict(
                 f"{key}: job {job.name!r} already exists with a different {key} ({stored.value_of(key)!r}); "
                 "a request that adds items to it must repeat the same value or leave it out",
-                param=key, status_code=409)
+                param=key)
     if request.webhook_url is not None and request.webhook_url != job.webhook_url:
-        raise InvalidInput(
+        raise Conflict(
             f"webhook_url: job {job.name!r} already exists with "
             f"{'webhook_url ' + repr(job.webhook_url) if job.webhook_url else 'no webhook_url'}; a request that adds "
-            "items to it must repeat the same value or leave it out", param="webhook_url", status_code=409)
+            "items to it must repeat the same value or leave it out", param="webhook_url")
     return stored
 
 
@@ -553,8 +552,8 @@ def _check_not_in_job(session: Session, job: Job, items: Sequence[JobItem], offs
     clash = _first_existing_item(session, job.id, item_ids)
     if clash is not None:
         where = f"items[{item_ids.index(clash) + offset}].id"
-        raise InvalidInput(f"{where}: job {job.name or job.id!s} already has an item with id {clash!r}",
-                           param=where, status_code=409)
+        raise Conflict(f"{where}: job {job.name or job.id!s} already has an item with id {clash!r}",
+                           param=where)
 
 
 def _copy_items(session: Session, job: Job, settings: JobSettings, items: Sequence[JobItem],
@@ -566,8 +565,8 @@ def _copy_items(session: Session, job: Job, settings: JobSettings, items: Sequen
     try:
         copy_task_rows(session, rows)
     except psycopg.errors.UniqueViolation as exc:  # the index backs up the check before; the caller rolls back
-        raise InvalidInput(f"items: an item id is already in job {job.name or job.id!s} "
-                           f"({exc.diag.message_detail})", param="items", status_code=409) from None
+        raise Conflict(f"items: an item id is already in job {job.name or job.id!s} "
+                           f"({exc.diag.message_detail})", param="items") from None
     return ids
 
 

@@ -38,7 +38,7 @@ from sqlalchemy import and_, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from tierbatch.base.config import AppConfig
-from tierbatch.base.errors import InvalidInput
+from tierbatch.base.errors import Conflict, InvalidInput, NotFound, Refused, TooLarge
 from tierbatch.base.inputs import NotJson, loads_checked
 from tierbatch.base.states import (
     OPEN_CLIENT_BATCH_STATUSES,
@@ -49,9 +49,7 @@ from tierbatch.base.states import (
 )
 from tierbatch.db.models import ClientBatch, FilePart, Job, StoredFile, Task
 from tierbatch.gateway.chat import (
-    GatewayError,
     Route,
-    bad_request,
     provider_request,
     route_request,
     validate_chat_body,
@@ -104,8 +102,8 @@ def file_object(stored: StoredFile) -> dict[str, Any]:
             "filename": stored.filename, "purpose": stored.purpose, "status": "processed"}
 
 
-def no_such_file(file_id: str, param: str = "file_id") -> GatewayError:
-    return GatewayError(404, f"No such File object: {file_id}", "invalid_request_error", param, None)
+def no_such_file(file_id: str, param: str = "file_id") -> NotFound:
+    return NotFound(f"No such File object: {file_id}", param, None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,11 +114,12 @@ class BatchLine:
     route: Route
 
 
-def _line_error(number: int, error: GatewayError) -> GatewayError:
+def _line_error(number: int, error: Refused) -> InvalidInput:
+    """A line's refusal, as the file's: always a 400 naming the line (a line asking for an unknown model
+    too), its param under `body.` when it is one of the request's fields."""
     param = error.param
-    return GatewayError(400, f"Line {number}: {error.message}", "invalid_request_error",
-                        f"body.{param}" if param and not param.startswith(("custom_id", "method", "url", "body"))
-                        else param, error.code)
+    in_body = param and not param.startswith(("custom_id", "method", "url", "body"))
+    return InvalidInput(f"Line {number}: {error.message}", f"body.{param}" if in_body else param, error.code)
 
 
 def parse_batch_line(number: int, raw: bytes, config: AppConfig, rules: Mapping[str, RuleView] | None = None
@@ -131,40 +130,37 @@ def parse_batch_line(number: int, raw: bytes, config: AppConfig, rules: Mapping[
     try:
         obj = loads_checked(raw)
     except NotJson:
-        raise GatewayError(400, f"Line {number}: this line is not parseable as valid JSON.",
-                           "invalid_request_error", "file", "invalid_json_line") from None
+        raise InvalidInput(f"Line {number}: this line is not parseable as valid JSON.",
+                           "file", "invalid_json_line") from None
     except InvalidInput as refused:  # nesting too deep, NUL or lone surrogate: never stored
-        raise GatewayError(400, f"Line {number}: {refused.message}", "invalid_request_error",
-                           refused.param or "file", "invalid_value") from None
+        raise InvalidInput(f"Line {number}: {refused.message}", refused.param or "file", "invalid_value") from None
     if not isinstance(obj, dict):
-        raise GatewayError(400, f"Line {number}: this line is not a JSON object.", "invalid_request_error",
-                           "file", "invalid_json_line")
+        raise InvalidInput(f"Line {number}: this line is not a JSON object.", "file", "invalid_json_line")
     custom_id = obj.get("custom_id")
     if not isinstance(custom_id, str) or not custom_id:
-        raise GatewayError(400, f"Line {number}: Missing required parameter: 'custom_id'.",
-                           "invalid_request_error", "custom_id", "missing_required_parameter")
+        raise InvalidInput(f"Line {number}: Missing required parameter: 'custom_id'.",
+                           "custom_id", "missing_required_parameter")
     if len(custom_id) > 512:
-        raise GatewayError(400, f"Line {number}: 'custom_id' is longer than 512 characters.",
-                           "invalid_request_error", "custom_id", "invalid_value")
+        raise InvalidInput(f"Line {number}: 'custom_id' is longer than 512 characters.",
+                           "custom_id", "invalid_value")
     method = obj.get("method")
     if method != "POST":
-        raise GatewayError(400, f"Line {number}: the method must be 'POST', got {method!r}.",
-                           "invalid_request_error", "method", "invalid_method")
+        raise InvalidInput(f"Line {number}: the method must be 'POST', got {method!r}.",
+                           "method", "invalid_method")
     url = obj.get("url")
     if url != ENDPOINT:
-        raise GatewayError(400, f"Line {number}: the URL {url!r} is not supported; every line must use "
-                           f"'{ENDPOINT}'.", "invalid_request_error", "url", "invalid_url")
+        raise InvalidInput(f"Line {number}: the URL {url!r} is not supported; every line must use "
+                           f"'{ENDPOINT}'.", "url", "invalid_url")
     body = obj.get("body")
     if not isinstance(body, dict):
-        raise GatewayError(400, f"Line {number}: Missing required parameter: 'body'.", "invalid_request_error",
-                           "body", "missing_required_parameter")
+        raise InvalidInput(f"Line {number}: Missing required parameter: 'body'.", "body", "missing_required_parameter")
     try:
         validate_chat_body(body, allow_stream=False)
         metadata = body.get("metadata") or {}
         route = route_request(config, body["model"], body["messages"], tier_hint=metadata.get("tier"),
                               task_type_hint=metadata.get("task_type"),
                               tools_requested=bool(body.get("tools") or body.get("functions")), rules=rules)
-    except GatewayError as error:
+    except Refused as error:
         raise _line_error(number, error) from None
     return BatchLine(number, custom_id, body, route)
 
@@ -196,10 +192,9 @@ class _PartWriter:
 
 def store_batch_file(session: Session, tenant_id: uuid.UUID, filename: str, source: IO[bytes],
                      limits: FileLimits, config: AppConfig) -> StoredFile:
-    """Validate and store an uploaded batch input file; raises GatewayError (store nothing: roll back)."""
+    """Validate and store an uploaded batch input file; raises a Refused (store nothing: roll back)."""
     if not filename.endswith(".jsonl"):
-        raise GatewayError(400, "Invalid file format for Batch API. Must be .jsonl", "invalid_request_error",
-                           "file", "invalid_file_format")
+        raise InvalidInput("Invalid file format for Batch API. Must be .jsonl", "file", "invalid_file_format")
     stored = StoredFile(id=new_file_id(), tenant_id=tenant_id, purpose="batch", filename=filename, bytes=0,
                         line_count=0)
     session.add(stored)
@@ -214,22 +209,22 @@ def store_batch_file(session: Session, tenant_id: uuid.UUID, filename: str, sour
         number += 1
         writer.write(raw)
         if writer.size > limits.max_bytes:
-            raise GatewayError(413, f"The file is over the batch input limit of {limits.max_bytes:,} bytes.",
-                               "invalid_request_error", "file", "file_too_large")
+            raise TooLarge(f"The file is over the batch input limit of {limits.max_bytes:,} bytes.",
+                               "file", "file_too_large")
         if not raw.strip():
             continue
         writer.lines += 1
         if writer.lines > limits.max_lines:
-            raise GatewayError(400, f"The file has more than {limits.max_lines:,} requests; a batch may have at "
-                               f"most {limits.max_lines:,}.", "invalid_request_error", "file", "too_many_requests")
+            raise InvalidInput(f"The file has more than {limits.max_lines:,} requests; a batch may have at "
+                               f"most {limits.max_lines:,}.", "file", "too_many_requests")
         line = parse_batch_line(number, raw, config)
         if line.custom_id in seen:
-            raise GatewayError(400, f"Line {number}: the custom_id {line.custom_id!r} is a duplicate of another "
+            raise InvalidInput(f"Line {number}: the custom_id {line.custom_id!r} is a duplicate of another "
                                "request; custom_id must be unique for each request in a batch.",
-                               "invalid_request_error", "custom_id", "duplicate_custom_id")
+                               "custom_id", "duplicate_custom_id")
         seen.add(line.custom_id)
     if writer.lines == 0:
-        raise GatewayError(400, "The file has no requests.", "invalid_request_error", "file", "empty_file")
+        raise InvalidInput("The file has no requests.", "file", "empty_file")
     writer.flush()
     stored.bytes = writer.size
     stored.line_count = writer.lines
@@ -246,8 +241,8 @@ def store_user_file(session: Session, tenant_id: uuid.UUID, filename: str, sourc
     """Store an uploaded data file (purpose `user_data`: CSV or JSONL rows for a schedule's source), read in
     1 MiB pieces into its parts. Not checked line by line: a schedule that reads it reports a bad row."""
     if not filename.lower().endswith(USER_DATA_SUFFIXES):
-        raise GatewayError(400, "Invalid file format for purpose 'user_data'. Must be .csv, .tsv, .jsonl or "
-                           ".ndjson", "invalid_request_error", "file", "invalid_file_format")
+        raise InvalidInput("Invalid file format for purpose 'user_data'. Must be .csv, .tsv, .jsonl or "
+                           ".ndjson", "file", "invalid_file_format")
     stored = StoredFile(id=new_file_id(), tenant_id=tenant_id, purpose="user_data", filename=filename, bytes=0,
                         line_count=0)
     session.add(stored)
@@ -260,12 +255,12 @@ def store_user_file(session: Session, tenant_id: uuid.UUID, filename: str, sourc
             break
         writer.write(data)
         if writer.size > limits.max_bytes:
-            raise GatewayError(413, f"The file is over the upload limit of {limits.max_bytes:,} bytes.",
-                               "invalid_request_error", "file", "file_too_large")
+            raise TooLarge(f"The file is over the upload limit of {limits.max_bytes:,} bytes.",
+                               "file", "file_too_large")
         writer.lines += data.count(b"\n")
         ended_line = data.endswith(b"\n")
     if writer.size == 0:
-        raise GatewayError(400, "The file is empty.", "invalid_request_error", "file", "empty_file")
+        raise InvalidInput("The file is empty.", "file", "empty_file")
     writer.flush()
     stored.bytes = writer.size
     stored.line_count = writer.lines + (0 if ended_line else 1)
@@ -331,15 +326,15 @@ def delete_file(session: Session, tenant_id: uuid.UUID, file_id: str) -> dict[st
 # --- creating a batch ----------------------------------------------------------------------------------
 
 
-def _missing(param: str) -> GatewayError:
-    return bad_request(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
+def _missing(param: str) -> InvalidInput:
+    return InvalidInput(f"Missing required parameter: '{param}'.", param, "missing_required_parameter")
 
 
 def check_batch_metadata(metadata: Any) -> dict[str, str] | None:
     try:
         return openai_validation.check_batch_metadata(metadata)
     except openai_validation.InvalidRequest as refused:
-        raise bad_request(refused.message, refused.param, refused.code) from None
+        raise InvalidInput(refused.message, refused.param, refused.code) from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -351,10 +346,10 @@ class CreatedBatch:
 def check_create_request(body: Any) -> tuple[str, dict[str, str] | None]:
     """(input_file_id, metadata) of a valid `POST /v1/batches` body."""
     if not isinstance(body, dict):
-        raise bad_request("Invalid type for request body: expected an object.", None, "invalid_type")
+        raise InvalidInput("Invalid type for request body: expected an object.", None, "invalid_type")
     for key in body:
         if key not in ("input_file_id", "endpoint", "completion_window", "metadata", "output_expires_after"):
-            raise bad_request(f"Unrecognized request argument supplied: {key}", key, "unknown_parameter")
+            raise InvalidInput(f"Unrecognized request argument supplied: {key}", key, "unknown_parameter")
     input_file_id = body.get("input_file_id")
     if not isinstance(input_file_id, str) or not input_file_id:
         raise _missing("input_file_id")
@@ -363,13 +358,13 @@ def check_create_request(body: Any) -> tuple[str, dict[str, str] | None]:
         raise _missing("endpoint")
     if endpoint != ENDPOINT:
         detail = "is not supported by tierbatch" if endpoint in OPENAI_BATCH_ENDPOINTS else "is not a batch endpoint"
-        raise bad_request(f"Invalid value for 'endpoint': '{endpoint}' {detail}. Supported values are: "
+        raise InvalidInput(f"Invalid value for 'endpoint': '{endpoint}' {detail}. Supported values are: "
                           f"'{ENDPOINT}'.", "endpoint", "invalid_value")
     window = body.get("completion_window")
     if window is None:
         raise _missing("completion_window")
     if window != COMPLETION_WINDOW:
-        raise bad_request(f"Invalid value for 'completion_window': '{window}'. Supported values are: '24h'.",
+        raise InvalidInput(f"Invalid value for 'completion_window': '{window}'. Supported values are: '24h'.",
                           "completion_window", "invalid_value")
     return input_file_id, check_batch_metadata(body.get("metadata"))
 
@@ -400,7 +395,7 @@ def create_batch(session: Session, tenant_id: uuid.UUID, body: Any, config: AppC
     input_file_id, metadata = check_create_request(body)
     stored = get_file(session, tenant_id, input_file_id, "input_file_id")
     if stored.purpose != "batch":
-        raise bad_request(f"The file {input_file_id} has purpose '{stored.purpose}'; a batch needs a file uploaded "
+        raise InvalidInput(f"The file {input_file_id} has purpose '{stored.purpose}'; a batch needs a file uploaded "
                           "with purpose 'batch'.", "input_file_id", "invalid_file_purpose")
     now = datetime.now(UTC)
     batch_id = new_batch_id()
@@ -429,8 +424,8 @@ def create_batch(session: Session, tenant_id: uuid.UUID, body: Any, config: AppC
 # --- reading, finishing, cancelling ------------------------------------------------------------------------
 
 
-def no_such_batch(batch_id: str) -> GatewayError:
-    return GatewayError(404, f"No such Batch object: {batch_id}", "invalid_request_error", "batch_id", None)
+def no_such_batch(batch_id: str) -> NotFound:
+    return NotFound(f"No such Batch object: {batch_id}", "batch_id", None)
 
 
 def get_batch(session: Session, tenant_id: uuid.UUID, batch_id: str, *, for_update: bool = False) -> ClientBatch:
@@ -616,7 +611,7 @@ def list_batches(session: Session, tenant_id: uuid.UUID, *, limit: int, after: s
         anchor = session.scalar(select(ClientBatch).where(ClientBatch.id == after,
                                                           ClientBatch.tenant_id == tenant_id))
         if anchor is None:
-            raise bad_request(f"Invalid 'after': no batch with id '{after}'.", "after", "invalid_value")
+            raise InvalidInput(f"Invalid 'after': no batch with id '{after}'.", "after", "invalid_value")
         query = query.where(or_(ClientBatch.created_at < anchor.created_at,
                                 and_(ClientBatch.created_at == anchor.created_at, ClientBatch.id < anchor.id)))
     rows = list(session.scalars(query.order_by(ClientBatch.created_at.desc(), ClientBatch.id.desc())
@@ -629,8 +624,7 @@ def cancel_batch(session: Session, tenant_id: uuid.UUID, batch_id: str) -> Clien
     cancelled; the ones at a provider or in flight finish, and the batch ends `cancelled` with them."""
     batch = get_batch(session, tenant_id, batch_id, for_update=True)
     if batch.status in FINAL_STATUSES or batch.status == EXPIRING:  # an expiring batch ends `expired`
-        raise GatewayError(409, f"Cannot cancel a batch with status '{batch.status}'.", "invalid_request_error",
-                           None, None)
+        raise Conflict(f"Cannot cancel a batch with status '{batch.status}'.", None, None)
     if batch.status != ClientBatchStatus.CANCELLING:
         batch.status = ClientBatchStatus.CANCELLING
         batch.cancelling_at = datetime.now(UTC)

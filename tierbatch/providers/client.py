@@ -165,7 +165,8 @@ def _classified(status: int, message: str, headers: Mapping[str, str], provider:
 def map_openai_error(exc: openai.OpenAIError, provider: str, model: str) -> ProviderError:
     """Classify an openai SDK error by its type and status code, never by its text."""
     if isinstance(exc, openai.APITimeoutError):
-        return RetryableProviderError(f"{provider}/{model}: request timed out", provider=provider, model=model)
+        return RetryableProviderError(f"{provider}/{model}: request timed out", provider=provider, model=model,
+                                      timed_out=True)
     if isinstance(exc, openai.APIConnectionError):
         return RetryableProviderError(f"{provider}/{model}: connection failed: {exc}", provider=provider,
                                       model=model)
@@ -383,7 +384,8 @@ class AsyncProviderClients:
     @staticmethod
     def _transport_error(exc: Exception, provider: str, model: str) -> ProviderError:
         if isinstance(exc, httpx2.TimeoutException):
-            return RetryableProviderError(f"{provider}/{model}: request timed out", provider=provider, model=model)
+            return RetryableProviderError(f"{provider}/{model}: request timed out", provider=provider,
+                                          model=model, timed_out=True)
         return RetryableProviderError(f"{provider}/{model}: connection failed: {type(exc).__name__}: {exc}",
                                       provider=provider, model=model)
 

@@ -2,9 +2,9 @@
 provider simulator (`tierbatch.simulator.completions`).
 
 Pure and standard-library only: the simulator imports it, and must not pull in settings, the database
-or the provider client through it. A failed check raises `InvalidRequest` (message, param, code,
-status); each side turns it into its own error class at its boundary (`GatewayError`, the
-simulator's `OpenAIError`), always with type `invalid_request_error`.
+or the provider client through it. A failed check raises `InvalidRequest` (message, param, code);
+each side turns it into its own error class at its boundary (the gateway's `InvalidInput`, the
+simulator's `OpenAIError`), always a 400 with type `invalid_request_error`.
 
 Each side composes these checks in its own order and keeps what only it checks. Where the two
 surfaces differ today, the difference is kept, by a parameter here or in the caller:
@@ -37,14 +37,13 @@ CONTENT_REQUIRED = frozenset({"system", "developer", "user", "tool"})  # roles w
 
 
 class InvalidRequest(Exception):
-    """A request OpenAI would refuse: its error's message, param and code, and the HTTP status."""
+    """A request OpenAI would refuse (always with a 400): its error's message, param and code."""
 
-    def __init__(self, message: str, param: str | None = None, code: str | None = None, status: int = 400) -> None:
+    def __init__(self, message: str, param: str | None = None, code: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.code = code
-        self.status = status
 
 
 def type_name(value: Any) -> str:

@@ -4,38 +4,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from tierbatch.base.config import ImmediateConfig, ModelRef
-from tierbatch.base.errors import PermanentProviderError, ProviderError, RetryableProviderError
+from tierbatch.base.errors import ChainExhausted, PermanentProviderError, ProviderError, RetryableProviderError
 from tierbatch.providers.client import ChatResult
 
 ChatCall = Callable[[str, str, Mapping[str, Any]], ChatResult]
-
-
-@dataclass
-class ChainExhausted(Exception):
-    """Every model of the chain failed. `retryable` says whether a later attempt may succeed."""
-
-    errors: list[ProviderError] = field(default_factory=list)
-
-    @property
-    def retryable(self) -> bool:
-        return any(isinstance(error, RetryableProviderError) for error in self.errors)
-
-    @property
-    def retry_after(self) -> float | None:
-        hints = [e.retry_after for e in self.errors
-                 if isinstance(e, RetryableProviderError) and e.retry_after is not None]
-        return max(hints) if hints else None
-
-    def __str__(self) -> str:
-        counts: dict[str, int] = {}
-        for error in self.errors:
-            counts[error.message] = counts.get(error.message, 0) + 1
-        parts = [message if n == 1 else f"{message} (x{n})" for message, n in counts.items()]
-        return "; ".join(parts) or "no model configured"
 
 
 def backoff_delay(policy: ImmediateConfig, attempt: int, retry_after: float | None) -> float:

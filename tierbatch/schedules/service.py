@@ -56,7 +56,7 @@ from sqlalchemy.orm import Session
 
 from tierbatch.base.config import AppConfig
 from tierbatch.base.csv_safety import safe_row
-from tierbatch.base.errors import InvalidInput, NotFound
+from tierbatch.base.errors import Conflict, InvalidInput, InvalidValue, NotFound, Refused
 from tierbatch.base.secretbox import SecretBox
 from tierbatch.base.states import (
     LIVE_TASK_STATUSES,
@@ -114,15 +114,15 @@ RESEND_FINISH_SECONDS = 15.0
 RESEND_WEBHOOK_SECONDS = 120.0
 
 
-def _bad(param: str, message: str, status: int = 422) -> InvalidInput:
-    return InvalidInput(f"{param}: {message}", param=param, status_code=status)
+def _bad(param: str, message: str) -> InvalidValue:
+    return InvalidValue(f"{param}: {message}", param=param)
 
 
-def _prefixed(prefix: str, error: InvalidInput) -> InvalidInput:
+def _prefixed(prefix: str, error: Refused) -> Refused:
     param = f"{prefix}.{error.param}" if error.param else prefix
     named = bool(error.param) and error.message.startswith(f"{error.param}:")
     message = f"{prefix}.{error.message}" if named else f"{param}: {error.message}"
-    return InvalidInput(message, param=param, status_code=error.status_code)
+    return error.reworded(message, param)
 
 
 # --- cron and time zones -------------------------------------------------------------------------------
@@ -380,7 +380,7 @@ def check_job(value: Any, max_item_bytes: int) -> dict[str, Any]:
                                  "(or set job.task_type to another kind of task)")
     try:
         request = parse_job_request({**fields, "items": [{"id": "probe", "text": "probe"}]}, max_item_bytes)
-    except InvalidInput as exc:
+    except Refused as exc:
         raise _prefixed("job", exc) from None
     settings = request.settings
     return {"task_type": settings.task_type, "tier": settings.tier.value, "urgent": settings.urgent,
@@ -436,7 +436,7 @@ def _name_taken(session: Session, tenant_id: uuid.UUID, name: str, other_than: u
     if other_than is not None:
         query = query.where(Schedule.id != other_than)
     if session.scalar(query) is not None:
-        raise InvalidInput(f"name: a schedule named {name!r} already exists", param="name", status_code=409)
+        raise Conflict(f"name: a schedule named {name!r} already exists", param="name")
 
 
 def create_schedule(session: Session, tenant_id: uuid.UUID, spec: ScheduleSpec, *,
@@ -459,8 +459,7 @@ def create_schedule(session: Session, tenant_id: uuid.UUID, spec: ScheduleSpec, 
         with session.begin_nested():
             session.flush()
     except IntegrityError:
-        raise InvalidInput(f"name: a schedule named {spec.name!r} already exists", param="name",
-                           status_code=409) from None
+        raise Conflict(f"name: a schedule named {spec.name!r} already exists", param="name") from None
     return schedule, secret
 
 
@@ -514,8 +513,7 @@ def update_schedule(session: Session, tenant_id: uuid.UUID, schedule_id: uuid.UU
         with session.begin_nested():
             session.flush()
     except IntegrityError:
-        raise InvalidInput(f"name: a schedule named {spec.name!r} already exists", param="name",
-                           status_code=409) from None
+        raise Conflict(f"name: a schedule named {spec.name!r} already exists", param="name") from None
     return schedule
 
 
@@ -571,7 +569,7 @@ def request_run(session: Session, tenant_id: uuid.UUID, schedule_id: uuid.UUID) 
     schedule = get_schedule(session, tenant_id, schedule_id)
     run_id = _insert_run(session, schedule, _now(session), "manual")
     if run_id is None:  # two manual runs in the same microsecond: the other one is this run
-        raise InvalidInput("a run of this schedule was just started; try again", status_code=409)
+        raise Conflict("a run of this schedule was just started; try again")
     run = session.get(ScheduleRun, run_id)
     assert run is not None
     return run
@@ -690,7 +688,7 @@ def _copy_new_items(session: Session, schedule: Schedule, run: ScheduleRun, conf
             appender = ItemAppender(session, schedule.tenant_id, job.id, config, max_bytes)
         try:
             appender.add(new_items)
-        except InvalidInput as exc:
+        except Refused as exc:  # a bad item, a duplicate id, the budget reached
             raise SourceError(f"an item of the source was refused: {exc.message}") from None
         counts["new"] += len(new_items)
     return appender

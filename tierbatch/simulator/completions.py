@@ -63,7 +63,7 @@ def validate_chat_request(body: Any) -> tuple[str, dict[str, Any]]:
         if cache_key is not None and not isinstance(cache_key, str):
             raise shared.invalid_type("prompt_cache_key", "a string", cache_key)
     except shared.InvalidRequest as refused:
-        raise OpenAIError(refused.status, refused.message, "invalid_request_error", refused.param,
+        raise OpenAIError(400, refused.message, "invalid_request_error", refused.param,
                           refused.code) from None
     return model, body
 

@@ -9,7 +9,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from tierbatch.base.errors import InvalidInput
+from tierbatch.base.errors import InvalidInput, InvalidValue, TooLarge
 from tierbatch.base.states import RequestedTier
 from tierbatch.cache.responses import check_cache_switch
 
@@ -133,8 +133,8 @@ def invalid_input_from(error: ValidationError, prefix: tuple[int | str, ...] = (
     message = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         message = "unknown field"
-    return InvalidInput(f"{param}: {message}" if param else message, param=param,
-                        status_code=422 if first["type"] != "json_invalid" else 400)
+    kind = InvalidInput if first["type"] == "json_invalid" else InvalidValue
+    return kind(f"{param}: {message}" if param else message, param=param)
 
 
 def parse_submission(payload: Any, max_tasks: int, max_prompt_bytes: int) -> list[TaskSpec]:
@@ -145,8 +145,8 @@ def parse_submission(payload: Any, max_tasks: int, max_prompt_bytes: int) -> lis
         if "tasks" in payload:
             tasks = payload.get("tasks")
             if isinstance(tasks, list) and len(tasks) > max_tasks:
-                raise InvalidInput(f"tasks: at most {max_tasks} tasks per request (got {len(tasks)})",
-                                   param="tasks", status_code=413)
+                raise TooLarge(f"tasks: at most {max_tasks} tasks per request (got {len(tasks)})",
+                                   param="tasks")
             specs = TaskBatchSpec.model_validate(payload).tasks
             prefix: tuple[int | str, ...] = ("tasks",)
         else:
@@ -159,6 +159,6 @@ def parse_submission(payload: Any, max_tasks: int, max_prompt_bytes: int) -> lis
         if size > max_prompt_bytes:
             field = "messages" if spec.messages is not None else "prompt"
             where = _param_of((*prefix, index, field)) if prefix else field
-            raise InvalidInput(f"{where}: {size} bytes is over the limit of {max_prompt_bytes} bytes",
-                               param=where, status_code=413)
+            raise TooLarge(f"{where}: {size} bytes is over the limit of {max_prompt_bytes} bytes",
+                               param=where)
     return specs

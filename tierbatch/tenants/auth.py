@@ -213,7 +213,7 @@ class KeyAuthenticator:
             await self._refuse(address, "invalid API key")
         return grant
 
-    async def _refuse(self, address: str, message: str) -> NoReturn:
+    async def _refuse(self, address: str, message: str, *, challenge: bool = True) -> NoReturn:
         """A failed authentication: 429 once the address has used up its failures, else counted and 401. A
         right secret is never refused here, so guesses from an address cannot lock its real users out."""
         if self._counted(address):
@@ -222,7 +222,7 @@ class KeyAuthenticator:
                 raise RateLimited("Too many failed authentications from this address. "
                                   f"Please try again in {wait}s.", wait, "failed_authentications")
             await self._limits.count_failure(self._failures, address)
-        raise Unauthenticated(message)
+        raise Unauthenticated(message, "invalid_api_key", challenge=challenge)
 
     def _counted(self, address: str) -> bool:
         try:
@@ -245,4 +245,4 @@ class KeyAuthenticator:
         """`Unauthenticated` unless `token` is the admin token (none configured: admin routes are off);
         failures count against the address like bad keys."""
         if not expected or not secret_matches(token, expected):
-            await self._refuse(address, "admin token required")
+            await self._refuse(address, "admin token required", challenge=False)

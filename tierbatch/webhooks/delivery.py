@@ -62,7 +62,7 @@ from sqlalchemy.orm import Session
 from standardwebhooks.webhooks import Webhook
 
 from tierbatch.base.config import WebhooksConfig
-from tierbatch.base.errors import InvalidInput, TierbatchError
+from tierbatch.base.errors import InvalidValue, TierbatchError
 from tierbatch.base.secretbox import ENV_NAME as SECRET_KEY_ENV
 from tierbatch.base.secretbox import SecretBox, SecretUnreadable
 from tierbatch.base.states import WebhookStatus
@@ -214,8 +214,8 @@ class TargetPolicy:
         try:
             self.addresses(_ascii_host(parsed), parsed.port or (443 if parsed.scheme == "https" else 80))
         except BlockedTarget as exc:
-            raise InvalidInput(f"webhook_url: {exc}; webhooks are only sent to public addresses",
-                               param="webhook_url", status_code=422) from None
+            raise InvalidValue(f"webhook_url: {exc}; webhooks are only sent to public addresses",
+                               param="webhook_url") from None
         return url
 
 
@@ -227,8 +227,8 @@ def _ascii_host(url: httpx.URL) -> str:
 def require_secret_box(box: SecretBox | None) -> SecretBox:
     """Webhooks need a key to keep their secrets: a 422 naming the field when the server has none."""
     if box is None:
-        raise InvalidInput(f"webhook_url: webhooks are not enabled on this server ({SECRET_KEY_ENV} is not set)",
-                           param="webhook_url", status_code=422)
+        raise InvalidValue(f"webhook_url: webhooks are not enabled on this server ({SECRET_KEY_ENV} is not set)",
+                           param="webhook_url")
     return box
 
 
@@ -272,21 +272,19 @@ def check_webhook_url(value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, str) or not value.strip():
-        raise InvalidInput("webhook_url: must be an http(s) URL", param="webhook_url", status_code=422)
+        raise InvalidValue("webhook_url: must be an http(s) URL", param="webhook_url")
     if len(value) > MAX_URL_CHARS:
-        raise InvalidInput(f"webhook_url: at most {MAX_URL_CHARS} characters", param="webhook_url",
-                           status_code=422)
+        raise InvalidValue(f"webhook_url: at most {MAX_URL_CHARS} characters", param="webhook_url")
     if any(c.isspace() or not c.isprintable() for c in value):
-        raise InvalidInput("webhook_url: must not contain spaces or control characters (percent-encode them)",
-                           param="webhook_url", status_code=422)
+        raise InvalidValue("webhook_url: must not contain spaces or control characters (percent-encode them)",
+                           param="webhook_url")
     try:
         url = httpx.URL(value)
     except (httpx.InvalidURL, TypeError, ValueError):
-        raise InvalidInput(f"webhook_url: {value!r} is not a valid URL", param="webhook_url",
-                           status_code=422) from None
+        raise InvalidValue(f"webhook_url: {value!r} is not a valid URL", param="webhook_url") from None
     if url.scheme not in ("http", "https") or not url.host:
-        raise InvalidInput(f"webhook_url: {value!r} must be an http:// or https:// URL with a host",
-                           param="webhook_url", status_code=422)
+        raise InvalidValue(f"webhook_url: {value!r} must be an http:// or https:// URL with a host",
+                           param="webhook_url")
     return value
 
 
