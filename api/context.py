@@ -16,7 +16,7 @@ from tierbatch.base.settings import Settings
 from tierbatch.db.engine import make_engine, make_session_factory
 from tierbatch.gateway.chat import Gateway, TenantPolicies
 from tierbatch.ledger.pricing import PriceBook
-from tierbatch.openai_batches.facade import FileLimits
+from tierbatch.openai_batches.files import FileLimits
 from tierbatch.providers.client import AsyncProviderClients
 from tierbatch.providers.cooldown import Cooldown
 from tierbatch.tenants.auth import KeyAuthenticator, RateLimits, database_lookup, limits_storage

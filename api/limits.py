@@ -34,7 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tierbatch.api.errors import OPENAI_PATHS, error_response, openai_error_response, refused_response
 from tierbatch.base.errors import InvalidInput
 from tierbatch.base.inputs import NotJson, check_text, dotted, loads_checked, unstorable
-from tierbatch.openai_batches.facade import FileLimits
+from tierbatch.openai_batches.files import FileLimits
 
 MiB = 1024 * 1024
 # The limits of the routes (a route not named here has DEFAULT_BODY_BYTES).

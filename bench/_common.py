@@ -29,7 +29,7 @@ TICKET = "ticket {i}: I was charged twice for my subscription this month, please
 
 def label_request(i: int) -> str:
     """A stored request of a labelled classification job (as `POST /v1/jobs` writes it), as JSON text."""
-    from tierbatch.jobs.store import label_response_format
+    from tierbatch.jobs.rows import label_response_format
 
     return json.dumps({"messages": [{"role": "system", "content": SYSTEM_PROMPT},
                                     {"role": "user", "content": "Ticket: " + TICKET.format(i=i)}],

@@ -1,4 +1,4 @@
-"""Celery task of the Batch API facade; the logic is in tierbatch/openai_batches/facade.py.
+"""Celery task of the Batch API facade; the logic is in tierbatch/openai_batches/expiry.py.
 
 `tierbatch.facade.expire` (beat, at the batch poll interval): the client batches past `expires_at` and
 not final, one transaction each. Every step locks the batch row (SKIP LOCKED) and is guarded by its
@@ -14,7 +14,7 @@ from celery import shared_task
 
 from tierbatch.base.messaging import EXPIRE_CLIENT_BATCHES
 from tierbatch.base.states import ClientBatchStatus
-from tierbatch.openai_batches.facade import due_batches, expire_batch
+from tierbatch.openai_batches.expiry import due_batches, expire_batch
 from tierbatch.worker.context import context_of
 
 log = logging.getLogger(__name__)

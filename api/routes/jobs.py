@@ -26,21 +26,9 @@ from tierbatch.base.inputs import NotJson, loads_checked
 from tierbatch.base.messaging import DISPATCH_TASKS, dispatch_after_commit
 from tierbatch.base.states import TaskStatus
 from tierbatch.db.models import Job, WebhookDelivery
-from tierbatch.jobs.store import (
-    ItemAppender,
-    JobSummary,
-    cancel_job,
-    count_tasks,
-    dispatch_in_chunks,
-    get_job,
-    iter_results,
-    label_of,
-    list_jobs,
-    parse_job_request,
-    queued_ids_between,
-    submit_job,
-    summarize_jobs,
-)
+from tierbatch.jobs.read import JobSummary, count_tasks, get_job, iter_results, label_of, list_jobs, summarize_jobs
+from tierbatch.jobs.requests import parse_job_request
+from tierbatch.jobs.store import ItemAppender, cancel_job, dispatch_in_chunks, queued_ids_between, submit_job
 from tierbatch.webhooks.delivery import JOBS, attempts_of, require_secret_box
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])

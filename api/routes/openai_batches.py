@@ -1,7 +1,7 @@
 """The Batch API facade: `/v1/files` (purpose `batch`; also `user_data`, CSV or JSONL rows a
 schedule's source reads by `file_id`) and `/v1/batches`, OpenAI's semantics
-and limits over our task path. Domain logic in tierbatch/openai_batches/facade.py; output files are assembled lazily, by
-the first read of a batch whose lines are all done."""
+and limits over our task path. Domain logic in tierbatch/openai_batches/ (files.py, batches.py); output files are
+assembled lazily, by the first read of a batch whose lines are all done (results.py)."""
 
 from __future__ import annotations
 
@@ -22,17 +22,19 @@ from tierbatch.base.errors import InvalidInput
 from tierbatch.base.inputs import unstorable
 from tierbatch.base.messaging import dispatch_after_commit
 from tierbatch.jobs.store import dispatch_in_chunks
-from tierbatch.openai_batches.facade import (
+from tierbatch.openai_batches.batches import (
     batch_object,
     batch_view,
     cancel_batch,
     create_batch,
+    get_batch,
+    list_batches,
+)
+from tierbatch.openai_batches.files import (
     delete_file,
     file_object,
-    get_batch,
     get_file,
     iter_file_parts,
-    list_batches,
     list_files,
     store_batch_file,
     store_user_file,

@@ -40,7 +40,7 @@ from tests.support.openapi import validate
 from tests.support.procs import wait_until
 from tests.support.stack import Stack, psycopg_dsn
 from tierbatch.db.engine import make_engine, make_session_factory
-from tierbatch.openai_batches.facade import expire_batch
+from tierbatch.openai_batches.expiry import expire_batch
 
 pytestmark = pytest.mark.integration
 

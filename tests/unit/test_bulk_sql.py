@@ -18,7 +18,8 @@ from tierbatch.base.states import Mode, RequestedTier, TaskStatus, Tier
 from tierbatch.db import bulk_sql
 from tierbatch.db.bulk_sql import LEDGER, TASKS, columns, sql_type
 from tierbatch.gateway.chat import CallRecord, Route, record_params
-from tierbatch.jobs.store import JobItem, JobSettings, task_rows, time_ordered_ids
+from tierbatch.jobs.requests import JobItem, JobSettings
+from tierbatch.jobs.rows import task_rows, time_ordered_ids
 from tierbatch.ledger.pricing import TokenUsage
 from tierbatch.tasks import transitions as task_transitions
 

@@ -10,7 +10,7 @@ import pytest
 
 from tierbatch.api.errors import status_of
 from tierbatch.base.errors import InvalidInput
-from tierbatch.jobs.store import parse_job_request
+from tierbatch.jobs.requests import parse_job_request
 from tierbatch.tasks.submission import parse_submission
 
 

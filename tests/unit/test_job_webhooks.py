@@ -25,7 +25,9 @@ from tierbatch.base.messaging import (
 )
 from tierbatch.base.states import RequestedTier
 from tierbatch.db.models import Job
-from tierbatch.jobs.store import JobSummary, _settings_for_append, parse_job_request
+from tierbatch.jobs.read import JobSummary
+from tierbatch.jobs.requests import parse_job_request
+from tierbatch.jobs.store import _settings_for_append
 from tierbatch.jobs.webhooks import encode_payload, job_payload
 from tierbatch.webhooks.delivery import JOBS, SCHEDULE_RUNS, check_webhook_url, new_secret, signed_headers
 from tierbatch.worker.app import beat_schedule

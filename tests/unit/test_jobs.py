@@ -17,18 +17,10 @@ from tierbatch.base.errors import InvalidInput
 from tierbatch.base.messaging import DISPATCH_TASKS
 from tierbatch.base.states import RequestedTier
 from tierbatch.cli.jobs import CliError, SourceItem, chunked, read_csv, read_jsonl
-from tierbatch.jobs.store import (
-    JobItem,
-    JobSettings,
-    RequestEncoder,
-    dispatch_in_chunks,
-    label_of,
-    label_response_format,
-    parse_job_request,
-    task_rows,
-    tier_chooser,
-    time_ordered_ids,
-)
+from tierbatch.jobs.read import label_of
+from tierbatch.jobs.requests import JobItem, JobSettings, parse_job_request
+from tierbatch.jobs.rows import RequestEncoder, label_response_format, task_rows, tier_chooser, time_ordered_ids
+from tierbatch.jobs.store import dispatch_in_chunks
 
 LIMIT = 1 << 20
 CONFIG = AppConfig.model_validate({

@@ -11,7 +11,7 @@ from starlette.types import Message
 
 from tierbatch.api.errors import install_error_handlers
 from tierbatch.api.limits import DEFAULT_BODY_BYTES, install_input_guard, parsed_json
-from tierbatch.openai_batches.facade import FileLimits
+from tierbatch.openai_batches.files import FileLimits
 
 
 def make_app() -> tuple[FastAPI, list[Any]]:

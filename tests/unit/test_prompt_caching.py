@@ -12,7 +12,8 @@ from typing import Any
 import pytest
 
 from tierbatch.base.config import AppConfig
-from tierbatch.jobs.store import JobItem, JobSettings, RequestEncoder
+from tierbatch.jobs.requests import JobItem, JobSettings
+from tierbatch.jobs.rows import RequestEncoder
 from tierbatch.providers.client import ProviderClients, prompt_cache_key, with_prompt_cache_key
 from tierbatch.simulator.batch_input import parse_input
 from tierbatch.simulator.completions import validate_chat_request

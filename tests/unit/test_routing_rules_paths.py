@@ -9,8 +9,9 @@ from typing import Any
 
 from tierbatch.base.config import AppConfig
 from tierbatch.base.states import RequestedTier, Tier
-from tierbatch.jobs.store import JobItem, JobSettings, tier_chooser
-from tierbatch.openai_batches.facade import parse_batch_line
+from tierbatch.jobs.requests import JobItem, JobSettings
+from tierbatch.jobs.rows import tier_chooser
+from tierbatch.openai_batches.lines import parse_batch_line
 from tierbatch.routing.rules import RuleView
 
 CONFIG = AppConfig.model_validate({

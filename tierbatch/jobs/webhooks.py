@@ -41,7 +41,7 @@ from sqlalchemy.orm import Session
 
 from tierbatch.base.states import LIVE_TASK_STATUSES, WebhookStatus, sql_in
 from tierbatch.db.models import Job, Task
-from tierbatch.jobs.store import JobSummary, summarize_jobs
+from tierbatch.jobs.read import JobSummary, summarize_jobs
 from tierbatch.webhooks.delivery import JOBS
 
 EVENT = JOBS.event  # "job.finished"

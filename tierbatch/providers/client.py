@@ -4,7 +4,7 @@
 
 Prompt caching: providers cache a request's longest previously seen prefix of 1,024+
 tokens and bill it at the cached-input rate. Our requests keep that prefix stable: a job's request is
-its system prompt, then the rendered template with the item's text last (`tierbatch.jobs.store.RequestEncoder`),
+its system prompt, then the rendered template with the item's text last (`tierbatch.jobs.rows.RequestEncoder`),
 and params come after the messages. Where the provider config allows it (`prompt_cache_key`, on by
 default), calls also carry OpenAI's `prompt_cache_key` (`prompt_cache_key()` below), which steers
 requests with the same prefix to the same cache; it never changes what is answered or billed.

@@ -70,7 +70,8 @@ from tierbatch.base.states import (
 )
 from tierbatch.db.engine import newest_first_page
 from tierbatch.db.models import Classification, Job, LedgerEntry, Schedule, ScheduleRun, Task, Tenant, WebhookDelivery
-from tierbatch.jobs.store import ItemAppender, JobSettings, parse_job_request
+from tierbatch.jobs.requests import JobSettings, parse_job_request
+from tierbatch.jobs.store import ItemAppender
 from tierbatch.schedules.sources import (
     CursorTracker,
     PathRefused,
