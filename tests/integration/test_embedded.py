@@ -1,4 +1,4 @@
-"""Embedded PostgreSQL and Redis (tierbatch/cli/embedded.py): start, use, stop without leftovers, restart, recover."""
+"""Embedded PostgreSQL and Redis (tierbatch/cli/embedded/): start, use, stop without leftovers, restart, recover."""
 
 from __future__ import annotations
 
@@ -12,7 +12,10 @@ import pytest
 import redis
 
 from tests.support.procs import managed, wait_until
-from tierbatch.cli.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServiceError, pid_alive, port_accepts
+from tierbatch.cli.embedded.postgres import EmbeddedPostgres
+from tierbatch.cli.embedded.processes import pid_alive, port_accepts
+from tierbatch.cli.embedded.redis import EmbeddedRedis
+from tierbatch.cli.embedded.server import EmbeddedServiceError
 
 pytestmark = pytest.mark.integration
 
@@ -128,7 +131,8 @@ def _probe_table(url: str) -> object:
 _OWNER_SCRIPT = textwrap.dedent(
     """
     import sys, time
-    from tierbatch.cli.embedded import EmbeddedPostgres, EmbeddedRedis
+    from tierbatch.cli.embedded.postgres import EmbeddedPostgres
+    from tierbatch.cli.embedded.redis import EmbeddedRedis
     pg = EmbeddedPostgres(sys.argv[1]); rd = EmbeddedRedis(sys.argv[1])
     print(pg.start(), pg.pid, rd.start(), rd.pid, flush=True)
     time.sleep(600)

@@ -29,7 +29,7 @@ import pytest
 
 from tests.support.procs import ManagedProcess, free_port, wait_until
 from tests.support.stack import Stack, psycopg_dsn, write_app_config
-from tierbatch.cli.embedded import EmbeddedPostgres
+from tierbatch.cli.embedded.postgres import EmbeddedPostgres
 from tierbatch.migrations.runner import upgrade_to_head
 
 pytestmark = pytest.mark.integration

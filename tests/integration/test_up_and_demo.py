@@ -23,8 +23,9 @@ import pytest
 from rich.console import Console
 
 from tests.support.procs import REPO_ROOT, ManagedProcess, free_port, python_module, wait_until
-from tierbatch.cli.demo import promotion_line, render_report
-from tierbatch.cli.embedded import port_accepts
+from tierbatch.cli.demo.quality_scene import promotion_line
+from tierbatch.cli.demo.report import render_report
+from tierbatch.cli.embedded.processes import port_accepts
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from tierbatch.base.errors import RateLimited, Unauthenticated
 from tierbatch.base.settings import MIN_ADMIN_TOKEN_CHARS, Settings
-from tierbatch.cli.stack import LocalStack, StackError
+from tierbatch.cli.stack.local_stack import LocalStack, StackError
 from tierbatch.tenants.auth import KeyAuthenticator, RateLimits, estimated_tokens, secret_matches, sliding_window_wait
 from tierbatch.tenants.store import KeyGrant
 

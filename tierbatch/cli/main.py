@@ -178,7 +178,7 @@ def up(directory: Annotated[Path, typer.Option("--dir", help="State directory (e
                                                help="Start the simulator even when TIERBATCH_CONFIG is set.")]
        = False) -> None:
     """All-in-one local stack: embedded Postgres/Redis, simulator, migrations, API, worker, beat."""
-    from tierbatch.cli.stack import run_up
+    from tierbatch.cli.stack.up import run_up
 
     raise typer.Exit(run_up(directory, api_port, simulator_port, concurrency, simulator))
 
@@ -197,7 +197,7 @@ def demo(directory: Annotated[Path, typer.Option("--dir", help="State directory 
              help="Stop waiting after this when no non-urgent task has reached a provider batch.")] = 15.0,
          as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:
     """Start the stack, run a mixed sample workload, print the savings report, stop."""
-    from tierbatch.cli.demo import run_demo
+    from tierbatch.cli.demo.run import run_demo
 
     raise typer.Exit(run_demo(directory, api_port or None, simulator_port or None, concurrency, simulator,
                               wait, batch_wait, as_json))

@@ -12,31 +12,33 @@ providers), API, worker and beat as child processes, each in its own process gro
 Secrets of the stack kept in `<dir>` (mode 0600), made on the first start when the environment has none:
 `admin_token` (TIERBATCH_ADMIN_TOKEN) and `secret_key` (TIERBATCH_SECRET_KEY, which encrypts the
 webhook secrets in the database: losing it means rotating them).
+
+The command itself, the stack in the foreground until Ctrl-C: `tierbatch.cli.stack.up`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
-import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from decimal import Decimal
 from pathlib import Path
-from types import FrameType, TracebackType
+from types import TracebackType
 from typing import Any
 
 import httpx
 from rich.console import Console
-from rich.markup import escape
 
-from tierbatch.cli.embedded import EmbeddedPostgres, EmbeddedRedis, EmbeddedServiceError, pid_alive, port_accepts
+from tierbatch.cli.embedded.postgres import EmbeddedPostgres
+from tierbatch.cli.embedded.processes import free_port, pid_alive, port_accepts
+from tierbatch.cli.embedded.redis import EmbeddedRedis
+from tierbatch.cli.embedded.server import EmbeddedServiceError
+from tierbatch.cli.stack.children import Child, log_tail, wait_until
+from tierbatch.cli.stack.signals import signals_ignored
+from tierbatch.cli.stack.toml_writer import deep_merge, dump_toml
 
 HOST = "127.0.0.1"
 DEV_TENANT_NAME = "dev"
@@ -46,16 +48,6 @@ READY_TIMEOUT = 90.0
 
 class StackError(RuntimeError):
     """The stack cannot start or keep running; the message says why."""
-
-
-# ---------------------------------------------------------------------------------------------
-# small helpers
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
 
 
 def port_free(port: int) -> bool:
@@ -71,55 +63,6 @@ def port_free(port: int) -> bool:
     return True
 
 
-def _toml_key(key: str) -> str:
-    bare = key and all(c.isalnum() or c in "-_" for c in key)
-    return key if bare else _toml_value(key)
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float | Decimal):
-        return str(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-        return f'"{escaped}"'
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(item) for item in value) + "]"
-    if isinstance(value, Mapping):
-        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + " }"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def dump_toml(data: Mapping[str, Any]) -> str:
-    """A small TOML writer for config dicts: nested tables as [a.b] sections, lists inline."""
-    lines: list[str] = []
-
-    def table(prefix: list[str], body: Mapping[str, Any]) -> None:
-        scalars = [(k, v) for k, v in body.items() if not isinstance(v, Mapping)]
-        tables = [(k, v) for k, v in body.items() if isinstance(v, Mapping)]
-        if prefix and (scalars or not tables):
-            if lines:
-                lines.append("")
-            lines.append("[" + ".".join(_toml_key(p) for p in prefix) + "]")
-        lines.extend(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars)
-        for key, sub in tables:
-            table([*prefix, key], sub)
-
-    table([], data)
-    return "\n".join(lines) + "\n"
-
-
-def _deep_merge(base: dict[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, Mapping) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
 def _write_private(path: Path, text: str) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
@@ -133,109 +76,6 @@ def _read_text(path: Path) -> str | None:
     except OSError:
         return None
     return value or None
-
-
-def _log_tail(path: Path, limit: int = 2000) -> str:
-    try:
-        return path.read_text(errors="replace")[-limit:]
-    except OSError:
-        return "(no log)"
-
-
-# ---------------------------------------------------------------------------------------------
-# child processes
-
-
-class Child:
-    """One child process in its own process group, output to a log file."""
-
-    def __init__(self, name: str, args: list[str], env: Mapping[str, str], log_path: Path) -> None:
-        self.name = name
-        self.args = args
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 - closed in stop()
-        try:
-            self.popen = subprocess.Popen(args, env=dict(env), stdin=subprocess.DEVNULL, stdout=self._log,
-                                          stderr=subprocess.STDOUT, start_new_session=True)
-        except BaseException:
-            self._log.close()
-            raise
-        self._family: set[int] = set()
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def log_text(self) -> str:
-        return _log_tail(self.log_path, 100_000)
-
-    def _descendants(self) -> set[int]:
-        import psutil
-
-        try:
-            return {p.pid for p in psutil.Process(self.pid).children(recursive=True)}
-        except psutil.Error:
-            return set()
-
-    def terminate(self) -> None:
-        """SIGTERM to the whole group (remembering the family, to SIGKILL stragglers later)."""
-        if self.alive():
-            self._family |= self._descendants()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGTERM)
-
-    def gone(self) -> bool:
-        if self.alive():
-            return False
-        return not any(pid_alive(pid) for pid in self._family)
-
-    def kill(self) -> None:
-        """SIGKILL whatever remains of the group and the family, reap, close the log."""
-        if self.alive():
-            self._family |= self._descendants()
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        for pid in self._family:
-            if pid_alive(pid):
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        while any(pid_alive(pid) for pid in self._family) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        if not self._log.closed:
-            self._log.close()
-
-
-def _wait(predicate: Callable[[], bool], timeout: float, interval: float = 0.1) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(interval)
-    return True
-
-
-@contextlib.contextmanager
-def _signals_ignored() -> Iterator[None]:
-    """Ignore SIGINT/SIGTERM while stopping, so a second Ctrl-C cannot leave things half stopped."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-# ---------------------------------------------------------------------------------------------
-# the stack
 
 
 @dataclass(frozen=True)
@@ -389,14 +229,14 @@ class LocalStack:
 
     def stop(self) -> None:
         """Stop children (SIGTERM to each group, wait, SIGKILL), then the embedded servers. Idempotent."""
-        with _signals_ignored():
+        with signals_ignored():
             children, self.children = list(reversed(self.children)), []
             if children:
                 self._say("stopping " + ", ".join(child.name for child in children))
             try:
                 for child in children:
                     child.terminate()
-                _wait(lambda: all(child.gone() for child in children), STOP_TIMEOUT)
+                wait_until(lambda: all(child.gone() for child in children), STOP_TIMEOUT)
             finally:
                 for child in children:
                     child.kill()
@@ -466,8 +306,8 @@ class LocalStack:
 
         files_root = self.data_dir / "files"
         files_root.mkdir(mode=0o750, exist_ok=True)
-        data = _deep_merge(default_config_data(simulator_url), {"files": {"root": str(files_root)}})
-        data = _deep_merge(data, self.config_overrides)
+        data = deep_merge(default_config_data(simulator_url), {"files": {"root": str(files_root)}})
+        data = deep_merge(data, self.config_overrides)
         path = self.data_dir / "tierbatch.toml"
         path.write_text("# generated by tierbatch up/demo: the default config, simulator on its port\n"
                         + dump_toml(data))
@@ -551,85 +391,12 @@ class LocalStack:
             dead = self.dead()
             if dead:
                 child = next((c for c in self.children if not c.alive()), None)
-                tail = f"\n--- {child.log_path} ---\n{_log_tail(child.log_path)}" if child else ""
+                tail = f"\n--- {child.log_path} ---\n{log_tail(child.log_path)}" if child else ""
                 raise StackError("exited during start: " + "; ".join(dead) + tail)
             if ready():
                 return
             if time.monotonic() >= deadline:
                 log = self.logs_dir / f"{name}.log"
                 raise StackError(f"{name} not ready after {self.ready_timeout:.0f}s; see {log}\n"
-                                 f"{_log_tail(log)}")
+                                 f"{log_tail(log)}")
             time.sleep(0.2)
-
-
-# ---------------------------------------------------------------------------------------------
-# `tierbatch up`
-
-
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM, handled like Ctrl-C."""
-
-
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated()
-
-
-@contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """SIGINT and SIGTERM raise KeyboardInterrupt (main thread), so both stop the stack like Ctrl-C.
-
-    SIGINT is set explicitly: a shell starts background commands with SIGINT ignored.
-    """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {signal.SIGINT: signal.signal(signal.SIGINT, signal.default_int_handler),
-                signal.SIGTERM: signal.signal(signal.SIGTERM, _raise_terminated)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-def print_info(console: Console, info: StackInfo) -> None:
-    rows = [
-        ("API", info.api_url),
-        ("OpenAI base URL", info.openai_base_url),
-        ("simulator", info.simulator_url or "(not started: TIERBATCH_CONFIG names the providers)"),
-        ("dev API key", f"[green]{info.dev_api_key}[/]"),
-        ("admin token", info.admin_token),
-        ("database", ("embedded PostgreSQL " if info.embedded_database else "") + info.database_url),
-        ("redis", ("embedded Redis " if info.embedded_redis else "") + info.redis_url),
-        ("config", str(info.config_path) if info.config_path else "(embedded default)"),
-        ("logs", str(info.logs_dir)),
-    ]
-    width = max(len(label) for label, _ in rows)
-    console.print("[bold green]tierbatch is up[/]")
-    for label, value in rows:
-        console.print(f"  [bold]{label.ljust(width)}[/]  {value}", highlight=False, soft_wrap=True)
-    console.print(f"The dev key is kept in {info.data_dir / 'dev_api_key'}. Press Ctrl-C to stop everything.",
-                  soft_wrap=True)
-
-
-def run_up(data_dir: Path, api_port: int, simulator_port: int, concurrency: int, simulator: bool) -> int:
-    """Run the stack until Ctrl-C / SIGTERM (exit 0) or until a part dies (exit 1)."""
-    out = Console()
-    err = Console(stderr=True)
-    stack = LocalStack(data_dir, api_port=api_port, simulator_port=simulator_port, concurrency=concurrency,
-                       simulator=simulator, console=err)
-    try:
-        with sigterm_as_interrupt(), stack as info:
-            print_info(out, info)
-            while True:
-                dead = stack.dead()
-                if dead:
-                    err.print("[bold red]error:[/] stopped unexpectedly: " + escape("; ".join(dead)), highlight=False)
-                    return 1
-                time.sleep(0.5)
-    except KeyboardInterrupt:
-        err.print("stopped")
-        return 0
-    except StackError as exc:
-        err.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
-        return 1
