@@ -1,4 +1,4 @@
-"""Celery tasks of scheduled classification; the logic is in tierbatch/schedules/service.py.
+"""Celery tasks of scheduled classification; the logic is in tierbatch/schedules/ (firing.py, runs.py).
 
 - `tierbatch.schedules.tick` (beat, every few seconds): starts the runs of due schedules, sends
   `finish` for runs whose job is done, and sends again any step whose message was lost. It takes an
@@ -23,14 +23,8 @@ from celery import Celery, shared_task
 from celery import Task as CeleryTask
 
 from tierbatch.base.messaging import DISPATCH_TASKS, SCHEDULE_FINISH, SCHEDULE_RUN, SCHEDULE_TICK, SCHEDULE_WEBHOOK
-from tierbatch.schedules.service import (
-    RunStep,
-    finish_run,
-    fire_due,
-    queued_task_ids,
-    runs_to_nudge,
-    start_run,
-)
+from tierbatch.schedules.firing import fire_due, runs_to_nudge
+from tierbatch.schedules.runs import RunStep, finish_run, queued_task_ids, start_run
 from tierbatch.webhooks.delivery import SCHEDULE_RUNS
 from tierbatch.worker.context import WorkerContext, context_of
 from tierbatch.worker.webhooks import make_attempt

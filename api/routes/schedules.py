@@ -19,21 +19,20 @@ from tierbatch.api.serialize import money, timestamp
 from tierbatch.base.errors import InvalidInput, NotFound
 from tierbatch.base.messaging import SCHEDULE_RUN
 from tierbatch.db.models import Classification, Schedule, ScheduleRun, Tenant
-from tierbatch.schedules.service import (
-    TenantScope,
+from tierbatch.schedules.file_sources import user_file
+from tierbatch.schedules.firing import request_run
+from tierbatch.schedules.run_webhooks import run_summary, webhook_attempts
+from tierbatch.schedules.spec import TenantScope, parse_schedule
+from tierbatch.schedules.sql_sources import cursor_json
+from tierbatch.schedules.store import (
     create_schedule,
     delete_schedule,
     get_run,
     get_schedule,
     list_runs,
     list_schedules,
-    parse_schedule,
-    request_run,
-    run_summary,
     update_schedule,
-    webhook_attempts,
 )
-from tierbatch.schedules.sources import cursor_json, user_file
 from tierbatch.webhooks.delivery import require_secret_box
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])

@@ -34,7 +34,8 @@ from tierbatch.base.config import load_config
 from tierbatch.base.messaging import DISPATCH_TASKS, SCHEDULE_RUN, SCHEDULE_TICK, make_producer
 from tierbatch.base.settings import Settings
 from tierbatch.db.engine import make_engine, make_session_factory
-from tierbatch.schedules.service import finish_run, fire_due, request_run, start_run
+from tierbatch.schedules.firing import fire_due, request_run
+from tierbatch.schedules.runs import finish_run, start_run
 
 pytestmark = pytest.mark.integration
 

@@ -21,30 +21,20 @@ from tierbatch.base.config import AppConfig, SqlSourceConfig
 from tierbatch.base.csv_safety import safe_cell, safe_row
 from tierbatch.base.errors import InvalidInput
 from tierbatch.db.models import Schedule, ScheduleRun
-from tierbatch.schedules.service import (
+from tierbatch.schedules.classifications import text_hash
+from tierbatch.schedules.file_sources import _rows_of, _StoredFileReader, read_files
+from tierbatch.schedules.sinks import sink_path
+from tierbatch.schedules.source_rows import SourceError
+from tierbatch.schedules.spec import (
     TenantScope,
     check_cron,
     check_timezone,
     latest_fire_at_or_before,
     next_fire_after,
     parse_schedule,
-    sink_path,
-    text_hash,
 )
-from tierbatch.schedules.sources import (
-    CursorTracker,
-    PathRefused,
-    SourceError,
-    TenantFiles,
-    _rows_of,
-    _StoredFileReader,
-    decode_cursor,
-    encode_cursor,
-    open_tenant_file,
-    read_files,
-    read_sql,
-    sqlalchemy_url,
-)
+from tierbatch.schedules.sql_sources import CursorTracker, decode_cursor, encode_cursor, read_sql, sqlalchemy_url
+from tierbatch.schedules.tenant_files import PathRefused, TenantFiles, open_tenant_file
 from tierbatch.webhooks.delivery import backoff_seconds
 from tierbatch.worker.schedules import parse_now
 

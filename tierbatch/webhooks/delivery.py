@@ -7,7 +7,7 @@ this attempt) and `webhook-signature` (`v1,<base64 HMAC-SHA256 of "id.timestamp.
 `standardwebhooks.Webhook(secret).verify(body, headers)`, which also refuses stale timestamps
 (replays). Two things send them, through the same code here:
 
-- a schedule run (`schedule_run.finished`, tierbatch/schedules/service.py), signed with the schedule's secret;
+- a schedule run (`schedule_run.finished`, tierbatch/schedules/run_webhooks.py), signed with the schedule's secret;
 - a bulk job with a `webhook_url` (`job.finished`, tierbatch/jobs/webhooks.py), signed with its tenant's secret.
 
 Secrets are stored encrypted (tierbatch/base/secretbox.py, key `TIERBATCH_SECRET_KEY`) and decrypted when an
