@@ -41,7 +41,8 @@ from tierbatch.jobs.store import (
     submit_job,
     summarize_jobs,
 )
-from tierbatch.webhooks.delivery import JOBS, attempts_of, require_secret_box
+from tierbatch.webhooks.delivery import JOBS, attempts_of
+from tierbatch.webhooks.signing import require_secret_box
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

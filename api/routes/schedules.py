@@ -34,7 +34,7 @@ from tierbatch.schedules.service import (
     webhook_attempts,
 )
 from tierbatch.schedules.sources import cursor_json, user_file
-from tierbatch.webhooks.delivery import require_secret_box
+from tierbatch.webhooks.signing import require_secret_box
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 

@@ -27,7 +27,9 @@ from tierbatch.base.states import RequestedTier
 from tierbatch.db.models import Job
 from tierbatch.jobs.store import JobSummary, _settings_for_append, parse_job_request
 from tierbatch.jobs.webhooks import encode_payload, job_payload
-from tierbatch.webhooks.delivery import JOBS, SCHEDULE_RUNS, check_webhook_url, new_secret, signed_headers
+from tierbatch.webhooks.delivery import JOBS, SCHEDULE_RUNS
+from tierbatch.webhooks.signing import new_secret, signed_headers
+from tierbatch.webhooks.targets import check_webhook_url
 from tierbatch.worker.app import beat_schedule
 
 LIMIT = 1 << 20

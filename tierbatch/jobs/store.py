@@ -47,7 +47,7 @@ from tierbatch.routing.rules import RuleView, rule_decision, tenant_rules
 from tierbatch.routing.tiers import resolve_tier
 from tierbatch.tasks import transitions
 from tierbatch.tasks.submission import ChatParams, Deadline, TaskMetadata, check_content_parts, invalid_input_from
-from tierbatch.webhooks.delivery import check_webhook_url
+from tierbatch.webhooks.targets import check_webhook_url
 
 MAX_ITEMS_PER_REQUEST = 100_000
 MAX_ITEM_ID_CHARS = 1000
@@ -81,7 +81,7 @@ class JobFields(BaseModel):
     template: str = TEXT_PLACEHOLDER
     labels: list[str] | None = None
     metadata: TaskMetadata = Field(default_factory=dict)
-    webhook_url: Any = None  # checked by webhooks.delivery.check_webhook_url (one message for jobs and schedules)
+    webhook_url: Any = None  # checked by webhooks.targets.check_webhook_url (one message for jobs and schedules)
 
     @field_validator("template")
     @classmethod

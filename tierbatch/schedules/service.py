@@ -90,14 +90,9 @@ from tierbatch.schedules.sources import (
 )
 from tierbatch.tasks.labels import extract_label, label_error
 from tierbatch.tasks.submission import invalid_input_from
-from tierbatch.webhooks.delivery import (
-    SCHEDULE_RUNS,
-    attempts_of,
-    check_webhook_url,
-    new_secret,
-    require_secret_box,
-    resends_due,
-)
+from tierbatch.webhooks.delivery import SCHEDULE_RUNS, attempts_of, resends_due
+from tierbatch.webhooks.signing import new_secret, require_secret_box
+from tierbatch.webhooks.targets import check_webhook_url
 
 log = logging.getLogger(__name__)
 
