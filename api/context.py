@@ -20,7 +20,7 @@ from tierbatch.openai_batches.files import FileLimits
 from tierbatch.providers.client import AsyncProviderClients
 from tierbatch.providers.cooldown import Cooldown
 from tierbatch.tenants.auth import KeyAuthenticator, RateLimits, database_lookup, limits_storage
-from tierbatch.webhooks.delivery import TargetPolicy
+from tierbatch.webhooks.targets import TargetPolicy
 
 
 @dataclass

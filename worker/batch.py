@@ -22,30 +22,28 @@ from sqlalchemy import text
 
 from tierbatch.base.errors import ProviderError
 from tierbatch.base.states import BatchStatus, ProviderBatchStatus
-from tierbatch.batching.batches import (
-    METADATA_KEY,
-    ClaimedBatch,
+from tierbatch.batching.assemble import ClaimedBatch, claim_batch, group_is_due, tasks_to_escalate, waiting_groups
+from tierbatch.batching.build import write_batch_file
+from tierbatch.batching.ingest import (
     IngestedChunk,
     PreparedChunk,
-    batches_in,
-    claim_batch,
     classify_lines,
+    prepare_outcomes,
+    return_lines_to_waiting,
+    write_prepared,
+)
+from tierbatch.batching.lifecycle import (
+    METADATA_KEY,
+    batches_in,
     created_epoch,
     finish_batch,
-    group_is_due,
     note_submission_attempt,
-    prepare_outcomes,
     record_poll,
     record_submitted,
     record_uploaded_file,
-    return_lines_to_waiting,
     split_failed_batch,
     tasks_left_in_batch,
-    tasks_to_escalate,
     touch_batch,
-    waiting_groups,
-    write_batch_file,
-    write_prepared,
 )
 from tierbatch.cache.responses import fill_from_succeeded_tasks
 from tierbatch.db.models import ProviderBatch

@@ -36,7 +36,7 @@ from sqlalchemy.orm import Session
 from tierbatch.base.errors import ChainExhausted
 from tierbatch.base.messaging import QUALITY_SHADOW
 from tierbatch.base.states import Mode, TaskStatus, Tier
-from tierbatch.batching.batches import SucceededTask
+from tierbatch.batching.ingest import SucceededTask
 from tierbatch.batching.shadows import finished_batch_shadows, queue_batch_shadows, takes_batch_shadow
 from tierbatch.db.models import QualityComparison, RoutingRule, Task
 from tierbatch.ledger.rows import ResponseRecord, add_ledger_entry

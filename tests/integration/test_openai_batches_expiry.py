@@ -6,7 +6,8 @@ waits for the lines already at a provider (their cost is real), then ends `expir
 in the output file, the cancelled ones as `batch_expired` lines in the error file, billed nothing.
 
 To keep a Light line on the batch path deterministic, a test holds the batch assembler's advisory lock
-for the (provider, model) group: the assembler then claims nothing for it (tierbatch/batching/batches.py `claim_batch`).
+for the (provider, model) group: the assembler then claims nothing for it
+(tierbatch/batching/assemble.py `claim_batch`).
 """
 
 from __future__ import annotations

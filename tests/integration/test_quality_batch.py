@@ -29,7 +29,7 @@ from tests.support.procs import free_port, wait_until
 from tests.support.quality import quality_row
 from tests.support.stack import Stack, psycopg_dsn, scratch_database, write_app_config
 from tierbatch.base.config import load_config
-from tierbatch.batching.batches import LineOutcomes, ingest_outcomes
+from tierbatch.batching.ingest import LineOutcomes, ingest_outcomes
 from tierbatch.db.engine import make_engine, make_session_factory
 from tierbatch.db.models import ProviderBatch, Task
 from tierbatch.ledger.pricing import PriceBook

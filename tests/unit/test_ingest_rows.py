@@ -1,4 +1,4 @@
-"""The COPY text that batch ingestion writes into `ingest_rows` (tierbatch/batching/batches.py `_success_rows`)."""
+"""The COPY text that batch ingestion writes into `ingest_rows` (tierbatch/batching/ingest.py `_success_rows`)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from tierbatch.base.config import default_config_data, parse_config
-from tierbatch.batching.batches import _copy_field, _success_rows
+from tierbatch.batching.ingest import _copy_field, _success_rows
 from tierbatch.db.bulk_sql import INGEST_COLUMNS
 from tierbatch.ledger.pricing import PriceBook, TokenUsage
 from tierbatch.tasks.labels import label_response_format

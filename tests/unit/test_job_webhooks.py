@@ -29,7 +29,9 @@ from tierbatch.jobs.read import JobSummary
 from tierbatch.jobs.requests import parse_job_request
 from tierbatch.jobs.store import _settings_for_append
 from tierbatch.jobs.webhooks import encode_payload, job_payload
-from tierbatch.webhooks.delivery import JOBS, SCHEDULE_RUNS, check_webhook_url, new_secret, signed_headers
+from tierbatch.webhooks.delivery import JOBS, SCHEDULE_RUNS
+from tierbatch.webhooks.signing import new_secret, signed_headers
+from tierbatch.webhooks.targets import check_webhook_url
 from tierbatch.worker.app import beat_schedule
 
 LIMIT = 1 << 20

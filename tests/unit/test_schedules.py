@@ -534,7 +534,7 @@ def test_the_signature_is_standard_webhooks_and_verifies_with_its_library() -> N
 
     from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-    from tierbatch.webhooks.delivery import new_secret, signed_headers
+    from tierbatch.webhooks.signing import new_secret, signed_headers
 
     secret = new_secret()
     body = b'{"type":"schedule_run.finished"}'
@@ -560,7 +560,8 @@ def test_a_webhook_that_cannot_be_reached_is_a_failed_attempt_not_an_exception()
     import uuid
 
     from tierbatch.base.config import WebhooksConfig
-    from tierbatch.webhooks.delivery import WebhookCall, deliver, new_secret
+    from tierbatch.webhooks.delivery import WebhookCall, deliver
+    from tierbatch.webhooks.signing import new_secret
 
     with socket.socket() as sock:  # a port nobody listens on
         sock.bind(("127.0.0.1", 0))

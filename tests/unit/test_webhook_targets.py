@@ -21,7 +21,9 @@ from tierbatch.base.config import WebhooksConfig
 from tierbatch.base.errors import ConfigError, InvalidInput
 from tierbatch.base.secretbox import SecretBox, SecretUnreadable, generate_key
 from tierbatch.base.settings import Settings
-from tierbatch.webhooks.delivery import BlockedTarget, TargetPolicy, WebhookCall, deliver, new_secret
+from tierbatch.webhooks.delivery import WebhookCall, deliver
+from tierbatch.webhooks.signing import new_secret
+from tierbatch.webhooks.targets import BlockedTarget, TargetPolicy
 
 PUBLIC = "93.184.216.34"
 

@@ -4,7 +4,7 @@ sent through a provider batch at the batch price instead of an immediate call.
 A shadow task is a `tasks` row with `shadow_of` set: the same request, on the other tier's primary model,
 born `waiting_batch`, in no job, at most one per task (a unique index). The batch path treats it like any
 Light task (claimed by provider and model, one line per task, retried per line); ingestion bills its line
-as a `shadow` ledger row of the task it shadows and adds the cost to that task (tierbatch/batching/batches.py). Once it
+as a `shadow` ledger row of the task it shadows and adds the cost to that task (tierbatch/batching/ingest.py). Once it
 is terminal, `settle_batch_shadows` (worker/quality.py) compares the answers.
 """
 

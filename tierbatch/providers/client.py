@@ -177,10 +177,13 @@ def map_openai_error(exc: openai.OpenAIError, provider: str, model: str) -> Prov
 
 
 class ProviderClients:
-    """One `openai.OpenAI` client per configured provider, created on first use."""
+    """One `openai.OpenAI` client per configured provider, created on first use.
+    `transport` replaces the network (tests: `httpx2.MockTransport`); without it the SDK makes its own
+    HTTP client."""
 
-    def __init__(self, config: AppConfig) -> None:
+    def __init__(self, config: AppConfig, *, transport: httpx2.BaseTransport | None = None) -> None:
         self._config = config
+        self._transport = transport
         self._clients: dict[str, openai.OpenAI] = {}
 
     def client(self, provider: str) -> openai.OpenAI:
@@ -191,6 +194,9 @@ class ProviderClients:
                 api_key=self._config.api_key(provider),
                 max_retries=0,  # retries and fallbacks are ours (tierbatch.providers.retry), not the SDK's
                 timeout=provider_config.timeout_seconds,
+                # the SDK's own client class keeps its defaults (connection limits, redirects)
+                http_client=(openai.DefaultHttpxClient(transport=self._transport)
+                             if self._transport is not None else None),
             )
         return self._clients[provider]
 

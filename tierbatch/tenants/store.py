@@ -23,7 +23,7 @@ from tierbatch.base.errors import Conflict, NotFound
 from tierbatch.base.secretbox import ENV_NAME as SECRET_KEY_ENV
 from tierbatch.base.secretbox import SecretBox
 from tierbatch.db.models import ApiKey, Tenant
-from tierbatch.webhooks.delivery import new_secret
+from tierbatch.webhooks.signing import new_secret
 
 KEY_PREFIX = "tb_"
 SHOWN_PREFIX_CHARS = 10  # kept and listed, to tell keys apart; the rest (43 random characters) is secret
