@@ -48,12 +48,8 @@ from tierbatch.base.states import (
     TaskStatus,
 )
 from tierbatch.db.models import ClientBatch, FilePart, Job, StoredFile, Task
-from tierbatch.gateway.chat import (
-    Route,
-    provider_request,
-    route_request,
-    validate_chat_body,
-)
+from tierbatch.gateway.routing import Route, provider_request, route_request
+from tierbatch.gateway.validation import validate_chat_body
 from tierbatch.jobs.store import copy_task_rows, time_ordered_ids
 from tierbatch.providers import openai_validation
 from tierbatch.routing.rules import RuleView, tenant_rules
