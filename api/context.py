@@ -14,7 +14,9 @@ from tierbatch.base.messaging import make_producer
 from tierbatch.base.secretbox import SecretBox
 from tierbatch.base.settings import Settings
 from tierbatch.db.engine import make_engine, make_session_factory
-from tierbatch.gateway.chat import Gateway, TenantPolicies
+from tierbatch.gateway.call import Gateway
+from tierbatch.gateway.policies import TenantPolicies
+from tierbatch.gateway.recorder import CallWriter, Recorder
 from tierbatch.ledger.pricing import PriceBook
 from tierbatch.openai_batches.files import FileLimits
 from tierbatch.providers.client import AsyncProviderClients
@@ -35,6 +37,8 @@ class ApiContext:
     providers: AsyncProviderClients
     redis: aioredis.Redis
     gateway: Gateway
+    recorder: Recorder  # the gateway's call records, group-committed through `call_writer`
+    call_writer: CallWriter
     keys: KeyAuthenticator  # API keys of both surfaces, the admin token, failed-authentication limits
     file_limits: FileLimits
     tenant_policies: TenantPolicies  # routing rules and budgets on the OpenAI surface
@@ -52,8 +56,10 @@ class ApiContext:
         providers = AsyncProviderClients(config)
         redis_client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         # the gateway records calls over its own async connection (group commit, one statement per group)
-        gateway = Gateway(config, providers, Cooldown(redis_client, settings.redis_key_prefix), prices,
-                          settings.psycopg_dsn, sessions=sessions)
+        call_writer = CallWriter(settings.psycopg_dsn)
+        recorder = Recorder(call_writer.write)
+        gateway = Gateway(config, providers, Cooldown(redis_client, settings.redis_key_prefix), prices, recorder,
+                          sessions=sessions)
         gateway.warm_prices()
         # batch file limits: OpenAI's by default; settings may lower them (tests, small deployments)
         limits = FileLimits(max_bytes=settings.batch_file_max_bytes, max_lines=settings.batch_file_max_lines)
@@ -62,12 +68,13 @@ class ApiContext:
                                 config.limits.failed_auth_per_minute,
                                 exempt_networks=config.limits.failed_auth_exempt_networks)
         return cls(settings, config, engine, sessions, make_producer(settings), prices, providers, redis_client,
-                   gateway, keys, limits, TenantPolicies(sessions, config),
+                   gateway, recorder, call_writer, keys, limits, TenantPolicies(sessions, config),
                    settings.secret_box(), TargetPolicy.from_config(config.webhooks), rate_limits)
 
     async def aclose(self) -> None:
         """Async resources (front door): drain pending call records, close provider and Redis clients."""
-        await self.gateway.aclose()
+        await self.recorder.aclose()  # the records still pending are committed before the connection closes
+        await self.call_writer.aclose()
         await self.providers.aclose()
         await self.redis.aclose()  # type: ignore[attr-defined]
 

@@ -28,7 +28,8 @@ from tierbatch.api.context import ApiContext
 from tierbatch.api.deps import client_address
 from tierbatch.api.limits import parsed_json
 from tierbatch.base.errors import InvalidInput, Unauthenticated
-from tierbatch.gateway.chat import format_cost, prepare_chat_call
+from tierbatch.gateway.call import format_cost
+from tierbatch.gateway.routing import prepare_chat_call
 from tierbatch.tenants.auth import MAX_KEY_CHARS, estimated_tokens
 from tierbatch.tenants.store import KeyGrant
 

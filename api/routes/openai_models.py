@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 
 from tierbatch.api.routes.openai_chat import authenticate, context_of
 from tierbatch.base.errors import ModelNotFound
-from tierbatch.gateway.chat import listed_models
+from tierbatch.gateway.routing import listed_models
 
 router = APIRouter(tags=["openai"])
 

@@ -24,7 +24,8 @@ from tests.integration.conftest import delete_redis_keys
 from tests.support.openapi import validate
 from tests.support.stack import Stack, psycopg_dsn
 from tierbatch.base.states import RequestedTier, Tier
-from tierbatch.gateway.chat import CallRecord, CallWriter, Route
+from tierbatch.gateway.recorder import CallRecord, CallWriter
+from tierbatch.gateway.routing import Route
 from tierbatch.ledger.pricing import TokenUsage
 
 pytestmark = pytest.mark.integration

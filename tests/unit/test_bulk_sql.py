@@ -17,7 +17,8 @@ from tierbatch.base.config import default_config_data, parse_config
 from tierbatch.base.states import Mode, RequestedTier, TaskStatus, Tier
 from tierbatch.db import bulk_sql
 from tierbatch.db.bulk_sql import LEDGER, TASKS, columns, sql_type
-from tierbatch.gateway.chat import CallRecord, Route, record_params
+from tierbatch.gateway.recorder import CallRecord, record_params
+from tierbatch.gateway.routing import Route
 from tierbatch.jobs.requests import JobItem, JobSettings
 from tierbatch.jobs.rows import task_rows, time_ordered_ids
 from tierbatch.ledger.pricing import TokenUsage

@@ -55,7 +55,7 @@ def test_key_covers_model_messages_and_parameters_only() -> None:
 def test_a_bad_cache_switch_is_refused_naming_it() -> None:
     from tierbatch.api.errors import status_of
     from tierbatch.base.errors import InvalidInput, Refused
-    from tierbatch.gateway.chat import validate_chat_body
+    from tierbatch.gateway.validation import validate_chat_body
     from tierbatch.jobs.requests import parse_job_request
     from tierbatch.tasks.submission import parse_submission
 

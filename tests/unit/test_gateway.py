@@ -27,18 +27,16 @@ from tierbatch.base.errors import (
     TierbatchError,
 )
 from tierbatch.base.states import RequestedTier, Tier
-from tierbatch.gateway.chat import (
+from tierbatch.gateway.call import Gateway
+from tierbatch.gateway.recorder import CallRecord, Recorder, record_params
+from tierbatch.gateway.routing import (
     SMART_SELECT,
-    CallRecord,
-    Gateway,
-    Recorder,
     listed_models,
     prepare_chat_call,
     provider_request,
-    record_params,
     route_request,
-    validate_chat_body,
 )
+from tierbatch.gateway.validation import validate_chat_body
 from tierbatch.ledger.pricing import PriceBook
 from tierbatch.providers.client import AsyncProviderClients, RawChatAnswer
 from tierbatch.providers.cooldown import Cooldown, CooldownPolicy
@@ -208,9 +206,8 @@ class Recorded:
 def gateway_with(providers: Any) -> tuple[Gateway, Recorded, FakeRedis]:
     fake = FakeRedis()
     cooldown = Cooldown(fake, "t:", CooldownPolicy(failure_threshold=2))  # type: ignore[arg-type]
-    gateway = Gateway(CONFIG, providers, cooldown, PriceBook(CONFIG), "postgresql://unused")
     recorded = Recorded()
-    gateway.recorder = recorded  # type: ignore[assignment]
+    gateway = Gateway(CONFIG, providers, cooldown, PriceBook(CONFIG), recorded)  # type: ignore[arg-type]
     return gateway, recorded, fake
 
 
@@ -341,7 +338,8 @@ def test_a_client_leaving_midway_still_records_the_call_with_an_estimate() -> No
 def test_budget_policy_on_the_gateway_route() -> None:
     """Over budget: `reject` is a 402 in OpenAI's shape; `downgrade` serves complex on the light chain."""
     from tierbatch.base.states import RequestedTier, Tier
-    from tierbatch.gateway.chat import Route, TenantPolicy, apply_budget_policy
+    from tierbatch.gateway.policies import TenantPolicy
+    from tierbatch.gateway.routing import Route, apply_budget_policy
 
     config = parse_config(default_config_data())
     route = Route(Tier.COMPLEX, RequestedTier.AUTO, "smart-select: auto: code in prompt", "general",
@@ -407,7 +405,7 @@ def wired_gateway(fail: bool) -> tuple[Gateway, Provider, Writes]:
     provider, writes = Provider(), Writes(fail)
     providers = AsyncProviderClients(CONFIG, transport=httpx2.MockTransport(provider))
     cooldown = Cooldown(FakeRedis(), "t:", CooldownPolicy())  # type: ignore[arg-type]
-    gateway = Gateway(CONFIG, providers, cooldown, PriceBook(CONFIG), "postgresql://unused", write=writes)
+    gateway = Gateway(CONFIG, providers, cooldown, PriceBook(CONFIG), Recorder(writes))
     return gateway, provider, writes
 
 
@@ -433,7 +431,7 @@ def test_a_failed_call_whose_record_fails_says_so() -> None:
     providers = FakeProviders({"gpt-4o": [PermanentProviderError("sim/gpt-4o: HTTP 400: nope", status_code=400)],
                                "gpt-4.1": [PermanentProviderError("sim/gpt-4.1: HTTP 400: nope", status_code=400)]})
     cooldown = Cooldown(FakeRedis(), "t:", CooldownPolicy())  # type: ignore[arg-type]
-    gateway = Gateway(CONFIG, providers, cooldown, PriceBook(CONFIG), "postgresql://unused", write=Writes(True))
+    gateway = Gateway(CONFIG, providers, cooldown, PriceBook(CONFIG), Recorder(Writes(True)))
     with pytest.raises(RecordingFailed) as caught:
         asyncio.run(gateway.complete(uuid.uuid4(), prepare_chat_call(CONFIG, {"model": "gpt-4o", "messages": HI},
                                                                      {})))

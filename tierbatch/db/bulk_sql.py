@@ -118,7 +118,8 @@ QUEUE_SHADOW_TASKS: TextClause = text(
 
 # --- gateway group commit: a group's task and ledger rows in one statement ----------------------------
 
-# The columns of each JSON record the gateway sends (tierbatch.gateway.chat.record_params builds them by these names).
+# The columns of each JSON record the gateway sends (tierbatch.gateway.recorder.record_params builds them by these
+# names).
 GATEWAY_TASK_COLUMNS = columns(
     TASKS, "id", "tenant_id", "task_type", "requested_tier", "tier", "tier_reason", "request", "metadata", "status",
     "provider", "model", "served_model", "output", "response", "input_tokens", "cached_tokens", "output_tokens",

@@ -1,4 +1,4 @@
-"""OpenAI's own checks of a chat completion request, shared by the gateway (`tierbatch.gateway.chat`) and the
+"""OpenAI's own checks of a chat completion request, shared by the gateway (`tierbatch.gateway.validation`) and the
 provider simulator (`tierbatch.simulator.completions`).
 
 Pure and standard-library only: the simulator imports it, and must not pull in settings, the database
