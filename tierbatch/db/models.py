@@ -322,7 +322,7 @@ class LedgerDaily(Base):
     Kept in step with `ledger_entries` by statement-level triggers (migration 0002) in the same
     transaction that writes the ledger, so cost queries and month-to-date budget checks read a few
     rows per day instead of every ledger row. Money sums are over priced rows (NULL costs are skipped);
-    see tierbatch/costs/queries.py for what each column counts.
+    see tierbatch/costs/query.py for what each column counts.
     """
 
     __tablename__ = "ledger_daily"

@@ -60,7 +60,7 @@ from tierbatch.cache.responses import (
     take_hit,
     wants_cache,
 )
-from tierbatch.costs.queries import check_budget
+from tierbatch.costs.budgets import check_budget
 from tierbatch.db.bulk_sql import GATEWAY_WRITE
 from tierbatch.gateway import fields as chat_fields
 from tierbatch.ledger.pricing import PriceBook, TokenUsage

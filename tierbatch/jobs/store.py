@@ -39,7 +39,7 @@ from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import Conflict, InvalidInput, InvalidValue, NotFound, TooLarge
 from tierbatch.base.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
 from tierbatch.base.states import TERMINAL_TASK_STATUSES, Mode, RequestedTier, TaskStatus, Tier
-from tierbatch.costs.queries import check_budget
+from tierbatch.costs.budgets import check_budget
 from tierbatch.db.bulk_sql import COPY_TASKS
 from tierbatch.db.engine import newest_first_page
 from tierbatch.db.models import Job, LedgerEntry, Task
