@@ -17,7 +17,7 @@ One shortcut: the foreign key from the ledger to `tasks` is dropped in the scrat
 rows would only slow the fill; no query here reads `tasks`). Tenants and jobs exist and their foreign
 keys are checked.
 
-Then it times, with the code the API runs (tierbatch.costs.queries.run_cost_query, median of --runs):
+Then it times, with the code the API runs (tierbatch.costs.query.run_cost_query, median of --runs):
 all tenants by day and model (all time, and the last 7 days from an instant that is not a day
 boundary, so partial days are read from the ledger), one tenant by task type over 30 days, the
 month-to-date budget check; and for comparison the first and third queries on ledger rows only.
@@ -46,7 +46,8 @@ from sqlalchemy import func, select
 
 from tests.support.stack import psycopg_dsn, scratch_database
 from tierbatch.base.settings import DEFAULT_DATABASE_URL
-from tierbatch.costs.queries import CostQuery, Filters, budget_status, run_cost_query
+from tierbatch.costs.budgets import budget_status
+from tierbatch.costs.query import CostQuery, Filters, run_cost_query
 from tierbatch.db.engine import make_engine, make_session_factory
 from tierbatch.db.models import LedgerDaily
 from tierbatch.migrations.runner import upgrade_to_head

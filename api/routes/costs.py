@@ -1,7 +1,7 @@
 """Cost queries, the token report and budget status.
 
 A tenant key sees that tenant's rows only; the admin token (TIERBATCH_ADMIN_TOKEN) sees every tenant
-and may group by `tenant` or filter by `tenant_id`. Query parameters are parsed by tierbatch.costs.queries into a
+and may group by `tenant` or filter by `tenant_id`. Query parameters are parsed by tierbatch.costs.query into a
 whitelisted query; unknown or invalid ones are a 400 naming the parameter.
 """
 
@@ -17,14 +17,9 @@ from fastapi import APIRouter, Depends, Request
 from tierbatch.api.deps import ContextDep, SessionDep, bearer_token, key_grant
 from tierbatch.api.serialize import money
 from tierbatch.base.errors import InvalidInput, NotFound
-from tierbatch.costs.queries import (
-    budget_status,
-    parse_cost_query,
-    parse_report_params,
-    result_body,
-    run_cost_query,
-    token_report,
-)
+from tierbatch.costs.budgets import budget_status
+from tierbatch.costs.query import parse_cost_query, result_body, run_cost_query
+from tierbatch.costs.report import parse_report_params, token_report
 from tierbatch.db.models import Tenant
 from tierbatch.tenants.auth import secret_matches
 

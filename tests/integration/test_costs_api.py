@@ -38,7 +38,7 @@ from tests.integration.test_costs_helpers import (
 from tests.support.procs import ManagedProcess, free_port, python_module, wait_http_ok, wait_until
 from tests.support.stack import Stack, write_app_config
 from tierbatch.base.states import Mode
-from tierbatch.costs.queries import DIMENSIONS, Figures, Filters
+from tierbatch.costs.query import DIMENSIONS, Figures, Filters
 from tierbatch.db.engine import make_engine, make_session_factory
 from tierbatch.db.models import LedgerEntry
 from tierbatch.ledger.pricing import TokenUsage

@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from tierbatch.base.config import default_config_data, parse_config
 from tierbatch.base.states import Mode, RequestedTier, TaskStatus, Tier
-from tierbatch.costs.queries import Figures, Filters
+from tierbatch.costs.query import Figures, Filters
 from tierbatch.db.models import Job, LedgerEntry, Task
 from tierbatch.ledger.pricing import PriceBook, TokenUsage
 from tierbatch.ledger.rows import ResponseRecord, add_ledger_entry

@@ -34,14 +34,8 @@ from tierbatch.api.errors import status_of
 from tierbatch.base.config import default_config_data, parse_config
 from tierbatch.base.errors import BudgetExceeded
 from tierbatch.base.states import Mode, RequestedTier, TaskStatus, Tier
-from tierbatch.costs.queries import (
-    DIMENSIONS,
-    CostQuery,
-    Figures,
-    Filters,
-    apply_budget,
-    run_cost_query,
-)
+from tierbatch.costs.budgets import apply_budget
+from tierbatch.costs.query import DIMENSIONS, CostQuery, Figures, Filters, run_cost_query
 from tierbatch.db.engine import make_engine, make_session_factory
 from tierbatch.db.models import LedgerDaily, LedgerEntry, Task
 from tierbatch.ledger.pricing import TokenUsage

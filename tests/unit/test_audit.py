@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 from tierbatch.base.config import default_config_data, parse_config
 from tierbatch.base.states import Tier
 from tierbatch.cli.main import app
-from tierbatch.costs.audit import AuditOptions, Auditor
+from tierbatch.costs.audit.estimate import AuditOptions, Auditor
 from tierbatch.ledger.pricing import PriceBook
 
 M = Decimal(1_000_000)

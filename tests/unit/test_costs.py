@@ -15,8 +15,8 @@ from tierbatch.base.config import default_config_data, parse_config
 from tierbatch.base.errors import InvalidInput
 from tierbatch.cli.costs import CostsOptions, cost_table, query_params
 from tierbatch.cli.jobs import CliError
-from tierbatch.costs.queries import (
-    BudgetStatus,
+from tierbatch.costs.budgets import BudgetStatus
+from tierbatch.costs.query import (
     Figures,
     Filters,
     Segment,
@@ -24,9 +24,9 @@ from tierbatch.costs.queries import (
     parse_cost_query,
     parse_group_by,
     parse_instant,
-    parse_report_params,
     plan_segments,
 )
+from tierbatch.costs.report import parse_report_params
 from tierbatch.ledger.pricing import PriceBook, TokenUsage
 
 M = Decimal(1_000_000)

@@ -36,4 +36,4 @@ def test_a_broken_contract_is_reported(tmp_path: Path) -> None:
     result = run_lint_imports(config)
     assert result.returncode != 0
     assert "planted BROKEN" in result.stdout
-    assert "tierbatch.db.models -> tierbatch.base" in result.stdout
+    assert "tierbatch.db.models.base -> tierbatch.base" in result.stdout

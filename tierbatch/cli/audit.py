@@ -1,5 +1,6 @@
 """`tierbatch audit LOGFILE`: what logged calls cost, routed and batched. Never calls a
-provider and needs no database: the logic is in tierbatch.costs.audit (its docstring says how every figure is made).
+provider and needs no database: the logic is in tierbatch.costs.audit (reading.py reads the files,
+estimate.py prices the calls; its docstring says how every figure is made).
 
 - `tierbatch audit calls.jsonl`: a call log, one `{"request": …, "response": …}` per line.
 - `tierbatch audit batch_input.jsonl --output batch_output.jsonl`: a Batch API input file and its output file.
@@ -29,7 +30,8 @@ from rich.table import Table
 from tierbatch.base.config import AppConfig, load_config
 from tierbatch.base.errors import ConfigError
 from tierbatch.cli.jobs import CliError
-from tierbatch.costs.audit import AuditError, AuditOptions, AuditReport, Figures, Skipped, audit_files
+from tierbatch.costs.audit.estimate import AuditOptions, AuditReport, Figures, Skipped
+from tierbatch.costs.audit.reading import AuditError, audit_files
 
 SHOWN_SKIPPED = 20
 _DISPLAY_QUANTUM = Decimal("0.000001")

@@ -22,7 +22,7 @@ from rich.table import Table
 from tierbatch.base.csv_safety import safe_cell
 from tierbatch.base.errors import InvalidInput
 from tierbatch.cli.jobs import CliError, api_client, error_text, request
-from tierbatch.costs.queries import COUNTS, MONEY, parse_group_by, parse_instant
+from tierbatch.costs.query import COUNTS, MONEY, parse_group_by, parse_instant
 
 _HEADERS = {"requests": "requests", "input_tokens": "input tok", "cached_tokens": "cached tok",
             "output_tokens": "output tok", "reasoning_tokens": "reasoning tok", "cost_usd": "cost $",

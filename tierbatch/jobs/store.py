@@ -29,7 +29,7 @@ from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import Conflict, NotFound
 from tierbatch.base.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
 from tierbatch.base.states import TaskStatus
-from tierbatch.costs.queries import check_budget
+from tierbatch.costs.budgets import check_budget
 from tierbatch.db.bulk_sql import COPY_TASKS
 from tierbatch.db.models import Job, Task
 from tierbatch.jobs.read import count_tasks, get_job

@@ -34,7 +34,7 @@ from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import NotFound, TransitionError
 from tierbatch.base.states import Mode, TaskStatus, Tier
 from tierbatch.cache.responses import CachedAnswer, cache_key, maybe_cacheable, take_hits, wants_cache
-from tierbatch.costs.queries import apply_budget
+from tierbatch.costs.budgets import apply_budget
 from tierbatch.db.engine import newest_first_page
 from tierbatch.db.models import Task
 from tierbatch.ledger.pricing import PriceBook

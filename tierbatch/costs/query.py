@@ -33,27 +33,13 @@ from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from sqlalchemy import (
-    Date,
-    DateTime,
-    Select,
-    Text,
-    and_,
-    cast,
-    column,
-    func,
-    null,
-    select,
-    table,
-    union_all,
-)
+from sqlalchemy import Date, DateTime, Select, Text, and_, cast, column, func, null, select, table, union_all
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
-from tierbatch.base.config import AppConfig
-from tierbatch.base.errors import BudgetExceeded, InvalidInput
-from tierbatch.base.states import Mode, TaskStatus, Tier
-from tierbatch.db.models import LedgerDaily, Task, Tenant
+from tierbatch.base.errors import InvalidInput
+from tierbatch.base.states import Mode
+from tierbatch.db.models import LedgerDaily, Tenant
 
 DIMENSIONS = ("day", "hour", "model", "provider", "tier", "task_type", "mode", "job", "tenant")
 COUNTS = ("requests", "unpriced_requests", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens")
@@ -62,7 +48,6 @@ MONEY = ("input_cost_usd", "cached_input_cost_usd", "output_cost_usd", "reasonin
 METRICS = COUNTS + MONEY
 MAX_ROWS = 100_000
 DEFAULT_ROWS = 10_000
-LIVE_STATUSES = (TaskStatus.QUEUED, TaskStatus.WAITING_BATCH, TaskStatus.IN_BATCH, TaskStatus.RUNNING)
 
 # The analyst view over ledger rows (migration 0002): per-row figures that add up like ledger_daily.
 cost_ledger = table(
@@ -159,7 +144,7 @@ class CostQuery:
 _COMMON_PARAMS = ("since", "until", "task_type", "job_id", "mode", "tenant_id")
 
 
-def _parse_filters(params: Mapping[str, Sequence[str]], *, tenant_scope: uuid.UUID | None,
+def parse_filters(params: Mapping[str, Sequence[str]], *, tenant_scope: uuid.UUID | None,
                    now: datetime) -> Filters:
     since_text, until_text = _single(params, "since"), _single(params, "until")
     since = parse_instant(since_text, "since", now) if since_text else None
@@ -184,7 +169,7 @@ def _parse_filters(params: Mapping[str, Sequence[str]], *, tenant_scope: uuid.UU
                    job_id=_uuid_param(job_text, "job_id") if job_text else None, mode=mode)
 
 
-def _refuse_unknown(params: Mapping[str, Sequence[str]], allowed: Iterable[str]) -> None:
+def refuse_unknown(params: Mapping[str, Sequence[str]], allowed: Iterable[str]) -> None:
     known = set(allowed)
     for name in params:
         if name not in known:
@@ -192,7 +177,7 @@ def _refuse_unknown(params: Mapping[str, Sequence[str]], allowed: Iterable[str])
                                param=name)
 
 
-def _int_param(params: Mapping[str, Sequence[str]], name: str, default: int, low: int, high: int) -> int:
+def int_param(params: Mapping[str, Sequence[str]], name: str, default: int, low: int, high: int) -> int:
     text = _single(params, name)
     if text is None:
         return default
@@ -208,11 +193,11 @@ def _int_param(params: Mapping[str, Sequence[str]], name: str, default: int, low
 def parse_cost_query(params: Mapping[str, Sequence[str]], *, tenant_scope: uuid.UUID | None,
                      now: datetime | None = None) -> CostQuery:
     """`GET /v1/costs` parameters → a CostQuery; `tenant_scope` None means the admin (all tenants)."""
-    _refuse_unknown(params, ("group_by", "limit", *_COMMON_PARAMS))
+    refuse_unknown(params, ("group_by", "limit", *_COMMON_PARAMS))
     now = now or datetime.now(UTC)
     group_by = parse_group_by(params.get("group_by", ()), admin=tenant_scope is None)
-    filters = _parse_filters(params, tenant_scope=tenant_scope, now=now)
-    return CostQuery(group_by, filters, _int_param(params, "limit", DEFAULT_ROWS, 1, MAX_ROWS))
+    filters = parse_filters(params, tenant_scope=tenant_scope, now=now)
+    return CostQuery(group_by, filters, int_param(params, "limit", DEFAULT_ROWS, 1, MAX_ROWS))
 
 
 # --- the query --------------------------------------------------------------------------------------
@@ -461,170 +446,3 @@ def result_body(result: CostResult) -> dict[str, Any]:
                  for row in result.rows],
         "totals": figures_body(result.totals), "truncated": result.truncated,
     }
-
-
-# --- token monitoring ---------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class ReportOptions:
-    since: datetime
-    until: datetime
-    tenant_id: uuid.UUID | None
-    task_type: str | None
-    growth_threshold_pct: int
-    min_requests: int
-
-
-def parse_report_params(params: Mapping[str, Sequence[str]], *, tenant_scope: uuid.UUID | None,
-                        now: datetime | None = None) -> ReportOptions:
-    """`GET /v1/costs/report`: a period (default: the last 7 days) compared with the one before it."""
-    _refuse_unknown(params, ("since", "until", "task_type", "tenant_id", "growth_threshold_pct", "min_requests"))
-    now = now or datetime.now(UTC)
-    filters = _parse_filters(params, tenant_scope=tenant_scope, now=now)
-    until = filters.until or now
-    since = filters.since or until - timedelta(days=7)
-    if since >= until:
-        raise InvalidInput("since must be before until", param="since")
-    return ReportOptions(since, until, filters.tenant_id, filters.task_type,
-                         _int_param(params, "growth_threshold_pct", 25, 0, 10_000),
-                         _int_param(params, "min_requests", 10, 1, 1_000_000))
-
-
-def _per_request(tokens: int, requests: int) -> Decimal | None:
-    return (Decimal(tokens) / requests).quantize(Decimal("0.1")) if requests else None
-
-
-def _share(part: Decimal | int, whole: Decimal | int) -> float | None:
-    return round(float(Decimal(part) * 100 / Decimal(whole)), 2) if whole else None
-
-
-def token_report(session: Session, options: ReportOptions) -> dict[str, Any]:
-    """Per task type: input vs output cost, cached-token share, and output tokens per request now vs the
-    period before (same length), flagged `verbose` when it grew by more than the threshold. Token
-    growth is measured on answered calls (immediate and batch), not on cache hits or shadow calls."""
-    length = options.until - options.since
-    previous_since = options.since - length
-
-    def by_type_and_mode(since: datetime, until: datetime) -> dict[str, dict[str, Figures]]:
-        filters = Filters(since=since, until=until, tenant_id=options.tenant_id, task_type=options.task_type)
-        result = run_cost_query(session, CostQuery(("task_type", "mode"), filters, MAX_ROWS))
-        out: dict[str, dict[str, Figures]] = {}
-        for row in result.rows:
-            out.setdefault(row.dims["task_type"], {})[row.dims["mode"]] = row.figures
-        return out
-
-    now_rows = by_type_and_mode(options.since, options.until)
-    before_rows = by_type_and_mode(previous_since, options.since)
-    answered = (Mode.IMMEDIATE.value, Mode.BATCH.value)
-    task_types = []
-    totals = Figures()
-    for task_type in sorted(now_rows):
-        modes = now_rows[task_type]
-        figures = sum(modes.values(), Figures())
-        totals += figures
-        served_now = sum((f for m, f in modes.items() if m in answered), Figures())
-        served_before = sum((f for m, f in before_rows.get(task_type, {}).items() if m in answered), Figures())
-        now_per = _per_request(served_now.output_tokens, served_now.requests)
-        before_per = _per_request(served_before.output_tokens, served_before.requests)
-        growth = None
-        if now_per is not None and before_per:
-            growth = float(((now_per - before_per) * 100 / before_per).quantize(Decimal("0.1")))
-        enough = served_now.requests >= options.min_requests and served_before.requests >= options.min_requests
-        input_cost = figures.input_cost_usd + figures.cached_input_cost_usd
-        task_types.append({
-            "task_type": task_type, **figures_body(figures),
-            "input_side_cost_usd": money_text(input_cost),
-            "input_cost_share_pct": _share(input_cost, input_cost + figures.output_cost_usd),
-            "output_cost_share_pct": _share(figures.output_cost_usd, input_cost + figures.output_cost_usd),
-            "cached_token_share_pct": _share(figures.cached_tokens, figures.input_tokens),
-            "output_tokens_per_request": float(now_per) if now_per is not None else None,
-            "previous_output_tokens_per_request": float(before_per) if before_per is not None else None,
-            "previous_requests": served_before.requests,
-            "output_tokens_growth_pct": growth,
-            "verbose": bool(enough and growth is not None and growth > options.growth_threshold_pct),
-        })
-    return {
-        "object": "cost_token_report",
-        "period": {"since": options.since.isoformat(), "until": options.until.isoformat()},
-        "previous_period": {"since": previous_since.isoformat(), "until": options.since.isoformat()},
-        "growth_threshold_pct": options.growth_threshold_pct, "min_requests": options.min_requests,
-        "task_types": task_types, "totals": figures_body(totals),
-    }
-
-
-# --- budgets ------------------------------------------------------------------------------------------
-
-@dataclass(frozen=True, slots=True)
-class BudgetStatus:
-    budget: Decimal
-    month_start: date
-    spent: Decimal  # month to date (UTC month), priced rows, shadow calls included
-    priced_requests: int
-    pending_tasks: int  # queued, waiting_batch, in_batch, running
-    pending_estimate: Decimal  # pending_tasks × this month's mean cost per priced request
-
-    @property
-    def committed(self) -> Decimal:
-        return self.spent + self.pending_estimate
-
-    @property
-    def reached(self) -> bool:
-        return self.committed >= self.budget
-
-    def describe(self) -> str:
-        text = f"spent ${money_text(self.spent)} of ${money_text(self.budget)} since {self.month_start.isoformat()}"
-        if self.pending_tasks:
-            text += (f", plus ~${money_text(self.pending_estimate.quantize(Decimal('0.000001')))} estimated "
-                     f"for {self.pending_tasks} unfinished task(s)")
-        return text
-
-
-def budget_status(session: Session, tenant_id: uuid.UUID, budget: Decimal) -> BudgetStatus:
-    """Month-to-date spend from `ledger_daily` (a few rows per day, by its (tenant_id, day, …) index),
-    unfinished tasks from the partial index `ix_tasks_tenant_live`."""
-    month_start = func.date_trunc("month", func.timezone("UTC", func.now())).cast(Date)
-    row = session.execute(
-        select(month_start.label("month_start"),
-               func.coalesce(func.sum(LedgerDaily.cost_usd), 0).label("spent"),
-               func.coalesce(func.sum(LedgerDaily.requests - LedgerDaily.unpriced_requests), 0).label("priced"))
-        .select_from(LedgerDaily.__table__)
-        .where(LedgerDaily.tenant_id == tenant_id, LedgerDaily.day >= month_start)
-    ).one()
-    pending = int(session.scalar(
-        select(func.count()).select_from(Task.__table__)
-        .where(Task.tenant_id == tenant_id, Task.status.in_(LIVE_STATUSES))
-    ) or 0)
-    spent, priced = Decimal(row.spent), int(row.priced)
-    mean = spent / priced if priced else Decimal(0)
-    return BudgetStatus(budget, row.month_start, spent, priced, pending, mean * pending)
-
-
-def check_budget(session: Session, tenant_id: uuid.UUID, config: AppConfig) -> str | None:
-    """The budget decision for new tasks of a tenant: None to accept them as they are; under policy
-    `reject`, BudgetExceeded once the budget is reached; under `downgrade`, the `tier_reason` prefix
-    to store complex tasks as light with. For every path that creates tasks (insert_tasks uses it)."""
-    budget = session.scalar(select(Tenant.monthly_budget_usd).where(Tenant.id == tenant_id))
-    if budget is None:
-        return None
-    status = budget_status(session, tenant_id, budget)
-    if not status.reached:
-        return None
-    if config.budget.policy == "reject":
-        raise BudgetExceeded(f"monthly budget reached: {status.describe()}; new tasks are refused until the "
-                             "budget is raised or the month ends")
-    return f"budget: monthly budget reached ({status.describe()}); complex downgraded to light"
-
-
-def apply_budget(session: Session, tenant_id: uuid.UUID, rows: list[dict[str, Any]], config: AppConfig) -> None:
-    """At task acceptance, on task rows about to be inserted: nothing without a budget or below it; at or
-    over it, `reject` raises BudgetExceeded and `downgrade` stores complex rows as light, saying so in
-    `tier_reason`."""
-    if not rows:
-        return
-    reason = check_budget(session, tenant_id, config)
-    if reason is None:
-        return
-    for row in rows:
-        if row["tier"] is Tier.COMPLEX:
-            row["tier"] = Tier.LIGHT
-            row["tier_reason"] = f"{reason} (was: {row['tier_reason']})"

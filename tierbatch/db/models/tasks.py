@@ -1,0 +1,133 @@
+"""Jobs and their tasks: a task is one chat completion request, from acceptance to its answer; a job
+groups the tasks of one submission.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+from decimal import Decimal
+from typing import Any
+
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, DateTime, ForeignKey, Index, Integer, Text, text
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.orm import Mapped, mapped_column
+
+from tierbatch.base.states import (
+    BATCH_PATH_TASK_STATUSES,
+    IMMEDIATE_LIVE_TASK_STATUSES,
+    LIVE_TASK_STATUSES,
+    TERMINAL_TASK_STATUSES,
+    Mode,
+    RequestedTier,
+    TaskStatus,
+    Tier,
+    WebhookStatus,
+    sql_in,
+)
+from tierbatch.db.models.base import MODE, MONEY, REQUESTED_TIER, TASK_STATUS, TIER, WEBHOOK_STATUS, Base, now_column
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+    __table_args__ = (
+        # job webhooks (tierbatch/jobs/webhooks.py): claimed once (finished_notified_at), then delivered or failed
+        CheckConstraint("(webhook_status IS NULL) = (finished_notified_at IS NULL)",
+                        name="webhook_status_iff_notified"),
+        # the beat check looks only at jobs with a webhook not yet notified, and at pending deliveries
+        Index("ix_jobs_webhook_unnotified", "created_at",
+              postgresql_where=text("webhook_url IS NOT NULL AND finished_notified_at IS NULL")),
+        Index("ix_jobs_webhook_pending", "webhook_nudged_at",
+              postgresql_where=text(f"webhook_status = '{WebhookStatus.PENDING}'")),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), nullable=False, index=True)
+    name: Mapped[str | None] = mapped_column(Text)
+    task_type: Mapped[str] = mapped_column(Text, nullable=False)
+    requested_tier: Mapped[RequestedTier] = mapped_column(REQUESTED_TIER, nullable=False)
+    urgent: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False)
+    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    spec: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False, server_default=text("'{}'::jsonb"))
+    webhook_url: Mapped[str | None] = mapped_column(Text)  # job webhooks: where `job.finished` is POSTed
+    finished_notified_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # set once: the claim
+    webhook_status: Mapped[WebhookStatus | None] = mapped_column(WEBHOOK_STATUS)
+    webhook_body: Mapped[str | None] = mapped_column(Text)  # the exact bytes signed and sent
+    webhook_nudged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))  # last (re)send
+    created_at: Mapped[datetime] = now_column()
+
+
+class Task(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (
+        CheckConstraint(f"(status IN {sql_in(TERMINAL_TASK_STATUSES)}) = (finished_at IS NOT NULL)",
+                        name="finished_at_iff_terminal"),
+        CheckConstraint("attempts >= 0", name="attempts_non_negative"),
+        # partial: most tasks have no key, and a full index took an entry (a write) for each of them
+        Index("uq_tasks_tenant_idempotency_key", "tenant_id", "idempotency_key", unique=True,
+              postgresql_where=text("idempotency_key IS NOT NULL")),
+        Index("ix_tasks_tenant_created", "tenant_id", "created_at", "id"),
+        Index("ix_tasks_job", "job_id", postgresql_where=text("job_id IS NOT NULL")),
+        # jobs: an item id names one task within its job, also across appends (tierbatch/jobs/store.py)
+        Index("uq_tasks_job_item", "job_id", "item_id", unique=True, postgresql_where=text("job_id IS NOT NULL")),
+        Index("ix_tasks_batch", "batch_id", postgresql_where=text("batch_id IS NOT NULL")),
+        # The reconciler and the batch assembler only look at live tasks: keep those indexes small.
+        Index("ix_tasks_live", "status", "dispatched_at",
+              postgresql_where=text(f"status IN {sql_in(IMMEDIATE_LIVE_TASK_STATUSES)}")),
+        Index("ix_tasks_waiting_batch", "provider", "model", "created_at",
+              postgresql_where=text(f"status = '{TaskStatus.WAITING_BATCH}'")),
+        # deadline escalation looks only at batch-path tasks that have a deadline
+        Index("ix_tasks_batch_deadline", "deadline",
+              postgresql_where=text(f"deadline IS NOT NULL AND status IN {sql_in(BATCH_PATH_TASK_STATUSES)}")),
+        # budgets: a tenant's not-yet-finished tasks, counted for the pending-spend estimate
+        Index("ix_tasks_tenant_live", "tenant_id",
+              postgresql_where=text(f"status IN {sql_in(LIVE_TASK_STATUSES)}")),
+        # quality monitor: at most one batch-path shadow task per task, never part of a job
+        Index("uq_tasks_shadow_of", "shadow_of", unique=True, postgresql_where=text("shadow_of IS NOT NULL")),
+        CheckConstraint("shadow_of IS NULL OR job_id IS NULL", name="shadow_task_has_no_job"),
+    )
+
+    id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), nullable=False)
+    job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id"))
+    item_id: Mapped[str | None] = mapped_column(Text)
+    idempotency_key: Mapped[str | None] = mapped_column(Text)
+    task_type: Mapped[str] = mapped_column(Text, nullable=False)
+    requested_tier: Mapped[RequestedTier] = mapped_column(REQUESTED_TIER, nullable=False)
+    tier: Mapped[Tier] = mapped_column(TIER, nullable=False)
+    tier_reason: Mapped[str] = mapped_column(Text, nullable=False)
+    urgent: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    deadline: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    request: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
+    task_metadata: Mapped[dict[str, str]] = mapped_column(
+        "metadata", JSONB, nullable=False, server_default=text("'{}'::jsonb")
+    )
+    status: Mapped[TaskStatus] = mapped_column(TASK_STATUS, nullable=False)
+    mode: Mapped[Mode | None] = mapped_column(MODE)
+    provider: Mapped[str | None] = mapped_column(Text)
+    model: Mapped[str | None] = mapped_column(Text)
+    served_model: Mapped[str | None] = mapped_column(Text)
+    batch_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("provider_batches.id"))
+    output: Mapped[str | None] = mapped_column(Text)
+    response: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
+    input_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    cached_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    output_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    reasoning_tokens: Mapped[int | None] = mapped_column(BigInteger)
+    cost_usd: Mapped[Decimal | None] = mapped_column(MONEY)
+    baseline_cost_usd: Mapped[Decimal | None] = mapped_column(MONEY)
+    attempts: Mapped[int] = mapped_column(Integer, nullable=False, default=0)
+    error: Mapped[str | None] = mapped_column(Text)
+    lease_token: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    lease_expires_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    not_before: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    dispatched_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = now_column()
+    updated_at: Mapped[datetime] = now_column()
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # A shadow task: the quality monitor's second request of task `shadow_of` on the other tier,
+    # sent through the batch path when that task was not urgent. Its ledger row is a `shadow` row of
+    # `shadow_of`; it is not listed to the tenant and belongs to no job.
+    shadow_of: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tasks.id"))
+
