@@ -34,7 +34,14 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+ProviderKind = Literal["openai", "anthropic"]
+
+
 class ProviderConfig(_Section):
+    # the wire protocol: "openai" for OpenAI and every OpenAI-compatible server (Groq, Together,
+    # DeepInfra, vLLM, Ollama, llama.cpp), "anthropic" for Anthropic's Messages and Message Batches
+    kind: ProviderKind = "openai"
+    # as the provider's own SDK takes it: OpenAI-compatible servers end in /v1, Anthropic's does not
     base_url: str
     api_key_env: str | None = None
     batch: bool = True
@@ -43,6 +50,14 @@ class ProviderConfig(_Section):
     # send OpenAI's `prompt_cache_key` (per task type and tenant) with chat calls and batch lines;
     # turn off for an OpenAI-compatible endpoint that refuses unknown request fields
     prompt_cache_key: bool = True
+    # the provider's documented Batch API discount (0.5: half price), applied to batch lines of a model
+    # whose price table entry has no batch price of its own; the ledger row says it was applied
+    batch_discount: Decimal | None = Field(default=None, ge=0, lt=1)
+    # at most this many calls in flight to this provider from the background lane (non-urgent light
+    # work on a provider with `batch = false`), so a big job cannot flood a self-hosted server
+    max_concurrency: PositiveInt | None = None
+    # `max_tokens` sent when a request names none (Anthropic's Messages API requires it)
+    default_max_tokens: PositiveInt = 4096
 
 
 class ModelRef(_Section):
