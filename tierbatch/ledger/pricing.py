@@ -21,10 +21,16 @@ _BATCH_CONTEXT = {"processing": "batch"}
 
 @dataclass(frozen=True, slots=True)
 class TokenUsage:
+    """Tokens of one response, normalised over provider kinds. `input_tokens` is the whole prompt;
+    `cached_tokens` (read from the provider's prompt cache) and `cache_write_tokens` (written to it,
+    Anthropic's `cache_creation_input_tokens`) are parts of it; `reasoning_tokens` are part of
+    `output_tokens`."""
+
     input_tokens: int
     cached_tokens: int
     output_tokens: int
     reasoning_tokens: int = 0
+    cache_write_tokens: int = 0
 
 
 @dataclass(frozen=True, slots=True)

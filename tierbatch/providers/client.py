@@ -79,16 +79,23 @@ class ChatResult:
     latency_ms: int
 
 
+# where a chat completion body carries cache writes: OpenAI has no such field; the Anthropic adapter
+# puts Anthropic's `cache_creation_input_tokens` here when it translates an answer
+CACHE_WRITE_FIELD = "cache_write_tokens"
+
+
 def usage_from_body(body: Mapping[str, Any]) -> TokenUsage:
     usage = body.get("usage") or {}
     prompt_details = usage.get("prompt_tokens_details") or {}
     completion_details = usage.get("completion_tokens_details") or {}
     input_tokens = int(usage.get("prompt_tokens") or 0)
+    cached = min(int(prompt_details.get("cached_tokens") or 0), input_tokens)
     return TokenUsage(
         input_tokens=input_tokens,
-        cached_tokens=min(int(prompt_details.get("cached_tokens") or 0), input_tokens),
+        cached_tokens=cached,
         output_tokens=int(usage.get("completion_tokens") or 0),
         reasoning_tokens=int(completion_details.get("reasoning_tokens") or 0),
+        cache_write_tokens=min(int(prompt_details.get(CACHE_WRITE_FIELD) or 0), input_tokens - cached),
     )
 
 
