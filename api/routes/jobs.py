@@ -29,7 +29,8 @@ from tierbatch.db.models import Job, WebhookDelivery
 from tierbatch.jobs.read import JobSummary, count_tasks, get_job, iter_results, label_of, list_jobs, summarize_jobs
 from tierbatch.jobs.requests import parse_job_request
 from tierbatch.jobs.store import ItemAppender, cancel_job, dispatch_in_chunks, queued_ids_between, submit_job
-from tierbatch.webhooks.delivery import JOBS, attempts_of, require_secret_box
+from tierbatch.webhooks.delivery import JOBS, attempts_of
+from tierbatch.webhooks.signing import require_secret_box
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 

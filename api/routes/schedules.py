@@ -33,7 +33,7 @@ from tierbatch.schedules.store import (
     list_schedules,
     update_schedule,
 )
-from tierbatch.webhooks.delivery import require_secret_box
+from tierbatch.webhooks.signing import require_secret_box
 
 router = APIRouter(prefix="/v1/schedules", tags=["schedules"])
 

@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import BudgetExceeded
-from tierbatch.costs.queries import check_budget
+from tierbatch.costs.budgets import check_budget
 from tierbatch.routing.rules import RuleView, tenant_rules
 
 

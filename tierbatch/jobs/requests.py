@@ -18,7 +18,7 @@ from tierbatch.base.errors import InvalidInput, InvalidValue, TooLarge
 from tierbatch.base.states import RequestedTier
 from tierbatch.db.models import Job
 from tierbatch.tasks.submission import ChatParams, Deadline, TaskMetadata, check_content_parts, invalid_input_from
-from tierbatch.webhooks.delivery import check_webhook_url
+from tierbatch.webhooks.targets import check_webhook_url
 
 MAX_ITEMS_PER_REQUEST = 100_000
 MAX_ITEM_ID_CHARS = 1000

@@ -32,7 +32,7 @@ from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import Conflict, InvalidInput, NotFound
 from tierbatch.base.states import ClientBatchStatus, RequestedTier, TaskStatus
 from tierbatch.db.models import ClientBatch, Job
-from tierbatch.gateway.chat import provider_request
+from tierbatch.gateway.routing import provider_request
 from tierbatch.jobs.rows import time_ordered_ids
 from tierbatch.jobs.store import copy_task_rows
 from tierbatch.openai_batches.files import epoch, get_file, iter_file_lines

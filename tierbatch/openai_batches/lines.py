@@ -13,7 +13,8 @@ from typing import Any
 from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import InvalidInput, Refused
 from tierbatch.base.inputs import NotJson, loads_checked
-from tierbatch.gateway.chat import Route, route_request, validate_chat_body
+from tierbatch.gateway.routing import Route, route_request
+from tierbatch.gateway.validation import validate_chat_body
 from tierbatch.routing.rules import RuleView
 
 ENDPOINT = "/v1/chat/completions"

@@ -27,7 +27,7 @@ from tierbatch.base.errors import InvalidInput, InvalidValue, Refused
 from tierbatch.jobs.requests import parse_job_request
 from tierbatch.schedules.tenant_files import FILES_DISABLED, PathRefused, has_glob, path_parts, tenant_files
 from tierbatch.tasks.submission import invalid_input_from
-from tierbatch.webhooks.delivery import check_webhook_url
+from tierbatch.webhooks.targets import check_webhook_url
 
 JOB_KEYS = ("task_type", "tier", "urgent", "deadline_seconds", "params", "system", "template", "labels",
             "metadata")

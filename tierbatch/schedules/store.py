@@ -16,7 +16,7 @@ from tierbatch.base.secretbox import SecretBox
 from tierbatch.db.engine import newest_first_page
 from tierbatch.db.models import Schedule, ScheduleRun
 from tierbatch.schedules.spec import ScheduleSpec, TenantScope, invalid_field, next_fire_after, parse_schedule
-from tierbatch.webhooks.delivery import new_secret, require_secret_box
+from tierbatch.webhooks.signing import new_secret, require_secret_box
 
 PATCH_KEYS = frozenset({"name", "cron", "timezone", "enabled", "job", "source", "sink", "webhook_url", "cursor"})
 

@@ -14,7 +14,8 @@ from tierbatch.simulator.batches import batches_router
 from tierbatch.simulator.chat import chat_router
 from tierbatch.simulator.config import SimConfig
 from tierbatch.simulator.errors import install_error_handlers
-from tierbatch.simulator.files import FileStore, files_router
+from tierbatch.simulator.file_store import FileStore
+from tierbatch.simulator.files import files_router
 from tierbatch.simulator.models import models_router
 from tierbatch.simulator.state import SimState
 

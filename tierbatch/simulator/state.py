@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from fastapi import Request
 
     from tierbatch.simulator.batch_store import BatchStore
-    from tierbatch.simulator.files import FileStore
+    from tierbatch.simulator.file_store import FileStore
 
 
 class SimState:

@@ -132,7 +132,7 @@ def print_costs_by_mode(console: Console, costs: dict[str, Any] | None) -> None:
                       ("savings USD", "savings_usd")):
         table.add_column(name, justify="right", footer=amount(totals.get(key)))
     for row in costs["rows"]:
-        if row["mode"] == "shadow":  # spend only: no baseline, no savings (tierbatch/costs/queries.py)
+        if row["mode"] == "shadow":  # spend only: no baseline, no savings (tierbatch/costs/query.py)
             table.add_row("shadow (quality monitor)", str(row["requests"]), amount(row["cost_usd"]), "-", "-")
         else:
             table.add_row(row["mode"], str(row["requests"]), amount(row["cost_usd"]),

@@ -57,7 +57,7 @@ class Schedule(Base):
     cron: Mapped[str] = mapped_column(Text, nullable=False)
     timezone: Mapped[str] = mapped_column(Text, nullable=False)
     enabled: Mapped[bool] = mapped_column(Boolean, nullable=False)
-    job: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)  # the job template (schedules.service)
+    job: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)  # the job template (schedules.spec)
     source: Mapped[dict[str, Any]] = mapped_column(JSONB, nullable=False)
     sink: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
     webhook_url: Mapped[str | None] = mapped_column(Text)
