@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 import pytest
 from alembic import command
@@ -57,11 +58,61 @@ def test_state_enums_keep_every_rule_and_downgrade(base_database_url: str) -> No
         config = alembic_config(url)
         command.upgrade(config, "0010")
         before = _schema_rules(url)
-        command.upgrade(config, "head")
+        command.upgrade(config, "0011")
         after = _schema_rules(url)
         # same predicates and CHECKs (only the value lists left), with enum casts instead of text ones
         assert {rule for rule in before if rule[0] not in _VALUE_CHECKS} == after
         command.downgrade(config, "0010")
         assert _schema_rules(url) == before
-        command.upgrade(config, "head")
+        command.upgrade(config, "0011")
         assert _schema_rules(url) == after
+
+
+@dataclass(frozen=True)
+class LedgerSchema:
+    columns: list[tuple[str, ...]]  # (table, column, type, nullable, default)
+    views: dict[str, str]
+    function: str
+    rules: set[tuple[str, str]]
+
+
+def _ledger_schema(url: str) -> LedgerSchema:
+    """The ledger's columns, the cost views' definitions and the rollup trigger's function body."""
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            columns = connection.execute(text(
+                "SELECT table_name, column_name, data_type, is_nullable, column_default "
+                "FROM information_schema.columns WHERE table_name IN ('ledger_entries', 'ledger_daily') "
+                "ORDER BY table_name, ordinal_position")).all()
+            views = connection.execute(text(
+                "SELECT viewname, definition FROM pg_views WHERE schemaname = 'public' ORDER BY 1")).all()
+            function = connection.scalar(text("SELECT prosrc FROM pg_proc WHERE proname = 'ledger_daily_apply'"))
+    finally:
+        engine.dispose()
+    return LedgerSchema([tuple(c) for c in columns], {name: definition for name, definition in views},
+                        str(function), _schema_rules(url))
+
+
+_CACHE_WRITE_COLUMNS = {("ledger_entries", "cache_write_tokens"), ("ledger_entries", "cache_write_price"),
+                        ("ledger_entries", "cache_write_cost_usd"), ("ledger_entries", "batch_discount"),
+                        ("ledger_daily", "cache_write_tokens"), ("ledger_daily", "cache_write_cost_usd")}
+
+
+def test_ledger_cache_writes_migration_adds_columns_and_downgrades(base_database_url: str) -> None:
+    with scratch_database(base_database_url, prefix="tierbatch_migration") as url:
+        config = alembic_config(url)
+        command.upgrade(config, "0011")
+        before = _ledger_schema(url)
+        command.upgrade(config, "0012")
+        after = _ledger_schema(url)
+        added = {c[:2] for c in after.columns} - {c[:2] for c in before.columns}
+        assert added == _CACHE_WRITE_COLUMNS
+        for view in ("cost_ledger", "cost_daily", "cost_by_day", "cost_by_model", "cost_by_task_type"):
+            assert "cache_write_tokens" in after.views[view] and "cache_write_cost_usd" in after.views[view], view
+        assert "cache_write_cost_usd" in after.function
+        assert after.rules != before.rules  # the token CHECK bounds cache writes too
+        command.downgrade(config, "0011")
+        assert _ledger_schema(url) == before
+        command.upgrade(config, "0012")
+        assert _ledger_schema(url) == after

@@ -123,6 +123,7 @@ class PriceOverride(_Section):
 
     input: Decimal = Field(ge=0)
     cached_input: Decimal | None = Field(default=None, ge=0)
+    cache_write: Decimal | None = Field(default=None, ge=0)  # writes to the prompt cache; else `input`
     output: Decimal = Field(ge=0)
     batch_discount: Decimal = Field(default=Decimal("0"), ge=0, le=1)
 

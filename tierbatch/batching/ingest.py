@@ -22,6 +22,7 @@ from tierbatch.base.states import Tier
 from tierbatch.db.bulk_sql import COPY_INGEST_ROWS, CREATE_INGEST_TABLE
 from tierbatch.db.models import ProviderBatch
 from tierbatch.ledger.pricing import PriceBook, TokenUsage
+from tierbatch.ledger.rows import usage_columns
 from tierbatch.providers.client import RETRYABLE_STATUS, output_from_body, usage_from_body
 from tierbatch.tasks import transitions
 from tierbatch.tasks.labels import label_error
@@ -169,12 +170,8 @@ def _success_rows(session: Session, prices: PriceBook, batch: ProviderBatch,
         money = priced_memo.get((served, usage))
         if money is None:
             priced = prices.price(batch.provider, served, batch.model, usage, batch=True)
-            unit = priced.prices if priced else None
             money = priced_memo[(served, usage)] = "\t".join(_copy_field(value) for value in (
-                usage.input_tokens, usage.cached_tokens, usage.output_tokens, usage.reasoning_tokens,
-                unit.input if unit else None, unit.cached_input if unit else None, unit.output if unit else None,
-                priced.input_cost if priced else None, priced.cached_input_cost if priced else None,
-                priced.output_cost if priced else None, priced.total if priced else None, prices.baseline(usage)))
+                *usage_columns(usage, priced).values(), priced.total if priced else None, prices.baseline(usage)))
         lines.append("\t".join((
             str(task_id), "failed" if problem else "succeeded", _copy_field(problem), _copy_field(served),
             _copy_field(output), _copy_text(orjson.dumps(body).decode()), money)))

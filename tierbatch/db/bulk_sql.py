@@ -60,6 +60,15 @@ def _copy(table: str, names: Sequence[str]) -> str:
     return f"COPY {table} ({', '.join(names)}) FROM STDIN"
 
 
+# --- a ledger row's usage: tokens by kind, unit prices, cost per kind, the batch discount applied ----------
+
+# Every path that writes ledger rows writes these, with the values tierbatch.ledger.rows.usage_columns gives.
+LEDGER_USAGE_COLUMNS = columns(
+    LEDGER, "input_tokens", "cached_tokens", "cache_write_tokens", "output_tokens", "reasoning_tokens",
+    "input_price", "cached_input_price", "cache_write_price", "output_price", "input_cost_usd",
+    "cached_input_cost_usd", "cache_write_cost_usd", "output_cost_usd", "batch_discount")
+
+
 # --- job items: one COPY of new `tasks` rows --------------------------------------------------------
 
 TASK_COPY_COLUMNS = columns(TASKS, "id", "item_id", "request", "tier", "tier_reason", "tenant_id", "job_id",
@@ -70,12 +79,10 @@ COPY_TASKS = _copy("tasks", TASK_COPY_COLUMNS)
 
 # --- batch ingestion: a chunk's results COPied into a temp table, then one UPDATE … INSERT -------------
 
-# (table, column) of each temp-table column: the task's result columns, and the ledger's price columns
+# (table, column) of each temp-table column: the task's result columns, and the ledger's usage and price columns
 _INGEST_SOURCES: tuple[tuple[Table, str], ...] = (
-    *((TASKS, name) for name in ("id", "status", "error", "served_model", "output", "response", "input_tokens",
-                                 "cached_tokens", "output_tokens", "reasoning_tokens")),
-    *((LEDGER, name) for name in ("input_price", "cached_input_price", "output_price", "input_cost_usd",
-                                  "cached_input_cost_usd", "output_cost_usd")),
+    *((TASKS, name) for name in ("id", "status", "error", "served_model", "output", "response")),
+    *((LEDGER, name) for name in LEDGER_USAGE_COLUMNS),
     (TASKS, "cost_usd"), (TASKS, "baseline_cost_usd"),
 )
 
@@ -94,9 +101,7 @@ COPY_INGEST_ROWS = _copy("ingest_rows", INGEST_COLUMNS)
 # tierbatch.tasks.transitions, the one writer of task status, owns it).
 INGEST_LEDGER_COLUMNS = columns(
     LEDGER, "tenant_id", "task_id", "job_id", "batch_id", "task_type", "tier", "mode", "provider", "requested_model",
-    "served_model", "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "input_price",
-    "cached_input_price", "output_price", "input_cost_usd", "cached_input_cost_usd", "output_cost_usd", "cost_usd",
-    "baseline_cost_usd", "unpriced", "usage_estimated")
+    "served_model", *LEDGER_USAGE_COLUMNS, "cost_usd", "baseline_cost_usd", "unpriced", "usage_estimated")
 
 
 # --- quality monitor: batch-path shadow tasks, one INSERT … SELECT for a whole pick -----------------
@@ -126,9 +131,7 @@ GATEWAY_TASK_COLUMNS = columns(
     "reasoning_tokens", "cost_usd", "baseline_cost_usd", "attempts", "error", "created_at", "started_at", "mode")
 GATEWAY_LEDGER_COLUMNS = columns(
     LEDGER, "tenant_id", "task_id", "task_type", "tier", "provider", "requested_model", "served_model",
-    "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "input_price", "cached_input_price",
-    "output_price", "input_cost_usd", "cached_input_cost_usd", "output_cost_usd", "cost_usd", "baseline_cost_usd",
-    "unpriced", "latency_ms", "usage_estimated", "mode")
+    *LEDGER_USAGE_COLUMNS, "cost_usd", "baseline_cost_usd", "unpriced", "latency_ms", "usage_estimated", "mode")
 # Enums travel as text and the provider's body as its raw JSON text, cast on the way in.
 _GATEWAY_AS_TEXT = frozenset({"requested_tier", "tier", "status", "response", "mode"})
 

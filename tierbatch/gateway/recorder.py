@@ -30,6 +30,7 @@ from tierbatch.base.states import Mode, TaskStatus
 from tierbatch.db.bulk_sql import GATEWAY_WRITE
 from tierbatch.gateway.routing import Route
 from tierbatch.ledger.pricing import PriceBook, TokenUsage
+from tierbatch.ledger.rows import usage_columns
 
 log = logging.getLogger(__name__)
 
@@ -156,19 +157,10 @@ def _record_params(records: Sequence[CallRecord]) -> dict[str, str]:
         })
         if usage is None or r.provider is None:
             continue
-        priced = r.prices
         ledger.append({
             "tenant_id": r.tenant_id, "task_id": r.task_id, "task_type": r.route.task_type,
             "tier": r.route.tier.value, "provider": r.provider, "requested_model": r.requested_model,
-            "served_model": r.served_model, "input_tokens": usage.input_tokens,
-            "cached_tokens": usage.cached_tokens, "output_tokens": usage.output_tokens,
-            "reasoning_tokens": usage.reasoning_tokens,
-            "input_price": priced.prices.input if priced else None,
-            "cached_input_price": priced.prices.cached_input if priced else None,
-            "output_price": priced.prices.output if priced else None,
-            "input_cost_usd": priced.input_cost if priced else None,
-            "cached_input_cost_usd": priced.cached_input_cost if priced else None,
-            "output_cost_usd": priced.output_cost if priced else None,
+            "served_model": r.served_model, **usage_columns(usage, r.prices),
             "cost_usd": r.cost_usd, "baseline_cost_usd": r.baseline_cost_usd, "unpriced": r.cost_usd is None,
             "latency_ms": r.latency_ms, "usage_estimated": r.usage_estimated, "mode": r.mode.value,
         })

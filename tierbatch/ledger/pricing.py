@@ -2,7 +2,13 @@
 
 Unit prices are USD per million tokens and are stored on each ledger row, so history never
 changes when prices do. A model without any known price is *unpriced*: cost None, never 0.
-Cached input tokens are a subset of input tokens and are billed once, at the cached rate.
+Cached input tokens (cache reads) and cache writes are parts of the input tokens, each billed once at
+its own rate; the rest of the input at the input rate.
+
+A batch line takes the price table's batch price when the table has one of its own (one that differs
+from its standard price); else, when the provider config has `batch_discount`, the standard price less
+that discount, and the prices say which discount was applied; else the table's price as it is. Config
+`[prices]` overrides apply their own `batch_discount` to every batch line of their model.
 """
 
 from __future__ import annotations
@@ -35,19 +41,31 @@ class TokenUsage:
 
 @dataclass(frozen=True, slots=True)
 class UnitPrices:
-    """USD per million tokens."""
+    """USD per million tokens. `batch_discount`: the provider's batch discount these prices were derived
+    with from the table's standard price (a model with no batch price of its own), None otherwise."""
 
     input: Decimal
     cached_input: Decimal
+    cache_write: Decimal
     output: Decimal
+    batch_discount: Decimal | None = None
 
     def cost(self, usage: TokenUsage) -> PricedUsage:
-        uncached = usage.input_tokens - usage.cached_tokens
+        uncached = usage.input_tokens - usage.cached_tokens - usage.cache_write_tokens
         input_cost = self.input * uncached / MILLION
         cached_cost = self.cached_input * usage.cached_tokens / MILLION
+        cache_write_cost = self.cache_write * usage.cache_write_tokens / MILLION
         # reasoning tokens are part of the output tokens (OpenAI's accounting): not billed again
         output_cost = self.output * usage.output_tokens / MILLION
-        return PricedUsage(self, input_cost, cached_cost, output_cost, input_cost + cached_cost + output_cost)
+        return PricedUsage(self, input_cost, cached_cost, cache_write_cost, output_cost,
+                           input_cost + cached_cost + cache_write_cost + output_cost)
+
+    def discounted(self, discount: Decimal) -> UnitPrices:
+        """Every price less `discount` (0.5: half), marked with it."""
+        factor = Decimal(1) - discount
+        return UnitPrices(input=self.input * factor, cached_input=self.cached_input * factor,
+                          cache_write=self.cache_write * factor, output=self.output * factor,
+                          batch_discount=discount)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +73,7 @@ class PricedUsage:
     prices: UnitPrices
     input_cost: Decimal
     cached_input_cost: Decimal
+    cache_write_cost: Decimal
     output_cost: Decimal
     total: Decimal
 
@@ -63,27 +82,50 @@ def _per_million(value: object) -> Decimal | None:
     return value if isinstance(value, Decimal) else None
 
 
-def _from_genai(model: str, provider_id: str | None, batch: bool) -> UnitPrices | None:
+def _table_price(model: str, provider_id: str, context: dict[str, str] | None) -> ModelPrice | None:
     try:
         result = calc_price(Usage(input_tokens=0, output_tokens=0), model_ref=model, provider_id=provider_id,
-                            price_context=_BATCH_CONTEXT if batch else None)
+                            price_context=context)
     except LookupError:
         return None
     model_price: ModelPrice = result.model_price
+    return model_price
+
+
+def _unit_prices(model_price: ModelPrice) -> UnitPrices | None:
     input_price = _per_million(getattr(model_price, "input_mtok", None))
     output_price = _per_million(getattr(model_price, "output_mtok", None))
     if input_price is None or output_price is None:
         return None  # tiered or missing prices: do not guess
     cached = _per_million(getattr(model_price, "cache_read_mtok", None))
+    cache_write = _per_million(getattr(model_price, "cache_write_mtok", None))
     return UnitPrices(input=input_price, cached_input=cached if cached is not None else input_price,
-                      output=output_price)
+                      cache_write=cache_write if cache_write is not None else input_price, output=output_price)
+
+
+def _from_genai(model: str, provider_id: str, batch: bool, batch_discount: Decimal | None) -> UnitPrices | None:
+    standard = _table_price(model, provider_id, None)
+    if standard is None:
+        return None
+    if not batch:
+        return _unit_prices(standard)
+    # the table has a batch price of its own when the batch context changes the model's price; where it
+    # does not (it lists none), the batch price it answers is the standard one
+    batch_price = _table_price(model, provider_id, _BATCH_CONTEXT)
+    if batch_price is not None and batch_price != standard:
+        return _unit_prices(batch_price)
+    prices = _unit_prices(standard)
+    if prices is None or batch_discount is None:
+        return prices
+    return prices.discounted(batch_discount)
 
 
 def _from_override(override: PriceOverride, batch: bool) -> UnitPrices:
     factor = (Decimal(1) - override.batch_discount) if batch else Decimal(1)
     cached = override.cached_input if override.cached_input is not None else override.input
+    cache_write = override.cache_write if override.cache_write is not None else override.input
     return UnitPrices(input=override.input * factor, cached_input=cached * factor,
-                      output=override.output * factor)
+                      cache_write=cache_write * factor, output=override.output * factor)
 
 
 class PriceBook:
@@ -104,10 +146,9 @@ class PriceBook:
         if override is not None:
             return _from_override(override, batch)
         provider_config = self._config.providers.get(provider)
-        prices_from = provider_config.prices_from if provider_config else None
-        if prices_from is None:
+        if provider_config is None or provider_config.prices_from is None:
             return None
-        return _from_genai(model, prices_from, batch)
+        return _from_genai(model, provider_config.prices_from, batch, provider_config.batch_discount)
 
     def price(self, provider: str, served_model: str, requested_model: str, usage: TokenUsage, *,
               batch: bool = False) -> PricedUsage | None:

@@ -1,4 +1,8 @@
-"""Ledger rows: one per provider response, with unit prices and costs per token kind."""
+"""Ledger rows: one per provider response, with unit prices and costs per token kind.
+
+`usage_columns` is the one place a row's usage and price columns are spelled out; the ORM path here, the
+gateway's group commit and batch ingestion's COPY all write what it gives.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,9 @@ from decimal import Decimal
 from sqlalchemy.orm import Session
 
 from tierbatch.base.states import Mode, Tier
+from tierbatch.db.bulk_sql import LEDGER_USAGE_COLUMNS
 from tierbatch.db.models import LedgerEntry
-from tierbatch.ledger.pricing import PriceBook, TokenUsage
+from tierbatch.ledger.pricing import PriceBook, PricedUsage, TokenUsage
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +40,27 @@ class ResponseRecord:
     latency_ms: int | None = None
 
 
+def usage_columns(usage: TokenUsage, priced: PricedUsage | None) -> dict[str, object]:
+    """A ledger row's `bulk_sql.LEDGER_USAGE_COLUMNS`, in that order: tokens by kind, and (NULL when
+    unpriced) unit prices, cost per kind and the batch discount the prices were derived with."""
+    unit = priced.prices if priced is not None else None
+    values: dict[str, object] = {
+        "input_tokens": usage.input_tokens, "cached_tokens": usage.cached_tokens,
+        "cache_write_tokens": usage.cache_write_tokens, "output_tokens": usage.output_tokens,
+        "reasoning_tokens": usage.reasoning_tokens,
+        "input_price": unit.input if unit else None,
+        "cached_input_price": unit.cached_input if unit else None,
+        "cache_write_price": unit.cache_write if unit else None,
+        "output_price": unit.output if unit else None,
+        "input_cost_usd": priced.input_cost if priced else None,
+        "cached_input_cost_usd": priced.cached_input_cost if priced else None,
+        "cache_write_cost_usd": priced.cache_write_cost if priced else None,
+        "output_cost_usd": priced.output_cost if priced else None,
+        "batch_discount": unit.batch_discount if unit else None,
+    }
+    return {name: values[name] for name in LEDGER_USAGE_COLUMNS}
+
+
 def add_ledger_entry(session: Session, prices: PriceBook, record: ResponseRecord) -> Charge:
     """Price the response and add its ledger row to the session (the caller commits)."""
     priced = prices.price(record.provider, record.served_model, record.requested_model, record.usage,
@@ -48,14 +74,7 @@ def add_ledger_entry(session: Session, prices: PriceBook, record: ResponseRecord
         tenant_id=record.tenant_id, task_id=record.task_id, job_id=record.job_id, batch_id=record.batch_id,
         task_type=record.task_type, tier=record.tier, mode=record.mode, provider=record.provider,
         requested_model=record.requested_model, served_model=record.served_model,
-        input_tokens=record.usage.input_tokens, cached_tokens=record.usage.cached_tokens,
-        output_tokens=record.usage.output_tokens, reasoning_tokens=record.usage.reasoning_tokens,
-        input_price=priced.prices.input if priced else None,
-        cached_input_price=priced.prices.cached_input if priced else None,
-        output_price=priced.prices.output if priced else None,
-        input_cost_usd=priced.input_cost if priced else None,
-        cached_input_cost_usd=priced.cached_input_cost if priced else None,
-        output_cost_usd=priced.output_cost if priced else None,
+        **usage_columns(record.usage, priced),
         cost_usd=cost, baseline_cost_usd=baseline, unpriced=cost is None,
         latency_ms=record.latency_ms,
     ))

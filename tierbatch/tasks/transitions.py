@@ -42,7 +42,7 @@ from sqlalchemy.orm import Session
 
 from tierbatch.base.errors import TransitionError
 from tierbatch.base.states import CANCELLABLE_TASK_STATUSES, Mode, TaskStatus
-from tierbatch.db.bulk_sql import INGEST_LEDGER_COLUMNS
+from tierbatch.db.bulk_sql import INGEST_LEDGER_COLUMNS, LEDGER_USAGE_COLUMNS
 from tierbatch.db.models import Task
 
 ESCALATABLE_STATUSES = (TaskStatus.WAITING_BATCH, TaskStatus.IN_BATCH)
@@ -228,18 +228,15 @@ _APPLY_INGEST_ROWS = text(
     "   finished_at = now(), updated_at = now()"
     " FROM ingest_rows AS v WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
     # the ledger columns come back with the row: the INSERT reads `moved` alone, no second join
-    " RETURNING t.id, t.tenant_id, t.job_id, t.task_type, t.tier, t.status, t.shadow_of, v.served_model,"
-    "   v.input_tokens, v.cached_tokens, v.output_tokens, v.reasoning_tokens, v.input_price, v.cached_input_price,"
-    "   v.output_price, v.input_cost_usd, v.cached_input_cost_usd, v.output_cost_usd, v.cost_usd,"
-    "   v.baseline_cost_usd), "
+    " RETURNING t.id, t.tenant_id, t.job_id, t.task_type, t.tier, t.status, t.shadow_of, v.served_model, "
+    + ", ".join(f"v.{name}" for name in LEDGER_USAGE_COLUMNS) + ", v.cost_usd, v.baseline_cost_usd), "
     f"billed AS (INSERT INTO ledger_entries ({', '.join(INGEST_LEDGER_COLUMNS)}) "
     # a shadow task's line is a `shadow` row of the task it shadows, in that task's job
     "SELECT m.tenant_id, coalesce(m.shadow_of, m.id),"
     " CASE WHEN m.shadow_of IS NULL THEN m.job_id ELSE (SELECT o.job_id FROM tasks AS o WHERE o.id = m.shadow_of) END,"
     " :batch, m.task_type, m.tier,"
     " CASE WHEN m.shadow_of IS NULL THEN 'batch' ELSE 'shadow' END::serve_mode, :provider, :model,"
-    " m.served_model, m.input_tokens, m.cached_tokens, m.output_tokens, m.reasoning_tokens, m.input_price,"
-    " m.cached_input_price, m.output_price, m.input_cost_usd, m.cached_input_cost_usd, m.output_cost_usd,"
+    " m.served_model, " + ", ".join(f"m.{name}" for name in LEDGER_USAGE_COLUMNS) + ","
     " m.cost_usd, m.baseline_cost_usd, m.cost_usd IS NULL, false "
     "FROM moved AS m) "
     "SELECT (SELECT count(*) FROM moved) AS written,"

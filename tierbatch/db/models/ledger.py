@@ -1,7 +1,7 @@
 """The cost ledger: one row per provider response or cache hit, and its daily rollup `ledger_daily`.
 
 The analyst views over them (`cost_ledger`, `cost_daily` and the views grouped from it) and the triggers that
-keep the rollup in step are migration 0002's; autogenerate does not see them.
+keep the rollup in step are migration 0002's (with cache writes since 0012); autogenerate does not see them.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import uuid
 from datetime import date, datetime
 from decimal import Decimal
 
-from sqlalchemy import BigInteger, Boolean, CheckConstraint, Date, ForeignKey, Index, Integer, Text, text
+from sqlalchemy import BigInteger, Boolean, CheckConstraint, Date, ForeignKey, Index, Integer, Numeric, Text, text
 from sqlalchemy.dialects.postgresql import UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -32,8 +32,8 @@ class LedgerEntry(Base):
         Index("ix_ledger_entries_created_brin", "created_at", postgresql_using="brin"),
         CheckConstraint("unpriced = (cost_usd IS NULL)", name="unpriced_iff_no_cost"),
         CheckConstraint(
-            "input_tokens >= 0 AND cached_tokens >= 0 AND output_tokens >= 0 AND reasoning_tokens >= 0 "
-            "AND cached_tokens <= input_tokens",
+            "input_tokens >= 0 AND cached_tokens >= 0 AND cache_write_tokens >= 0 AND output_tokens >= 0 "
+            "AND reasoning_tokens >= 0 AND cached_tokens + cache_write_tokens <= input_tokens",
             name="token_counts_valid",
         ),
     )
@@ -52,18 +52,28 @@ class LedgerEntry(Base):
     requested_model: Mapped[str] = mapped_column(Text, nullable=False)
     served_model: Mapped[str] = mapped_column(Text, nullable=False)
     input_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    # cached (read from the prompt cache) and cache-write tokens are parts of the input tokens, each
+    # billed at its own price; the rest of the input at `input_price`
     cached_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False, default=0,
+                                                    server_default=text("0"))
     output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
     reasoning_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
     input_price: Mapped[Decimal | None] = mapped_column(UNIT_PRICE)
     cached_input_price: Mapped[Decimal | None] = mapped_column(UNIT_PRICE)
+    # NULL on rows written before cache writes were recorded (0012), as is their cost
+    cache_write_price: Mapped[Decimal | None] = mapped_column(UNIT_PRICE)
     output_price: Mapped[Decimal | None] = mapped_column(UNIT_PRICE)
     input_cost_usd: Mapped[Decimal | None] = mapped_column(MONEY)
     cached_input_cost_usd: Mapped[Decimal | None] = mapped_column(MONEY)
+    cache_write_cost_usd: Mapped[Decimal | None] = mapped_column(MONEY)
     output_cost_usd: Mapped[Decimal | None] = mapped_column(MONEY)
     cost_usd: Mapped[Decimal | None] = mapped_column(MONEY)
     baseline_cost_usd: Mapped[Decimal | None] = mapped_column(MONEY)
     unpriced: Mapped[bool] = mapped_column(Boolean, nullable=False)
+    # a batch row of a model whose price table entry has no batch price of its own: the provider's
+    # `batch_discount` its prices were derived with from the standard ones; NULL otherwise
+    batch_discount: Mapped[Decimal | None] = mapped_column(Numeric(20, 10))
     latency_ms: Mapped[int | None] = mapped_column(Integer)
     # OpenAI front door: true when the token counts are our estimate (a stream the client left
     # before the provider reported usage), not the provider's
@@ -103,8 +113,10 @@ class LedgerDaily(Base):
     cached_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
     output_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
     reasoning_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger, nullable=False)
     input_cost_usd: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
     cached_input_cost_usd: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
+    cache_write_cost_usd: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
     output_cost_usd: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
     reasoning_cost_usd: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
     cost_usd: Mapped[Decimal] = mapped_column(MONEY, nullable=False)
