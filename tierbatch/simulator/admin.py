@@ -52,6 +52,7 @@ async def stats(request: Request) -> dict[str, Any]:
     state = sim_state(request)
     out = state.stats.as_dict()
     out["batches_by_status"] = state.batches.count_by_status()
+    out["message_batches_by_status"] = state.message_batches.count_by_status()
     return out
 
 

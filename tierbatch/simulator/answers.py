@@ -66,7 +66,8 @@ class LabelTask:
     path: tuple[str, ...] = ()  # property path of the enum inside the schema ("[]": array item)
 
 
-def _resolve(schema: Any, root: dict[str, Any], depth: int) -> Any:
+def resolve_ref(schema: Any, root: dict[str, Any], depth: int) -> Any:
+    """The schema a local `$ref` (`#/...`) points at, followed through chains; `{}` for any other ref."""
     while isinstance(schema, dict) and isinstance(schema.get("$ref"), str) and depth < _MAX_SCHEMA_DEPTH:
         ref = schema["$ref"]
         if not ref.startswith("#"):
@@ -82,11 +83,12 @@ def _resolve(schema: Any, root: dict[str, Any], depth: int) -> Any:
     return schema
 
 
-def _find_enum(schema: Any, root: dict[str, Any], path: tuple[str, ...],
-               depth: int) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+def find_enum(schema: Any, root: dict[str, Any], path: tuple[str, ...],
+              depth: int) -> tuple[tuple[str, ...], tuple[str, ...]] | None:
+    """(property path, labels) of the first string enum in the schema, depth first; None without one."""
     if depth > _MAX_SCHEMA_DEPTH:
         return None
-    schema = _resolve(schema, root, depth)
+    schema = resolve_ref(schema, root, depth)
     if not isinstance(schema, dict):
         return None
     enum = schema.get("enum")
@@ -97,19 +99,19 @@ def _find_enum(schema: Any, root: dict[str, Any], path: tuple[str, ...],
     props = schema.get("properties")
     if isinstance(props, dict):
         for name, sub in props.items():
-            found = _find_enum(sub, root, (*path, str(name)), depth + 1)
+            found = find_enum(sub, root, (*path, str(name)), depth + 1)
             if found:
                 return found
     for key in ("anyOf", "oneOf", "allOf"):
         options = schema.get(key)
         if isinstance(options, list):
             for sub in options:
-                found = _find_enum(sub, root, path, depth + 1)
+                found = find_enum(sub, root, path, depth + 1)
                 if found:
                     return found
     items = schema.get("items")
     if isinstance(items, dict):
-        return _find_enum(items, root, (*path, "[]"), depth + 1)
+        return find_enum(items, root, (*path, "[]"), depth + 1)
     return None
 
 
@@ -140,7 +142,7 @@ def find_label_task(body: dict[str, Any], text: str | None = None) -> LabelTask 
     """The classification asked for, if any; `text` is the prompt text when already known."""
     schema = response_schema(body)
     if schema is not None:
-        found = _find_enum(schema, schema, (), 0)
+        found = find_enum(schema, schema, (), 0)
         if found:
             path, labels = found
             return LabelTask(labels=labels, schema=schema, path=path)
@@ -199,7 +201,7 @@ def fill_schema(schema: Any, root: dict[str, Any], seed: int, label_path: tuple[
     """A deterministic instance of a JSON schema; the enum at `label_path` gets `label`."""
     if label_path is not None and path == label_path:
         return label
-    schema = _resolve(schema, root, depth)
+    schema = resolve_ref(schema, root, depth)
     if not isinstance(schema, dict) or depth > _MAX_SCHEMA_DEPTH:
         return None
     if "const" in schema:
@@ -210,14 +212,14 @@ def fill_schema(schema: Any, root: dict[str, Any], seed: int, label_path: tuple[
         options = schema.get(key)
         if isinstance(options, list) and options:
             on_path = [o for o in options if label_path is not None
-                       and _find_enum(o, root, path, depth + 1) is not None]
+                       and find_enum(o, root, path, depth + 1) is not None]
             non_null = [o for o in options if not (isinstance(o, dict) and o.get("type") == "null")]
             chosen = (on_path or non_null or options)[0]
             return fill_schema(chosen, root, seed, label_path, label, path, depth + 1)
     if isinstance(schema.get("allOf"), list) and schema["allOf"]:
         merged: dict[str, Any] = {}
         for part in schema["allOf"]:
-            part = _resolve(part, root, depth)
+            part = resolve_ref(part, root, depth)
             if isinstance(part, dict):
                 merged.update(part)
         return fill_schema(merged, root, seed, label_path, label, path, depth + 1)
@@ -246,10 +248,20 @@ def fill_schema(schema: Any, root: dict[str, Any], seed: int, label_path: tuple[
 
 # --- whole answer ------------------------------------------------------------------------------
 
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    """One function call of an answer: its id, the tool's name and the arguments as JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
 @dataclass(slots=True)
 class Choice:
     content: str
     finish_reason: str
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 @dataclass(slots=True)

@@ -49,6 +49,8 @@ def injected_fault(model: str, settings: ModelSettings) -> OpenAIError:
         message = (f"Rate limit reached for {model} in organization org-simulator on requests per min (RPM): "
                    f"Limit 500, Used 500, Requested 1. Please try again in {wait:g}s.")
         return OpenAIError(429, message, "requests", None, "rate_limit_exceeded", headers)
+    if status == 529:  # Anthropic's overloaded_error: OpenAI's overloaded answer is a 503
+        status = 503
     message, type_, code = _FAULTS[status]
     return OpenAIError(status, message, type_, None, code)
 
@@ -63,6 +65,11 @@ def _pieces(text: str, words_per_piece: int = 3) -> list[str]:
         " ".join(words[i:i + words_per_piece]) + (" " if i + words_per_piece < len(words) else "")
         for i in range(0, len(words), words_per_piece)
     ]
+
+
+def _json_pieces(text: str, size: int = 16) -> list[str]:
+    """Arguments JSON in the fragments a stream sends them in (concatenated, the whole text)."""
+    return [text[i:i + size] for i in range(0, len(text), size)] or [""]
 
 
 async def _stream(answer: Answer, served: str, cached: int, include_usage: bool) -> AsyncIterator[bytes]:
@@ -80,6 +87,16 @@ async def _stream(answer: Answer, served: str, cached: int, include_usage: bool)
         return _sse({**base, "choices": [choice]})
 
     for index, choice in enumerate(answer.choices):
+        if choice.tool_calls:
+            for position, call in enumerate(choice.tool_calls):
+                head = {"index": position, "id": call.id, "type": "function",
+                        "function": {"name": call.name, "arguments": ""}}
+                yield chunk(index, {"role": "assistant", "content": None, "refusal": None, "tool_calls": [head]}
+                            if position == 0 else {"tool_calls": [head]})
+                for piece in _json_pieces(call.arguments):
+                    yield chunk(index, {"tool_calls": [{"index": position, "function": {"arguments": piece}}]})
+            yield chunk(index, {}, choice.finish_reason)
+            continue
         yield chunk(index, {"role": "assistant", "content": "", "refusal": None})
         for piece in _pieces(choice.content):
             yield chunk(index, {"content": piece})

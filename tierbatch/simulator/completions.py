@@ -12,7 +12,8 @@ from json.encoder import encode_basestring_ascii as _quote
 from typing import Any
 
 from tierbatch.providers import openai_validation as shared
-from tierbatch.simulator.answers import Answer, build_answer
+from tierbatch.simulator.answers import Answer, Choice, build_answer
+from tierbatch.simulator.chat_tools import check_tools, tool_answer
 from tierbatch.simulator.config import ModelSettings
 from tierbatch.simulator.errors import OpenAIError
 from tierbatch.simulator.tokens import PrefixCache
@@ -62,6 +63,7 @@ def validate_chat_request(body: Any) -> tuple[str, dict[str, Any]]:
         cache_key = body.get("prompt_cache_key")
         if cache_key is not None and not isinstance(cache_key, str):
             raise shared.invalid_type("prompt_cache_key", "a string", cache_key)
+        check_tools(body)
     except shared.InvalidRequest as refused:
         raise OpenAIError(400, refused.message, "invalid_request_error", refused.param,
                           refused.code) from None
@@ -85,12 +87,24 @@ def served_model(model: str, settings: ModelSettings) -> str:
     return settings.served_as or model
 
 
+def _message_json(choice: Choice) -> str:
+    if not choice.tool_calls:
+        return (f'{{"role":"assistant","content":{_quote(choice.content)},"refusal":null,'
+                f'"annotations":[]}}')
+    calls = ",".join(
+        f'{{"id":"{call.id}","type":"function","function":{{"name":{_quote(call.name)},'
+        f'"arguments":{_quote(call.arguments)}}}}}'
+        for call in choice.tool_calls
+    )
+    return f'{{"role":"assistant","content":null,"refusal":null,"annotations":[],"tool_calls":[{calls}]}}'
+
+
 def completion_json(answer: Answer, served: str, cached_tokens: int, completion_id: str | None = None,
                     created: int | None = None) -> str:
     """The chat completion body as JSON text, assembled directly (this is the hot path of batches)."""
     choices = ",".join(
-        f'{{"index":{i},"message":{{"role":"assistant","content":{_quote(choice.content)},"refusal":null,'
-        f'"annotations":[]}},"logprobs":null,"finish_reason":"{choice.finish_reason}"}}'
+        f'{{"index":{i},"message":{_message_json(choice)},"logprobs":null,'
+        f'"finish_reason":"{choice.finish_reason}"}}'
         for i, choice in enumerate(answer.choices)
     )
     prompt, completion = answer.prompt_tokens, answer.completion_tokens
@@ -111,6 +125,6 @@ def completion_json(answer: Answer, served: str, cached_tokens: int, completion_
 def complete(body: dict[str, Any], model: str, settings: ModelSettings,
              cache: PrefixCache) -> tuple[Answer, int]:
     """The answer to a valid request and its cached prompt tokens (remembering the prompt's prefixes)."""
-    answer = build_answer(body, model, settings)
+    answer = tool_answer(body, model, settings) or build_answer(body, model, settings)
     cached = cache.lookup_and_store(model, answer.prompt_text, answer.prompt_tokens)
     return answer, cached

@@ -15,7 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serial
 
 DEFAULT_MODEL_KEY = "*"
 LineErrorKind = Literal["http_500", "http_400", "non_http"]
-ErrorStatus = Literal[400, 408, 409, 429, 500, 502, 503, 504]
+# 529 is Anthropic's overloaded_error; the chat side answers it as OpenAI's overloaded 503 (and the
+# Anthropic side a 503 as a 529): each side gives the status its provider gives
+ErrorStatus = Literal[400, 408, 409, 429, 500, 502, 503, 504, 529]
 
 
 def _all_line_error_kinds() -> list[LineErrorKind]:

@@ -1,4 +1,5 @@
-"""OpenAI's error body `{"error": {"message", "type", "param", "code"}}` and the handlers that use it."""
+"""OpenAI's error body `{"error": {"message", "type", "param", "code"}}` and the handlers that use it
+(the routes under `/v1/messages` answer in Anthropic's shape, `anthropic_errors.py`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from tierbatch.simulator.anthropic_errors import AnthropicError, anthropic_error_response, is_anthropic_path
 
 
 class OpenAIError(Exception):
@@ -60,8 +63,16 @@ def install_error_handlers(app: FastAPI) -> None:
         message = f"Invalid value for '{param}': {detail}" if param else "Invalid request"
         return error_response(OpenAIError(400, message, "invalid_request_error", param, None))
 
+    async def on_anthropic_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, AnthropicError)
+        return anthropic_error_response(exc)
+
     async def on_http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, StarletteHTTPException)
+        if is_anthropic_path(request.url.path):
+            kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+            text = "Not Found" if exc.status_code == 404 else f"Method {request.method} not allowed"
+            return anthropic_error_response(AnthropicError(kind, text, exc.status_code, exc.headers))
         if exc.status_code == 404:
             message = f"Invalid URL ({request.method} {request.url.path})"
         elif exc.status_code == 405:
@@ -72,11 +83,14 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(OpenAIError(exc.status_code, message, "invalid_request_error", None, None,
                                           headers))
 
-    async def on_unexpected(_request: Request, _exc: Exception) -> Response:
+    async def on_unexpected(request: Request, _exc: Exception) -> Response:
+        if is_anthropic_path(request.url.path):
+            return anthropic_error_response(AnthropicError("api_error", "Internal server error"))
         return error_response(OpenAIError(
             500, "The server had an error while processing your request. Sorry about that!", "server_error"))
 
     app.add_exception_handler(OpenAIError, on_openai_error)
+    app.add_exception_handler(AnthropicError, on_anthropic_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
     app.add_exception_handler(Exception, on_unexpected)

@@ -10,6 +10,7 @@ from collections.abc import Coroutine, Iterator
 from typing import TYPE_CHECKING, Any
 
 from tierbatch.simulator.config import ModelSettings, SimConfig
+from tierbatch.simulator.message_batch_store import MessageBatchStore
 from tierbatch.simulator.stats import Stats
 from tierbatch.simulator.tokens import PrefixCache
 
@@ -28,6 +29,7 @@ class SimState:
         self.rng = random.Random()
         self.files = files
         self.batches = batches
+        self.message_batches = MessageBatchStore()
         self.tasks: set[asyncio.Task[None]] = set()
         self._settings: dict[str, ModelSettings] = {}
         self._gc_pauses = 0

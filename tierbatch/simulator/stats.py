@@ -18,6 +18,11 @@ class Stats:
     batch_lines_answered: int = 0  # output lines written with status 200
     # requests (chat calls and lines of accepted batch files) per `prompt_cache_key` they carried
     prompt_cache_keys: Counter[str] = field(default_factory=Counter)
+    messages_calls: Counter[str] = field(default_factory=Counter)  # every Messages request, per asked model
+    messages_errors: Counter[str] = field(default_factory=Counter)  # injected faults there, per asked model
+    messages_slow: Counter[str] = field(default_factory=Counter)  # injected slow answers there, per asked model
+    message_batches_created: int = 0
+    message_batch_requests: int = 0  # requests of created message batches
 
     def reset(self) -> None:
         self.chat_calls.clear()
@@ -28,6 +33,11 @@ class Stats:
         self.batch_lines = 0
         self.batch_lines_answered = 0
         self.prompt_cache_keys.clear()
+        self.messages_calls.clear()
+        self.messages_errors.clear()
+        self.messages_slow.clear()
+        self.message_batches_created = 0
+        self.message_batch_requests = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -39,4 +49,9 @@ class Stats:
             "batch_lines": self.batch_lines,
             "batch_lines_answered": self.batch_lines_answered,
             "prompt_cache_keys": dict(self.prompt_cache_keys),
+            "messages_calls": dict(self.messages_calls),
+            "messages_errors": dict(self.messages_errors),
+            "messages_slow": dict(self.messages_slow),
+            "message_batches_created": self.message_batches_created,
+            "message_batch_requests": self.message_batch_requests,
         }

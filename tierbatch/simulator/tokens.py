@@ -8,6 +8,10 @@ A request's `prompt_cache_key` is not part of the cache's key: at OpenAI it only
 the machines that likely hold their prefix (better hit rates under load), while a hit still needs an
 identical 1,024+ token prefix on the same model. One in-process cache has no routing to improve, so the
 simulator only counts the keys it receives (`GET /_sim/stats`, `prompt_cache_keys`).
+
+The Anthropic side (`read_and_write`) shares the cache and its boundaries and adds its own: the end of
+every block marked with `cache_control` (a breakpoint) once it is 1,024 tokens in. It also reports the
+write: the tokens between the longest prefix read and the longest one now remembered.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 CHARS_PER_TOKEN = 4
@@ -78,6 +83,44 @@ class PrefixCache:
             pos = end
             out.append((tokens, hasher.copy().digest()))
         return out
+
+    def read_and_write(self, model: str, text: str, prompt_tokens: int,
+                       breakpoints: Sequence[int] = ()) -> tuple[int, int]:
+        """(tokens read from the cache, tokens written to it) for this prompt; `breakpoints` are character
+        offsets in `text` where a marked block ends. Remembers every boundary for the next prompt."""
+        ends = {tokens * CHARS_PER_TOKEN: tokens
+                for tokens in range(CACHE_MIN_TOKENS, (prompt_tokens // CACHE_STEP_TOKENS) * CACHE_STEP_TOKENS + 1,
+                                    CACHE_STEP_TOKENS)}
+        for end in breakpoints:
+            tokens = count_tokens(text[:end])
+            if tokens >= CACHE_MIN_TOKENS and end not in ends:
+                ends[min(end, len(text))] = tokens
+        if not ends:
+            return 0, 0
+        hasher = hashlib.blake2b(digest_size=16)
+        digests: list[tuple[int, bytes]] = []
+        pos = 0
+        for end in sorted(ends):
+            hasher.update(text[pos:end].encode("utf-8", "surrogatepass"))
+            pos = max(pos, end)
+            digests.append((ends[end], hasher.copy().digest()))
+        read = 0
+        with self._lock:
+            entries = self._entries
+            for tokens, digest in reversed(digests):
+                if (model, digest) in entries:
+                    read = tokens
+                    break
+            for _tokens, digest in digests:
+                key = (model, digest)
+                if key in entries:
+                    entries.move_to_end(key)
+                else:
+                    entries[key] = None
+            while len(entries) > self._max_entries:
+                entries.popitem(last=False)
+        longest = max(tokens for tokens, _ in digests)
+        return read, max(0, longest - read)
 
     def lookup_and_store(self, model: str, text: str, prompt_tokens: int | None = None) -> int:
         """Cached tokens for this prompt, then remember its prefixes for the next one."""
