@@ -26,6 +26,12 @@ class ChatParams(BaseModel):
     top_p: float | None = Field(default=None, ge=0, le=1)
     seed: int | None = None
     stop: str | list[str] | None = None
+    # function tools, as OpenAI's chat completions take them; a tool call comes back in the task's
+    # `response` (its `output` is the message's text, empty for a call), and the next task carries the
+    # assistant's `tool_calls` and the `tool` message with the result
+    tools: list[dict[str, Any]] | None = Field(default=None, min_length=1, max_length=128)
+    tool_choice: Literal["none", "auto", "required"] | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
 
 
 def _deadline_has_timezone(value: datetime | None) -> datetime | None:
