@@ -22,6 +22,7 @@ from typing import Any
 
 import anthropic
 import httpx2
+from anthropic._constants import ANTHROPIC_API_VERSION
 
 from tierbatch.base.config import ProviderConfig
 from tierbatch.base.errors import PermanentProviderError, ProviderError, RetryableProviderError
@@ -39,7 +40,6 @@ from tierbatch.providers.anthropic_messages import Translated, Untranslatable, t
 from tierbatch.providers.anthropic_stream import AnthropicChatStream
 from tierbatch.providers.error_mapping import classified, error_message, status_error, transport_error
 
-ANTHROPIC_VERSION = "2023-06-01"
 OVERLOADED = "overloaded_error"
 MESSAGES_PATH = "v1/messages"
 
@@ -139,7 +139,8 @@ class AnthropicAdapter:
                      transport: httpx2.AsyncBaseTransport | None) -> httpx2.AsyncClient:
         return httpx2.AsyncClient(
             base_url=settings.base_url.rstrip("/") + "/",
-            headers={"x-api-key": api_key, "anthropic-version": ANTHROPIC_VERSION,
+            # as the SDK sends them (its API version, its key header), so both paths speak one API version
+            headers={"Authorization": f"Bearer {api_key}", "anthropic-version": ANTHROPIC_API_VERSION,
                      "Content-Type": "application/json", "Accept": "application/json"},
             timeout=settings.timeout_seconds,
             limits=httpx2.Limits(max_connections=256, max_keepalive_connections=64),

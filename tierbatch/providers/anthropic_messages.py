@@ -15,11 +15,11 @@ Requests (`to_messages_params`):
 - `response_format` `json_schema`: a tool named for the schema, whose input schema is the schema, is
   forced; the answer's tool input becomes the message content, as JSON text (`finish_reason` `stop`).
   `json_object`: an instruction to answer with one JSON object, added to the system blocks
-- `stop` becomes `stop_sequences`; `temperature` (clamped to Anthropic's 0–1) and `top_p` as given;
-  `user` (else `safety_identifier`) becomes `metadata.user_id`
+- `stop` becomes `stop_sequences`; `user` (else `safety_identifier`) becomes `metadata.user_id`
 - `max_completion_tokens`, else `max_tokens`, else the provider's `default_max_tokens` (4096 unless
   configured): Anthropic requires a limit
-- dropped, as Anthropic has no such thing: `seed`, `presence_penalty`, `frequency_penalty`,
+- dropped, as Anthropic has no such thing: `temperature` and `top_p` (the Messages API of the SDK in
+  use takes no sampling parameters, and current models refuse them), `seed`, `presence_penalty`, `frequency_penalty`,
   `logit_bias`, `logprobs`, `top_logprobs`, `reasoning_effort`, `verbosity`, `prediction`,
   `service_tier`, `modalities`, `store`, `prompt_cache_key`, `prompt_cache_retention`
 - refused (`Untranslatable`, a permanent error: the chain moves on to its next model): `n` above 1,
@@ -28,7 +28,8 @@ Requests (`to_messages_params`):
 Answers (`to_chat_completion`): `id`, `model` (Anthropic's, the served model), one choice with the text
 and/or `tool_calls`, `finish_reason` from `stop_reason`, and `usage` with `prompt_tokens` = input + cache
 read + cache write tokens, `prompt_tokens_details.cached_tokens` = cache reads,
-`prompt_tokens_details.cache_write_tokens` = cache writes, `completion_tokens` = output tokens.
+`prompt_tokens_details.cache_write_tokens` = cache writes, `completion_tokens` = output tokens (thinking
+included, as OpenAI counts reasoning), `completion_tokens_details.reasoning_tokens` = thinking tokens.
 """
 
 from __future__ import annotations
@@ -233,10 +234,6 @@ def to_messages_params(request: Mapping[str, Any], model: str, default_max_token
     stop = request.get("stop")
     if stop:
         params["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
-    if request.get("temperature") is not None:
-        params["temperature"] = min(max(float(request["temperature"]), 0.0), 1.0)
-    if request.get("top_p") is not None:
-        params["top_p"] = request["top_p"]
     user = request.get("user") or request.get("safety_identifier")
     if user:
         params["metadata"] = {"user_id": str(user)}
@@ -249,8 +246,13 @@ def chat_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
     written = int(usage.get("cache_creation_input_tokens") or 0)
     prompt = int(usage.get("input_tokens") or 0) + read + written
     completion = int(usage.get("output_tokens") or 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
-            "prompt_tokens_details": {"cached_tokens": read, CACHE_WRITE_FIELD: written}}
+    chat: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                            "total_tokens": prompt + completion,
+                            "prompt_tokens_details": {"cached_tokens": read, CACHE_WRITE_FIELD: written}}
+    details = usage.get("output_tokens_details")
+    if isinstance(details, Mapping) and details.get("thinking_tokens"):
+        chat["completion_tokens_details"] = {"reasoning_tokens": int(details["thinking_tokens"])}
+    return chat
 
 
 def finish_reason(stop_reason: str | None, response_tool: str | None) -> str | None:

@@ -25,7 +25,6 @@ from tierbatch.providers.adapter import (
     RawChatAnswer,
     Target,
 )
-from tierbatch.providers.anthropic_adapter import AnthropicAdapter
 from tierbatch.providers.cache_keys import prompt_cache_key
 from tierbatch.providers.openai_adapter import OpenAIAdapter
 
@@ -34,6 +33,10 @@ from tierbatch.providers.openai_adapter import OpenAIAdapter
 def adapter_for(kind: ProviderKind) -> ProviderAdapter[Any, Any]:
     """The adapter of a provider kind (adapters are stateless: one each)."""
     if kind == "anthropic":
+        # imported on first use: the `anthropic` SDK takes a second or two of CPU to import, paid only by
+        # processes that call a provider of this kind
+        from tierbatch.providers.anthropic_adapter import AnthropicAdapter
+
         return AnthropicAdapter()
     return OpenAIAdapter()
 
