@@ -104,15 +104,22 @@ class BatchAdapter(Protocol):
         """The input file (JSONL of OpenAI batch lines) made available to `create_batch`; its id."""
         ...
 
+    def holds_input_file(self, file_id: str) -> bool:
+        """Whether an uploaded input file can still be given to `create_batch` (a kind that keeps the
+        requests itself, not at the provider, loses them with its process: the file is then rebuilt)."""
+        ...
+
     def create_batch(self, input_file_id: str, metadata: dict[str, str]) -> ProviderBatchInfo: ...
 
     def retrieve_batch(self, batch_id: str) -> ProviderBatchInfo: ...
 
     def cancel_batch(self, batch_id: str) -> ProviderBatchInfo: ...
 
-    def find_batch_by_metadata(self, key: str, value: str, created_after: int) -> ProviderBatchInfo | None:
+    def find_batch_by_metadata(self, key: str, value: str, created_after: int, *,
+                               request_count: int | None = None) -> ProviderBatchInfo | None:
         """The batch created with `metadata[key] == value` (after a crash between create and store);
-        looks at batches created from `created_after` (epoch seconds) on."""
+        looks at batches created from `created_after` (epoch seconds) on. `request_count` (the lines of
+        the input file) may narrow the search; a kind that cannot tell yet raises RetryableProviderError."""
         ...
 
     def iter_file_lines(self, file_id: str) -> Iterator[str]:
@@ -143,7 +150,7 @@ class ProviderAdapter(Protocol[SyncClientT, AsyncClientT]):
         """One chat completion; raises RetryableProviderError or PermanentProviderError."""
         ...
 
-    def batches(self, client: SyncClientT, provider: str) -> BatchAdapter: ...
+    def batches(self, client: SyncClientT, provider: str, settings: ProviderConfig) -> BatchAdapter: ...
 
     def map_error(self, exc: Exception, provider: str, model: str) -> ProviderError | None:
         """The SDK's or transport's error as ours, by type and status; None for anything else."""

@@ -1,6 +1,6 @@
-"""The Anthropic kind: the Messages API behind the OpenAI shape. The only module that imports
-`anthropic`. Message Batches are not supported yet (`capabilities.batch` is false): a provider of this
-kind needs `batch = false`.
+"""The Anthropic kind: the Messages API behind the OpenAI shape. The only modules that import
+`anthropic`, with `tierbatch.providers.anthropic_errors` and `tierbatch.providers.anthropic_batches`
+(Message Batches).
 
 The worker calls through the `anthropic` SDK (`anthropic.Anthropic`, `max_retries=0`: retries and
 fallbacks are ours); the gateway posts to `v1/messages` on raw `httpx2` (the SDK's own transport), like
@@ -27,7 +27,6 @@ from anthropic._constants import ANTHROPIC_API_VERSION
 from tierbatch.base.config import ProviderConfig
 from tierbatch.base.errors import PermanentProviderError, ProviderError, RetryableProviderError
 from tierbatch.providers.adapter import (
-    BatchAdapter,
     Capabilities,
     ChatResult,
     ChatStream,
@@ -36,36 +35,13 @@ from tierbatch.providers.adapter import (
     output_from_body,
     usage_from_body,
 )
+from tierbatch.providers.anthropic_batches import AnthropicBatches
+from tierbatch.providers.anthropic_errors import OVERLOADED, error_type, map_anthropic_error
 from tierbatch.providers.anthropic_messages import Translated, Untranslatable, to_chat_completion, to_messages_params
 from tierbatch.providers.anthropic_stream import AnthropicChatStream
-from tierbatch.providers.error_mapping import classified, error_message, status_error, transport_error
+from tierbatch.providers.error_mapping import status_error, transport_error
 
-OVERLOADED = "overloaded_error"
 MESSAGES_PATH = "v1/messages"
-
-
-def _error_type(body: object) -> str | None:
-    if isinstance(body, Mapping):
-        inner = body.get("error")
-        if isinstance(inner, Mapping) and isinstance(inner.get("type"), str):
-            return str(inner["type"])
-    return None
-
-
-def map_anthropic_error(exc: anthropic.AnthropicError, provider: str, model: str) -> ProviderError:
-    """Classify an anthropic SDK error by its type and status code, never by its text."""
-    if isinstance(exc, anthropic.APITimeoutError):
-        return RetryableProviderError(f"{provider}/{model}: request timed out", provider=provider, model=model,
-                                      timed_out=True)
-    if isinstance(exc, anthropic.APIConnectionError):
-        return RetryableProviderError(f"{provider}/{model}: connection failed: {exc}", provider=provider,
-                                      model=model)
-    if isinstance(exc, anthropic.APIStatusError):
-        message = error_message(exc.body) or exc.message
-        return classified(exc.status_code, message, exc.response.headers, provider, model,
-                          retryable=_error_type(exc.body) == OVERLOADED)
-    return PermanentProviderError(f"{provider}/{model}: {type(exc).__name__}: {exc}", provider=provider,
-                                  model=model)
 
 
 def translate(target: Target, request: Mapping[str, Any], cache_key: str | None) -> Translated:
@@ -95,7 +71,7 @@ def _answer(target: Target, content: bytes) -> dict[str, Any]:
 
 class AnthropicAdapter:
     kind = "anthropic"
-    capabilities = Capabilities(batch=False, tools=True, json_schema=True, prompt_caching=True)
+    capabilities = Capabilities(batch=True, tools=True, json_schema=True, prompt_caching=True)
 
     def sync_client(self, settings: ProviderConfig, api_key: str,
                     transport: httpx2.BaseTransport | None) -> anthropic.Anthropic:
@@ -131,9 +107,8 @@ class AnthropicAdapter:
                           served_model=str(body.get("model") or target.model), body=body,
                           output=output_from_body(body), usage=usage_from_body(body), latency_ms=latency_ms)
 
-    def batches(self, client: anthropic.Anthropic, provider: str) -> BatchAdapter:
-        raise PermanentProviderError(f"{provider}/batch: Anthropic's Message Batches are not supported yet",
-                                     provider=provider, model="batch")
+    def batches(self, client: anthropic.Anthropic, provider: str, settings: ProviderConfig) -> AnthropicBatches:
+        return AnthropicBatches(client, provider, settings.default_max_tokens)
 
     def async_client(self, settings: ProviderConfig, api_key: str,
                      transport: httpx2.AsyncBaseTransport | None) -> httpx2.AsyncClient:
@@ -189,7 +164,7 @@ class AnthropicAdapter:
     @staticmethod
     def _status_error(response: httpx2.Response, target: Target) -> ProviderError:
         try:
-            overloaded = _error_type(json.loads(response.content)) == OVERLOADED
+            overloaded = error_type(json.loads(response.content)) == OVERLOADED
         except ValueError:
             overloaded = False
         return status_error(response.status_code, response.headers, response.content, target.provider,

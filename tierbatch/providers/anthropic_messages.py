@@ -187,8 +187,10 @@ def _tool_choice(choice: Any) -> dict[str, Any] | None:
 
 
 def to_messages_params(request: Mapping[str, Any], model: str, default_max_tokens: int,
-                       cache_key: str | None = None) -> Translated:
-    """The Messages API params of an OpenAI chat completion request (see the module docstring)."""
+                       cache_key: str | None = None, response_tool_name: str | None = None) -> Translated:
+    """The Messages API params of an OpenAI chat completion request (see the module docstring).
+    `response_tool_name` names the forced tool of a `json_schema` response format, instead of the schema's
+    name (batch lines: their answers are read without the request)."""
     if int(request.get("n") or 1) != 1:
         raise Untranslatable("n: Anthropic answers one choice per call")
     system, turns = _turns(request.get("messages") or [])
@@ -205,7 +207,7 @@ def to_messages_params(request: Mapping[str, Any], model: str, default_max_token
     kind = response_format.get("type")
     if kind == "json_schema":
         spec = response_format.get("json_schema") or {}
-        response_tool = str(spec.get("name") or DEFAULT_RESPONSE_TOOL)
+        response_tool = response_tool_name or str(spec.get("name") or DEFAULT_RESPONSE_TOOL)
         tool: dict[str, Any] = {"name": response_tool,
                                 "input_schema": spec.get("schema") or {"type": "object"}}
         if spec.get("description"):

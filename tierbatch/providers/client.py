@@ -15,7 +15,7 @@ from typing import Any
 
 import httpx2
 
-from tierbatch.base.config import AppConfig, ProviderKind
+from tierbatch.base.config import AppConfig, ProviderConfig, ProviderKind
 from tierbatch.providers.adapter import (
     BatchAdapter,
     ChatResult,
@@ -54,6 +54,9 @@ class ProviderClients:
     def adapter(self, provider: str) -> ProviderAdapter[Any, Any]:
         return adapter_for(self._config.provider(provider).kind)
 
+    def settings(self, provider: str) -> ProviderConfig:
+        return self._config.provider(provider)
+
     def client(self, provider: str) -> Any:
         """The provider's SDK client (of its kind's adapter)."""
         if provider not in self._clients:
@@ -86,10 +89,15 @@ class ProviderBatches:
     """The batch API of one provider, of its kind (`BatchAdapter`); errors mapped like chat errors."""
 
     def __init__(self, clients: ProviderClients, provider: str) -> None:
-        self._api: BatchAdapter = clients.adapter(provider).batches(clients.client(provider), provider)
+        self._api: BatchAdapter = clients.adapter(provider).batches(clients.client(provider), provider,
+                                                                    clients.settings(provider))
 
     def upload_batch_file(self, path: str, filename: str) -> str:
         return self._api.upload_batch_file(path, filename)
+
+    def holds_input_file(self, file_id: str) -> bool:
+        """Whether the uploaded input file can still be given to `create_batch` (else: rebuild it)."""
+        return self._api.holds_input_file(file_id)
 
     def create_batch(self, input_file_id: str, metadata: dict[str, str]) -> ProviderBatchInfo:
         return self._api.create_batch(input_file_id, metadata)
@@ -100,9 +108,10 @@ class ProviderBatches:
     def cancel_batch(self, batch_id: str) -> ProviderBatchInfo:
         return self._api.cancel_batch(batch_id)
 
-    def find_batch_by_metadata(self, key: str, value: str, created_after: int) -> ProviderBatchInfo | None:
+    def find_batch_by_metadata(self, key: str, value: str, created_after: int, *,
+                               request_count: int | None = None) -> ProviderBatchInfo | None:
         """Newest first; stops at batches created before `created_after` (epoch seconds)."""
-        return self._api.find_batch_by_metadata(key, value, created_after)
+        return self._api.find_batch_by_metadata(key, value, created_after, request_count=request_count)
 
     def iter_file_lines(self, file_id: str) -> Iterator[str]:
         """The file's lines, streamed: memory stays flat whatever the file size."""

@@ -76,6 +76,9 @@ class OpenAIBatches:
         except openai.OpenAIError as exc:
             raise self._mapped(exc) from exc
 
+    def holds_input_file(self, file_id: str) -> bool:
+        return True  # uploaded files live at the provider
+
     def create_batch(self, input_file_id: str, metadata: dict[str, str]) -> ProviderBatchInfo:
         try:
             batch = self._client.batches.create(input_file_id=input_file_id, endpoint="/v1/chat/completions",
@@ -96,8 +99,10 @@ class OpenAIBatches:
         except openai.OpenAIError as exc:
             raise self._mapped(exc) from exc
 
-    def find_batch_by_metadata(self, key: str, value: str, created_after: int) -> ProviderBatchInfo | None:
-        """Newest first; stops at batches created before `created_after` (epoch seconds)."""
+    def find_batch_by_metadata(self, key: str, value: str, created_after: int, *,
+                               request_count: int | None = None) -> ProviderBatchInfo | None:
+        """Newest first; stops at batches created before `created_after` (epoch seconds). Batches carry
+        their metadata: `request_count` is not needed."""
         try:
             for batch in self._client.batches.list(limit=100):
                 if int(batch.created_at) < created_after:
@@ -203,7 +208,7 @@ class OpenAIAdapter:
             latency_ms=latency_ms,
         )
 
-    def batches(self, client: openai.OpenAI, provider: str) -> OpenAIBatches:
+    def batches(self, client: openai.OpenAI, provider: str, settings: ProviderConfig) -> OpenAIBatches:
         return OpenAIBatches(client, provider)
 
     def async_client(self, settings: ProviderConfig, api_key: str,
