@@ -107,14 +107,15 @@ def submit_batch(ctx: WorkerContext, batch_id: uuid.UUID) -> float | None:
         api = ProviderBatches(ctx.providers, batch.provider)
         try:
             if batch.attempts > 0:
-                found = api.find_batch_by_metadata(METADATA_KEY, str(batch.id), created_epoch(batch) - 300)
+                found = api.find_batch_by_metadata(METADATA_KEY, str(batch.id), created_epoch(batch) - 300,
+                                                   request_count=batch.request_count)
                 if found is not None:
                     with ctx.sessions.begin() as session:
                         record_submitted(session, batch.id, found)
                     log.info("batch %s was already created as %s; recorded it", batch.id, found.id)
                     return None
             file_id = batch.input_file_id
-            if file_id is None:
+            if file_id is None or not api.holds_input_file(file_id):  # a kind without files keeps them itself
                 file_id = _build_and_upload(ctx, api, batch)
                 if file_id is None:
                     return None

@@ -40,7 +40,7 @@ from tierbatch.batching.ingest import SucceededTask
 from tierbatch.batching.shadows import finished_batch_shadows, queue_batch_shadows, takes_batch_shadow
 from tierbatch.db.models import QualityComparison, RoutingRule, Task
 from tierbatch.ledger.rows import ResponseRecord, add_ledger_entry
-from tierbatch.providers.client import ChatResult
+from tierbatch.providers.adapter import ChatResult
 from tierbatch.providers.retry import call_with_fallbacks
 from tierbatch.quality.monitor import compare_answers, evaluate, shadow_tier_for
 from tierbatch.tasks.store import ClaimedTask

@@ -20,7 +20,7 @@ from tests.integration.test_jobs_api import job_tasks, wait_for_job
 from tests.support.stack import Stack, psycopg_dsn
 from tierbatch.base.config import load_config
 from tierbatch.ledger.pricing import MILLION, PriceBook, TokenUsage
-from tierbatch.providers.client import prompt_cache_key
+from tierbatch.providers.cache_keys import prompt_cache_key
 
 pytestmark = pytest.mark.integration
 

@@ -38,7 +38,8 @@ from tierbatch.gateway.routing import (
 )
 from tierbatch.gateway.validation import validate_chat_body
 from tierbatch.ledger.pricing import PriceBook
-from tierbatch.providers.client import AsyncProviderClients, RawChatAnswer
+from tierbatch.providers.adapter import RawChatAnswer
+from tierbatch.providers.client import AsyncProviderClients
 from tierbatch.providers.cooldown import Cooldown, CooldownPolicy
 
 CONFIG = parse_config(default_config_data(), environ={})

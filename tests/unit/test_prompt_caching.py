@@ -14,7 +14,8 @@ import pytest
 from tierbatch.base.config import AppConfig
 from tierbatch.jobs.requests import JobItem, JobSettings
 from tierbatch.jobs.rows import RequestEncoder
-from tierbatch.providers.client import ProviderClients, prompt_cache_key, with_prompt_cache_key
+from tierbatch.providers.cache_keys import prompt_cache_key, with_prompt_cache_key
+from tierbatch.providers.client import ProviderClients
 from tierbatch.simulator.batch_input import parse_input
 from tierbatch.simulator.completions import validate_chat_request
 from tierbatch.simulator.errors import OpenAIError

@@ -14,7 +14,8 @@ import pytest
 from tierbatch.base.config import default_config_data, parse_config
 from tierbatch.base.errors import PermanentProviderError, RetryableProviderError
 from tierbatch.ledger.pricing import TokenUsage
-from tierbatch.providers.client import ProviderBatches, ProviderBatchInfo, ProviderClients
+from tierbatch.providers.adapter import ProviderBatchInfo
+from tierbatch.providers.client import ProviderBatches, ProviderClients
 
 CONFIG = parse_config(default_config_data(), environ={})
 HI = [{"role": "user", "content": "hi"}]

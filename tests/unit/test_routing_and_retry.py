@@ -10,7 +10,7 @@ from tierbatch.base.config import ImmediateConfig, ModelRef, default_config_data
 from tierbatch.base.errors import ChainExhausted, PermanentProviderError, RetryableProviderError
 from tierbatch.base.states import RequestedTier, Tier
 from tierbatch.ledger.pricing import TokenUsage
-from tierbatch.providers.client import ChatResult
+from tierbatch.providers.adapter import ChatResult
 from tierbatch.providers.retry import backoff_delay, call_with_fallbacks
 from tierbatch.routing.tiers import classify_prompt, resolve_tier, takes_batch_path
 

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from tierbatch.base.config import AppConfig
 from tierbatch.db.models import ProviderBatch
-from tierbatch.providers.client import prompt_cache_key
+from tierbatch.providers.cache_keys import prompt_cache_key
 
 ENDPOINT = "/v1/chat/completions"
 
@@ -23,7 +23,7 @@ def write_batch_file(session: Session, batch: ProviderBatch, path: Path, config:
                      ) -> tuple[int, int]:
     """Stream the batch's JSONL to `path`; returns (lines, bytes). One line per task still in it.
 
-    Each line's body carries the task's `prompt_cache_key` (`tierbatch.providers.client.prompt_cache_key`: per task
+    Each line's body carries the task's `prompt_cache_key` (`tierbatch.providers.cache_keys.prompt_cache_key`: per task
     type and tenant) unless its request brings its own, or `config` says the batch's provider does not
     take one (without `config`, keys are sent: the provider default).
     """

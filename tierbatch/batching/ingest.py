@@ -23,7 +23,8 @@ from tierbatch.db.bulk_sql import COPY_INGEST_ROWS, CREATE_INGEST_TABLE
 from tierbatch.db.models import ProviderBatch
 from tierbatch.ledger.pricing import PriceBook, TokenUsage
 from tierbatch.ledger.rows import usage_columns
-from tierbatch.providers.client import RETRYABLE_STATUS, output_from_body, usage_from_body
+from tierbatch.providers.adapter import output_from_body, usage_from_body
+from tierbatch.providers.error_mapping import RETRYABLE_STATUS
 from tierbatch.tasks import transitions
 from tierbatch.tasks.labels import label_error
 

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from tierbatch.base.config import AppConfig
 from tierbatch.base.states import BatchStatus, ProviderBatchStatus, TaskStatus
 from tierbatch.db.models import ProviderBatch, Task
-from tierbatch.providers.client import ProviderBatchInfo
+from tierbatch.providers.adapter import ProviderBatchInfo
 from tierbatch.tasks import transitions
 
 TERMINAL_PROVIDER_STATUSES = frozenset({"completed", "failed", "expired", "cancelled"})

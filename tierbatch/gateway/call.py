@@ -41,14 +41,9 @@ from tierbatch.gateway.recorder import CallRecord, Recorder, call_costs
 from tierbatch.gateway.routing import ChatCall
 from tierbatch.gateway.stream import StreamSession
 from tierbatch.ledger.pricing import PriceBook, TokenUsage
-from tierbatch.providers.client import (
-    AsyncProviderClients,
-    ChatStream,
-    RawChatAnswer,
-    output_from_body,
-    prompt_cache_key,
-    usage_from_body,
-)
+from tierbatch.providers.adapter import ChatStream, RawChatAnswer, output_from_body, usage_from_body
+from tierbatch.providers.cache_keys import prompt_cache_key
+from tierbatch.providers.client import AsyncProviderClients
 from tierbatch.providers.cooldown import Admission, Cooldown
 from tierbatch.providers.retry import backoff_delay
 

@@ -23,7 +23,7 @@ from tierbatch.base.states import TaskStatus
 from tierbatch.gateway.recorder import CallRecord, Recorder, call_costs, compact_json
 from tierbatch.gateway.routing import ChatCall, estimate_prompt_tokens
 from tierbatch.ledger.pricing import PriceBook, TokenUsage
-from tierbatch.providers.client import ChatStream, usage_from_body
+from tierbatch.providers.adapter import ChatStream, usage_from_body
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from typing import Any
 
 from tierbatch.base.config import ImmediateConfig, ModelRef
 from tierbatch.base.errors import ChainExhausted, PermanentProviderError, ProviderError, RetryableProviderError
-from tierbatch.providers.client import ChatResult
+from tierbatch.providers.adapter import ChatResult
 
 ChatCall = Callable[[str, str, Mapping[str, Any]], ChatResult]
 

@@ -39,7 +39,7 @@ from tierbatch.db.engine import newest_first_page
 from tierbatch.db.models import Task
 from tierbatch.ledger.pricing import PriceBook
 from tierbatch.ledger.rows import Charge, ResponseRecord, add_ledger_entry
-from tierbatch.providers.client import ChatResult
+from tierbatch.providers.adapter import ChatResult
 from tierbatch.routing.rules import RuleView, rule_decision, tenant_rules
 from tierbatch.routing.tiers import resolve_tier, takes_batch_path
 from tierbatch.tasks import transitions
