@@ -284,7 +284,9 @@ def to_chat_completion(message: Mapping[str, Any], response_tool: str | None = N
             texts.append(json.dumps(block.get("input") or {}, ensure_ascii=False))
         elif kind == "tool_use":
             calls.append(tool_call(block))
-    chat_message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None}
+    # `refusal` is required (nullable) in OpenAI's message schema; Anthropic has no such field
+    chat_message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts else None,
+                                    "refusal": None}
     if calls:
         chat_message["tool_calls"] = calls
     reason = finish_reason(message.get("stop_reason"), response_tool if not calls else None)
