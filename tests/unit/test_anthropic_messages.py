@@ -113,7 +113,7 @@ def test_a_json_schema_response_format_is_a_forced_tool_whose_input_is_the_answe
         "content": [{"type": "tool_use", "id": "toolu_1", "name": "label", "input": {"label": "shipping"}}],
         "stop_reason": "tool_use", "usage": {"input_tokens": 20, "output_tokens": 8}}, translated.response_tool)
     [choice] = answer["choices"]
-    assert choice["message"] == {"role": "assistant", "content": '{"label": "shipping"}'}
+    assert choice["message"] == {"role": "assistant", "content": '{"label": "shipping"}', "refusal": None}
     assert choice["finish_reason"] == "stop"
     assert json.loads(choice["message"]["content"]) == {"label": "shipping"}
 
@@ -154,7 +154,7 @@ def test_a_text_answer_with_cache_reads_and_writes() -> None:
                   "output_tokens": 5}}, created=1_700_000_000)
     assert body == {
         "id": "msg_2", "object": "chat.completion", "created": 1_700_000_000, "model": "claude-sonnet-4-5-20250929",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there"}, "finish_reason": "stop",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there", "refusal": None}, "finish_reason": "stop",
                      "logprobs": None}],
         "usage": {"prompt_tokens": 1510, "completion_tokens": 5, "total_tokens": 1515,
                   "prompt_tokens_details": {"cached_tokens": 1200, "cache_write_tokens": 300}}}
@@ -180,7 +180,7 @@ def test_a_tool_use_answer_becomes_tool_calls() -> None:
         "usage": {"input_tokens": 30, "output_tokens": 12}})
     [choice] = body["choices"]
     assert choice["finish_reason"] == "tool_calls"
-    assert choice["message"] == {"role": "assistant", "content": "Let me check.", "tool_calls": [
+    assert choice["message"] == {"role": "assistant", "content": "Let me check.", "refusal": None, "tool_calls": [
         {"id": "toolu_9", "type": "function", "function": {"name": "weather", "arguments": '{"city": "Paris"}'}}]}
 
 

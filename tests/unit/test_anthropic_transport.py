@@ -184,7 +184,7 @@ def test_a_gateway_call_answers_a_chat_completion_as_bytes() -> None:
     assert json.loads(sent.content)["system"] == [{"type": "text", "text": "Be brief."}]
     assert json.loads(answer.content) == answer.body
     assert answer.served_model == "claude-haiku-4-5-20251001"
-    assert answer.body["choices"][0]["message"] == {"role": "assistant", "content": "hello"}
+    assert answer.body["choices"][0]["message"] == {"role": "assistant", "content": "hello", "refusal": None}
     assert answer.body["usage"]["prompt_tokens_details"] == {"cached_tokens": 2048, "cache_write_tokens": 0}
 
 
