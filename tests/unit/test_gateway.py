@@ -535,8 +535,11 @@ def test_a_provider_answer_postgres_cannot_store_is_recorded_storable() -> None:
 @pytest.mark.parametrize(("status", "headers", "content", "kind", "retry_after", "message"), [
     (429, {"retry-after": "7"}, b'{"error": {"message": "slow down"}}', RetryableProviderError, 7.0, "slow down"),
     (400, {}, b'{"error": {"message": "bad field", "param": "x"}}', PermanentProviderError, None, "bad field"),
-    (503, {}, b"<html>overloaded</html>", RetryableProviderError, None, "Error code: 503 - <html>overloaded</html>"),
-    (401, {}, b"", PermanentProviderError, None, "Error code: 401 - "),
+    (503, {}, b"<html>overloaded</html>", RetryableProviderError, None,
+     "the provider answered with a body that is not JSON (no content type, 23 bytes)"),
+    (500, {"content-type": "text/plain; charset=utf-8"}, b'Traceback (most recent call last):\n  File "srv.py"',
+     RetryableProviderError, None, "the provider answered with a body that is not JSON (text/plain, 50 bytes)"),
+    (401, {}, b"", PermanentProviderError, None, "the provider answered with an empty body"),
 ])
 def test_provider_error_answers_are_classified_by_status(status: int, headers: dict[str, str], content: bytes,
                                                          kind: type, retry_after: float | None,

@@ -64,7 +64,7 @@ def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] =
            queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ",".join(ALL_QUEUES),
            pool: Annotated[str, typer.Option(help="Celery pool: prefork or threads.")] = "prefork",
            loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
-    """Run a Celery worker on the dispatch, immediate, batch and webhooks queues."""
+    """Run a Celery worker on the dispatch, immediate, batch, webhooks and background queues."""
     from tierbatch.worker.app import create_celery_app
 
     settings, config = load_settings_and_config()

@@ -133,14 +133,15 @@ def _message_of(exc: openai.APIStatusError) -> str:
         inner = body.get("error", body)
         if isinstance(inner, Mapping) and inner.get("message"):
             return str(inner["message"])
-    return exc.message
+        return exc.message
+    # not a JSON object: the SDK's message would carry the body's text (an HTML page, a traceback)
+    return _error_text(exc.response.content, exc.response.headers.get("content-type"))
 
 
-MAX_ERROR_TEXT = 1000  # characters of a non-JSON error body kept in the message
-
-
-def _error_text(content: bytes, status: int) -> str:
-    """OpenAI's `error.message` of an error body; else the body's text, as the SDK words it."""
+def _error_text(content: bytes, content_type: str | None) -> str:
+    """OpenAI's `error.message` of an error body. A body without one (plain text, an HTML page, a server's
+    traceback) is not repeated: it may hold internals, and the message reaches clients (task errors, the
+    gateway's error bodies). It is said what came instead; operators see the body in the server's log."""
     text = content.decode("utf-8", "replace").strip()
     try:
         body = json.loads(text)
@@ -150,13 +151,17 @@ def _error_text(content: bytes, status: int) -> str:
         inner = body.get("error", body)
         if isinstance(inner, Mapping) and inner.get("message"):
             return str(inner["message"])
-    return f"Error code: {status} - {text[:MAX_ERROR_TEXT]}"
+    if not text:
+        return "the provider answered with an empty body"
+    kind = (content_type or "").split(";")[0].strip() or "no content type"
+    shape = "a JSON body without an error message" if body is not None else "a body that is not JSON"
+    return f"the provider answered with {shape} ({kind}, {len(content)} bytes)"
 
 
 def status_error(status: int, headers: Mapping[str, str], content: bytes, provider: str, model: str
                  ) -> ProviderError:
     """A provider's error answer, classified by its status code like `map_openai_error` does."""
-    return _classified(status, _error_text(content, status), headers, provider, model)
+    return _classified(status, _error_text(content, headers.get("content-type")), headers, provider, model)
 
 
 def _classified(status: int, message: str, headers: Mapping[str, str], provider: str, model: str
