@@ -128,13 +128,12 @@ def parse_retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 def _message_of(exc: openai.APIStatusError) -> str:
+    """Worded like `status_error` words the same answer (the SDK's own message repeats a body's text)."""
     body = exc.body
     if isinstance(body, Mapping):
         inner = body.get("error", body)
         if isinstance(inner, Mapping) and inner.get("message"):
             return str(inner["message"])
-        return exc.message
-    # not a JSON object: the SDK's message would carry the body's text (an HTML page, a traceback)
     return _error_text(exc.response.content, exc.response.headers.get("content-type"))
 
 
