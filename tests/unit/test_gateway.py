@@ -316,6 +316,21 @@ def test_a_finished_stream_is_recorded_with_the_providers_usage_and_hides_it_unl
         assert json.loads(record.response_json or "{}")["choices"][0]["message"]["content"] == "Once upon"
 
 
+def test_a_finished_stream_without_a_usage_chunk_is_billed_on_a_flagged_estimate() -> None:
+    """A server that ignores `stream_options.include_usage` (not every OpenAI-compatible one sends usage)."""
+    lines = [chunk("Once "), chunk("upon"), chunk(finish="stop"), "data: [DONE]"]
+    session, recorded = open_session(FakeStream(lines), include_usage=True)
+
+    async def drain(events: AsyncIterator[bytes]) -> list[bytes]:
+        return [event async for event in events]
+
+    assert asyncio.run(drain(session.events()))[-1] == b"data: [DONE]\n\n"
+    record = recorded.records[0]
+    assert record.status == "succeeded" and record.output == "Once upon" and record.usage_estimated is True
+    assert record.usage is not None and record.usage.input_tokens > 0 and record.usage.output_tokens > 0
+    assert record.cost_usd is not None
+
+
 def test_a_client_leaving_midway_still_records_the_call_with_an_estimate() -> None:
     stream = FakeStream([chunk("Once upon a time there was a cat")], stall=True)
     session, recorded = open_session(stream, include_usage=True)
