@@ -292,7 +292,9 @@ class LocalStack:
             command = server_command(spec)
         except OpenModelUnavailable as exc:
             raise StackError(str(exc)) from None
-        self.config_overrides = deep_merge(self.config_overrides, config_overrides(spec))
+        # the background lane below the worker's concurrency: urgent calls always find a free worker
+        lane = max(1, self.concurrency - 1)
+        self.config_overrides = deep_merge(self.config_overrides, config_overrides(spec, lane))
         return spec, command
 
     def _admin_token(self) -> str:

@@ -106,9 +106,9 @@ def server_command(spec: OpenModelSpec) -> list[str]:
             "--threads", str(spec.threads), "--metrics", "--slots", "--no-webui"]
 
 
-def config_overrides(spec: OpenModelSpec, max_concurrency: int = 2) -> dict[str, Any]:
-    """The generated config's changes: provider `open`, the light tier on it (the simulator's light model
-    as fallback), its price per token."""
+def config_overrides(spec: OpenModelSpec, max_concurrency: int) -> dict[str, Any]:
+    """The generated config's changes: provider `open` (its background lane bounded by `max_concurrency`),
+    the light tier on it (the simulator's light model as fallback), its price per token."""
     return {
         "providers": {PROVIDER: {"kind": "openai", "base_url": spec.base_url, "batch": False,
                                  "max_concurrency": max_concurrency, "prompt_cache_key": False,
