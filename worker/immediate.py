@@ -6,10 +6,10 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-from tierbatch.base.errors import ChainExhausted
+from tierbatch.base.errors import ChainExhausted, RetryableProviderError
 from tierbatch.base.states import Tier
 from tierbatch.cache.responses import (
     CachedAnswer,
@@ -20,7 +20,7 @@ from tierbatch.cache.responses import (
     release_claim,
     wants_cache,
 )
-from tierbatch.providers.retry import backoff_delay, call_with_fallbacks
+from tierbatch.providers.retry import ChatCall, backoff_delay, call_with_fallbacks
 from tierbatch.tasks.labels import label_error
 from tierbatch.tasks.store import (
     ClaimedTask,
@@ -36,6 +36,18 @@ from tierbatch.worker.errors import task_error
 from tierbatch.worker.quality import maybe_send_shadow  # quality-aware routing
 
 log = logging.getLogger(__name__)
+
+CallWrapper = Callable[[ChatCall], ChatCall]
+
+
+class PushedBack(Exception):
+    """Raised through the chain by a call wrapper: the provider asked us to slow down (a 429), so the task
+    goes back to `queued`, due after `delay` seconds, without trying the rest of the chain."""
+
+    def __init__(self, error: RetryableProviderError, delay: float) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.delay = delay
 
 
 @contextmanager
@@ -70,6 +82,15 @@ def run_immediate_call(ctx: WorkerContext, task_id: uuid.UUID, *, escalate: bool
         claimed = claim_for_immediate_call(session, task_id, policy.lease_seconds, escalate=escalate)
     if claimed is None:
         return None  # already done, cancelled, claimed by another worker, or not yet due
+    return serve_claimed(ctx, claimed)
+
+
+def serve_claimed(ctx: WorkerContext, claimed: ClaimedTask, wrap: CallWrapper | None = None) -> float | None:
+    """Serve a task this worker holds the lease of: the response cache, then the tier's chain, recorded.
+    `wrap` wraps the provider call (the background lane's 429 handling). Returns a delay in seconds when
+    the task was put back for a retry."""
+    policy = ctx.config.immediate
+    task_id = claimed.id
     claim: Claim | None = None
     if wants_cache(ctx.config.cache, claimed.task_type, claimed.request, claimed.metadata):
         with lease_kept_alive(ctx, claimed):
@@ -82,8 +103,17 @@ def run_immediate_call(ctx: WorkerContext, task_id: uuid.UUID, *, escalate: bool
     chain = ctx.config.tier(Tier(claimed.tier)).chain
     try:
         with lease_kept_alive(ctx, claimed):
-            result = call_with_fallbacks(ctx.providers.chat_for(claimed.task_type, claimed.tenant_id), chain,
-                                         claimed.request, policy, time.sleep)
+            call = ctx.providers.chat_for(claimed.task_type, claimed.tenant_id)
+            result = call_with_fallbacks(wrap(call) if wrap is not None else call, chain, claimed.request,
+                                         policy, time.sleep)
+    except PushedBack as pushed:
+        with ctx.sessions.begin() as session:
+            if claim is not None:
+                release_claim(session, claim)
+            if requeue_running_task(session, claimed, task_error(pushed.error), pushed.delay):
+                log.info("task %s: %s; back in %.1fs", task_id, pushed.error.message, pushed.delay)
+                return pushed.delay
+        return None
     except ChainExhausted as exhausted:
         message = task_error(exhausted)
         with ctx.sessions.begin() as session:

@@ -7,6 +7,8 @@ import logging
 import uuid
 
 from tierbatch.base.messaging import DISPATCH_CHUNK
+from tierbatch.routing.tiers import lane_provider
+from tierbatch.tasks.lane import lane_members
 from tierbatch.tasks.store import stale_queued_task_ids
 from tierbatch.tasks.transitions import release_expired_leases
 from tierbatch.worker.context import WorkerContext
@@ -20,7 +22,9 @@ def find_tasks_to_redispatch(ctx: WorkerContext) -> list[uuid.UUID]:
     if released:
         log.warning("reconciler: %d running tasks lost their worker; queued again", len(released))
     with ctx.sessions.begin() as session:
-        stale = stale_queued_task_ids(session, ctx.config.reconciler.queued_stale_seconds)
+        # the background lane's backlog is queued on purpose: its pump takes it, not a re-dispatch
+        lane = lane_members() if lane_provider(ctx.config) is not None else None
+        stale = stale_queued_task_ids(session, ctx.config.reconciler.queued_stale_seconds, exclude=lane)
     return list(dict.fromkeys([*released, *stale]))
 
 

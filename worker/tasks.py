@@ -16,12 +16,14 @@ from tierbatch.base.messaging import (
     CALL_IMMEDIATE,
     DISPATCH_TASKS,
     INGEST_BATCH,
+    LANE_PUMP,
     POLL_BATCHES,
     RECONCILE,
     SUBMIT_BATCH,
     SUBMIT_TASKS,
 )
 from tierbatch.cache.responses import purge_expired_entries
+from tierbatch.routing.tiers import lane_provider
 from tierbatch.tasks.store import insert_tasks, mark_dispatched, route_queued_tasks
 from tierbatch.tasks.submission import parse_submission
 from tierbatch.tenants.store import tenant_for_key
@@ -78,6 +80,8 @@ def dispatch_tasks(self: CeleryTask, task_ids: list[str]) -> int:
     if len(immediate) < len(ids):
         # size trigger: some went to `waiting_batch`; a full group is flushed now, not at the next tick
         self.app.send_task(ASSEMBLE_BATCHES)
+        if lane_provider(ctx.config) is not None:
+            self.app.send_task(LANE_PUMP)  # or they stayed queued for the background lane
     return len(immediate)
 
 

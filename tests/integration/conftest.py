@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,13 @@ from openai import OpenAI
 from tests.conftest import TEST_REDIS_URL
 from tests.support.procs import free_port, wait_until
 from tests.support.stack import SESSION_SOURCES, Stack, psycopg_dsn, scratch_database, write_app_config
+from tierbatch.cli.stack.open_model import OpenModelServer, OpenModelSpec, OpenModelUnavailable, server_command
 from tierbatch.migrations.runner import upgrade_to_head
+
+# the session's llama-server: 4 slots of 512 tokens each (a slot's context is the total over the slots), so
+# the server could take more calls at once than the background lane's bound lets it have
+OPEN_MODEL_SLOTS = 4
+OPEN_MODEL_CONTEXT = 2048
 
 
 @pytest.fixture(scope="session")
@@ -109,3 +116,23 @@ def openai_sdk(stack: Stack) -> Iterator[Callable[[str], OpenAI]]:
     yield make
     for client in clients:
         client.close()
+
+
+@pytest.fixture(scope="session")
+def open_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenModelServer]:
+    """llama-server with SmolLM2-135M (tierbatch.cli.stack.open_model), started once for the run. Skipped, with
+    the reason printed, only where the binary or the model is not installed; `make test` sets
+    TIERBATCH_REQUIRE_OPEN_MODEL, and there a missing server fails the tests instead."""
+    spec = OpenModelSpec(free_port(), context_size=OPEN_MODEL_CONTEXT, parallel=OPEN_MODEL_SLOTS)
+    try:
+        server_command(spec)
+    except OpenModelUnavailable as exc:
+        if os.environ.get("TIERBATCH_REQUIRE_OPEN_MODEL"):
+            pytest.fail(f"the open model must run here (TIERBATCH_REQUIRE_OPEN_MODEL is set): {exc}")
+        reporter = request.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"open-model tests skipped: {exc}", yellow=True)
+        pytest.skip(f"open model not installed: {exc}")
+    log_path = Path(tmp_path_factory.mktemp("open-model")) / "llama-server.log"
+    with OpenModelServer(spec, log_path) as server:
+        yield server

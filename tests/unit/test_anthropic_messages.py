@@ -154,8 +154,8 @@ def test_a_text_answer_with_cache_reads_and_writes() -> None:
                   "output_tokens": 5}}, created=1_700_000_000)
     assert body == {
         "id": "msg_2", "object": "chat.completion", "created": 1_700_000_000, "model": "claude-sonnet-4-5-20250929",
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there", "refusal": None}, "finish_reason": "stop",
-                     "logprobs": None}],
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there", "refusal": None},
+                     "finish_reason": "stop", "logprobs": None}],
         "usage": {"prompt_tokens": 1510, "completion_tokens": 5, "total_tokens": 1515,
                   "prompt_tokens_details": {"cached_tokens": 1200, "cache_write_tokens": 300}}}
     assert usage_from_body(body) == TokenUsage(input_tokens=1510, cached_tokens=1200, output_tokens=5,

@@ -317,6 +317,21 @@ def test_a_finished_stream_is_recorded_with_the_providers_usage_and_hides_it_unl
         assert json.loads(record.response_json or "{}")["choices"][0]["message"]["content"] == "Once upon"
 
 
+def test_a_finished_stream_without_a_usage_chunk_is_billed_on_a_flagged_estimate() -> None:
+    """A server that ignores `stream_options.include_usage` (not every OpenAI-compatible one sends usage)."""
+    lines = [chunk("Once "), chunk("upon"), chunk(finish="stop"), "data: [DONE]"]
+    session, recorded = open_session(FakeStream(lines), include_usage=True)
+
+    async def drain(events: AsyncIterator[bytes]) -> list[bytes]:
+        return [event async for event in events]
+
+    assert asyncio.run(drain(session.events()))[-1] == b"data: [DONE]\n\n"
+    record = recorded.records[0]
+    assert record.status == "succeeded" and record.output == "Once upon" and record.usage_estimated is True
+    assert record.usage is not None and record.usage.input_tokens > 0 and record.usage.output_tokens > 0
+    assert record.cost_usd is not None
+
+
 def test_a_client_leaving_midway_still_records_the_call_with_an_estimate() -> None:
     stream = FakeStream([chunk("Once upon a time there was a cat")], stall=True)
     session, recorded = open_session(stream, include_usage=True)
@@ -536,8 +551,11 @@ def test_a_provider_answer_postgres_cannot_store_is_recorded_storable() -> None:
 @pytest.mark.parametrize(("status", "headers", "content", "kind", "retry_after", "message"), [
     (429, {"retry-after": "7"}, b'{"error": {"message": "slow down"}}', RetryableProviderError, 7.0, "slow down"),
     (400, {}, b'{"error": {"message": "bad field", "param": "x"}}', PermanentProviderError, None, "bad field"),
-    (503, {}, b"<html>overloaded</html>", RetryableProviderError, None, "Error code: 503 - <html>overloaded</html>"),
-    (401, {}, b"", PermanentProviderError, None, "Error code: 401 - "),
+    (503, {}, b"<html>overloaded</html>", RetryableProviderError, None,
+     "the provider answered with a body that is not JSON (no content type, 23 bytes)"),
+    (500, {"content-type": "text/plain; charset=utf-8"}, b'Traceback (most recent call last):\n  File "srv.py"',
+     RetryableProviderError, None, "the provider answered with a body that is not JSON (text/plain, 50 bytes)"),
+    (401, {}, b"", PermanentProviderError, None, "the provider answered with an empty body"),
 ])
 def test_provider_error_answers_are_classified_by_status(status: int, headers: dict[str, str], content: bytes,
                                                          kind: type, retry_after: float | None,

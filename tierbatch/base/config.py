@@ -54,7 +54,8 @@ class ProviderConfig(_Section):
     # whose price table entry has no batch price of its own; the ledger row says it was applied
     batch_discount: Decimal | None = Field(default=None, ge=0, lt=1)
     # at most this many calls in flight to this provider from the background lane (non-urgent light
-    # work on a provider with `batch = false`), so a big job cannot flood a self-hosted server
+    # work on a provider with `batch = false`), so a big job cannot flood a self-hosted server; unset:
+    # 4 (tierbatch.routing.tiers.DEFAULT_LANE_CONCURRENCY)
     max_concurrency: PositiveInt | None = None
     # `max_tokens` sent when a request names none (Anthropic's Messages API requires it)
     default_max_tokens: PositiveInt = 4096

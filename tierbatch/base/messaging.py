@@ -36,13 +36,18 @@ EXPIRE_CLIENT_BATCHES = "tierbatch.facade.expire"
 # job webhooks: the beat check of finished jobs, and one signed POST attempt
 JOB_WEBHOOK_TICK = "tierbatch.jobs.webhook_tick"
 JOB_WEBHOOK = "tierbatch.jobs.webhook"
+# the background lane (tierbatch.tasks.lane): the pump that claims its work, and one of its calls
+LANE_PUMP = "tierbatch.lane.pump"
+CALL_LANE = "tierbatch.lane.call"
 
 QUEUE_DISPATCH = "dispatch"
 QUEUE_IMMEDIATE = "immediate"
 QUEUE_BATCH = "batch"
 # outbound webhook POSTs: a slow receiver waits here, never in front of the tenants' dispatch work
 QUEUE_WEBHOOKS = "webhooks"
-ALL_QUEUES = (QUEUE_DISPATCH, QUEUE_IMMEDIATE, QUEUE_BATCH, QUEUE_WEBHOOKS)
+# the background lane's calls: bounded in number, never in front of the urgent calls on `immediate`
+QUEUE_BACKGROUND = "background"
+ALL_QUEUES = (QUEUE_DISPATCH, QUEUE_IMMEDIATE, QUEUE_BATCH, QUEUE_WEBHOOKS, QUEUE_BACKGROUND)
 
 TASK_ROUTES = {
     SUBMIT_TASKS: {"queue": QUEUE_DISPATCH},
@@ -62,6 +67,8 @@ TASK_ROUTES = {
     EXPIRE_CLIENT_BATCHES: {"queue": QUEUE_BATCH},  # assembles output files: bulk work
     JOB_WEBHOOK_TICK: {"queue": QUEUE_DISPATCH},  # job webhooks: the check is quick, the POSTs wait apart
     JOB_WEBHOOK: {"queue": QUEUE_WEBHOOKS},
+    LANE_PUMP: {"queue": QUEUE_DISPATCH},  # one short transaction
+    CALL_LANE: {"queue": QUEUE_BACKGROUND},
 }
 
 # Chunk size for dispatch messages on bulk paths: never one message per task.

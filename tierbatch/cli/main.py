@@ -64,7 +64,7 @@ def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] =
            queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ",".join(ALL_QUEUES),
            pool: Annotated[str, typer.Option(help="Celery pool: prefork or threads.")] = "prefork",
            loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
-    """Run a Celery worker on the dispatch, immediate, batch and webhooks queues."""
+    """Run a Celery worker on the dispatch, immediate, batch, webhooks and background queues."""
     from tierbatch.worker.app import create_celery_app
 
     settings, config = load_settings_and_config()
@@ -176,11 +176,14 @@ def up(directory: Annotated[Path, typer.Option("--dir", help="State directory (e
        concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
        simulator: Annotated[bool, typer.Option("--simulator",
                                                help="Start the simulator even when TIERBATCH_CONFIG is set.")]
-       = False) -> None:
+       = False,
+       open_model: Annotated[bool, typer.Option("--open-model", help="Serve the light tier with a real open model "
+                                                                     "(llama-server + SmolLM2-135M).")] = False
+       ) -> None:
     """All-in-one local stack: embedded Postgres/Redis, simulator, migrations, API, worker, beat."""
     from tierbatch.cli.stack.up import run_up
 
-    raise typer.Exit(run_up(directory, api_port, simulator_port, concurrency, simulator))
+    raise typer.Exit(run_up(directory, api_port, simulator_port, concurrency, simulator, open_model))
 
 
 @app.command()
@@ -195,12 +198,15 @@ def demo(directory: Annotated[Path, typer.Option("--dir", help="State directory 
          wait: Annotated[float, typer.Option(help="Seconds to wait for the tasks.")] = 60.0,
          batch_wait: Annotated[float, typer.Option(
              help="Stop waiting after this when no non-urgent task has reached a provider batch.")] = 15.0,
-         as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False) -> None:
+         as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+         open_model: Annotated[bool, typer.Option("--open-model", help="Serve the light tier with a real open "
+                                                                       "model (llama-server + SmolLM2-135M).")]
+         = False) -> None:
     """Start the stack, run a mixed sample workload, print the savings report, stop."""
     from tierbatch.cli.demo.run import run_demo
 
     raise typer.Exit(run_demo(directory, api_port or None, simulator_port or None, concurrency, simulator,
-                              wait, batch_wait, as_json))
+                              wait, batch_wait, as_json, open_model))
 
 
 # --- bulk jobs: thin wrappers over tierbatch/cli/jobs.py ----------------------------------------------------

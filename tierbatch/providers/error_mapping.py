@@ -16,9 +16,6 @@ from tierbatch.base.errors import PermanentProviderError, ProviderError, Retryab
 
 RETRYABLE_STATUS = frozenset({408, 409, 429})
 
-MAX_ERROR_TEXT = 1000  # characters of a non-JSON error body kept in the message
-
-
 def parse_retry_after(headers: Mapping[str, str]) -> float | None:
     """Seconds to wait from `retry-after-ms` or `retry-after` (seconds or an HTTP date)."""
     millis = headers.get("retry-after-ms")
@@ -48,8 +45,10 @@ def error_message(body: object) -> str | None:
     return None
 
 
-def _error_text(content: bytes, status: int) -> str:
-    """OpenAI's `error.message` of an error body; else the body's text, as the SDK words it."""
+def error_text(content: bytes, content_type: str | None) -> str:
+    """`error.message` of an error body. A body without one (plain text, an HTML page, a server's
+    traceback) is not repeated: it may hold internals, and the message reaches clients (task errors, the
+    gateway's error bodies); it is said what came instead."""
     text = content.decode("utf-8", "replace").strip()
     try:
         body = json.loads(text)
@@ -58,13 +57,18 @@ def _error_text(content: bytes, status: int) -> str:
     message = error_message(body)
     if message is not None:
         return message
-    return f"Error code: {status} - {text[:MAX_ERROR_TEXT]}"
+    if not text:
+        return "the provider answered with an empty body"
+    kind = (content_type or "").split(";")[0].strip() or "no content type"
+    shape = "a JSON body without an error message" if body is not None else "a body that is not JSON"
+    return f"the provider answered with {shape} ({kind}, {len(content)} bytes)"
 
 
 def status_error(status: int, headers: Mapping[str, str], content: bytes, provider: str, model: str, *,
                  retryable: bool = False) -> ProviderError:
     """A provider's error answer, classified by its status code like the SDK error mappings do."""
-    return classified(status, _error_text(content, status), headers, provider, model, retryable=retryable)
+    return classified(status, error_text(content, headers.get("content-type")), headers, provider, model,
+                      retryable=retryable)
 
 
 def classified(status: int, message: str, headers: Mapping[str, str], provider: str, model: str, *,

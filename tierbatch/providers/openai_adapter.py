@@ -29,11 +29,12 @@ from tierbatch.providers.adapter import (
     usage_from_body,
 )
 from tierbatch.providers.cache_keys import PROMPT_CACHE_KEY_FIELD, with_prompt_cache_key
-from tierbatch.providers.error_mapping import classified, error_message, status_error, transport_error
+from tierbatch.providers.error_mapping import classified, error_message, error_text, status_error, transport_error
 
 
 def _message_of(exc: openai.APIStatusError) -> str:
-    return error_message(exc.body) or exc.message
+    """Worded like `status_error` words the same answer (the SDK's own message repeats a body's text)."""
+    return error_message(exc.body) or error_text(exc.response.content, exc.response.headers.get("content-type"))
 
 
 def map_openai_error(exc: openai.OpenAIError, provider: str, model: str) -> ProviderError:

@@ -79,3 +79,25 @@ def takes_batch_path(config: AppConfig, tier: Tier, urgent: bool, deadline: date
         return True
     promise = now + timedelta(seconds=config.batch.max_wait_seconds + config.batch.expected_turnaround_seconds)
     return deadline >= promise
+
+
+# the background lane's bound when the light provider's config names no `max_concurrency`
+DEFAULT_LANE_CONCURRENCY = 4
+
+
+def lane_provider(config: AppConfig) -> str | None:
+    """The provider served by the background lane (tierbatch.tasks.lane): the light tier's primary provider
+    when it has no Batch API (`batch = false`); None when non-urgent light work goes to provider batches."""
+    name = config.tiers["light"].provider
+    return None if config.providers[name].batch else name
+
+
+def lane_bound(config: AppConfig) -> int:
+    """How many background-lane calls may be in flight at once, across every worker process."""
+    name = config.tiers["light"].provider
+    return config.providers[name].max_concurrency or DEFAULT_LANE_CONCURRENCY
+
+
+def takes_background_lane(config: AppConfig, tier: Tier, urgent: bool) -> bool:
+    """Light and not urgent on a light provider without a Batch API: the bounded background lane."""
+    return tier is Tier.LIGHT and not urgent and lane_provider(config) is not None

@@ -17,10 +17,12 @@ from typing import Any
 from sqlalchemy import (
     ARRAY,
     BindParameter,
+    ColumnElement,
     any_,
     bindparam,
     func,
     literal,
+    not_,
     or_,
     select,
     text,
@@ -41,7 +43,7 @@ from tierbatch.ledger.pricing import PriceBook
 from tierbatch.ledger.rows import Charge, ResponseRecord, add_ledger_entry
 from tierbatch.providers.adapter import ChatResult
 from tierbatch.routing.rules import RuleView, rule_decision, tenant_rules
-from tierbatch.routing.tiers import resolve_tier, takes_batch_path
+from tierbatch.routing.tiers import resolve_tier, takes_background_lane, takes_batch_path
 from tierbatch.tasks import transitions
 from tierbatch.tasks.labels import label_error
 from tierbatch.tasks.submission import TaskSpec
@@ -123,8 +125,9 @@ def _uuid_array(ids: Sequence[uuid.UUID]) -> BindParameter[Any]:
 
 def route_queued_tasks(session: Session, task_ids: Sequence[uuid.UUID], config: AppConfig,
                        now: datetime, prices: PriceBook | None = None) -> list[uuid.UUID]:
-    """Answer cached requests, send Light non-urgent tasks to `waiting_batch`; return the ids due for an
-    immediate call. With `prices`, the response cache is consulted.
+    """Answer cached requests, send Light non-urgent tasks to `waiting_batch` (or leave them queued for
+    the background lane, `tierbatch.tasks.lane`, when the light provider has no Batch API); return the ids
+    due for an immediate call. With `prices`, the response cache is consulted.
 
     Only tasks still `queued` and past their `not_before` are routed, so running this twice is harmless.
     """
@@ -145,14 +148,16 @@ def route_queued_tasks(session: Session, task_ids: Sequence[uuid.UUID], config: 
         answered = answer_queued_from_cache(session, flagged, config, prices)
         candidates = [c for c in candidates if c.id not in answered]
     batch_path = {c.id for c in candidates if takes_batch_path(config, c.tier, c.urgent, c.deadline, now)}
-    immediate = [c.id for c in candidates if c.id not in batch_path]
+    lane = {c.id for c in candidates if c.id not in batch_path and takes_background_lane(config, c.tier, c.urgent)}
+    dispatched = [c.id for c in candidates if c.id not in batch_path]
     if batch_path:
         light = config.tiers["light"]
         transitions.move_to_batch_path(session, list(batch_path), light.provider, light.model)
-    if immediate:
-        session.execute(update(Task).where(Task.id == any_(_uuid_array(immediate))).values(dispatched_at=func.now()),
+    if dispatched:
+        # lane tasks stay queued, now dispatched: the lane's pump claims them at its pace
+        session.execute(update(Task).where(Task.id == any_(_uuid_array(dispatched))).values(dispatched_at=func.now()),
                         execution_options={"synchronize_session": False})
-    return immediate
+    return [task_id for task_id in dispatched if task_id not in lane]
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,17 +320,20 @@ def cancel_task(session: Session, tenant_id: uuid.UUID, task_id: uuid.UUID) -> T
     raise TransitionError(f"task {task_id} is {task.status.value} and can no longer be cancelled")
 
 
-def stale_queued_task_ids(session: Session, older_than_seconds: float, limit: int = 10_000) -> list[uuid.UUID]:
-    """Queued tasks whose dispatch message may have been lost (Redis restart, crash before sending)."""
+def stale_queued_task_ids(session: Session, older_than_seconds: float, limit: int = 10_000, *,
+                          exclude: ColumnElement[bool] | None = None) -> list[uuid.UUID]:
+    """Queued tasks whose dispatch message may have been lost (Redis restart, crash before sending);
+    `exclude`: tasks queued on purpose (the background lane's backlog, `tierbatch.tasks.lane.lane_members`)."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_seconds)
-    return list(session.scalars(
-        select(Task.id).where(
-            Task.status == TaskStatus.QUEUED,
-            or_(Task.dispatched_at.is_(None), Task.dispatched_at < cutoff),
-            or_(Task.not_before.is_(None), Task.not_before <= func.now()),
-            Task.created_at < cutoff,
-        ).limit(limit)
-    ))
+    query = select(Task.id).where(
+        Task.status == TaskStatus.QUEUED,
+        or_(Task.dispatched_at.is_(None), Task.dispatched_at < cutoff),
+        or_(Task.not_before.is_(None), Task.not_before <= func.now()),
+        Task.created_at < cutoff,
+    )
+    if exclude is not None:
+        query = query.where(not_(exclude))
+    return list(session.scalars(query.limit(limit)))
 
 
 def mark_dispatched(session: Session, task_ids: Sequence[uuid.UUID]) -> None:

@@ -19,6 +19,7 @@ row); they move what is still in the state they start from and say what moved.
 
 - ``move_to_batch_path``: queued → waiting_batch for routed Light non-urgent tasks.
 - ``succeed_queued_from_cache``: queued → succeeded (mode `cache`) for the hits of a chunk.
+- ``claim_for_lane``: queued → running under one fresh lease, for the tasks the background lane takes.
 - ``cancel_unstarted_of_job``: queued / waiting_batch → cancelled for every task of a job.
 - ``release_expired_leases``: running → queued where the worker stopped renewing its lease.
 - ``claim_for_batch``: waiting_batch → in_batch for the tasks placed in a provider batch.
@@ -162,6 +163,26 @@ def move_to_batch_path(session: Session, task_ids: Sequence[uuid.UUID], provider
         execution_options={"synchronize_session": False},
     )
     return int(getattr(moved, "rowcount", 0) or 0)
+
+
+def claim_for_lane(session: Session, task_ids: Sequence[uuid.UUID], token: uuid.UUID, lease_seconds: float
+                   ) -> list[Row[Any]]:
+    """queued → running (mode `immediate`) under `token` for the tasks (locked by the caller) still queued
+    and due; their rows, as `claim_for_call` returns them, with the id first."""
+    if not task_ids:
+        return []
+    return list(session.execute(
+        update(Task)
+        .where(Task.id == any_(_uuid_array(list(task_ids))), Task.status == TaskStatus.QUEUED,
+               or_(Task.not_before.is_(None), Task.not_before <= func.now()))
+        .values(status=TaskStatus.RUNNING, mode=Mode.IMMEDIATE, lease_token=token,
+                lease_expires_at=func.now() + _seconds(lease_seconds),
+                attempts=Task.attempts + 1, started_at=func.coalesce(Task.started_at, func.now()),
+                updated_at=func.now(), not_before=None)
+        .returning(Task.id, Task.tenant_id, Task.job_id, Task.task_type, Task.tier, Task.request, Task.attempts,
+                   Task.task_metadata, Task.urgent),
+        execution_options={"synchronize_session": False},
+    ).all())
 
 
 _FINISH_QUEUED_FROM_CACHE = text(

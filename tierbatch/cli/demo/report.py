@@ -7,6 +7,7 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from tierbatch.cli.demo.cache_scene import print_cache_scene
@@ -148,9 +149,40 @@ def print_costs_by_mode(console: Console, costs: dict[str, Any] | None) -> None:
                       f"calls{share}; savings net of it: ${money(savings - spent)}", highlight=False)
 
 
+def open_model_summary(info: StackInfo) -> dict[str, Any]:
+    """The open model serving the light tier (`--open-model`): where, and the price the ledger uses."""
+    from tierbatch.cli.stack.open_model import ALIAS, OPERATOR_PRICES
+
+    return {"model": ALIAS, "server": "llama-server (llama.cpp)", "base_url": info.open_model_url,
+            "prices_per_million_tokens": dict(OPERATOR_PRICES)}
+
+
+ANSWER_CHARS = 90
+
+
+def print_answers(console: Console, report: dict[str, Any]) -> None:
+    """With `--open-model`: the real answers, the open model's beside the premium tier's."""
+    summary = report.get("open_model")
+    if not summary:
+        return
+    prices = summary["prices_per_million_tokens"]
+    console.print(f"light tier: [bold]{summary['model']}[/] on {summary['server']} at {summary['base_url']}, "
+                  f"priced at the operator's compute cost (USD {prices['input']} input, {prices['output']} "
+                  "output per million tokens), not a provider's price", highlight=False, soft_wrap=True)
+    table = Table(title="answers", header_style="bold")
+    for name in ("task", "served model", "answer"):
+        table.add_column(name)
+    for row in report["tasks"]:
+        text = " ".join(str(row["output"] or row["error"] or "-").split())
+        shown = text if len(text) <= ANSWER_CHARS else text[:ANSWER_CHARS - 1] + "…"
+        table.add_row(row["label"], row["served_model"] or "-", escape(shown))
+    console.print(table)
+
+
 def render_report(console: Console, report: dict[str, Any]) -> None:
     """The report for people: the workload, the schedule run, the quality scene, spend by mode."""
     print_report(console, report)
+    print_answers(console, report)
     print_schedule(console, report.get("schedule_run"))
     print_cache_scene(console, report.get("cache_scene"))
     print_quality_scene(console, report.get("quality_scene"), report.get("quality_scene_skipped"))

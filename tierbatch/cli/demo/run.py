@@ -11,6 +11,12 @@ quality monitor shadows a sample of them on the premium model and promotes `sent
 report prints the promotion event (GET /v1/quality) and the run's spend by mode (GET /v1/costs), shadow
 spend on its own line. The run uses a tenant of its own, so a second run starts from fresh rules and
 its cost figures are its own.
+
+With `--open-model` the light tier is a real open model (tierbatch.cli.stack.open_model: llama-server with
+SmolLM2-135M, priced at the operator's compute cost per token) and the premium tier stays on the
+simulator; the non-urgent light tasks go through the bounded background lane (no Batch API), the report
+shows the open model's answers and token counts beside the premium tier's, and the quality scene (which
+needs the simulator's cheap model) is left out.
 """
 
 from __future__ import annotations
@@ -37,7 +43,13 @@ from tierbatch.cli.demo.quality_scene import (
     run_quality_scene,
     scene_setup,
 )
-from tierbatch.cli.demo.report import build_report, costs_by_mode, quality_overview, render_report
+from tierbatch.cli.demo.report import (
+    build_report,
+    costs_by_mode,
+    open_model_summary,
+    quality_overview,
+    render_report,
+)
 from tierbatch.cli.demo.schedule import start_schedule, wait_schedule_run
 from tierbatch.cli.demo.workload import poll, sample_workload, submit
 from tierbatch.cli.stack.local_stack import LocalStack, StackError, StackInfo
@@ -46,6 +58,9 @@ from tierbatch.cli.stack.signals import sigterm_as_interrupt
 # For the demo's generated config: assemble and poll batches quickly, so batch tasks can finish in the wait.
 DEMO_CONFIG_OVERRIDES: dict[str, Any] = {"batch": {"max_wait_seconds": 5, "poll_interval_seconds": 2},
                                          "routing": {QUALITY_TASK_TYPE: "light"}, "quality": DEMO_QUALITY}
+
+
+OPEN_MODEL_NO_SCENE = "--open-model: the light tier is the open model, not the simulator's cheap model"
 
 
 def new_run_tenant(client: httpx.Client, info: StackInfo) -> str:
@@ -59,7 +74,7 @@ def new_run_tenant(client: httpx.Client, info: StackInfo) -> str:
 
 
 def run_demo(data_dir: Path, api_port: int | None, simulator_port: int | None, concurrency: int,
-             simulator: bool, wait: float, batch_wait: float, as_json: bool) -> int:
+             simulator: bool, wait: float, batch_wait: float, as_json: bool, open_model: bool = False) -> int:
     out = Console()
     if not out.is_terminal:
         out = Console(width=200)  # a file or a pipe: do not squeeze the table into 80 columns
@@ -68,11 +83,11 @@ def run_demo(data_dir: Path, api_port: int | None, simulator_port: int | None, c
     try:
         stack = LocalStack(data_dir, api_port=api_port, simulator_port=simulator_port, concurrency=concurrency,
                            simulator=simulator, tenant_name="demo", config_overrides=DEMO_CONFIG_OVERRIDES,
-                           console=err)
+                           console=err, open_model=open_model)
         with sigterm_as_interrupt(), stack as info:
             with httpx.Client(base_url=info.api_url, timeout=30) as admin:
                 api_key = new_run_tenant(admin, info)
-            setup = scene_setup(info)
+            setup = OPEN_MODEL_NO_SCENE if open_model else scene_setup(info)
             if isinstance(setup, SceneSetup):
                 make_premium_the_reference(setup)
             err.print(f"stack up at {info.api_url}; submitting {len(tasks)} tasks")
@@ -106,6 +121,7 @@ def run_demo(data_dir: Path, api_port: int | None, simulator_port: int | None, c
             report["quality_scene_skipped"] = setup if isinstance(setup, str) else None
             report["quality"] = quality
             report["costs_by_mode"] = costs
+            report["open_model"] = open_model_summary(info) if open_model else None
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130

@@ -141,7 +141,8 @@ def poll(client: httpx.Client, tasks: list[DemoTask], wait: float, batch_wait: f
         elapsed = time.monotonic() - start
         immediate_done = all(t.done for t in tasks if t.immediate)
         # batch tasks that were never placed in a provider batch after `batch_wait` will not finish soon
-        batch_stuck = not any(t.status == "in_batch" for t in tasks if not t.immediate)
+        # (the background lane of a provider without a Batch API runs them instead: moving too)
+        batch_stuck = not any(t.status in ("in_batch", "running") or t.done for t in tasks if not t.immediate)
         if (all(t.done for t in tasks) or elapsed >= wait
                 or (immediate_done and batch_stuck and elapsed >= batch_wait)):
             return

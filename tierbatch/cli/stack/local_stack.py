@@ -5,9 +5,10 @@
 
 Starting: check the ports, then embedded Postgres / Redis (unless `DATABASE_URL` / `REDIS_URL` are set),
 migrations and the dev tenant in-process, then the simulator (unless `TIERBATCH_CONFIG` names the
-providers), API, worker and beat as child processes, each in its own process group, logging to
-`<dir>/logs/NAME.log`. Leaving the block (normally, on an exception, on Ctrl-C) stops the children
-(SIGTERM to each group, then SIGKILL), then the embedded servers: nothing is left behind.
+providers), the open model with `open_model` (tierbatch.cli.stack.open_model), API, worker and beat as
+child processes, each in its own process group, logging to `<dir>/logs/NAME.log`. Leaving the block
+(normally, on an exception, on Ctrl-C) stops the children (SIGTERM to each group, then SIGKILL), then
+the embedded servers: nothing is left behind.
 
 Secrets of the stack kept in `<dir>` (mode 0600), made on the first start when the environment has none:
 `admin_token` (TIERBATCH_ADMIN_TOKEN) and `secret_key` (TIERBATCH_SECRET_KEY, which encrypts the
@@ -37,6 +38,13 @@ from tierbatch.cli.embedded.processes import free_port, pid_alive, port_accepts
 from tierbatch.cli.embedded.redis import EmbeddedRedis
 from tierbatch.cli.embedded.server import EmbeddedServiceError
 from tierbatch.cli.stack.children import Child, log_tail, wait_until
+from tierbatch.cli.stack.open_model import (
+    OpenModelSpec,
+    OpenModelUnavailable,
+    config_overrides,
+    healthy,
+    server_command,
+)
 from tierbatch.cli.stack.signals import signals_ignored
 from tierbatch.cli.stack.toml_writer import deep_merge, dump_toml
 
@@ -91,6 +99,7 @@ class StackInfo:
     config_path: Path | None
     embedded_database: bool
     embedded_redis: bool
+    open_model_url: str | None = None  # llama-server's OpenAI base URL, with `open_model`
 
     @property
     def openai_base_url(self) -> str:
@@ -102,14 +111,15 @@ class LocalStack:
 
     `api_port` / `simulator_port` of None pick free ports. `simulator` forces the simulator even
     when TIERBATCH_CONFIG is set. `config_overrides` are merged into the generated default config
-    (only used when the stack generates it, i.e. TIERBATCH_CONFIG is not set).
+    (only used when the stack generates it, i.e. TIERBATCH_CONFIG is not set). `open_model` starts
+    llama-server with SmolLM2 as the light tier of that generated config.
     """
 
     def __init__(self, data_dir: str | os.PathLike[str] = ".tierbatch", *, api_port: int | None = 8000,
                  simulator_port: int | None = 8100, concurrency: int = 2, simulator: bool = False,
                  tenant_name: str = DEV_TENANT_NAME, config_overrides: Mapping[str, Any] | None = None,
                  environ: Mapping[str, str] | None = None, console: Console | None = None,
-                 ready_timeout: float = READY_TIMEOUT) -> None:
+                 ready_timeout: float = READY_TIMEOUT, open_model: bool = False) -> None:
         self.data_dir = Path(data_dir).expanduser().absolute()
         self.logs_dir = self.data_dir / "logs"
         self.requested_api_port = api_port
@@ -121,6 +131,7 @@ class LocalStack:
         self.environ = dict(os.environ if environ is None else environ)
         self.console = console or Console(stderr=True)
         self.ready_timeout = ready_timeout
+        self.open_model = open_model
         self.children: list[Child] = []
         self.postgres: EmbeddedPostgres | None = None
         self.redis: EmbeddedRedis | None = None
@@ -161,6 +172,7 @@ class LocalStack:
                 raise StackError(f"port {port} ({what}) is already in use; stop what holds it or pass "
                                  f"{flag} with another port")
 
+        open_spec, open_command = self._open_model(user_config)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.logs_dir.mkdir(parents=True, exist_ok=True)
         admin_token = self._admin_token()
@@ -203,6 +215,9 @@ class LocalStack:
             env.pop("TIERBATCH_CONFIG", None)
 
         python = sys.executable
+        if open_spec is not None:
+            self._spawn("open-model", open_command, env)
+            self._wait_ready("open-model", lambda: healthy(open_spec))
         if simulator_port is not None:
             self._spawn("simulator", [python, "-m", "tierbatch.simulator", "--host", HOST,
                                      "--port", str(simulator_port)],
@@ -224,6 +239,7 @@ class LocalStack:
             admin_token=admin_token, logs_dir=self.logs_dir, database_url=database_url,
             redis_url=redis_url, config_path=config_path, embedded_database=self.postgres is not None,
             embedded_redis=self.redis is not None,
+            open_model_url=open_spec.base_url if open_spec is not None else None,
         )
         return self.info
 
@@ -263,6 +279,23 @@ class LocalStack:
         return found
 
     # -- steps
+
+    def _open_model(self, user_config: str | None) -> tuple[OpenModelSpec | None, list[str]]:
+        """With `open_model`: its port and command line, its config merged into the generated config."""
+        if not self.open_model:
+            return None, []
+        if user_config is not None:
+            raise StackError("--open-model makes the open model the light tier of the generated config, but "
+                             "TIERBATCH_CONFIG is set: point a provider of that file at your llama-server instead")
+        spec = OpenModelSpec(free_port())
+        try:
+            command = server_command(spec)
+        except OpenModelUnavailable as exc:
+            raise StackError(str(exc)) from None
+        # the background lane below the worker's concurrency: urgent calls always find a free worker
+        lane = max(1, self.concurrency - 1)
+        self.config_overrides = deep_merge(self.config_overrides, config_overrides(spec, lane))
+        return spec, command
 
     def _admin_token(self) -> str:
         from tierbatch.base.settings import MIN_ADMIN_TOKEN_CHARS

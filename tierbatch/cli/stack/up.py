@@ -17,6 +17,8 @@ def print_info(console: Console, info: StackInfo) -> None:
         ("API", info.api_url),
         ("OpenAI base URL", info.openai_base_url),
         ("simulator", info.simulator_url or "(not started: TIERBATCH_CONFIG names the providers)"),
+        *([("open model", f"{info.open_model_url} (llama-server, SmolLM2-135M: the light tier)")]
+          if info.open_model_url else []),
         ("dev API key", f"[green]{info.dev_api_key}[/]"),
         ("admin token", info.admin_token),
         ("database", ("embedded PostgreSQL " if info.embedded_database else "") + info.database_url),
@@ -32,12 +34,13 @@ def print_info(console: Console, info: StackInfo) -> None:
                   soft_wrap=True)
 
 
-def run_up(data_dir: Path, api_port: int, simulator_port: int, concurrency: int, simulator: bool) -> int:
+def run_up(data_dir: Path, api_port: int, simulator_port: int, concurrency: int, simulator: bool,
+           open_model: bool = False) -> int:
     """Run the stack until Ctrl-C / SIGTERM (exit 0) or until a part dies (exit 1)."""
     out = Console()
     err = Console(stderr=True)
     stack = LocalStack(data_dir, api_port=api_port, simulator_port=simulator_port, concurrency=concurrency,
-                       simulator=simulator, console=err)
+                       simulator=simulator, console=err, open_model=open_model)
     try:
         with sigterm_as_interrupt(), stack as info:
             print_info(out, info)
