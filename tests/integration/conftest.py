@@ -8,12 +8,18 @@ from typing import Any
 
 import psycopg
 import pytest
-import redis
 from openai import OpenAI
 
 from tests.conftest import TEST_REDIS_URL
 from tests.support.procs import free_port, wait_until
-from tests.support.stack import SESSION_SOURCES, Stack, psycopg_dsn, scratch_database, write_app_config
+from tests.support.stack import (
+    SESSION_SOURCES,
+    Stack,
+    delete_redis_keys,
+    psycopg_dsn,
+    scratch_database,
+    write_app_config,
+)
 from tierbatch.cli.stack.open_model import OpenModelServer, OpenModelSpec, OpenModelUnavailable, server_command
 from tierbatch.migrations.runner import upgrade_to_head
 
@@ -48,17 +54,6 @@ def stack(migrated_database_url: str, tmp_path_factory: pytest.TempPathFactory) 
     finally:
         running.stop_all()
         delete_redis_keys(running.redis_prefix)
-
-
-def delete_redis_keys(prefix: str) -> None:
-    """This run's messages live under its own key prefix; other runs' keys are left alone."""
-    client = redis.Redis.from_url(TEST_REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
 
 
 SIM_DEFAULTS: dict[str, Any] = {"*": {"error_rate": 0.0, "latency_ms": [5, 20], "slow_rate": 0.0}}

@@ -14,11 +14,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.conftest import TEST_REDIS_URL
-from tests.integration.conftest import SIM_BATCH_DEFAULTS, SIM_DEFAULTS, delete_redis_keys
-from tests.support.procs import free_port, wait_until
-from tests.support.stack import SECRET_KEY, Stack, psycopg_dsn, scratch_database
-from tierbatch.migrations.runner import upgrade_to_head
+from tests.integration.conftest import SIM_BATCH_DEFAULTS, SIM_DEFAULTS
+from tests.support.procs import wait_until
+from tests.support.stack import Stack, own_stack, psycopg_dsn
 
 pytestmark = pytest.mark.integration
 
@@ -84,22 +82,13 @@ failed_auth_per_minute = 100000
 def claude_batches(request: pytest.FixtureRequest, base_database_url: str,
                    tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Stack, str]]:
     model: str = request.param
-    tmp = Path(tmp_path_factory.mktemp("anthropic-batches"))
-    simulator_port = free_port()
-    config = config_for(tmp / "tierbatch.toml", simulator_port, model)
-    with scratch_database(base_database_url, prefix="tierbatch_message_batches") as database_url:
-        upgrade_to_head(database_url, SECRET_KEY)
-        running = Stack(tmp=tmp, database_url=database_url, redis_url=TEST_REDIS_URL, config_path=config,
-                        simulator_port=simulator_port, api_port=free_port())
-        try:
-            running.start_simulator()
-            running.start_api()
-            running.start_worker()
-            running.start_beat()
-            yield running, model
-        finally:
-            running.stop_all()
-            delete_redis_keys(running.redis_prefix)
+
+    def write_config(path: Path, simulator_port: int) -> Path:
+        return config_for(path, simulator_port, model)
+
+    with own_stack(base_database_url, Path(tmp_path_factory.mktemp("anthropic-batches")),
+                   "tierbatch_message_batches", write_config) as running:
+        yield running, model
 
 
 @pytest.fixture

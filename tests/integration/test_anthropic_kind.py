@@ -15,12 +15,10 @@ import pytest
 from jsonschema import validate as validate_schema
 from openai import OpenAI
 
-from tests.conftest import TEST_REDIS_URL
 from tests.integration.conftest import delete_redis_keys
 from tests.support.openapi import validate
-from tests.support.procs import free_port, wait_until
-from tests.support.stack import SECRET_KEY, Stack, psycopg_dsn, scratch_database
-from tierbatch.migrations.runner import upgrade_to_head
+from tests.support.procs import wait_until
+from tests.support.stack import Stack, own_stack, psycopg_dsn
 
 pytestmark = pytest.mark.integration
 
@@ -73,21 +71,9 @@ failed_auth_per_minute = 100000
 
 @pytest.fixture(scope="module")
 def claude_stack(base_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = Path(tmp_path_factory.mktemp("anthropic-kind"))
-    simulator_port = free_port()
-    config = anthropic_config(tmp / "tierbatch.toml", simulator_port)
-    with scratch_database(base_database_url, prefix="tierbatch_anthropic") as database_url:
-        upgrade_to_head(database_url, SECRET_KEY)
-        running = Stack(tmp=tmp, database_url=database_url, redis_url=TEST_REDIS_URL, config_path=config,
-                        simulator_port=simulator_port, api_port=free_port())
-        try:
-            running.start_simulator()
-            running.start_api()
-            running.start_worker()
-            yield running
-        finally:
-            running.stop_all()
-            delete_redis_keys(running.redis_prefix)
+    with own_stack(base_database_url, Path(tmp_path_factory.mktemp("anthropic-kind")), "tierbatch_anthropic",
+                   anthropic_config, beat=False) as running:
+        yield running
 
 
 @pytest.fixture

@@ -24,12 +24,10 @@ import psycopg
 import pytest
 from openai import OpenAI
 
-from tests.conftest import TEST_REDIS_URL
-from tests.integration.conftest import OPEN_MODEL_CONTEXT, OPEN_MODEL_SLOTS, delete_redis_keys
-from tests.support.procs import free_port, wait_until
-from tests.support.stack import SECRET_KEY, Stack, psycopg_dsn, scratch_database, write_app_config
+from tests.integration.conftest import OPEN_MODEL_CONTEXT, OPEN_MODEL_SLOTS
+from tests.support.procs import wait_until
+from tests.support.stack import Stack, own_stack, psycopg_dsn, write_app_config
 from tierbatch.cli.stack.open_model import ALIAS, OPERATOR_PRICES, OpenModelServer
-from tierbatch.migrations.runner import upgrade_to_head
 
 pytestmark = pytest.mark.integration
 
@@ -71,22 +69,12 @@ output = "{OPERATOR_PRICES['output']}"
 @pytest.fixture(scope="module")
 def open_stack(open_model: OpenModelServer, base_database_url: str,
                tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = Path(tmp_path_factory.mktemp("open-stack"))
-    simulator_port = free_port()
-    config = open_model_config(tmp / "tierbatch.toml", simulator_port, open_model)
-    with scratch_database(base_database_url, prefix="tierbatch_open_model") as database_url:
-        upgrade_to_head(database_url, SECRET_KEY)
-        running = Stack(tmp=tmp, database_url=database_url, redis_url=TEST_REDIS_URL, config_path=config,
-                        simulator_port=simulator_port, api_port=free_port())
-        try:
-            running.start_simulator()
-            running.start_api()
-            running.start_worker()
-            running.start_beat()
-            yield running
-        finally:
-            running.stop_all()
-            delete_redis_keys(running.redis_prefix)
+    def write_config(path: Path, simulator_port: int) -> Path:
+        return open_model_config(path, simulator_port, open_model)
+
+    with own_stack(base_database_url, Path(tmp_path_factory.mktemp("open-stack")), "tierbatch_open_model",
+                   write_config) as running:
+        yield running
 
 
 def query(stack: Stack, sql: str, *params: Any) -> list[tuple[Any, ...]]:

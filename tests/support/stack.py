@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
+import redis
 from sqlalchemy.engine import make_url
 
-from tests.support.procs import ManagedProcess, python_module, wait_http_ok, wait_until
+from tests.conftest import TEST_REDIS_URL
+from tests.support.procs import ManagedProcess, free_port, python_module, wait_http_ok, wait_until
+from tierbatch.migrations.runner import upgrade_to_head
 
 ADMIN_TOKEN = "test-admin-token-0123456789abcdef-local"  # 38 characters: processes refuse < 32
 # a fixed Fernet key for the test stacks (webhook secrets are encrypted with it); tests read the DB with it
@@ -237,3 +240,38 @@ class Stack:
             raise AssertionError(f"task {task_id} never reached {statuses}; last: {last}\n"
                                  f"worker log:\n{self.processes['worker'].log_text()}") from None
 
+
+
+def delete_redis_keys(prefix: str) -> None:
+    """This run's messages live under its own key prefix; other runs' keys are left alone."""
+    client = redis.Redis.from_url(TEST_REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=f"{prefix}*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+@contextlib.contextmanager
+def own_stack(base_database_url: str, tmp: Path, prefix: str, write_config: Callable[[Path, int], Path], *,
+              beat: bool = True) -> Iterator[Stack]:
+    """A stack of a test module's own: its config (`write_config(path, simulator_port)`), a scratch
+    database migrated to head, the simulator, API, worker (and beat); everything stopped and dropped after,
+    also when the test fails."""
+    simulator_port = free_port()
+    config = write_config(tmp / "tierbatch.toml", simulator_port)
+    with scratch_database(base_database_url, prefix=prefix) as database_url:
+        upgrade_to_head(database_url, SECRET_KEY)
+        running = Stack(tmp=tmp, database_url=database_url, redis_url=TEST_REDIS_URL, config_path=config,
+                        simulator_port=simulator_port, api_port=free_port())
+        try:
+            running.start_simulator()
+            running.start_api()
+            running.start_worker()
+            if beat:
+                running.start_beat()
+            yield running
+        finally:
+            running.stop_all()
+            delete_redis_keys(running.redis_prefix)

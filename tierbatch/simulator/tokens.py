@@ -104,6 +104,22 @@ class PrefixCache:
             hasher.update(text[pos:end].encode("utf-8", "surrogatepass"))
             pos = max(pos, end)
             digests.append((ends[end], hasher.copy().digest()))
+        read = self._read_and_store(model, digests)
+        longest = max(tokens for tokens, _ in digests)
+        return read, max(0, longest - read)
+
+    def lookup_and_store(self, model: str, text: str, prompt_tokens: int | None = None) -> int:
+        """Cached tokens for this prompt, then remember its prefixes for the next one."""
+        if prompt_tokens is None:
+            prompt_tokens = count_tokens(text)
+        boundaries = self._boundary_digests(text, prompt_tokens)
+        if not boundaries:
+            return 0
+        return self._read_and_store(model, boundaries)
+
+    def _read_and_store(self, model: str, digests: list[tuple[int, bytes]]) -> int:
+        """Tokens of the longest prefix already cached (digests in ascending prefix order), then every
+        prefix remembered as most recently used; the oldest are dropped past the size limit."""
         read = 0
         with self._lock:
             entries = self._entries
@@ -119,29 +135,4 @@ class PrefixCache:
                     entries[key] = None
             while len(entries) > self._max_entries:
                 entries.popitem(last=False)
-        longest = max(tokens for tokens, _ in digests)
-        return read, max(0, longest - read)
-
-    def lookup_and_store(self, model: str, text: str, prompt_tokens: int | None = None) -> int:
-        """Cached tokens for this prompt, then remember its prefixes for the next one."""
-        if prompt_tokens is None:
-            prompt_tokens = count_tokens(text)
-        boundaries = self._boundary_digests(text, prompt_tokens)
-        if not boundaries:
-            return 0
-        cached = 0
-        with self._lock:
-            entries = self._entries
-            for tokens, digest in reversed(boundaries):
-                if (model, digest) in entries:
-                    cached = tokens
-                    break
-            for _tokens, digest in boundaries:
-                key = (model, digest)
-                if key in entries:
-                    entries.move_to_end(key)
-                else:
-                    entries[key] = None
-            while len(entries) > self._max_entries:
-                entries.popitem(last=False)
-        return cached
+        return read
