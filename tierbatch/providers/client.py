@@ -30,8 +30,10 @@ from tierbatch.providers.openai_adapter import OpenAIAdapter
 
 
 @functools.cache
+@functools.cache
 def adapter_for(kind: ProviderKind) -> ProviderAdapter[Any, Any]:
-    """The adapter of a provider kind (adapters are stateless: one each)."""
+    """The adapter of a provider kind: stateless, so one per kind for the process, made on first use
+    (not once per call on the gateway's hot path)."""
     if kind == "anthropic":
         # imported on first use: the `anthropic` SDK takes a second or two of CPU to import, paid only by
         # processes that call a provider of this kind
