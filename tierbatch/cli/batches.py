@@ -1,6 +1,7 @@
 """`tierbatch batches list` and `tierbatch batches show ID`: the provider batches over the HTTP API
-(`GET /v1/provider-batches`), as a table for people or JSON for scripts. A tenant key shows the batches
-holding the tenant's tasks with its own lines; the admin token shows every batch."""
+(`GET /v1/provider-batches`), as a table for people or JSON for scripts. The key is `--api-key`, else
+TIERBATCH_API_KEY (the batches holding the tenant's tasks, counting its own lines), else
+TIERBATCH_ADMIN_TOKEN (every batch, every line), as `tierbatch costs` chooses it."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ batches_app = typer.Typer(help="Provider batches: the batches the batch path sen
 
 ApiUrlOption = Annotated[str, typer.Option("--api-url", envvar="TIERBATCH_API_URL", help="The tierbatch API.")]
 ApiKeyOption = Annotated[str | None, typer.Option("--api-key", envvar="TIERBATCH_API_KEY",
-                                                  help="Tenant API key, or the admin token for every batch.",
+                                                  help="Tenant API key; else TIERBATCH_ADMIN_TOKEN (every batch).",
                                                   show_default=False)]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
 
@@ -158,11 +159,12 @@ def render_one(row: dict[str, Any], console: Console) -> None:
 def run_list(options: ListOptions) -> None:
     from rich.console import Console
 
+    from tierbatch.cli.costs import resolve_key
     from tierbatch.cli.jobs import CliError, api_client
 
     if options.limit < 1:
         raise CliError("--limit: must be at least 1")
-    with api_client(options.api_url, options.api_key, timeout=60) as client:
+    with api_client(options.api_url, resolve_key(options.api_key), timeout=60) as client:
         rows, more = fetch_batches(client, options)
     if options.as_json:
         print(json.dumps({"object": "list", "data": rows, "has_more": more}, indent=2))
@@ -173,11 +175,12 @@ def run_list(options: ListOptions) -> None:
 def run_show(batch_id: str, as_json: bool, api_url: str, api_key: str | None) -> None:
     from rich.console import Console
 
+    from tierbatch.cli.costs import resolve_key
     from tierbatch.cli.jobs import CliError, api_client
 
     if not batch_id.strip():
         raise CliError("ID: give a provider batch id (see `tierbatch batches list`)")
-    with api_client(api_url, api_key, timeout=60) as client:
+    with api_client(api_url, resolve_key(api_key), timeout=60) as client:
         row = _get(client, f"/v1/provider-batches/{quote(batch_id, safe='')}")
     if as_json:
         print(json.dumps(row, indent=2))
