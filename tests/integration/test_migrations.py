@@ -172,7 +172,7 @@ def test_provider_batch_timestamps_backfill_check_and_downgrade(base_database_ur
         after = _schema_rules(url)
         assert {name for name, _ in after - before} == {
             "ck_provider_batches_completed_after_submitted", "ck_provider_batches_ingested_only_done",
-            "ix_provider_batches_created"}
+            "ix_provider_batches_created", "ix_tasks_batch"}  # the last with tenant_id after batch_id
         command.downgrade(config, "0012")
         assert _schema_rules(url) == before
         command.upgrade(config, "0013")

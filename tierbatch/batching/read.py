@@ -2,13 +2,15 @@
 of its lines by outcome, as one tenant sees them (only batches holding its tasks, counting only its
 lines) or as the operator sees them (every batch, every line).
 
-A line belongs to a batch while its task's `batch_id` names it (`ix_tasks_batch`). A task keeps it once
-served by the batch, failed in it, or taken out of it for an immediate call to meet its deadline; it
-loses it when its line is returned to wait for another batch (a line error, or a line missing from an
-expired batch's output) and changes it when a batch the provider refused is split in halves. So the
-counts say where the lines still attributed to the batch are now; the lines that left it are
-`retried`, known only against the number of lines the batch was sent with, hence only to the operator
-(a tenant's share of them is recorded nowhere).
+A line belongs to a batch while its task's `batch_id` names it (`ix_tasks_batch`, on `batch_id` then
+`tenant_id`: a page's counts are one grouped query over it, and whether a batch holds one of a tenant's
+tasks is one probe). A task keeps it once served by the batch, failed in it, or taken out of it for an
+immediate call to meet its deadline; it loses it when its line is returned to wait for another batch (a
+line error, or a line missing from an expired or cancelled batch's output) and changes it when a batch the
+provider refused is split in halves. So the counts say where the lines still attributed to the batch are
+now; the lines that left it are `retried`, known only against the number of lines the batch was sent
+with, hence only to the operator (a tenant's share of them is recorded nowhere). A batch all of whose
+lines of a tenant left it no longer holds that tenant's tasks: the tenant no longer sees it.
 
 Functions take a session and never commit.
 """
