@@ -6,8 +6,9 @@ The batches the module builds (ids read from the tasks' rows, the ground truth):
 
 - shared: one batch holding A's 3 tasks and B's 2 (the assembler is held off by its own advisory lock while
   both tenants submit, so one claim takes all five);
-- held: A's 2 tasks in a batch kept in progress at the simulator, seen while pending, then cancelled there
-  before any line was answered: every line goes back to wait and leaves it;
+- held: A's 3 tasks in a batch kept in progress at the simulator, seen while pending; one of them has a
+  deadline the batch cannot meet and is escalated to an immediate call; then the batch is cancelled there
+  before any line was answered: the other 2 lines go back to wait and leave it;
 - retry: the batch those 2 lines are sent again in (A only);
 - b_only: B's single task in a batch of its own.
 """
@@ -20,7 +21,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -42,9 +43,13 @@ def query(stack: Stack, sql: str, *params: Any) -> list[tuple[Any, ...]]:
         return conn.execute(sql, params).fetchall()
 
 
-def submit_light(stack: Stack, key: str, count: int, tag: str) -> list[str]:
-    tasks = [{"prompt": f"Classify ticket {tag}-{i}-{uuid.uuid4().hex}. Labels: billing, account, bug",
-              "task_type": "classification"} for i in range(count)]
+def light_task(tag: str) -> dict[str, Any]:
+    return {"prompt": f"Classify ticket {tag}-{uuid.uuid4().hex}. Labels: billing, account, bug",
+            "task_type": "classification"}
+
+
+def submit_light(stack: Stack, key: str, count: int, tag: str, *extra: dict[str, Any]) -> list[str]:
+    tasks = [light_task(f"{tag}-{i}") for i in range(count)] + list(extra)
     with stack.client(key) as client:
         response = client.post("/v1/tasks", json={"tasks": tasks})
     assert response.status_code == 202, response.text
@@ -111,11 +116,13 @@ def built(stack: Stack) -> Iterator[Built]:
     (shared,) = batch_ids_of(stack, shared_a + shared_b)  # one batch holds both tenants' tasks
     wait_until(lambda: batch_done(stack, shared), TIMEOUT, 0.1, "the shared batch done")
 
-    # held: kept in progress at the simulator, read while pending, then cancelled with no line answered
+    # held: kept in progress at the simulator, read while pending; its task with a deadline is escalated
+    # (a deadline past the batch path's expected turnaround, so it is batched first: test config 30 s, 5 s)
     _configure_simulator(stack, {"in_progress_seconds": 600})
-    held_tasks = submit_light(stack, a.key, 2, "held")
-    wait_statuses(stack, held_tasks, {"in_batch"}, "the held tasks in a batch")
-    (held,) = batch_ids_of(stack, held_tasks)
+    deadline = (datetime.now(UTC) + timedelta(seconds=40)).isoformat()
+    *held_tasks, urgent_task = submit_light(stack, a.key, 2, "held", {**light_task("deadline"), "deadline": deadline})
+    wait_statuses(stack, [*held_tasks, urgent_task], {"in_batch"}, "the held tasks in a batch")
+    (held,) = batch_ids_of(stack, [*held_tasks, urgent_task])
 
     def submitted() -> dict[str, Any] | None:
         with stack.client(a.key) as client:
@@ -123,6 +130,7 @@ def built(stack: Stack) -> Iterator[Built]:
         return body if body.get("provider_status") == "in_progress" else None
 
     held_while_pending: dict[str, Any] = wait_until(submitted, TIMEOUT, 0.1, "the held batch in progress")  # type: ignore[assignment]
+    wait_statuses(stack, [urgent_task], {"succeeded"}, "the task with a deadline served immediately")
     _configure_simulator(stack)  # the retry batch goes through at once
     stack.sim("POST", f"/v1/batches/{held_while_pending['provider_batch_id']}/cancel")
     wait_statuses(stack, held_tasks, {"succeeded"}, "the held tasks served by another batch")
@@ -175,12 +183,11 @@ FIELDS = {"id", "object", "provider", "model", "provider_batch_id", "status", "p
 def test_a_tenant_sees_only_batches_holding_its_tasks_with_its_own_lines(stack: Stack, built: Built) -> None:
     listed_a = get(stack, built.a.key, "/v1/provider-batches").json()
     listed_b = get(stack, built.b.key, "/v1/provider-batches").json()
-    # newest first; the held batch lost all of A's lines to the retry batch, so it is no longer A's
-    assert [row["id"] for row in listed_a["data"]] == [built.retry, built.shared]
+    assert [row["id"] for row in listed_a["data"]] == [built.retry, built.held, built.shared]  # newest first
     assert [row["id"] for row in listed_b["data"]] == [built.b_only, built.shared]
     assert listed_a["has_more"] is False and listed_a["next"] is None
 
-    shared_a, shared_b = listed_a["data"][1], listed_b["data"][1]
+    shared_a, shared_b = listed_a["data"][2], listed_b["data"][1]
     assert set(shared_a) == FIELDS and set(shared_a["line_counts"]) == LINE_KEYS
     assert shared_a["object"] == "provider_batch"
     assert (shared_a["provider"], shared_a["model"], shared_a["status"], shared_a["provider_status"]) == (
@@ -192,14 +199,19 @@ def test_a_tenant_sees_only_batches_holding_its_tasks_with_its_own_lines(stack: 
     assert shared_b["line_counts"] == {"succeeded": 2, "failed": 0, "pending": 0, "escalated": 0, "retried": None}
     assert get(stack, built.a.key, f"/v1/provider-batches/{built.shared}").json() == shared_a
     assert shared_a["error"] is None
+    # of the held batch A still has the escalated line; the two that left it are not counted for a tenant
+    held_a = listed_a["data"][1]
+    assert (held_a["status"], held_a["provider_status"], held_a["request_count"]) == ("done", "cancelled", 1)
+    assert held_a["line_counts"] == {"succeeded": 0, "failed": 0, "pending": 0, "escalated": 1, "retried": None}
+    assert listed_a["data"][0]["line_counts"] == {"succeeded": 2, "failed": 0, "pending": 0, "escalated": 0,
+                                                  "retried": None}
 
 
 def test_another_tenants_batch_is_not_found(stack: Stack, built: Built) -> None:
     never = str(uuid.uuid4())
     unknown = get(stack, built.a.key, f"/v1/provider-batches/{never}")
     assert unknown.status_code == 404
-    for key, batch in ((built.b.key, built.retry), (built.b.key, built.held), (built.a.key, built.b_only),
-                       (built.a.key, built.held)):
+    for key, batch in ((built.b.key, built.retry), (built.b.key, built.held), (built.a.key, built.b_only)):
         response = get(stack, key, f"/v1/provider-batches/{batch}")
         assert response.status_code == 404, response.text
         error = response.json()["error"]
@@ -215,9 +227,9 @@ def test_the_operator_sees_every_batch_with_all_its_lines(stack: Stack, built: B
     assert shared["request_count"] == 5
     assert shared["line_counts"] == {"succeeded": 5, "failed": 0, "pending": 0, "escalated": 0, "retried": 0}
     held = listed[built.held]
-    # cancelled at the provider before any line was answered: both lines went on to the retry batch
-    assert (held["status"], held["provider_status"], held["request_count"]) == ("done", "cancelled", 2)
-    assert held["line_counts"] == {"succeeded": 0, "failed": 0, "pending": 0, "escalated": 0, "retried": 2}
+    # cancelled at the provider before any line was answered: one line escalated, two went to the retry batch
+    assert (held["status"], held["provider_status"], held["request_count"]) == ("done", "cancelled", 3)
+    assert held["line_counts"] == {"succeeded": 0, "failed": 0, "pending": 0, "escalated": 1, "retried": 2}
     assert listed[built.retry]["line_counts"]["succeeded"] == 2
     assert listed[built.b_only]["request_count"] == 1
     assert admin_get(stack, f"/v1/provider-batches/{built.held}").json() == held
@@ -230,8 +242,8 @@ def test_the_operator_sees_every_batch_with_all_its_lines(stack: Stack, built: B
 def test_a_pending_batch_has_no_completion_yet(built: Built) -> None:
     pending = built.held_while_pending
     assert (pending["status"], pending["provider_status"]) == ("submitted", "in_progress")
-    assert pending["request_count"] == 2
-    assert pending["line_counts"] == {"succeeded": 0, "failed": 0, "pending": 2, "escalated": 0, "retried": None}
+    assert pending["request_count"] == 3
+    assert pending["line_counts"] == {"succeeded": 0, "failed": 0, "pending": 3, "escalated": 0, "retried": None}
     assert pending["submitted_at"] is not None and moment(pending["created_at"]) <= moment(pending["submitted_at"])
     assert pending["completed_at"] is None and pending["ingested_at"] is None and pending["turnaround_seconds"] is None
 
@@ -253,9 +265,9 @@ def test_filters(stack: Stack, built: Built) -> None:
         return [row["id"] for row in response.json()["data"]]
 
     a = built.a.key
-    assert ids(a, status="done") == [built.retry, built.shared]
+    assert ids(a, status="done") == [built.retry, built.held, built.shared]
     assert ids(a, status="submitted") == [] and ids(a, status="failed") == []
-    assert ids(a, provider="sim", model="gpt-4o-mini") == [built.retry, built.shared]
+    assert ids(a, provider="sim", model="gpt-4o-mini") == [built.retry, built.held, built.shared]
     assert ids(a, provider="other") == [] and ids(a, model="gpt-4o") == []
     admin = [row["id"] for row in admin_get(stack, "/v1/provider-batches", tenant_id=built.b.id, status="done",
                                             limit=1000).json()["data"]]
@@ -271,7 +283,7 @@ def test_pages_cover_every_row_once_newest_first(stack: Stack, built: Built) -> 
     keys = [(moment(row["created_at"]), row["id"]) for row in by_two]
     assert keys == sorted(keys, reverse=True)
     by_one = every_page(lambda **p: get(stack, built.a.key, "/v1/provider-batches", **p), 1)
-    assert [row["id"] for row in by_one] == [built.retry, built.shared]
+    assert [row["id"] for row in by_one] == [built.retry, built.held, built.shared]
 
 
 @pytest.mark.parametrize(("params", "param"), [
