@@ -70,7 +70,9 @@ class Task(Base):
         Index("ix_tasks_job", "job_id", postgresql_where=text("job_id IS NOT NULL")),
         # jobs: an item id names one task within its job, also across appends (tierbatch/jobs/store.py)
         Index("uq_tasks_job_item", "job_id", "item_id", unique=True, postgresql_where=text("job_id IS NOT NULL")),
-        Index("ix_tasks_batch", "batch_id", postgresql_where=text("batch_id IS NOT NULL")),
+        # a batch's lines; with the tenant, "does this batch hold one of the tenant's tasks" is one probe
+        # and a tenant's line counts per batch read the index alone (tierbatch/batching/read.py)
+        Index("ix_tasks_batch", "batch_id", "tenant_id", postgresql_where=text("batch_id IS NOT NULL")),
         # The reconciler and the batch assembler only look at live tasks: keep those indexes small.
         Index("ix_tasks_live", "status", "dispatched_at",
               postgresql_where=text(f"status IN {sql_in(IMMEDIATE_LIVE_TASK_STATUSES)}")),
