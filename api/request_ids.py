@@ -52,8 +52,9 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 class RequestIds:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, access: logging.Logger = access_log) -> None:
         self.app = app
+        self.access = access
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -85,28 +86,29 @@ class RequestIds:
                 status = 500  # what ServerErrorMiddleware answered, or nothing reached the client
             raise
         finally:
-            if access_log.isEnabledFor(logging.INFO):
-                self._log(scope, status, started, task_id)
+            if self.access.isEnabledFor(logging.INFO):
+                self._log(scope, request_id, status, started, task_id)
             request_id_var.reset(token)
 
-    @staticmethod
-    def _log(scope: Scope, status: int | None, started: float, task_id: str | None) -> None:
+    def _log(self, scope: Scope, request_id: str, status: int | None, started: float, task_id: str | None) -> None:
         duration_ms = round((time.perf_counter() - started) * 1000, 2)
         method = shown(scope["method"], 16)
         path = shown(scope["path"])
-        extra: dict[str, object] = {"method": method, "path": path, "status": status, "duration_ms": duration_ms}
+        # the id is given, not read from the context: a handler may format the record later, elsewhere
+        extra: dict[str, object] = {"method": method, "path": path, "status": status, "duration_ms": duration_ms,
+                                    "request_id": request_id}
         if task_id is not None:
             extra["task_id"] = shown(task_id, 64)
-        access_log.info("%s %s %s %.1fms", method, path, status if status is not None else "-", duration_ms,
+        self.access.info("%s %s %s %.1fms", method, path, status if status is not None else "-", duration_ms,
                         extra=extra)
 
 
-def install_request_ids(app: FastAPI) -> None:
+def install_request_ids(app: FastAPI, access: logging.Logger = access_log) -> None:
     """Make `RequestIds` the outermost layer: Starlette builds its stack with ServerErrorMiddleware
     outside every added middleware, and a 500 must carry the id and be logged with it too."""
     build = app.build_middleware_stack
 
     def build_with_ids() -> ASGIApp:
-        return RequestIds(build())
+        return RequestIds(build(), access)
 
     app.build_middleware_stack = build_with_ids  # type: ignore[method-assign]

@@ -88,6 +88,7 @@ class RedactingFilter(logging.Filter):
 _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime",
                                                                                         "color_message"}
 _PLAIN = (str, int, float, bool, type(None))
+_FIXED = frozenset({"ts", "level", "logger", "message"})
 
 
 def correlation_ids() -> dict[str, str]:
@@ -102,8 +103,8 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname, "logger": record.name, "message": record.getMessage(),
             **correlation_ids()}
-        for key, value in record.__dict__.items():
-            if key not in _STANDARD_ATTRS and key not in line and isinstance(value, _PLAIN):
+        for key, value in record.__dict__.items():  # an id given as `extra` wins over the context's
+            if key not in _STANDARD_ATTRS and key not in _FIXED and isinstance(value, _PLAIN):
                 line[key] = value
         if record.exc_info:
             line["exc_info"] = redact(self.formatException(record.exc_info))
