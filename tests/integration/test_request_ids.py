@@ -3,9 +3,12 @@ stack), and OpenAI's answer for URLs and methods the API does not have, through 
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -15,7 +18,7 @@ import pytest
 from openai import OpenAI
 
 from tests.support.openapi import validate
-from tests.support.procs import wait_until
+from tests.support.procs import free_port, managed, python_module, wait_http_ok, wait_until
 from tests.support.stack import Stack, psycopg_dsn
 
 pytestmark = pytest.mark.integration
@@ -192,3 +195,26 @@ def test_the_workers_lines_about_a_batch_carry_its_id(sim_reset: Stack) -> None:
     batch_id = str(row[0])
     lines = worker_lines(stack, lambda line: line.get("batch_id") == batch_id, "the worker's batch lines")
     assert any("submitted as" in str(line["message"]) for line in lines), lines
+
+
+def test_the_log_format_flag_sets_the_format_of_the_process(stack: Stack, tmp_path: Path) -> None:
+    env = {key: value for key, value in stack.env.items() if key != "TIERBATCH_LOG_FORMAT"}
+    env["TIERBATCH_LOG_FORMAT"] = ""  # not inherited from the test's own environment either
+    port = free_port()
+    with managed(python_module("tierbatch.cli", "api", "--port", str(port), "--log-format", "json"), env=env,
+                 log_path=tmp_path / "api-json.log") as json_api:
+        wait_http_ok(f"http://127.0.0.1:{port}/healthz", proc=json_api)
+        request_id = httpx.get(f"http://127.0.0.1:{port}/healthz").headers["x-request-id"]
+        wait_until(lambda: any(line.get("request_id") == request_id for line in json_api.json_log_lines()), 15,
+                   0.05, "a JSON access line")
+    text_port = free_port()
+    with managed(python_module("tierbatch.cli", "api", "--port", str(text_port), "--log-format", "text"), env=env,
+                 log_path=tmp_path / "api-text.log") as text_api:
+        wait_http_ok(f"http://127.0.0.1:{text_port}/healthz", proc=text_api)
+        request_id = httpx.get(f"http://127.0.0.1:{text_port}/healthz").headers["x-request-id"]
+        wait_until(lambda: f"[request_id={request_id}] GET /healthz 200" in text_api.log_text(), 15, 0.05,
+                   "a text access line")
+        assert text_api.json_log_lines() == []
+    refused = subprocess.run(python_module("tierbatch.cli", "api", "--log-format", "xml"), env={**os.environ, **env},
+                             capture_output=True, text=True, timeout=60, check=False)
+    assert refused.returncode == 2 and "--log-format" in refused.stderr
