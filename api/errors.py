@@ -2,7 +2,9 @@
 
 - native routes answer `{"error": {"type", "message", "param"}}` (plus `code` on a 429);
 - the OpenAI-compatible paths (`OPENAI_PATHS`) answer OpenAI's `{"error": {"message", "type", "param",
-  "code"}}`.
+  "code"}}`;
+- a URL under /v1 that no route has, or a method its route does not take, answers in OpenAI's shape on
+  either surface (404 `unknown_url` "Invalid URL (METHOD /path)", 405 `method_not_allowed`).
 
 The domain raises the classes of `tierbatch.base.errors` (its docstring draws the tree), which know
 nothing of HTTP; `STATUS_OF` gives each its status, looked up along the class's MRO, so a subclass

@@ -1,14 +1,15 @@
 """Logging of every process: one format (`json` lines or `text`), the correlation ids, and redaction.
 
-- `request_id` (API) and `task_id` (worker) live in context variables: set where a request or a task
+- `request_id` (API), `task_id` and `batch_id` (worker) live in context variables: set where a request or a task
   starts, they are on every record logged inside it, wherever it is logged from.
 - `JsonFormatter` writes one JSON object per line: `ts`, `level`, `logger`, `message`, the ids when set,
   the fields given as `extra=` that are plain values, and `exc_info` as text.
 - `RedactingFilter` masks what looks like a credential (tenant keys `tb_…`, provider keys `sk-…`, webhook
   secrets `whsec_…`, bearer tokens) in the message and the extra fields: code must never log one, this is
   the second line of defence.
-- `configure_logging(format, level)` installs one stderr handler on the root logger; the format comes from
-  `--log-format` or `TIERBATCH_LOG_FORMAT`, which `tierbatch up` hands down to its children.
+- `configure_logging(format, level)` (worker, beat: Celery's `setup_logging` signal) and
+  `uvicorn_log_config(format)` (API, simulator) install one stderr handler on the root logger; the format
+  comes from `--log-format` or `TIERBATCH_LOG_FORMAT`, which `tierbatch up` hands down to its children.
 """
 
 from __future__ import annotations
@@ -147,18 +148,14 @@ def handler_for(log_format: LogFormat) -> logging.Handler:
 
 
 def configure_logging(log_format: LogFormat | None = None, level: int | str = logging.INFO) -> None:
-    """Root logger: one stderr handler in `log_format` (default: TIERBATCH_LOG_FORMAT, else text). The
-    servers' own loggers (uvicorn's) propagate to it instead of keeping handlers of their own."""
+    """Root logger of a worker or beat process: one stderr handler in `log_format` (default:
+    TIERBATCH_LOG_FORMAT, else text), replacing any it had."""
     chosen = log_format or log_format_from_env()
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler_for(chosen))
     root.setLevel(level if isinstance(level, int) else level.upper())
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        server_logger = logging.getLogger(name)
-        server_logger.handlers.clear()
-        server_logger.propagate = True
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per outgoing call, URL included
 
 
