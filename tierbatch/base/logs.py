@@ -62,13 +62,13 @@ def shown(text: str, limit: int = MAX_SHOWN_CHARS) -> str:
 _SECRET = re.compile(
     r"(?P<kept>tb_|sk-(?:proj-|ant-|admin-)?|whsec_)[A-Za-z0-9_\-+/=]{8,}"  # keys by their prefix
     r"|(?P<scheme>(?i:bearer)\s+)[^\s,;\"']{8,}")  # whatever a bearer token is
-_HINTS = ("tb_", "sk-", "whsec_", "earer", "EARER")  # every match holds one: most lines skip the regex
+_HINT = re.compile(r"tb_|sk-|whsec_|earer|EARER")  # every match holds one: most lines stop at this scan
 MASK = "[REDACTED]"
 
 
 def redact(text: str) -> str:
     """`text` with every credential-looking run replaced by its prefix and MASK."""
-    if not any(hint in text for hint in _HINTS):
+    if _HINT.search(text) is None:
         return text
     return _SECRET.sub(lambda m: (m.group("kept") or m.group("scheme") or "") + MASK, text)
 
@@ -81,9 +81,11 @@ class RedactingFilter(logging.Filter):
         cleaned = redact(message)
         if cleaned != message:
             record.msg, record.args = cleaned, None
-        for key, value in list(record.__dict__.items()):
-            if key not in _STANDARD_ATTRS and isinstance(value, str):
-                record.__dict__[key] = redact(value)
+        fields = record.__dict__
+        for key in fields.keys() - _STANDARD_ATTRS:
+            value = fields[key]
+            if isinstance(value, str):
+                fields[key] = redact(value)
         return True
 
 
@@ -91,7 +93,7 @@ class RedactingFilter(logging.Filter):
 _STANDARD_ATTRS = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime",
                                                                                         "color_message"}
 _PLAIN = (str, int, float, bool, type(None))
-_FIXED = frozenset({"ts", "level", "logger", "message"})
+_NOT_EXTRA = _STANDARD_ATTRS | {"ts", "level", "logger"}
 
 
 def correlation_ids() -> dict[str, str]:
@@ -106,8 +108,9 @@ class JsonFormatter(logging.Formatter):
             "ts": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
             "level": record.levelname, "logger": record.name, "message": record.getMessage(),
             **correlation_ids()}
-        for key, value in record.__dict__.items():  # an id given as `extra` wins over the context's
-            if key not in _STANDARD_ATTRS and key not in _FIXED and isinstance(value, _PLAIN):
+        fields = record.__dict__
+        for key, value in fields.items():  # in the order given; an id given as `extra` wins over the context's
+            if key not in _NOT_EXTRA and isinstance(value, _PLAIN):
                 line[key] = value
         if record.exc_info:
             line["exc_info"] = redact(self.formatException(record.exc_info))
