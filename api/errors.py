@@ -2,7 +2,9 @@
 
 - native routes answer `{"error": {"type", "message", "param"}}` (plus `code` on a 429);
 - the OpenAI-compatible paths (`OPENAI_PATHS`) answer OpenAI's `{"error": {"message", "type", "param",
-  "code"}}`.
+  "code"}}`;
+- a URL under /v1 that no route has, or a method its route does not take, answers in OpenAI's shape on
+  either surface (404 `unknown_url` "Invalid URL (METHOD /path)", 405 `method_not_allowed`).
 
 The domain raises the classes of `tierbatch.base.errors` (its docstring draws the tree), which know
 nothing of HTTP; `STATUS_OF` gives each its status, looked up along the class's MRO, so a subclass
@@ -41,6 +43,7 @@ from tierbatch.base.errors import (
     Unauthenticated,
     UnsupportedMediaType,
 )
+from tierbatch.base.logs import shown
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +79,29 @@ def openai_error_response(status: int, message: str, type_: str | None = None, p
     body = {"error": {"message": message, "type": kind, "param": param,
                       "code": code if code is not None else _OPENAI_CODES.get(status)}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+# Unknown URLs and methods under /v1/ answer as OpenAI does (its clients are pointed at /v1), whichever
+# surface the path looks like: 404 `unknown_url` naming method and URL; a known URL with another method 405.
+_ROUTING_MISSES = {404: "Not Found", 405: "Method Not Allowed"}
+
+
+def is_api_path(path: str) -> bool:
+    return path == "/v1" or path.startswith("/v1/")
+
+
+def is_routing_miss(exc: StarletteHTTPException) -> bool:
+    """The router's own 404/405 (no route, or not this method), not a route's answer."""
+    return _ROUTING_MISSES.get(exc.status_code) == exc.detail
+
+
+def unknown_url_response(method: str, path: str, status: int, headers: dict[str, str] | None) -> JSONResponse:
+    url = f"{shown(method, 16)} {shown(path)}"  # bounded, no control characters: the client's own text
+    if status == 405:
+        allowed = (headers or {}).get("allow") or (headers or {}).get("Allow")
+        message = f"Invalid method for URL ({url})" + (f": this URL takes {allowed}" if allowed else "")
+        return openai_error_response(405, message, "invalid_request_error", None, "method_not_allowed", headers)
+    return openai_error_response(404, f"Invalid URL ({url})", "invalid_request_error", None, "unknown_url", headers)
 # --- end OpenAI-compatible surface -------------------------------------------------------------------
 
 
@@ -238,11 +264,10 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         headers = dict(exc.headers) if exc.headers else None
+        if is_routing_miss(exc) and is_api_path(request.url.path):
+            return unknown_url_response(request.method, request.url.path, exc.status_code, headers)
         if is_openai_path(request):
-            message = str(exc.detail)
-            if exc.status_code == 404 and message == "Not Found":
-                message = f"Invalid URL ({request.method} {request.url.path})"
-            return openai_error_response(exc.status_code, message, None, None, None, headers)
+            return openai_error_response(exc.status_code, str(exc.detail), None, None, None, headers)
         return error_response(exc.status_code, str(exc.detail), None, headers=headers)
 
     async def outage(request: Request, exc: Exception) -> JSONResponse:

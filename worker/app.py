@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
+
+from celery.signals import setup_logging
 
 from tierbatch.base.config import AppConfig
+from tierbatch.base.logs import configure_logging
 from tierbatch.base.messaging import (
     ASSEMBLE_BATCHES,
     EXPIRE_CLIENT_BATCHES,
@@ -19,6 +23,13 @@ from tierbatch.base.messaging import (
 from tierbatch.base.settings import Settings
 from tierbatch.routing.tiers import lane_provider
 from tierbatch.worker.context import TierbatchCelery, no_pause
+
+
+@setup_logging.connect(weak=False)
+def _configure_worker_logging(loglevel: int | str | None = None, **_: Any) -> None:
+    """A receiver of Celery's `setup_logging` keeps Celery from installing its own root handler: worker and
+    beat log in the format of TIERBATCH_LOG_FORMAT (set by `--log-format`), with the task's ids."""
+    configure_logging(level=loglevel or "INFO")
 
 
 def beat_schedule(config: AppConfig) -> dict[str, dict[str, object]]:

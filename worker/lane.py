@@ -21,6 +21,7 @@ from celery import Task as CeleryTask
 from redis.exceptions import RedisError
 
 from tierbatch.base.errors import RetryableProviderError
+from tierbatch.base.logs import bound, task_id_var
 from tierbatch.base.messaging import CALL_LANE, LANE_PUMP
 from tierbatch.providers.client import ChatResult
 from tierbatch.providers.retry import ChatCall, backoff_delay
@@ -116,6 +117,7 @@ def pump(self: CeleryTask) -> int:
 def call_lane(self: CeleryTask, task_id: str, lease_token: str) -> None:
     ctx = context_of(self.app)
     try:
-        run_lane_call(ctx, uuid.UUID(task_id), uuid.UUID(lease_token))
+        with bound(task_id_var, task_id):
+            run_lane_call(ctx, uuid.UUID(task_id), uuid.UUID(lease_token))
     finally:
         pump_lane(ctx, self.app)  # this call's slot is free again

@@ -11,6 +11,7 @@ from celery import Task as CeleryTask
 from celery import shared_task
 
 from tierbatch.base.errors import Refused, Unauthenticated
+from tierbatch.base.logs import batch_id_var, bound, task_id_var
 from tierbatch.base.messaging import (
     ASSEMBLE_BATCHES,
     CALL_IMMEDIATE,
@@ -88,7 +89,8 @@ def dispatch_tasks(self: CeleryTask, task_ids: list[str]) -> int:
 @shared_task(name=CALL_IMMEDIATE, bind=True)
 def call_immediate(self: CeleryTask, task_id: str, escalate: bool = False) -> None:
     ctx = context_of(self.app)
-    retry_in = run_immediate_call(ctx, uuid.UUID(task_id), escalate=escalate)
+    with bound(task_id_var, task_id):
+        retry_in = run_immediate_call(ctx, uuid.UUID(task_id), escalate=escalate)
     if retry_in is not None:
         # the row says when it may run again; this message is only the wake-up call
         self.app.send_task(CALL_IMMEDIATE, args=[task_id], countdown=retry_in)
@@ -107,7 +109,8 @@ def assemble(self: CeleryTask) -> int:
 
 @shared_task(name=SUBMIT_BATCH, bind=True)
 def submit(self: CeleryTask, batch_id: str) -> None:
-    retry_in = submit_batch(context_of(self.app), uuid.UUID(batch_id))
+    with bound(batch_id_var, batch_id):  # a batch's many tasks are logged as the batch
+        retry_in = submit_batch(context_of(self.app), uuid.UUID(batch_id))
     if retry_in is not None:
         self.app.send_task(SUBMIT_BATCH, args=[batch_id], countdown=retry_in)
 
@@ -125,7 +128,8 @@ def ingest(self: CeleryTask, batch_id: str) -> int:
     def resubmit(new_batch: uuid.UUID, delay: float) -> None:
         self.app.send_task(SUBMIT_BATCH, args=[str(new_batch)], countdown=delay)
 
-    return ingest_batch(context_of(self.app), uuid.UUID(batch_id), resubmit)
+    with bound(batch_id_var, batch_id):
+        return ingest_batch(context_of(self.app), uuid.UUID(batch_id), resubmit)
 
 
 @shared_task(name=RECONCILE, bind=True)

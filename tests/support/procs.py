@@ -7,6 +7,7 @@ kills the whole process group (a Celery prefork worker has children).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import socket
@@ -69,6 +70,19 @@ class ManagedProcess:
         if self.log_path and self.log_path.exists():
             return self.log_path.read_text(errors="replace")[-4000:]
         return ""
+
+    def json_log_lines(self) -> list[dict[str, object]]:
+        """Every JSON line of the whole log (a process started with TIERBATCH_LOG_FORMAT=json); other
+        output (a traceback a library printed) is skipped."""
+        if not (self.log_path and self.log_path.exists()):
+            return []
+        lines: list[dict[str, object]] = []
+        for text in self.log_path.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                value = json.loads(text)
+                if isinstance(value, dict):
+                    lines.append(value)
+        return lines
 
     def kill(self) -> None:
         """SIGKILL the whole process group, as a crash would."""

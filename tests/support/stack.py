@@ -150,6 +150,7 @@ class Stack:
                 "TIERBATCH_CONFIG": str(self.config_path), "TIERBATCH_ADMIN_TOKEN": ADMIN_TOKEN,
                 "TIERBATCH_SECRET_KEY": SECRET_KEY,
                 "TIERBATCH_REDIS_PREFIX": self.redis_prefix,
+                "TIERBATCH_LOG_FORMAT": "json",  # tests read the processes' logs line by line (json_log_lines)
                 "PYTHONUNBUFFERED": "1"}
 
     @property

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 from decimal import Decimal, InvalidOperation
@@ -16,6 +17,7 @@ from rich.markup import escape
 
 from tierbatch.base.config import AppConfig, load_config
 from tierbatch.base.errors import ConfigError
+from tierbatch.base.logs import LOG_FORMAT_ENV, LogFormat, log_format_from_env
 from tierbatch.base.messaging import ALL_QUEUES
 from tierbatch.base.settings import Settings
 from tierbatch.cli.batches import batches_app
@@ -49,26 +51,49 @@ def load_settings_and_config() -> tuple[Settings, AppConfig]:
         fail(f"invalid environment: {exc}")
 
 
+# json lines or text, for this process and (through the environment) its children: Celery's forks,
+# uvicorn's workers, the processes of `tierbatch up`
+LogFormatOption = Annotated[str | None, typer.Option(
+    "--log-format", help="Log lines as json or text (default: TIERBATCH_LOG_FORMAT, else text).",
+    show_default=False)]
+
+
+def chosen_log_format(value: str | None) -> LogFormat:
+    """The format asked for, also put in the environment so the children of this process log alike."""
+    if value is None:
+        return log_format_from_env()
+    if value not in ("json", "text"):
+        fail(f"--log-format: {value!r} is not json or text")
+    os.environ[LOG_FORMAT_ENV] = value
+    return log_format_from_env()
+
+
 @app.command()
 def api(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
         port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-        workers: Annotated[int, typer.Option(help="Uvicorn worker processes.")] = 1) -> None:
+        workers: Annotated[int, typer.Option(help="Uvicorn worker processes.")] = 1,
+        log_format: LogFormatOption = None) -> None:
     """Run the HTTP API (native and OpenAI-compatible)."""
     import uvicorn
 
+    from tierbatch.base.logs import uvicorn_log_config
+
+    chosen = chosen_log_format(log_format)
     load_settings_and_config()
+    # uvicorn's access log stays off: the API logs its own access line, with the request id
     uvicorn.run("tierbatch.api.main:create_app", factory=True, host=host, port=port, workers=workers,
-                log_level="info", access_log=False)
+                log_level="info", access_log=False, log_config=uvicorn_log_config(chosen))
 
 
 @app.command()
 def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
            queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ",".join(ALL_QUEUES),
            pool: Annotated[str, typer.Option(help="Celery pool: prefork or threads.")] = "prefork",
-           loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+           loglevel: Annotated[str, typer.Option()] = "INFO", log_format: LogFormatOption = None) -> None:
     """Run a Celery worker on the dispatch, immediate, batch, webhooks and background queues."""
     from tierbatch.worker.app import create_celery_app
 
+    chosen_log_format(log_format)  # the worker's setup_logging handler reads it from the environment
     settings, config = load_settings_and_config()
     celery_app = create_celery_app(settings, config)
     celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool,
@@ -78,10 +103,11 @@ def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] =
 @app.command()
 def beat(schedule: Annotated[Path, typer.Option(help="Beat schedule state file.")] = Path(
         ".tierbatch/celerybeat-schedule"),
-         loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+         loglevel: Annotated[str, typer.Option()] = "INFO", log_format: LogFormatOption = None) -> None:
     """Run the periodic scheduler (reconciler, batch assembly and polling)."""
     from tierbatch.worker.app import create_celery_app
 
+    chosen_log_format(log_format)
     settings, config = load_settings_and_config()
     schedule.parent.mkdir(parents=True, exist_ok=True)
     celery_app = create_celery_app(settings, config)
@@ -121,11 +147,12 @@ def migrate(wait: Annotated[float, typer.Option(help="Seconds to wait for the da
 @app.command()
 def simulator(host: Annotated[str, typer.Option()] = "127.0.0.1",
               port: Annotated[int, typer.Option()] = 8100,
-              config: Annotated[Path | None, typer.Option(help="Simulator TOML config.")] = None) -> None:
+              config: Annotated[Path | None, typer.Option(help="Simulator TOML config.")] = None,
+              log_format: LogFormatOption = None) -> None:
     """Run the OpenAI-compatible provider simulator."""
     from tierbatch.simulator.server import serve
 
-    serve(host, port, config)
+    serve(host, port, config, chosen_log_format(log_format))
 
 
 @tenants_app.command("create")
@@ -180,11 +207,12 @@ def up(directory: Annotated[Path, typer.Option("--dir", help="State directory (e
                                                help="Start the simulator even when TIERBATCH_CONFIG is set.")]
        = False,
        open_model: Annotated[bool, typer.Option("--open-model", help="Serve the light tier with a real open model "
-                                                                     "(llama-server + SmolLM2-135M).")] = False
-       ) -> None:
+                                                                     "(llama-server + SmolLM2-135M).")] = False,
+       log_format: LogFormatOption = None) -> None:
     """All-in-one local stack: embedded Postgres/Redis, simulator, migrations, API, worker, beat."""
     from tierbatch.cli.stack.up import run_up
 
+    chosen_log_format(log_format)  # the children inherit it through the environment
     raise typer.Exit(run_up(directory, api_port, simulator_port, concurrency, simulator, open_model))
 
 

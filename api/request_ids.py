@@ -1,0 +1,114 @@
+"""A request id on every answer and every log line of a request, and one access line per request.
+
+`RequestIds` is a pure ASGI middleware, the outermost layer of the app (outside Starlette's
+ServerErrorMiddleware, so a 500 carries the id too):
+
+- the id is the client's `x-request-id` when it is sane (`sane_request_id`: 1 to 128 characters of
+  `[A-Za-z0-9._:@/+=-]`), else a new uuid4 hex: a hostile header is never echoed nor logged;
+- it is in `tierbatch.base.logs.request_id_var` while the request runs (streams included), so every
+  record logged meanwhile carries it;
+- it goes out as `x-request-id` on the response start of every answer: routes, error handlers, the input
+  guard, streams;
+- at the end it logs one line to `tierbatch.access` at INFO: method, path (no query string, bounded and
+  printable), status, duration_ms, and the task the answer names (`x-tierbatch-task-id`), if any.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+import uuid
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from tierbatch.base.logs import request_id_var, shown
+
+HEADER = b"x-request-id"
+TASK_HEADER = b"x-tierbatch-task-id"
+MAX_ID_CHARS = 128
+_SANE_ID = re.compile(rb"[A-Za-z0-9._:@/+=\-]{1,%d}" % MAX_ID_CHARS)
+
+access_log = logging.getLogger("tierbatch.access")
+
+
+def sane_request_id(value: bytes | None) -> str | None:
+    """The client's id as text when it is safe to echo and log, else None."""
+    if value is None or _SANE_ID.fullmatch(value) is None:
+        return None
+    return value.decode("ascii")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+class RequestIds:
+    def __init__(self, app: ASGIApp, access: logging.Logger = access_log) -> None:
+        self.app = app
+        self.access = access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = sane_request_id(_header(scope, HEADER)) or new_request_id()
+        encoded = request_id.encode("ascii")
+        started = time.perf_counter()
+        status: int | None = None
+        task_id: str | None = None
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal status, task_id
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                headers = list(message.get("headers", ()))
+                for key, value in headers:
+                    if key == TASK_HEADER:
+                        task_id = value.decode("latin-1")
+                headers.append((HEADER, encoded))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        token = request_id_var.set(request_id)
+        try:
+            await self.app(scope, receive, send_with_id)
+        except BaseException:
+            if status is None:
+                status = 500  # what ServerErrorMiddleware answered, or nothing reached the client
+            raise
+        finally:
+            if self.access.isEnabledFor(logging.INFO):
+                self._log(scope, request_id, status, started, task_id)
+            request_id_var.reset(token)
+
+    def _log(self, scope: Scope, request_id: str, status: int | None, started: float, task_id: str | None) -> None:
+        duration_ms = round((time.perf_counter() - started) * 1000, 2)
+        method = shown(scope["method"], 16)
+        path = shown(scope["path"])
+        # the id is given, not read from the context: a handler may format the record later, elsewhere
+        extra: dict[str, object] = {"method": method, "path": path, "status": status, "duration_ms": duration_ms,
+                                    "request_id": request_id}
+        if task_id is not None:
+            extra["task_id"] = shown(task_id, 64)
+        self.access.info("%s %s %s %.1fms", method, path, status if status is not None else "-", duration_ms,
+                        extra=extra)
+
+
+def install_request_ids(app: FastAPI, access: logging.Logger = access_log) -> None:
+    """Make `RequestIds` the outermost layer: Starlette builds its stack with ServerErrorMiddleware
+    outside every added middleware, and a 500 must carry the id and be logged with it too."""
+    build = app.build_middleware_stack
+
+    def build_with_ids() -> ASGIApp:
+        return RequestIds(build(), access)
+
+    app.build_middleware_stack = build_with_ids  # type: ignore[method-assign]
