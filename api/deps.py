@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Annotated
 
 import anyio
@@ -12,6 +14,7 @@ from sqlalchemy.orm import Session
 from tierbatch.api.context import ApiContext
 from tierbatch.base.errors import Unauthenticated
 from tierbatch.db.models import Tenant
+from tierbatch.tenants.auth import secret_matches
 from tierbatch.tenants.store import KeyGrant
 
 
@@ -77,3 +80,29 @@ async def require_admin(request: Request, ctx: ContextDep) -> None:
 
 
 AdminDep = Annotated[None, Depends(require_admin)]
+
+
+@dataclass(frozen=True, slots=True)
+class Viewer:
+    """Who reads a resource both tenants and the operator may see: a tenant (`tenant_id`), or the operator
+    holding the admin token (`tenant_id` None: everything)."""
+
+    tenant_id: uuid.UUID | None
+
+    @property
+    def is_admin(self) -> bool:
+        return self.tenant_id is None
+
+
+async def get_viewer(request: Request, ctx: ContextDep) -> Viewer:
+    """The admin token makes the operator; any other bearer must be a tenant's valid key (counted against
+    its requests per minute, and a failure against the address, as on every tenant route)."""
+    token = bearer_token(request)
+    expected = ctx.settings.admin_token
+    if expected and secret_matches(token, expected):
+        return Viewer(None)
+    grant = await key_grant(request, ctx)
+    return Viewer(grant.tenant_id)
+
+
+ViewerDep = Annotated[Viewer, Depends(get_viewer)]

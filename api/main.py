@@ -18,6 +18,7 @@ from tierbatch.api.routes import jobs as jobs_routes  # bulk jobs
 from tierbatch.api.routes import openai_batches as openai_batches_routes  # OpenAI-compatible surface
 from tierbatch.api.routes import openai_chat as openai_chat_routes  # OpenAI-compatible surface
 from tierbatch.api.routes import openai_models as openai_models_routes  # OpenAI-compatible surface
+from tierbatch.api.routes import provider_batches as provider_batches_routes  # the batch path's batches
 from tierbatch.api.routes import quality as quality_routes  # quality-aware routing
 from tierbatch.api.routes import schedules as schedules_routes  # scheduled classification
 from tierbatch.base.config import AppConfig, load_config
@@ -48,5 +49,6 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
     app.include_router(schedules_routes.router)  # scheduled classification
     app.include_router(costs_routes.router)  # costs and budgets
     app.include_router(quality_routes.router)  # quality-aware routing
+    app.include_router(provider_batches_routes.router)  # the batch path's batches
     install_dashboard(app)  # /dashboard: pages and their static files
     return app

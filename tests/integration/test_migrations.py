@@ -116,3 +116,64 @@ def test_ledger_cache_writes_migration_adds_columns_and_downgrades(base_database
         assert _ledger_schema(url) == before
         command.upgrade(config, "0012")
         assert _ledger_schema(url) == after
+
+
+def _batch_rows(url: str) -> dict[str, tuple[object, object, object]]:
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            rows = connection.execute(text(
+                "SELECT provider, completed_at = finished_at, completed_at IS NULL, ingested_at = finished_at "
+                "FROM provider_batches")).all()
+    finally:
+        engine.dispose()
+    return {name: (same_completed, no_completed, same_ingested) for name, same_completed, no_completed, same_ingested
+            in rows}
+
+
+def test_provider_batch_timestamps_backfill_check_and_downgrade(base_database_url: str) -> None:
+    with scratch_database(base_database_url, prefix="tierbatch_migration") as url:
+        config = alembic_config(url)
+        command.upgrade(config, "0012")
+        before = _schema_rules(url)
+        engine = create_engine(url, poolclass=pool.NullPool)
+        try:
+            with engine.begin() as connection:
+                # one row per history a batch could have had; `provider` names the case
+                connection.execute(text(
+                    "INSERT INTO provider_batches (id, provider, model, status, provider_status, submitted_at, "
+                    " finished_at, updated_at, request_count, byte_size, attempts) VALUES "
+                    "(gen_random_uuid(), 'done', 'm', 'done', 'completed', now() - interval '2 h',"
+                    " now() - interval '1 h', now(), 1, 100, 1),"
+                    "(gen_random_uuid(), 'emptied', 'm', 'done', NULL, NULL, now(), now(), 1, 100, 1),"
+                    "(gen_random_uuid(), 'refused', 'm', 'failed', 'failed', now() - interval '2 h',"
+                    " now() - interval '1 h', now(), 1, 100, 1),"
+                    "(gen_random_uuid(), 'ingesting', 'm', 'ingesting', 'expired', now() - interval '2 h', NULL,"
+                    " now() - interval '5 min', 1, 100, 1),"
+                    "(gen_random_uuid(), 'submitted', 'm', 'submitted', 'in_progress', now(), NULL, now(), 1, 100, 1)"))
+        finally:
+            engine.dispose()
+        command.upgrade(config, "0013")
+        rows = _batch_rows(url)
+        assert rows["done"] == (True, False, True)  # completed and ingested when it finished
+        assert rows["emptied"] == (None, True, None)  # never submitted: neither
+        assert rows["refused"] == (True, False, None)  # the provider finished it; nothing was ingested
+        assert rows["ingesting"][1] is False and rows["ingesting"][2] is None  # completed (at its last update)
+        assert rows["submitted"] == (None, True, None)
+        engine = create_engine(url, poolclass=pool.NullPool)
+        try:
+            for bad in ("UPDATE provider_batches SET ingested_at = now() WHERE provider = 'refused'",
+                        "UPDATE provider_batches SET ingested_at = now() WHERE provider = 'emptied'",
+                        "UPDATE provider_batches SET completed_at = now() WHERE provider = 'emptied'"):
+                with pytest.raises(Exception, match="ck_provider_batches_"), engine.begin() as connection:
+                    connection.execute(text(bad))
+        finally:
+            engine.dispose()
+        after = _schema_rules(url)
+        assert {name for name, _ in after - before} == {
+            "ck_provider_batches_completed_after_submitted", "ck_provider_batches_ingested_only_done",
+            "ix_provider_batches_created"}
+        command.downgrade(config, "0012")
+        assert _schema_rules(url) == before
+        command.upgrade(config, "0013")
+        assert _schema_rules(url) == after

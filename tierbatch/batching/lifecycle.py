@@ -13,7 +13,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from tierbatch.base.config import AppConfig
@@ -52,11 +52,12 @@ def record_submitted(session: Session, batch_id: uuid.UUID, info: ProviderBatchI
 
 
 def record_poll(session: Session, batch_id: uuid.UUID, info: ProviderBatchInfo) -> bool:
-    """Store the provider's status; a terminal one moves the batch to `ingesting`. True if it did."""
+    """Store the provider's status; a terminal one moves the batch to `ingesting` (and is when the provider
+    completed it). True if it did."""
     terminal = info.status in TERMINAL_PROVIDER_STATUSES
     values: dict[str, Any] = {"provider_status": ProviderBatchStatus(info.status), "updated_at": func.now()}
     if terminal:
-        values.update(status=BatchStatus.INGESTING, output_file_id=info.output_file_id,
+        values.update(status=BatchStatus.INGESTING, completed_at=func.now(), output_file_id=info.output_file_id,
                       error_file_id=info.error_file_id,
                       error=json.dumps(info.errors) if info.errors else None)
     moved = session.execute(
@@ -74,6 +75,9 @@ def tasks_left_in_batch(session: Session, batch_id: uuid.UUID) -> list[uuid.UUID
 def finish_batch(session: Session, batch_id: uuid.UUID, status: BatchStatus = BatchStatus.DONE,
                  error: str | None = None) -> bool:
     values: dict[str, Any] = {"status": status, "finished_at": func.now(), "updated_at": func.now()}
+    if status is BatchStatus.DONE:
+        # ingested only when it was ingesting: a batch emptied before submission is done with nothing to ingest
+        values["ingested_at"] = case((ProviderBatch.status == BatchStatus.INGESTING, func.now()), else_=None)
     if error is not None:
         values["error"] = error
     moved = session.execute(

@@ -18,11 +18,13 @@ from tierbatch.base.config import AppConfig, load_config
 from tierbatch.base.errors import ConfigError
 from tierbatch.base.messaging import ALL_QUEUES
 from tierbatch.base.settings import Settings
+from tierbatch.cli.batches import batches_app
 
 app = typer.Typer(help="tierbatch: route, batch and price LLM calls.", no_args_is_help=True,
                   pretty_exceptions_enable=False)
 tenants_app = typer.Typer(help="Manage tenants.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
+app.add_typer(batches_app, name="batches")  # provider batches (tierbatch/cli/batches.py)
 
 err = Console(stderr=True)
 

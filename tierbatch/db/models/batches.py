@@ -30,8 +30,15 @@ class ProviderBatch(Base):
             f"(status IN {sql_in(TERMINAL_BATCH_STATUSES)}) = (finished_at IS NOT NULL)",
             name="finished_at_iff_terminal",
         ),
+        # the provider reports a batch finished only after it was submitted, and we ingest only what it
+        # reported finished; a batch is done-and-ingested, never failed-and-ingested
+        CheckConstraint("completed_at IS NULL OR submitted_at IS NOT NULL", name="completed_after_submitted"),
+        CheckConstraint(f"ingested_at IS NULL OR (status = '{BatchStatus.DONE.value}' AND completed_at IS NOT NULL)",
+                        name="ingested_only_done"),
         Index("ix_provider_batches_open", "status",
               postgresql_where=text(f"status NOT IN {sql_in(TERMINAL_BATCH_STATUSES)}")),
+        # `GET /v1/provider-batches`: newest first, keyset pages
+        Index("ix_provider_batches_created", "created_at", "id"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -52,6 +59,10 @@ class ProviderBatch(Base):
     updated_at: Mapped[datetime] = now_column()
     submitted_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # when the provider reported the batch finished (completed, expired, failed, cancelled)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    # when its output was ingested (the batch is done)
+    ingested_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
 
 class ClientBatch(Base):
