@@ -86,8 +86,9 @@ def _selected_tenant(session: Session, viewer: Viewer, params: QueryParams) -> u
 def _frame(viewer: Viewer | None, current: str, tenants: list[Tenant], selected: uuid.UUID | None
            ) -> dict[str, Any]:
     """What the layout needs: the nav bar, the admin's tenant select, the form token."""
+    chosen = selected if viewer is not None and viewer.admin else None  # the admin's filter, kept in links
     return {"viewer": viewer, "nav": NAV, "current": current, "tenants": tenants,
-            "selected": str(selected) if selected else "", "tq": f"?tenant={selected}" if viewer and viewer.admin and selected else "",
+            "selected": str(chosen) if chosen else "", "tq": f"?tenant={chosen}" if chosen else "",
             "csrf": viewer.csrf if viewer and viewer.csrf else "", "charts": []}
 
 

@@ -28,10 +28,14 @@ PAGE_HEADERS = {
 }
 
 
-def money(value: Decimal | None, places: int = 6) -> str:
+def money(value: Decimal | None, places: int = 8) -> str:
+    """Dollars with up to `places` decimals (a batch line costs millionths of a cent), at least two."""
     if value is None:
         return "—"
-    return f"${value:,.{places}f}"
+    text = f"{value:,.{places}f}"
+    whole, _, cents = text.partition(".")
+    cents = cents.rstrip("0").ljust(2, "0")
+    return f"${whole}.{cents}"
 
 
 def number(value: Any) -> str:

@@ -17,7 +17,8 @@ from tierbatch.api.dashboard.auth import Viewer, sessions_of
 from tierbatch.api.dashboard.charts import amount, chart, dataset
 from tierbatch.api.serialize import task_body
 from tierbatch.base.errors import InvalidInput
-from tierbatch.base.states import TERMINAL_TASK_STATUSES, Mode, Tier
+from tierbatch.base.states import TERMINAL_TASK_STATUSES, BatchStatus, Mode, Tier
+from tierbatch.batching.read import ProviderBatchView, list_provider_batches
 from tierbatch.costs.budgets import budget_status
 from tierbatch.costs.query import (
     COUNTS,
@@ -225,8 +226,37 @@ def task(session: Session, req: PageRequest, task_id: uuid.UUID) -> dict[str, An
 
 # --- provider batches ------------------------------------------------------------------------------------
 
+TIMELINE_BARS = 30
+PHASES = (("waiting to be sent", "created_at", "submitted_at"),
+          ("at the provider", "submitted_at", "completed_at"),
+          ("ingesting", "completed_at", "ingested_at"))
+
+
+def _seconds(start: datetime, moment: datetime) -> float:
+    return round((moment - start).total_seconds(), 3)
+
+
+def timeline(views: list[ProviderBatchView]) -> dict[str, Any]:
+    """Floating bars per batch: created → submitted → completed → ingested, in seconds after the first
+    batch shown was created (a phase not reached yet is left out)."""
+    shown = sorted(views[:TIMELINE_BARS], key=lambda v: v.created_at)
+    origin = shown[0].created_at if shown else datetime.now(UTC)
+    datasets = []
+    for label, start_field, end_field in PHASES:
+        data: list[list[float] | None] = []
+        for view in shown:
+            start, end = getattr(view, start_field), getattr(view, end_field)
+            data.append([_seconds(origin, start), _seconds(origin, end)] if start and end else None)
+        datasets.append(dataset(label, data))
+    return chart("chart-batches", "timeline", [str(v.id)[:8] for v in shown], datasets,
+                 title=f"Batch timeline (seconds after {origin:%Y-%m-%d %H:%M:%S} UTC)", axis_title="seconds")
+
+
 def batches(session: Session, req: PageRequest) -> dict[str, Any]:
-    return {"rows": []}
+    views, _ = list_provider_batches(session, tenant_id=req.scope, limit=PAGE_ROWS)
+    live = [v for v in views if v.status not in (BatchStatus.DONE, BatchStatus.FAILED)]
+    done = [v for v in views if v.status in (BatchStatus.DONE, BatchStatus.FAILED)]
+    return {"live": live, "done": done, "charts": [timeline(views)]}
 
 
 # --- quality --------------------------------------------------------------------------------------------

@@ -62,13 +62,20 @@ def recent_tasks(session: Session, scope: Scope, *, limit: int) -> list[Task]:
 
 
 def task_ledger(session: Session, task: Task) -> list[LedgerEntry]:
-    """The ledger rows of a task: its served answer (by the billed-row index) and the quality monitor's
-    shadow call on its behalf (by the tenant's time index, from the shadow task's creation on)."""
+    """The ledger rows of a task: its served answer and the quality monitor's shadow calls on its behalf
+    (written under the task's id, or under a shadow task's on the batch path). Each query goes through an
+    index: the billed row's unique index, then the job's rows (or the tenant's since the task was made)."""
     rows = list(session.scalars(select(LedgerEntry).where(LedgerEntry.task_id == task.id,
                                                           LedgerEntry.mode != Mode.SHADOW)))
-    shadow = session.scalar(select(Task).where(Task.shadow_of == task.id))
-    if shadow is not None:
-        query = select(LedgerEntry).where(LedgerEntry.tenant_id == task.tenant_id, LedgerEntry.task_id == shadow.id,
-                                          LedgerEntry.created_at >= shadow.created_at)
-        rows.extend(session.scalars(query))
+    shadows = select(LedgerEntry).where(LedgerEntry.task_id == task.id, LedgerEntry.mode == Mode.SHADOW)
+    if task.job_id is not None:
+        shadows = shadows.where(LedgerEntry.job_id == task.job_id)
+    else:
+        shadows = shadows.where(LedgerEntry.tenant_id == task.tenant_id, LedgerEntry.created_at >= task.created_at)
+    rows.extend(session.scalars(shadows))
+    shadow_task = session.scalar(select(Task).where(Task.shadow_of == task.id))
+    if shadow_task is not None:
+        rows.extend(session.scalars(select(LedgerEntry).where(
+            LedgerEntry.tenant_id == task.tenant_id, LedgerEntry.task_id == shadow_task.id,
+            LedgerEntry.created_at >= shadow_task.created_at)))
     return sorted(rows, key=lambda row: (row.created_at, row.id))

@@ -10,9 +10,11 @@ from collections.abc import Callable
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 
 from tests.integration.browser.conftest import ADMIN, SCREENSHOTS, XSS_NAME, Seeded, sign_in, watch
+from tests.support.stack import psycopg_dsn
 
 pytestmark = pytest.mark.integration
 
@@ -115,7 +117,7 @@ def test_revoking_the_key_ends_its_sessions(seeded: Seeded, new_context: Callabl
         key = admin.post(f"/v1/admin/tenants/{seeded.a_id}/keys").json()
         page = sign_in(new_context(), stack.api_url, key["api_key"])
         assert page.url.endswith("/dashboard")
-        revoked = admin.post(f"/v1/admin/tenants/{seeded.a_id}/keys/{key['id']}/revoke")
+        revoked = admin.delete(f"/v1/admin/tenants/{seeded.a_id}/keys/{key['id']}")
         assert revoked.status_code == 200, revoked.text
     page.goto(f"{stack.api_url}/dashboard/jobs")
     assert page.url == f"{stack.api_url}/dashboard/login"
@@ -201,3 +203,15 @@ def test_pin_and_unpin_a_route_from_the_quality_page(seeded: Seeded, new_context
     forged = page.request.post(f"{base}/dashboard/quality/routes",
                                form={"task_type": "summary", "tier": "complex", "pinned": "true"})
     assert forged.status == 400 and "csrf" in forged.text()
+
+
+def test_a_task_page_lists_every_ledger_row_of_the_task(seeded: Seeded, new_context: Callable[..., Any]) -> None:
+    stack = seeded.stack
+    with psycopg.connect(psycopg_dsn(stack.database_url)) as conn:
+        rows = conn.execute("SELECT mode::text FROM ledger_entries WHERE task_id = %s ORDER BY created_at, id",
+                            (seeded.a_task,)).fetchall()
+    page = sign_in(new_context(), stack.api_url, seeded.a_key)
+    page.goto(f"{stack.api_url}/dashboard/tasks/{seeded.a_task}")
+    shown = page.locator("#ledger tbody tr").all_inner_texts()
+    assert len(rows) >= 1
+    assert [text.split("\t")[1] for text in shown] == [mode for (mode,) in rows]
