@@ -27,6 +27,7 @@ from tierbatch.costs.query import (
     OUTPUT_KEYS,
     CostQuery,
     CostResult,
+    Figures,
     figures_body,
     parse_cost_query,
     run_cost_query,
@@ -112,7 +113,7 @@ def overview(session: Session, req: PageRequest) -> dict[str, Any]:
         return [amount(getattr(figures[d], name)) if d in figures else 0.0 for d in labels]
 
     modes = {row.dims["mode"]: row.figures for row in by_mode.rows}
-    mode_rows = [(mode, modes[mode]) for mode in MODES if mode in modes]
+    mode_rows = [(mode, modes.get(mode, Figures())) for mode in MODES]  # every mode, none hidden for being 0
     charts = [
         chart("chart-daily", "bar", labels, [dataset("spend", series("cost_usd")),
                                              dataset("baseline (all on the complex model)",

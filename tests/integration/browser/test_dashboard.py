@@ -73,8 +73,10 @@ def test_sign_in_and_out_through_the_form(seeded: Seeded, new_context: Callable[
     context = new_context()
     page = context.new_page()
     seen = watch(page)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.goto(f"{base}/dashboard/jobs")
     assert page.url == f"{base}/dashboard/login"  # not signed in: sent to the form
+    page.screenshot(path=str(SCREENSHOTS / "login.png"), full_page=True)
 
     page.fill("#secret", "tb_not-a-real-key-at-all")
     page.click("#sign-in")
@@ -143,9 +145,11 @@ def test_a_tenant_sees_only_its_own_rows(seeded: Seeded, new_context: Callable[.
 def test_the_admin_sees_every_tenant_and_filters_by_one(seeded: Seeded, new_context: Callable[..., Any]) -> None:
     base = seeded.stack.api_url
     page = sign_in(new_context(), base, ADMIN)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.goto(f"{base}/dashboard/jobs")
     listed = page.inner_text("#jobs")
     assert XSS_NAME in listed and "globex-only-job" in listed
+    page.screenshot(path=str(SCREENSHOTS / "admin-jobs.png"), full_page=True)
     page.select_option("#tenant-select", seeded.b_id)  # the select submits itself
     page.wait_for_url(f"{base}/dashboard/jobs?tenant={seeded.b_id}")
     listed = page.inner_text("#jobs")
