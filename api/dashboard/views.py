@@ -153,7 +153,7 @@ def _explorer_query(viewer: Viewer, scope: uuid.UUID | None, params: QueryParams
 def _row_label(dims: dict[str, Any], group_by: Iterable[str]) -> str:
     parts = []
     for name in group_by:
-        value = dims.get("tenant_name") or dims.get(name) if name == "tenant" else dims.get(name)
+        value = (dims.get("tenant_name") or dims.get(name)) if name == "tenant" else dims.get(name)
         parts.append("—" if value is None else str(value))
     return " · ".join(parts)
 

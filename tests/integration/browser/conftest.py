@@ -37,6 +37,7 @@ VIEWPORT = {"width": 1280, "height": 800}
 SCREENSHOTS = REPO_ROOT / "docs" / "screenshots"
 XSS_NAME = "<script>window.__xss=1</script>"
 LABELS = ["billing", "account", "bug"]
+FORMULA_TASK_TYPE = "=1+2"  # a task type a spreadsheet would evaluate
 
 QUALITY = """
 [quality]
@@ -150,6 +151,7 @@ def seeded(dash_stack: Stack) -> Seeded:
         b_job = _submit_job(b, f"globex-only-job-{suffix}", 4, "b")
         a_immediate = _immediate(stack, a, "Summarise: the quarterly report shows growth.")
         _immediate(stack, a, "Summarise: the office moves next week.")
+        _immediate(stack, a, "Summarise: a formula.", task_type=FORMULA_TASK_TYPE)
         b_task = _immediate(stack, b, "Summarise: globex private memo.")
         _ok(a.post("/v1/chat/completions", json={"model": "smart-select", "messages": [
             {"role": "user", "content": "Say hi"}]}))

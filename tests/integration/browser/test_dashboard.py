@@ -13,7 +13,15 @@ import httpx
 import psycopg
 import pytest
 
-from tests.integration.browser.conftest import ADMIN, SCREENSHOTS, XSS_NAME, Seeded, sign_in, watch
+from tests.integration.browser.conftest import (
+    ADMIN,
+    FORMULA_TASK_TYPE,
+    SCREENSHOTS,
+    XSS_NAME,
+    Seeded,
+    sign_in,
+    watch,
+)
 from tests.support.stack import psycopg_dsn
 
 pytestmark = pytest.mark.integration
@@ -182,7 +190,8 @@ def test_bearer_header_pages_and_the_csv_download(seeded: Seeded, new_context: C
         assert answer.status_code == 200
         assert answer.headers["content-disposition"].startswith("attachment;")
         rows = list(csv.DictReader(io.StringIO(answer.text)))
-        assert {r["task_type"] for r in rows} >= {"classification", "summary"}
+        assert {r["task_type"] for r in rows} >= {"classification", "summary", "'" + FORMULA_TASK_TYPE}
+        assert FORMULA_TASK_TYPE not in {r["task_type"] for r in rows}  # neutralised, never a formula
         assert float(sum(float(r["cost_usd"]) for r in rows)) > 0
         bad = client.get("/dashboard/costs", params={"group_by": "tenant"})
         assert bad.status_code == 400 and "tenant" in bad.text  # the admin's dimension
