@@ -101,6 +101,11 @@ def test_sign_in_and_out_through_the_form(seeded: Seeded, new_context: Callable[
     assert seeded.a_key not in cookie["value"]
     assert page.evaluate("document.cookie") == ""  # out of reach of scripts
 
+    forged = page.request.post(f"{base}/dashboard/logout", form={"csrf": "not-the-token"})
+    assert forged.status == 400  # a sign-out without the session's token is refused ...
+    page.goto(f"{base}/dashboard/jobs")
+    assert page.url == f"{base}/dashboard/jobs"  # ... and ends nothing
+
     page.click("#sign-out")
     page.wait_for_url(f"{base}/dashboard/login")
     page.goto(f"{base}/dashboard")
@@ -119,6 +124,9 @@ def test_a_wrong_key_is_an_error_on_the_form_not_a_server_error(seeded: Seeded) 
     nul = httpx.post(f"{base}/dashboard/login", content=b"secret=a%00b",
                      headers={"content-type": "application/x-www-form-urlencoded"})
     assert nul.status_code == 400
+    elsewhere = httpx.post(f"{base}/dashboard/login", data={"secret": seeded.a_key},
+                           headers={"origin": "https://attacker.example"}, follow_redirects=False)
+    assert elsewhere.status_code == 400 and "set-cookie" not in elsewhere.headers  # posted from another site
 
 
 def test_revoking_the_key_ends_its_sessions(seeded: Seeded, new_context: Callable[..., Any]) -> None:
