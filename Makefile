@@ -33,9 +33,9 @@ demo: $(STAMP)
 up: install
 	$(BIN)/tierbatch up
 
-# the open-model tests must run here, not skip
+# the open-model and browser (system chromium) tests must run here, not skip
 test: install
-	TIERBATCH_REQUIRE_OPEN_MODEL=1 $(BIN)/pytest
+	TIERBATCH_REQUIRE_OPEN_MODEL=1 TIERBATCH_REQUIRE_BROWSER=1 $(BIN)/pytest
 
 unit: install
 	$(BIN)/pytest tests/unit

@@ -43,6 +43,7 @@ TASKS_BODY_BYTES = 64 * MiB  # up to max_tasks_per_request prompts of up to max_
 CHAT_BODY_BYTES = 64 * MiB
 # 100,000 items of a few hundred bytes fit easily; bigger jobs go in several requests with one name.
 JOBS_BODY_BYTES = 128 * MiB
+DASHBOARD_FORM_BYTES = 16 * 1024
 # multipart framing around the file: part headers and the small `purpose` field
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
 # parsed on a worker thread above this size, so a big body does not hold the event loop
@@ -83,6 +84,8 @@ def route_limits(files: FileLimits) -> tuple[RouteLimit, ...]:
         RouteLimit("POST", re.compile(r"/v1/jobs/[^/]+/items"), JOBS_BODY_BYTES, "stream", advice=several),
         RouteLimit("POST", re.compile(r"/v1/files"), files.max_bytes + MULTIPART_OVERHEAD_BYTES, "stream",
                    openai_code="file_too_large"),
+        # the dashboard's forms (urlencoded, a few short fields): read and checked by the dashboard
+        RouteLimit("POST", re.compile(r"/dashboard/.*"), DASHBOARD_FORM_BYTES, "stream"),
     )
 
 

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from tierbatch import __version__
 from tierbatch.api.context import ApiContext
+from tierbatch.api.dashboard import install_dashboard  # the web dashboard
 from tierbatch.api.errors import install_error_handlers
 from tierbatch.api.limits import install_input_guard
 from tierbatch.api.request_ids import install_request_ids
@@ -51,4 +52,5 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
     app.include_router(costs_routes.router)  # costs and budgets
     app.include_router(quality_routes.router)  # quality-aware routing
     app.include_router(provider_batches_routes.router)  # the batch path's batches
+    install_dashboard(app)  # /dashboard: pages and their static files
     return app

@@ -42,6 +42,20 @@ def test_the_wheel_has_one_top_level_name(wheel: Path) -> None:
     assert not any(name.startswith("tierbatch/tests/") for name in names)
 
 
+def test_the_wheel_serves_the_dashboard_without_the_checkout(wheel: Path) -> None:
+    """Every template and static file the dashboard reads, Chart.js and its licence among them."""
+    names = set(zipfile.ZipFile(wheel).namelist())
+    dashboard = ROOT / "api" / "dashboard"
+    shipped = [p.relative_to(dashboard).as_posix() for p in dashboard.rglob("*")
+               if p.is_file() and p.parent.name in ("templates", "static")]
+    assert {"static/chart.umd.min.js", "static/chart.js-LICENSE.md", "static/dashboard.js", "static/dashboard.css",
+            "templates/base.html", "templates/overview.html"} <= set(shipped)
+    missing = [name for name in shipped if f"tierbatch/api/dashboard/{name}" not in names]
+    assert missing == []
+    chart = zipfile.ZipFile(wheel).read("tierbatch/api/dashboard/static/chart.umd.min.js")
+    assert b"Chart.js v4" in chart[:200] and b"MIT" in chart[:200]
+
+
 def test_a_clean_environment_imports_tierbatch_and_nothing_else(wheel: Path, tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)

@@ -153,3 +153,8 @@ def tenant_for_key(session: Session, api_key: str) -> Tenant | None:
         return None
     return session.scalar(select(Tenant).join(ApiKey, ApiKey.tenant_id == Tenant.id)
                           .where(ApiKey.key_hash == hash_api_key(api_key), ApiKey.revoked_at.is_(None)))
+
+
+def list_tenants(session: Session, *, limit: int = 1000) -> list[Tenant]:
+    """Every tenant by name (the operator's view)."""
+    return list(session.scalars(select(Tenant).order_by(Tenant.name, Tenant.id).limit(limit)))
