@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from tierbatch import __version__
 from tierbatch.api.context import ApiContext
 from tierbatch.api.errors import install_error_handlers
+from tierbatch.api.gateway_timing import GatewayTiming
 from tierbatch.api.limits import install_input_guard
 from tierbatch.api.routes import admin, health, tasks
 from tierbatch.api.routes import costs as costs_routes  # costs and budgets
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
     app.state.ctx = ctx
     install_error_handlers(app)
     install_input_guard(app, ctx.file_limits)
+    app.add_middleware(GatewayTiming)  # tierbatch_gateway_request_seconds
     # OpenAI-compatible surface first, so the hot `POST /v1/chat/completions` matches at once
     for openai_module in (openai_chat_routes, openai_models_routes, openai_batches_routes):
         app.include_router(openai_module.router)

@@ -59,15 +59,38 @@ def api(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0
                 log_level="info", access_log=False)
 
 
+METRICS_PORT_HELP = ("Serve this process's Prometheus metrics (a prefork worker's children included) on this "
+                     "port, for a scraper that cannot read the API's /metrics directory (other hosts). "
+                     "Unauthenticated: keep it on an internal interface.")
+
+
+def start_metrics_server(port: int | None, host: str) -> None:
+    """Before the Celery app exists: the multiprocess directory must be chosen before the first series."""
+    if port is None:
+        return
+    from tierbatch.metrics.process import ensure_multiprocess_directory
+
+    ensure_multiprocess_directory()
+    from tierbatch.metrics.exposition import serve
+
+    try:
+        serve(port, host)
+    except OSError as exc:
+        fail(f"--metrics-port {port}: {exc}")
+
+
 @app.command()
 def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
            queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ",".join(ALL_QUEUES),
            pool: Annotated[str, typer.Option(help="Celery pool: prefork or threads.")] = "prefork",
-           loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+           loglevel: Annotated[str, typer.Option()] = "INFO",
+           metrics_port: Annotated[int | None, typer.Option(help=METRICS_PORT_HELP)] = None,
+           metrics_host: Annotated[str, typer.Option(help="Interface of --metrics-port.")] = "127.0.0.1") -> None:
     """Run a Celery worker on the dispatch, immediate, batch, webhooks and background queues."""
+    settings, config = load_settings_and_config()
+    start_metrics_server(metrics_port, metrics_host)
     from tierbatch.worker.app import create_celery_app
 
-    settings, config = load_settings_and_config()
     celery_app = create_celery_app(settings, config)
     celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool,
                             "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
@@ -76,11 +99,14 @@ def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] =
 @app.command()
 def beat(schedule: Annotated[Path, typer.Option(help="Beat schedule state file.")] = Path(
         ".tierbatch/celerybeat-schedule"),
-         loglevel: Annotated[str, typer.Option()] = "INFO") -> None:
+         loglevel: Annotated[str, typer.Option()] = "INFO",
+         metrics_port: Annotated[int | None, typer.Option(help=METRICS_PORT_HELP)] = None,
+         metrics_host: Annotated[str, typer.Option(help="Interface of --metrics-port.")] = "127.0.0.1") -> None:
     """Run the periodic scheduler (reconciler, batch assembly and polling)."""
+    settings, config = load_settings_and_config()
+    start_metrics_server(metrics_port, metrics_host)
     from tierbatch.worker.app import create_celery_app
 
-    settings, config = load_settings_and_config()
     schedule.parent.mkdir(parents=True, exist_ok=True)
     celery_app = create_celery_app(settings, config)
     celery_app.Beat(schedule=str(schedule), loglevel=loglevel).run()

@@ -16,7 +16,7 @@ knows, else `other`; status, tier and mode = enum values (`none` for a task with
 | `tierbatch_provider_batches_submitted_total` | counter | provider, model | batches the provider accepted |
 | `tierbatch_provider_batches_finished_total` | counter | provider, model, status | batches ended done / failed |
 | `tierbatch_provider_batch_turnaround_seconds` | histogram | provider, model | submitted → finished, per done batch |
-| `tierbatch_batch_lines_ingested_total` | counter | provider, model, outcome | output lines written: succeeded, failed, retried |
+| `tierbatch_batch_lines_ingested_total` | counter | provider, model, outcome | output lines: written (answered, billed), returned (another batch, or given up), failed |
 | `tierbatch_provider_call_seconds` | histogram | provider, model, surface | one chat call to a provider (worker or gateway) |
 | `tierbatch_provider_call_errors_total` | counter | provider, model, surface, status_class | failed calls: 4xx, 429, 5xx, timeout, connection |
 | `tierbatch_gateway_request_seconds` | histogram | status_class | `POST /v1/chat/completions`, first byte in to last byte out |

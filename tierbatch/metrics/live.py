@@ -66,7 +66,8 @@ def read_snapshot(engine: Engine, timeout_seconds: float, batch_models: Sequence
 
 def _families() -> dict[str, GaugeMetricFamily]:
     return {
-        "tasks": GaugeMetricFamily("tierbatch_tasks_live", "Tasks not yet finished.", labels=["status", "tier", "mode"]),
+        "tasks": GaugeMetricFamily("tierbatch_tasks_live", "Tasks not yet finished.",
+                                   labels=["status", "tier", "mode"]),
         "waiting": GaugeMetricFamily("tierbatch_batch_waiting_tasks", "Tasks waiting for a provider batch.",
                                      labels=["provider", "model"]),
         "oldest_wait": GaugeMetricFamily("tierbatch_batch_oldest_wait_seconds",
