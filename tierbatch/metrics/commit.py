@@ -12,7 +12,7 @@ import logging
 from collections.abc import Callable
 
 from sqlalchemy import event
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, SessionTransaction
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,9 @@ def _run_pending(session: Session) -> None:
             log.warning("could not record a metric", exc_info=True)
 
 
-@event.listens_for(Session, "after_rollback")
-def _drop_pending(session: Session) -> None:
-    session.info.pop(_PENDING, None)
+@event.listens_for(Session, "after_transaction_end")
+def _drop_pending(session: Session, transaction: SessionTransaction) -> None:
+    """The outermost transaction ended without its commit having run them (a rollback, also one with no
+    statement sent, or a close): they never happened."""
+    if transaction.parent is None:
+        session.info.pop(_PENDING, None)
