@@ -20,7 +20,8 @@ PROMQL_WORDS = {"sum", "max", "min", "avg", "count", "rate", "increase", "irate"
                 "without", "on", "ignoring", "group_left", "group_right", "and", "or", "unless", "offset", "bool",
                 "topk", "bottomk", "clamp_min", "clamp_max", "abs", "delta", "deriv", "le", "vector", "scalar",
                 "time", "absent", "label_replace"}
-SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
+# the samples each type of family exports, by suffix
+SAMPLE_SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"), "gauge": ("",)}
 
 
 def _exprs(node: Any) -> Iterator[str]:
@@ -46,20 +47,20 @@ def metric_names(expr: str) -> set[str]:
     return {word for word in words if word not in PROMQL_WORDS and not re.fullmatch(r"\d.*", word)}
 
 
-def base_name(name: str, exported: set[str]) -> str:
-    """A sample name without the suffix its type adds (`_bucket`, `_total`, …), when that leaves a family."""
-    if name in exported:
-        return name
-    for suffix in SUFFIXES:
-        if name.endswith(suffix) and name.removesuffix(suffix) in exported:
-            return name.removesuffix(suffix)
-    return name
+def base_name(name: str, exported: dict[str, str]) -> str | None:
+    """The family a sample name belongs to: the name without the suffix its family's type adds (`_total` of a
+    counter; `_bucket`, `_count`, `_sum` of a histogram; none for a gauge), or None when no family exports it."""
+    for family, kind in exported.items():
+        if any(name == family + suffix for suffix in SAMPLE_SUFFIXES.get(kind, ())):
+            return family
+    return None
 
 
-def exported_families() -> set[str]:
+def exported_families() -> dict[str, str]:
+    """Family name → type, from the registry a scrape uses and the scrape-time collector's description."""
     registry: CollectorRegistry = scrape_registry(LiveCollector())
-    names = {family.name for family in registry.collect()}
-    return names | {family.name for family in LiveCollector().describe()}
+    families = {family.name: family.type for family in registry.collect()}
+    return families | {family.name: family.type for family in LiveCollector().describe()}
 
 
 def test_there_is_a_dashboard_and_it_has_panels() -> None:
@@ -74,9 +75,9 @@ def test_every_panel_queries_an_exported_series() -> None:
     unknown: dict[str, set[str]] = {}
     for path in DASHBOARDS:
         for expr in _exprs(json.loads(path.read_text())):
-            names = {base_name(name, exported) for name in metric_names(expr)}
+            names = metric_names(expr)
             assert names, f"{path.name}: no metric in {expr!r}"
-            missing = {name for name in names if name not in exported}
+            missing = {name for name in names if base_name(name, exported) is None}
             if missing:
                 unknown[expr] = missing
     assert not unknown, f"panels query series nobody exports: {unknown}"
@@ -85,11 +86,15 @@ def test_every_panel_queries_an_exported_series() -> None:
 def test_the_check_catches_a_made_up_metric_and_reads_promql_correctly() -> None:
     exported = exported_families()
     made_up = 'sum by (tenant) (rate(tierbatch_made_up_total{mode="batch"}[5m]))'
-    assert {base_name(n, exported) for n in metric_names(made_up)} == {"tierbatch_made_up_total"}
+    assert metric_names(made_up) == {"tierbatch_made_up_total"}
+    assert base_name("tierbatch_made_up_total", exported) is None
     real = ('histogram_quantile(0.95, sum by (le, provider) '
             '(rate(tierbatch_provider_call_seconds_bucket{surface="gateway"}[5m])))')
-    assert {base_name(n, exported) for n in metric_names(real)} == {"tierbatch_provider_call_seconds"}
-    # a suffix is stripped only when the rest is a family: a counter asked for without `_total` is unknown
+    assert metric_names(real) == {"tierbatch_provider_call_seconds_bucket"}
+    assert base_name("tierbatch_provider_call_seconds_bucket", exported) == "tierbatch_provider_call_seconds"
+    # a suffix counts only where the family's type has it
     assert base_name("tierbatch_tasks_finished_total", exported) == "tierbatch_tasks_finished"
-    assert base_name("tierbatch_tasks_live_total", exported) == "tierbatch_tasks_live"
-    assert base_name("tierbatch_spend_usd_bogus", exported) not in exported
+    assert base_name("tierbatch_tasks_finished", exported) is None  # a counter's samples end in _total
+    assert base_name("tierbatch_tasks_live", exported) == "tierbatch_tasks_live"
+    assert base_name("tierbatch_tasks_live_total", exported) is None  # a gauge has no _total
+    assert base_name("tierbatch_spend_usd_bucket", exported) is None

@@ -55,6 +55,10 @@ def api(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0
     import uvicorn
 
     load_settings_and_config()
+    if workers > 1:  # /metrics must sum every worker's series, whichever worker answers the scrape
+        from tierbatch.metrics.process import ensure_multiprocess_directory
+
+        ensure_multiprocess_directory()
     uvicorn.run("tierbatch.api.main:create_app", factory=True, host=host, port=port, workers=workers,
                 log_level="info", access_log=False)
 
@@ -70,13 +74,16 @@ def start_metrics_server(port: int | None, host: str) -> None:
         return
     from tierbatch.metrics.process import ensure_multiprocess_directory
 
-    ensure_multiprocess_directory()
+    directory = ensure_multiprocess_directory()
     from tierbatch.metrics.exposition import serve
 
     try:
         serve(port, host)
     except OSError as exc:
         fail(f"--metrics-port {port}: {exc}")
+    # plain print: a console would wrap a long path
+    print(f"metrics on http://{host}:{port}/metrics, summed over the processes writing to {directory}",
+          file=sys.stderr, flush=True)
 
 
 @app.command()

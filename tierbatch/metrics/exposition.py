@@ -9,7 +9,6 @@ own (`serve`). Without the variable a process serves its own registry, process m
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -19,12 +18,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
 import tierbatch.metrics.catalog  # noqa: F401  every series defined before the first scrape
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
-
-
-def multiprocess_directory() -> str | None:
-    return os.environ.get(MULTIPROC_ENV) or None
+from tierbatch.metrics.process import multiprocess_directory
 
 
 class _ProcessRegistry(Collector):
