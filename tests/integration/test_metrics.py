@@ -16,10 +16,11 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.procs import wait_until
-from tests.support.stack import Stack, psycopg_dsn
+from tests.support.stack import Stack, delete_redis_keys, psycopg_dsn
 
 pytestmark = pytest.mark.integration
 
@@ -180,3 +181,56 @@ def test_metrics_require_the_admin_token(stack: Stack) -> None:
         served = admin.get("/metrics")
     assert served.status_code == 200
     assert "tierbatch_metrics_database_up 1.0" in served.text
+
+
+def _chat(stack: Stack, key: str, model: str, content: str, **fields: Any) -> httpx.Response:
+    return httpx.post(f"{stack.api_url}/v1/chat/completions", timeout=30, headers={"Authorization": f"Bearer {key}"},
+                      json={"model": model, "messages": [{"role": "user", "content": content}], **fields})
+
+
+def test_cache_hits_and_misses_and_beat_ticks_are_counted(sim_reset: Stack) -> None:
+    stack = sim_reset
+    _, key = stack.new_tenant("metrics-cache")
+    before = scrape(stack)
+    question = f"What is the capital of France? {uuid.uuid4().hex}"
+    answers = [_chat(stack, key, "smart-select", question, temperature=0) for _ in range(2)]
+    assert [a.headers["x-tierbatch-cache"] for a in answers] == ["miss", "hit"]
+
+    def ticked() -> Samples | None:
+        after = scrape(stack)
+        return after if delta(before, after, "tierbatch_beat_ticks_total", entry="reconcile") >= 2 else None
+
+    after = wait_until(ticked, 30, 0.25, "beat's reconcile ticks in the API's scrape")
+    assert isinstance(after, dict)
+    assert delta(before, after, "tierbatch_response_cache_lookups_total", result="miss") == 1
+    assert delta(before, after, "tierbatch_response_cache_lookups_total", result="hit") == 1
+    assert delta(before, after, "tierbatch_tasks_finished_total", status="succeeded", mode="cache") == 1
+    assert delta(before, after, "tierbatch_beat_ticks_total", entry="assemble-batches") >= 1
+
+
+def test_a_failing_model_cools_down_and_the_scrape_says_so(sim_reset: Stack) -> None:
+    stack = sim_reset
+    _, key = stack.new_tenant("metrics-cooldown")
+    cooldown_keys = f"{stack.redis_prefix}tierbatch:cooldown:"
+    model = "gpt-4.1-mini"  # asked by name: a chain of this model alone
+    stack.sim("POST", "/_sim/config", {"models": {model: {"error_rate": 1.0, "error_status": 500}}})
+    client = redis.Redis.from_url(stack.redis_url)
+    try:
+        before = scrape(stack)
+        assert total(before, "tierbatch_model_cooling", provider="sim", model=model) == 0
+        # two tries per call; the third failure opens the circuit, and the third call reaches no provider
+        statuses = [_chat(stack, key, model, f"hello {n}").status_code for n in range(3)]
+        assert all(status >= 500 for status in statuses), statuses
+        client.expire(f"{cooldown_keys}open:sim/{model}", 300)  # held open while the test reads it
+        after = scrape(stack)
+        assert delta(before, after, "tierbatch_cooldown_trips_total", provider="sim", model=model) == 1
+        assert delta(before, after, "tierbatch_provider_call_errors_total", provider="sim", model=model,
+                     surface="gateway", status_class="5xx") == 3
+        assert delta(before, after, "tierbatch_gateway_request_seconds_count") == 3
+        assert total(after, "tierbatch_model_cooling", provider="sim", model=model) == 1
+        assert total(after, "tierbatch_model_cooling", provider="sim", model="gpt-4o-mini") == 0
+        delete_redis_keys(cooldown_keys)
+        assert total(scrape(stack), "tierbatch_model_cooling", provider="sim", model=model) == 0
+    finally:
+        client.close()
+        delete_redis_keys(cooldown_keys)

@@ -113,10 +113,11 @@ def beat(schedule: Annotated[Path, typer.Option(help="Beat schedule state file."
     settings, config = load_settings_and_config()
     start_metrics_server(metrics_port, metrics_host)
     from tierbatch.worker.app import create_celery_app
+    from tierbatch.worker.beat import CountingScheduler
 
     schedule.parent.mkdir(parents=True, exist_ok=True)
     celery_app = create_celery_app(settings, config)
-    celery_app.Beat(schedule=str(schedule), loglevel=loglevel).run()
+    celery_app.Beat(schedule=str(schedule), loglevel=loglevel, scheduler=CountingScheduler).run()
 
 
 def wait_for_database(database_url: str, timeout: float) -> None:

@@ -29,6 +29,7 @@ knows, else `other`; status, tier and mode = enum values (`none` for a task with
 | `tierbatch_unpriced_responses_total` | counter | tenant, mode | ledger rows without a price (not in spend) |
 | `tierbatch_reconciler_actions_total` | counter | action | leases released, tasks re-dispatched, batch steps resumed, cache entries purged |
 | `tierbatch_webhook_deliveries_total` | counter | kind, outcome | webhook attempts: delivered, retrying, gave_up |
+| `tierbatch_beat_ticks_total` | counter | entry | periodic ticks beat sent (a flat line: beat is down) |
 | `tierbatch_metrics_database_up` | gauge (scrape) | | 1 when the scrape's database queries answered in time |
 
 Savings are `tierbatch_baseline_usd_total - tierbatch_spend_usd_total` (both over priced rows only).
@@ -92,6 +93,7 @@ UNPRICED_RESPONSES = Counter("tierbatch_unpriced_responses", "Committed ledger r
 RECONCILER_ACTIONS = Counter("tierbatch_reconciler_actions", "What the reconciler found and did again.", ["action"])
 WEBHOOK_DELIVERIES = Counter("tierbatch_webhook_deliveries", "Outbound webhook attempts by outcome.",
                              ["kind", "outcome"])
+BEAT_TICKS = Counter("tierbatch_beat_ticks", "Periodic ticks sent by beat, per schedule entry.", ["entry"])
 
 
 class Surface(StrEnum):
