@@ -218,6 +218,16 @@ class WebhooksConfig(_Section):
     max_response_bytes: int = Field(default=65_536, ge=0, le=1_048_576)
 
 
+class MetricsConfig(_Section):
+    """The Prometheus endpoint (`GET /metrics`, tierbatch/metrics/): its series include spend per tenant, so by
+    default it asks for the admin token; `false` opens it (an internal port, a scraper without the token)."""
+
+    require_admin: bool = True
+    # the scrape-time database gauges: each statement gives up after this long, so a slow database does
+    # not hang the scrape (the other series are still served)
+    scrape_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+
+
 class AppConfig(_Section):
     providers: dict[str, ProviderConfig]
     tiers: dict[Literal["light", "complex"], TierConfig]
@@ -233,6 +243,7 @@ class AppConfig(_Section):
     files: FilesConfig = FilesConfig()
     sources: dict[str, SqlSourceConfig] = Field(default_factory=dict)
     webhooks: WebhooksConfig = WebhooksConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _check_references(self) -> AppConfig:
