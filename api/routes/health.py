@@ -1,7 +1,8 @@
 """Liveness, readiness (database and broker reachable) and Prometheus metrics.
 
-`/metrics` asks for the admin token unless `[metrics] require_admin = false`: its series include spend per
-tenant. It serves every process's series under `PROMETHEUS_MULTIPROC_DIR` (tierbatch/metrics/exposition.py)
+`/metrics` is open like any Prometheus endpoint, but a scrape without the admin token has the `tenant` label
+summed away: spend per tenant is for the operator. `[metrics] require_admin = true` closes it to all
+but the admin token. It serves every process's series under `PROMETHEUS_MULTIPROC_DIR` (tierbatch/metrics/exposition.py)
 and, from this process alone, the gauges read at scrape time (tierbatch/metrics/live.py)."""
 
 from __future__ import annotations
@@ -63,13 +64,15 @@ async def _cooling(ctx: ApiContext) -> dict[tuple[str, str], bool] | None:
 
 @router.get("/metrics")
 async def metrics(request: Request, ctx: ContextDep) -> Response:
-    if ctx.config.metrics.require_admin:
+    # a token that is sent must be the admin's (else 401): a wrong one is not quietly served less
+    per_tenant = ctx.config.metrics.require_admin or "authorization" in request.headers
+    if per_tenant:
         await require_admin(request, ctx)
     cooling = await _cooling(ctx)
     batch_models = [ref for ref in ctx.config.configured_models() if ctx.config.provider(ref.provider).batch]
 
     def scrape() -> bytes:
         snapshot = read_snapshot(ctx.engine, ctx.config.metrics.scrape_timeout_seconds, batch_models, cooling)
-        return render(LiveCollector(snapshot))
+        return render(LiveCollector(snapshot), per_tenant=per_tenant)
 
     return Response(await run_in_threadpool(scrape), media_type=CONTENT_TYPE_LATEST)

@@ -170,17 +170,40 @@ def test_metrics_waiting_work_shows_in_the_scrape_time_gauges(sim_reset: Stack) 
     wait_until(drained, 30, 0.25, "no live tasks once the job finished")
 
 
-def test_metrics_require_the_admin_token(stack: Stack) -> None:
+def test_metrics_show_spend_per_tenant_to_the_admin_only(stack: Stack) -> None:
     key = stack.new_tenant_key("metrics-outsider")
-    assert httpx.get(f"{stack.api_url}/metrics", timeout=10).status_code == 401
-    with stack.client(key) as client:  # a tenant key is not the admin token: spend per tenant is in there
-        refused = client.get("/metrics")
-    assert refused.status_code == 401
-    assert "tierbatch_spend_usd" not in refused.text
+    with stack.client(key) as client:  # some spend of this tenant's own, so a tenant label exists
+        created = client.post("/v1/tasks", json={"prompt": "metrics outsider", "tier": "light", "urgent": True})
+        assert created.status_code == 202, created.text
+        stack.wait_for_task(client, created.json()["id"], {"succeeded"})
+
+    def tenant_series(text: str) -> list[str]:
+        return [line for line in text.splitlines() if line.startswith("tierbatch_spend_usd") and "tenant=" in line]
+
     with stack.admin_client() as admin:
+        wait_until(lambda: bool(tenant_series(admin.get("/metrics").text)), 30, 0.25, "spend per tenant scraped")
         served = admin.get("/metrics")
     assert served.status_code == 200
     assert "tierbatch_metrics_database_up 1.0" in served.text
+    per_tenant = {family.name: family for family in text_string_to_metric_families(served.text)}
+    admin_spend = sum(sample.value for sample in per_tenant["tierbatch_spend_usd"].samples
+                      if sample.name == "tierbatch_spend_usd_total")
+
+    anonymous = httpx.get(f"{stack.api_url}/metrics", timeout=10)  # what any scraper sees
+    assert anonymous.status_code == 200
+    assert "tenant=" not in anonymous.text
+    assert not tenant_series(anonymous.text)
+    families = {family.name: family for family in text_string_to_metric_families(anonymous.text)}
+    summed = [sample for sample in families["tierbatch_spend_usd"].samples
+              if sample.name == "tierbatch_spend_usd_total"]
+    assert summed and all("tenant" not in sample.labels for sample in summed)
+    # the same money, summed over tenants (later work can only add to it)
+    assert sum(sample.value for sample in summed) >= admin_spend > 0
+
+    with stack.client(key) as client:  # a tenant key is not the admin token: refused, not served less
+        refused = client.get("/metrics")
+    assert refused.status_code == 401
+    assert "tierbatch_spend_usd" not in refused.text
 
 
 def _chat(stack: Stack, key: str, model: str, content: str, **fields: Any) -> httpx.Response:

@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
 from tierbatch.api.gateway_timing import GatewayTiming
 from tierbatch.base.config import ModelRef
 from tierbatch.metrics.catalog import mode_label, status_class, task_type_label
 from tierbatch.metrics.commit import after_commit
+from tierbatch.metrics.exposition import _WithoutTenants
 from tierbatch.metrics.live import Snapshot, families_of
 from tierbatch.metrics.record import Billed, charge, count_billed
 
@@ -106,3 +108,21 @@ def test_gateway_timing_observes_chat_completions_once_and_nothing_else() -> Non
     _run_gateway("/v1/tasks", 200)
     assert count("2xx") == ok + 1
     assert count("4xx") == refused + 1
+
+
+def test_a_scrape_without_the_admin_token_sums_the_tenant_label_away() -> None:
+    source = CollectorRegistry()
+    spend = Counter("demo_spend_usd", "spend", ["tenant", "mode"], registry=source)
+    spend.labels("tenant-a", "batch").inc(1.25)
+    spend.labels("tenant-b", "batch").inc(0.5)
+    spend.labels("tenant-b", "immediate").inc(2)
+    Counter("demo_calls", "calls", ["model"], registry=source).labels("m").inc(3)
+    outer = CollectorRegistry(auto_describe=False)
+    outer.register(_WithoutTenants(source))
+    text = generate_latest(outer).decode()
+    assert "tenant-a" not in text and "tenant-b" not in text
+    samples = {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+               for family in text_string_to_metric_families(text) for sample in family.samples}
+    assert samples[("demo_spend_usd_total", (("mode", "batch"),))] == 1.75
+    assert samples[("demo_spend_usd_total", (("mode", "immediate"),))] == 2.0
+    assert samples[("demo_calls_total", (("model", "m"),))] == 3.0  # families without tenants pass as they are

@@ -219,10 +219,11 @@ class WebhooksConfig(_Section):
 
 
 class MetricsConfig(_Section):
-    """The Prometheus endpoint (`GET /metrics`, tierbatch/metrics/): its series include spend per tenant, so by
-    default it asks for the admin token; `false` opens it (an internal port, a scraper without the token)."""
+    """The Prometheus endpoint (`GET /metrics`, tierbatch/metrics/): open, with spend per tenant only for the
+    admin token (without it the `tenant` label is summed away); `require_admin = true` closes it to all but
+    the admin token."""
 
-    require_admin: bool = True
+    require_admin: bool = False
     # the scrape-time database gauges: each statement gives up after this long, so a slow database does
     # not hang the scrape (the other series are still served)
     scrape_timeout_seconds: float = Field(default=2.0, gt=0, le=30)

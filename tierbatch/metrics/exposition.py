@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, generate_latest, star
 from prometheus_client.core import Metric
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
+from prometheus_client.samples import Sample
 
 import tierbatch.metrics.catalog  # noqa: F401  every series defined before the first scrape
 from tierbatch.metrics.process import multiprocess_directory
@@ -45,8 +46,38 @@ def scrape_registry(*extra: Collector) -> CollectorRegistry:
     return registry
 
 
-def render(*extra: Collector) -> bytes:
-    return generate_latest(scrape_registry(*extra))
+class _WithoutTenants(Collector):
+    """A scrape with every `tenant` label summed away: what the installation did, not who did it (the
+    view of a scraper without the admin token)."""
+
+    def __init__(self, source: CollectorRegistry) -> None:
+        self._source = source
+
+    def describe(self) -> Iterable[Metric]:
+        return ()
+
+    def collect(self) -> Iterator[Metric]:
+        for family in self._source.collect():
+            if not any("tenant" in sample.labels for sample in family.samples):
+                yield family
+                continue
+            sums: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+            for sample in family.samples:
+                key = (sample.name, tuple(sorted((k, v) for k, v in sample.labels.items() if k != "tenant")))
+                sums[key] = sums.get(key, 0.0) + sample.value
+            summed = Metric(family.name, family.documentation, family.type, family.unit)
+            summed.samples = [Sample(name, dict(labels), value) for (name, labels), value in sums.items()]
+            yield summed
+
+
+def render(*extra: Collector, per_tenant: bool = True) -> bytes:
+    """The scrape's text; `per_tenant=False` sums the tenant label away."""
+    registry = scrape_registry(*extra)
+    if per_tenant:
+        return generate_latest(registry)
+    outer = CollectorRegistry(auto_describe=False)
+    outer.register(_WithoutTenants(registry))
+    return generate_latest(outer)
 
 
 def serve(port: int, host: str = "127.0.0.1") -> Any:
