@@ -70,8 +70,11 @@ def test_without_a_header_the_api_makes_a_fresh_id_and_logs_it(tenant: tuple[str
     assert access_line(stack, ids[1])["path"] == "/v1/models"
 
 
-@pytest.mark.parametrize("hostile", [b"x" * 129, b"evil\tid", "caf\u00e9-id".encode(), b"evil id", b"evil;id"])
-def test_a_hostile_id_is_replaced_not_echoed_nor_logged(stack: Stack, hostile: bytes) -> None:
+@pytest.mark.parametrize("shape", [b"%s" + b"x" * 129, b"evil\t%s", "caf\u00e9-%s".encode(), b"evil %s",
+                                   b"evil;%s"])
+def test_a_hostile_id_is_replaced_not_echoed_nor_logged(stack: Stack, shape: bytes) -> None:
+    # a marker of this run only: the session's log also holds other tests' long paths and odd bytes
+    hostile = shape.replace(b"%s", uuid.uuid4().hex.encode())
     with httpx.Client(base_url=stack.api_url, timeout=10) as client:
         response = client.get("/healthz", headers={"x-request-id": hostile})
     replaced = response.headers["x-request-id"]
