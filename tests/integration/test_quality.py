@@ -18,10 +18,9 @@ import httpx
 import psycopg
 import pytest
 
-from tests.integration.conftest import delete_redis_keys
-from tests.support.procs import free_port, wait_until
+from tests.support.procs import wait_until
 from tests.support.quality import quality_row
-from tests.support.stack import Stack, psycopg_dsn, write_app_config
+from tests.support.stack import Stack, psycopg_dsn, sibling_stack
 from tierbatch.tasks.labels import label_response_format
 
 pytestmark = pytest.mark.integration
@@ -40,18 +39,8 @@ LABELS = ["positive", "negative", "neutral"]
 
 @pytest.fixture(scope="module")
 def qstack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = Path(tmp_path_factory.mktemp("quality"))
-    config = write_app_config(tmp / "tierbatch.toml", stack.simulator_port, QUALITY)
-    own = Stack(tmp=tmp, database_url=stack.database_url, redis_url=stack.redis_url, config_path=config,
-                simulator_port=stack.simulator_port, api_port=free_port())
-    try:
-        own.start_api()
-        own.start_worker()
-        own.start_beat()
+    with sibling_stack(stack, Path(tmp_path_factory.mktemp("quality")), QUALITY) as own:
         yield own
-    finally:
-        own.stop_all()
-        delete_redis_keys(own.redis_prefix)
 
 
 @pytest.fixture

@@ -23,17 +23,15 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
-from tests.conftest import TEST_REDIS_URL
-from tests.integration.conftest import SIM_BATCH_DEFAULTS, SIM_DEFAULTS, delete_redis_keys
-from tests.support.procs import free_port, wait_until
+from tests.integration.conftest import SIM_BATCH_DEFAULTS, SIM_DEFAULTS
+from tests.support.procs import wait_until
 from tests.support.quality import quality_row
-from tests.support.stack import Stack, psycopg_dsn, scratch_database, write_app_config
+from tests.support.stack import Stack, own_stack, psycopg_dsn, write_app_config
 from tierbatch.base.config import load_config
 from tierbatch.batching.ingest import LineOutcomes, ingest_outcomes
 from tierbatch.db.engine import make_engine, make_session_factory
 from tierbatch.db.models import ProviderBatch, Task
 from tierbatch.ledger.pricing import PriceBook
-from tierbatch.migrations.runner import upgrade_to_head
 from tierbatch.quality.monitor import sampled
 
 pytestmark = pytest.mark.integration
@@ -54,22 +52,9 @@ ITEMS = 60  # about 30 sampled: P(fewer than 10) is about 1e-5
 
 @pytest.fixture(scope="module")
 def bstack(base_database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = Path(tmp_path_factory.mktemp("quality-batch"))
-    simulator_port = free_port()
-    config = write_app_config(tmp / "tierbatch.toml", simulator_port, QUALITY)
-    with scratch_database(base_database_url, prefix="tierbatch_qbatch") as database_url:
-        upgrade_to_head(database_url)
-        own = Stack(tmp=tmp, database_url=database_url, redis_url=TEST_REDIS_URL, config_path=config,
-                    simulator_port=simulator_port, api_port=free_port())
-        try:
-            own.start_simulator()
-            own.start_api()
-            own.start_worker()
-            own.start_beat()
-            yield own
-        finally:
-            own.stop_all()
-            delete_redis_keys(own.redis_prefix)
+    with own_stack(base_database_url, Path(tmp_path_factory.mktemp("quality-batch")), "tierbatch_qbatch",
+                   lambda path, port: write_app_config(path, port, QUALITY)) as own:
+        yield own
 
 
 def simulate(stack: Stack, light_agreement: float, complex_errors: float = 0.0) -> None:

@@ -285,3 +285,20 @@ def own_stack(base_database_url: str, tmp: Path, prefix: str, write_config: Call
         finally:
             running.stop_all()
             delete_redis_keys(running.redis_prefix)
+
+
+@contextlib.contextmanager
+def sibling_stack(stack: Stack, tmp: Path, extra_config: str) -> Iterator[Stack]:
+    """API, worker and beat of a test module's own config (`extra_config` added to the tests' config) on
+    `stack`'s database and simulator; stopped after, also when the test fails."""
+    config = write_app_config(tmp / "tierbatch.toml", stack.simulator_port, extra_config)
+    own = Stack(tmp=tmp, database_url=stack.database_url, redis_url=stack.redis_url, config_path=config,
+                simulator_port=stack.simulator_port, api_port=free_port())
+    try:
+        own.start_api()
+        own.start_worker()
+        own.start_beat()
+        yield own
+    finally:
+        own.stop_all()
+        delete_redis_keys(own.redis_prefix)

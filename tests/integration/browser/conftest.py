@@ -26,9 +26,8 @@ import httpx
 import psycopg
 import pytest
 
-from tests.integration.conftest import delete_redis_keys
-from tests.support.procs import REPO_ROOT, free_port, wait_until
-from tests.support.stack import ADMIN_TOKEN, Stack, psycopg_dsn, write_app_config
+from tests.support.procs import REPO_ROOT, wait_until
+from tests.support.stack import ADMIN_TOKEN, Stack, psycopg_dsn, sibling_stack
 
 CHROMIUM = os.environ.get("TIERBATCH_CHROMIUM", "/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -67,18 +66,8 @@ class Seeded:
 
 @pytest.fixture(scope="package")
 def dash_stack(stack: Stack, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    tmp = Path(tmp_path_factory.mktemp("dashboard"))
-    config = write_app_config(tmp / "tierbatch.toml", stack.simulator_port, QUALITY)
-    own = Stack(tmp=tmp, database_url=stack.database_url, redis_url=stack.redis_url, config_path=config,
-                simulator_port=stack.simulator_port, api_port=free_port())
-    try:
-        own.start_api()
-        own.start_worker()
-        own.start_beat()
+    with sibling_stack(stack, Path(tmp_path_factory.mktemp("dashboard")), QUALITY) as own:
         yield own
-    finally:
-        own.stop_all()
-        delete_redis_keys(own.redis_prefix)
 
 
 def _ok(response: httpx.Response, status: int = 200) -> Any:
