@@ -56,12 +56,12 @@ from bench._common import (
     LABELS,
     SYSTEM_PROMPT,
     TICKET,
-    label_request,
     RssSampler,
     copy_rate,
     copy_rows,
     delete_redis_keys,
     insert_rate,
+    label_request,
     redis_lpush_rate,
     waiting_rows,
 )

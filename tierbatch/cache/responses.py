@@ -248,7 +248,8 @@ def store_answers(session: Session, entries: Sequence[tuple[uuid.UUID, bytes, Ca
             "input_tokens": usage.input_tokens, "cached_tokens": usage.cached_tokens,
             "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
             "source_task_id": task_id, "expires_at": _seconds(ttl_seconds)}
-    statement = insert(ResponseCacheEntry).values(list(seen.values()))
+    # in key order: two chunks of a batch written at once take their entries' row locks in the same order
+    statement = insert(ResponseCacheEntry).values([seen[key] for key in sorted(seen)])
     excluded = statement.excluded
     statement = statement.on_conflict_do_update(
         index_elements=[ResponseCacheEntry.tenant_id, ResponseCacheEntry.key],
