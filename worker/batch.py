@@ -55,9 +55,6 @@ from tierbatch.worker.quality import send_batch_shadows, settle_batch_shadows
 
 log = logging.getLogger(__name__)
 
-# Chunks written at once during ingestion: two keep both halves busy (the Python side and the database)
-INGEST_WRITERS = 2
-
 
 def assemble_batches(ctx: WorkerContext) -> tuple[list[uuid.UUID], list[ClaimedBatch]]:
     """Returns the tasks to escalate to immediate calls and the batches claimed for submission."""
@@ -195,16 +192,17 @@ def _ingest_locked(ctx: WorkerContext, batch_id: uuid.UUID, resubmit: Callable[[
     api = ProviderBatches(ctx.providers, batch.provider)
     written = 0
     first_chunk = True
-    # this thread reads, parses and prices the next chunk while up to INGEST_WRITERS writer threads
+    # this thread reads, parses and prices the next chunk while up to `ingest_writers` writer threads
     # write the chunks before it, each in its own transaction on its own connection (psycopg releases
     # the GIL while it waits for Postgres, and each connection's work runs in its own Postgres backend,
     # on another core); chunks hold disjoint tasks, so the order in which they commit does not matter,
-    # and at most INGEST_WRITERS + 1 are held in memory
-    with ThreadPoolExecutor(max_workers=INGEST_WRITERS, thread_name_prefix="tierbatch-ingest") as writers:
+    # and at most `ingest_writers` + 1 are held in memory
+    writers_at_once = ctx.config.batch.ingest_writers
+    with ThreadPoolExecutor(max_workers=writers_at_once, thread_name_prefix="tierbatch-ingest") as writers:
         pending: deque[Future[IngestedChunk]] = deque()
         for lines in _chunks(api, batch, ctx.config.batch.ingest_chunk_lines):
             prepared = _prepare_chunk(ctx, batch, lines)
-            while len(pending) >= INGEST_WRITERS:
+            while len(pending) >= writers_at_once:
                 written += _after_chunk(ctx, pending.popleft().result())
                 if first_chunk:
                     first_chunk = False
