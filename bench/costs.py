@@ -143,7 +143,7 @@ def fill(dsn: str, rows: int, days: int, n_tenants: int, chunk: int) -> tuple[fl
     jobs = [uuid.uuid4() for _ in range(n_tenants * days)]
     end = datetime.now(UTC)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("ALTER TABLE ledger_entries DROP CONSTRAINT fk_ledger_entries_task_id_tasks")
+        conn.execute("ALTER TABLE ledger_entries DROP CONSTRAINT IF EXISTS fk_ledger_entries_task_id_tasks")
         with conn.cursor() as cur:
             cur.executemany("INSERT INTO tenants (id, name) VALUES (%s, %s)",
                             [(t, f"tenant-{i}") for i, t in enumerate(tenants)])

@@ -12,6 +12,7 @@ import json
 import logging
 import tempfile
 import uuid
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
@@ -191,21 +192,24 @@ def _ingest_locked(ctx: WorkerContext, batch_id: uuid.UUID, resubmit: Callable[[
     api = ProviderBatches(ctx.providers, batch.provider)
     written = 0
     first_chunk = True
-    # two stages: this thread reads, parses and prices chunk N+1 while the writer thread writes chunk N
-    # (psycopg releases the GIL while it waits for Postgres); chunks are still written one at a time,
-    # in order, each in its own transaction, and at most two are held in memory
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="tierbatch-ingest") as writer:
-        pending: Future[IngestedChunk] | None = None
+    # this thread reads, parses and prices the next chunk while up to `ingest_writers` writer threads
+    # write the chunks before it, each in its own transaction on its own connection (psycopg releases
+    # the GIL while it waits for Postgres, and each connection's work runs in its own Postgres backend,
+    # on another core); chunks hold disjoint tasks, so the order in which they commit does not matter,
+    # and at most `ingest_writers` + 1 are held in memory
+    writers_at_once = ctx.config.batch.ingest_writers
+    with ThreadPoolExecutor(max_workers=writers_at_once, thread_name_prefix="tierbatch-ingest") as writers:
+        pending: deque[Future[IngestedChunk]] = deque()
         for lines in _chunks(api, batch, ctx.config.batch.ingest_chunk_lines):
             prepared = _prepare_chunk(ctx, batch, lines)
-            if pending is not None:
-                written += _after_chunk(ctx, pending.result())
+            while len(pending) >= writers_at_once:
+                written += _after_chunk(ctx, pending.popleft().result())
                 if first_chunk:
                     first_chunk = False
                     ctx.pause("mid_ingest")
-            pending = writer.submit(_write_chunk, ctx, batch, prepared)
-        if pending is not None:
-            written += _after_chunk(ctx, pending.result())
+            pending.append(writers.submit(_write_chunk, ctx, batch, prepared))
+        while pending:
+            written += _after_chunk(ctx, pending.popleft().result())
     with ctx.sessions.begin() as session:
         missing = tasks_left_in_batch(session, batch.id)
         if missing:

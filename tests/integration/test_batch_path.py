@@ -59,6 +59,10 @@ def assert_no_double_billing(stack: Stack, tenant_id: str) -> None:
                               "WHERE t.tenant_id = %s GROUP BY t.id, t.cost_usd "
                               "HAVING t.cost_usd IS DISTINCT FROM sum(l.cost_usd)", tenant_id)
     assert mismatched == []
+    # the ledger has no foreign key to its task: every row must still name one of the tenant's tasks
+    orphans = query(stack, "SELECT l.id FROM ledger_entries l LEFT JOIN tasks t ON t.id = l.task_id "
+                           "AND t.tenant_id = l.tenant_id WHERE l.tenant_id = %s AND t.id IS NULL", tenant_id)
+    assert orphans == []
 
 
 def test_ten_thousand_light_tasks_go_through_split_provider_batches(sim_reset: Stack) -> None:

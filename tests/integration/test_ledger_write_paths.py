@@ -168,3 +168,35 @@ def test_batch_ingestion_path(sessions: sessionmaker[Session], config: AppConfig
     assert figures(sessions, tasks[1].id) == HAIKU_4_5_BATCH
     both = Decimal("0.0005") + Decimal("0.000625")
     assert rollup_and_view(sessions, tenant) == ((2_000, both), (2_000, both, 14_000), (2_000, both))
+
+
+def test_batch_ingestion_run_twice_or_for_tasks_gone_bills_once(sessions: sessionmaker[Session],
+                                                                config: AppConfig) -> None:
+    tenant = new_tenant(sessions)
+    with sessions.begin() as session:
+        batch = ProviderBatch(id=uuid.uuid4(), provider="anthropic", model="claude-3-5-haiku",
+                              status=BatchStatus.INGESTING)
+        session.add(batch)
+        session.flush()
+        kept = task_row(tenant, TaskStatus.IN_BATCH, batch_id=batch.id, provider="anthropic", model="claude-3-5-haiku")
+        # escalated to an immediate call meanwhile, and cancelled (its batch line still arrives)
+        escalated = task_row(tenant, TaskStatus.RUNNING, batch_id=batch.id, provider="anthropic",
+                             model="claude-3-5-haiku")
+        session.add_all([kept, escalated])
+    successes = {task_id: {"model": "claude-3-5-haiku", "usage": BODY_USAGE,
+                           "choices": [{"message": {"role": "assistant", "content": f"answer {n}"}}]}
+                 for n, task_id in enumerate((kept.id, escalated.id))}
+    for expected in (1, 0):  # the second run finds nothing left to move
+        with sessions.begin() as session:
+            batch = session.get_one(ProviderBatch, batch.id)
+            ingested = ingest_outcomes(session, config, PriceBook(config), batch, LineOutcomes(successes=successes))
+            assert ingested.written == expected
+    with sessions.begin() as session:
+        billed = session.execute(select(LedgerEntry.task_id, func.count()).where(LedgerEntry.tenant_id == tenant)
+                                 .group_by(LedgerEntry.task_id)).all()
+        assert billed == [(kept.id, 1)]
+        rows = {t.id: t for t in session.scalars(select(Task).where(Task.tenant_id == tenant))}
+        assert (rows[kept.id].status, rows[kept.id].output) == (TaskStatus.SUCCEEDED, "answer 0")
+        assert rows[kept.id].response == successes[kept.id]
+        assert (rows[escalated.id].status, rows[escalated.id].output) == (TaskStatus.RUNNING, None)
+    assert figures(sessions, kept.id) == HAIKU_3_5_BATCH

@@ -177,3 +177,27 @@ def test_provider_batch_timestamps_backfill_check_and_downgrade(base_database_ur
         assert _schema_rules(url) == before
         command.upgrade(config, "0013")
         assert _schema_rules(url) == after
+
+
+def _ledger_foreign_keys(url: str) -> list[tuple[str, str]]:
+    engine = create_engine(url, poolclass=pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            return [(name, definition) for name, definition in connection.execute(text(
+                "SELECT conname, pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE contype = 'f' AND conrelid = 'ledger_entries'::regclass ORDER BY 1")).all()]
+    finally:
+        engine.dispose()
+
+
+def test_ledger_task_foreign_key_is_dropped_and_restored_on_downgrade(base_database_url: str) -> None:
+    with scratch_database(base_database_url, prefix="tierbatch_migration") as url:
+        config = alembic_config(url)
+        command.upgrade(config, "0013")
+        assert _ledger_foreign_keys(url) == [
+            ("fk_ledger_entries_task_id_tasks", "FOREIGN KEY (task_id) REFERENCES tasks(id)")]
+        command.upgrade(config, "0014")
+        assert _ledger_foreign_keys(url) == []
+        command.downgrade(config, "0013")
+        assert _ledger_foreign_keys(url) == [
+            ("fk_ledger_entries_task_id_tasks", "FOREIGN KEY (task_id) REFERENCES tasks(id)")]

@@ -11,7 +11,7 @@ from typing import Any
 import orjson
 
 from tierbatch.base.config import default_config_data, parse_config
-from tierbatch.batching.ingest import _copy_field, _success_rows
+from tierbatch.batching.ingest import _copy_field, _success_rows, classify_lines
 from tierbatch.db.bulk_sql import INGEST_COLUMNS
 from tierbatch.ledger.pricing import PriceBook, TokenUsage
 from tierbatch.tasks.labels import label_response_format
@@ -36,7 +36,8 @@ class _Session:
         self.groups = groups
 
     def execute(self, *_args: Any) -> list[SimpleNamespace]:
-        return [SimpleNamespace(response_format=orjson.dumps(fmt).decode(), ids=ids) for fmt, ids in self.groups]
+        return [SimpleNamespace(response_format=orjson.dumps(fmt).decode(), ids=[str(i) for i in ids])
+                for fmt, ids in self.groups]
 
 
 def _body(content: str, prompt_tokens: int = 40) -> dict[str, Any]:
@@ -76,3 +77,40 @@ def test_copy_field_null_empty_and_decimal() -> None:
     assert _copy_field(None) == "\\N"
     assert _copy_field("") == ""
     assert _copy_field(Decimal("0.000000125")) == str(Decimal("0.000000125"))
+
+
+def test_same_usage_is_priced_by_each_served_model() -> None:
+    prices = PriceBook(parse_config(default_config_data(), environ={}))
+    batch = SimpleNamespace(provider="sim", model="gpt-4o-mini")
+    known, unknown, fallback = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    successes = {known: _body("a"), unknown: {**_body("a"), "model": "no-such-model-anywhere"},
+                 fallback: {k: v for k, v in _body("a").items() if k != "model"}}
+    rows = {uuid.UUID(r["id"] or ""): r for r in _parse(_success_rows(_Session([]), prices, batch, successes).decode())}  # type: ignore[arg-type]
+
+    usage = TokenUsage(40, 0, 6)
+    mini = prices.price("sim", "gpt-4o-mini-2024-07-18", "gpt-4o-mini", usage, batch=True)
+    assert mini is not None and Decimal(rows[known]["cost_usd"] or "") == mini.total
+    # an unknown served model is priced by the requested one; no served model at all is the requested one
+    requested = prices.price("sim", "gpt-4o-mini", "gpt-4o-mini", usage, batch=True)
+    assert requested is not None
+    assert Decimal(rows[unknown]["cost_usd"] or "") == requested.total
+    assert rows[unknown]["served_model"] == "no-such-model-anywhere"
+    assert rows[fallback]["served_model"] == "gpt-4o-mini"
+
+
+def test_hostile_lines_are_skipped_or_kept_as_errors_never_raised() -> None:
+    good, odd_body, odd_status = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    lines = [
+        "not json",
+        '{"custom_id": 12, "response": {"status_code": 200, "body": {}}}',
+        '{"custom_id": ["x"], "response": null}',
+        '{"custom_id": "not-a-uuid", "response": {"status_code": 200, "body": {}}}',
+        '{"response": {"status_code": 200, "body": {}}}',
+        orjson.dumps({"custom_id": str(good), "response": {"status_code": 200, "body": _body("ok")}}).decode(),
+        orjson.dumps({"custom_id": str(odd_body), "response": {"status_code": 200, "body": "text"}}).decode(),
+        orjson.dumps({"custom_id": str(odd_status), "response": {"status_code": "teapot", "body": None}}).decode(),
+    ]
+    outcomes = classify_lines(lines)
+    assert outcomes.successes == {good: _body("ok"), odd_body: {}}
+    assert list(outcomes.permanent) == [odd_status] and not outcomes.retryable
+    assert outcomes.permanent[odd_status].startswith("batch line HTTP 0:")

@@ -92,6 +92,8 @@ class BatchConfig(_Section):
     failed_batch_retry_seconds: float = Field(default=60.0, ge=0)
     # output lines written per transaction while ingesting (bounded memory, bulk writes)
     ingest_chunk_lines: int = Field(default=10_000, ge=100, le=100_000)
+    # chunks written at once while ingesting, each on its own connection (its own Postgres backend)
+    ingest_writers: int = Field(default=2, ge=1, le=4)
 
 
 class QualityConfig(_Section):

@@ -267,7 +267,10 @@ _APPLY_INGEST_ROWS = text(
     "   cost_usd = CASE WHEN t.shadow_of IS NULL THEN v.cost_usd END,"
     "   baseline_cost_usd = CASE WHEN t.shadow_of IS NULL THEN v.baseline_cost_usd END,"
     "   finished_at = now(), updated_at = now()"
-    " FROM ingest_rows AS v WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
+    # the guard as one boolean test: no index on status or batch can serve it, so the update is driven
+    # from the chunk's rows by primary key whatever the statistics say (stale ones, which count no task
+    # `in_batch`, had it scan every live task's entry for each chunk)
+    " FROM ingest_rows AS v WHERE t.id = v.id AND (t.status = 'in_batch' AND t.batch_id = :batch) IS TRUE"
     # the ledger columns come back with the row: the INSERT reads `moved` alone, no second join
     " RETURNING t.id, t.tenant_id, t.job_id, t.task_type, t.tier, t.status, t.shadow_of, v.served_model, "
     + ", ".join(f"v.{name}" for name in LEDGER_USAGE_COLUMNS) + ", v.cost_usd, v.baseline_cost_usd), "
