@@ -137,6 +137,11 @@ class RawConnection:
                 if attempt == 0 and reused and not exc.partial:
                     continue
                 return 0
+            except (ConnectionResetError, BrokenPipeError):
+                await self.close()
+                if attempt == 0 and reused:
+                    continue
+                return 0
             except (OSError, ValueError):
                 await self.close()
                 return 0
