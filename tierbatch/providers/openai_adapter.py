@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx2
 import openai
+import orjson
 
 from tierbatch.base.config import ProviderConfig
 from tierbatch.base.errors import PermanentProviderError, ProviderError, RetryableProviderError
@@ -184,6 +185,24 @@ def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON value")
 
 
+def _payload(body: Mapping[str, Any]) -> bytes:
+    """The request's JSON: orjson, or the standard library for what orjson refuses (an integer over 64 bits)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body, ensure_ascii=False).encode()
+
+
+def _answer_body(content: bytes) -> Any:
+    """The answer parsed: orjson (which refuses NaN and Infinity, as it should: Postgres could not record
+    them), else the standard library, which also takes an escaped unpaired surrogate (recorded replaced)
+    but not NaN/Infinity either; ValueError when it is not JSON."""
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return json.loads(content, parse_constant=_not_json)
+
+
 def _cache_key_field(request: Mapping[str, Any], cache_key: str | None) -> dict[str, str]:
     if cache_key is None or PROMPT_CACHE_KEY_FIELD in request:
         return {}
@@ -269,8 +288,7 @@ class OpenAIAdapter:
                     cache_key: str | None) -> RawChatAnswer:
         provider, model = target.provider, target.model
         started = time.perf_counter()
-        payload = json.dumps({**request, **_cache_key_field(request, cache_key), "model": model},
-                             ensure_ascii=False).encode()
+        payload = _payload({**request, **_cache_key_field(request, cache_key), "model": model})
         response: httpx2.Response | Any
         if isinstance(client, Http1Pool):
             try:
@@ -286,8 +304,7 @@ class OpenAIAdapter:
             raise status_error(response.status_code, response.headers, response.content, provider, model)
         content = response.content
         try:
-            # NaN/Infinity are not JSON (Python's parser takes them; Postgres could not record the answer)
-            body = json.loads(content, parse_constant=_not_json)
+            body = _answer_body(content)
         except ValueError as exc:
             raise RetryableProviderError(f"{provider}/{model}: the answer is not JSON", provider=provider,
                                          model=model) from exc
@@ -299,8 +316,7 @@ class OpenAIAdapter:
     async def open_stream(self, client: httpx2.AsyncClient | Http1Pool, target: Target, request: Mapping[str, Any],
                           cache_key: str | None) -> ChatStream:
         provider, model = target.provider, target.model
-        payload = json.dumps({**request, **_cache_key_field(request, cache_key), "model": model,
-                              "stream": True}, ensure_ascii=False).encode()
+        payload = _payload({**request, **_cache_key_field(request, cache_key), "model": model, "stream": True})
         if isinstance(client, Http1Pool):
             return await self._open_lean_stream(client, provider, model, payload)
         try:
