@@ -12,6 +12,7 @@ from tierbatch import __version__
 from tierbatch.api.context import ApiContext
 from tierbatch.api.dashboard import install_dashboard  # the web dashboard
 from tierbatch.api.errors import install_error_handlers
+from tierbatch.api.gateway_timing import GatewayTiming
 from tierbatch.api.limits import install_input_guard
 from tierbatch.api.request_ids import install_request_ids
 from tierbatch.api.routes import admin, health, tasks
@@ -45,6 +46,7 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
     app.state.ctx = ctx
     install_error_handlers(app)
     install_input_guard(app, ctx.file_limits)
+    app.add_middleware(GatewayTiming)  # tierbatch_gateway_request_seconds
     install_request_ids(app)  # the outermost layer: every answer and log line of a request has its id
     # OpenAI-compatible surface first, so the hot `POST /v1/chat/completions` matches at once
     for openai_module in (openai_chat_routes, openai_models_routes, openai_batches_routes):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from celery.signals import setup_logging
+from celery.signals import setup_logging, worker_process_shutdown
 
 from tierbatch.base.config import AppConfig
 from tierbatch.base.logs import configure_logging
@@ -21,6 +22,7 @@ from tierbatch.base.messaging import (
     celery_settings,
 )
 from tierbatch.base.settings import Settings
+from tierbatch.metrics.process import mark_dead
 from tierbatch.routing.tiers import lane_provider
 from tierbatch.worker.context import TierbatchCelery, no_pause
 
@@ -52,6 +54,14 @@ def beat_schedule(config: AppConfig) -> dict[str, dict[str, object]]:
         "job-webhooks-tick": {"task": JOB_WEBHOOK_TICK,
                               "schedule": timedelta(seconds=min(5.0, config.batch.poll_interval_seconds))},
     }
+
+
+def _metrics_of_ended_child(pid: int | None = None, **_: Any) -> None:
+    """A prefork child ends: its live gauges leave the multiprocess sums (its counters stay)."""
+    mark_dead(pid or os.getpid())
+
+
+worker_process_shutdown.connect(_metrics_of_ended_child, weak=False)
 
 
 def create_celery_app(settings: Settings, config: AppConfig, *,

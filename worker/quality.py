@@ -40,6 +40,8 @@ from tierbatch.batching.ingest import SucceededTask
 from tierbatch.batching.shadows import finished_batch_shadows, queue_batch_shadows, takes_batch_shadow
 from tierbatch.db.models import QualityComparison, RoutingRule, Task
 from tierbatch.ledger.rows import ResponseRecord, add_ledger_entry
+from tierbatch.metrics.catalog import SHADOW_COMPARISONS, known_task_types, task_type_label
+from tierbatch.metrics.commit import after_commit
 from tierbatch.providers.adapter import ChatResult
 from tierbatch.providers.retry import call_with_fallbacks
 from tierbatch.quality.monitor import compare_answers, evaluate, shadow_tier_for
@@ -120,6 +122,10 @@ def record_comparison(session: Session, ctx: WorkerContext, *, task_id: uuid.UUI
         row.update(agreed=verdict.agreed, score=verdict.score)
     stored = session.scalar(insert(QualityComparison).values(row)
                             .on_conflict_do_nothing(index_elements=["task_id"]).returning(QualityComparison.id))
+    if stored is not None:
+        verdict_label = "error" if row["agreed"] is None else "agreed" if row["agreed"] else "disagreed"
+        label = task_type_label(known_task_types(ctx.config), task_type)
+        after_commit(session, lambda: SHADOW_COMPARISONS.labels(label, verdict_label).inc())
     return stored is not None
 
 

@@ -32,7 +32,7 @@ from tierbatch.worker.batch import assemble_batches, ingest_batch, poll_batches,
 from tierbatch.worker.context import context_of
 from tierbatch.worker.errors import rejection
 from tierbatch.worker.immediate import run_immediate_call
-from tierbatch.worker.reconcile import chunks, find_tasks_to_redispatch
+from tierbatch.worker.reconcile import chunks, count_actions, find_tasks_to_redispatch
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +147,7 @@ def reconcile(self: CeleryTask) -> int:
         self.app.send_task(SUBMIT_BATCH, args=[str(batch_id)])
     for batch_id in to_ingest:
         self.app.send_task(INGEST_BATCH, args=[str(batch_id)])
+    count_actions(len(ids), len(to_submit), len(to_ingest), purged)
     if ids or to_submit or to_ingest or purged:
         log.info("reconciler: re-dispatched %d tasks, resumed %d submissions and %d ingestions, purged %d "
                  "expired cache entries", len(ids), len(to_submit), len(to_ingest), purged)

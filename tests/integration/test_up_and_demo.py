@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 
 from tests.support.procs import REPO_ROOT, ManagedProcess, free_port, python_module, wait_until
@@ -95,6 +96,9 @@ def test_up_serves_a_task_and_ctrl_c_stops_everything(tmp_path: Path, embedded_e
     state = tmp_path / "state"
     api_port, simulator_port = _two_ports()
     api_url = f"http://127.0.0.1:{api_port}"
+    stale = state / "metrics" / "counter_999999.db"  # a file of the last run's processes: not summed in again
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"left over")
     up = ManagedProcess(python_module("tierbatch.cli", "up", "--dir", str(state), "--api-port", str(api_port),
                                       "--simulator-port", str(simulator_port), "--concurrency", "2"),
                         log_path=tmp_path / "up.log")
@@ -146,6 +150,17 @@ def test_up_serves_a_task_and_ctrl_c_stops_everything(tmp_path: Path, embedded_e
         assert isinstance(task, dict)
         assert task["status"] == "succeeded", task
         assert task["served_model"] and Decimal(task["cost_usd"]) > 0
+
+        # the prefork worker's children write to <dir>/metrics, the API's /metrics sums them
+        assert not stale.exists()
+
+        def finished_in_metrics() -> bool:
+            text = httpx.get(f"{api_url}/metrics", timeout=10, headers={"Authorization": f"Bearer {admin_token}"}).text
+            return any(sample.name == "tierbatch_tasks_finished_total" and sample.value == 1
+                       and sample.labels == {"status": "succeeded", "tier": "complex", "mode": "immediate"}
+                       for family in text_string_to_metric_families(text) for sample in family.samples)
+
+        wait_until(finished_in_metrics, 30, 0.2, "the worker's counter in the API's /metrics")
 
         # everything `up` started and still owns (children, their children, embedded Redis)
         family = psutil.Process(up.pid).children(recursive=True)

@@ -151,7 +151,16 @@ class Stack:
                 "TIERBATCH_SECRET_KEY": SECRET_KEY,
                 "TIERBATCH_REDIS_PREFIX": self.redis_prefix,
                 "TIERBATCH_LOG_FORMAT": "json",  # tests read the processes' logs line by line (json_log_lines)
+                # every process writes its metrics here, so the API's /metrics shows the worker's counters
+                "PROMETHEUS_MULTIPROC_DIR": str(self.metrics_dir),
                 "PYTHONUNBUFFERED": "1"}
+
+    @property
+    def metrics_dir(self) -> Path:
+        """This stack's own (a restarted worker's counters stay in the sums, as in production)."""
+        path = self.tmp / "metrics"
+        path.mkdir(exist_ok=True)
+        return path
 
     @property
     def api_url(self) -> str:

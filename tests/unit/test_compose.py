@@ -31,6 +31,8 @@ APP_SERVICES = {"migrate", "api", "worker", "beat", "simulator"}
 # the processes that hold the database, the broker and the secrets; the simulator is only a provider stand-in
 TRUSTED = APP_SERVICES - {"simulator"}
 ONE_SHOT = {"migrate"}
+# `docker compose --profile observability up`: metrics and dashboards, off by default
+OBSERVABILITY = {"prometheus", "grafana"}
 CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
 # what an operator must set: compose refuses to start without each, and none has a default
 SECRETS = ("TIERBATCH_ADMIN_TOKEN", "TIERBATCH_SECRET_KEY", "POSTGRES_PASSWORD", "REDIS_PASSWORD")
@@ -100,7 +102,7 @@ def _healthcheck_text(service: dict[str, Any]) -> str:
 
 
 def test_expected_services(services: dict[str, dict[str, Any]]) -> None:
-    assert set(services) == INFRA | APP_SERVICES
+    assert set(services) == INFRA | APP_SERVICES | OBSERVABILITY
     assert str(services["postgres"]["image"]).split(":")[0] == "postgres"
     assert str(services["postgres"]["image"]).split(":")[1].startswith("16")
     assert str(services["redis"]["image"]).split(":")[0] == "redis"
@@ -221,7 +223,9 @@ def test_redis_requires_the_password_every_url_carries(services: dict[str, dict[
 
 def test_only_the_api_is_published_on_the_host(services: dict[str, dict[str, Any]]) -> None:
     published = {name for name, service in services.items() if service.get("ports")}
-    assert published == {"api"}
+    assert published == {"api", "grafana"}
+    # the dashboards on the host's loopback only
+    assert [str(port) for port in services["grafana"]["ports"]] == ["127.0.0.1:3000:3000"]
     assert "ports" not in services["simulator"]
     assert [str(port) for port in services["simulator"].get("expose", [])] == ["8100"]
 
@@ -403,3 +407,56 @@ def test_cli_interface_that_scripts_rely_on() -> None:
     create, _ = _resolve(root, ["tenants", "create"])
     arguments = [param for param in create.params if param.param_type_name == "argument"]
     assert [param.name for param in arguments][:1] == ["name"]
+
+
+def test_observability_services_are_pinned_profiled_and_mount_files_that_exist(
+        services: dict[str, dict[str, Any]]) -> None:
+    grafana = services["grafana"]["environment"]
+    # viewers only, and no account to log in with (no admin password left at its default)
+    assert grafana["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer"
+    assert grafana["GF_AUTH_DISABLE_LOGIN_FORM"] == "true" and grafana["GF_AUTH_BASIC_ENABLED"] == "false"
+    for name in OBSERVABILITY:
+        service = services[name]
+        assert service.get("profiles") == ["observability"], name
+        image, _, tag = str(service["image"]).partition(":")
+        assert re.fullmatch(r"v?\d+\.\d+\.\d+", tag), f"{name}: unpinned {image}:{tag}"
+        for volume in service.get("volumes", []):
+            source = str(volume).split(":")[0]
+            if source.startswith("./"):
+                assert (REPO_ROOT / source).exists(), f"{name} mounts {source}, which is missing"
+    for name in APP_SERVICES | INFRA:
+        assert "profiles" not in services[name], f"{name} must start without a profile"
+
+
+def test_prometheus_scrapes_the_api_with_the_admin_token_and_the_worker_port(
+        services: dict[str, dict[str, Any]]) -> None:
+    config = yaml.safe_load((REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    jobs = {job["job_name"]: job for job in config["scrape_configs"]}
+    targets = {job_name: [t for group in job["static_configs"] for t in group["targets"]]
+               for job_name, job in jobs.items()}
+    assert targets == {"tierbatch-api": ["api:8000"], "tierbatch-worker": ["worker:9100"]}
+    token_file = jobs["tierbatch-api"]["authorization"]["credentials_file"]
+    entrypoint = " ".join(_argv(services["prometheus"]["entrypoint"]))
+    assert f"> {token_file}" in entrypoint and "TIERBATCH_ADMIN_TOKEN" in entrypoint
+    worker = _argv(services["worker"]["command"])
+    assert worker[worker.index("--metrics-port") + 1] == "9100"
+    assert [str(port) for port in services["worker"]["expose"]] == ["9100"]
+
+
+def test_docker_compose_resolves_the_observability_profile(tmp_path: Path) -> None:
+    argv = _compose_cli()
+    if argv is None:
+        pytest.skip("the docker compose CLI plugin (v2) is not installed")
+    empty = tmp_path / "empty.env"
+    empty.write_text("")
+    base = {key: os.environ[key] for key in ("PATH", "HOME") if key in os.environ}
+    result = subprocess.run([*argv, "--file", str(COMPOSE_FILE), "--project-directory", str(REPO_ROOT),
+                             "--env-file", str(empty), "--profile", "observability", "config", "--format", "json"],
+                            capture_output=True, text=True, timeout=60, check=False,
+                            env={**base, "DOCKER_CONFIG": str(tmp_path / "docker"), **OPERATOR_ENV})
+    assert result.returncode == 0, result.stderr
+    resolved = json.loads(result.stdout)["services"]
+    assert set(resolved) >= OBSERVABILITY
+    grafana = resolved["grafana"]["environment"]
+    assert grafana["GF_AUTH_ANONYMOUS_ORG_ROLE"] == "Viewer" and grafana["GF_AUTH_DISABLE_LOGIN_FORM"] == "true"
+    assert resolved["prometheus"]["environment"]["TIERBATCH_ADMIN_TOKEN"] == OPERATOR_ENV["TIERBATCH_ADMIN_TOKEN"]

@@ -218,6 +218,17 @@ class WebhooksConfig(_Section):
     max_response_bytes: int = Field(default=65_536, ge=0, le=1_048_576)
 
 
+class MetricsConfig(_Section):
+    """The Prometheus endpoint (`GET /metrics`, tierbatch/metrics/): open, with spend per tenant only for the
+    admin token (without it the `tenant` label is summed away); `require_admin = true` closes it to all but
+    the admin token."""
+
+    require_admin: bool = False
+    # the scrape-time database gauges: each statement gives up after this long, so a slow database does
+    # not hang the scrape (the other series are still served)
+    scrape_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
+
+
 class AppConfig(_Section):
     providers: dict[str, ProviderConfig]
     tiers: dict[Literal["light", "complex"], TierConfig]
@@ -233,6 +244,7 @@ class AppConfig(_Section):
     files: FilesConfig = FilesConfig()
     sources: dict[str, SqlSourceConfig] = Field(default_factory=dict)
     webhooks: WebhooksConfig = WebhooksConfig()
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _check_references(self) -> AppConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 import orjson
@@ -18,11 +19,14 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from tierbatch.base.config import AppConfig
-from tierbatch.base.states import Tier
+from tierbatch.base.states import Mode, Tier
 from tierbatch.db.bulk_sql import COPY_INGEST_ROWS, CREATE_INGEST_TABLE
 from tierbatch.db.models import ProviderBatch
 from tierbatch.ledger.pricing import PriceBook, TokenUsage
 from tierbatch.ledger.rows import usage_columns
+from tierbatch.metrics.catalog import LINES_INGESTED
+from tierbatch.metrics.commit import after_commit
+from tierbatch.metrics.record import Billed, FinishedTasks, billed, tasks_finished
 from tierbatch.providers.adapter import output_from_body, usage_from_body
 from tierbatch.providers.error_mapping import RETRYABLE_STATUS
 from tierbatch.tasks import transitions
@@ -114,13 +118,23 @@ def write_prepared(session: Session, config: AppConfig, batch: ProviderBatch, pr
     monitor's sample, chosen in Python beforehand); a task written by an earlier run of the chunk is
     not returned again."""
     ingested = IngestedChunk()
+    retried = failed = 0
     if prepared.copy_data:
         ingested = _write_success_rows(session, batch, prepared.copy_data, watch)
     if prepared.retryable:
-        return_lines_to_waiting(session, config, batch.id, prepared.retryable)
+        retried = transitions.return_lines_to_waiting(session, batch.id, prepared.retryable,
+                                                      config.batch.max_attempts)
     if prepared.permanent:
-        transitions.fail_batch_lines(session, batch.id, prepared.permanent)
+        failed = transitions.fail_batch_lines(session, batch.id, prepared.permanent)
+    lines = {"written": ingested.written, "retried": retried, "failed": failed}
+    after_commit(session, lambda: _count_lines(batch.provider, batch.model, lines))
     return ingested
+
+
+def _count_lines(provider: str, model: str, lines: dict[str, int]) -> None:
+    for outcome, count in lines.items():
+        if count:
+            LINES_INGESTED.labels(provider, model, outcome).inc(count)
 
 
 def ingest_outcomes(session: Session, config: AppConfig, prices: PriceBook, batch: ProviderBatch,
@@ -215,6 +229,10 @@ def _write_success_rows(session: Session, batch: ProviderBatch, copy_data: bytes
     if applied.shadows:
         connection.execute(_CHARGE_SHADOWED_TASKS, {"shadows": list(applied.shadows)})
     connection.execute(text("TRUNCATE ingest_rows"))  # the session may go on to another chunk
+    tasks_finished(session, *(FinishedTasks(status, tier, Mode.BATCH, int(count))
+                              for status, tier, count in applied.finished or ()))
+    billed(session, *(Billed(tenant, Mode.SHADOW if shadow else Mode.BATCH, Decimal(cost), Decimal(baseline),
+                             int(unpriced)) for tenant, shadow, cost, baseline, unpriced in applied.billed or ()))
     succeeded = [SucceededTask(uuid.UUID(task_id), uuid.UUID(tenant_id), task_type, Tier(tier))
                  for task_id, tenant_id, task_type, tier in applied.succeeded or ()]
     return IngestedChunk(int(applied.written), succeeded)

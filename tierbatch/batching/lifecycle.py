@@ -19,6 +19,9 @@ from sqlalchemy.orm import Session
 from tierbatch.base.config import AppConfig
 from tierbatch.base.states import BatchStatus, ProviderBatchStatus, TaskStatus
 from tierbatch.db.models import ProviderBatch, Task
+from tierbatch.metrics.batches import count_finished_batch
+from tierbatch.metrics.catalog import BATCHES_SUBMITTED
+from tierbatch.metrics.commit import after_commit
 from tierbatch.providers.adapter import ProviderBatchInfo
 from tierbatch.tasks import transitions
 
@@ -46,8 +49,10 @@ def record_submitted(session: Session, batch_id: uuid.UUID, info: ProviderBatchI
         update(ProviderBatch).where(ProviderBatch.id == batch_id, ProviderBatch.status == BatchStatus.PREPARING)
         .values(status=BatchStatus.SUBMITTED, provider_batch_id=info.id,
                 provider_status=ProviderBatchStatus(info.status), submitted_at=func.now(), updated_at=func.now())
-        .returning(ProviderBatch.id)
+        .returning(ProviderBatch.id, ProviderBatch.provider, ProviderBatch.model)
     ).first()
+    if moved is not None:
+        after_commit(session, lambda: BATCHES_SUBMITTED.labels(moved.provider, moved.model).inc())
     return moved is not None
 
 
@@ -83,8 +88,11 @@ def finish_batch(session: Session, batch_id: uuid.UUID, status: BatchStatus = Ba
     moved = session.execute(
         update(ProviderBatch).where(ProviderBatch.id == batch_id,
                                     ProviderBatch.status.in_((BatchStatus.INGESTING, BatchStatus.PREPARING)))
-        .values(**values).returning(ProviderBatch.id)
+        .values(**values).returning(ProviderBatch.provider, ProviderBatch.model, ProviderBatch.submitted_at,
+                                    ProviderBatch.finished_at)
     ).first()
+    if moved is not None:
+        after_commit(session, lambda: count_finished_batch(status, *moved))
     return moved is not None
 
 

@@ -51,6 +51,8 @@ from tierbatch.base.config import AppConfig, CacheConfig
 from tierbatch.base.states import CacheEntryStatus, TaskStatus
 from tierbatch.db.models import ResponseCacheEntry, Task
 from tierbatch.ledger.pricing import TokenUsage
+from tierbatch.metrics.catalog import CACHE_LOOKUPS
+from tierbatch.metrics.commit import after_commit
 
 # Request fields that do not change the answer; they are left out of the key.
 _NOT_IN_KEY = frozenset({"metadata", "stream", "stream_options", "user", "store", "prompt_cache_key"})
@@ -149,6 +151,16 @@ def _seconds(value: float) -> Any:
     return func.now() + func.make_interval(0, 0, 0, 0, 0, 0, value)
 
 
+def _count_lookups(session: Session, *, hits: int = 0, misses: int = 0) -> None:
+    def count() -> None:
+        if hits:
+            CACHE_LOOKUPS.labels("hit").inc(hits)
+        if misses:
+            CACHE_LOOKUPS.labels("miss").inc(misses)
+
+    after_commit(session, count)
+
+
 def take_hit(session: Session, tenant_id: uuid.UUID, key: bytes) -> CachedAnswer | None:
     """The live answer for the key, counting the hit (one statement), or None."""
     row = session.execute(
@@ -158,7 +170,10 @@ def take_hit(session: Session, tenant_id: uuid.UUID, key: bytes) -> CachedAnswer
         .values(hits=ResponseCacheEntry.hits + 1)
         .returning(*_ANSWER_COLUMNS)
     ).one_or_none()
-    return _answer(row) if row is not None else None
+    if row is None:
+        return None  # not a miss yet: the caller may wait for an identical call in flight (`claim_key` counts)
+    _count_lookups(session, hits=1)
+    return _answer(row)
 
 
 def claim_key(session: Session, tenant_id: uuid.UUID, key: bytes, claim_seconds: float) -> Claim | None:
@@ -174,7 +189,10 @@ def claim_key(session: Session, tenant_id: uuid.UUID, key: bytes, claim_seconds:
         index_elements=[ResponseCacheEntry.tenant_id, ResponseCacheEntry.key], set_=fresh,
         where=ResponseCacheEntry.expires_at <= func.now(),
     ).returning(ResponseCacheEntry.owner))
-    return Claim(tenant_id, key, owner) if won == owner else None
+    if won != owner:
+        return None
+    _count_lookups(session, misses=1)  # this caller computes the answer: the lookup missed
+    return Claim(tenant_id, key, owner)
 
 
 def fill_claim(session: Session, claim: Claim, answer: CachedAnswer, ttl_seconds: float,
@@ -230,7 +248,10 @@ def take_hits(session: Session, wanted: Sequence[tuple[uuid.UUID, bytes]]) -> di
     ).bindparams(_array("tenants", [p[0] for p in pairs], PG_UUID(as_uuid=True)),
                  _array("keys", [p[1] for p in pairs], BYTEA()),
                  _array("counts", [counts[p] for p in pairs], Integer())))
-    return {(row.tenant_id, bytes(row.key)): _answer(row) for row in rows}
+    found = {(row.tenant_id, bytes(row.key)): _answer(row) for row in rows}
+    hits = sum(counts[pair] for pair in found)
+    _count_lookups(session, hits=hits, misses=len(wanted) - hits)
+    return found
 
 
 def store_answers(session: Session, entries: Sequence[tuple[uuid.UUID, bytes, CachedAnswer, uuid.UUID]],

@@ -80,21 +80,51 @@ def api(host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0
 
     chosen = chosen_log_format(log_format)
     load_settings_and_config()
+    if workers > 1:  # /metrics must sum every worker's series, whichever worker answers the scrape
+        from tierbatch.metrics.process import ensure_multiprocess_directory
+
+        ensure_multiprocess_directory()
     # uvicorn's access log stays off: the API logs its own access line, with the request id
     uvicorn.run("tierbatch.api.main:create_app", factory=True, host=host, port=port, workers=workers,
                 log_level="info", access_log=False, log_config=uvicorn_log_config(chosen))
+
+
+METRICS_PORT_HELP = ("Serve this process's Prometheus metrics (a prefork worker's children included) on this "
+                     "port, for a scraper that cannot read the API's /metrics directory (other hosts). "
+                     "Unauthenticated: keep it on an internal interface.")
+
+
+def start_metrics_server(port: int | None, host: str) -> None:
+    """Before the Celery app exists: the multiprocess directory must be chosen before the first series."""
+    if port is None:
+        return
+    from tierbatch.metrics.process import ensure_multiprocess_directory
+
+    directory = ensure_multiprocess_directory()
+    from tierbatch.metrics.exposition import serve
+
+    try:
+        serve(port, host)
+    except OSError as exc:
+        fail(f"--metrics-port {port}: {exc}")
+    # plain print: a console would wrap a long path
+    print(f"metrics on http://{host}:{port}/metrics, summed over the processes writing to {directory}",
+          file=sys.stderr, flush=True)
 
 
 @app.command()
 def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
            queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ",".join(ALL_QUEUES),
            pool: Annotated[str, typer.Option(help="Celery pool: prefork or threads.")] = "prefork",
-           loglevel: Annotated[str, typer.Option()] = "INFO", log_format: LogFormatOption = None) -> None:
+           loglevel: Annotated[str, typer.Option()] = "INFO", log_format: LogFormatOption = None,
+           metrics_port: Annotated[int | None, typer.Option(help=METRICS_PORT_HELP)] = None,
+           metrics_host: Annotated[str, typer.Option(help="Interface of --metrics-port.")] = "127.0.0.1") -> None:
     """Run a Celery worker on the dispatch, immediate, batch, webhooks and background queues."""
-    from tierbatch.worker.app import create_celery_app
-
     chosen_log_format(log_format)  # the worker's setup_logging handler reads it from the environment
     settings, config = load_settings_and_config()
+    start_metrics_server(metrics_port, metrics_host)
+    from tierbatch.worker.app import create_celery_app
+
     celery_app = create_celery_app(settings, config)
     celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool,
                             "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
@@ -103,15 +133,19 @@ def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] =
 @app.command()
 def beat(schedule: Annotated[Path, typer.Option(help="Beat schedule state file.")] = Path(
         ".tierbatch/celerybeat-schedule"),
-         loglevel: Annotated[str, typer.Option()] = "INFO", log_format: LogFormatOption = None) -> None:
+         loglevel: Annotated[str, typer.Option()] = "INFO", log_format: LogFormatOption = None,
+         metrics_port: Annotated[int | None, typer.Option(help=METRICS_PORT_HELP)] = None,
+         metrics_host: Annotated[str, typer.Option(help="Interface of --metrics-port.")] = "127.0.0.1") -> None:
     """Run the periodic scheduler (reconciler, batch assembly and polling)."""
-    from tierbatch.worker.app import create_celery_app
-
     chosen_log_format(log_format)
     settings, config = load_settings_and_config()
+    start_metrics_server(metrics_port, metrics_host)
+    from tierbatch.worker.app import create_celery_app
+    from tierbatch.worker.beat import CountingScheduler
+
     schedule.parent.mkdir(parents=True, exist_ok=True)
     celery_app = create_celery_app(settings, config)
-    celery_app.Beat(schedule=str(schedule), loglevel=loglevel).run()
+    celery_app.Beat(schedule=str(schedule), loglevel=loglevel, scheduler=CountingScheduler).run()
 
 
 def wait_for_database(database_url: str, timeout: float) -> None:

@@ -32,6 +32,7 @@ from tierbatch.db.bulk_sql import GATEWAY_WRITE
 from tierbatch.gateway.routing import Route
 from tierbatch.ledger.pricing import PriceBook, TokenUsage
 from tierbatch.ledger.rows import usage_columns
+from tierbatch.metrics.record import FinishedTasks, charge, count_billed, count_finished
 
 log = logging.getLogger(__name__)
 
@@ -206,12 +207,20 @@ class CallWriter:
         except BaseException:
             await self.aclose()
             raise
+        count_recorded(records)  # committed: the connection is in autocommit
 
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
             with contextlib.suppress(Exception):
                 await connection.close()
+
+
+def count_recorded(records: Sequence[CallRecord]) -> None:
+    """The metrics of committed call records: finished tasks, and the money of their ledger rows."""
+    count_finished(FinishedTasks(r.status, r.route.tier, r.mode) for r in records)
+    count_billed(charge(r.tenant_id, r.mode, r.cost_usd, r.baseline_cost_usd) for r in records
+                 if r.usage is not None and r.provider is not None)
 
 
 WriteRecords = Callable[[Sequence[CallRecord]], Awaitable[None]]

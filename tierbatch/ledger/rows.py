@@ -1,7 +1,9 @@
 """Ledger rows: one per provider response, with unit prices and costs per token kind.
 
 `usage_columns` is the one place a row's usage and price columns are spelled out; the ORM path here, the
-gateway's group commit and batch ingestion's COPY all write what it gives.
+gateway's group commit and batch ingestion's COPY all write what it gives. Each of the three counts the
+money of its rows for the metrics once they are committed (`tierbatch.metrics.record`): here through the
+session's commit, the gateway after its autocommit statement, ingestion from the statement's own tally.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tierbatch.base.states import Mode, Tier
 from tierbatch.db.bulk_sql import LEDGER_USAGE_COLUMNS
 from tierbatch.db.models import LedgerEntry
 from tierbatch.ledger.pricing import PriceBook, PricedUsage, TokenUsage
+from tierbatch.metrics.record import billed, charge
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,4 +81,5 @@ def add_ledger_entry(session: Session, prices: PriceBook, record: ResponseRecord
         cost_usd=cost, baseline_cost_usd=baseline, unpriced=cost is None,
         latency_ms=record.latency_ms,
     ))
+    billed(session, charge(record.tenant_id, record.mode, cost, baseline))  # counted once the row commits
     return Charge(cost, baseline)

@@ -16,6 +16,8 @@ from typing import Any
 import httpx2
 
 from tierbatch.base.config import AppConfig, ProviderConfig, ProviderKind
+from tierbatch.metrics.calls import timed_call
+from tierbatch.metrics.catalog import Surface
 from tierbatch.providers.adapter import (
     BatchAdapter,
     ChatResult,
@@ -78,8 +80,9 @@ class ProviderClients:
         `cache_key` is sent as `prompt_cache_key` where the provider's config allows it."""
         settings = self._config.provider(provider)
         key = cache_key if settings.prompt_cache_key else None
-        return adapter_for(settings.kind).chat(self.client(provider), Target(provider, model, settings), request,
-                                               key)
+        with timed_call(provider, model, Surface.WORKER):
+            return adapter_for(settings.kind).chat(self.client(provider), Target(provider, model, settings),
+                                                   request, key)
 
     def chat_for(self, task_type: str, tenant_id: uuid.UUID | str | None
                  ) -> Callable[[str, str, Mapping[str, Any]], ChatResult]:
@@ -151,13 +154,16 @@ class AsyncProviderClients:
         """`cache_key` (see `prompt_cache_key`) is sent where the provider's config allows it."""
         settings = self._config.provider(provider)
         key = cache_key if settings.prompt_cache_key else None
-        return await adapter_for(settings.kind).achat(self.client(provider), Target(provider, model, settings),
-                                                      request, key)
+        with timed_call(provider, model, Surface.GATEWAY):
+            return await adapter_for(settings.kind).achat(self.client(provider), Target(provider, model, settings),
+                                                          request, key)
 
     async def open_stream(self, provider: str, model: str, request: Mapping[str, Any], *,
                           cache_key: str | None = None) -> ChatStream:
         """Start a streamed call; returns once the provider answered 200 (errors raise before any byte)."""
         settings = self._config.provider(provider)
         key = cache_key if settings.prompt_cache_key else None
-        return await adapter_for(settings.kind).open_stream(self.client(provider), Target(provider, model, settings),
-                                                            request, key)
+        # a stream is timed to its first answer (the 200 and its headers): the rest is the client's pace
+        with timed_call(provider, model, Surface.GATEWAY):
+            return await adapter_for(settings.kind).open_stream(self.client(provider),
+                                                                Target(provider, model, settings), request, key)

@@ -33,6 +33,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from tierbatch.base.config import ModelRef
+from tierbatch.metrics.catalog import COOLDOWN_TRIPS
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,13 @@ class Cooldown:
             return CircuitState.OPEN
         return CircuitState.HALF_OPEN if values[1] is not None else CircuitState.CLOSED
 
+    async def cooling(self, refs: Sequence[ModelRef]) -> dict[tuple[str, str], bool]:
+        """(provider, model) → whether it cools down now (its circuit is open), in one MGET from Redis."""
+        if not refs:
+            return {}
+        values = await self._redis.mget([self._key("open", ref) for ref in refs])
+        return {(ref.provider, ref.model): value is not None for ref, value in zip(refs, values, strict=True)}
+
     async def record_success(self, admission: Admission) -> None:
         if not admission.probe:
             return  # a closed model's success costs nothing
@@ -201,6 +209,7 @@ class Cooldown:
             pipe.expire(trip_key, _seconds(policy.max_cooldown_seconds * 4))
             pipe.delete(self._key("fail", ref), self._key("probe", ref))
             await pipe.execute()
+        COOLDOWN_TRIPS.labels(ref.provider, ref.model).inc()
         log.warning("%s/%s cooled down for %.0fs (%s, trip %d)", ref.provider, ref.model, cooldown,
                     "probe failed" if probe_failed else "failing", trips)
         return True

@@ -28,16 +28,17 @@ row); they move what is still in the state they start from and say what moved.
 - ``fail_batch_lines``: in_batch → failed.
 
 Nothing here commits: the caller owns the transaction, so a state change and its ledger row land
-together.
+together. Terminal transitions are counted (`tierbatch_tasks_finished_total`) once that transaction commits.
 """
 
 from __future__ import annotations
 
 import uuid
+from collections import Counter
 from collections.abc import Collection, Sequence
 from typing import Any
 
-from sqlalchemy import ARRAY, BindParameter, Connection, Row, and_, any_, bindparam, func, or_, text, update
+from sqlalchemy import ARRAY, BindParameter, Connection, Row, and_, any_, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.orm import Session
 
@@ -45,6 +46,7 @@ from tierbatch.base.errors import TransitionError
 from tierbatch.base.states import CANCELLABLE_TASK_STATUSES, Mode, TaskStatus
 from tierbatch.db.bulk_sql import INGEST_LEDGER_COLUMNS, LEDGER_USAGE_COLUMNS
 from tierbatch.db.models import Task
+from tierbatch.metrics.record import FinishedTasks, tasks_finished
 
 ESCALATABLE_STATUSES = (TaskStatus.WAITING_BATCH, TaskStatus.IN_BATCH)
 
@@ -57,6 +59,15 @@ def _uuid_array(ids: Sequence[uuid.UUID]) -> BindParameter[Any]:
 def _finish_values(status: TaskStatus) -> dict[str, Any]:
     return {"status": status, "finished_at": func.now(), "updated_at": func.now(), "lease_token": None,
             "lease_expires_at": None, "not_before": None}
+
+
+def _finished(session: Session, moved: Any, status: TaskStatus) -> None:
+    tasks_finished(session, FinishedTasks(status, moved.tier, moved.mode))
+
+
+def _tally(session: Session, rows: Any) -> None:
+    """Count a bulk statement's (status, tier, mode, count) rows."""
+    tasks_finished(session, *(FinishedTasks(status, tier, mode, int(count)) for status, tier, mode, count in rows))
 
 
 def _seconds(seconds: float) -> Any:
@@ -100,9 +111,10 @@ def succeed_running(session: Session, task_id: uuid.UUID, token: uuid.UUID, prob
     moved = session.execute(
         update(Task).where(_running(task_id, token))
         .values(**_finish_values(TaskStatus.FAILED if problem else TaskStatus.SUCCEEDED), error=problem)
-        .returning(Task.id)
+        .returning(Task.id, Task.tier, Task.mode)
     ).first()
     _moved(moved, task_id, "running → succeeded")
+    _finished(session, moved, TaskStatus.FAILED if problem else TaskStatus.SUCCEEDED)
 
 
 def succeed_running_from_cache(session: Session, task_id: uuid.UUID, token: uuid.UUID) -> None:
@@ -111,9 +123,10 @@ def succeed_running_from_cache(session: Session, task_id: uuid.UUID, token: uuid
         update(Task).where(_running(task_id, token))
         .values(**_finish_values(TaskStatus.SUCCEEDED), mode=Mode.CACHE, error=None,
                 started_at=func.coalesce(Task.started_at, func.now()))
-        .returning(Task.id)
+        .returning(Task.id, Task.tier, Task.mode)
     ).first()
     _moved(moved, task_id, "running → succeeded from the cache")
+    _finished(session, moved, TaskStatus.SUCCEEDED)
 
 
 def requeue(session: Session, task_id: uuid.UUID, token: uuid.UUID, error: str, delay_seconds: float) -> None:
@@ -133,9 +146,10 @@ def fail_running(session: Session, task_id: uuid.UUID, token: uuid.UUID, error: 
     moved = session.execute(
         update(Task).where(_running(task_id, token))
         .values(**_finish_values(TaskStatus.FAILED), error=error)
-        .returning(Task.id)
+        .returning(Task.id, Task.tier, Task.mode)
     ).first()
     _moved(moved, task_id, "running → failed")
+    _finished(session, moved, TaskStatus.FAILED)
 
 
 def cancel(session: Session, tenant_id: uuid.UUID, task_id: uuid.UUID) -> Task:
@@ -148,6 +162,7 @@ def cancel(session: Session, tenant_id: uuid.UUID, task_id: uuid.UUID) -> Task:
     )
     _moved(moved, task_id, "cancel")
     assert moved is not None
+    tasks_finished(session, FinishedTasks(TaskStatus.CANCELLED, moved.tier, moved.mode))
     return moved
 
 
@@ -195,26 +210,31 @@ _FINISH_QUEUED_FROM_CACHE = text(
     "FROM json_to_recordset(CAST(:rows AS json)) AS v(id uuid, provider text, model text, served_model text,"
     " output text, response jsonb, input_tokens bigint, cached_tokens bigint, output_tokens bigint,"
     " reasoning_tokens bigint, baseline_cost_usd numeric) "
-    "WHERE t.id = v.id AND t.status = 'queued' RETURNING t.id"
+    "WHERE t.id = v.id AND t.status = 'queued' RETURNING t.id, t.tier"
 )
 
 
 def succeed_queued_from_cache(session: Session, rows_json: str) -> set[uuid.UUID]:
     """queued → succeeded (mode `cache`, cost 0) for every row of `rows_json` (a JSON array of answers:
     id, provider, model, served_model, output, response, token counts, baseline_cost_usd); the ids moved."""
-    return set(session.scalars(_FINISH_QUEUED_FROM_CACHE, {"rows": rows_json}))
+    moved = session.execute(_FINISH_QUEUED_FROM_CACHE, {"rows": rows_json}).all()
+    tiers = Counter(tier for _, tier in moved)
+    _tally(session, ((TaskStatus.SUCCEEDED, tier, Mode.CACHE, count) for tier, count in tiers.items()))
+    return {task_id for task_id, _ in moved}
 
 
 def cancel_unstarted_of_job(session: Session, job_id: uuid.UUID) -> int:
     """queued / waiting_batch → cancelled for every task of the job; how many moved. Tasks at a provider
     or in flight are left to finish."""
-    moved = session.execute(
-        update(Task).where(Task.job_id == job_id, Task.status.in_(CANCELLABLE_TASK_STATUSES))
-        .values(status=TaskStatus.CANCELLED, finished_at=func.now(), updated_at=func.now(), lease_token=None,
-                lease_expires_at=None, not_before=None)
-        .execution_options(synchronize_session=False)
-    )
-    return int(getattr(moved, "rowcount", 0) or 0)
+    moved = (update(Task).where(Task.job_id == job_id, Task.status.in_(CANCELLABLE_TASK_STATUSES))
+             .values(status=TaskStatus.CANCELLED, finished_at=func.now(), updated_at=func.now(), lease_token=None,
+                     lease_expires_at=None, not_before=None)
+             .returning(Task.tier, Task.mode).cte("moved"))
+    # counted by (tier, mode) in the statement: one row per group back, not one per task
+    groups = session.execute(select(moved.c.tier, moved.c.mode, func.count())
+                             .group_by(moved.c.tier, moved.c.mode)).all()
+    _tally(session, ((TaskStatus.CANCELLED, tier, mode, count) for tier, mode, count in groups))
+    return sum(int(count) for _, _, count in groups)
 
 
 def release_expired_leases(session: Session) -> list[uuid.UUID]:
@@ -263,7 +283,14 @@ _APPLY_INGEST_ROWS = text(
     "SELECT (SELECT count(*) FROM moved) AS written,"
     " (SELECT json_agg(json_build_array(m.id, m.tenant_id, m.task_type, m.tier)) FROM moved AS m"
     "  WHERE m.status = 'succeeded' AND m.shadow_of IS NULL AND m.id = ANY(CAST(:watch AS uuid[]))) AS succeeded,"
-    " (SELECT array_agg(m.id) FROM moved AS m WHERE m.shadow_of IS NOT NULL) AS shadows"
+    " (SELECT array_agg(m.id) FROM moved AS m WHERE m.shadow_of IS NOT NULL) AS shadows,"
+    # what the metrics count: tasks by (status, tier), and the ledger rows' money by (tenant, mode)
+    " (SELECT json_agg(json_build_array(g.status, g.tier, g.n)) FROM (SELECT m.status, m.tier, count(*) AS n"
+    "  FROM moved AS m GROUP BY 1, 2) AS g) AS finished,"
+    " (SELECT json_agg(json_build_array(g.tenant_id, g.shadow, g.cost, g.baseline, g.unpriced)) FROM ("
+    "  SELECT m.tenant_id, m.shadow_of IS NOT NULL AS shadow, coalesce(sum(m.cost_usd), 0)::text AS cost,"
+    "  coalesce(sum(m.baseline_cost_usd) FILTER (WHERE m.cost_usd IS NOT NULL), 0)::text AS baseline,"
+    "  count(*) FILTER (WHERE m.cost_usd IS NULL) AS unpriced FROM moved AS m GROUP BY 1, 2) AS g) AS billed"
 )
 
 
@@ -271,17 +298,23 @@ def apply_ingested_rows(connection: Connection, batch_id: uuid.UUID, provider: s
                         watch: Collection[uuid.UUID]) -> Row[Any]:
     """in_batch → the status of each row of the `ingest_rows` temp table (succeeded / failed), for the
     tasks still in this batch, with their ledger rows. One row back: `written` (how many moved),
-    `succeeded` (the watched ids moved to succeeded, as JSON) and `shadows` (the shadow tasks moved)."""
+    `succeeded` (the watched ids moved to succeeded, as JSON), `shadows` (the shadow tasks moved), and for
+    the metrics `finished` ([status, tier, count] as JSON) and `billed` ([tenant, shadow, cost, baseline,
+    unpriced] as JSON; the caller counts them after its commit, `tierbatch.metrics.record`)."""
     return connection.execute(_APPLY_INGEST_ROWS, {"batch": batch_id, "provider": provider, "model": model,
                                                    "watch": list(watch)}).one()
+
+
+# a bulk statement's `moved` rows counted by (status, tier, mode): one row per group back, not one per task
+_GROUPED = "SELECT status::text, tier::text, mode::text, count(*) FROM moved GROUP BY 1, 2, 3"
 
 
 def return_lines_to_waiting(session: Session, batch_id: uuid.UUID, errors: dict[uuid.UUID, str],
                             max_attempts: int) -> int:
     """in_batch → waiting_batch for another batch, or → failed once a task has used `max_attempts`
     batches; how many moved."""
-    moved = session.execute(text(
-        "UPDATE tasks AS t SET "
+    groups = session.execute(text(
+        "WITH moved AS (UPDATE tasks AS t SET "
         "  status = CASE WHEN t.attempts >= :max THEN 'failed'::task_status ELSE 'waiting_batch'::task_status END, "
         "  finished_at = CASE WHEN t.attempts >= :max THEN now() END, "
         "  batch_id = CASE WHEN t.attempts >= :max THEN t.batch_id END, "
@@ -289,16 +322,20 @@ def return_lines_to_waiting(session: Session, batch_id: uuid.UUID, errors: dict[
         "          ELSE v.error END, "
         "  updated_at = now() "
         "FROM unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error) "
-        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
-    ), {"ids": list(errors), "errors": list(errors.values()), "max": max_attempts, "batch": batch_id})
-    return int(getattr(moved, "rowcount", 0) or 0)
+        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch RETURNING t.status, t.tier, t.mode) "
+        + _GROUPED
+    ), {"ids": list(errors), "errors": list(errors.values()), "max": max_attempts, "batch": batch_id}).all()
+    _tally(session, (group for group in groups if group[0] == TaskStatus.FAILED))
+    return sum(int(group[3]) for group in groups)
 
 
 def fail_batch_lines(session: Session, batch_id: uuid.UUID, errors: dict[uuid.UUID, str]) -> int:
     """in_batch → failed with each line's error; how many moved."""
-    moved = session.execute(text(
-        "UPDATE tasks AS t SET status = 'failed', finished_at = now(), error = v.error, updated_at = now() "
-        "FROM unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error) "
-        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch"
-    ), {"ids": list(errors), "errors": list(errors.values()), "batch": batch_id})
-    return int(getattr(moved, "rowcount", 0) or 0)
+    groups = session.execute(text(
+        "WITH moved AS (UPDATE tasks AS t SET status = 'failed', finished_at = now(), error = v.error, "
+        "updated_at = now() FROM unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error) "
+        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch RETURNING t.status, t.tier, t.mode) "
+        + _GROUPED
+    ), {"ids": list(errors), "errors": list(errors.values()), "batch": batch_id}).all()
+    _tally(session, groups)
+    return sum(int(group[3]) for group in groups)

@@ -47,6 +47,8 @@ from tierbatch.base.secretbox import ENV_NAME as SECRET_KEY_ENV
 from tierbatch.base.secretbox import SecretBox, SecretUnreadable
 from tierbatch.base.states import WebhookStatus
 from tierbatch.db.models import Job, Schedule, ScheduleRun, Tenant, WebhookDelivery
+from tierbatch.metrics.catalog import WEBHOOK_DELIVERIES
+from tierbatch.metrics.commit import after_commit
 from tierbatch.webhooks.signing import signed_headers
 from tierbatch.webhooks.targets import BlockedTarget, PinnedTransport, Resolver, TargetPolicy
 
@@ -194,6 +196,9 @@ def record_attempt(session: Session, outbox: Outbox, call: WebhookCall, result: 
         delay = backoff_seconds(call.attempt)
     session.execute(update(subject).where(subject.id == call.subject_id)
                     .values({outbox.status: status, outbox.nudged: func.clock_timestamp()}))
+    outcome = "delivered" if result.delivered else "retrying" if delay is not None else "gave_up"
+    kind = outbox.kind.replace(" ", "_")
+    after_commit(session, lambda: WEBHOOK_DELIVERIES.labels(kind, outcome).inc())
     return delay
 
 

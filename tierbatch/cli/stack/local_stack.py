@@ -6,7 +6,8 @@
 Starting: check the ports, then embedded Postgres / Redis (unless `DATABASE_URL` / `REDIS_URL` are set),
 migrations and the dev tenant in-process, then the simulator (unless `TIERBATCH_CONFIG` names the
 providers), the open model with `open_model` (tierbatch.cli.stack.open_model), API, worker and beat as
-child processes, each in its own process group, logging to `<dir>/logs/NAME.log`. Leaving the block
+child processes, each in its own process group, logging to `<dir>/logs/NAME.log`, writing their metrics to
+`<dir>/metrics` (PROMETHEUS_MULTIPROC_DIR, emptied at each start; the API's /metrics sums them). Leaving the block
 (normally, on an exception, on Ctrl-C) stops the children (SIGTERM to each group, then SIGKILL), then
 the embedded servers: nothing is left behind.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import shutil
 import socket
 import sys
 import time
@@ -208,7 +210,10 @@ class LocalStack:
         dev_key = self._dev_tenant(database_url, secret_key)
 
         env = {**self.environ, "DATABASE_URL": database_url, "REDIS_URL": redis_url,
-               "TIERBATCH_ADMIN_TOKEN": admin_token, "TIERBATCH_SECRET_KEY": secret_key, "PYTHONUNBUFFERED": "1"}
+               "TIERBATCH_ADMIN_TOKEN": admin_token, "TIERBATCH_SECRET_KEY": secret_key, "PYTHONUNBUFFERED": "1",
+               # every child writes its metrics here, and the API's /metrics sums them: emptied at each start,
+               # or the files of the last run's processes would be summed in
+               "PROMETHEUS_MULTIPROC_DIR": str(self._fresh_metrics_dir())}
         if config_path is not None:
             env["TIERBATCH_CONFIG"] = str(config_path)
         else:
@@ -406,6 +411,12 @@ class LocalStack:
             engine.dispose()
         _write_private(path, tenant.api_key + "\n")
         return tenant.api_key
+
+    def _fresh_metrics_dir(self) -> Path:
+        path = self.data_dir / "metrics"
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+        return path
 
     def _spawn(self, name: str, args: list[str], env: Mapping[str, str]) -> None:
         self.children.append(Child(name, args, env, self.logs_dir / f"{name}.log"))
