@@ -202,3 +202,32 @@ def test_a_silent_server_times_out() -> None:
             server.close()
 
     asyncio.run(run())
+
+
+def test_calls_beyond_the_connection_limit_wait_for_a_free_one() -> None:
+    async def run() -> None:
+        open_now = [0]
+        most = [0]
+
+        async def slow(request: bytes, writer: asyncio.StreamWriter) -> bool:
+            open_now[0] += 1
+            most[0] = max(most[0], open_now[0])
+            await asyncio.sleep(0.05)
+            open_now[0] -= 1
+            return await _json_answer(request, writer)
+
+        server, requests, _ = await _serve(slow)
+        pool = Http1Pool(_url(server), (), timeout=5, max_connections=2)
+        try:
+            answers = await asyncio.gather(*(pool.request("a", b"{}") for _ in range(6)))
+            stream = await pool.stream("a", b"{}")  # a stream holds its slot until it is closed
+            await stream.read()
+            await stream.aclose()
+            after = await pool.request("a", b"{}")
+        finally:
+            await pool.aclose()
+            server.close()
+        assert [a.status_code for a in answers] == [200] * 6 and after.status_code == 200
+        assert most[0] == 2 and len(requests) == 8
+
+    asyncio.run(run())

@@ -226,14 +226,16 @@ class Stream:
         connection, self._connection = self._connection, None
         if connection is not None:
             self._pool.release(connection)
+            self._pool.slots.release()
 
 
 class Http1Pool:
     """Keep-alive connections to one origin (`base_url`'s scheme, host and port); requests name paths
-    under its path. Up to `max_idle` idle connections are kept; any number may be open at once."""
+    under its path. At most `max_connections` calls at once (a call waits for a free slot, within its
+    timeout); up to `max_idle` idle connections are kept."""
 
     def __init__(self, base_url: str, headers: Iterable[tuple[str, str]], timeout: float, *,
-                 max_idle: int = 64) -> None:
+                 max_connections: int = 256, max_idle: int = 64) -> None:
         parsed = urlsplit(base_url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -250,6 +252,7 @@ class Http1Pool:
         self._idle: list[_Connection] = []
         self._ssl: ssl.SSLContext | None = ssl.create_default_context() if self._tls else None
         self._closed = False
+        self.slots = asyncio.Semaphore(max_connections)  # held by each call, a stream until it is closed
 
     def _head(self, path: str, length: int, extra: Iterable[tuple[str, str]]) -> bytes:
         lines = "".join(f"{name}: {value}\r\n" for name, value in extra)
@@ -305,22 +308,27 @@ class Http1Pool:
 
     async def request(self, path: str, body: bytes, extra: Iterable[tuple[str, str]] = ()) -> Response:
         """POST `body` to `path`; the whole answer (within the timeout)."""
-        async with asyncio.timeout(self._timeout):
+        async with asyncio.timeout(self._timeout), self.slots:
             connection, status = await self._send(path, body, extra, streaming=False)
             try:
                 await connection.wait_done()
             except BaseException:
                 connection.close()
                 raise
-        response = Response(status, connection.headers, connection.body())
-        self.release(connection)
+            response = Response(status, connection.headers, connection.body())
+            self.release(connection)
         return response
 
     async def stream(self, path: str, body: bytes, extra: Iterable[tuple[str, str]] = ()) -> Stream:
         """POST `body` to `path`; returns once the answer's head arrived (the body is read from the
         `Stream`, which the caller closes)."""
         async with asyncio.timeout(self._timeout):
-            connection, status = await self._send(path, body, extra, streaming=True)
+            await self.slots.acquire()
+            try:
+                connection, status = await self._send(path, body, extra, streaming=True)
+            except BaseException:
+                self.slots.release()
+                raise
         return Stream(self, connection, status, self._timeout)
 
     async def aclose(self) -> None:
