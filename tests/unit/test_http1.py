@@ -231,3 +231,29 @@ def test_calls_beyond_the_connection_limit_wait_for_a_free_one() -> None:
         assert most[0] == 2 and len(requests) == 8
 
     asyncio.run(run())
+
+
+def test_a_stream_that_stalls_between_pieces_times_out() -> None:
+    async def run() -> None:
+        async def stalls(request: bytes, writer: asyncio.StreamWriter) -> bool:
+            writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+            writer.write(b"%x\r\n%s\r\n" % (len(b"data: one\n\n"), b"data: one\n\n"))
+            await writer.drain()
+            await asyncio.sleep(5)
+            return False
+
+        server, _, _ = await _serve(stalls)
+        pool = Http1Pool(_url(server), (), timeout=0.3)
+        lines: list[str] = []
+        try:
+            stream = await pool.stream("a", b"{}")
+            with pytest.raises(TimeoutError):
+                async for line in stream.lines():
+                    lines.append(line)
+            await stream.aclose()
+        finally:
+            await pool.aclose()
+            server.close()
+        assert lines == ["data: one", ""]
+
+    asyncio.run(run())

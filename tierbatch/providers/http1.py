@@ -58,6 +58,8 @@ class _Connection(asyncio.Protocol):
         self.reusable = False  # the last answer was read whole and the server keeps the connection
         self.headers: dict[str, str] = {}
         self._head: asyncio.Future[int] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None  # the answer's deadline
         self._done: asyncio.Future[None] | None = None
         self._chunks: deque[bytes] = deque()
         self._buffered = 0
@@ -71,6 +73,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not its subclasses
+        self._loop = asyncio.get_running_loop()
 
     def data_received(self, data: bytes) -> None:
         self._received = True
@@ -82,6 +85,7 @@ class _Connection(asyncio.Protocol):
                 self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
         self.lost = True
         self.reusable = False
         delimited = "content-length" not in self.headers and "chunked" not in self.headers.get("transfer-encoding", "")
@@ -99,6 +103,8 @@ class _Connection(asyncio.Protocol):
         self.headers[key] = f"{self.headers[key]}, {text}" if key in self.headers else text
 
     def on_headers_complete(self) -> None:
+        if self._streaming:
+            self._disarm()  # from here on, the stream's reader times each piece
         if self._head is not None and not self._head.done():
             self._head.set_result(self.parser.get_status_code())
 
@@ -111,6 +117,7 @@ class _Connection(asyncio.Protocol):
             self._paused = True
 
     def on_message_complete(self) -> None:
+        self._disarm()
         self._complete = True
         self.reusable = self.parser.should_keep_alive()
         if self._done is not None and not self._done.done():
@@ -127,9 +134,24 @@ class _Connection(asyncio.Protocol):
         for future in (self._head, self._done, self._waiter):
             if future is not None and not future.done():
                 future.set_exception(exc)
+                future.exception()  # marked as seen: only one of them is awaited (awaiting it still raises)
 
-    def start(self, request: bytes, streaming: bool) -> asyncio.Future[int]:
-        loop = asyncio.get_running_loop()
+    def _expire(self) -> None:
+        self._timer = None
+        self._fail(TimeoutError("the provider did not answer in time"))
+        self.close()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def start(self, request: bytes, streaming: bool, timeout: float) -> asyncio.Future[int]:
+        """Send `request`; its answer must be whole (a stream: its head) within `timeout` seconds, else
+        the futures fail with TimeoutError and the connection closes. (A timer of the connection's
+        own: `asyncio.timeout` costs several system calls per use on Python 3.11.)"""
+        loop = self._loop
+        assert loop is not None
         self.headers = {}
         self._chunks.clear()
         self._buffered = 0
@@ -139,6 +161,7 @@ class _Connection(asyncio.Protocol):
         self._head = loop.create_future()
         self._done = loop.create_future()
         assert self.transport is not None
+        self._timer = loop.call_later(timeout, self._expire)
         self.transport.write(request)
         return self._head
 
@@ -152,18 +175,22 @@ class _Connection(asyncio.Protocol):
         assert self._done is not None
         await self._done
 
-    async def next_chunk(self) -> bytes | None:
-        """The next piece of the body as it arrives; None at its end."""
+    async def next_chunk(self, timeout: float) -> bytes | None:
+        """The next piece of the body as it arrives, within `timeout` seconds (else TimeoutError); None
+        at its end."""
         while not self._chunks:
             if self._complete:
                 return None
             if self.lost:
                 raise ConnectionFailed("connection closed by the provider mid-answer")
-            self._waiter = asyncio.get_running_loop().create_future()
+            assert self._loop is not None
+            self._waiter = self._loop.create_future()
+            self._timer = self._loop.call_later(timeout, self._expire)
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+                self._disarm()
         chunk = self._chunks.popleft()
         self._buffered -= len(chunk)
         if self._paused and self._buffered <= _STREAM_HIGH_WATER // 2 and self.transport is not None:
@@ -176,6 +203,7 @@ class _Connection(asyncio.Protocol):
         return self._received
 
     def close(self) -> None:
+        self._disarm()
         self.reusable = False
         if self.transport is not None and not self.lost:
             self.transport.close()
@@ -196,8 +224,7 @@ class Stream:
         if connection is None:
             return
         while True:
-            async with asyncio.timeout(self._timeout):  # between two pieces, like a read timeout
-                chunk = await connection.next_chunk()
+            chunk = await connection.next_chunk(self._timeout)  # between two pieces, like a read timeout
             if chunk is None:
                 await self.aclose()
                 return
@@ -262,9 +289,10 @@ class Http1Pool:
     async def _connect(self) -> _Connection:
         loop = asyncio.get_running_loop()
         try:
-            _, protocol = await loop.create_connection(
-                _Connection, self._host, self._port, ssl=self._ssl,
-                server_hostname=self._host if self._tls else None)
+            async with asyncio.timeout(self._timeout):
+                _, protocol = await loop.create_connection(
+                    _Connection, self._host, self._port, ssl=self._ssl,
+                    server_hostname=self._host if self._tls else None)
         except OSError as exc:
             raise ConnectionFailed(f"could not connect to {self._host}:{self._port}: {exc}") from exc
         return protocol
@@ -292,7 +320,7 @@ class Http1Pool:
             reused = connection is not None
             if connection is None:
                 connection = await self._connect()
-            head = connection.start(request, streaming)
+            head = connection.start(request, streaming, self._timeout)
             try:
                 status = await head
             except ConnectionFailed:
@@ -306,9 +334,18 @@ class Http1Pool:
             return connection, status
         raise ConnectionFailed("the provider closed two connections in a row")  # pragma: no cover
 
+    async def _take_slot(self) -> None:
+        if self.slots.locked():  # all taken: wait for one, within the timeout
+            async with asyncio.timeout(self._timeout):
+                await self.slots.acquire()
+        else:
+            await self.slots.acquire()
+
     async def request(self, path: str, body: bytes, extra: Iterable[tuple[str, str]] = ()) -> Response:
-        """POST `body` to `path`; the whole answer (within the timeout)."""
-        async with asyncio.timeout(self._timeout), self.slots:
+        """POST `body` to `path`; the whole answer, within the timeout (each of: a free slot, a new
+        connection, the answer)."""
+        await self._take_slot()
+        try:
             connection, status = await self._send(path, body, extra, streaming=False)
             try:
                 await connection.wait_done()
@@ -317,18 +354,19 @@ class Http1Pool:
                 raise
             response = Response(status, connection.headers, connection.body())
             self.release(connection)
+        finally:
+            self.slots.release()
         return response
 
     async def stream(self, path: str, body: bytes, extra: Iterable[tuple[str, str]] = ()) -> Stream:
         """POST `body` to `path`; returns once the answer's head arrived (the body is read from the
-        `Stream`, which the caller closes)."""
-        async with asyncio.timeout(self._timeout):
-            await self.slots.acquire()
-            try:
-                connection, status = await self._send(path, body, extra, streaming=True)
-            except BaseException:
-                self.slots.release()
-                raise
+        `Stream`, which the caller closes; each piece within the timeout)."""
+        await self._take_slot()
+        try:
+            connection, status = await self._send(path, body, extra, streaming=True)
+        except BaseException:
+            self.slots.release()
+            raise
         return Stream(self, connection, status, self._timeout)
 
     async def aclose(self) -> None:
