@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -34,6 +35,9 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        # what startup made (modules, config, clients) lives as long as the process: out of the cyclic
+        # collector's sight, a full collection no longer walks it (tens of ms each, under load)
+        gc.freeze()
         yield
         await ctx.aclose()  # OpenAI-compatible surface: pending call records, async clients
         ctx.close()
@@ -47,6 +51,7 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
     # OpenAI-compatible surface first, so the hot `POST /v1/chat/completions` matches at once
     for openai_module in (openai_chat_routes, openai_models_routes, openai_batches_routes):
         app.include_router(openai_module.router)
+    openai_chat_routes.install_fast_chat_route(app)  # the hot route, ahead of all
     for module in (health, tasks, admin):
         app.include_router(module.router)
     app.include_router(jobs_routes.router)  # bulk jobs

@@ -38,7 +38,8 @@ SEED = 20261201
 EXAMPLES_PER_OPERATION = 40
 REQUEST_TIMEOUT = 30.0
 TIME_BUDGET_SECONDS = 240  # the whole fuzz run; a hang or a slow path shows up as operations not fuzzed
-PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/docs", "/redoc")
+# /metrics: open to any scraper by design, with the tenant label summed away (test_metrics.py)
+PUBLIC = ("/healthz", "/readyz", "/openapi.json", "/docs", "/redoc", "/metrics")
 # the fuzz traffic comes from addresses of its own (all of 127.0.0.0/8 is loopback), so a limit the API keeps
 # per client address after failed authentications never reaches the other tests of the session
 TRUSTED_ADDRESS = "127.0.0.71"

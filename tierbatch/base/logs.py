@@ -100,6 +100,10 @@ def correlation_ids() -> dict[str, str]:
     return {name: value for name, var in _IDS if (value := var.get()) is not None}
 
 
+# one encoder for every line: `json.dumps` with options builds a new one per call
+_encode_line = json.JSONEncoder(ensure_ascii=False, default=str).encode
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per record, on one line."""
 
@@ -114,7 +118,7 @@ class JsonFormatter(logging.Formatter):
                 line[key] = value
         if record.exc_info:
             line["exc_info"] = redact(self.formatException(record.exc_info))
-        return json.dumps(line, ensure_ascii=False, default=str)
+        return _encode_line(line)
 
 
 class TextFormatter(logging.Formatter):

@@ -22,6 +22,7 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
+import orjson
 import psycopg
 
 from tierbatch.base import inputs
@@ -81,7 +82,16 @@ def _json_value(value: Any) -> str:
     return value.isoformat() if isinstance(value, datetime) else str(value)
 
 
-_dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"), default=_json_value)
+_stdlib_dumps = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"), default=_json_value)
+
+
+def _dumps(value: Any) -> str:
+    """orjson (a few times faster than the standard library); the standard library for what orjson refuses
+    (an unpaired surrogate, an integer over 64 bits), whose escapes `record_params` then deals with."""
+    try:
+        return orjson.dumps(value, default=_json_value).decode()
+    except TypeError:  # orjson.JSONEncodeError included
+        return _stdlib_dumps(value)
 
 
 # Escapes Postgres cannot take in the rows' JSON text: a NUL (`\u0000`: escaped once in our values, twice

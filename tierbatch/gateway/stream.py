@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Any
 
 import anyio
+import orjson
 
 from tierbatch.base.errors import ProviderError, RecordingFailed
 from tierbatch.base.states import TaskStatus
@@ -86,9 +87,12 @@ class StreamSession:
             self._done = True
             return _Relay.HOLD
         try:
-            chunk = json.loads(payload)
-        except ValueError:
-            return _Relay.SEND
+            chunk = orjson.loads(payload)
+        except orjson.JSONDecodeError:
+            try:  # what orjson refuses and the standard library takes (an escaped unpaired surrogate)
+                chunk = json.loads(payload)
+            except ValueError:
+                return _Relay.SEND
         if not isinstance(chunk, dict):
             return _Relay.SEND
         if "error" in chunk:

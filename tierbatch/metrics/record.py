@@ -3,10 +3,12 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
 
 from sqlalchemy.orm import Session
 
@@ -36,24 +38,37 @@ class Billed:
     unpriced: int = 0
 
 
+# Each counter's child for a set of labels, looked up once: `labels()` takes a lock and checks its
+# arguments on every call, a few microseconds per call record on the gateway's hot path.
+@functools.lru_cache(maxsize=8192)
+def _finished(status: object, tier: object, mode: object) -> Any:
+    return TASKS_FINISHED.labels(mode_label(status), mode_label(tier), mode_label(mode))
+
+
+@functools.lru_cache(maxsize=8192)
+def _billed(tenant_id: uuid.UUID | str, mode: object) -> tuple[Any, Any, Any]:
+    tenant, label = str(tenant_id), mode_label(mode)
+    return (UNPRICED_RESPONSES.labels(tenant, label), SPEND_USD.labels(tenant, label),
+            BASELINE_USD.labels(tenant, label))
+
+
 def count_finished(finished: Iterable[FinishedTasks]) -> None:
     """Increment now (the caller knows the rows are committed)."""
     for group in finished:
         if group.count:
-            TASKS_FINISHED.labels(mode_label(group.status), mode_label(group.tier),
-                                  mode_label(group.mode)).inc(group.count)
+            _finished(group.status, group.tier, group.mode).inc(group.count)
 
 
 def count_billed(billed: Iterable[Billed]) -> None:
     """Increment now (the caller knows the rows are committed)."""
     for row in billed:
-        tenant, mode = str(row.tenant_id), mode_label(row.mode)
+        unpriced, spend, baseline = _billed(row.tenant_id, row.mode)
         if row.unpriced:
-            UNPRICED_RESPONSES.labels(tenant, mode).inc(row.unpriced)
+            unpriced.inc(row.unpriced)
         if row.cost_usd:
-            SPEND_USD.labels(tenant, mode).inc(float(row.cost_usd))
+            spend.inc(float(row.cost_usd))
         if row.baseline_usd:
-            BASELINE_USD.labels(tenant, mode).inc(float(row.baseline_usd))
+            baseline.inc(float(row.baseline_usd))
 
 
 def tasks_finished(session: Session, *finished: FinishedTasks) -> None:

@@ -21,6 +21,7 @@ Permanent errors (4xx other than 408/409/429) say nothing about the model's heal
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -79,6 +80,8 @@ class Cooldown:
         self._clock = clock
         # (provider, model) → (trusted until, open, tripped): healthy models as this process last saw them
         self._seen: dict[tuple[str, str], tuple[float, bool, bool]] = {}
+        # the MGET in flight per chain: when the memory runs out, concurrent calls share one read
+        self._reads: dict[tuple[tuple[str, str], ...], asyncio.Future[list[tuple[bool, bool]]]] = {}
 
     def _key(self, kind: str, ref: ModelRef) -> str:
         return f"{self._prefix}{kind}:{ref.provider}/{ref.model}"
@@ -96,6 +99,15 @@ class Cooldown:
         remembered = [self._seen.get((ref.provider, ref.model)) for ref in chain]
         if all(entry is not None and entry[0] > now for entry in remembered):
             return [(entry[1], entry[2]) for entry in remembered if entry is not None]
+        key = tuple((ref.provider, ref.model) for ref in chain)
+        read = self._reads.get(key)
+        if read is None:
+            read = asyncio.ensure_future(self._read_flags(chain))
+            self._reads[key] = read
+            read.add_done_callback(lambda _: self._reads.pop(key, None))
+        return await asyncio.shield(read)
+
+    async def _read_flags(self, chain: Sequence[ModelRef]) -> list[tuple[bool, bool]]:
         values = await self._redis.mget([self._key(kind, ref) for ref in chain for kind in ("open", "trip")])
         flags = [(values[2 * i] is not None, values[2 * i + 1] is not None) for i in range(len(chain))]
         for ref, (is_open, tripped) in zip(chain, flags, strict=True):

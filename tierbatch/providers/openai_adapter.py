@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx2
 import openai
+import orjson
 
 from tierbatch.base.config import ProviderConfig
 from tierbatch.base.errors import PermanentProviderError, ProviderError, RetryableProviderError
@@ -30,6 +31,7 @@ from tierbatch.providers.adapter import (
 )
 from tierbatch.providers.cache_keys import PROMPT_CACHE_KEY_FIELD, with_prompt_cache_key
 from tierbatch.providers.error_mapping import classified, error_message, error_text, status_error, transport_error
+from tierbatch.providers.http1 import ConnectionFailed, Http1Pool, proxy_configured
 
 
 def _message_of(exc: openai.APIStatusError) -> str:
@@ -125,6 +127,38 @@ class OpenAIBatches:
             raise self._mapped(exc) from exc
 
 
+class Http1ChatStream:
+    """An open streamed chat completion over the lean client (status 200 already received)."""
+
+    def __init__(self, provider: str, model: str, stream: Any) -> None:
+        self.provider = provider
+        self.requested_model = model
+        self._stream = stream
+
+    async def lines(self) -> AsyncIterator[str]:
+        try:
+            async for line in self._stream.lines():
+                yield line
+        except (ConnectionFailed, TimeoutError) as exc:
+            raise _lean_error(exc, self.provider, self.requested_model, "stream broken: ") from exc
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _lean_error(exc: Exception, provider: str, model: str, what: str = "") -> RetryableProviderError:
+    """The lean client's errors, worded like `transport_error` words `httpx2`'s."""
+    if isinstance(exc, TimeoutError):
+        return RetryableProviderError(f"{provider}/{model}: {what}request timed out", provider=provider,
+                                      model=model, timed_out=True)
+    return RetryableProviderError(f"{provider}/{model}: {what}connection failed: {exc}", provider=provider,
+                                  model=model)
+
+
+_ACCEPT_JSON = (("Accept", "application/json"),)
+_ACCEPT_STREAM = (("Accept", "text/event-stream"),)
+
+
 class SSEChatStream:
     """An open streamed chat completion (status 200 already received): its SSE lines as they arrive."""
 
@@ -149,6 +183,24 @@ class SSEChatStream:
 
 def _not_json(constant: str) -> Any:
     raise ValueError(f"{constant} is not a JSON value")
+
+
+def _payload(body: Mapping[str, Any]) -> bytes:
+    """The request's JSON: orjson, or the standard library for what orjson refuses (an integer over 64 bits)."""
+    try:
+        return orjson.dumps(body)
+    except TypeError:
+        return json.dumps(body, ensure_ascii=False).encode()
+
+
+def _answer_body(content: bytes) -> Any:
+    """The answer parsed: orjson (which refuses NaN and Infinity, as it should: Postgres could not record
+    them), else the standard library, which also takes an escaped unpaired surrogate (recorded replaced)
+    but not NaN/Infinity either; ValueError when it is not JSON."""
+    try:
+        return orjson.loads(content)
+    except orjson.JSONDecodeError:
+        return json.loads(content, parse_constant=_not_json)
 
 
 def _cache_key_field(request: Mapping[str, Any], cache_key: str | None) -> dict[str, str]:
@@ -213,7 +265,13 @@ class OpenAIAdapter:
         return OpenAIBatches(client, provider)
 
     def async_client(self, settings: ProviderConfig, api_key: str,
-                     transport: httpx2.AsyncBaseTransport | None) -> httpx2.AsyncClient:
+                     transport: httpx2.AsyncBaseTransport | None) -> httpx2.AsyncClient | Http1Pool:
+        """The lean keep-alive pool (`tierbatch.providers.http1`); `httpx2` when a transport replaces the
+        network (tests) or the environment names a proxy (which only `httpx2` honours)."""
+        if transport is None and not proxy_configured():
+            return Http1Pool(settings.base_url, (("Authorization", f"Bearer {api_key}"),
+                                                 ("Content-Type", "application/json")),
+                             settings.timeout_seconds)
         return httpx2.AsyncClient(
             base_url=settings.base_url.rstrip("/") + "/",
             headers={"Authorization": f"Bearer {api_key}",
@@ -223,25 +281,30 @@ class OpenAIAdapter:
             transport=transport,
         )
 
-    async def aclose(self, client: httpx2.AsyncClient) -> None:
+    async def aclose(self, client: httpx2.AsyncClient | Http1Pool) -> None:
         await client.aclose()
 
-    async def achat(self, client: httpx2.AsyncClient, target: Target, request: Mapping[str, Any],
+    async def achat(self, client: httpx2.AsyncClient | Http1Pool, target: Target, request: Mapping[str, Any],
                     cache_key: str | None) -> RawChatAnswer:
         provider, model = target.provider, target.model
         started = time.perf_counter()
-        payload = json.dumps({**request, **_cache_key_field(request, cache_key), "model": model},
-                             ensure_ascii=False).encode()
-        try:
-            response = await client.post("chat/completions", content=payload)
-        except httpx2.HTTPError as exc:
-            raise transport_error(exc, provider, model) from exc
+        payload = _payload({**request, **_cache_key_field(request, cache_key), "model": model})
+        response: httpx2.Response | Any
+        if isinstance(client, Http1Pool):
+            try:
+                response = await client.request("chat/completions", payload, _ACCEPT_JSON)
+            except (ConnectionFailed, TimeoutError) as exc:
+                raise _lean_error(exc, provider, model) from exc
+        else:
+            try:
+                response = await client.post("chat/completions", content=payload)
+            except httpx2.HTTPError as exc:
+                raise transport_error(exc, provider, model) from exc
         if response.status_code >= 400:
             raise status_error(response.status_code, response.headers, response.content, provider, model)
         content = response.content
         try:
-            # NaN/Infinity are not JSON (Python's parser takes them; Postgres could not record the answer)
-            body = json.loads(content, parse_constant=_not_json)
+            body = _answer_body(content)
         except ValueError as exc:
             raise RetryableProviderError(f"{provider}/{model}: the answer is not JSON", provider=provider,
                                          model=model) from exc
@@ -250,11 +313,12 @@ class OpenAIAdapter:
                                          provider=provider, model=model)
         return RawChatAnswer(provider, model, content, body, int((time.perf_counter() - started) * 1000))
 
-    async def open_stream(self, client: httpx2.AsyncClient, target: Target, request: Mapping[str, Any],
+    async def open_stream(self, client: httpx2.AsyncClient | Http1Pool, target: Target, request: Mapping[str, Any],
                           cache_key: str | None) -> ChatStream:
         provider, model = target.provider, target.model
-        payload = json.dumps({**request, **_cache_key_field(request, cache_key), "model": model,
-                              "stream": True}, ensure_ascii=False).encode()
+        payload = _payload({**request, **_cache_key_field(request, cache_key), "model": model, "stream": True})
+        if isinstance(client, Http1Pool):
+            return await self._open_lean_stream(client, provider, model, payload)
         try:
             response = await client.send(client.build_request("POST", "chat/completions", content=payload,
                                                               headers={"Accept": "text/event-stream"}),
@@ -270,3 +334,18 @@ class OpenAIAdapter:
                 await response.aclose()
             raise status_error(response.status_code, response.headers, response.content, provider, model)
         return SSEChatStream(provider, model, response)
+
+    async def _open_lean_stream(self, client: Http1Pool, provider: str, model: str, payload: bytes) -> ChatStream:
+        try:
+            stream = await client.stream("chat/completions", payload, _ACCEPT_STREAM)
+        except (ConnectionFailed, TimeoutError) as exc:
+            raise _lean_error(exc, provider, model) from exc
+        if stream.status_code >= 400:
+            try:
+                content = await stream.read()
+            except (ConnectionFailed, TimeoutError) as exc:
+                raise _lean_error(exc, provider, model) from exc
+            finally:
+                await stream.aclose()
+            raise status_error(stream.status_code, stream.headers, content, provider, model)
+        return Http1ChatStream(provider, model, stream)
