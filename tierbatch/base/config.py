@@ -236,7 +236,7 @@ class RetentionConfig(_Section):
     kept forever (the default)."""
 
     bodies_days: int | None = Field(default=None, ge=1, le=36_500)
-    batch_size: int = Field(default=5_000, ge=100, le=50_000)
+    batch_size: int = Field(default=5_000, ge=1, le=50_000)
     interval_seconds: float = Field(default=3_600.0, gt=0, le=86_400)
     # one tick stops starting new batches after this long; the next tick goes on
     tick_budget_seconds: float = Field(default=60.0, gt=0, le=3_600)
