@@ -12,19 +12,20 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
+import sqlalchemy as sa
 from psycopg.rows import dict_row
 
 from tests.support.procs import wait_until
 from tests.support.stack import Stack, psycopg_dsn, sibling_stack
 from tierbatch.db.engine import make_engine, make_session_factory
-from tierbatch.tasks.retention import remove_bodies
+from tierbatch.tasks.retention import DUE_TASKS, remove_bodies
 
 pytestmark = pytest.mark.integration
 
@@ -84,24 +85,26 @@ def submit(client: httpx.Client) -> tuple[list[str], str]:
     return [t["id"] for t in answer.json()["data"]], job.json()["id"]
 
 
-def plant_live_task(dsn: str, like: str) -> str:
-    """A copy of a finished task, running under a lease nobody will let expire, made three days ago."""
+def plant_live_task(dsn: str, like: str, shadow_of: str | None = None) -> str:
+    """A copy of a finished task (or a shadow of `shadow_of`), running under a lease nobody will let
+    expire, made three days ago."""
     live = str(uuid.uuid4())
     with psycopg.connect(dsn) as conn:
         conn.execute("CREATE TEMP TABLE planted AS SELECT * FROM tasks WHERE id = %s", (like,))
         conn.execute(
             "UPDATE planted SET id = %s, status = 'running', finished_at = NULL, lease_token = gen_random_uuid(),"
             " lease_expires_at = now() + interval '1 hour', created_at = now() - interval '3 days',"
-            " started_at = now() - interval '3 days', idempotency_key = NULL", (live,))
+            " started_at = now() - interval '3 days', idempotency_key = NULL, job_id = NULL, item_id = NULL,"
+            " shadow_of = %s", (live, shadow_of))
         conn.execute("INSERT INTO tasks SELECT * FROM planted")
     return live
 
 
-def move_back(dsn: str, ids: list[str]) -> None:
-    """Test setup: these tasks were made and finished three days ago."""
+def move_back(dsn: str, ids: list[str], days: int = 3) -> None:
+    """Test setup: these tasks were made and finished `days` days ago."""
     with psycopg.connect(dsn) as conn:
-        conn.execute("UPDATE tasks SET " + ", ".join(f"{c} = {c} - interval '3 days'" for c in MOVED)
-                     + " WHERE id = ANY(%s::uuid[])", (ids,))
+        conn.execute("UPDATE tasks SET " + ", ".join(f"{c} = {c} - make_interval(days => %(days)s)" for c in MOVED)
+                     + " WHERE id = ANY(%(ids)s::uuid[])", {"ids": ids, "days": days})
 
 
 def results(client: httpx.Client, job_id: str) -> list[dict[str, Any]]:
@@ -189,3 +192,79 @@ def test_old_bodies_are_removed_and_everything_else_stays(rstack: Stack, sim_res
         finally:
             with psycopg.connect(dsn) as conn:
                 conn.execute("DELETE FROM tasks WHERE id = %s", (live,))
+
+
+def facade_batch(client: httpx.Client, count: int) -> str:
+    lines = [{"custom_id": f"req-{i}", "method": "POST", "url": "/v1/chat/completions",
+              "body": {"model": "smart-select", "messages": [{"role": "user", "content": f"Say {i}"}]}}
+             for i in range(count)]
+    content = "".join(json.dumps(item) + "\n" for item in lines).encode()
+    uploaded = client.post("/v1/files", files={"file": ("requests.jsonl", content)}, data={"purpose": "batch"})
+    assert uploaded.status_code == 200, uploaded.text
+    created = client.post("/v1/batches", json={"input_file_id": uploaded.json()["id"],
+                                               "endpoint": "/v1/chat/completions", "completion_window": "24h"})
+    assert created.status_code == 200, created.text
+    return str(created.json()["id"])
+
+
+def test_bodies_wait_for_a_live_shadow_and_for_the_batch_output_file(rstack: Stack, sim_reset: Stack) -> None:
+    """A task with a live shadow keeps its answer (the comparison reads it when the shadow finishes), and
+    the lines of a facade batch keep theirs until its output file is assembled (then the file keeps them)."""
+    dsn = psycopg_dsn(rstack.database_url)
+    tenant_id, key = rstack.new_tenant("retention-waits")
+    shadow: str | None = None
+    with rstack.client(key) as client:
+        answer = client.post("/v1/tasks", json={"tasks": [
+            {"prompt": f"Name a colour, {n}", "tier": "light", "urgent": True} for n in ("control", "shadowed")]})
+        assert answer.status_code == 202, answer.text
+        control, shadowed = (t["id"] for t in answer.json()["data"])
+        batch_id = facade_batch(client, 2)
+        wait_terminal(dsn, tenant_id, 4)
+        lines = [i for i, r in task_rows(dsn, tenant_id).items() if r["job_id"] is not None]
+        shadow = plant_live_task(dsn, control, shadow_of=shadowed)
+        try:
+            # the waiting ones finished before the control: a tick that reached the control saw them first
+            move_back(dsn, [shadowed, *lines], days=4)
+            move_back(dsn, [control], days=3)
+            wait_until(lambda: task_rows(dsn, tenant_id)[control]["bodies_removed_at"] is not None, 60, 0.2,
+                       "the control's bodies removed")
+            rows = task_rows(dsn, tenant_id)
+            for waiting in (shadowed, *lines):
+                assert rows[waiting]["bodies_removed_at"] is None and rows[waiting]["output"], waiting
+
+            with psycopg.connect(dsn) as conn:  # test setup: the shadow finishes
+                conn.execute("UPDATE tasks SET status = 'succeeded', finished_at = now(), lease_token = NULL,"
+                             " lease_expires_at = NULL WHERE id = %s", (shadow,))
+            wait_until(lambda: task_rows(dsn, tenant_id)[shadowed]["bodies_removed_at"] is not None, 60, 0.2,
+                       "the shadowed task's bodies removed once its shadow finished")
+            assert all(task_rows(dsn, tenant_id)[i]["bodies_removed_at"] is None for i in lines)
+
+            finished = client.get(f"/v1/batches/{batch_id}").json()  # the first read assembles the files
+            assert finished["status"] == "completed", finished
+            output = client.get(f"/v1/files/{finished['output_file_id']}/content")
+            assert output.status_code == 200
+            answered = [json.loads(raw) for raw in output.text.splitlines()]
+            assert sorted(a["custom_id"] for a in answered) == ["req-0", "req-1"]
+            assert all(a["response"]["body"]["choices"][0]["message"]["content"] for a in answered)
+            wait_until(lambda: all(task_rows(dsn, tenant_id)[i]["bodies_removed_at"] is not None for i in lines),
+                       60, 0.2, "the batch lines' bodies removed once the output file was assembled")
+            # the file is the tenant's to delete (DELETE /v1/files/{id}); retention leaves it whole
+            assert client.get(f"/v1/files/{finished['output_file_id']}/content").text == output.text
+        finally:
+            with psycopg.connect(dsn) as conn:
+                conn.execute("DELETE FROM tasks WHERE id = %s", (shadow,))
+
+
+def test_the_purge_reads_the_index_of_kept_bodies(stack: Stack) -> None:
+    """The finished tasks whose bodies are kept, oldest first, from `ix_tasks_bodies_kept` (never the
+    rows already emptied); shadows and facade batches by their own indexes."""
+    engine = make_engine(stack.database_url)
+    try:
+        with engine.begin() as connection:
+            connection.execute(sa.text("SET LOCAL enable_seqscan = off"))
+            plan = "\n".join(row[0] for row in connection.execute(
+                sa.text("EXPLAIN " + str(DUE_TASKS)), {"cutoff": datetime.now(UTC), "limit": 5000}))
+    finally:
+        engine.dispose()
+    assert "Index Scan using ix_tasks_bodies_kept on tasks t" in plan, plan
+    assert "Seq Scan" not in plan, plan

@@ -36,7 +36,7 @@ from tierbatch.metrics.catalog import RETENTION_BODIES_REMOVED, RemovedKind
 from tierbatch.metrics.commit import after_commit
 from tierbatch.tasks.labels import extract_label, labels_of
 
-_DUE = text(
+DUE_TASKS = text(
     "SELECT t.id, t.output, t.request -> 'response_format' AS response_format FROM tasks t"
     " WHERE t.finished_at IS NOT NULL AND t.bodies_removed_at IS NULL AND t.finished_at < :cutoff"
     "   AND NOT EXISTS (SELECT 1 FROM tasks s WHERE s.shadow_of = t.id AND s.finished_at IS NULL)"
@@ -67,7 +67,7 @@ def kept_output(output: str | None, response_format: Mapping[str, Any] | None) -
 
 def remove_bodies(session: Session, cutoff: datetime, limit: int) -> int:
     """Remove the bodies of up to `limit` tasks finished before `cutoff`; how many. Doesn't commit."""
-    rows = session.execute(_DUE, {"cutoff": cutoff, "limit": limit}).all()
+    rows = session.execute(DUE_TASKS, {"cutoff": cutoff, "limit": limit}).all()
     if not rows:
         return 0
     ids: list[uuid.UUID] = [row.id for row in rows]
