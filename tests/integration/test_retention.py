@@ -268,3 +268,24 @@ def test_the_purge_reads_the_index_of_kept_bodies(stack: Stack) -> None:
         engine.dispose()
     assert "Index Scan using ix_tasks_bodies_kept on tasks t" in plan, plan
     assert "Seq Scan" not in plan, plan
+
+
+def test_cached_answers_stored_before_the_cutoff_are_deleted(rstack: Stack) -> None:
+    """An answer cached three days ago under a longer TTL (before retention was set) goes; a fresh one stays."""
+    dsn = psycopg_dsn(rstack.database_url)
+    tenant_id, _ = rstack.new_tenant("retention-cache")
+    old, fresh = b"o" * 32, b"f" * 32
+    with psycopg.connect(dsn) as conn:
+        for key, age in ((old, "3 days"), (fresh, "1 hour")):
+            conn.execute(
+                "INSERT INTO response_cache (tenant_id, key, status, provider, requested_model, served_model, output,"
+                " response, input_tokens, output_tokens, created_at, expires_at) VALUES (%s, %s, 'ready', 'sim',"
+                " 'gpt-4o-mini', 'gpt-4o-mini', 'blue', '{\"choices\": []}', 5, 1, now() - %s::interval,"
+                " now() + interval '30 days')", (tenant_id, key, age))
+
+    def keys() -> set[bytes]:
+        return {bytes(r["key"]) for r in rows_of(dsn, "SELECT key FROM response_cache WHERE tenant_id = %s",
+                                                 tenant_id)}
+
+    wait_until(lambda: old not in keys(), 60, 0.2, "the old cached answer deleted")
+    assert keys() == {fresh}
