@@ -36,4 +36,6 @@ def task_body(task: Task) -> dict[str, Any]:
         "attempts": task.attempts, "error": task.error,
         "created_at": timestamp(task.created_at), "started_at": timestamp(task.started_at),
         "finished_at": timestamp(task.finished_at),
+        # retention: when output, response and the prompt were removed; null while they are kept
+        "bodies_removed_at": timestamp(task.bodies_removed_at),
     }

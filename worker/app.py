@@ -18,6 +18,7 @@ from tierbatch.base.messaging import (
     LANE_PUMP,
     POLL_BATCHES,
     RECONCILE,
+    RETENTION_TICK,
     SCHEDULE_TICK,
     celery_settings,
 )
@@ -39,6 +40,10 @@ def beat_schedule(config: AppConfig) -> dict[str, dict[str, object]]:
     if lane_provider(config) is not None:
         # the background lane: retries that became due, a pause that ended, released leases
         lane["lane-pump"] = {"task": LANE_PUMP, "schedule": timedelta(seconds=config.batch.assemble_interval_seconds)}
+    if config.retention.bodies_days is not None:
+        # retention: bodies of tasks finished more than bodies_days ago are removed, batch by batch
+        lane["retention-tick"] = {"task": RETENTION_TICK,
+                                  "schedule": timedelta(seconds=config.retention.interval_seconds)}
     return {**lane,
         "reconcile": {"task": RECONCILE, "schedule": timedelta(seconds=config.reconciler.interval_seconds)},
         "assemble-batches": {"task": ASSEMBLE_BATCHES,
@@ -75,6 +80,7 @@ def create_celery_app(settings: Settings, config: AppConfig, *,
     import tierbatch.worker.facade  # Batch API facade: expiry of client batches
     import tierbatch.worker.lane  # the background lane
     import tierbatch.worker.quality  # quality-aware routing
+    import tierbatch.worker.retention  # retention of task bodies
     import tierbatch.worker.schedules  # scheduled classification
     import tierbatch.worker.tasks
     import tierbatch.worker.webhooks  # noqa: F401  job webhooks

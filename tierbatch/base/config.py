@@ -231,6 +231,19 @@ class MetricsConfig(_Section):
     scrape_timeout_seconds: float = Field(default=2.0, gt=0, le=30)
 
 
+class RetentionConfig(_Section):
+    """How long the bodies of finished tasks are kept (tierbatch/tasks/retention.py): prompts, outputs and
+    provider answers of tasks finished more than `bodies_days` ago are removed by a beat tick, in batches of
+    `batch_size` rows, one transaction each; the task rows and their ledger rows stay. No `bodies_days`:
+    kept forever (the default)."""
+
+    bodies_days: int | None = Field(default=None, ge=1, le=36_500)
+    batch_size: int = Field(default=5_000, ge=1, le=50_000)
+    interval_seconds: float = Field(default=3_600.0, gt=0, le=86_400)
+    # one tick stops starting new batches after this long; the next tick goes on
+    tick_budget_seconds: float = Field(default=60.0, gt=0, le=3_600)
+
+
 class AppConfig(_Section):
     providers: dict[str, ProviderConfig]
     tiers: dict[Literal["light", "complex"], TierConfig]
@@ -247,9 +260,15 @@ class AppConfig(_Section):
     sources: dict[str, SqlSourceConfig] = Field(default_factory=dict)
     webhooks: WebhooksConfig = WebhooksConfig()
     metrics: MetricsConfig = MetricsConfig()
+    retention: RetentionConfig = RetentionConfig()
 
     @model_validator(mode="after")
     def _check_references(self) -> AppConfig:
+        days = self.retention.bodies_days
+        if days is not None and self.cache.enabled and self.cache.ttl_seconds > days * 86_400:
+            # a cached answer holds an output: it must not outlive the bodies it was copied from
+            raise ValueError(f"cache.ttl_seconds: {self.cache.ttl_seconds} keeps cached answers longer than "
+                             f"retention.bodies_days ({days} days = {days * 86_400} seconds)")
         for name in ("light", "complex"):
             if name not in self.tiers:
                 raise ValueError(f"[tiers.{name}] is missing")

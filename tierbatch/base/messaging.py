@@ -39,6 +39,8 @@ JOB_WEBHOOK = "tierbatch.jobs.webhook"
 # the background lane (tierbatch.tasks.lane): the pump that claims its work, and one of its calls
 LANE_PUMP = "tierbatch.lane.pump"
 CALL_LANE = "tierbatch.lane.call"
+# retention: the beat tick that removes the bodies of tasks finished more than `bodies_days` ago
+RETENTION_TICK = "tierbatch.retention.tick"
 
 QUEUE_DISPATCH = "dispatch"
 QUEUE_IMMEDIATE = "immediate"
@@ -69,6 +71,7 @@ TASK_ROUTES = {
     JOB_WEBHOOK: {"queue": QUEUE_WEBHOOKS},
     LANE_PUMP: {"queue": QUEUE_DISPATCH},  # one short transaction
     CALL_LANE: {"queue": QUEUE_BACKGROUND},
+    RETENTION_TICK: {"queue": QUEUE_BATCH},  # bulk statements, bounded by a time budget
 }
 
 # Chunk size for dispatch messages on bulk paths: never one message per task.

@@ -116,6 +116,9 @@ class ClientBatchStatus(enum.StrEnum):
     CANCELLED = "cancelled"
 
 
+# frozen: the output and error files are assembled (tierbatch/openai_batches/results.py)
+FINAL_CLIENT_BATCH_STATUSES = (ClientBatchStatus.COMPLETED, ClientBatchStatus.FAILED, ClientBatchStatus.EXPIRED,
+                               ClientBatchStatus.CANCELLED)
 # the expiry tick looks only at these
 OPEN_CLIENT_BATCH_STATUSES = (ClientBatchStatus.IN_PROGRESS, ClientBatchStatus.FINALIZING)
 

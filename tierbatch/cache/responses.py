@@ -27,6 +27,7 @@ import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
@@ -317,4 +318,17 @@ def purge_expired_entries(session: Session, limit: int = 10_000) -> int:
     result = session.execute(delete(ResponseCacheEntry).where(
         ResponseCacheEntry.tenant_id == doomed.c.tenant_id, ResponseCacheEntry.key == doomed.c.key,
         ResponseCacheEntry.expires_at <= func.now()))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def purge_entries_created_before(session: Session, cutoff: datetime, limit: int) -> int:
+    """Retention: delete up to `limit` live entries stored before `cutoff` (they hold an answer older than
+    the bodies kept). With `cache.ttl_seconds` no longer than the retention (a config rule), only entries
+    stored under a longer TTL are found; expired ones are `purge_expired_entries`' work. Reads the live
+    entries (the `expires_at` index from now on): a cache bounded by its TTL, once per retention tick."""
+    doomed = (select(ResponseCacheEntry.tenant_id, ResponseCacheEntry.key)
+              .where(ResponseCacheEntry.expires_at > func.now(), ResponseCacheEntry.created_at < cutoff)
+              .limit(limit).with_for_update(skip_locked=True).subquery())
+    result = session.execute(delete(ResponseCacheEntry).where(
+        ResponseCacheEntry.tenant_id == doomed.c.tenant_id, ResponseCacheEntry.key == doomed.c.key))
     return int(getattr(result, "rowcount", 0) or 0)

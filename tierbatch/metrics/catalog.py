@@ -29,6 +29,7 @@ knows, else `other`; status, tier and mode = enum values (`none` for a task with
 | `tierbatch_unpriced_responses_total` | counter | tenant, mode | ledger rows without a price (not in spend) |
 | `tierbatch_reconciler_actions_total` | counter | action | leases released, tasks re-dispatched, batch steps resumed, cache entries purged |
 | `tierbatch_webhook_deliveries_total` | counter | kind, outcome | webhook attempts: delivered, retrying, gave_up |
+| `tierbatch_retention_bodies_removed_total` | counter | kind | retention: task bodies (`task`) and cached answers (`cache_entry`) removed |
 | `tierbatch_beat_ticks_total` | counter | entry | periodic ticks beat sent (a flat line: beat is down) |
 | `tierbatch_metrics_database_up` | gauge (scrape) | | 1 when the scrape's database queries answered in time |
 
@@ -93,6 +94,8 @@ UNPRICED_RESPONSES = Counter("tierbatch_unpriced_responses", "Committed ledger r
 RECONCILER_ACTIONS = Counter("tierbatch_reconciler_actions", "What the reconciler found and did again.", ["action"])
 WEBHOOK_DELIVERIES = Counter("tierbatch_webhook_deliveries", "Outbound webhook attempts by outcome.",
                              ["kind", "outcome"])
+RETENTION_BODIES_REMOVED = Counter("tierbatch_retention_bodies_removed",
+                                   "Retention: task bodies and cached answers removed.", ["kind"])
 BEAT_TICKS = Counter("tierbatch_beat_ticks", "Periodic ticks sent by beat, per schedule entry.", ["entry"])
 
 
@@ -107,6 +110,13 @@ class ReconcilerAction(StrEnum):
     SUBMISSIONS_RESUMED = "batch_submissions_resumed"
     INGESTIONS_RESUMED = "batch_ingestions_resumed"
     CACHE_ENTRIES_PURGED = "cache_entries_purged"
+
+
+class RemovedKind(StrEnum):
+    """What the retention tick removed bodies from."""
+
+    TASK = "task"
+    CACHE_ENTRY = "cache_entry"
 
 
 def mode_label(mode: object) -> str:

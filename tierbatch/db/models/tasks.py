@@ -87,6 +87,12 @@ class Task(Base):
         # quality monitor: at most one batch-path shadow task per task, never part of a job
         Index("uq_tasks_shadow_of", "shadow_of", unique=True, postgresql_where=text("shadow_of IS NOT NULL")),
         CheckConstraint("shadow_of IS NULL OR job_id IS NULL", name="shadow_task_has_no_job"),
+        # retention (tierbatch/tasks/retention.py): finished tasks whose bodies are still kept, oldest first.
+        # A task gets its entry when it finishes (that update is never HOT: `status` is indexed) and loses
+        # it when its bodies are removed, so the purge never reads the rows it already emptied.
+        Index("ix_tasks_bodies_kept", "finished_at",
+              postgresql_where=text("finished_at IS NOT NULL AND bodies_removed_at IS NULL")),
+        CheckConstraint("bodies_removed_at IS NULL OR finished_at IS NOT NULL", name="bodies_removed_only_finished"),
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -132,4 +138,6 @@ class Task(Base):
     # sent through the batch path when that task was not urgent. Its ledger row is a `shadow` row of
     # `shadow_of`; it is not listed to the tenant and belongs to no job.
     shadow_of: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tasks.id"))
+    # retention: when the prompt (`request` became `{}`), `output` and `response` were removed; NULL: kept
+    bodies_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
