@@ -10,6 +10,7 @@ waits for the beat. A live task whose row is three days old is planted beside th
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -266,8 +267,10 @@ def test_the_purge_reads_the_index_of_kept_bodies(stack: Stack) -> None:
                 sa.text("EXPLAIN " + str(DUE_TASKS)), {"cutoff": datetime.now(UTC), "limit": 5000}))
     finally:
         engine.dispose()
-    assert "Index Scan using ix_tasks_bodies_kept on tasks t" in plan, plan
+    # an index scan, or a bitmap scan then a sort once the session's database holds many due rows
+    assert re.search(r"(Index Scan using|Bitmap Index Scan on) ix_tasks_bodies_kept\b", plan), plan
     assert "Seq Scan" not in plan, plan
+    assert not re.search(r"Scan (using|on) (ix_tasks_tenant_created|tasks_pkey)", plan), plan
 
 
 def test_cached_answers_stored_before_the_cutoff_are_deleted(rstack: Stack) -> None:
