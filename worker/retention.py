@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 from celery import Task as CeleryTask
 from celery import shared_task
+from sqlalchemy.orm import Session
 
 from tierbatch.base.messaging import RETENTION_TICK
 from tierbatch.cache.responses import purge_entries_created_before
@@ -24,6 +26,18 @@ from tierbatch.worker.context import WorkerContext, context_of
 log = logging.getLogger(__name__)
 
 
+def _in_batches(ctx: WorkerContext, step: Callable[[Session, int], int], batch_size: int, deadline: float) -> int:
+    """`step` in one transaction per batch until a batch comes back short or the deadline passes."""
+    done = 0
+    while time.monotonic() < deadline:
+        with ctx.sessions.begin() as session:
+            moved = step(session, batch_size)
+        done += moved
+        if moved < batch_size:
+            break
+    return done
+
+
 def run_retention(ctx: WorkerContext, now: datetime | None = None) -> tuple[int, int]:
     """One tick: (task bodies removed, cache entries deleted)."""
     retention = ctx.config.retention
@@ -31,20 +45,10 @@ def run_retention(ctx: WorkerContext, now: datetime | None = None) -> tuple[int,
         return 0, 0
     cutoff = (now or datetime.now(UTC)) - timedelta(days=retention.bodies_days)
     deadline = time.monotonic() + retention.tick_budget_seconds
-    tasks = 0
-    while time.monotonic() < deadline:
-        with ctx.sessions.begin() as session:
-            removed = remove_bodies(session, cutoff, retention.batch_size)
-        tasks += removed
-        if removed < retention.batch_size:
-            break
-    entries = 0
-    while time.monotonic() < deadline:
-        with ctx.sessions.begin() as session:
-            deleted = purge_entries_created_before(session, cutoff, retention.batch_size)
-        entries += deleted
-        if deleted < retention.batch_size:
-            break
+    tasks = _in_batches(ctx, lambda session, limit: remove_bodies(session, cutoff, limit),
+                        retention.batch_size, deadline)
+    entries = _in_batches(ctx, lambda session, limit: purge_entries_created_before(session, cutoff, limit),
+                          retention.batch_size, deadline)
     if entries:
         RETENTION_BODIES_REMOVED.labels(RemovedKind.CACHE_ENTRY).inc(entries)  # committed above
     if tasks or entries:
