@@ -22,7 +22,14 @@ from typing import Any
 from celery import Celery, shared_task
 from celery import Task as CeleryTask
 
-from tierbatch.base.messaging import ASSEMBLE_BATCHES, DISPATCH_TASKS, SCHEDULE_FINISH, SCHEDULE_RUN, SCHEDULE_TICK, SCHEDULE_WEBHOOK
+from tierbatch.base.messaging import (
+    ASSEMBLE_BATCHES,
+    DISPATCH_TASKS,
+    SCHEDULE_FINISH,
+    SCHEDULE_RUN,
+    SCHEDULE_TICK,
+    SCHEDULE_WEBHOOK,
+)
 from tierbatch.schedules.firing import fire_due, runs_to_nudge
 from tierbatch.schedules.runs import RunStep, finish_run, queued_task_ids, start_run
 from tierbatch.webhooks.delivery import SCHEDULE_RUNS
