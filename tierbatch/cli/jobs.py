@@ -187,31 +187,46 @@ _SEND_BYTES = 256 * 1024  # the body is handed to the connection in pieces of ab
 
 
 class ItemSource:
-    """The input file read item by item, from any item on: a request that must be sent again is read
-    again from the file (nothing of a streamed request is kept in memory)."""
+    """The input file read item by item. The next request goes on from where the last one stopped; a
+    request that must be sent again is read again from the file (nothing of a streamed request is kept
+    in memory)."""
 
     def __init__(self, path: Path, fmt: str, id_field: str, text_field: str) -> None:
         self.path, self.fmt, self.id_field, self.text_field = path, fmt, id_field, text_field
         self.size = path.stat().st_size
         self.bytes_read = 0  # of the current reading, for the progress bar
+        self._reading: Iterator[SourceItem] | None = None
+        self._position = 0  # items the current reading has handed out
 
     def items_from(self, start: int) -> Iterator[SourceItem]:
+        if self._reading is None or self._position != start:
+            self._reading = self._read()
+            self._position = 0
+            for _ in itertools.islice(self._reading, start):
+                self._position += 1
+        return self._take(self._reading)
+
+    def _take(self, reading: Iterator[SourceItem]) -> Iterator[SourceItem]:
+        for item in reading:
+            self._position += 1
+            yield item
+
+    def _read(self) -> Iterator[SourceItem]:
         with self.path.open("rb") as raw:
             counter = CountingReader(raw)
             stream = io.TextIOWrapper(io.BufferedReader(counter), encoding="utf-8-sig", newline="")
             try:
-                for index, item in enumerate(read_items(stream, self.fmt, self.id_field, self.text_field,
-                                                        self.path.name)):
+                for item in read_items(stream, self.fmt, self.id_field, self.text_field, self.path.name):
                     self.bytes_read = counter.count
-                    if index >= start:
-                        yield item
+                    yield item
             except UnicodeDecodeError as exc:
                 raise CliError(f"{self.path}: not UTF-8 text ({exc.reason})") from None
             self.bytes_read = counter.count
 
     def line_of(self, index: int) -> int | None:
         """The file line of item `index` (for an error the API named), read again from the file."""
-        return next((item.line for item in self.items_from(index)), None)
+        reading = self._read()
+        return next(itertools.islice(reading, index, None), SourceItem(0, {})).line or None
 
 
 @dataclass
@@ -403,8 +418,9 @@ def run_submit(options: SubmitOptions) -> None:
         with _progress(console, DownloadColumn(), TextColumn("{task.fields[items]:,} items stored")) as progress:
             upload = progress.add_task("sending", total=source.size, items=0)
 
+            # the bar is full only once the API has answered for the last items, not when they are sent
             def show(body: RequestBody) -> None:
-                progress.update(upload, completed=source.bytes_read,
+                progress.update(upload, completed=min(source.bytes_read, source.size - 1),
                                 description="storing" if body.done else "sending")
 
             while True:
@@ -414,7 +430,8 @@ def run_submit(options: SubmitOptions) -> None:
                 answer, sent = result
                 job_id = answer.get("id", job_id)
                 stored += sent
-                progress.update(upload, completed=source.bytes_read, items=stored, description="sending")
+                progress.update(upload, completed=min(source.bytes_read, source.size - 1), items=stored,
+                                description="sending")
             progress.update(upload, completed=source.size, items=stored, description="stored")
         if job_id is None:
             raise CliError(f"{options.file}: no items in the file")
