@@ -201,7 +201,7 @@ async def ndjson_lines(request: Request, max_line: int) -> AsyncIterator[tuple[i
                 if raw.strip():
                     yield number, raw
         if len(buffer) > max_line:
-            raise TooLarge(f"line {number + 1}: over {max_line} bytes", param=f"line {number + 1}")
+            raise TooLarge(f"line {number + 1}: over {max_line} bytes")
     if buffer:
         number += 1
         if buffer.strip():

@@ -264,7 +264,7 @@ def ndjson_lines(count: int, prefix: str) -> bytes:
 @pytest.mark.parametrize(("case", "bad", "status", "line", "param"), [
     ("invalid JSON", b'{"id": "x", "text": oops}\n', 400, 1002, None),
     ("a NUL", b'{"id": "x", "text": "a\\u0000b"}\n', 400, 1002, "text"),
-    ("a line too long", b'{"id": "x", "text": "' + b"y" * (3 * 1024 * 1024), 413, 1002, "line 1002"),
+    ("a line too long", b'{"id": "x", "text": "' + b"y" * (3 * 1024 * 1024), 413, 1002, None),
 ])
 def test_an_ndjson_job_is_refused_while_its_body_still_arrives_naming_the_line(
         stack: Stack, case: str, bad: bytes, status: int, line: int, param: str | None) -> None:
