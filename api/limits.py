@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 from urllib.parse import parse_qsl
 
@@ -43,6 +43,9 @@ TASKS_BODY_BYTES = 64 * MiB  # up to max_tasks_per_request prompts of up to max_
 CHAT_BODY_BYTES = 64 * MiB
 # 100,000 items of a few hundred bytes fit easily; bigger jobs go in several requests with one name.
 JOBS_BODY_BYTES = 128 * MiB
+# An NDJSON job is streamed (never held whole): a few million items of a few hundred bytes in one request.
+JOBS_NDJSON_BODY_BYTES = 1024 * MiB
+NDJSON_TYPES = ("application/x-ndjson", "application/jsonl", "application/json-lines", "application/ndjson")
 DASHBOARD_FORM_BYTES = 16 * 1024
 # multipart framing around the file: part headers and the small `purpose` field
 MULTIPART_OVERHEAD_BYTES = 64 * 1024
@@ -69,9 +72,17 @@ class RouteLimit:
     body: Literal["json", "stream"]
     openai_code: str = "request_too_large"
     advice: str = ""
+    # content types this route streams (never read whole) with their own limit, e.g. an NDJSON job
+    streamed_types: tuple[str, ...] = ()
+    streamed_max_bytes: int = 0
 
     def too_large_message(self) -> str:
         return f"the request body is over this route's limit of {self.max_bytes:,} bytes{self.advice}"
+
+    def for_content_type(self, content_type: str) -> RouteLimit:
+        if content_type not in self.streamed_types:
+            return self
+        return replace(self, max_bytes=self.streamed_max_bytes, body="stream", streamed_types=(), advice="")
 
 
 def route_limits(files: FileLimits) -> tuple[RouteLimit, ...]:
@@ -80,8 +91,9 @@ def route_limits(files: FileLimits) -> tuple[RouteLimit, ...]:
     return (
         RouteLimit("POST", re.compile(r"/v1/chat/completions"), CHAT_BODY_BYTES, "json"),
         RouteLimit("POST", re.compile(r"/v1/tasks"), TASKS_BODY_BYTES, "json"),
-        RouteLimit("POST", re.compile(r"/v1/jobs"), JOBS_BODY_BYTES, "json", advice=several),
-        RouteLimit("POST", re.compile(r"/v1/jobs/[^/]+/items"), JOBS_BODY_BYTES, "stream", advice=several),
+        RouteLimit("POST", re.compile(r"/v1/jobs"), JOBS_BODY_BYTES, "json", advice=several + ", or as NDJSON",
+                   streamed_types=NDJSON_TYPES, streamed_max_bytes=JOBS_NDJSON_BODY_BYTES),
+        RouteLimit("POST", re.compile(r"/v1/jobs/[^/]+/items"), JOBS_NDJSON_BODY_BYTES, "stream", advice=several),
         RouteLimit("POST", re.compile(r"/v1/files"), files.max_bytes + MULTIPART_OVERHEAD_BYTES, "stream",
                    openai_code="file_too_large"),
         # the dashboard's forms (urlencoded, a few short fields): read and checked by the dashboard
@@ -141,7 +153,7 @@ class InputGuard:
             await self.invalid(exc, openai)(scope, receive, send)
             return
         method: str = scope["method"]
-        limit = self.limit_for(method, path)
+        limit = self.limit_for(method, path).for_content_type(_content_type(scope))
         declared = _content_length(scope)
         if declared is not None:
             if not declared.isdigit():
@@ -221,6 +233,13 @@ class InputGuard:
             return openai_error_response(413, limit.too_large_message(), "invalid_request_error", None,
                                          limit.openai_code, headers)
         return error_response(413, limit.too_large_message(), None, headers)
+
+
+def _content_type(scope: Scope) -> str:
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            return str(value.decode("latin-1").split(";")[0].strip().lower())
+    return ""
 
 
 def _content_length(scope: Scope) -> str | None:

@@ -6,18 +6,28 @@ Not a test module; imported by scripts run as `.venv/bin/python bench/<script>.p
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
+import os
+import shutil
+import signal
+import sys
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psutil
 import psycopg
 import redis
+
+from tierbatch.base.settings import DEFAULT_DATABASE_URL
 
 # The columns of a task that the batch path reads: a row as `route_queued_tasks` leaves it.
 TASK_COLUMNS = ("id", "tenant_id", "task_type", "requested_tier", "tier", "tier_reason", "urgent", "request",
@@ -189,3 +199,41 @@ class RssSampler:
         while not self._stop.is_set():
             self.sample()
             self._stop.wait(self.interval)
+
+
+# --- a run's logs and Redis keys ------------------------------------------------------------------------------
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--logs", type=Path, help="keep process logs here (default: a temporary directory)")
+    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL),
+                        help="server for the scratch databases")
+    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
+                        help="broker; this run only touches keys under its own prefix")
+
+
+@dataclass
+class RunPlace:
+    logs: Path
+    redis_prefix: str
+    failed: bool = False  # keeps a temporary log directory for reading
+
+
+@contextlib.contextmanager
+def run_place(args: argparse.Namespace, name: str) -> Iterator[RunPlace]:
+    """The run's log directory and Redis prefix; on the way out its keys are deleted and a temporary log
+    directory removed (kept, and named, when the run failed)."""
+    # a plain `kill` or `timeout` still runs the finally blocks: processes stopped, databases dropped
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    logs = args.logs or Path(tempfile.mkdtemp(prefix=f"tierbatch-{name}-"))
+    logs.mkdir(parents=True, exist_ok=True)
+    place = RunPlace(logs, f"tbbench-{uuid.uuid4().hex[:8]}:")
+    try:
+        yield place
+    finally:
+        delete_redis_keys(args.redis_url, place.redis_prefix)
+        if args.logs is None:
+            if place.failed:
+                print(f"process logs kept in {logs}", flush=True)
+            else:
+                shutil.rmtree(logs, ignore_errors=True)

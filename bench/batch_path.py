@@ -29,14 +29,11 @@ import cProfile
 import functools
 import io
 import json
-import os
 import pstats
 import re
 import shutil
-import signal
 import statistics
 import sys
-import tempfile
 import threading
 import time
 import uuid
@@ -57,18 +54,20 @@ from bench._common import (
     SYSTEM_PROMPT,
     TICKET,
     RssSampler,
+    add_run_arguments,
     copy_rate,
     copy_rows,
     delete_redis_keys,
     insert_rate,
     label_request,
     redis_lpush_rate,
+    run_place,
     waiting_rows,
 )
 from tests.support.procs import REPO_ROOT, ManagedProcess, free_port, python_module, wait_http_ok
 from tests.support.stack import Stack, psycopg_dsn, scratch_database, write_app_config
 from tierbatch.base.config import load_config
-from tierbatch.base.settings import DEFAULT_DATABASE_URL, Settings
+from tierbatch.base.settings import Settings
 from tierbatch.base.states import BatchStatus
 from tierbatch.db.models import ProviderBatch
 from tierbatch.migrations.runner import upgrade_to_head
@@ -697,33 +696,17 @@ def main() -> None:
                         help="[batch] ingest_writers for the batch runs, cycled through (e.g. 1,2); default: config")
     parser.add_argument("--existing-tasks", type=int, default=0, metavar="N",
                         help="COPY N finished tasks into the scratch database before the 50,000-line batch")
-    parser.add_argument("--logs", type=Path, help="keep process logs here (default: a temporary directory)")
-    parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL),
-                        help="server for the scratch databases")
-    parser.add_argument("--redis-url", default=os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/13"),
-                        help="broker; this run only touches keys under its own prefix")
+    add_run_arguments(parser)
     args = parser.parse_args()
-    # a plain `kill` or `timeout` still runs the finally blocks: processes stopped, databases dropped
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-
-    logs = args.logs or Path(tempfile.mkdtemp(prefix="tierbatch-bench-"))
-    logs.mkdir(parents=True, exist_ok=True)
-    prefix = f"tbbench-{uuid.uuid4().hex[:8]}:"
     runs: list[EndToEnd] = []
-    try:
-        raw, batch = in_process(args.database_url, args.redis_url, prefix, logs, args)
+    with run_place(args, "bench") as place:
+        raw, batch = in_process(args.database_url, args.redis_url, place.redis_prefix, place.logs, args)
         if not args.skip_e2e:
             pools = ["prefork", "threads"] if args.pool == "both" else [args.pool]
             for pool in pools:
-                runs.append(end_to_end(args.database_url, args.redis_url, logs, pool,
+                runs.append(end_to_end(args.database_url, args.redis_url, place.logs, pool,
                                        2 if pool == "prefork" else 4, args))
-    finally:
-        delete_redis_keys(args.redis_url, prefix)
-        if args.logs is None:
-            if any(run.error for run in runs):
-                say(f"process logs kept in {logs}")
-            else:
-                shutil.rmtree(logs, ignore_errors=True)
+        place.failed = any(run.error for run in runs)
     say("")
     report(raw, batch, runs)
 

@@ -88,7 +88,7 @@ def copy_rate(dsn: str, n: int, with_indexes: bool) -> float:
                 for i in range(n):
                     request = prefix + json.dumps("Ticket: " + ROW_TEXT.format(i=i)) + "}]}"
                     copy.write_row((uuid.uuid4(), f"t{i}", request, "light", "config routing", tenant, job,
-                                    "classification", "auto", False, None, "{}", "queued", 0, now))
+                                    "classification", "auto", False, None, "{}", "queued", 0, now, None, None, None))
             conn.commit()
             return n / (time.perf_counter() - started)
         finally:

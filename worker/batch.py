@@ -56,11 +56,17 @@ from tierbatch.worker.quality import send_batch_shadows, settle_batch_shadows
 log = logging.getLogger(__name__)
 
 
-def assemble_batches(ctx: WorkerContext) -> tuple[list[uuid.UUID], list[ClaimedBatch]]:
-    """Returns the tasks to escalate to immediate calls and the batches claimed for submission."""
+def assemble_batches(ctx: WorkerContext, on_claimed: Callable[[ClaimedBatch], None] = lambda _batch: None
+                     ) -> tuple[list[uuid.UUID], list[ClaimedBatch]]:
+    """Returns the tasks to escalate to immediate calls and the batches claimed for submission.
+
+    `on_claimed` hears of each batch once its claim commits, so a backlog of many batches is submitted
+    (by other worker processes) while the rest are still being claimed.
+    """
     with ctx.sessions.begin() as session:
         escalate = tasks_to_escalate(session, ctx.config)
-        groups = [g for g in waiting_groups(session) if group_is_due(ctx.config, g)]
+        groups = [g for g in waiting_groups(session, ctx.config.batch.max_requests)
+                  if group_is_due(ctx.config, g)]
     claimed: list[ClaimedBatch] = []
     for group in groups:
         while True:
@@ -71,6 +77,7 @@ def assemble_batches(ctx: WorkerContext) -> tuple[list[uuid.UUID], list[ClaimedB
             log.info("claimed batch %s: %d tasks for %s/%s", batch.id, batch.request_count, batch.provider,
                      batch.model)
             claimed.append(batch)
+            on_claimed(batch)
     return escalate, claimed
 
 

@@ -22,7 +22,14 @@ from typing import Any
 from celery import Celery, shared_task
 from celery import Task as CeleryTask
 
-from tierbatch.base.messaging import DISPATCH_TASKS, SCHEDULE_FINISH, SCHEDULE_RUN, SCHEDULE_TICK, SCHEDULE_WEBHOOK
+from tierbatch.base.messaging import (
+    ASSEMBLE_BATCHES,
+    DISPATCH_TASKS,
+    SCHEDULE_FINISH,
+    SCHEDULE_RUN,
+    SCHEDULE_TICK,
+    SCHEDULE_WEBHOOK,
+)
 from tierbatch.schedules.firing import fire_due, runs_to_nudge
 from tierbatch.schedules.runs import RunStep, finish_run, queued_task_ids, start_run
 from tierbatch.webhooks.delivery import SCHEDULE_RUNS
@@ -49,6 +56,8 @@ def _after(app: Celery, ctx: WorkerContext, run_id: str, step: RunStep) -> None:
             for chunk in queued_task_ids(session, step.dispatch_job):
                 app.send_task(DISPATCH_TASKS, args=[chunk])
                 messages += 1
+        # Light items may have been written straight into `waiting_batch`: the size trigger, as routing sends it
+        app.send_task(ASSEMBLE_BATCHES)
         log.info("schedule run %s: %s, %d dispatch messages", run_id, step.state, messages)
     if step.webhook:
         app.send_task(SCHEDULE_WEBHOOK, args=[run_id, 1])

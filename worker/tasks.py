@@ -99,11 +99,9 @@ def call_immediate(self: CeleryTask, task_id: str, escalate: bool = False) -> No
 @shared_task(name=ASSEMBLE_BATCHES, bind=True)
 def assemble(self: CeleryTask) -> int:
     ctx = context_of(self.app)
-    escalate, claimed = assemble_batches(ctx)
+    escalate, claimed = assemble_batches(ctx, lambda batch: self.app.send_task(SUBMIT_BATCH, args=[str(batch.id)]))
     for task_id in escalate:
         self.app.send_task(CALL_IMMEDIATE, args=[str(task_id)], kwargs={"escalate": True})
-    for batch in claimed:
-        self.app.send_task(SUBMIT_BATCH, args=[str(batch.id)])
     return len(claimed)
 
 

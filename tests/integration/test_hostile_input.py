@@ -234,6 +234,58 @@ def stream_until_answered(port: int, head: str, chunk: bytes, most: int) -> tupl
         sock.close()
 
 
+def send_until_answered(port: int, head: str, first: bytes, then: bytes, most: int) -> tuple[int, int, bytes]:
+    """Send `first`, then `then` again and again as a chunked body that never ends, until the server answers;
+    (status, bytes sent, body). Never sends more than `most`."""
+    sock = raw_request(port, head)
+    sent = 0
+    try:
+        piece = first
+        while sent < most:
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                break
+            try:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(piece), piece))
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += len(piece)
+            piece = then
+        status, _, body = read_response(sock, timeout=30)
+        return status, sent, body
+    finally:
+        sock.close()
+
+
+def ndjson_lines(count: int, prefix: str) -> bytes:
+    return b"".join(b'{"id": "%s-%d", "text": "fine"}\n' % (prefix.encode(), i) for i in range(count))
+
+
+@pytest.mark.parametrize(("case", "bad", "status", "line", "param"), [
+    ("invalid JSON", b'{"id": "x", "text": oops}\n', 400, 1002, None),
+    ("a NUL", b'{"id": "x", "text": "a\\u0000b"}\n', 400, 1002, "text"),
+    ("a line too long", b'{"id": "x", "text": "' + b"y" * (3 * 1024 * 1024), 413, 1002, None),
+])
+def test_an_ndjson_job_is_refused_while_its_body_still_arrives_naming_the_line(
+        stack: Stack, case: str, bad: bytes, status: int, line: int, param: str | None) -> None:
+    """A streamed job body is read as it comes: the bad line is answered long before the body would end
+    (it never does), and nothing of it, nor the job, is stored."""
+    tenant_id, key = new_tenant(stack)
+    head = (f"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {key}\r\n"
+            "Content-Type: application/x-ndjson\r\nTransfer-Encoding: chunked\r\n\r\n")
+    first = b'{"name": "hostile", "tier": "light"}\n' + ndjson_lines(1000, "ok") + bad
+    most = 200 * 1024 * 1024
+    answered, sent, body = send_until_answered(stack.api_port, head, first, ndjson_lines(2000, "later"), most)
+    assert answered == status, (case, body[:300])
+    assert sent < 40 * 1024 * 1024, case  # answered while the body was still arriving, not at its end
+    error = json.loads(body)["error"]
+    assert set(error) == TENANT_KEYS
+    assert error["message"].startswith(f"line {line}:"), (case, error)
+    assert error["param"] == param, (case, error)
+    assert tenant_tasks(stack, tenant_id) == 0
+    assert rows(stack, "SELECT count(*) FROM jobs WHERE tenant_id = %s", tenant_id) == 0
+
+
 @pytest.fixture
 def small_files_api(stack: Stack) -> Iterator[int]:
     """A second API process whose batch files may hold at most 64 KiB."""

@@ -268,15 +268,24 @@ def test_a_100k_item_job_is_accepted_with_chunked_dispatch(stack: Stack) -> None
         assert response.status_code == 202, response.text
         answer = response.json()
         try:
-            assert answer["task_count"] == n and answer["counts"] == {"queued": n}
-            # one dispatch message per 1,000 tasks, not one per task
-            assert answer["dispatch_messages"] == math.ceil(n / 1000) == 100
+            # Light, not urgent, not cacheable: stored straight into waiting_batch, no routing message at all
+            assert answer["task_count"] == n and answer["counts"] == {"waiting_batch": n}
+            assert answer["dispatch_messages"] == 0
             # how fast is bench/ingest.py's figure, not an assertion here
             job = client.get(f"/v1/jobs/{answer['id']}").json()
             assert job["task_count"] == n
+            assert set(job["counts"]) <= {"waiting_batch", "in_batch", "succeeded"}, job["counts"]
         finally:
             # spare the shared stack the work of 100k batch lines
             client.post(f"/v1/jobs/{answer['id']}/cancel")
+        # temperature 0: the response cache may answer them, so routing looks at each; one message per 1,000
+        cacheable = {**body, "name": "cacheable", "params": {"temperature": 0}, "items": body["items"][:2500]}
+        routed = client.post("/v1/jobs", json=cacheable).json()
+        try:
+            assert routed["counts"] == {"queued": 2500}
+            assert routed["dispatch_messages"] == math.ceil(2500 / 1000) == 3
+        finally:
+            client.post(f"/v1/jobs/{routed['id']}/cancel")
 
 
 def run_cli(stack: Stack, key: str, *args: str, timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -350,7 +359,9 @@ def test_ndjson_upload_streams_items_into_a_job(stack: Stack) -> None:
             answer = client.post(f"/v1/jobs/{job_id}/items", content=body(), headers=NDJSON)
             assert answer.status_code == 202, answer.text
             assert answer.json()["items_added"] == 25_000 and answer.json()["task_count"] == 25_001
-            assert answer.json()["dispatch_messages"] == 25
+            # Light, not urgent: stored waiting for a batch, nothing to route
+            assert answer.json()["counts"] == {"waiting_batch": 25_000}
+            assert answer.json()["dispatch_messages"] == 0
             rows = [json.loads(line) for line in client.get(f"/v1/jobs/{job_id}/results").text.splitlines()]
             assert [r["item_id"] for r in rows] == ["first-0", *[f"n-{i}" for i in range(25_000)]]
         finally:
@@ -380,3 +391,74 @@ def test_ndjson_upload_is_all_or_nothing_and_names_the_line(stack: Stack) -> Non
         assert other.post(f"/v1/jobs/{job_id}/items", content=ndjson(items(1)), headers=NDJSON).status_code == 404
         assert row_counts(stack) == before
         client.post(f"/v1/jobs/{job_id}/cancel")
+
+
+def job_tasks_of(stack: Stack, tenant_id: str) -> tuple[int, int]:
+    """(jobs, tasks) of one tenant."""
+    with psycopg.connect(psycopg_dsn(stack.database_url)) as conn:
+        jobs = conn.execute("SELECT count(*) FROM jobs WHERE tenant_id = %s", (tenant_id,)).fetchone()
+        tasks = conn.execute("SELECT count(*) FROM tasks WHERE tenant_id = %s", (tenant_id,)).fetchone()
+        return (int(jobs[0]) if jobs else 0, int(tasks[0]) if tasks else 0)
+
+
+def test_an_ndjson_job_is_created_in_one_streamed_request_and_its_results_stream_out(stack: Stack) -> None:
+    tenant_id, key = stack.new_tenant()
+    header = {"name": "streamed", "task_type": "classification", "labels": LABELS, "tier": "light"}
+    n = 20_000
+    with stack.client(key) as client:
+        def body() -> Any:  # the job's fields, then the items, handed over piece by piece
+            yield json.dumps(header).encode() + b"\n"
+            rows = items(n, "s")
+            for start in range(0, n, 2000):
+                yield ndjson(rows[start:start + 2000])
+
+        answer = client.post("/v1/jobs", content=body(), headers=NDJSON)
+        assert answer.status_code == 202, answer.text
+        job = answer.json()
+        try:
+            assert job["created"] is True and job["name"] == "streamed"
+            assert job["items_added"] == n and job["task_count"] == n
+            assert job["counts"] == {"waiting_batch": n} and job["dispatch_messages"] == 0
+            assert job_tasks_of(stack, tenant_id) == (1, n)
+
+            # the same name adds to the job; a clash with a stored item refuses the whole request, naming
+            # its line (line 1 holds the fields)
+            more = ndjson([{"name": "streamed"}, *items(3, "more"), {"id": "s-7", "text": "again"}])
+            clash = client.post("/v1/jobs", content=more, headers=NDJSON)
+            assert clash.status_code == 409, clash.text
+            assert clash.json()["error"]["message"].startswith("line 5: ")
+            assert job_tasks_of(stack, tenant_id) == (1, n)
+            added = client.post("/v1/jobs", content=ndjson([{"name": "streamed"}, *items(3, "more")]),
+                                headers=NDJSON)
+            assert added.status_code == 202, added.text
+            assert added.json()["created"] is False and added.json()["id"] == job["id"]
+            assert added.json()["task_count"] == n + 3
+
+            # the results come out streamed, one line per task in item order
+            expected = [f"s-{i}" for i in range(n)] + [f"more-{i}" for i in range(3)]
+            with client.stream("GET", f"/v1/jobs/{job['id']}/results") as results:
+                assert results.status_code == 200
+                assert results.headers["content-type"].startswith("application/x-ndjson")
+                assert "content-length" not in results.headers  # streamed, not built whole
+                got = [json.loads(line)["item_id"] for line in results.iter_lines() if line]
+            assert got == expected
+        finally:
+            client.post(f"/v1/jobs/{job['id']}/cancel")
+
+
+def test_an_ndjson_job_with_a_bad_first_line_or_no_items_stores_nothing(stack: Stack) -> None:
+    tenant_id, key = stack.new_tenant()
+    with stack.client(key) as client:
+        bad_labels = client.post("/v1/jobs", content=ndjson([{"labels": []}, *items(2)]), headers=NDJSON)
+        assert bad_labels.status_code == 422, bad_labels.text
+        assert bad_labels.json()["error"]["param"] == "labels"
+        assert bad_labels.json()["error"]["message"].startswith("line 1: labels:")
+        an_item_first = client.post("/v1/jobs", content=ndjson(items(2)), headers=NDJSON)
+        assert an_item_first.status_code == 422 and an_item_first.json()["error"]["param"] == "id"
+        items_inside = client.post("/v1/jobs", content=ndjson([{"items": items(1)}]), headers=NDJSON)
+        assert items_inside.status_code == 422 and items_inside.json()["error"]["param"] == "items"
+        no_items = client.post("/v1/jobs", content=ndjson([{"name": "empty"}]) + b"\n\n", headers=NDJSON)
+        assert no_items.status_code == 422 and no_items.json()["error"]["param"] == "items"
+        empty = client.post("/v1/jobs", content=b"", headers=NDJSON)
+        assert empty.status_code == 422
+    assert job_tasks_of(stack, tenant_id) == (0, 0)

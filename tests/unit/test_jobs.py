@@ -7,6 +7,7 @@ import json
 import time
 import uuid
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import InvalidInput
 from tierbatch.base.messaging import DISPATCH_TASKS
 from tierbatch.base.states import RequestedTier
-from tierbatch.cli.jobs import CliError, SourceItem, chunked, read_csv, read_jsonl
+from tierbatch.cli.jobs import CliError, ItemSource, RequestBody, SourceItem, read_csv, read_jsonl
 from tierbatch.jobs.read import label_of
 from tierbatch.jobs.requests import JobItem, JobSettings, parse_job_request
 from tierbatch.jobs.rows import RequestEncoder, label_response_format, task_rows, tier_chooser, time_ordered_ids
@@ -176,6 +177,43 @@ def test_task_rows_follow_the_copy_columns() -> None:
     assert json.loads(first["request"])["messages"] == [{"role": "user", "content": "p"}]
 
 
+def stored_as(settings: JobSettings, items: list[JobItem], config: AppConfig = CONFIG) -> list[tuple[Any, ...]]:
+    """(item id, status, mode, provider, model) of each COPY row."""
+    from tierbatch.db.bulk_sql import TASK_COPY_COLUMNS
+
+    rows = task_rows(items, time_ordered_ids(len(items)), settings, config, uuid.uuid4(), uuid.uuid4(),
+                     datetime.now(UTC))
+    wanted = ("item_id", "status", "mode", "provider", "model")
+    return [tuple(dict(zip(TASK_COPY_COLUMNS, row, strict=True))[name] for name in wanted) for row in rows]
+
+
+def test_light_items_of_a_batch_path_job_are_stored_waiting_for_a_batch() -> None:
+    code, plain = JobItem("code", "def f(x):\n    return x", None), JobItem("plain", "hello", None)
+    assert stored_as(JobSettings(), [code, plain]) == [
+        ("code", "queued", None, None, None),  # complex: an immediate call, routed after the commit
+        ("plain", "waiting_batch", "batch", "sim", "small")]
+    assert stored_as(JobSettings(task_type="classification", labels=("a",)), [code]) == [
+        ("code", "waiting_batch", "batch", "sim", "small")]
+
+
+@pytest.mark.parametrize(("why", "settings"), [
+    ("urgent", JobSettings(urgent=True)),
+    ("a deadline the batch path cannot meet", JobSettings(deadline=datetime.now(UTC))),
+    ("temperature 0: the response cache may answer it", JobSettings(params={"temperature": 0})),
+    ("the cache switched on", JobSettings(metadata={"cache": "on"})),
+])
+def test_light_items_routing_must_look_at_stay_queued(why: str, settings: JobSettings) -> None:
+    assert stored_as(settings, [JobItem("plain", "hello", None)]) == [("plain", "queued", None, None, None)], why
+
+
+def test_a_light_provider_without_a_batch_api_keeps_items_queued_for_its_lane() -> None:
+    lane = CONFIG.model_copy(update={"providers": {"sim": CONFIG.providers["sim"].model_copy(
+        update={"batch": False})}})
+    assert stored_as(JobSettings(), [JobItem("plain", "hello", None)])[0][1] == "waiting_batch"
+    assert stored_as(JobSettings(), [JobItem("plain", "hello", None)], lane) == [
+        ("plain", "queued", None, None, None)]
+
+
 def test_labels_are_read_from_json_answers_only_when_allowed() -> None:
     labels = frozenset({"billing", "bug"})
     assert label_of('{"label": "bug"}', labels) == "bug"
@@ -235,10 +273,24 @@ def test_jsonl_reader_errors(content: str, message: str) -> None:
     assert message in str(caught.value)
 
 
-def test_jsonl_reader_and_chunks() -> None:
-    source = io.StringIO('{"id": 1, "text": "a"}\n\n{"id": "b", "messages": [{"role": "user", "content": "c"}]}\n'
-                         '{"id": 3, "text": "d"}\n')
-    found = list(read_jsonl(source, "id", "text", "f.jsonl"))
+JSONL = ('{"id": 1, "text": "a"}\n\n{"id": "b", "messages": [{"role": "user", "content": "c"}]}\n'
+         '{"id": 3, "text": "d"}\n')
+
+
+def test_jsonl_reader_keeps_file_lines() -> None:
+    found = list(read_jsonl(io.StringIO(JSONL), "id", "text", "f.jsonl"))
     assert [item.line for item in found] == [1, 3, 4]
     assert found[1].body == {"id": "b", "messages": [{"role": "user", "content": "c"}]}
-    assert [len(c) for c in chunked(iter(found), 2)] == [2, 1]
+
+
+def test_a_request_body_is_the_job_line_then_at_most_limit_items(tmp_path: Path) -> None:
+    path = tmp_path / "f.jsonl"
+    path.write_text(JSONL)
+    source = ItemSource(path, "jsonl", "id", "text")
+    seen: list[tuple[int, bool]] = []
+    body = RequestBody({"name": "n"}, source.items_from(1), 2, lambda b: seen.append((b.sent, b.done)))
+    lines = [json.loads(line) for line in b"".join(body).decode().splitlines()]
+    assert lines == [{"name": "n"}, {"id": "b", "messages": [{"role": "user", "content": "c"}]},
+                     {"id": 3, "text": "d"}]
+    assert body.sent == 2 and body.done and seen[-1] == (2, True)
+    assert source.line_of(2) == 4 and source.line_of(3) is None

@@ -1,13 +1,16 @@
 """`tierbatch submit FILE` and `tierbatch jobs show ID`: bulk jobs over the HTTP API.
 
-The file is read as a stream and posted in chunks to `POST /v1/jobs` under one job name (a request
-with the name of an existing job adds its items to it), so memory stays flat whatever the file size.
+The file is read as a stream and sent as NDJSON bodies of `POST /v1/jobs` (the job's fields on the first
+line, one item per line after it), each streamed while it is read and stored by the API in one
+transaction: up to `--chunk` items per request, under one job name (a request with the name of an
+existing job adds its items to it), so memory stays flat whatever the file size.
 """
 
 from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import re
 import sys
@@ -143,17 +146,6 @@ def read_items(stream: IO[str], fmt: str, id_field: str, text_field: str, name: 
     return read_csv(stream, id_field, text_field, name, delimiter="\t" if name.endswith(".tsv") else ",")
 
 
-def chunked(items: Iterator[SourceItem], size: int) -> Iterator[list[SourceItem]]:
-    chunk: list[SourceItem] = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) >= size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 # --- talking to the API ----------------------------------------------------------------------------
 
 def api_client(api_url: str, api_key: str | None, timeout: float = 300.0) -> httpx.Client:
@@ -188,39 +180,135 @@ def request(client: httpx.Client, method: str, path: str, **kwargs: Any) -> http
 
 
 _ITEM_PARAM = re.compile(r"^items\[(\d+)\]")
+_LINE = re.compile(r"^line (\d+):")
+MAX_CHUNK = 5_000_000  # items per streamed request; the API's byte limit is what bounds a request
+NDJSON_HEADERS = {"Content-Type": "application/x-ndjson"}
+_SEND_BYTES = 256 * 1024  # the body is handed to the connection in pieces of about this size
 
 
-def post_chunk(client: httpx.Client, spec: dict[str, Any], chunk: list[SourceItem], file_name: str
-               ) -> dict[str, Any]:
-    body = {**spec, "items": [item.body for item in chunk]}
-    content = json.dumps(body, ensure_ascii=False).encode()
-    headers = {"Content-Type": "application/json"}
+class ItemSource:
+    """The input file read item by item. The next request goes on from where the last one stopped; a
+    request that must be sent again is read again from the file (nothing of a streamed request is kept
+    in memory)."""
+
+    def __init__(self, path: Path, fmt: str, id_field: str, text_field: str) -> None:
+        self.path, self.fmt, self.id_field, self.text_field = path, fmt, id_field, text_field
+        self.size = path.stat().st_size
+        self.bytes_read = 0  # of the current reading, for the progress bar
+        self._reading: Iterator[SourceItem] | None = None
+        self._position = 0  # items the current reading has handed out
+
+    def items_from(self, start: int) -> Iterator[SourceItem]:
+        if self._reading is None or self._position != start:
+            self._reading = self._read()
+            self._position = 0
+            for _ in itertools.islice(self._reading, start):
+                self._position += 1
+        return self._take(self._reading)
+
+    def _take(self, reading: Iterator[SourceItem]) -> Iterator[SourceItem]:
+        for item in reading:
+            self._position += 1
+            yield item
+
+    def _read(self) -> Iterator[SourceItem]:
+        with self.path.open("rb") as raw:
+            counter = CountingReader(raw)
+            stream = io.TextIOWrapper(io.BufferedReader(counter), encoding="utf-8-sig", newline="")
+            try:
+                for item in read_items(stream, self.fmt, self.id_field, self.text_field, self.path.name):
+                    self.bytes_read = counter.count
+                    yield item
+            except UnicodeDecodeError as exc:
+                raise CliError(f"{self.path}: not UTF-8 text ({exc.reason})") from None
+            self.bytes_read = counter.count
+
+    def line_of(self, index: int) -> int | None:
+        """The file line of item `index` (for an error the API named), read again from the file."""
+        reading = self._read()
+        return next(itertools.islice(reading, index, None), SourceItem(0, {})).line or None
+
+
+@dataclass
+class RequestBody:
+    """One request's NDJSON body, produced while the connection takes it: the job's fields, then items."""
+
+    spec: dict[str, Any]
+    items: Iterator[SourceItem]
+    limit: int
+    on_progress: Callable[[RequestBody], None]
+    sent: int = 0  # items handed to the connection
+    done: bool = False  # every item of the request was handed over; the API is storing the last ones
+
+    def __iter__(self) -> Iterator[bytes]:
+        dumps = json.dumps
+        pending = [dumps(self.spec, ensure_ascii=False), "\n"]
+        size = 0
+        for item in self.items:
+            line = dumps(item.body, ensure_ascii=False)
+            pending += (line, "\n")
+            size += len(line)
+            self.sent += 1
+            if size >= _SEND_BYTES:
+                yield "".join(pending).encode()
+                pending, size = [], 0
+                self.on_progress(self)
+            if self.sent >= self.limit:
+                break
+        if pending:
+            yield "".join(pending).encode()
+        self.done = True
+        self.on_progress(self)
+
+
+def _refusal(response: httpx.Response, source: ItemSource, start: int, sent: int) -> CliError:
+    """The API's refusal, with the file line of the item it names (its `param`, or the line of the body)."""
+    try:
+        error = response.json()["error"]
+        param, message = error.get("param") or "", error.get("message") or ""
+    except (ValueError, KeyError, AttributeError, TypeError):
+        param, message = "", ""
+    index: int | None = None
+    if match := _ITEM_PARAM.match(param):
+        index = int(match.group(1))
+    elif match := _LINE.match(message):
+        index = int(match.group(1)) - 2  # line 1 of the body is the job's fields
+    where = ""
+    if index is not None and 0 <= index < sent:
+        line = source.line_of(start + index)
+        if line is not None:
+            where = f" (at {source.path.name}:{line})"
+    return CliError(f"the API refused the job: {error_text(response)}{where}")
+
+
+def post_stream(client: httpx.Client, spec: dict[str, Any], source: ItemSource, start: int, limit: int,
+                on_progress: Callable[[RequestBody], None]) -> tuple[dict[str, Any], int] | None:
+    """Send items `start`… (at most `limit`) as one streamed request; returns the answer and the number of
+    items it held, or None when the file has no item left. A request that broke or met a 5xx is sent
+    again, read again from the file."""
     for attempt in range(1, _RETRIES + 1):
+        items = source.items_from(start)
+        first = next(items, None)
+        if first is None:
+            return None
+        body = RequestBody(spec, itertools.chain([first], items), limit, on_progress)
         try:
-            response = client.post("/v1/jobs", content=content, headers=headers)
+            response = client.post("/v1/jobs", content=iter(body), headers=NDJSON_HEADERS)
         except httpx.TransportError as exc:
             if attempt == _RETRIES:
                 raise CliError(f"cannot reach the API at {client.base_url}: {exc}") from None
             time.sleep(0.5 * 2 ** attempt)
             continue
         if response.status_code == 202:
-            result: dict[str, Any] = response.json()
-            return result
+            answer: dict[str, Any] = response.json()
+            return answer, body.sent
         if response.status_code == 409 and attempt > 1 and "already has an item" in response.text:
-            # a retry of a chunk whose first try was stored after all (its answer was lost)
-            return {"items_added": len(chunk), "retried": True}
+            # a retry of a request whose first try was stored after all (its answer was lost)
+            return {"items_added": body.sent, "retried": True}, body.sent
         if response.status_code >= 500 and attempt < _RETRIES:
             time.sleep(0.5 * 2 ** attempt)
             continue
-        where = ""
-        try:
-            param = response.json()["error"].get("param") or ""
-        except (ValueError, KeyError, AttributeError):
-            param = ""
-        match = _ITEM_PARAM.match(param)
-        if match and int(match.group(1)) < len(chunk):
-            where = f" (at {file_name}:{chunk[int(match.group(1))].line})"
-        raise CliError(f"the API refused the job: {error_text(response)}{where}")
+        raise _refusal(response, source, start, body.sent)
     raise AssertionError("unreachable")
 
 
@@ -315,33 +403,40 @@ def _progress(console: Console, *columns: Any) -> Progress:
 def run_submit(options: SubmitOptions) -> None:
     if not options.file.is_file():
         raise CliError(f"{options.file}: no such file")
-    if options.chunk < 1 or options.chunk > 100_000:
-        raise CliError("--chunk: between 1 and 100000 items per request")
+    if options.chunk < 1 or options.chunk > MAX_CHUNK:
+        raise CliError(f"--chunk: between 1 and {MAX_CHUNK} items per request")
     fmt = detect_format(options.file, options.file_format)
     name = options.name or f"{options.file.stem}-{uuid.uuid4().hex[:8]}"
     spec = job_spec(options, name)
     console = Console(stderr=True)
+    source = ItemSource(options.file, fmt, options.id_field, options.text_field)
     job_id: str | None = None
-    items = 0
-    with api_client(options.api_url, options.api_key) as client, options.file.open("rb") as raw:
-        counter = CountingReader(raw)
-        stream = io.TextIOWrapper(io.BufferedReader(counter), encoding="utf-8-sig", newline="")
-        with _progress(console, DownloadColumn(), TextColumn("{task.fields[items]} items")) as progress:
-            upload = progress.add_task("upload", total=options.file.stat().st_size, items=0)
-            try:
-                for chunk in chunked(read_items(stream, fmt, options.id_field, options.text_field,
-                                                options.file.name), options.chunk):
-                    answer = post_chunk(client, spec, chunk, options.file.name)
-                    job_id = answer.get("id", job_id)
-                    items += len(chunk)
-                    progress.update(upload, completed=counter.count, items=items)
-            except UnicodeDecodeError as exc:
-                raise CliError(f"{options.file}: not UTF-8 text ({exc.reason})") from None
-            progress.update(upload, completed=options.file.stat().st_size, items=items)
+    stored = 0
+    with api_client(options.api_url, options.api_key) as client:
+        # "sent": bytes of the file handed to the connection (the API reads a body only as fast as it stores
+        # it); "stored": items of the requests the API has committed, the only ones that count
+        with _progress(console, DownloadColumn(), TextColumn("{task.fields[items]:,} items stored")) as progress:
+            upload = progress.add_task("sending", total=source.size, items=0)
+
+            # the bar is full only once the API has answered for the last items, not when they are sent
+            def show(body: RequestBody) -> None:
+                progress.update(upload, completed=min(source.bytes_read, source.size - 1),
+                                description="storing" if body.done else "sending")
+
+            while True:
+                result = post_stream(client, spec, source, stored, options.chunk, show)
+                if result is None:
+                    break
+                answer, sent = result
+                job_id = answer.get("id", job_id)
+                stored += sent
+                progress.update(upload, completed=min(source.bytes_read, source.size - 1), items=stored,
+                                description="sending")
+            progress.update(upload, completed=source.size, items=stored, description="stored")
         if job_id is None:
             raise CliError(f"{options.file}: no items in the file")
         if not options.as_json:
-            console.print(f"submitted {items} items as job [bold]{name}[/] ({job_id})")
+            console.print(f"submitted {stored} items as job [bold]{name}[/] ({job_id})")
         job = get_job(client, job_id)
         if options.wait:
             job = wait_for_job(client, job, console, options.poll_seconds)

@@ -295,7 +295,8 @@ def submit(file: Annotated[Path, typer.Argument(help="Items: FILE.jsonl or FILE.
            id_field: Annotated[str, typer.Option(help="Field or column of the item id.")] = "id",
            text_field: Annotated[str, typer.Option(help="Field or column of the item text.")] = "text",
            file_format: Annotated[str, typer.Option("--format", help="auto, jsonl or csv.")] = "auto",
-           chunk: Annotated[int, typer.Option(help="Items per request.")] = 50_000,
+           chunk: Annotated[int, typer.Option(help="Items per request (each streamed as NDJSON and stored "
+                                                   "whole or not at all).")] = 1_000_000,
            wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for every task to finish.")] = True,
            poll: Annotated[float, typer.Option(help="Seconds between progress polls.")] = 1.0,
            as_json: Annotated[bool, typer.Option("--json", help="Print the job as JSON.")] = False,

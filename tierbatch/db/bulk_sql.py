@@ -71,9 +71,11 @@ LEDGER_USAGE_COLUMNS = columns(
 
 # --- job items: one COPY of new `tasks` rows --------------------------------------------------------
 
+# `mode`, `provider`, `model`: set for a task stored straight into `waiting_batch` (its route was known when
+# it was written), null for a `queued` one (routing sets them)
 TASK_COPY_COLUMNS = columns(TASKS, "id", "item_id", "request", "tier", "tier_reason", "tenant_id", "job_id",
                             "task_type", "requested_tier", "urgent", "deadline", "metadata", "status", "attempts",
-                            "dispatched_at")
+                            "dispatched_at", "mode", "provider", "model")
 COPY_TASKS = _copy("tasks", TASK_COPY_COLUMNS)
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -287,7 +287,28 @@ def parse_job_request(payload: Any, max_item_bytes: int, max_items: int = MAX_IT
     if len(items) > max_items:
         raise _bad("items", f"at most {max_items} items per request (got {len(items)}); send several "
                             "requests with the same name, or upload NDJSON", TooLarge)
-    fields = {k: v for k, v in payload.items() if k != "items"}
+    header = _parse_fields({k: v for k, v in payload.items() if k != "items"}, max_item_bytes)
+    return replace(header, items=check_items(items, max_item_bytes))
+
+
+def parse_job_header(payload: Any, max_item_bytes: int) -> JobRequest:
+    """The first line of an NDJSON `POST /v1/jobs`: the job's fields, its items on the lines after it.
+
+    Returns a request without items; raises InvalidInput naming the field. Stores nothing.
+    """
+    if not isinstance(payload, dict):
+        raise InvalidInput("the first line must be a JSON object with the job's fields (name, labels, …); "
+                           "the items follow, one per line", param=None)
+    if "items" in payload:
+        raise _bad("items", "the items of an NDJSON upload go on the lines after the first, one per line")
+    if _ITEM_KEYS & payload.keys():
+        key = sorted(_ITEM_KEYS & payload.keys())[0]
+        raise _bad(key, "the first line holds the job's fields (name, labels, …), not an item; the items "
+                        "follow on the next lines (send {} for a job with the defaults)")
+    return _parse_fields(payload, max_item_bytes)
+
+
+def _parse_fields(fields: dict[str, Any], max_item_bytes: int) -> JobRequest:
     labels = _check_labels(fields.get("labels"))
     try:
         parsed = JobFields.model_validate(fields)
@@ -307,4 +328,4 @@ def parse_job_request(payload: Any, max_item_bytes: int, max_items: int = MAX_IT
     settings = JobSettings(task_type=task_type, tier=parsed.tier, urgent=parsed.urgent, deadline=parsed.deadline,
                            params=params, system=parsed.system, template=parsed.template, labels=labels,
                            metadata=dict(parsed.metadata))
-    return JobRequest(parsed.name, settings, frozenset(given), check_items(items, max_item_bytes), webhook_url)
+    return JobRequest(parsed.name, settings, frozenset(given), [], webhook_url)

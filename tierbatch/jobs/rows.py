@@ -17,15 +17,20 @@ from datetime import datetime
 from typing import Any
 
 from tierbatch.base.config import AppConfig
-from tierbatch.base.states import RequestedTier, TaskStatus, Tier
+from tierbatch.base.states import Mode, RequestedTier, TaskStatus, Tier
+from tierbatch.cache.responses import wants_cache
 from tierbatch.jobs.requests import TEXT_PLACEHOLDER, JobItem, JobSettings
 from tierbatch.routing.rules import RuleView, rule_decision
-from tierbatch.routing.tiers import resolve_tier
+from tierbatch.routing.tiers import resolve_tier, takes_batch_path
 
 # Marks where an item's text goes in the pre-serialized request; json.dumps escapes it as \u0001.
 _SLOT = "\x01tierbatch-text\x01"
 
-_QUEUED = TaskStatus.QUEUED.value  # a plain str: the COPY's rows are built per item on a benchmarked path
+# plain strs: the COPY's rows are built per item on a benchmarked path
+_QUEUED = TaskStatus.QUEUED.value
+_WAITING_BATCH = TaskStatus.WAITING_BATCH.value
+_LIGHT = Tier.LIGHT.value
+_BATCH_MODE = Mode.BATCH.value
 
 
 def label_response_format(labels: Sequence[str]) -> dict[str, Any]:
@@ -141,16 +146,48 @@ def _fixed_choice(settings: JobSettings, config: AppConfig, rules: Mapping[str, 
     return None
 
 
+@dataclass(frozen=True, slots=True)
+class BatchRoute:
+    """Where a job's Light tasks go when their route is already known as they are written."""
+
+    provider: str
+    model: str
+
+
+def direct_batch_route(settings: JobSettings, config: AppConfig, now: datetime) -> BatchRoute | None:
+    """The provider and model of the batch path for the job's Light items, or None when they must be routed
+    once stored (`tierbatch.tasks.store.route_queued_tasks`).
+
+    Everything routing decides for a job's Light task is the same for every item of the job: not urgent,
+    a deadline the batch path can meet, a light provider with a Batch API (not the background lane), and
+    requests the response cache may not answer (temperature, seed, `n` and the cache switch are the job's).
+    Those tasks are written straight into `waiting_batch`: no second write of each row, no dispatch
+    message, and the batches fill as soon as the upload commits.
+    """
+    if not takes_batch_path(config, Tier.LIGHT, settings.urgent, settings.deadline, now):
+        return None
+    if wants_cache(config.cache, settings.task_type, request_params(settings), settings.metadata):
+        return None
+    light = config.tier(Tier.LIGHT)
+    return BatchRoute(light.provider, light.model)
+
+
 def task_rows(items: Sequence[JobItem], ids: Sequence[uuid.UUID], settings: JobSettings, config: AppConfig,
               tenant_id: uuid.UUID, job_id: uuid.UUID, now: datetime, budget_reason: str | None = None,
               rules: Mapping[str, RuleView] | None = None) -> Iterator[tuple[Any, ...]]:
-    """COPY rows in `tierbatch.db.bulk_sql.TASK_COPY_COLUMNS` order."""
+    """COPY rows in `tierbatch.db.bulk_sql.TASK_COPY_COLUMNS` order: `waiting_batch` for a Light item whose
+    route is known (`direct_batch_route`), `queued` (routed after the commit) for any other."""
     encode = RequestEncoder(settings).encode
     choose = tier_chooser(settings, config, budget_reason, rules)
+    route = direct_batch_route(settings, config, now)
     metadata = json.dumps(settings.metadata, ensure_ascii=False)
     tenant, job = str(tenant_id), str(job_id)
     requested = settings.tier.value
     for task_id, item in zip(ids, items, strict=True):
         choice = choose(item)
+        if route is not None and choice.tier == _LIGHT:
+            status, mode, provider, model = _WAITING_BATCH, _BATCH_MODE, route.provider, route.model
+        else:
+            status, mode, provider, model = _QUEUED, None, None, None
         yield (task_id, item.id, encode(item), choice.tier, choice.reason, tenant, job, settings.task_type,
-               requested, settings.urgent, settings.deadline, metadata, _QUEUED, 0, now)
+               requested, settings.urgent, settings.deadline, metadata, status, 0, now, mode, provider, model)

@@ -30,7 +30,7 @@ from tierbatch.base.errors import Conflict, NotFound
 from tierbatch.base.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
 from tierbatch.base.states import TaskStatus
 from tierbatch.costs.budgets import check_budget
-from tierbatch.db.bulk_sql import COPY_TASKS
+from tierbatch.db.bulk_sql import COPY_TASKS, TASK_COPY_COLUMNS
 from tierbatch.db.models import Job, Task
 from tierbatch.jobs.read import count_tasks, get_job
 from tierbatch.jobs.requests import JobItem, JobRequest, JobSettings, check_items
@@ -48,6 +48,16 @@ class JobSubmission:
     created: bool
     task_ids: list[str]
     task_count: int  # tasks of the job after this request
+    queued_ids: list[str]  # the tasks left `queued`, to dispatch; the others went straight to `waiting_batch`
+
+    def counts(self) -> dict[str, int]:
+        return status_counts(len(self.queued_ids), len(self.task_ids) - len(self.queued_ids))
+
+
+def status_counts(queued: int, waiting_batch: int) -> dict[str, int]:
+    """The statuses the items of one request were stored in, as the API's `counts` shows them."""
+    counts = {TaskStatus.QUEUED.value: queued, TaskStatus.WAITING_BATCH.value: waiting_batch}
+    return {status: count for status, count in counts.items() if count}
 
 
 def _lock_name(session: Session, tenant_id: uuid.UUID, name: str) -> None:
@@ -119,18 +129,31 @@ def _check_not_in_job(session: Session, job: Job, items: Sequence[JobItem], offs
                            param=where)
 
 
+_STATUS_AT = TASK_COPY_COLUMNS.index("status")
+_QUEUED = TaskStatus.QUEUED.value
+
+
 def _copy_items(session: Session, job: Job, settings: JobSettings, items: Sequence[JobItem],
-                config: AppConfig, rules: Mapping[str, RuleView]) -> list[uuid.UUID]:
+                config: AppConfig, rules: Mapping[str, RuleView]) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+    """COPY the items' tasks; returns every new task id and the ids of those left `queued`."""
     budget_reason = check_budget(session, job.tenant_id, config)  # 402 under `reject`
     ids = time_ordered_ids(len(items))
+    queued: list[uuid.UUID] = []
+
+    def noting_queued(rows: Iterator[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+        for row in rows:
+            if row[_STATUS_AT] == _QUEUED:
+                queued.append(row[0])
+            yield row
+
     rows = task_rows(items, ids, settings, config, job.tenant_id, job.id, datetime.now(UTC), budget_reason,
                      rules)
     try:
-        copy_task_rows(session, rows)
+        copy_task_rows(session, noting_queued(rows))
     except psycopg.errors.UniqueViolation as exc:  # the index backs up the check before; the caller rolls back
         raise Conflict(f"items: an item id is already in job {job.name or job.id!s} "
                            f"({exc.diag.message_detail})", param="items") from None
-    return ids
+    return ids, queued
 
 
 def submit_job(session: Session, tenant_id: uuid.UUID, request: JobRequest, config: AppConfig) -> JobSubmission:
@@ -142,37 +165,60 @@ def submit_job(session: Session, tenant_id: uuid.UUID, request: JobRequest, conf
         _check_not_in_job(session, job, request.items)
         before = count_tasks(session, job.id)
     rules = tenant_rules(session, tenant_id)  # the tenant's routing rules: one query per request
-    ids = _copy_items(session, job, settings, request.items, config, rules)
-    return JobSubmission(job, created, [str(i) for i in ids], before + len(ids))
+    ids, queued = _copy_items(session, job, settings, request.items, config, rules)
+    return JobSubmission(job, created, [str(i) for i in ids], before + len(ids), [str(i) for i in queued])
 
 
 class ItemAppender:
-    """Adds items to an existing job chunk by chunk inside the caller's transaction (NDJSON upload).
+    """Adds items to a job chunk by chunk inside the caller's transaction (NDJSON upload).
 
     Each chunk is checked (also against the items already in the job, including earlier chunks of
-    this upload: same transaction) and COPied; only the id range is kept, so memory stays flat.
+    this upload: same transaction) and COPied; only the id range and two counts are kept, so memory
+    stays flat whatever the size of the upload.
     """
 
-    def __init__(self, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, config: AppConfig,
-                 max_item_bytes: int) -> None:
+    def __init__(self, session: Session, job: Job, settings: JobSettings, config: AppConfig,
+                 max_item_bytes: int, created: bool = False) -> None:
+        self.session, self.job, self.settings, self.config = session, job, settings, config
+        self.max_item_bytes = max_item_bytes
+        self.created = created
+        self.rules = tenant_rules(session, job.tenant_id)  # once per upload, not per chunk
+        self.added = 0
+        self.queued = 0  # of `added`, left for routing; the others went straight to `waiting_batch`
+        self.first_id: uuid.UUID | None = None
+        self.last_id: uuid.UUID | None = None
+
+    @classmethod
+    def for_job(cls, session: Session, tenant_id: uuid.UUID, job_id: uuid.UUID, config: AppConfig,
+                max_item_bytes: int) -> ItemAppender:
+        """Items added to an existing job (`POST /v1/jobs/{id}/items`)."""
         job = session.scalar(select(Job).where(Job.id == job_id, Job.tenant_id == tenant_id)
                              .with_for_update(key_share=True))
         if job is None:
             raise NotFound(f"no job {job_id}")
-        self.session, self.job, self.config, self.max_item_bytes = session, job, config, max_item_bytes
-        self.settings = JobSettings.of_job(job)
-        self.rules = tenant_rules(session, tenant_id)  # once per upload, not per chunk
-        self.added = 0
-        self.first_id: uuid.UUID | None = None
-        self.last_id: uuid.UUID | None = None
+        return cls(session, job, JobSettings.of_job(job), config, max_item_bytes)
+
+    @classmethod
+    def for_request(cls, session: Session, tenant_id: uuid.UUID, header: JobRequest, config: AppConfig,
+                    max_item_bytes: int) -> ItemAppender:
+        """Items of an NDJSON `POST /v1/jobs`: a new job, or the tenant's job of that name (its settings must
+        agree), held by the name's lock until the caller's transaction ends."""
+        job, created = _job_for_request(session, tenant_id, header)
+        settings = header.settings if created else _settings_for_append(job, header)
+        return cls(session, job, settings, config, max_item_bytes, created)
 
     def add(self, raw_items: list[Any]) -> None:
         items = check_items(raw_items, self.max_item_bytes, offset=self.added)
-        _check_not_in_job(self.session, self.job, items, offset=self.added)
-        ids = _copy_items(self.session, self.job, self.settings, items, self.config, self.rules)
+        if not self.created or self.added:  # a new job holds only this upload's earlier chunks
+            _check_not_in_job(self.session, self.job, items, offset=self.added)
+        ids, queued = _copy_items(self.session, self.job, self.settings, items, self.config, self.rules)
         self.first_id = self.first_id or ids[0]
         self.last_id = ids[-1]
         self.added += len(ids)
+        self.queued += len(queued)
+
+    def counts(self) -> dict[str, int]:
+        return status_counts(self.queued, self.added - self.queued)
 
 
 def queued_ids_between(session: Session, job_id: uuid.UUID, first: uuid.UUID, last: uuid.UUID,

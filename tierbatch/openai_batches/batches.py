@@ -113,7 +113,7 @@ def _task_rows(lines: Iterator[tuple[int, bytes]], config: AppConfig, tenant_id:
         request.pop("stream_options", None)
         yield (ids[position], line.custom_id, json.dumps(request, ensure_ascii=False), route.tier.value,
                route.reason, tenant, job, route.task_type, route.requested_tier.value, False, None,
-               json.dumps(metadata, ensure_ascii=False), _QUEUED, 0, now)
+               json.dumps(metadata, ensure_ascii=False), _QUEUED, 0, now, None, None, None)
         position += 1
 
 

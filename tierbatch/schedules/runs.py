@@ -169,7 +169,7 @@ def _copy_new_items(session: Session, schedule: Schedule, run: ScheduleRun, conf
             continue
         if appender is None:
             job = _new_job(session, schedule, _job_name(schedule, run), settings)
-            appender = ItemAppender(session, schedule.tenant_id, job.id, config, max_bytes)
+            appender = ItemAppender.for_job(session, schedule.tenant_id, job.id, config, max_bytes)
         try:
             appender.add(new_items)
         except Refused as exc:  # a bad item, a duplicate id, the budget reached
@@ -281,7 +281,8 @@ def finish_run(session: Session, run_id: uuid.UUID, config: AppConfig) -> RunSte
             assert original is not None
             settings = JobSettings.of_job(original)
             retry = _new_job(session, schedule, _job_name(schedule, run, " (retry)"), settings)
-            appender = ItemAppender(session, schedule.tenant_id, retry.id, config, config.limits.max_prompt_bytes)
+            appender = ItemAppender.for_job(session, schedule.tenant_id, retry.id, config,
+                                            config.limits.max_prompt_bytes)
             appender.add([{"id": item_id, "messages": messages} for item_id, messages in invalid])
             session.execute(text(
                 "UPDATE classifications AS c SET task_id = t.id FROM tasks AS t "

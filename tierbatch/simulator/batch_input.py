@@ -16,11 +16,19 @@ from tierbatch.simulator.tokens import count_tokens, prompt_text
 MAX_REPORTED_ERRORS = 1000
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BatchLine:
+    """One request of a valid input file. Only its bytes are kept (parsed again when it is answered): the
+    parsed objects of a 50,000-line file took about 190 MB, its bytes about 35 MB."""
+
     line: int  # 1-based line number in the input file
     custom_id: str
-    body: dict[str, Any]
+    raw: bytes  # the line as it was in the file
+
+    @property
+    def body(self) -> dict[str, Any]:
+        body: dict[str, Any] = json.loads(self.raw)["body"]
+        return body
 
 
 @dataclass
@@ -128,7 +136,7 @@ def parse_input(path: Path, endpoint: str, max_lines: int, max_bytes: int) -> Pa
             cache_key = body.get("prompt_cache_key")
             if isinstance(cache_key, str):
                 parsed.prompt_cache_keys[cache_key] += 1
-            parsed.lines.append(BatchLine(number, custom_id, body))
+            parsed.lines.append(BatchLine(number, custom_id, raw))
     parsed.prompt_tokens = tokens
     if errors:
         parsed.lines = []

@@ -108,8 +108,9 @@ async def _run(state: SimState, batch: BatchRecord) -> None:
     if await _wait_or_cancel(batch, state.config.batch.validating_seconds):
         await _cancel(state, batch)
         return
-    with state.gc_paused():  # parsing builds many small containers, freed before the GC resumes
-        results = await _prepare(state, batch)
+    async with state.batches_answering:
+        with state.gc_paused():  # parsing builds many small containers, freed before the GC resumes
+            results = await _prepare(state, batch)
     if results is None:
         return
     batch.results = results

@@ -21,6 +21,9 @@ if TYPE_CHECKING:
     from tierbatch.simulator.file_store import FileStore
 
 
+BATCHES_ANSWERED_AT_ONCE = 2
+
+
 class SimState:
     def __init__(self, config: SimConfig, files: FileStore, batches: BatchStore) -> None:
         self.config = config
@@ -31,6 +34,9 @@ class SimState:
         self.batches = batches
         self.message_batches = MessageBatchStore()
         self.tasks: set[asyncio.Task[None]] = set()
+        # batches read and answered at once: each holds its lines and answers in memory meanwhile (about
+        # 80 MB for 50,000 lines), so a backlog of large batches waits here instead of growing the process
+        self.batches_answering = asyncio.Semaphore(BATCHES_ANSWERED_AT_ONCE)
         self._settings: dict[str, ModelSettings] = {}
         self._gc_pauses = 0
         self._gc_was_enabled = True
