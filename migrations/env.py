@@ -7,8 +7,14 @@ from sqlalchemy import create_engine, pool
 
 from tierbatch.base.settings import Settings
 from tierbatch.db.models import Base
+from tierbatch.db.partitions import is_partition_table
 
 target_metadata = Base.metadata
+
+
+def include_name(name: str | None, type_: str, parent_names: object) -> bool:
+    """The models declare the partitioned tables, not their partitions (tierbatch/db/partitions.py)."""
+    return not (type_ == "table" and name is not None and is_partition_table(name))
 
 
 def _url() -> str:
@@ -18,7 +24,7 @@ def _url() -> str:
 
 def run_migrations_offline() -> None:
     context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True,
-                      compare_type=True)
+                      compare_type=True, include_name=include_name)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -26,7 +32,8 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = create_engine(_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+        context.configure(connection=connection, target_metadata=target_metadata, compare_type=True,
+                          include_name=include_name)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

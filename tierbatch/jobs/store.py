@@ -27,14 +27,15 @@ from sqlalchemy.orm import Session
 
 from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import Conflict, NotFound
+from tierbatch.base.ids import new_task_ids
 from tierbatch.base.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
 from tierbatch.base.states import TaskStatus
 from tierbatch.costs.budgets import check_budget
-from tierbatch.db.bulk_sql import COPY_TASKS
-from tierbatch.db.models import Job, Task
+from tierbatch.db.bulk_sql import COPY_JOB_ITEM_IDS, COPY_TASKS, TASK_COPY_COLUMNS
+from tierbatch.db.models import Job, JobItemId, Task
 from tierbatch.jobs.read import count_tasks, get_job
 from tierbatch.jobs.requests import JobItem, JobRequest, JobSettings, check_items
-from tierbatch.jobs.rows import task_rows, time_ordered_ids
+from tierbatch.jobs.rows import task_rows
 from tierbatch.routing.rules import RuleView, tenant_rules
 from tierbatch.tasks import transitions
 
@@ -93,20 +94,33 @@ def _job_for_request(session: Session, tenant_id: uuid.UUID, request: JobRequest
 
 def _first_existing_item(session: Session, job_id: uuid.UUID, item_ids: list[str]) -> str | None:
     return session.scalar(
-        select(Task.item_id).where(Task.job_id == job_id,
-                                   Task.item_id == any_(bindparam("ids", item_ids, type_=ARRAY(Text))))
+        select(JobItemId.item_id).where(JobItemId.job_id == job_id,
+                                        JobItemId.item_id == any_(bindparam("ids", item_ids, type_=ARRAY(Text))))
         .limit(1))
 
 
+_ITEM = TASK_COPY_COLUMNS.index("item_id")
+_JOB = TASK_COPY_COLUMNS.index("job_id")
+
+
 def copy_task_rows(session: Session, rows: Iterator[tuple[Any, ...]]) -> int:
-    """Write rows with one text-format COPY on the session's own connection (same transaction)."""
+    """Write rows with one text-format COPY on the session's own connection (same transaction), then their
+    job item ids with another into `job_item_ids`, whose primary key refuses an item id the job has taken."""
     raw = session.connection().connection.driver_connection
     assert isinstance(raw, psycopg.Connection)
     written = 0
-    with raw.cursor() as cursor, cursor.copy(COPY_TASKS) as copy:
-        for row in rows:
-            copy.write_row(row)
-            written += 1
+    items: list[tuple[Any, Any]] = []
+    with raw.cursor() as cursor:
+        with cursor.copy(COPY_TASKS) as copy:
+            for row in rows:
+                copy.write_row(row)
+                written += 1
+                if row[_ITEM] is not None:
+                    items.append((row[_JOB], row[_ITEM]))
+        if items:
+            with cursor.copy(COPY_JOB_ITEM_IDS) as copy:
+                for item in items:
+                    copy.write_row(item)
     return written
 
 
@@ -122,12 +136,12 @@ def _check_not_in_job(session: Session, job: Job, items: Sequence[JobItem], offs
 def _copy_items(session: Session, job: Job, settings: JobSettings, items: Sequence[JobItem],
                 config: AppConfig, rules: Mapping[str, RuleView]) -> list[uuid.UUID]:
     budget_reason = check_budget(session, job.tenant_id, config)  # 402 under `reject`
-    ids = time_ordered_ids(len(items))
+    ids = new_task_ids(len(items))
     rows = task_rows(items, ids, settings, config, job.tenant_id, job.id, datetime.now(UTC), budget_reason,
                      rules)
     try:
         copy_task_rows(session, rows)
-    except psycopg.errors.UniqueViolation as exc:  # the index backs up the check before; the caller rolls back
+    except psycopg.errors.UniqueViolation as exc:  # job_item_ids backs up the check before; the caller rolls back
         raise Conflict(f"items: an item id is already in job {job.name or job.id!s} "
                            f"({exc.diag.message_detail})", param="items") from None
     return ids
