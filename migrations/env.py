@@ -7,14 +7,9 @@ from sqlalchemy import create_engine, pool
 
 from tierbatch.base.settings import Settings
 from tierbatch.db.models import Base
-from tierbatch.db.partitions import is_partition_table
+from tierbatch.db.partitions import autogenerate_includes as include_name
 
 target_metadata = Base.metadata
-
-
-def include_name(name: str | None, type_: str, parent_names: object) -> bool:
-    """The models declare the partitioned tables, not their partitions (tierbatch/db/partitions.py)."""
-    return not (type_ == "table" and name is not None and is_partition_table(name))
 
 
 def _url() -> str:

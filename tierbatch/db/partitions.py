@@ -74,6 +74,11 @@ def is_partition_table(name: str) -> bool:
     return _NAME.match(name) is not None
 
 
+def autogenerate_includes(name: str | None, type_: str, parent_names: object) -> bool:
+    """Alembic's `include_name`: the models declare the partitioned tables, not their partitions."""
+    return not (type_ == "table" and name is not None and is_partition_table(name))
+
+
 @dataclass(frozen=True, slots=True)
 class Partition:
     name: str

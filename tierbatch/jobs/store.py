@@ -14,6 +14,7 @@ task ids in chunks (`dispatch_in_chunks`).
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import Conflict, NotFound
-from tierbatch.base.ids import new_task_ids
+from tierbatch.base.ids import Clock, new_task_ids
 from tierbatch.base.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
 from tierbatch.base.states import TaskStatus
 from tierbatch.costs.budgets import check_budget
@@ -134,9 +135,9 @@ def _check_not_in_job(session: Session, job: Job, items: Sequence[JobItem], offs
 
 
 def _copy_items(session: Session, job: Job, settings: JobSettings, items: Sequence[JobItem],
-                config: AppConfig, rules: Mapping[str, RuleView]) -> list[uuid.UUID]:
+                config: AppConfig, rules: Mapping[str, RuleView], clock: Clock = time.time) -> list[uuid.UUID]:
     budget_reason = check_budget(session, job.tenant_id, config)  # 402 under `reject`
-    ids = new_task_ids(len(items))
+    ids = new_task_ids(len(items), clock)
     rows = task_rows(items, ids, settings, config, job.tenant_id, job.id, datetime.now(UTC), budget_reason,
                      rules)
     try:
@@ -147,8 +148,10 @@ def _copy_items(session: Session, job: Job, settings: JobSettings, items: Sequen
     return ids
 
 
-def submit_job(session: Session, tenant_id: uuid.UUID, request: JobRequest, config: AppConfig) -> JobSubmission:
-    """Create the job (or find the tenant's job of that name) and COPY its tasks as `queued`."""
+def submit_job(session: Session, tenant_id: uuid.UUID, request: JobRequest, config: AppConfig,
+               clock: Clock = time.time) -> JobSubmission:
+    """Create the job (or find the tenant's job of that name) and COPY its tasks as `queued`; `clock`
+    makes the task ids (tierbatch.base.ids)."""
     job, created = _job_for_request(session, tenant_id, request)
     settings = request.settings if created else _settings_for_append(job, request)
     before = 0
@@ -156,7 +159,7 @@ def submit_job(session: Session, tenant_id: uuid.UUID, request: JobRequest, conf
         _check_not_in_job(session, job, request.items)
         before = count_tasks(session, job.id)
     rules = tenant_rules(session, tenant_id)  # the tenant's routing rules: one query per request
-    ids = _copy_items(session, job, settings, request.items, config, rules)
+    ids = _copy_items(session, job, settings, request.items, config, rules, clock)
     return JobSubmission(job, created, [str(i) for i in ids], before + len(ids))
 
 

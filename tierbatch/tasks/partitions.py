@@ -53,7 +53,8 @@ MONTHS_AHEAD = 3
 # how long a step waits for a lock before it gives up until the next tick; while it waits, the queries
 # queued behind its lock wait too
 LOCK_TIMEOUT_MS = 1000
-_UPKEEP_LOCK = "tierbatch.partitions"
+# the key of the session advisory lock one upkeep holds: hashtextextended(UPKEEP_LOCK, 0)
+UPKEEP_LOCK = "tierbatch.partitions"
 
 
 @dataclass
@@ -216,7 +217,7 @@ def run_upkeep(engine: Engine, now: datetime, *, tasks_days: int | None, batch_s
     upkeep = Upkeep()
     deadline = time.monotonic() + budget_seconds
     with engine.connect() as connection:
-        got = connection.scalar(text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"), {"key": _UPKEEP_LOCK})
+        got = connection.scalar(text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"), {"key": UPKEEP_LOCK})
         connection.commit()
         if not got:
             upkeep.skipped = True
@@ -233,6 +234,6 @@ def run_upkeep(engine: Engine, now: datetime, *, tasks_days: int | None, batch_s
             log.info("partitions: a lock was not granted within %d ms; the next tick tries again", LOCK_TIMEOUT_MS)
         finally:
             connection.rollback()
-            connection.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), {"key": _UPKEEP_LOCK})
+            connection.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), {"key": UPKEEP_LOCK})
             connection.commit()
     return upkeep
