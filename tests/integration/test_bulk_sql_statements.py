@@ -56,8 +56,8 @@ def test_ingestion_statements_run(connection: sa.Connection) -> None:
 
 
 def test_shadow_insert_runs(connection: sa.Connection) -> None:
-    result = connection.execute(bulk_sql.QUEUE_SHADOW_TASKS, {"ids": NO_ID, "tiers": NO_ID, "kinds": NO_ID,
-                                                              "providers": NO_ID, "models": NO_ID})
+    result = connection.execute(bulk_sql.QUEUE_SHADOW_TASKS, {"ids": NO_ID, "shadow_ids": NO_ID, "tiers": NO_ID,
+                                                              "kinds": NO_ID, "providers": NO_ID, "models": NO_ID})
     assert result.rowcount == 0
 
 
