@@ -6,7 +6,7 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 from tierbatch.base.ids import Month, id_time, new_task_id, new_task_ids, shadow_task_id
-from tierbatch.db.partitions import Partition, is_partition_table
+from tierbatch.db.partitions import Partition, is_partition_table, months_spanned
 from tierbatch.tasks.partitions import covered
 
 DECEMBER_2026 = uuid.UUID("01a22ee6-b000-0000-0000-000000000000")  # 2026-12-01T00:00:00Z = 1796083200000 ms
@@ -74,3 +74,16 @@ def test_partition_tables_are_told_from_the_models_tables() -> None:
         assert is_partition_table(name), name
     for name in ("tasks", "ledger_entries", "ledger_daily", "job_item_ids", "task_idempotency_keys", "tasks_old"):
         assert not is_partition_table(name), name
+
+
+def test_the_months_spanned_by_ids_bound_a_range_on_the_partition_key() -> None:
+    in_december = new_task_ids(2, clock=lambda: at(datetime(2026, 12, 31, 23, 59, tzinfo=UTC)))
+    in_january = new_task_ids(1, clock=lambda: at(datetime(2027, 1, 2, tzinfo=UTC)))
+    assert months_spanned(in_december) == {"months_from": DECEMBER_2026, "months_to": JANUARY_2027}
+    assert months_spanned([*in_january, *in_december]) == {
+        "months_from": DECEMBER_2026, "months_to": uuid.UUID("01a36e30-f800-0000-0000-000000000000")}  # February
+    # an old random id beyond the calendar widens the range to every id
+    legacy = uuid.UUID("fe1c2d3e-4b5a-4c6d-8e7f-0a1b2c3d4e5f")
+    assert months_spanned([*in_december, legacy]) == {"months_from": DECEMBER_2026,
+                                                      "months_to": uuid.UUID(int=(1 << 128) - 1)}
+    assert months_spanned([]) == {"months_from": uuid.UUID(int=0), "months_to": uuid.UUID(int=0)}

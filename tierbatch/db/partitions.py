@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
@@ -93,6 +94,32 @@ class Partition:
             return None
         month = Month.of(id_time(self.lower))
         return month if (month.bound, month.plus(1).bound) == (self.lower, self.upper) else None
+
+
+_LOWEST, _HIGHEST = uuid.UUID(int=0), uuid.UUID(int=(1 << 128) - 1)
+
+
+def _month_of(task_id: uuid.UUID) -> Month | None:
+    try:
+        return Month.of(id_time(task_id))
+    except (OverflowError, ValueError, OSError):  # an old random id past the calendar's range
+        return None
+
+
+def months_spanned(ids: Iterable[uuid.UUID]) -> dict[str, uuid.UUID]:
+    """`months_from` and `months_to`: the bounds of the months from the smallest id's to the largest's, as
+    the parameters of `t.id >= :months_from AND t.id < :months_to`. A statement that joins `tasks` on its id
+    to a temp table or an array cannot be pruned by the join, and the planner costs a probe of every
+    partition per row (it does not count the pruning at run time): with this range it plans over those
+    months' partitions only. Whole months, not the ids' own range, so that it is no narrower an index
+    range than the partitions themselves. Old random ids spread it over every partition."""
+    ordered = sorted(ids)
+    if not ordered:
+        return {"months_from": _LOWEST, "months_to": _LOWEST}
+    first, last = _month_of(ordered[0]), _month_of(ordered[-1])
+    upper = None if last is None else last.plus(1)
+    return {"months_from": _LOWEST if first is None else first.bound,
+            "months_to": _HIGHEST if upper is None or upper.year > 9999 else upper.bound}
 
 
 def _bound(value: str) -> uuid.UUID | None:
