@@ -12,6 +12,7 @@ advisory lock while it sets a month up, so the beat's tick waits for it (it skip
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from psycopg.rows import dict_row
 
 from tests.integration.conftest import SIM_BATCH_DEFAULTS, SIM_DEFAULTS
 from tests.support.procs import wait_until
-from tests.support.stack import Stack, own_stack, psycopg_dsn, write_app_config
+from tests.support.stack import Stack, advisory_lock_held, own_stack, psycopg_dsn, write_app_config
 from tierbatch.base.config import AppConfig, load_config
 from tierbatch.base.ids import Clock, Month, new_task_id
 from tierbatch.base.messaging import DISPATCH_TASKS, make_producer
@@ -35,7 +36,7 @@ from tierbatch.db.engine import make_engine, make_session_factory
 from tierbatch.db.partitions import create_month_partition, month_partition
 from tierbatch.jobs.requests import parse_job_request
 from tierbatch.jobs.store import submit_job
-from tierbatch.tasks.partitions import UPKEEP_LOCK
+from tierbatch.tasks.partitions import LOCK_TIMEOUT_MS, UPKEEP_LOCK, Upkeep, run_upkeep
 from tierbatch.tasks.store import insert_tasks
 from tierbatch.tasks.submission import parse_submission
 
@@ -91,12 +92,8 @@ def product_session(stack: Stack) -> Iterator[tuple[Any, AppConfig]]:
 @contextlib.contextmanager
 def upkeep_waits(stack: Stack) -> Iterator[None]:
     """Hold the upkeep's advisory lock: the beat's partitions tick does nothing until it is released."""
-    with psycopg.connect(psycopg_dsn(stack.database_url), autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (UPKEEP_LOCK,))
-        try:
-            yield
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (UPKEEP_LOCK,))
+    with advisory_lock_held(stack, "hashtextextended(%s, 0)", UPKEEP_LOCK):
+        yield
 
 
 def task_rows(stack: Stack, tenant_id: str) -> dict[str, dict[str, Any]]:
@@ -160,10 +157,12 @@ def plant_ahead(stack: Stack) -> AheadSetup:
     task_id = str(accepted[0].id)
     dispatch(stack, [task_id])
     with stack.client(key) as client:
-        shown = stack.wait_for_task(client, task_id, {"succeeded"})
-    # the quality monitor's comparison comes after the answer: wait for it, so nothing moves meanwhile
-    wait_until(lambda: rows_of(stack, "SELECT 1 FROM quality_comparisons WHERE task_id = %s", task_id), 60, 0.2,
-               "the shadow comparison")
+        stack.wait_for_task(client, task_id, {"succeeded"})
+        # the quality monitor's comparison comes after the answer (and adds its cost to the task): wait for
+        # it, so nothing changes meanwhile
+        wait_until(lambda: rows_of(stack, "SELECT 1 FROM quality_comparisons WHERE task_id = %s", task_id), 60,
+                   0.2, "the shadow comparison")
+        shown = client.get(f"/v1/tasks/{task_id}").json()
     task = task_rows(stack, tenant_id)[task_id]
     ledger = ledger_rows(stack, tenant_id)
     assert task["home"] == "tasks_default" and {r["home"] for r in ledger} == {"ledger_entries_default"}
@@ -304,3 +303,60 @@ def test_a_month_of_finished_tasks_is_dropped_whole_and_its_ledger_stays(pstack:
         assert appended.status_code == 202, appended.text
         assert appended.json()["id"] == str(job.job.id)
     assert metric(stack, 'tierbatch_partitions_total{action="dropped",table="tasks"}') >= 1
+
+
+def test_an_upkeep_refused_its_lock_in_time_gives_up_and_the_next_one_goes_on(pstack: PartitionStack) -> None:
+    """A reader of the DEFAULT partition holds its lock: making a month (ATTACH takes the DEFAULT's exclusive
+    lock) waits LOCK_TIMEOUT_MS at most, gives up without error, and the next upkeep does it. The clock is
+    set ahead (a seam of `run_upkeep`), so the months it must make are ones the beat does not."""
+    stack = pstack.stack
+    later = datetime.now(UTC) + timedelta(days=31 * 9)
+    engine = make_engine(stack.database_url)
+
+    def upkeep() -> Upkeep:
+        def ran() -> Upkeep | None:  # the beat's own upkeep may hold the lock for a moment: then try again
+            done = run_upkeep(engine, later, tasks_days=None, batch_size=10, budget_seconds=10)
+            return None if done.skipped else done
+
+        return wait_until(ran, 30, 0.1, "an upkeep that ran")  # type: ignore[return-value]
+
+    try:
+        with psycopg.connect(psycopg_dsn(stack.database_url)) as reader:
+            reader.execute("SELECT count(*) FROM tasks_default")  # a transaction left open: its lock stays
+            started = time.monotonic()
+            refused = upkeep()
+            assert time.monotonic() - started < 5 * LOCK_TIMEOUT_MS / 1000
+            assert refused.created == []
+            reader.rollback()
+        made = upkeep()
+        assert month_partition("tasks", Month.of(later)) in made.created
+        assert {month_partition(parent, Month.of(later).plus(3)) for parent in ("tasks", "ledger_entries")} <= (
+            partition_names(stack, "tasks") | partition_names(stack, "ledger_entries"))
+    finally:
+        engine.dispose()
+
+
+def test_a_past_month_whose_tasks_wait_in_the_default_gets_its_partition(pstack: PartitionStack) -> None:
+    """Rows of a month written while the beat was down for longer than the months ahead are in the DEFAULT:
+    the beat makes that month's partition too (since the oldest month that has one), moving them into it."""
+    stack = pstack.stack
+    tenant_id, key = stack.new_tenant("behind")
+    now = datetime.now(UTC)
+    kept, behind = Month.of(now).plus(-8), Month.of(now).plus(-7)
+    with upkeep_waits(stack):
+        with product_session(stack) as (session, config):
+            specs = parse_submission({"tasks": [{"prompt": "Say hi", "tier": "light", "urgent": True}]}, 10,
+                                     config.limits.max_prompt_bytes)
+            for parent in ("tasks", "ledger_entries"):
+                create_month_partition(session.connection(), parent, kept)
+            anchor = str(insert_tasks(session, uuid.UUID(tenant_id), specs, config,
+                                      clock=at(kept.start + timedelta(days=2)))[0].id)
+        # both stay live (a lease nobody lets expire), so retention keeps their months
+        plant_live_task(stack, anchor, new_task_id(at(kept.start + timedelta(days=3))))
+        waiting = new_task_id(at(behind.start + timedelta(days=20)))
+        plant_live_task(stack, anchor, waiting)
+        assert task_rows(stack, tenant_id)[str(waiting)]["home"] == "tasks_default"
+    wait_until(lambda: task_rows(stack, tenant_id)[str(waiting)]["home"] == month_partition("tasks", behind), 60, 0.2,
+               "the month behind made, its task moved out of the DEFAULT")
+    with stack.client(key) as client:
+        assert client.get(f"/v1/tasks/{waiting}").json()["status"] == "running"

@@ -6,7 +6,8 @@ short transaction under `lock_timeout` (a step that cannot get its lock in time 
 tries again, so the hot path never waits long behind it):
 
 1. Ahead: `tasks` and `ledger_entries` get the partitions of this month and the next MONTHS_AHEAD, the
-   rows of their range moved out of the DEFAULT first.
+   rows of their range moved out of the DEFAULT first (and a past month whose rows are in the DEFAULT
+   because the beat was down for longer than that gets its partition too).
 2. With `tasks_days`: at most one month of `tasks` is dropped per tick, the oldest whose whole range is
    older than `tasks_days` and that holds no live task (a live one keeps its month, checked again under
    the drop's exclusive lock, so a task cannot go live in between). Its ledger partition stays: every
@@ -40,9 +41,11 @@ from tierbatch.db.partitions import (
     PARTITIONED,
     Partition,
     create_month_partition,
+    default_partition,
     drop_partition,
     dropped_marker,
     lock_exclusively,
+    month_partition,
     partitions,
 )
 from tierbatch.metrics.catalog import PARTITIONS, PartitionAction
@@ -52,7 +55,7 @@ log = logging.getLogger(__name__)
 MONTHS_AHEAD = 3
 # how long a step waits for a lock before it gives up until the next tick; while it waits, the queries
 # queued behind its lock wait too
-LOCK_TIMEOUT_MS = 1000
+LOCK_TIMEOUT_MS = 500
 # the key of the session advisory lock one upkeep holds: hashtextextended(UPKEEP_LOCK, 0)
 UPKEEP_LOCK = "tierbatch.partitions"
 
@@ -83,25 +86,44 @@ def _lock_refused(exc: OperationalError) -> bool:
     return isinstance(exc.orig, psycopg.errors.LockNotAvailable)
 
 
-def ensure_ahead(connection: Connection, now: datetime, upkeep: Upkeep, months: int = MONTHS_AHEAD) -> None:
-    """The partitions of `now`'s month and the next `months`, for both tables; one transaction each."""
+def _default_holds(connection: Connection, parent: str, month: Month) -> bool:
+    key = PARTITIONED[parent]
+    return bool(connection.scalar(text(
+        f"SELECT EXISTS (SELECT 1 FROM {default_partition(parent)} WHERE {key} >= :lower AND {key} < :upper)"),
+        {"lower": month.bound, "upper": month.plus(1).bound}))
+
+
+def months_wanted(connection: Connection, parent: str, now: datetime, months: int = MONTHS_AHEAD) -> list[Month]:
+    """The months of `parent` to make: `now`'s and the next `months` that have no partition, and, since the
+    oldest month that has one, a month without one whose rows wait in the DEFAULT (written while the beat
+    was down for longer than the months ahead)."""
+    existing = partitions(connection, parent)
     current = Month.of(now)
-    wanted = [current.plus(k) for k in range(months + 1)]
+    behind = [m for p in existing if (m := p.month) is not None and m < current]
+    wanted = []
+    month = min(behind, default=current)
+    while month < current:
+        if not covered(existing, month) and _default_holds(connection, parent, month):
+            wanted.append(month)
+        month = month.plus(1)
+    return wanted + [m for m in (current.plus(k) for k in range(months + 1)) if not covered(existing, m)]
+
+
+def ensure_months(connection: Connection, now: datetime, upkeep: Upkeep, months: int = MONTHS_AHEAD) -> None:
+    """The partitions `months_wanted` names, for both tables; one transaction each."""
     for parent in PARTITIONED:
-        existing = partitions(connection, parent)
+        wanted = months_wanted(connection, parent, now, months)
         connection.commit()
         for month in wanted:
-            if covered(existing, month):
-                continue
             with connection.begin():
                 _lock_timeout(connection)
                 moved = create_month_partition(connection, parent, month)
             PARTITIONS.labels(parent, PartitionAction.CREATED).inc()
-            upkeep.created.append(f"{parent}_{month}")
+            upkeep.created.append(month_partition(parent, month))
             upkeep.moved += moved
             if moved:
-                log.info("partitions: %d rows of %s moved out of %s_default into %s_%s", moved, month, parent,
-                         parent, month)
+                log.info("partitions: %d rows of %s moved out of %s into %s", moved, month,
+                         default_partition(parent), month_partition(parent, month))
 
 
 def _has_live_task(connection: Connection, partition: str) -> bool:
@@ -223,7 +245,7 @@ def run_upkeep(engine: Engine, now: datetime, *, tasks_days: int | None, batch_s
             upkeep.skipped = True
             return upkeep
         try:
-            ensure_ahead(connection, now, upkeep)
+            ensure_months(connection, now, upkeep)
             if tasks_days is not None:
                 _retire(connection, now - timedelta(days=tasks_days), batch_size, deadline, upkeep)
             else:  # a drop left half done before tasks_days was unset
