@@ -36,8 +36,8 @@ from tierbatch.db.engine import make_engine, make_session_factory
 from tierbatch.db.partitions import create_month_partition, month_partition
 from tierbatch.jobs.requests import parse_job_request
 from tierbatch.jobs.store import submit_job
-from tierbatch.tasks.partitions import LOCK_TIMEOUT_MS, UPKEEP_LOCK, Upkeep, run_upkeep
-from tierbatch.tasks.store import insert_tasks
+from tierbatch.tasks.partitions import LOCK_TIMEOUT_MS, UPKEEP_LOCK, Upkeep, drop_month, droppable, run_upkeep
+from tierbatch.tasks.store import cancel_task, insert_tasks
 from tierbatch.tasks.submission import parse_submission
 
 pytestmark = pytest.mark.integration
@@ -360,3 +360,39 @@ def test_a_past_month_whose_tasks_wait_in_the_default_gets_its_partition(pstack:
                "the month behind made, its task moved out of the DEFAULT")
     with stack.client(key) as client:
         assert client.get(f"/v1/tasks/{waiting}").json()["status"] == "running"
+
+
+def test_a_drop_cut_short_before_its_cleaning_is_finished_by_the_next_tick(pstack: PartitionStack) -> None:
+    """The upkeep dies right after dropping a month (its process killed): the month's marker table says so,
+    and the next tick clears what still refers to the dropped tasks. Here the drop is made in this process
+    (the step the tick takes) while the beat waits for the lock, and nothing else runs after it."""
+    stack = pstack.stack
+    tenant_id, key = stack.new_tenant("cut-short")
+    month = Month.of(datetime.now(UTC)).plus(-11)
+    engine = make_engine(stack.database_url)
+    try:
+        with upkeep_waits(stack):
+            with product_session(stack) as (session, config):
+                for parent in ("tasks", "ledger_entries"):
+                    create_month_partition(session.connection(), parent, month)
+                specs = parse_submission({"tasks": [{"prompt": "Say hi", "tier": "light", "idempotency_key": "k1"}]},
+                                         10, config.limits.max_prompt_bytes)
+                task_id = insert_tasks(session, uuid.UUID(tenant_id), specs, config,
+                                       clock=at(month.start + timedelta(days=4)))[0].id
+                cancel_task(session, uuid.UUID(tenant_id), task_id)  # finished without a call
+            with engine.connect() as connection:
+                partition = droppable(connection, datetime.now(UTC) - timedelta(days=30))
+                connection.commit()
+                assert partition is not None and partition.name == month_partition("tasks", month)
+                assert drop_month(connection, partition, datetime.now(UTC) - timedelta(days=30))
+            # cut short here: the task is gone, its key still names it, the marker waits
+            assert rows_of(stack, "SELECT task_id FROM task_idempotency_keys WHERE tenant_id = %s",
+                           tenant_id) == [{"task_id": task_id}]
+            assert rows_of(stack, "SELECT 1 FROM pg_class WHERE relname = %s", f"tasks_{month}_dropped")
+            with stack.client(key) as client:
+                assert client.get(f"/v1/tasks/{task_id}").status_code == 404
+        wait_until(lambda: not rows_of(stack, "SELECT 1 FROM pg_class WHERE relname = %s", f"tasks_{month}_dropped"),
+                   60, 0.2, "the next tick finished the cleaning")
+        assert not rows_of(stack, "SELECT 1 FROM task_idempotency_keys WHERE tenant_id = %s", tenant_id)
+    finally:
+        engine.dispose()
