@@ -18,7 +18,9 @@ tries again, so the hot path never waits long behind it):
    costs, and the quality window and history, stay), the idempotency keys of the month's tasks are
    deleted (the key may be used again), and its item ids are given back to their jobs. Until then an
    item id stays taken and a key names a task that is gone (a request with that key makes a new task:
-   tierbatch/tasks/store.py). A month dropped before a crash is found again by its marker.
+   tierbatch/tasks/store.py). A month dropped before a crash is found again by its marker. Only monthly
+   partitions are dropped: the tasks with random ids written before migration 0016 that the DEFAULT and
+   `tasks_from_2100` hold are kept.
 
 Only one upkeep runs at a time (a session advisory lock); a second one returns at once.
 """
