@@ -48,10 +48,12 @@ def label_request(i: int) -> str:
 
 def waiting_rows(tenant_id: uuid.UUID, n: int, provider: str, model: str) -> Iterator[tuple[Any, ...]]:
     """n task-like rows in `TASK_COLUMNS` order: Light, non-urgent, `waiting_batch`."""
+    from tierbatch.base.ids import new_task_ids
+
     now = datetime.now(UTC)
     tenant = str(tenant_id)
-    for i in range(n):
-        yield (uuid.uuid4(), tenant, "classification", "light", "light", "requested", False, label_request(i),
+    for i, task_id in enumerate(new_task_ids(n)):  # the product's ids: this month's partition
+        yield (task_id, tenant, "classification", "light", "light", "requested", False, label_request(i),
                "{}", "waiting_batch", "batch", provider, model, 0, now)
 
 

@@ -67,6 +67,7 @@ from bench._common import (
 from tests.support.procs import REPO_ROOT, ManagedProcess, free_port, python_module, wait_http_ok
 from tests.support.stack import Stack, psycopg_dsn, scratch_database, write_app_config
 from tierbatch.base.config import load_config
+from tierbatch.base.ids import new_task_ids
 from tierbatch.base.settings import Settings
 from tierbatch.base.states import BatchStatus
 from tierbatch.db.models import ProviderBatch
@@ -271,7 +272,7 @@ def load_finished_tasks(dsn: str, n: int, provider: str, model: str) -> float:
                         "served_model", *(() if separate else ("output", "response")), "input_tokens",
                         "output_tokens", "cost_usd", "baseline_cost_usd", "created_at", "updated_at", "finished_at")
         task_middle = "" if separate else f"\tbilling\t{body}"
-        ids = [uuid.uuid4() for _ in range(n)]
+        ids = new_task_ids(n)  # the product's ids: this month's partition, as the measured batch's
         with conn.transaction(), conn.cursor() as cursor:
             with cursor.copy(f"COPY tasks ({', '.join(task_columns)}) FROM STDIN") as copy:
                 for start in range(0, n, 10_000):

@@ -11,11 +11,11 @@ statement, so the rollup trigger of migration 0002 fires once per chunk and `led
 step by the same transactions, as in production. The rows: 20 tenants, 6 task types, one job per
 tenant and day for half the rows, modes batch 55% / immediate 35% / cache 5% / shadow 5%, models
 gpt-4o, gpt-4o-mini, an override-priced local model and 0.5% unpriced rows, created in time order
-over `--days` days up to now.
+over `--days` days up to now. Each row's task id is a time-ordered id of its instant, so the rows spread
+over the monthly partitions of those days (made first, as the beat makes them: migration 0016).
 
-One shortcut: the foreign key from the ledger to `tasks` is dropped in the scratch database (10M task
-rows would only slow the fill; no query here reads `tasks`). Tenants and jobs exist and their foreign
-keys are checked.
+One shortcut: no task rows (the ledger has no foreign key to them since migration 0014; no query here
+reads `tasks`). Tenants and jobs exist.
 
 Then it times, with the code the API runs (tierbatch.costs.query.run_cost_query, median of --runs):
 all tenants by day and model (all time, and the last 7 days from an instant that is not a day
@@ -45,12 +45,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from sqlalchemy import func, select
 
 from tests.support.stack import psycopg_dsn, scratch_database
+from tierbatch.base.ids import Month
 from tierbatch.base.settings import DEFAULT_DATABASE_URL
 from tierbatch.costs.budgets import budget_status
 from tierbatch.costs.query import CostQuery, Filters, run_cost_query
 from tierbatch.db.engine import make_engine, make_session_factory
 from tierbatch.db.models import LedgerDaily
+from tierbatch.db.partitions import PARTITIONED, create_month_partition, month_partition, partitions
 from tierbatch.migrations.runner import upgrade_to_head
+from tierbatch.tasks.partitions import covered
 
 TARGET_SECONDS = 1.0
 TASK_TYPES = ("classification", "extraction", "summarization", "reasoning", "translation", "general")
@@ -79,6 +82,10 @@ SELECT
     created_at
 FROM (
     SELECT m.*,
+           -- a time-ordered task id of the row's instant (tierbatch/base/ids.py): the row lives in that month's
+           -- partition, as a real ledger row lives in its task's
+           (lpad(to_hex(floor(extract(epoch FROM m.created_at) * 1000)::bigint), 12, '0') || '7'
+            || lpad(to_hex(m.i), 19, '0'))::uuid AS task_id,
            CASE model WHEN 'gpt-4o' THEN 2.5 WHEN 'gpt-4o-mini' THEN 0.15 WHEN 'my-local-llama' THEN 0.05 END
                * CASE WHEN mode = 'batch' THEN 0.5 ELSE 1 END AS p_in,
            CASE model WHEN 'gpt-4o' THEN 1.25 WHEN 'gpt-4o-mini' THEN 0.075 WHEN 'my-local-llama' THEN 0.05 END
@@ -96,7 +103,6 @@ FROM (
         FROM (
             SELECT i,
                    (%(tenants)s::uuid[])[1 + t] AS tenant_id,
-                   lpad(to_hex(i), 32, '0')::uuid AS task_id,
                    CASE WHEN in_job THEN (%(jobs)s::uuid[])[
                        1 + t * %(days)s + least(%(days)s - 1, floor(i::numeric * %(days)s / %(rows)s)::int)] END
                        AS job_id,
@@ -138,12 +144,33 @@ def median_time(action: Callable[[], Any], runs: int) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
-def fill(dsn: str, rows: int, days: int, n_tenants: int, chunk: int) -> tuple[float, list[uuid.UUID]]:
+def make_partitions(url: str, first: datetime, last: datetime) -> list[str]:
+    """The monthly partitions of the months from `first` to `last` (the migration of an empty database made
+    this month's and the next), as the beat makes them."""
+    engine = make_engine(url)
+    made = []
+    try:
+        month = Month.of(first)
+        while month <= Month.of(last):
+            for parent in PARTITIONED:
+                with engine.begin() as connection:
+                    if not covered(partitions(connection, parent), month):
+                        create_month_partition(connection, parent, month)
+                        made.append(month_partition(parent, month))
+            month = month.plus(1)
+    finally:
+        engine.dispose()
+    return made
+
+
+def fill(url: str, rows: int, days: int, n_tenants: int, chunk: int) -> tuple[float, list[uuid.UUID]]:
     tenants = [uuid.uuid4() for _ in range(n_tenants)]
     jobs = [uuid.uuid4() for _ in range(n_tenants * days)]
     end = datetime.now(UTC)
+    made = make_partitions(url, end - timedelta(days=days), end)
+    print(f"  partitions made for the rows' months: {', '.join(made) or 'none'}", flush=True)
+    dsn = psycopg_dsn(url)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("ALTER TABLE ledger_entries DROP CONSTRAINT IF EXISTS fk_ledger_entries_task_id_tasks")
         with conn.cursor() as cur:
             cur.executemany("INSERT INTO tenants (id, name) VALUES (%s, %s)",
                             [(t, f"tenant-{i}") for i, t in enumerate(tenants)])
@@ -200,7 +227,7 @@ def main() -> None:
         upgrade_to_head(url)
         dsn = psycopg_dsn(url)
         print(f"filling the ledger: {args.rows:,} rows over {args.days} days, {args.tenants} tenants", flush=True)
-        fill_seconds, tenants = fill(dsn, args.rows, args.days, args.tenants, args.chunk)
+        fill_seconds, tenants = fill(url, args.rows, args.days, args.tenants, args.chunk)
         plain, triggered = trigger_cost(dsn, 200_000)
 
         engine = make_engine(url)

@@ -102,10 +102,6 @@ def self_contained_api(base_database_url: str, redis_url: str) -> Iterator[tuple
     with ExitStack() as stack:
         database_url = stack.enter_context(scratch_database(base_database_url, prefix="tierbatch_bench"))
         upgrade_to_head(database_url)
-        with psycopg.connect(psycopg_dsn(database_url), autocommit=True) as conn:
-            # the item-id index of the jobs path, for a schema that predates its migration
-            conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS uq_tasks_job_item ON tasks (job_id, item_id) "
-                         "WHERE job_id IS NOT NULL")
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="tierbatch-bench-")))
         config = write_app_config(tmp / "tierbatch.toml", free_port())
         port = free_port()

@@ -7,6 +7,7 @@ from sqlalchemy import create_engine, pool
 
 from tierbatch.base.settings import Settings
 from tierbatch.db.models import Base
+from tierbatch.db.partitions import autogenerate_includes as include_name
 
 target_metadata = Base.metadata
 
@@ -18,7 +19,7 @@ def _url() -> str:
 
 def run_migrations_offline() -> None:
     context.configure(url=_url(), target_metadata=target_metadata, literal_binds=True,
-                      compare_type=True)
+                      compare_type=True, include_name=include_name)
     with context.begin_transaction():
         context.run_migrations()
 
@@ -26,7 +27,8 @@ def run_migrations_offline() -> None:
 def run_migrations_online() -> None:
     engine = create_engine(_url(), poolclass=pool.NullPool)
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_metadata, compare_type=True)
+        context.configure(connection=connection, target_metadata=target_metadata, compare_type=True,
+                          include_name=include_name)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

@@ -16,6 +16,7 @@ from tierbatch.base.messaging import (
     EXPIRE_CLIENT_BATCHES,
     JOB_WEBHOOK_TICK,
     LANE_PUMP,
+    PARTITIONS_TICK,
     POLL_BATCHES,
     RECONCILE,
     RETENTION_TICK,
@@ -45,6 +46,8 @@ def beat_schedule(config: AppConfig) -> dict[str, dict[str, object]]:
         lane["retention-tick"] = {"task": RETENTION_TICK,
                                   "schedule": timedelta(seconds=config.retention.interval_seconds)}
     return {**lane,
+        # partitions: this month's and the next three always exist; with tasks_days, old months are dropped
+        "partitions-tick": {"task": PARTITIONS_TICK, "schedule": timedelta(seconds=config.retention.interval_seconds)},
         "reconcile": {"task": RECONCILE, "schedule": timedelta(seconds=config.reconciler.interval_seconds)},
         "assemble-batches": {"task": ASSEMBLE_BATCHES,
                              "schedule": timedelta(seconds=config.batch.assemble_interval_seconds)},

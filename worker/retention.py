@@ -1,9 +1,13 @@
-"""Celery task of retention; the rule is in tierbatch/tasks/retention.py.
+"""Celery tasks of retention; the rules are in tierbatch/tasks/retention.py and tierbatch/tasks/partitions.py.
 
 `tierbatch.retention.tick` (beat, every `[retention] interval_seconds`, only when `bodies_days` is set):
 batches of `batch_size` tasks, one transaction each, until none is due or `tick_budget_seconds` is spent
 (the next tick goes on); then the cached answers stored before the same cutoff. Rows are locked with SKIP
 LOCKED and guarded by `bodies_removed_at`, so two ticks at once remove each body once.
+
+`tierbatch.retention.partitions` (beat, every `interval_seconds`, always): the monthly partitions ahead,
+and with `tasks_days` at most one old month of tasks dropped, its cleaning in batches of `batch_size`
+within `tick_budget_seconds`.
 """
 
 from __future__ import annotations
@@ -17,9 +21,10 @@ from celery import Task as CeleryTask
 from celery import shared_task
 from sqlalchemy.orm import Session
 
-from tierbatch.base.messaging import RETENTION_TICK
+from tierbatch.base.messaging import PARTITIONS_TICK, RETENTION_TICK
 from tierbatch.cache.responses import purge_entries_created_before
 from tierbatch.metrics.catalog import RETENTION_BODIES_REMOVED, RemovedKind
+from tierbatch.tasks.partitions import Upkeep, run_upkeep
 from tierbatch.tasks.retention import remove_bodies
 from tierbatch.worker.context import WorkerContext, context_of
 
@@ -61,3 +66,22 @@ def run_retention(ctx: WorkerContext, now: datetime | None = None) -> tuple[int,
 def retention_tick(self: CeleryTask) -> int:
     """Remove the bodies that are due; the number of tasks emptied in this run."""
     return run_retention(context_of(self.app))[0]
+
+
+def run_partitions(ctx: WorkerContext, now: datetime | None = None) -> Upkeep:
+    """One upkeep of the monthly partitions (tierbatch/tasks/partitions.py)."""
+    retention = ctx.config.retention
+    upkeep = run_upkeep(ctx.engine, now or datetime.now(UTC), tasks_days=retention.tasks_days,
+                        batch_size=retention.batch_size, budget_seconds=retention.tick_budget_seconds)
+    if upkeep.created or upkeep.dropped:
+        log.info("partitions: created %s (%d rows moved out of the default), dropped %s, %d referring rows cleaned",
+                 ", ".join(upkeep.created) or "none", upkeep.moved, ", ".join(upkeep.dropped) or "none",
+                 upkeep.cleaned)
+    return upkeep
+
+
+@shared_task(name=PARTITIONS_TICK, bind=True)
+def partitions_tick(self: CeleryTask) -> int:
+    """Keep the partitions ahead, drop an old month when due; the number of partitions created and dropped."""
+    upkeep = run_partitions(context_of(self.app))
+    return len(upkeep.created) + len(upkeep.dropped)

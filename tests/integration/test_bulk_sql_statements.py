@@ -3,6 +3,7 @@ resolves every column, type and cast, which a mismatch with the migrations would
 
 from __future__ import annotations
 
+import re
 import uuid
 from collections.abc import Iterator
 
@@ -11,8 +12,10 @@ import pytest
 import sqlalchemy as sa
 
 from tests.support.stack import psycopg_dsn
+from tierbatch.base.ids import Month, id_time, new_task_ids
 from tierbatch.db import bulk_sql
-from tierbatch.tasks import transitions
+from tierbatch.db.partitions import months_spanned
+from tierbatch.tasks import retention, transitions
 
 NO_ID: list[str] = []
 
@@ -41,7 +44,7 @@ def test_ingestion_statements_run(connection: sa.Connection) -> None:
     assert isinstance(driver, psycopg.Connection)
     with driver.cursor() as cursor, cursor.copy(bulk_sql.COPY_INGEST_ROWS):
         pass
-    row = transitions.apply_ingested_rows(connection, uuid.uuid4(), "p", "m", ())
+    row = transitions.apply_ingested_rows(connection, uuid.uuid4(), "p", "m", (), ())
     assert row.written == 0
     # the temp table's types are those of the columns it feeds (numerics aside: the target has the scale)
     mirrored = connection.execute(sa.text(
@@ -56,8 +59,8 @@ def test_ingestion_statements_run(connection: sa.Connection) -> None:
 
 
 def test_shadow_insert_runs(connection: sa.Connection) -> None:
-    result = connection.execute(bulk_sql.QUEUE_SHADOW_TASKS, {"ids": NO_ID, "tiers": NO_ID, "kinds": NO_ID,
-                                                              "providers": NO_ID, "models": NO_ID})
+    result = connection.execute(bulk_sql.QUEUE_SHADOW_TASKS, {"ids": NO_ID, "shadow_ids": NO_ID, "tiers": NO_ID,
+                                                              "kinds": NO_ID, "providers": NO_ID, "models": NO_ID})
     assert result.rowcount == 0
 
 
@@ -65,3 +68,24 @@ def test_gateway_write_runs(migrated_database_url: str) -> None:
     with psycopg.connect(psycopg_dsn(migrated_database_url)) as conn:
         conn.execute(bulk_sql.GATEWAY_WRITE, {"tasks": "[]", "ledger": "[]"})
         conn.rollback()
+
+
+def _partitions_updated(connection: sa.Connection, statement: sa.TextClause, params: dict[str, object]) -> set[str]:
+    """The partitions of `tasks` the statement's plan writes to (the others are pruned at planning)."""
+    explain = sa.text("EXPLAIN " + statement.text).bindparams(*statement._bindparams.values())
+    plan = "\n".join(connection.execute(explain, params).scalars())
+    return set(re.findall(r"Update on (tasks_\w+)", plan))
+
+
+def test_updates_by_id_are_planned_over_their_month_only(connection: sa.Connection) -> None:
+    """A task's row is read and written in its month's partition alone: by id, or, for the statements joined
+    to a temp table or an array of ids, by the range of the months those ids fall in."""
+    ids = new_task_ids(3)
+    month = f"tasks_{Month.of(id_time(ids[0]))}"
+    assert _partitions_updated(connection, sa.text("UPDATE tasks SET updated_at = now() WHERE id = :id"),
+                               {"id": ids[0]}) == {month}
+    connection.execute(sa.text(bulk_sql.CREATE_INGEST_TABLE))
+    assert _partitions_updated(connection, transitions._APPLY_INGEST_ROWS, {
+        "batch": uuid.uuid4(), "provider": "p", "model": "m", "watch": [], **months_spanned(ids)}) == {month}
+    assert _partitions_updated(connection, retention._REMOVE, {
+        "ids": ids, "kept": [None] * 3, **months_spanned(ids)}) == {month}

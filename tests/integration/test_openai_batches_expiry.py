@@ -39,7 +39,7 @@ from tests.integration.test_openai_batches import (
 )
 from tests.support.openapi import validate
 from tests.support.procs import wait_until
-from tests.support.stack import Stack, psycopg_dsn
+from tests.support.stack import Stack, advisory_lock_held, psycopg_dsn
 from tierbatch.db.engine import make_engine, make_session_factory
 from tierbatch.openai_batches.expiry import expire_batch
 
@@ -59,12 +59,8 @@ def _close_sdk_clients() -> Iterator[None]:
 @contextlib.contextmanager
 def assembler_held(stack: Stack, key: str = LIGHT_GROUP) -> Iterator[None]:
     """Hold the batch assembler's lock of one (provider, model) group: its waiting tasks stay waiting."""
-    with psycopg.connect(psycopg_dsn(stack.database_url), autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
-        try:
-            yield
-        finally:
-            conn.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+    with advisory_lock_held(stack, "hashtext(%s)", key):
+        yield
 
 
 def task_states(stack: Stack, batch_id: str) -> dict[str, str]:

@@ -252,6 +252,18 @@ class Stack:
 
 
 
+@contextlib.contextmanager
+def advisory_lock_held(stack: Stack, key_sql: str, key: str) -> Iterator[None]:
+    """Hold one of the product's session advisory locks (its key is `key_sql` of `key`, e.g.
+    "hashtext(%s)") until the block ends: the work that takes it waits or skips meanwhile."""
+    with psycopg.connect(psycopg_dsn(stack.database_url), autocommit=True) as conn:
+        conn.execute(f"SELECT pg_advisory_lock({key_sql})", (key,))
+        try:
+            yield
+        finally:
+            conn.execute(f"SELECT pg_advisory_unlock({key_sql})", (key,))
+
+
 def delete_redis_keys(prefix: str) -> None:
     """This run's messages live under its own key prefix; other runs' keys are left alone."""
     client = redis.Redis.from_url(TEST_REDIS_URL)

@@ -14,13 +14,14 @@ import pytest
 from sqlalchemy import Column, Enum, LargeBinary, MetaData, Table
 
 from tierbatch.base.config import default_config_data, parse_config
+from tierbatch.base.ids import new_task_ids
 from tierbatch.base.states import Mode, RequestedTier, TaskStatus, Tier
 from tierbatch.db import bulk_sql
 from tierbatch.db.bulk_sql import LEDGER, TASKS, columns, sql_type
 from tierbatch.gateway.recorder import CallRecord, record_params
 from tierbatch.gateway.routing import Route
 from tierbatch.jobs.requests import JobItem, JobSettings
-from tierbatch.jobs.rows import task_rows, time_ordered_ids
+from tierbatch.jobs.rows import task_rows
 from tierbatch.ledger.pricing import TokenUsage
 from tierbatch.tasks import transitions as task_transitions
 
@@ -82,7 +83,7 @@ def _fits(column: Column[Any], value: Any) -> bool:
 
 def test_job_rows_follow_the_copy_columns() -> None:
     settings = JobSettings(task_type="classification", labels=("a",), metadata={"team": "x"}, urgent=True)
-    ids = time_ordered_ids(2)
+    ids = new_task_ids(2)
     rows = list(task_rows([JobItem("1", "p", None), JobItem("2", None, [{"role": "user", "content": "q"}])], ids,
                           settings, CONFIG, uuid.uuid4(), uuid.uuid4(), datetime.now(UTC)))
     for row in rows:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -15,12 +14,13 @@ import pytest
 from tierbatch.api.errors import status_of
 from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import InvalidInput
+from tierbatch.base.ids import new_task_ids
 from tierbatch.base.messaging import DISPATCH_TASKS
 from tierbatch.base.states import RequestedTier
 from tierbatch.cli.jobs import CliError, ItemSource, RequestBody, SourceItem, read_csv, read_jsonl
 from tierbatch.jobs.read import label_of
 from tierbatch.jobs.requests import JobItem, JobSettings, parse_job_request
-from tierbatch.jobs.rows import RequestEncoder, label_response_format, task_rows, tier_chooser, time_ordered_ids
+from tierbatch.jobs.rows import RequestEncoder, label_response_format, task_rows, tier_chooser
 from tierbatch.jobs.store import dispatch_in_chunks
 
 LIMIT = 1 << 20
@@ -141,15 +141,6 @@ def test_template_with_two_slots_and_messages_items() -> None:
     assert json.loads(encode(JobItem("c", None, plain)))["messages"] == [{"role": "system", "content": "S"}, *plain]
 
 
-def test_ids_are_unique_time_ordered_uuid7() -> None:
-    first = time_ordered_ids(5000)
-    time.sleep(0.002)
-    second = time_ordered_ids(10)
-    assert len(set(first)) == 5000 and first == sorted(first)
-    assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in first)
-    assert max(first) < min(second)
-
-
 def test_tier_resolved_once_when_fixed_and_per_item_on_auto() -> None:
     item_code = JobItem("a", "def f(x):\n    return x", None)
     item_plain = JobItem("b", "hello", None)
@@ -165,7 +156,7 @@ def test_task_rows_follow_the_copy_columns() -> None:
     from tierbatch.db.bulk_sql import TASK_COPY_COLUMNS
 
     settings = JobSettings(task_type="classification", labels=("a",), metadata={"team": "x"}, urgent=True)
-    ids = time_ordered_ids(2)
+    ids = new_task_ids(2)
     tenant, job = uuid.uuid4(), uuid.uuid4()
     now = datetime.now(UTC)
     rows = list(task_rows([JobItem("1", "p", None), JobItem("2", "q", None)], ids, settings, CONFIG, tenant, job,
@@ -181,7 +172,7 @@ def stored_as(settings: JobSettings, items: list[JobItem], config: AppConfig = C
     """(item id, status, mode, provider, model) of each COPY row."""
     from tierbatch.db.bulk_sql import TASK_COPY_COLUMNS
 
-    rows = task_rows(items, time_ordered_ids(len(items)), settings, config, uuid.uuid4(), uuid.uuid4(),
+    rows = task_rows(items, new_task_ids(len(items)), settings, config, uuid.uuid4(), uuid.uuid4(),
                      datetime.now(UTC))
     wanted = ("item_id", "status", "mode", "provider", "model")
     return [tuple(dict(zip(TASK_COPY_COLUMNS, row, strict=True))[name] for name in wanted) for row in rows]
@@ -236,7 +227,7 @@ def test_parsing_100k_items_builds_every_row() -> None:
     """Its speed is measured by bench/ingest.py, not asserted here."""
     payload = {"labels": ["a", "b"], "items": [{"id": f"t{i}", "text": f"ticket {i} text"} for i in range(100_000)]}
     request = parse_job_request(payload, LIMIT)
-    rows = sum(1 for _ in task_rows(request.items, time_ordered_ids(100_000), request.settings, CONFIG,
+    rows = sum(1 for _ in task_rows(request.items, new_task_ids(100_000), request.settings, CONFIG,
                                     uuid.uuid4(), uuid.uuid4(), datetime.now(UTC)))
     assert rows == 100_000
 

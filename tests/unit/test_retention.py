@@ -9,7 +9,7 @@ import pytest
 
 from tierbatch.base.config import AppConfig, default_config_data, parse_config
 from tierbatch.base.errors import ConfigError
-from tierbatch.base.messaging import RETENTION_TICK, TASK_ROUTES
+from tierbatch.base.messaging import PARTITIONS_TICK, RETENTION_TICK, TASK_ROUTES
 from tierbatch.tasks.labels import label_response_format
 from tierbatch.tasks.retention import kept_output
 from tierbatch.worker.app import beat_schedule
@@ -47,13 +47,34 @@ def test_bodies_days_schedules_the_tick_at_its_interval_on_the_batch_queue() -> 
     ({"bodies_days": 7, "batch_size": 0}, "retention.batch_size"),
     ({"bodies_days": 7, "batch_size": 1_000_000}, "retention.batch_size"),
     ({"bodies_days": 7, "interval_seconds": 0}, "retention.interval_seconds"),
-    ({"bodies_days": 7, "tasks_days": 90}, "retention.tasks_days: unknown key"),
+    ({"tasks_days": 0}, "retention.tasks_days: Input should be greater than or equal to 1"),
+    ({"tasks_days": "a quarter"}, "retention.tasks_days"),
     ({"body_days": 7}, "retention.body_days: unknown key"),
+    ({"task_days": 90}, "retention.task_days: unknown key"),
 ])
 def test_bad_retention_values_and_unknown_keys_are_named(retention: dict[str, Any], fragment: str) -> None:
     with pytest.raises(ConfigError) as caught:
         config_with(retention)
     assert fragment in str(caught.value)
+
+
+def test_tasks_are_kept_forever_unless_asked_and_the_partitions_tick_always_runs() -> None:
+    kept = config_with(None)
+    assert kept.retention.tasks_days is None
+    # months ahead are made whether or not anything is dropped
+    assert beat_schedule(kept)["partitions-tick"]["task"] == PARTITIONS_TICK
+    dropping = config_with({"tasks_days": 400, "bodies_days": 90, "interval_seconds": 600})
+    assert (dropping.retention.tasks_days, dropping.retention.bodies_days) == (400, 90)
+    entry = beat_schedule(dropping)["partitions-tick"]
+    assert entry["schedule"].total_seconds() == 600  # type: ignore[attr-defined]
+    assert TASK_ROUTES[PARTITIONS_TICK] == {"queue": "batch"}
+
+
+def test_cached_answers_may_not_outlive_their_tasks() -> None:
+    with pytest.raises(ConfigError, match=r"cache\.ttl_seconds: 172800 keeps cached answers longer than "
+                                          r"retention\.tasks_days \(1 days"):
+        config_with({"tasks_days": 1}, {"ttl_seconds": 2 * 86_400})
+    assert config_with({"tasks_days": 2}, {"ttl_seconds": 2 * 86_400}).cache.ttl_seconds == 172_800
 
 
 def test_cached_answers_may_not_outlive_the_bodies() -> None:

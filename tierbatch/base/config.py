@@ -235,9 +235,14 @@ class RetentionConfig(_Section):
     """How long the bodies of finished tasks are kept (tierbatch/tasks/retention.py): prompts, outputs and
     provider answers of tasks finished more than `bodies_days` ago are removed by a beat tick, in batches of
     `batch_size` rows, one transaction each; the task rows and their ledger rows stay. No `bodies_days`:
-    kept forever (the default)."""
+    kept forever (the default).
+
+    How long tasks are kept at all (tierbatch/tasks/partitions.py): a month of tasks (by the time in their
+    ids, when they were accepted) is dropped whole once the month ended more than `tasks_days` ago and
+    none of its tasks is live; their ledger rows stay. No `tasks_days`: kept forever (the default)."""
 
     bodies_days: int | None = Field(default=None, ge=1, le=36_500)
+    tasks_days: int | None = Field(default=None, ge=1, le=36_500)
     batch_size: int = Field(default=5_000, ge=1, le=50_000)
     interval_seconds: float = Field(default=3_600.0, gt=0, le=86_400)
     # one tick stops starting new batches after this long; the next tick goes on
@@ -264,11 +269,12 @@ class AppConfig(_Section):
 
     @model_validator(mode="after")
     def _check_references(self) -> AppConfig:
-        days = self.retention.bodies_days
-        if days is not None and self.cache.enabled and self.cache.ttl_seconds > days * 86_400:
-            # a cached answer holds an output: it must not outlive the bodies it was copied from
-            raise ValueError(f"cache.ttl_seconds: {self.cache.ttl_seconds} keeps cached answers longer than "
-                             f"retention.bodies_days ({days} days = {days * 86_400} seconds)")
+        for key in ("bodies_days", "tasks_days"):
+            days = getattr(self.retention, key)
+            if days is not None and self.cache.enabled and self.cache.ttl_seconds > days * 86_400:
+                # a cached answer holds an output: it must not outlive the bodies or the task it was copied from
+                raise ValueError(f"cache.ttl_seconds: {self.cache.ttl_seconds} keeps cached answers longer than "
+                                 f"retention.{key} ({days} days = {days * 86_400} seconds)")
         for name in ("light", "complex"):
             if name not in self.tiers:
                 raise ValueError(f"[tiers.{name}] is missing")

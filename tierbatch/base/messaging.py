@@ -41,6 +41,8 @@ LANE_PUMP = "tierbatch.lane.pump"
 CALL_LANE = "tierbatch.lane.call"
 # retention: the beat tick that removes the bodies of tasks finished more than `bodies_days` ago
 RETENTION_TICK = "tierbatch.retention.tick"
+# the monthly partitions of tasks and the ledger: made ahead, and old months of tasks dropped (`tasks_days`)
+PARTITIONS_TICK = "tierbatch.retention.partitions"
 
 QUEUE_DISPATCH = "dispatch"
 QUEUE_IMMEDIATE = "immediate"
@@ -72,6 +74,7 @@ TASK_ROUTES = {
     LANE_PUMP: {"queue": QUEUE_DISPATCH},  # one short transaction
     CALL_LANE: {"queue": QUEUE_BACKGROUND},
     RETENTION_TICK: {"queue": QUEUE_BATCH},  # bulk statements, bounded by a time budget
+    PARTITIONS_TICK: {"queue": QUEUE_BATCH},  # DDL under a lock timeout, then bounded cleaning
 }
 
 # Chunk size for dispatch messages on bulk paths: never one message per task.

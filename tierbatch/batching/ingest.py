@@ -155,7 +155,7 @@ def write_prepared(session: Session, config: AppConfig, batch: ProviderBatch, pr
     ingested = IngestedChunk()
     retried = failed = 0
     if prepared.copy_data:
-        ingested = _write_success_rows(session, batch, prepared.copy_data, watch)
+        ingested = _write_success_rows(session, batch, prepared.copy_data, prepared.success_ids, watch)
     if prepared.retryable:
         retried = transitions.return_lines_to_waiting(session, batch.id, prepared.retryable,
                                                       config.batch.max_attempts)
@@ -272,7 +272,7 @@ def _copy_field(value: object) -> str:
     return _copy_text(value) if isinstance(value, str) else str(value)
 
 
-def _write_success_rows(session: Session, batch: ProviderBatch, copy_data: bytes,
+def _write_success_rows(session: Session, batch: ProviderBatch, copy_data: bytes, ids: Collection[uuid.UUID],
                         watch: Collection[uuid.UUID] = ()) -> IngestedChunk:
     """COPY the chunk's results into a temp table, then one guarded UPDATE … RETURNING feeding the
     ledger INSERT: lines of tasks no longer in this batch move nothing and bill nothing."""
@@ -289,7 +289,7 @@ def _write_success_rows(session: Session, batch: ProviderBatch, copy_data: bytes
         # statistics of the join column only (row count and id): the plan needs no more, and a full
         # ANALYZE of the wide rows cost ~5% of the chunk
         cursor.execute("ANALYZE ingest_rows (id)")
-    applied = transitions.apply_ingested_rows(connection, batch.id, batch.provider, batch.model, watch)
+    applied = transitions.apply_ingested_rows(connection, batch.id, batch.provider, batch.model, ids, watch)
     if applied.shadows:
         connection.execute(_CHARGE_SHADOWED_TASKS, {"shadows": list(applied.shadows)})
     connection.execute(text("TRUNCATE ingest_rows"))  # the session may go on to another chunk

@@ -2,7 +2,8 @@
 sent through a provider batch at the batch price instead of an immediate call.
 
 A shadow task is a `tasks` row with `shadow_of` set: the same request, on the other tier's primary model,
-born `waiting_batch`, in no job, at most one per task (a unique index). The batch path treats it like any
+born `waiting_batch`, in no job, at most one per task (its id is derived from the task's:
+tierbatch.base.ids.shadow_task_id, the same month's partition as its task). The batch path treats it like any
 Light task (claimed by provider and model, one line per task, retried per line); ingestion bills its line
 as a `shadow` ledger row of the task it shadows and adds the cost to that task (tierbatch/batching/ingest.py). Once it
 is terminal, `settle_batch_shadows` (worker/quality.py) compares the answers.
@@ -19,6 +20,7 @@ from sqlalchemy import text
 from sqlalchemy.orm import Session
 
 from tierbatch.base.config import AppConfig
+from tierbatch.base.ids import shadow_task_id
 from tierbatch.base.states import TERMINAL_TASK_STATUSES, Tier, sql_in
 from tierbatch.db.bulk_sql import QUEUE_SHADOW_TASKS
 
@@ -36,7 +38,8 @@ def queue_batch_shadows(session: Session, config: AppConfig, picks: Sequence[tup
         return 0
     refs = [config.tier(tier).chain[0] for _, tier in picks]
     result = session.execute(QUEUE_SHADOW_TASKS, {
-        "ids": [task_id for task_id, _ in picks], "tiers": [tier.value for _, tier in picks],
+        "ids": [task_id for task_id, _ in picks], "shadow_ids": [shadow_task_id(task_id) for task_id, _ in picks],
+        "tiers": [tier.value for _, tier in picks],
         "kinds": ["shadow" if tier is Tier.COMPLEX else "probe" for _, tier in picks],
         "providers": [ref.provider for ref in refs], "models": [ref.model for ref in refs]})
     return int(getattr(result, "rowcount", 0) or 0)

@@ -24,10 +24,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from tierbatch.db.models import LedgerEntry, Task
+from tierbatch.db.models import JobItemId, LedgerEntry, Task
 
 TASKS: Table = Task.__table__  # type: ignore[assignment]
 LEDGER: Table = LedgerEntry.__table__  # type: ignore[assignment]
+JOB_ITEM_IDS: Table = JobItemId.__table__  # type: ignore[assignment]
 
 
 def columns(table: Table, *names: str) -> tuple[str, ...]:
@@ -77,6 +78,8 @@ TASK_COPY_COLUMNS = columns(TASKS, "id", "item_id", "request", "tier", "tier_rea
                             "task_type", "requested_tier", "urgent", "deadline", "metadata", "status", "attempts",
                             "dispatched_at", "mode", "provider", "model")
 COPY_TASKS = _copy("tasks", TASK_COPY_COLUMNS)
+# ... and their item ids, the job's (tierbatch/jobs/store.py)
+COPY_JOB_ITEM_IDS = _copy("job_item_ids", columns(JOB_ITEM_IDS, "job_id", "item_id"))
 
 
 # --- batch ingestion: a chunk's results COPied into a temp table, then one UPDATE … INSERT -------------
@@ -108,18 +111,20 @@ INGEST_LEDGER_COLUMNS = columns(
 
 # --- quality monitor: batch-path shadow tasks, one INSERT … SELECT for a whole pick -----------------
 
+# A shadow's id is derived from its task's (tierbatch.base.ids.shadow_task_id): a second shadow of the same
+# task is the same primary key, and does nothing.
 _SHADOW_TASK_COLUMNS = columns(TASKS, "id", "tenant_id", "task_type", "requested_tier", "tier", "tier_reason",
                                "urgent", "request", "metadata", "status", "mode", "provider", "model", "attempts",
                                "dispatched_at", "created_at", "updated_at", "shadow_of")
 QUEUE_SHADOW_TASKS: TextClause = text(
     f"INSERT INTO tasks ({', '.join(_SHADOW_TASK_COLUMNS)}) "
-    "SELECT gen_random_uuid(), o.tenant_id, o.task_type, CAST(v.tier AS requested_tier), CAST(v.tier AS tier),"
+    "SELECT v.shadow_id, o.tenant_id, o.task_type, CAST(v.tier AS requested_tier), CAST(v.tier AS tier),"
     " 'quality monitor: ' || v.kind || ' of ' || o.id, false, o.request, o.metadata, 'waiting_batch', 'batch',"
     " v.provider, v.model, 0, now(), now(), now(), o.id "
-    "FROM unnest(CAST(:ids AS uuid[]), CAST(:tiers AS text[]), CAST(:kinds AS text[]), CAST(:providers AS text[]),"
-    " CAST(:models AS text[])) AS v(id, tier, kind, provider, model) "
+    "FROM unnest(CAST(:ids AS uuid[]), CAST(:shadow_ids AS uuid[]), CAST(:tiers AS text[]), CAST(:kinds AS text[]),"
+    " CAST(:providers AS text[]), CAST(:models AS text[])) AS v(id, shadow_id, tier, kind, provider, model) "
     "JOIN tasks AS o ON o.id = v.id "
-    "ON CONFLICT (shadow_of) WHERE shadow_of IS NOT NULL DO NOTHING"
+    "ON CONFLICT (id) DO NOTHING"
 )
 
 

@@ -26,6 +26,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tierbatch.base.config import AppConfig, ImmediateConfig, ModelRef
 from tierbatch.base.errors import ChainExhausted, PermanentProviderError, ProviderError, RetryableProviderError
+from tierbatch.base.ids import new_task_id
 from tierbatch.base.states import Mode, TaskStatus, Tier
 from tierbatch.cache.responses import (
     CachedAnswer,
@@ -204,7 +205,7 @@ class Gateway:
 
     async def _serve_cached(self, tenant_id: uuid.UUID, call: ChatCall, answer: CachedAnswer) -> Completed:
         """A cache hit: a task and a ledger row in mode `cache`, cost 0, the baseline of the tokens kept."""
-        task_id = uuid.uuid4()
+        task_id = new_task_id()
         now = datetime.now(UTC)
         usage = answer.usage
         baseline = self.prices.baseline(usage)
@@ -235,7 +236,7 @@ class Gateway:
         return done.completed
 
     async def _call_and_record(self, tenant_id: uuid.UUID, call: ChatCall) -> _Answered:
-        task_id = uuid.uuid4()
+        task_id = new_task_id()
         started = datetime.now(UTC)
         request = call.request
         key = prompt_cache_key(call.route.task_type, tenant_id)  # a client's own key is kept as it is
@@ -262,7 +263,7 @@ class Gateway:
 
     async def open_stream(self, tenant_id: uuid.UUID, call: ChatCall) -> StreamSession:
         """Open the provider stream along the chain (fallbacks happen before any byte is sent)."""
-        task_id = uuid.uuid4()
+        task_id = new_task_id()
         started = datetime.now(UTC)
         # usage is always asked of the provider (exact tokens for the ledger); the client gets the usage
         # chunk only if it asked for it

@@ -8,8 +8,6 @@ item is resolved once.
 from __future__ import annotations
 
 import json
-import secrets
-import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -85,19 +83,6 @@ class RequestEncoder:
                 self.settings, item.text)
             return self.prefix + json.dumps(content, ensure_ascii=False) + self.suffix
         return json.dumps({"messages": item_messages(self.settings, item), **self.params}, ensure_ascii=False)
-
-
-def time_ordered_ids(count: int) -> list[uuid.UUID]:
-    """UUIDv7-style ids: a millisecond timestamp, then a counter from a random start.
-
-    Tasks of a job sort by id in submission order (results come out in item order), and the
-    primary key index takes them at its right edge, which makes COPY faster than random ids.
-    """
-    milliseconds = time.time_ns() // 1_000_000
-    high = ((milliseconds & ((1 << 48) - 1)) << 16) | (0x7 << 12) | secrets.randbits(12)
-    start = secrets.randbits(61)  # 62 bits of room below the variant: no wrap for any count we take
-    base = (high << 64) | (0b10 << 62)
-    return [uuid.UUID(int=base | (start + offset)) for offset in range(count)]
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ task ids in chunks (`dispatch_in_chunks`).
 
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -27,14 +28,15 @@ from sqlalchemy.orm import Session
 
 from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import Conflict, NotFound
+from tierbatch.base.ids import Clock, new_task_ids
 from tierbatch.base.messaging import DISPATCH_CHUNK, DISPATCH_TASKS
 from tierbatch.base.states import TaskStatus
 from tierbatch.costs.budgets import check_budget
-from tierbatch.db.bulk_sql import COPY_TASKS, TASK_COPY_COLUMNS
-from tierbatch.db.models import Job, Task
+from tierbatch.db.bulk_sql import COPY_JOB_ITEM_IDS, COPY_TASKS, TASK_COPY_COLUMNS
+from tierbatch.db.models import Job, JobItemId, Task
 from tierbatch.jobs.read import count_tasks, get_job
 from tierbatch.jobs.requests import JobItem, JobRequest, JobSettings, check_items
-from tierbatch.jobs.rows import task_rows, time_ordered_ids
+from tierbatch.jobs.rows import task_rows
 from tierbatch.routing.rules import RuleView, tenant_rules
 from tierbatch.tasks import transitions
 
@@ -103,20 +105,33 @@ def _job_for_request(session: Session, tenant_id: uuid.UUID, request: JobRequest
 
 def _first_existing_item(session: Session, job_id: uuid.UUID, item_ids: list[str]) -> str | None:
     return session.scalar(
-        select(Task.item_id).where(Task.job_id == job_id,
-                                   Task.item_id == any_(bindparam("ids", item_ids, type_=ARRAY(Text))))
+        select(JobItemId.item_id).where(JobItemId.job_id == job_id,
+                                        JobItemId.item_id == any_(bindparam("ids", item_ids, type_=ARRAY(Text))))
         .limit(1))
 
 
+_ITEM = TASK_COPY_COLUMNS.index("item_id")
+_JOB = TASK_COPY_COLUMNS.index("job_id")
+
+
 def copy_task_rows(session: Session, rows: Iterator[tuple[Any, ...]]) -> int:
-    """Write rows with one text-format COPY on the session's own connection (same transaction)."""
+    """Write rows with one text-format COPY on the session's own connection (same transaction), then their
+    job item ids with another into `job_item_ids`, whose primary key refuses an item id the job has taken."""
     raw = session.connection().connection.driver_connection
     assert isinstance(raw, psycopg.Connection)
     written = 0
-    with raw.cursor() as cursor, cursor.copy(COPY_TASKS) as copy:
-        for row in rows:
-            copy.write_row(row)
-            written += 1
+    items: list[tuple[Any, Any]] = []
+    with raw.cursor() as cursor:
+        with cursor.copy(COPY_TASKS) as copy:
+            for row in rows:
+                copy.write_row(row)
+                written += 1
+                if row[_ITEM] is not None:
+                    items.append((row[_JOB], row[_ITEM]))
+        if items:
+            with cursor.copy(COPY_JOB_ITEM_IDS) as copy:
+                for item in items:
+                    copy.write_row(item)
     return written
 
 
@@ -134,10 +149,11 @@ _QUEUED = TaskStatus.QUEUED.value
 
 
 def _copy_items(session: Session, job: Job, settings: JobSettings, items: Sequence[JobItem],
-                config: AppConfig, rules: Mapping[str, RuleView]) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
+                config: AppConfig, rules: Mapping[str, RuleView],
+                clock: Clock = time.time) -> tuple[list[uuid.UUID], list[uuid.UUID]]:
     """COPY the items' tasks; returns every new task id and the ids of those left `queued`."""
     budget_reason = check_budget(session, job.tenant_id, config)  # 402 under `reject`
-    ids = time_ordered_ids(len(items))
+    ids = new_task_ids(len(items), clock)
     queued: list[uuid.UUID] = []
 
     def noting_queued(rows: Iterator[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
@@ -150,14 +166,16 @@ def _copy_items(session: Session, job: Job, settings: JobSettings, items: Sequen
                      rules)
     try:
         copy_task_rows(session, noting_queued(rows))
-    except psycopg.errors.UniqueViolation as exc:  # the index backs up the check before; the caller rolls back
+    except psycopg.errors.UniqueViolation as exc:  # job_item_ids backs up the check before; the caller rolls back
         raise Conflict(f"items: an item id is already in job {job.name or job.id!s} "
                            f"({exc.diag.message_detail})", param="items") from None
     return ids, queued
 
 
-def submit_job(session: Session, tenant_id: uuid.UUID, request: JobRequest, config: AppConfig) -> JobSubmission:
-    """Create the job (or find the tenant's job of that name) and COPY its tasks as `queued`."""
+def submit_job(session: Session, tenant_id: uuid.UUID, request: JobRequest, config: AppConfig,
+               clock: Clock = time.time) -> JobSubmission:
+    """Create the job (or find the tenant's job of that name) and COPY its tasks as `queued`; `clock`
+    makes the task ids (tierbatch.base.ids)."""
     job, created = _job_for_request(session, tenant_id, request)
     settings = request.settings if created else _settings_for_append(job, request)
     before = 0
@@ -165,7 +183,7 @@ def submit_job(session: Session, tenant_id: uuid.UUID, request: JobRequest, conf
         _check_not_in_job(session, job, request.items)
         before = count_tasks(session, job.id)
     rules = tenant_rules(session, tenant_id)  # the tenant's routing rules: one query per request
-    ids, queued = _copy_items(session, job, settings, request.items, config, rules)
+    ids, queued = _copy_items(session, job, settings, request.items, config, rules, clock)
     return JobSubmission(job, created, [str(i) for i in ids], before + len(ids), [str(i) for i in queued])
 
 

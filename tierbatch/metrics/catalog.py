@@ -30,6 +30,7 @@ knows, else `other`; status, tier and mode = enum values (`none` for a task with
 | `tierbatch_reconciler_actions_total` | counter | action | leases released, tasks re-dispatched, batch steps resumed, cache entries purged |
 | `tierbatch_webhook_deliveries_total` | counter | kind, outcome | webhook attempts: delivered, retrying, gave_up |
 | `tierbatch_retention_bodies_removed_total` | counter | kind | retention: task bodies (`task`) and cached answers (`cache_entry`) removed |
+| `tierbatch_partitions_total` | counter | table, action | monthly partitions of `tasks` and `ledger_entries` created ahead, and of `tasks` dropped by retention |
 | `tierbatch_beat_ticks_total` | counter | entry | periodic ticks beat sent (a flat line: beat is down) |
 | `tierbatch_metrics_database_up` | gauge (scrape) | | 1 when the scrape's database queries answered in time |
 
@@ -96,6 +97,8 @@ WEBHOOK_DELIVERIES = Counter("tierbatch_webhook_deliveries", "Outbound webhook a
                              ["kind", "outcome"])
 RETENTION_BODIES_REMOVED = Counter("tierbatch_retention_bodies_removed",
                                    "Retention: task bodies and cached answers removed.", ["kind"])
+PARTITIONS = Counter("tierbatch_partitions", "Monthly partitions created ahead, or dropped by retention.",
+                     ["table", "action"])
 BEAT_TICKS = Counter("tierbatch_beat_ticks", "Periodic ticks sent by beat, per schedule entry.", ["entry"])
 
 
@@ -110,6 +113,11 @@ class ReconcilerAction(StrEnum):
     SUBMISSIONS_RESUMED = "batch_submissions_resumed"
     INGESTIONS_RESUMED = "batch_ingestions_resumed"
     CACHE_ENTRIES_PURGED = "cache_entries_purged"
+
+
+class PartitionAction(StrEnum):
+    CREATED = "created"
+    DROPPED = "dropped"
 
 
 class RemovedKind(StrEnum):

@@ -30,10 +30,10 @@ from sqlalchemy.orm import Session
 
 from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import Conflict, InvalidInput, NotFound
+from tierbatch.base.ids import new_task_ids
 from tierbatch.base.states import ClientBatchStatus, RequestedTier, TaskStatus
 from tierbatch.db.models import ClientBatch, Job
 from tierbatch.gateway.routing import provider_request
-from tierbatch.jobs.rows import time_ordered_ids
 from tierbatch.jobs.store import copy_task_rows
 from tierbatch.openai_batches.files import epoch, get_file, iter_file_lines
 from tierbatch.openai_batches.lines import ENDPOINT, parse_batch_line
@@ -131,7 +131,7 @@ def create_batch(session: Session, tenant_id: uuid.UUID, body: Any, config: AppC
               spec={"openai_batch_id": batch_id, "input_file_id": input_file_id, "metadata": metadata or {}})
     session.add(job)
     session.flush()
-    ids = time_ordered_ids(stored.line_count)
+    ids = new_task_ids(stored.line_count)
     rules = tenant_rules(session, tenant_id)  # the tenant's routing rules: one query per batch, not per line
     rows = _task_rows(iter_file_lines(session, stored.id), config, tenant_id, job.id, ids, now, rules)
     written = 0

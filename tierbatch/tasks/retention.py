@@ -32,6 +32,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.orm import Session
 
 from tierbatch.base.states import FINAL_CLIENT_BATCH_STATUSES, sql_in
+from tierbatch.db.partitions import months_spanned
 from tierbatch.metrics.catalog import RETENTION_BODIES_REMOVED, RemovedKind
 from tierbatch.metrics.commit import after_commit
 from tierbatch.tasks.labels import extract_label, labels_of
@@ -51,6 +52,8 @@ _REMOVE = text(
     " bodies_removed_at = now()"
     " FROM unnest(:ids, :kept) AS v(id, kept_output)"
     " WHERE t.id = v.id AND t.finished_at IS NOT NULL AND t.bodies_removed_at IS NULL"
+    # the batch's months: planned over their partitions only (db/partitions.months_spanned)
+    " AND t.id >= :months_from AND t.id < :months_to"
 ).bindparams(bindparam("ids", type_=ARRAY(UUID(as_uuid=True))), bindparam("kept", type_=ARRAY(Text)))
 
 
@@ -72,7 +75,7 @@ def remove_bodies(session: Session, cutoff: datetime, limit: int) -> int:
         return 0
     ids: list[uuid.UUID] = [row.id for row in rows]
     kept = [kept_output(row.output, row.response_format) for row in rows]
-    result = session.execute(_REMOVE, {"ids": ids, "kept": kept})
+    result = session.execute(_REMOVE, {"ids": ids, "kept": kept, **months_spanned(ids)})
     removed = int(getattr(result, "rowcount", 0) or 0)
     if removed:
         after_commit(session, lambda: RETENTION_BODIES_REMOVED.labels(RemovedKind.TASK).inc(removed))

@@ -8,6 +8,7 @@ here commits: the caller owns the transaction, so a state change and its ledger 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,11 +35,12 @@ from sqlalchemy.orm import Session
 
 from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import NotFound, TransitionError
+from tierbatch.base.ids import Clock, new_task_ids
 from tierbatch.base.states import Mode, TaskStatus, Tier
 from tierbatch.cache.responses import CachedAnswer, cache_key, maybe_cacheable, take_hits, wants_cache
 from tierbatch.costs.budgets import apply_budget
 from tierbatch.db.engine import newest_first_page
-from tierbatch.db.models import Task
+from tierbatch.db.models import Task, TaskIdempotencyKey
 from tierbatch.ledger.pricing import PriceBook
 from tierbatch.ledger.rows import Charge, ResponseRecord, add_ledger_entry
 from tierbatch.providers.adapter import ChatResult
@@ -57,14 +59,15 @@ class AcceptedTask:
     created: bool  # False when an idempotency key matched an existing task
 
 
-def _task_row(tenant_id: uuid.UUID, spec: TaskSpec, config: AppConfig, job_id: uuid.UUID | None,
-              item_id: str | None, rules: Mapping[str, RuleView] | None = None) -> dict[str, Any]:
+def _task_row(task_id: uuid.UUID, tenant_id: uuid.UUID, spec: TaskSpec, config: AppConfig,
+              job_id: uuid.UUID | None, item_id: str | None,
+              rules: Mapping[str, RuleView] | None = None) -> dict[str, Any]:
     messages = spec.chat_messages()
     # quality-aware routing: the tenant's rule for the task type comes before config routing
     decision = (rule_decision(rules or {}, spec.tier, spec.task_type)
                 or resolve_tier(config, spec.tier, spec.task_type, messages))
     return {
-        "id": uuid.uuid4(), "tenant_id": tenant_id, "job_id": job_id, "item_id": item_id,
+        "id": task_id, "tenant_id": tenant_id, "job_id": job_id, "item_id": item_id,
         "idempotency_key": spec.idempotency_key, "task_type": spec.task_type,
         "requested_tier": spec.tier, "tier": decision.tier, "tier_reason": decision.reason,
         "urgent": spec.urgent, "deadline": spec.deadline, "request": spec.provider_request(),
@@ -72,13 +75,31 @@ def _task_row(tenant_id: uuid.UUID, spec: TaskSpec, config: AppConfig, job_id: u
     }
 
 
+def _claim_keys(session: Session, tenant_id: uuid.UUID, rows: Sequence[dict[str, Any]]) -> set[str]:
+    """Record the rows' idempotency keys for their tasks (in the caller's transaction, with the tasks);
+    returns the keys won. A key already taken is not won, unless its task is gone (its month dropped by
+    retention, tierbatch/tasks/partitions.py): then the new task takes it. A concurrent request with the
+    same key waits here for the other's commit (the primary key), then loses to it."""
+    keyed = [{"tenant_id": tenant_id, "idempotency_key": r["idempotency_key"], "task_id": r["id"]}
+             for r in rows if r["idempotency_key"] is not None]
+    if not keyed:
+        return set()
+    statement = insert(TaskIdempotencyKey).values(keyed)
+    statement = statement.on_conflict_do_update(
+        index_elements=["tenant_id", "idempotency_key"], set_={"task_id": statement.excluded.task_id},
+        where=text("NOT EXISTS (SELECT 1 FROM tasks AS t WHERE t.id = task_idempotency_keys.task_id)"))
+    return set(session.scalars(statement.returning(TaskIdempotencyKey.idempotency_key)))
+
+
 def insert_tasks(session: Session, tenant_id: uuid.UUID, specs: Sequence[TaskSpec], config: AppConfig,
-                 job_id: uuid.UUID | None = None) -> list[AcceptedTask]:
-    """Store tasks as `queued`; a repeated idempotency key returns the task it already names."""
+                 job_id: uuid.UUID | None = None, clock: Clock = time.time) -> list[AcceptedTask]:
+    """Store tasks as `queued`; a repeated idempotency key returns the task it already names. `clock`
+    makes the ids (tierbatch.base.ids)."""
     rows: list[dict[str, Any]] = []
     first_by_key: dict[str, int] = {}
     order: list[int | str] = []  # per spec: index into rows, or an idempotency key seen earlier
     rules = tenant_rules(session, tenant_id) if specs else {}  # one query per request
+    ids = iter(new_task_ids(len(specs), clock))
     for spec in specs:
         key = spec.idempotency_key
         if key is not None and key in first_by_key:
@@ -87,23 +108,23 @@ def insert_tasks(session: Session, tenant_id: uuid.UUID, specs: Sequence[TaskSpe
         if key is not None:
             first_by_key[key] = len(rows)
         order.append(len(rows))
-        rows.append(_task_row(tenant_id, spec, config, job_id, None, rules))
+        rows.append(_task_row(next(ids), tenant_id, spec, config, job_id, None, rules))
 
     apply_budget(session, tenant_id, rows, config)  # budgets: 402, or complex stored as light
 
-    inserted: set[uuid.UUID] = set()
-    if rows:
-        statement = insert(Task).values(rows).on_conflict_do_nothing(
-            index_elements=["tenant_id", "idempotency_key"], index_where=text("idempotency_key IS NOT NULL")
-        ).returning(Task.id)
-        inserted = set(session.scalars(statement))
+    won = _claim_keys(session, tenant_id, rows)
+    new_rows = [r for r in rows if r["idempotency_key"] is None or r["idempotency_key"] in won]
+    if new_rows:
+        session.execute(insert(Task).values(new_rows))
+    inserted = {r["id"] for r in new_rows}
 
     existing: dict[str, Task] = {}
     keys_lost = [r["idempotency_key"] for r in rows if r["id"] not in inserted]
     if keys_lost:
-        for task in session.scalars(select(Task).where(Task.tenant_id == tenant_id,
-                                                       Task.idempotency_key.in_(keys_lost))):
-            existing[task.idempotency_key or ""] = task
+        for key, task in session.execute(
+                select(TaskIdempotencyKey.idempotency_key, Task).join(Task, Task.id == TaskIdempotencyKey.task_id)
+                .where(TaskIdempotencyKey.tenant_id == tenant_id, TaskIdempotencyKey.idempotency_key.in_(keys_lost))):
+            existing[key] = task
 
     def accepted_for(row: dict[str, Any]) -> AcceptedTask:
         if row["id"] in inserted:

@@ -46,6 +46,7 @@ from tierbatch.base.errors import TransitionError
 from tierbatch.base.states import CANCELLABLE_TASK_STATUSES, Mode, TaskStatus
 from tierbatch.db.bulk_sql import INGEST_LEDGER_COLUMNS, LEDGER_USAGE_COLUMNS
 from tierbatch.db.models import Task
+from tierbatch.db.partitions import months_spanned
 from tierbatch.metrics.record import FinishedTasks, tasks_finished
 
 ESCALATABLE_STATUSES = (TaskStatus.WAITING_BATCH, TaskStatus.IN_BATCH)
@@ -271,6 +272,8 @@ _APPLY_INGEST_ROWS = text(
     # from the chunk's rows by primary key whatever the statistics say (stale ones, which count no task
     # `in_batch`, had it scan every live task's entry for each chunk)
     " FROM ingest_rows AS v WHERE t.id = v.id AND (t.status = 'in_batch' AND t.batch_id = :batch) IS TRUE"
+    # the months the chunk's tasks fall in: planned over their partitions only (db/partitions.months_spanned)
+    " AND t.id >= :months_from AND t.id < :months_to"
     # the ledger columns come back with the row: the INSERT reads `moved` alone, no second join
     " RETURNING t.id, t.tenant_id, t.job_id, t.task_type, t.tier, t.status, t.shadow_of, v.served_model, "
     + ", ".join(f"v.{name}" for name in LEDGER_USAGE_COLUMNS) + ", v.cost_usd, v.baseline_cost_usd), "
@@ -298,14 +301,15 @@ _APPLY_INGEST_ROWS = text(
 
 
 def apply_ingested_rows(connection: Connection, batch_id: uuid.UUID, provider: str, model: str,
-                        watch: Collection[uuid.UUID]) -> Row[Any]:
+                        ids: Collection[uuid.UUID], watch: Collection[uuid.UUID]) -> Row[Any]:
     """in_batch → the status of each row of the `ingest_rows` temp table (succeeded / failed), for the
     tasks still in this batch, with their ledger rows. One row back: `written` (how many moved),
     `succeeded` (the watched ids moved to succeeded, as JSON), `shadows` (the shadow tasks moved), and for
     the metrics `finished` ([status, tier, count] as JSON) and `billed` ([tenant, shadow, cost, baseline,
-    unpriced] as JSON; the caller counts them after its commit, `tierbatch.metrics.record`)."""
+    unpriced] as JSON; the caller counts them after its commit, `tierbatch.metrics.record`). `ids`: the
+    temp table's task ids."""
     return connection.execute(_APPLY_INGEST_ROWS, {"batch": batch_id, "provider": provider, "model": model,
-                                                   "watch": list(watch)}).one()
+                                                   "watch": list(watch), **months_spanned(ids)}).one()
 
 
 # a bulk statement's `moved` rows counted by (status, tier, mode): one row per group back, not one per task
@@ -325,9 +329,10 @@ def return_lines_to_waiting(session: Session, batch_id: uuid.UUID, errors: dict[
         "          ELSE v.error END, "
         "  updated_at = now() "
         "FROM unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error) "
-        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch RETURNING t.status, t.tier, t.mode) "
-        + _GROUPED
-    ), {"ids": list(errors), "errors": list(errors.values()), "max": max_attempts, "batch": batch_id}).all()
+        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch "
+        "AND t.id >= :months_from AND t.id < :months_to RETURNING t.status, t.tier, t.mode) " + _GROUPED
+    ), {"ids": list(errors), "errors": list(errors.values()), "max": max_attempts, "batch": batch_id,
+        **months_spanned(errors)}).all()
     _tally(session, (group for group in groups if group[0] == TaskStatus.FAILED))
     return sum(int(group[3]) for group in groups)
 
@@ -337,8 +342,8 @@ def fail_batch_lines(session: Session, batch_id: uuid.UUID, errors: dict[uuid.UU
     groups = session.execute(text(
         "WITH moved AS (UPDATE tasks AS t SET status = 'failed', finished_at = now(), error = v.error, "
         "updated_at = now() FROM unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error) "
-        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch RETURNING t.status, t.tier, t.mode) "
-        + _GROUPED
-    ), {"ids": list(errors), "errors": list(errors.values()), "batch": batch_id}).all()
+        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch "
+        "AND t.id >= :months_from AND t.id < :months_to RETURNING t.status, t.tier, t.mode) " + _GROUPED
+    ), {"ids": list(errors), "errors": list(errors.values()), "batch": batch_id, **months_spanned(errors)}).all()
     _tally(session, groups)
     return sum(int(group[3]) for group in groups)

@@ -12,7 +12,7 @@ from tierbatch.db.models.files import FilePart, StoredFile
 from tierbatch.db.models.ledger import LedgerDaily, LedgerEntry
 from tierbatch.db.models.quality import QualityComparison, RoutingEvent, RoutingRule
 from tierbatch.db.models.schedules import Classification, Schedule, ScheduleRun
-from tierbatch.db.models.tasks import Job, Task
+from tierbatch.db.models.tasks import Job, JobItemId, Task, TaskIdempotencyKey
 from tierbatch.db.models.tenants import ApiKey, Tenant
 from tierbatch.db.models.webhooks import WebhookDelivery
 
@@ -23,6 +23,7 @@ __all__ = [
     "ClientBatch",
     "FilePart",
     "Job",
+    "JobItemId",
     "LedgerDaily",
     "LedgerEntry",
     "ProviderBatch",
@@ -34,6 +35,7 @@ __all__ = [
     "ScheduleRun",
     "StoredFile",
     "Task",
+    "TaskIdempotencyKey",
     "Tenant",
     "WebhookDelivery",
 ]

@@ -36,14 +36,19 @@ class LedgerEntry(Base):
             "AND reasoning_tokens >= 0 AND cached_tokens + cache_write_tokens <= input_tokens",
             name="token_counts_valid",
         ),
+        # monthly partitions on the task id, the bounds of `tasks` (tierbatch/db/partitions.py): a ledger row
+        # lives in its task's month, so the billed index on task_id stays one index over every partition.
+        # Ledger partitions are never dropped.
+        {"postgresql_partition_by": "RANGE (task_id)"},
     )
 
+    # the primary key is (id, task_id): a unique index of a partitioned table must include its partition key
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
     # No foreign keys: tenant, job, batch and the task itself are copied from the task row in the statement
     # that writes the ledger row (or that row's RETURNING), and a per-row check of each cost a third of batch
     # ingestion (migration 0005), the task's a sixth of it against a million-task table (0014).
     tenant_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
-    task_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+    task_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
     job_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     batch_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     task_type: Mapped[str] = mapped_column(Text, nullable=False)

@@ -9,7 +9,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, Boolean, ForeignKey, Index, Numeric, Text, UniqueConstraint, text
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
 from tierbatch.base.states import Tier
@@ -61,7 +61,9 @@ class QualityComparison(Base):
     )
 
     id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True)
-    task_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tasks.id"), nullable=False)
+    # the task compared; NULL once retention dropped it (the comparison stays: it counts in the quality
+    # window and history). No foreign key: see Task.shadow_of.
+    task_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), nullable=False)
     task_type: Mapped[str] = mapped_column(Text, nullable=False)
     light_model: Mapped[str] = mapped_column(Text, nullable=False)

@@ -129,7 +129,9 @@ class Classification(Base):
     tenant_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("tenants.id"), nullable=False)
     item_id: Mapped[str] = mapped_column(Text, nullable=False)
     text_hash: Mapped[str] = mapped_column(Text, nullable=False)  # sha256 hex of the item's text
-    task_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tasks.id"))
+    # the item's task; NULL once retention dropped it (its label and cost stay here). No foreign key: see
+    # Task.shadow_of.
+    task_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     status: Mapped[ClassificationStatus] = mapped_column(CLASSIFICATION_STATUS, nullable=False)
     label: Mapped[str | None] = mapped_column(Text)
     output: Mapped[str | None] = mapped_column(Text)  # the raw answer (kept when it is not a valid label)

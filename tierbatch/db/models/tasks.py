@@ -63,13 +63,8 @@ class Task(Base):
         CheckConstraint(f"(status IN {sql_in(TERMINAL_TASK_STATUSES)}) = (finished_at IS NOT NULL)",
                         name="finished_at_iff_terminal"),
         CheckConstraint("attempts >= 0", name="attempts_non_negative"),
-        # partial: most tasks have no key, and a full index took an entry (a write) for each of them
-        Index("uq_tasks_tenant_idempotency_key", "tenant_id", "idempotency_key", unique=True,
-              postgresql_where=text("idempotency_key IS NOT NULL")),
         Index("ix_tasks_tenant_created", "tenant_id", "created_at", "id"),
         Index("ix_tasks_job", "job_id", postgresql_where=text("job_id IS NOT NULL")),
-        # jobs: an item id names one task within its job, also across appends (tierbatch/jobs/store.py)
-        Index("uq_tasks_job_item", "job_id", "item_id", unique=True, postgresql_where=text("job_id IS NOT NULL")),
         # a batch's lines; with the tenant, "does this batch hold one of the tenant's tasks" is one probe
         # and a tenant's line counts per batch read the index alone (tierbatch/batching/read.py)
         Index("ix_tasks_batch", "batch_id", "tenant_id", postgresql_where=text("batch_id IS NOT NULL")),
@@ -84,8 +79,9 @@ class Task(Base):
         # budgets: a tenant's not-yet-finished tasks, counted for the pending-spend estimate
         Index("ix_tasks_tenant_live", "tenant_id",
               postgresql_where=text(f"status IN {sql_in(LIVE_TASK_STATUSES)}")),
-        # quality monitor: at most one batch-path shadow task per task, never part of a job
-        Index("uq_tasks_shadow_of", "shadow_of", unique=True, postgresql_where=text("shadow_of IS NOT NULL")),
+        # quality monitor: a task's shadow (at most one: its id is derived from the task's, see
+        # tierbatch.base.ids.shadow_task_id), never part of a job
+        Index("ix_tasks_shadow_of", "shadow_of", postgresql_where=text("shadow_of IS NOT NULL")),
         CheckConstraint("shadow_of IS NULL OR job_id IS NULL", name="shadow_task_has_no_job"),
         # retention (tierbatch/tasks/retention.py): finished tasks whose bodies are still kept, oldest first.
         # A task gets its entry when it finishes (that update is never HOT: `status` is indexed) and loses
@@ -93,6 +89,9 @@ class Task(Base):
         Index("ix_tasks_bodies_kept", "finished_at",
               postgresql_where=text("finished_at IS NOT NULL AND bodies_removed_at IS NULL")),
         CheckConstraint("bodies_removed_at IS NULL OR finished_at IS NOT NULL", name="bodies_removed_only_finished"),
+        # monthly partitions on the id (tierbatch/db/partitions.py): a unique index must include it, so the
+        # uniqueness of idempotency keys and of a job's item ids lives in `task_idempotency_keys` and `job_item_ids`
+        {"postgresql_partition_by": "RANGE (id)"},
     )
 
     id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
@@ -136,8 +135,36 @@ class Task(Base):
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
     # A shadow task: the quality monitor's second request of task `shadow_of` on the other tier,
     # sent through the batch path when that task was not urgent. Its ledger row is a `shadow` row of
-    # `shadow_of`; it is not listed to the tenant and belongs to no job.
-    shadow_of: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("tasks.id"))
+    # `shadow_of`; it is not listed to the tenant and belongs to no job. No foreign key (none refers to
+    # `tasks`: dropping a month's partition would check every referring row under an exclusive lock on
+    # `tasks`): the shadow is written from its task's row and lives in its task's partition.
+    shadow_of: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     # retention: when the prompt (`request` became `{}`), `output` and `response` were removed; NULL: kept
     bodies_removed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
 
+
+
+class TaskIdempotencyKey(Base):
+    """A tenant's idempotency key and the task it names: the key's uniqueness, which `tasks` (partitioned on
+    its id) cannot hold. Written with the task, in its transaction (tierbatch/tasks/store.py); removed
+    when the task's partition is dropped (tierbatch/tasks/partitions.py). No foreign keys: the row is
+    written from the task row of the same transaction."""
+
+    __tablename__ = "task_idempotency_keys"
+    __table_args__ = (Index("ix_task_idempotency_keys_task", "task_id"),)
+
+    tenant_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    idempotency_key: Mapped[str] = mapped_column(Text, primary_key=True)
+    task_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), nullable=False)
+
+
+class JobItemId(Base):
+    """An item id taken in a job, also across appends: the uniqueness `tasks` (partitioned on its id)
+    cannot hold. COPied with the job's tasks (tierbatch/jobs/store.py); an item id is given back when its
+    task's partition is dropped. No foreign key: a per-row check on the bulk path, for a job row the same
+    transaction has just read or written."""
+
+    __tablename__ = "job_item_ids"
+
+    job_id: Mapped[uuid.UUID] = mapped_column(UUID(as_uuid=True), primary_key=True)
+    item_id: Mapped[str] = mapped_column(Text, primary_key=True)
