@@ -237,10 +237,6 @@ def private_stack(tmp_path: Path) -> Iterator[tuple[Stack, EmbeddedPostgres, Pri
         shutil.rmtree(pg_dir, ignore_errors=True)
 
 
-# Known failing about half the time since this session's changes: after the Redis restart the worker
-# stops consuming (kombu raises on a connection without parameters while acking) and queued tasks are
-# never dispatched. Kept running so a fix shows as XPASS; see the notes of the performance work.
-@pytest.mark.xfail(reason="worker does not resume consuming after the Redis restart in some runs", strict=False)
 def test_postgres_then_redis_restarted_under_load(private_stack: tuple[Stack, EmbeddedPostgres, PrivateRedis]) -> None:
     stack, pg, redis_server = private_stack
     dsn = psycopg_dsn(stack.database_url)
@@ -344,3 +340,45 @@ def test_postgres_then_redis_restarted_under_load(private_stack: tuple[Stack, Em
                                                            "messages": [{"role": "user", "content": "after"}]})
         assert chat.status_code == 200, chat.text
         assert json.loads(chat.content)["choices"]
+
+
+def test_worker_consumes_again_after_a_redis_restart_with_calls_in_flight(
+        private_stack: tuple[Stack, EmbeddedPostgres, PrivateRedis]) -> None:
+    """Redis dies while the worker holds unacknowledged messages (calls in flight, more prefetched) and waits
+    on its next BRPOP: once Redis is back the worker must take new work again, not sit without a consumer."""
+    stack, _, redis_server = private_stack
+    dsn = psycopg_dsn(stack.database_url)
+    key = stack.new_tenant_key("in-flight")
+    stack.sim("POST", "/_sim/config", {"models": {"gpt-4o": {"latency_ms": [3000, 3000]}}})
+    with stack.client(key) as client:
+        # more calls than the worker's 4 threads (the rest wait prefetched), fewer than its prefetch of 16
+        before = [client.post("/v1/tasks", json={"prompt": f"Plan step {i}", "tier": "complex"}) for i in range(8)]
+        assert all(r.status_code == 202 for r in before), [r.text for r in before]
+        wait_until(lambda: query(dsn, "SELECT count(*) FROM tasks WHERE status = 'running'")[0][0] >= 4,
+                   30, 0.1, "calls in flight")
+        worker = stack.processes["worker"]
+        redis_server.kill()
+        wait_until(lambda: "Connection to broker lost" in worker.log_path.read_text(errors="replace"),
+                   30, 0.1, "the worker seeing the broker gone")
+        redis_server.start()
+        stack.sim("POST", "/_sim/config", {"models": {"gpt-4o": {"latency_ms": [5, 20]}}})
+        wait_until(lambda: readiness(stack)[0] == 200, 30, 0.2, "ready after the Redis restart")
+
+        # new work after the restart reaches the worker through the new broker
+        after = client.post("/v1/tasks", json={"prompt": "Plan after the restart", "tier": "complex"})
+        assert after.status_code == 202, after.text
+        try:
+            task = stack.wait_for_task(client, after.json()["id"], {"succeeded", "failed"}, timeout=60)
+        except AssertionError:
+            raise AssertionError(f"not consumed after the restart:\n{errors_in_log(worker)}") from None
+        assert task["status"] == "succeeded", task
+
+        ids = [r.json()["id"] for r in before]
+        for task_id in ids:
+            assert stack.wait_for_task(client, task_id, {"succeeded"}, timeout=60)["status"] == "succeeded"
+    # each call billed once, though its message was lost with the broker's memory
+    rows = dict(query(dsn, "SELECT task_id::text, count(*) FROM ledger_entries GROUP BY 1"))
+    assert {task_id: rows.get(task_id) for task_id in [*ids, after.json()["id"]]} == \
+        {task_id: 1 for task_id in [*ids, after.json()["id"]]}
+    assert worker.alive(), worker.log_text()
+    assert "Unrecoverable error" not in worker.log_path.read_text(errors="replace")

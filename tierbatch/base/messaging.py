@@ -93,6 +93,13 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
                                      **({"global_keyprefix": settings.redis_key_prefix}
                                         if settings.redis_key_prefix else {})},
         "broker_connection_retry_on_startup": True,
+        # No remote control (inspect, revoke, ping: nothing here uses them): its mailbox is a pub/sub
+        # connection, and when Redis dies that connection can report the loss before the consumer's pending
+        # BRPOP does. Celery then closes the consumer's channel twice, the second time after kombu has
+        # detached the transport, and the unacknowledged messages' restore raises AttributeError: the worker
+        # stops consuming for good. With the BRPOP connection alone, its own read reports the loss and the
+        # consumer reconnects.
+        "worker_enable_remote_control": False,
         "enable_utc": True,
     }
 
