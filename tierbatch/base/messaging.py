@@ -78,6 +78,15 @@ TASK_ROUTES = {
 DISPATCH_CHUNK = 1000
 
 
+REPAIRED_TRANSPORT = "tierbatch.base.broker:Transport"
+
+
+def broker_transport(redis_url: str) -> dict[str, str]:
+    """kombu's Redis transport with two repairs for a Redis restart under load (tierbatch/base/broker.py),
+    for `redis://` URLs; `rediss://` (TLS) and `sentinel://` keep kombu's own, which their scheme selects."""
+    return {"broker_transport": REPAIRED_TRANSPORT} if redis_url.partition("://")[0] == "redis" else {}
+
+
 def celery_settings(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.redis_url,
@@ -89,16 +98,14 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,
+        **broker_transport(settings.redis_url),
         "broker_transport_options": {"visibility_timeout": 3600,
                                      **({"global_keyprefix": settings.redis_key_prefix}
                                         if settings.redis_key_prefix else {})},
         "broker_connection_retry_on_startup": True,
-        # No remote control (inspect, revoke, ping: nothing here uses them): its mailbox is a pub/sub
-        # connection, and when Redis dies that connection can report the loss before the consumer's pending
-        # BRPOP does. Celery then closes the consumer's channel twice, the second time after kombu has
-        # detached the transport, and the unacknowledged messages' restore raises AttributeError: the worker
-        # stops consuming for good. With the BRPOP connection alone, its own read reports the loss and the
-        # consumer reconnects.
+        # No remote control (inspect, revoke, ping: nothing here uses them): its mailbox is one more pub/sub
+        # connection per worker, and when Redis dies it can report the loss before the consumer's pending BRPOP
+        # does, the case in which Celery closes the consumer's channel twice (tierbatch/base/broker.py)
         "worker_enable_remote_control": False,
         "enable_utc": True,
     }
