@@ -206,8 +206,8 @@ def tenants_create(name: str,
             fail(f"--budget: {budget!r} is not a number")
         if monthly_budget < 0:
             fail("--budget: must not be negative")
-    settings, _ = load_settings_and_config()
-    engine = make_engine(settings.database_url)
+    settings, config = load_settings_and_config()
+    engine = make_engine(settings.database_url, pgbouncer=config.database.pgbouncer)
     try:
         with make_session_factory(engine).begin() as session:
             tenant = create_tenant(session, name, monthly_budget, box=settings.secret_box())
