@@ -11,8 +11,8 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from sqlalchemy.engine import make_url
@@ -86,17 +86,35 @@ def peak_server_connections(stack: Stack, bouncer: PgBouncer) -> Iterator[Peak]:
         sampler.join(timeout=10)
 
 
-def post_job(client: Any, name: str, count: int, *, urgent: bool) -> str:
+def post_job(client: httpx.Client, name: str, count: int, *, urgent: bool) -> str:
     answer = client.post("/v1/jobs", json={"name": name, "tier": "light", "urgent": urgent,
                                            "items": items(count, name)})
     assert answer.status_code == 202, answer.text
     return str(answer.json()["id"])
 
 
-def modes_by_job(stack: Stack, tenant_id: str) -> dict[tuple[str, str], int]:
+def chat(stack: Stack, key: str, n: int) -> str:
+    """One chat completion through the gateway; the id of the task it recorded."""
+    with stack.client(key) as client:
+        answer = client.post("/v1/chat/completions", json={
+            "model": "smart-select", "messages": [{"role": "user", "content": f"Say hi {n}"}]})
+    assert answer.status_code == 200, answer.text
+    return str(answer.headers["x-tierbatch-task-id"])
+
+
+def assert_jobs_done_and_billed_once(stack: Stack, client: httpx.Client, tenant_id: str, urgent: tuple[str, int],
+                                     batched: tuple[str, int]) -> None:
+    """Both jobs completed with every task succeeded, on the path of its job, with one ledger row each."""
+    for job_id, count in (urgent, batched):
+        assert wait_for_job(stack, client, job_id, timeout=120)["counts"] == {"succeeded": count}
     rows = query(stack, "SELECT j.name, t.mode::text, count(*) FROM tasks t JOIN jobs j ON j.id = t.job_id "
                         "WHERE t.tenant_id = %s GROUP BY 1, 2", tenant_id)
-    return {(str(name), str(mode)): int(n) for name, mode, n in rows}
+    assert {(str(name), str(mode)): int(n) for name, mode, n in rows} == {
+        ("urgent", "immediate"): urgent[1], ("batched", "batch"): batched[1]}
+    assert_no_double_billing(stack, tenant_id)
+    tasks = urgent[1] + batched[1]
+    assert query(stack, "SELECT count(*), count(DISTINCT task_id) FROM ledger_entries WHERE tenant_id = %s",
+                 tenant_id) == [(tasks, tasks)]
 
 
 def errors_logged(stack: Stack) -> list[str]:
@@ -110,16 +128,17 @@ def test_jobs_on_both_paths_succeed_through_pgbouncer_with_one_ledger_row_per_ta
         bounced: tuple[Stack, PgBouncer]) -> None:
     stack, bouncer = bounced
     tenant, key = stack.new_tenant("pgbouncer-jobs")
+    gateway_key = stack.new_tenant_key("pgbouncer-gateway")
     with peak_server_connections(stack, bouncer) as peak, stack.client(key) as client:
         urgent = post_job(client, "urgent", 300, urgent=True)
         batched = post_job(client, "batched", 400, urgent=False)
-        assert wait_for_job(stack, client, urgent, timeout=120)["counts"] == {"succeeded": 300}
-        assert wait_for_job(stack, client, batched, timeout=120)["counts"] == {"succeeded": 400}
+        assert_jobs_done_and_billed_once(stack, client, tenant, (urgent, 300), (batched, 400))
+        served = [chat(stack, gateway_key, i) for i in range(8)]  # the gateway writer reuses one connection
 
-    assert modes_by_job(stack, tenant) == {("urgent", "immediate"): 300, ("batched", "batch"): 400}
-    assert_no_double_billing(stack, tenant)
-    assert query(stack, "SELECT count(*), count(DISTINCT task_id) FROM ledger_entries WHERE tenant_id = %s",
-                 tenant) == [(700, 700)]
+    # the gateway's answers are billed: its writes commit through PgBouncer too
+    assert dict(query(stack, "SELECT t.id::text, count(l.id) FROM tasks t LEFT JOIN ledger_entries l "
+                             "ON l.task_id = t.id WHERE t.id = ANY(%s::uuid[]) AND t.status = 'succeeded' "
+                             "GROUP BY t.id", served)) == dict.fromkeys(served, 1)
     # the processes used PgBouncer's connections, and no more of them than it holds
     assert 0 < peak.value <= POOL_SIZE, peak.value
     assert errors_logged(stack) == []
@@ -154,12 +173,7 @@ def test_worker_killed_mid_run_through_pgbouncer_bills_nothing_twice(bounced: tu
         stack.start_worker()
 
     with stack.client(key) as client:
-        assert wait_for_job(stack, client, urgent, timeout=120)["counts"] == {"succeeded": 120}
-        assert wait_for_job(stack, client, batched, timeout=120)["counts"] == {"succeeded": 600}
-    assert modes_by_job(stack, tenant) == {("urgent", "immediate"): 120, ("batched", "batch"): 600}
-    assert_no_double_billing(stack, tenant)
-    assert query(stack, "SELECT count(*), count(DISTINCT task_id) FROM ledger_entries WHERE tenant_id = %s",
-                 tenant) == [(720, 720)]
+        assert_jobs_done_and_billed_once(stack, client, tenant, (urgent, 120), (batched, 600))
     # each batch line went to the provider once: the killed ingestion was resumed, not resubmitted
     assert stack.sim("GET", "/_sim/stats")["batch_lines"] - lines_before == 600
     assert errors_logged(stack) == []
