@@ -5,6 +5,7 @@ transport leaves a Celery worker up but never consuming again."""
 from __future__ import annotations
 
 import socket
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from kombu import Connection, Exchange, Producer, Queue
 from kombu.common import ignore_errors
 
 from tests.support.private_redis import PrivateRedis
-from tierbatch.base.messaging import REPAIRED_TRANSPORT, broker_transport
+from tierbatch.base.broker import REPAIRED_TRANSPORT, Transport, install_repaired_transport
 
 pytestmark = pytest.mark.integration
 
@@ -35,11 +36,14 @@ def publish(connection: Connection, queue_name: str, count: int = 1) -> None:
         producer.publish({"n": n}, exchange=queue.exchange, routing_key=queue_name, declare=[queue])
 
 
-def test_the_repaired_transport_is_the_one_of_redis_urls() -> None:
-    assert broker_transport("redis://:secret@127.0.0.1:6379/0") == {"broker_transport": REPAIRED_TRANSPORT}
-    # TLS and Sentinel are chosen by their scheme: kombu's own transports
-    assert broker_transport("rediss://127.0.0.1:6380/0") == {}
-    assert broker_transport("sentinel://127.0.0.1:26379") == {}
+def test_the_repaired_transport_is_the_one_of_redis_and_rediss_urls() -> None:
+    install_repaired_transport()
+    plain = Connection("redis://:secret@127.0.0.1:6379/0")
+    assert type(plain.transport) is Transport and not plain.ssl
+    assert plain.as_uri() == "redis://:**@127.0.0.1:6379/0"
+    # the scheme still turns TLS on, as kombu does for its own transport
+    tls = Connection("rediss://127.0.0.1:6380/0?ssl_cert_reqs=required")
+    assert type(tls.transport) is Transport and tls.ssl == {"ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
 def test_acknowledgements_that_fail_while_redis_is_down_free_the_prefetch_slots(redis_server: PrivateRedis) -> None:

@@ -335,3 +335,39 @@ def test_worker_consumes_again_after_a_redis_restart_with_calls_in_flight(
         {task_id: 1 for task_id in [*ids, after.json()["id"]]}
     assert worker.alive(), worker.log_text()
     assert not worker.logged("Unrecoverable error")
+
+
+def test_worker_consumes_again_after_its_acknowledgements_failed_while_redis_was_down(
+        private_stack: tuple[Stack, EmbeddedPostgres, PrivateRedis]) -> None:
+    """Redis dies while the worker's prefetch is full (4 calls in flight, 12 messages waiting in the worker),
+    and every one of them ends while Redis is down, its acknowledgement failing: once Redis is back the
+    worker must take new work again, not wait forever for prefetch slots those messages still hold."""
+    import redis
+
+    stack, _, redis_server = private_stack
+    key = stack.new_tenant_key("full-prefetch")
+    broker = redis.Redis.from_url(redis_server.url)
+    stack.sim("POST", "/_sim/config", {"models": {"gpt-4o": {"latency_ms": [1500, 1500]}}})
+    worker = stack.processes["worker"]
+    with stack.client(key) as client:
+        before = [client.post("/v1/tasks", json={"prompt": f"Plan part {i}", "tier": "complex"}) for i in range(40)]
+        assert all(r.status_code == 202 for r in before), [r.text for r in before]
+        # 4 threads x prefetch multiplier 4: the worker holds 16 unacknowledged messages
+        wait_until(lambda: broker.hlen(f"{stack.redis_prefix}unacked") >= 16, 30, 0.05, "the worker's prefetch full")
+        broker.close()
+        redis_server.kill()
+        # all 16 end while Redis is down (their acknowledgements fail), or the worker sees the broker gone
+        def failed_acks() -> int:
+            return sum(str(line.get("message", "")).startswith("Couldn't ack") for line in worker.json_log_lines())
+
+        wait_until(lambda: failed_acks() >= 16 or worker.logged("Connection to broker lost"), 60, 0.1,
+                   "the held messages acknowledged in vain, or the loss seen")
+        redis_server.start()
+        stack.sim("POST", "/_sim/config", {"models": {"gpt-4o": {"latency_ms": [5, 20]}}})
+        wait_until(lambda: readiness(stack)[0] == 200, 30, 0.2, "ready after the Redis restart")
+
+        after = client.post("/v1/tasks", json={"prompt": "Plan after the restart", "tier": "complex"})
+        assert after.status_code == 202, after.text
+        task = stack.wait_for_task(client, after.json()["id"], {"succeeded", "failed"}, timeout=60)
+        assert task["status"] == "succeeded", task
+    assert worker.alive(), worker.log_text()

@@ -1,5 +1,5 @@
-"""The Redis transport of every tierbatch Celery app (`broker_transport` in tierbatch.base.messaging): kombu's,
-with two repairs for a broker that goes away while a worker holds unacknowledged messages (late
+"""The Redis transport of every tierbatch Celery app (`install_repaired_transport`, called by the app factories):
+kombu's, with two repairs for a broker that goes away while a worker holds unacknowledged messages (late
 acknowledgement: every task until it has run). Without them a worker can stay up without ever consuming
 again after a Redis restart.
 
@@ -19,8 +19,8 @@ from __future__ import annotations
 from typing import Any
 
 import redis.exceptions
+from kombu.transport import TRANSPORT_ALIASES, get_transport_cls, virtual
 from kombu.transport import redis as kombu_redis
-from kombu.transport import virtual
 
 
 class QoS(kombu_redis.QoS):
@@ -52,3 +52,17 @@ class Channel(kombu_redis.Channel):
 
 class Transport(kombu_redis.Transport):
     Channel = Channel
+
+
+REPAIRED_TRANSPORT = f"{__name__}:Transport"
+REDIS_SCHEMES = ("redis", "rediss")  # rediss: TLS, which kombu still enables by the scheme's name
+
+
+def install_repaired_transport() -> None:
+    """kombu's transport of `redis://` and `rediss://` URLs becomes `Transport`, for the connections this
+    process makes afterwards. Raises if kombu had resolved one of them to its own class already (it keeps
+    the class it resolved for a name): that process would run without the repairs."""
+    for scheme in REDIS_SCHEMES:
+        TRANSPORT_ALIASES[scheme] = REPAIRED_TRANSPORT
+        if get_transport_cls(scheme) is not Transport:
+            raise RuntimeError(f"kombu resolved the {scheme}:// transport before tierbatch's repaired one was set")

@@ -14,6 +14,7 @@ import kombu.exceptions
 import redis.exceptions
 from celery import Celery
 
+from tierbatch.base.broker import install_repaired_transport
 from tierbatch.base.settings import Settings
 
 SUBMIT_TASKS = "tierbatch.submit_tasks"
@@ -78,15 +79,6 @@ TASK_ROUTES = {
 DISPATCH_CHUNK = 1000
 
 
-REPAIRED_TRANSPORT = "tierbatch.base.broker:Transport"
-
-
-def broker_transport(redis_url: str) -> dict[str, str]:
-    """kombu's Redis transport with two repairs for a Redis restart under load (tierbatch/base/broker.py),
-    for `redis://` URLs; `rediss://` (TLS) and `sentinel://` keep kombu's own, which their scheme selects."""
-    return {"broker_transport": REPAIRED_TRANSPORT} if redis_url.partition("://")[0] == "redis" else {}
-
-
 def celery_settings(settings: Settings) -> dict[str, Any]:
     return {
         "broker_url": settings.redis_url,
@@ -98,14 +90,14 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_ignore_result": True,
-        **broker_transport(settings.redis_url),
         "broker_transport_options": {"visibility_timeout": 3600,
                                      **({"global_keyprefix": settings.redis_key_prefix}
                                         if settings.redis_key_prefix else {})},
         "broker_connection_retry_on_startup": True,
         # No remote control (inspect, revoke, ping: nothing here uses them): its mailbox is one more pub/sub
         # connection per worker, and when Redis dies it can report the loss before the consumer's pending BRPOP
-        # does, the case in which Celery closes the consumer's channel twice (tierbatch/base/broker.py)
+        # does, the case in which Celery closes the consumer's channel twice (tierbatch/base/broker.py). The
+        # transport itself is kombu's for redis:// and rediss://, repaired (`install_repaired_transport`).
         "worker_enable_remote_control": False,
         "enable_utc": True,
     }
@@ -132,6 +124,7 @@ def dispatch_after_commit(what: str) -> Iterator[None]:
 
 def make_producer(settings: Settings) -> Celery:
     """A Celery app that only sends messages (the API's side)."""
+    install_repaired_transport()
     app = Celery("tierbatch-producer", set_as_current=False)
     app.conf.update(celery_settings(settings))
     return app

@@ -112,6 +112,12 @@ def start_metrics_server(port: int | None, host: str) -> None:
           file=sys.stderr, flush=True)
 
 
+# Celery's broadcasts between workers, which nothing here reads. Its heartbeat is a publish from the event
+# loop that retries until the broker answers: while Redis is down the worker would stop acknowledging and
+# would not notice the loss.
+WORKER_WITHOUT = ("--without-gossip", "--without-mingle", "--without-heartbeat")
+
+
 @app.command()
 def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
            queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ",".join(ALL_QUEUES),
@@ -126,8 +132,8 @@ def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] =
     from tierbatch.worker.app import create_celery_app
 
     celery_app = create_celery_app(settings, config)
-    celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool,
-                            "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
+    celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool, "--loglevel", loglevel,
+                            *WORKER_WITHOUT])
 
 
 @app.command()
