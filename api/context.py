@@ -24,6 +24,10 @@ from tierbatch.providers.cooldown import Cooldown
 from tierbatch.tenants.auth import KeyAuthenticator, RateLimits, database_lookup, limits_storage
 from tierbatch.webhooks.targets import TargetPolicy
 
+# connections each API process keeps open to Postgres (tierbatch.db.engine.MAX_OVERFLOW more under load), besides
+# the gateway's call writer's one
+API_POOL_SIZE = 10
+
 
 @dataclass
 class ApiContext:
@@ -49,14 +53,14 @@ class ApiContext:
 
     @classmethod
     def build(cls, settings: Settings, config: AppConfig) -> ApiContext:
-        engine = make_engine(settings.database_url, pool_size=10)
+        engine = make_engine(settings.database_url, pool_size=API_POOL_SIZE, pgbouncer=config.database.pgbouncer)
         sessions = make_session_factory(engine)
         # --- OpenAI-compatible front door ---
         prices = PriceBook(config)
         providers = AsyncProviderClients(config)
         redis_client = aioredis.Redis.from_url(settings.redis_url, socket_timeout=2, socket_connect_timeout=2)
         # the gateway records calls over its own async connection (group commit, one statement per group)
-        call_writer = CallWriter(settings.psycopg_dsn)
+        call_writer = CallWriter(settings.psycopg_dsn, pgbouncer=config.database.pgbouncer)
         recorder = Recorder(call_writer.write)
         gateway = Gateway(config, providers, Cooldown(redis_client, settings.redis_key_prefix), prices, recorder,
                           sessions=sessions)

@@ -9,6 +9,7 @@ from typing import Any
 
 from celery.signals import setup_logging, worker_process_shutdown
 
+from tierbatch.base.broker import install_repaired_transport
 from tierbatch.base.config import AppConfig
 from tierbatch.base.logs import configure_logging
 from tierbatch.base.messaging import (
@@ -76,6 +77,7 @@ def create_celery_app(settings: Settings, config: AppConfig, *,
                       pause: Callable[[str], None] = no_pause) -> TierbatchCelery:
     """The app of a worker or beat process, holding the settings and config its tasks run with; `pause`
     is the crash-point hook of the batch path (a no-op but in crash tests)."""
+    install_repaired_transport()
     app = TierbatchCelery(settings, config, pause=pause)
     app.conf.update(celery_settings(settings))
     app.conf.beat_schedule = beat_schedule(config)

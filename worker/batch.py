@@ -83,18 +83,13 @@ def assemble_batches(ctx: WorkerContext, on_claimed: Callable[[ClaimedBatch], No
 
 @contextmanager
 def batch_lock(ctx: WorkerContext, step: str, batch_id: uuid.UUID) -> Iterator[bool]:
-    """A session-level advisory lock on its own connection: one worker per (step, batch) at a time,
-    released by Postgres itself if this process dies."""
+    """An advisory lock held by a transaction of its own connection, open (idle, holding no snapshot) for the
+    whole step: one worker per (step, batch) at a time, released when the step ends or by Postgres itself if
+    this process dies. Transaction-level, not session-level: through PgBouncer's transaction pooling a session
+    lock would stay behind on a pooled server connection, where another client's transaction runs next."""
     key = f"tierbatch.{step}:{batch_id}"
-    with ctx.engine.connect() as connection:
-        got = bool(connection.scalar(text("SELECT pg_try_advisory_lock(hashtext(:key))"), {"key": key}))
-        connection.commit()
-        try:
-            yield got
-        finally:
-            if got:
-                connection.execute(text("SELECT pg_advisory_unlock(hashtext(:key))"), {"key": key})
-                connection.commit()
+    with ctx.engine.connect() as connection, connection.begin():
+        yield bool(connection.scalar(text("SELECT pg_try_advisory_xact_lock(hashtext(:key))"), {"key": key}))
 
 
 def submit_batch(ctx: WorkerContext, batch_id: uuid.UUID) -> float | None:

@@ -47,7 +47,7 @@ class WorkerContext:
 
 def build_worker_context(settings: Settings, config: AppConfig, *,
                          pause: Callable[[str], None] = no_pause) -> WorkerContext:
-    engine = make_engine(settings.database_url)
+    engine = make_engine(settings.database_url, pgbouncer=config.database.pgbouncer)
     return WorkerContext(settings, config, engine, make_session_factory(engine), PriceBook(config),
                          ProviderClients(config), settings.secret_box(), pause,
                          redis.Redis.from_url(settings.redis_url, socket_timeout=5, socket_connect_timeout=5))

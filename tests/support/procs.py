@@ -71,6 +71,10 @@ class ManagedProcess:
             return self.log_path.read_text(errors="replace")[-4000:]
         return ""
 
+    def logged(self, text: str) -> bool:
+        """Whether `text` is anywhere in the whole log (`log_text` is its tail alone)."""
+        return bool(self.log_path and self.log_path.exists() and text in self.log_path.read_text(errors="replace"))
+
     def json_log_lines(self) -> list[dict[str, object]]:
         """Every JSON line of the whole log (a process started with TIERBATCH_LOG_FORMAT=json); other
         output (a traceback a library printed) is skipped."""

@@ -277,16 +277,17 @@ def delete_redis_keys(prefix: str) -> None:
 
 @contextlib.contextmanager
 def own_stack(base_database_url: str, tmp: Path, prefix: str, write_config: Callable[[Path, int], Path], *,
-              beat: bool = True) -> Iterator[Stack]:
+              beat: bool = True, processes_database: Callable[[str], str] = str) -> Iterator[Stack]:
     """A stack of a test module's own: its config (`write_config(path, simulator_port)`), a scratch
     database migrated to head, the simulator, API, worker (and beat); everything stopped and dropped after,
-    also when the test fails."""
+    also when the test fails. `processes_database(url)` is the URL the processes (and `Stack.database_url`)
+    reach the scratch database by, e.g. through a pooler; migrations and the drop use it directly."""
     simulator_port = free_port()
     config = write_config(tmp / "tierbatch.toml", simulator_port)
     with scratch_database(base_database_url, prefix=prefix) as database_url:
         upgrade_to_head(database_url, SECRET_KEY)
-        running = Stack(tmp=tmp, database_url=database_url, redis_url=TEST_REDIS_URL, config_path=config,
-                        simulator_port=simulator_port, api_port=free_port())
+        running = Stack(tmp=tmp, database_url=processes_database(database_url), redis_url=TEST_REDIS_URL,
+                        config_path=config, simulator_port=simulator_port, api_port=free_port())
         try:
             running.start_simulator()
             running.start_api()

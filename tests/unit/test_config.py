@@ -35,12 +35,19 @@ def test_missing_key_variable_is_named() -> None:
     ("batch", "max_requests", 60_000, "batch.max_requests"),
     ("quality", "shadow_rate", 1.5, "quality.shadow_rate"),
     ("batch", "colour", 1, "batch.colour: unknown key"),
+    ("database", "pgbouncer", "sometimes", "database.pgbouncer"),
+    ("database", "pool_mode", "transaction", "database.pool_mode: unknown key"),
 ])
 def test_bad_numbers_and_unknown_keys_are_named(section: str, key: str, value: object, fragment: str) -> None:
     data = default_config_data()
     data[section] = {key: value}
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         parse_config(data, environ={})
+
+
+def test_pgbouncer_is_off_unless_the_database_section_turns_it_on() -> None:
+    assert parse_config(default_config_data(), environ={}).database.pgbouncer is False
+    assert parse_config({**default_config_data(), "database": {"pgbouncer": True}}, environ={}).database.pgbouncer
 
 
 def test_missing_tier_is_named() -> None:

@@ -139,6 +139,16 @@ class ImmediateConfig(_Section):
     lease_seconds: float = Field(default=60.0, ge=1)
 
 
+class DatabaseConfig(_Section):
+    """How the processes talk to Postgres. `pgbouncer = true`: DATABASE_URL is a PgBouncer in transaction
+    pooling mode, where a server connection is a client's only for one transaction. Statements are then
+    never prepared on the server (another client's transaction may run on that connection next), and the
+    gateway's asynchronous commit is set per transaction instead of per session. Session pooling, or a
+    direct connection, needs nothing (false)."""
+
+    pgbouncer: bool = False
+
+
 class ReconcilerConfig(_Section):
     interval_seconds: PositiveFloat = 15.0
     queued_stale_seconds: PositiveFloat = 60.0
@@ -266,6 +276,7 @@ class AppConfig(_Section):
     webhooks: WebhooksConfig = WebhooksConfig()
     metrics: MetricsConfig = MetricsConfig()
     retention: RetentionConfig = RetentionConfig()
+    database: DatabaseConfig = DatabaseConfig()
 
     @model_validator(mode="after")
     def _check_references(self) -> AppConfig:

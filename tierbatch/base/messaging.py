@@ -14,6 +14,7 @@ import kombu.exceptions
 import redis.exceptions
 from celery import Celery
 
+from tierbatch.base.broker import install_repaired_transport
 from tierbatch.base.settings import Settings
 
 SUBMIT_TASKS = "tierbatch.submit_tasks"
@@ -96,12 +97,10 @@ def celery_settings(settings: Settings) -> dict[str, Any]:
                                      **({"global_keyprefix": settings.redis_key_prefix}
                                         if settings.redis_key_prefix else {})},
         "broker_connection_retry_on_startup": True,
-        # No remote control (inspect, revoke, ping: nothing here uses them): its mailbox is a pub/sub
-        # connection, and when Redis dies that connection can report the loss before the consumer's pending
-        # BRPOP does. Celery then closes the consumer's channel twice, the second time after kombu has
-        # detached the transport, and the unacknowledged messages' restore raises AttributeError: the worker
-        # stops consuming for good. With the BRPOP connection alone, its own read reports the loss and the
-        # consumer reconnects.
+        # No remote control (inspect, revoke, ping: nothing here uses them): its mailbox is one more pub/sub
+        # connection per worker, and when Redis dies it can report the loss before the consumer's pending BRPOP
+        # does, the case in which Celery closes the consumer's channel twice (tierbatch/base/broker.py). The
+        # transport itself is kombu's for redis:// and rediss://, repaired (`install_repaired_transport`).
         "worker_enable_remote_control": False,
         "enable_utc": True,
     }
@@ -128,6 +127,7 @@ def dispatch_after_commit(what: str) -> Iterator[None]:
 
 def make_producer(settings: Settings) -> Celery:
     """A Celery app that only sends messages (the API's side)."""
+    install_repaired_transport()
     app = Celery("tierbatch-producer", set_as_current=False)
     app.conf.update(celery_settings(settings))
     return app

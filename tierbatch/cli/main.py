@@ -112,6 +112,12 @@ def start_metrics_server(port: int | None, host: str) -> None:
           file=sys.stderr, flush=True)
 
 
+# Celery's broadcasts between workers, which nothing here reads. Its heartbeat is a publish from the event
+# loop that retries until the broker answers: while Redis is down the worker would stop acknowledging and
+# would not notice the loss.
+WORKER_WITHOUT = ("--without-gossip", "--without-mingle", "--without-heartbeat")
+
+
 @app.command()
 def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] = 2,
            queues: Annotated[str, typer.Option(help="Comma-separated queues.")] = ",".join(ALL_QUEUES),
@@ -126,8 +132,8 @@ def worker(concurrency: Annotated[int, typer.Option(help="Worker processes.")] =
     from tierbatch.worker.app import create_celery_app
 
     celery_app = create_celery_app(settings, config)
-    celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool,
-                            "--loglevel", loglevel, "--without-gossip", "--without-mingle"])
+    celery_app.worker_main(["worker", "-Q", queues, "-c", str(concurrency), "-P", pool, "--loglevel", loglevel,
+                            *WORKER_WITHOUT])
 
 
 @app.command()
@@ -206,8 +212,8 @@ def tenants_create(name: str,
             fail(f"--budget: {budget!r} is not a number")
         if monthly_budget < 0:
             fail("--budget: must not be negative")
-    settings, _ = load_settings_and_config()
-    engine = make_engine(settings.database_url)
+    settings, config = load_settings_and_config()
+    engine = make_engine(settings.database_url, pgbouncer=config.database.pgbouncer)
     try:
         with make_session_factory(engine).begin() as session:
             tenant = create_tenant(session, name, monthly_budget, box=settings.secret_box())

@@ -9,10 +9,16 @@ from typing import Any
 from sqlalchemy import Engine, Select, and_, create_engine, or_
 from sqlalchemy.orm import Session, sessionmaker
 
+# connections a pool opens beyond its `pool_size` while all of those are in use (returned, they are closed)
+MAX_OVERFLOW = 10
 
-def make_engine(database_url: str, pool_size: int = 5) -> Engine:
-    return create_engine(database_url, pool_size=pool_size, max_overflow=10, pool_pre_ping=True,
-                         future=True)
+
+def make_engine(database_url: str, pool_size: int = 5, *, pgbouncer: bool = False) -> Engine:
+    """`pgbouncer`: the URL is a PgBouncer in transaction pooling mode (`[database] pgbouncer`): psycopg
+    prepares no statement on the server, where the next transaction may be another client's."""
+    connect_args: dict[str, Any] = {"prepare_threshold": None} if pgbouncer else {}
+    return create_engine(database_url, pool_size=pool_size, max_overflow=MAX_OVERFLOW, pool_pre_ping=True,
+                         future=True, connect_args=connect_args)
 
 
 def make_session_factory(engine: Engine) -> sessionmaker[Session]:
