@@ -57,7 +57,7 @@ def test_family_agreement_counters_and_verdicts(sim: Sim) -> None:
     light = [chat(sim, "gpt-4o-mini", body) for body in calls]
     reference = [chat(sim, "gpt-4o", body) for body in calls]
 
-    lines = [{"custom_id": f"r-{i}", "method": "POST", "url": ENDPOINT,
+    lines: list[dict[str, Any]] = [{"custom_id": f"r-{i}", "method": "POST", "url": ENDPOINT,
               "body": {"model": "gpt-4o-mini", "messages": messages("reasoning", f"puzzle {i}: plan the route")}}
              for i in range(150)]
     batch = run(sim, lines)

@@ -27,7 +27,7 @@ def request(family: str | None, text: str, labels: bool = False) -> dict[str, An
     return body
 
 
-def config(**models: dict[str, Any]) -> SimConfig:
+def config(**models: Any) -> SimConfig:
     return parse_sim_config({"models": models})
 
 
