@@ -53,7 +53,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import psycopg
@@ -197,7 +197,7 @@ class Submitted:
 
     started_db: datetime
     gateway_tasks: dict[str, str] = field(default_factory=dict)  # task id -> item key
-    schedule_run: str | None = None
+    schedule_run: str | None = None  # the run's path under /v1/schedules
     client_batch: str | None = None
     seconds: float = 0.0
 
@@ -301,7 +301,8 @@ def submit_day(stack: Stack, processes: Processes, client: httpx.Client, key: st
             writer = csv.writer(handle)
             writer.writerow(["id", "body"])
             writer.writerows([item.key, item.text] for item in tickets)
-        submitted.schedule_run = str(post(client, f"/v1/schedules/{schedule_id}/run")["id"])
+        run_id = post(client, f"/v1/schedules/{schedule_id}/run")["id"]
+        submitted.schedule_run = f"/v1/schedules/{schedule_id}/runs/{run_id}"
     calls = day.by_path("gateway")
     if calls:
         processes.rules_settled()
@@ -360,13 +361,12 @@ def day_settled(ctx: Context, conn: psycopg.Connection[Any], client: httpx.Clien
     while True:
         elapsed = time.perf_counter() - started
         live = int(scalar(conn, f"SELECT count(*) FROM tasks WHERE tenant_id = %s AND status IN {LIVE}", tenant))
-        run_done = submitted.schedule_run is None or client.get(
-            f"/v1/schedules/{scalar(conn, 'SELECT schedule_id FROM schedule_runs WHERE id = %s', submitted.schedule_run)}"
-            f"/runs/{submitted.schedule_run}").json()["status"] in ("succeeded", "failed")
+        run_done = submitted.schedule_run is None or \
+            client.get(submitted.schedule_run).json()["status"] in ("succeeded", "failed")
         batch_done = submitted.client_batch is None or client.get(
             f"/v1/batches/{submitted.client_batch}").json()["status"] in ("completed", "failed", "expired", "cancelled")
-        compared = int(scalar(conn, "SELECT count(*) FROM quality_comparisons WHERE tenant_id = %s AND created_at >= %s",
-                              tenant, submitted.started_db))
+        compared = int(scalar(conn, "SELECT count(*) FROM quality_comparisons WHERE tenant_id = %s "
+                                    "AND created_at >= %s", tenant, submitted.started_db))
         if live == 0 and run_done and batch_done:
             if expected is None:
                 expected = expected_comparisons(ctx, tenant, submitted, rules)
@@ -431,7 +431,7 @@ class Served:
         return self.cost + self.shadow_cost + self.probe_cost
 
 
-def floor_tier(config: AppConfig, family: str) -> str:
+def floor_tier(config: AppConfig, family: str) -> Literal["light", "complex"]:
     """The cheapest tier whose stated agreement meets the monitor's threshold (the complex model is the
     reference: it always does)."""
     return "light" if FAMILY_BY_NAME[family].light_agreement >= config.quality.promote_below else "complex"
@@ -579,7 +579,7 @@ def figures_of(served: Sequence[Served]) -> dict[str, Any]:
     }
 
 
-def ledger_by_mode(conn: psycopg.Connection[Any], tenant: uuid.UUID) -> dict[str, dict[str, str]]:
+def ledger_by_mode(conn: psycopg.Connection[Any], tenant: uuid.UUID) -> dict[str, dict[str, Any]]:
     rows = conn.execute("SELECT mode::text, tier::text, count(*), sum(cost_usd), sum(baseline_cost_usd) "
                         "FROM ledger_entries WHERE tenant_id = %s GROUP BY 1, 2 ORDER BY 1, 2", (tenant,)).fetchall()
     return {f"{mode} {tier}": {"requests": int(n), "cost_usd": str(cost), "baseline_usd": str(baseline)}
@@ -673,13 +673,15 @@ def report(figures: dict[str, Any], run: dict[str, Any]) -> None:
     head.add_row("shadow spend (shadows + probes)", money(Decimal(totals["shadow_usd"]) + Decimal(totals["probe_usd"])),
                  f"{pct(Decimal(totals['shadow_usd']) + Decimal(totals['probe_usd']), baseline)}% of the baseline")
     audit_total = audit["totals"]
-    head.add_row("`tierbatch audit` on the baseline calls: its estimate", money(Decimal(audit_total["batched_cost_usd"])),
+    head.add_row("`tierbatch audit` on the baseline calls: its estimate",
+                 money(Decimal(audit_total["batched_cost_usd"])),
                  f"saving {audit_total['savings_pct']}% (non-urgent share {audit['non_urgent_share']}); "
                  f"measured: {money(actual)}, {saving}%")
     met = saving >= TARGET_SAVING_PCT and agreement >= TARGET_AGREEMENT_PCT and \
         Decimal(figures["floor_gap_pp"]) <= TARGET_FLOOR_GAP_PP
     head.add_row("target: ≥ 90% saving at ≥ 95% agreement, within 1 pp of the floor's saving", verdict(met),
-                 f"saving {verdict(saving >= TARGET_SAVING_PCT)}, agreement {verdict(agreement >= TARGET_AGREEMENT_PCT)}, "
+                 f"saving {verdict(saving >= TARGET_SAVING_PCT)}, "
+                 f"agreement {verdict(agreement >= TARGET_AGREEMENT_PCT)}, "
                  f"floor {verdict(Decimal(figures['floor_gap_pp']) <= TARGET_FLOOR_GAP_PP)}")
     console.print(head)
 
@@ -707,7 +709,8 @@ def report(figures: dict[str, Any], run: dict[str, Any]) -> None:
     for column in ("mode, tier", "requests", "cost", "baseline of those tokens"):
         modes.add_column(column, justify="left" if column == "mode, tier" else "right")
     for name, row in figures["by_mode"].items():
-        modes.add_row(name, f"{row['requests']:,}", money(Decimal(row["cost_usd"])), money(Decimal(row["baseline_usd"])))
+        modes.add_row(name, f"{row['requests']:,}", money(Decimal(row["cost_usd"])),
+                      money(Decimal(row["baseline_usd"])))
     console.print(modes)
 
     gap = Table(title="what separates tierbatch from the floor (actual − floor, per task, by cause)")

@@ -287,10 +287,10 @@ def generate(seed: int, tasks: int, days: int) -> Iterator[Day]:
                     originals.append(((family.name, path, long), (key, text)))
         # repeats come from earlier days only: identical requests in flight at once are a race of the cache
         # (which one answers first), not a repeat
-        for where, original in originals:
+        for where, request in originals:
             pool = pools.setdefault(where, [])
             if len(pool) < 400 * number:  # bounded: a few hundred originals per day and kind are plenty
-                pool.append(original)
+                pool.append(request)
         yield day
 
 
