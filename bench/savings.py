@@ -77,7 +77,7 @@ from bench.savings_workload import (
 )
 from bench.savings_workload import generate as generate_workload
 from tests.support.procs import REPO_ROOT, free_port, python_module
-from tests.support.stack import SECRET_KEY, Stack, psycopg_dsn, scratch_database
+from tests.support.stack import SECRET_KEY, Stack, psycopg_dsn, scratch_database, simulator_tiers
 from tierbatch.base.config import AppConfig, load_config
 from tierbatch.base.settings import DEFAULT_DATABASE_URL
 from tierbatch.base.states import Tier
@@ -110,20 +110,7 @@ def app_config_text(simulator_port: int, files_root: Path) -> str:
     routing: every task type of the workload starts on the light tier."""
     routing = "\n".join(f'{family.name} = "light"' for family in FAMILIES)
     return f"""
-[providers.sim]
-base_url = "http://127.0.0.1:{simulator_port}/v1"
-batch = true
-prices_from = "openai"
-
-[tiers.light]
-provider = "sim"
-model = "{LIGHT}"
-fallbacks = [{{ provider = "sim", model = "gpt-4.1-mini" }}]
-
-[tiers.complex]
-provider = "sim"
-model = "{COMPLEX}"
-fallbacks = [{{ provider = "sim", model = "gpt-4.1" }}]
+{simulator_tiers(simulator_port)}
 
 [routing]
 {routing}
