@@ -76,7 +76,7 @@ from bench.savings_workload import (
     warm_up,
 )
 from bench.savings_workload import generate as generate_workload
-from tests.support.procs import REPO_ROOT, free_port, python_module
+from tests.support.procs import REPO_ROOT, ManagedProcess, free_port, python_module
 from tests.support.stack import SECRET_KEY, Stack, psycopg_dsn, scratch_database, simulator_tiers
 from tierbatch.base.config import AppConfig, load_config
 from tierbatch.base.settings import DEFAULT_DATABASE_URL
@@ -106,8 +106,12 @@ def say(message: str) -> None:
 
 
 def app_config_text(simulator_port: int, files_root: Path) -> str:
-    """Production defaults but for the batch timers (a simulated batch takes a fraction of a second) and the
-    routing: every task type of the workload starts on the light tier."""
+    """Production defaults but for the batch timers (a simulated batch takes a fraction of a second), the
+    reconciler and the routing: every task type of the workload starts on the light tier.
+
+    The reconciler recovers from crashes, and nothing crashes here; a day's backlog takes minutes to drain,
+    and with the default staleness (60 s) it re-sends the message of every task still queued every 15 s,
+    which only adds work (about a third more immediate-call messages on day 1, more on later days)."""
     routing = "\n".join(f'{family.name} = "light"' for family in FAMILIES)
     return f"""
 {simulator_tiers(simulator_port)}
@@ -119,6 +123,10 @@ def app_config_text(simulator_port: int, files_root: Path) -> str:
 max_wait_seconds = 1
 poll_interval_seconds = 0.5
 assemble_interval_seconds = 0.5
+
+[reconciler]
+queued_stale_seconds = 1800
+batch_stale_seconds = 1800
 
 [files]
 root = "{files_root}"
@@ -143,29 +151,33 @@ def simulator_config(prompt_cache_entries: int) -> dict[str, Any]:
 
 
 class Processes:
-    """Simulator and API for the whole run; worker and beat started and stopped around each day's work."""
+    """Simulator and API for the whole run; the workers and beat started and stopped around each day's work."""
 
-    def __init__(self, stack: Stack, concurrency: int, pool: str) -> None:
+    def __init__(self, stack: Stack, workers: int, concurrency: int, pool: str) -> None:
         self.stack = stack
+        self.workers = workers
         self.concurrency = concurrency
         self.pool = pool
+        self.running: list[ManagedProcess] = []
         self.stopped_at = time.monotonic()
 
     def start_workers(self) -> None:
-        worker = self.stack._start("worker", python_module("tierbatch.cli", "worker", "--concurrency",
-                                                           str(self.concurrency), "--pool", self.pool))
+        for _ in range(self.workers):
+            worker = self.stack._start("worker", python_module("tierbatch.cli", "worker", "--concurrency",
+                                                               str(self.concurrency), "--pool", self.pool))
+            self.running.append(worker)
         deadline = time.monotonic() + 120
-        while "ready." not in worker.log_text():
-            if not worker.alive() or time.monotonic() > deadline:
-                raise RuntimeError(f"worker did not start:\n{worker.log_text()}")
+        while not all("ready." in worker.log_text() for worker in self.running):
+            if not all(worker.alive() for worker in self.running) or time.monotonic() > deadline:
+                raise RuntimeError(f"a worker did not start:\n{self.running[-1].log_text()}")
             time.sleep(0.1)
         self.stack.start_beat()
+        self.running.append(self.stack.processes["beat"])
 
     def stop_workers(self) -> None:
-        for name in ("beat", "worker"):
-            process = self.stack.processes.get(name)
-            if process is not None and process.alive():
-                process.stop(timeout=30)
+        for process in reversed(self.running):  # beat first: no tick sent to a worker going away
+            process.stop(timeout=30)
+        self.running.clear()
         self.stopped_at = time.monotonic()
 
     def rules_settled(self) -> None:
@@ -539,7 +551,7 @@ def figures_of(served: Sequence[Served]) -> dict[str, Any]:
     by_type: dict[str, Totals] = defaultdict(Totals)
     by_path: dict[str, Totals] = defaultdict(Totals)
     served_as: dict[str, Counter[str]] = defaultdict(Counter)
-    gap: dict[str, list[Any]] = {name: [0, Decimal(0)] for name, _ in GAP_CAUSES}
+    gap: dict[str, list[Any]] = {name: [0, Decimal(0), 0, 0] for name, _ in GAP_CAUSES}  # tasks, USD, agreed, judged
     for s in served:
         total.add(s)
         by_type[s.family].add(s)
@@ -548,6 +560,9 @@ def figures_of(served: Sequence[Served]) -> dict[str, Any]:
         cause = gap_cause(s)
         gap[cause][0] += 1
         gap[cause][1] += s.cost - s.floor
+        if s.agreed is not None:
+            gap[cause][2] += s.agreed
+            gap[cause][3] += 1
         for name, value in (("shadow", s.shadow_cost), ("probe", s.probe_cost)):
             if value:
                 gap[name][0] += 1
@@ -561,8 +576,9 @@ def figures_of(served: Sequence[Served]) -> dict[str, Any]:
         "by_type": {name: {**by_type[name].figures(), "served_as": dict(sorted(served_as[name].items()))}
                     for name in [f.name for f in FAMILIES] if name in by_type},
         "by_path": {name: by_path[name].figures() for name in sorted(by_path)},
-        "gap": {name: {"tasks": count, "usd": str(value), "pp_of_baseline": str(pct(value, total.baseline))}
-                for name, (count, value) in gap.items()},
+        "gap": {name: {"tasks": count, "usd": str(value), "pp_of_baseline": str(pct(value, total.baseline)),
+                       "agreement_pct": str(pct(Decimal(agreed), Decimal(judged))) if judged else None}
+                for name, (count, value, agreed, judged) in gap.items()},
     }
 
 
@@ -700,12 +716,15 @@ def report(figures: dict[str, Any], run: dict[str, Any]) -> None:
                       money(Decimal(row["baseline_usd"])))
     console.print(modes)
 
-    gap = Table(title="what separates tierbatch from the floor (actual − floor, per task, by cause)")
-    for column in ("cause", "tasks", "USD", "pp of the baseline"):
+    gap = Table(title="what separates tierbatch from the floor (actual − floor, per task, by cause; "
+                      "negative: cheaper than the floor)")
+    for column in ("cause", "tasks", "USD", "pp of the baseline", "their answers' agreement"):
         gap.add_column(column, justify="left" if column == "cause" else "right")
     for name, label in GAP_CAUSES:
         row = figures["gap"][name]
-        gap.add_row(label, f"{row['tasks']:,}", money(Decimal(row["usd"])), row["pp_of_baseline"])
+        agreed = f"{row['agreement_pct']}%" if row["agreement_pct"] is not None else "—"
+        gap.add_row(label, f"{row['tasks']:,}", money(Decimal(row["usd"])), row["pp_of_baseline"],
+                    agreed if name not in ("shadow", "probe") else "—")
     console.print(gap)
 
     events = Table(title="quality monitor: rule changes (the window at the change is the monitor's own)")
@@ -757,7 +776,7 @@ def run_bench(args: argparse.Namespace, logs: Path) -> tuple[dict[str, Any], dic
         config_path.write_text(app_config_text(simulator_port, files_root))
         stack = Stack(tmp=logs, database_url=database_url, redis_url=args.redis_url, config_path=config_path,
                       simulator_port=simulator_port, api_port=free_port())
-        processes = Processes(stack, args.concurrency, args.pool)
+        processes = Processes(stack, args.workers, args.concurrency, args.pool)
         config = load_config(config_path)
         engine = make_engine(database_url, pool_size=2)
         ctx = Context(config, make_session_factory(engine))
@@ -855,8 +874,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1, help="the workload's seed")
     parser.add_argument("--tasks", type=int, default=100_000, help="tasks over the days (the warm-up aside)")
     parser.add_argument("--days", type=int, default=5, help="days the tasks are spread over")
-    parser.add_argument("--concurrency", type=int, default=2, help="worker processes (or threads)")
-    parser.add_argument("--pool", choices=("prefork", "threads"), default="prefork", help="worker pool")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (`tierbatch worker` each)")
+    parser.add_argument("--concurrency", type=int, default=8,
+                        help="threads of each worker (or its processes with --pool prefork)")
+    parser.add_argument("--pool", choices=("prefork", "threads"), default="threads",
+                        help="worker pool (the figures do not depend on it; threads overlap the waits of "
+                             "immediate calls)")
     parser.add_argument("--gateway-clients", type=int, default=8, help="concurrent OpenAI-compatible chat clients")
     parser.add_argument("--day-timeout", type=float, default=900.0, help="seconds a day may take to settle")
     parser.add_argument("--figures-json", type=Path, help="write the figures (no timings) here, to diff two runs")
