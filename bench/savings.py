@@ -39,6 +39,7 @@ import hashlib
 import io
 import json
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -56,8 +57,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import httpx
+import psutil
 import psycopg
 from sqlalchemy import select, text
+from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -150,6 +153,39 @@ def simulator_config(prompt_cache_entries: int) -> dict[str, Any]:
 # --- the stack ---------------------------------------------------------------------------------------------
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of a process and its children (0 for one that is gone)."""
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0.0
+    total = 0.0
+    for proc in procs:
+        try:
+            times = proc.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
+class CpuAccount:
+    """CPU seconds the run used, by process: what the wall time would need on idle cores."""
+
+    def __init__(self) -> None:
+        self.seconds: defaultdict[str, float] = defaultdict(float)
+
+    def add_process(self, name: str, process: ManagedProcess) -> None:
+        self.seconds[name] += tree_cpu_seconds(process.pid)
+
+    def add_backends(self, conn: psycopg.Connection[Any], database: str) -> None:
+        """The Postgres backends serving the run's database now (the workers' pools keep theirs open)."""
+        rows = conn.execute("SELECT pid FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+                            (database,)).fetchall()
+        self.seconds["postgres backends"] += sum(tree_cpu_seconds(int(pid)) for (pid,) in rows)
+
+
 class Processes:
     """Simulator and API for the whole run; the workers and beat started and stopped around each day's work."""
 
@@ -160,6 +196,7 @@ class Processes:
         self.pool = pool
         self.running: list[ManagedProcess] = []
         self.stopped_at = time.monotonic()
+        self.cpu = CpuAccount()
 
     def start_workers(self) -> None:
         for _ in range(self.workers):
@@ -174,8 +211,11 @@ class Processes:
         self.stack.start_beat()
         self.running.append(self.stack.processes["beat"])
 
-    def stop_workers(self) -> None:
+    def stop_workers(self, conn: psycopg.Connection[Any] | None = None) -> None:
+        if conn is not None:
+            self.cpu.add_backends(conn, make_url(self.stack.database_url).database or "")
         for process in reversed(self.running):  # beat first: no tick sent to a worker going away
+            self.cpu.add_process("beat" if process is self.stack.processes.get("beat") else "workers", process)
             process.stop(timeout=30)
         self.running.clear()
         self.stopped_at = time.monotonic()
@@ -614,7 +654,7 @@ def monitor_agreement(conn: psycopg.Connection[Any], tenant: uuid.UUID) -> dict[
 
 
 def audit_baseline(conn: psycopg.Connection[Any], tenant: uuid.UUID, config_path: Path, workdir: Path,
-                   non_urgent_share: Decimal) -> dict[str, Any]:
+                   non_urgent_share: Decimal, cpu: CpuAccount) -> dict[str, Any]:
     """`tierbatch audit` on every served task as a premium immediate call: its request, and the tokens it
     took, as a call log would hold them."""
     log_path = workdir / "baseline-calls.jsonl"
@@ -632,9 +672,12 @@ def audit_baseline(conn: psycopg.Connection[Any], tenant: uuid.UUID, config_path
                         "prompt_tokens_details": {"cached_tokens": cached},
                         "completion_tokens_details": {"reasoning_tokens": reasoning}}}}
             out.write(json.dumps(call, ensure_ascii=False) + "\n")
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     result = subprocess.run(python_module("tierbatch.cli", "audit", str(log_path), "--config", str(config_path),
                                           "--non-urgent-share", str(non_urgent_share), "--json"),
                             capture_output=True, text=True, cwd=REPO_ROOT, check=False, timeout=600)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu.seconds["tierbatch audit"] += (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
     if result.returncode != 0:
         raise RuntimeError(f"tierbatch audit failed ({result.returncode}): {result.stderr[-2000:]}")
     report: dict[str, Any] = json.loads(result.stdout)
@@ -749,6 +792,12 @@ def report(figures: dict[str, Any], run: dict[str, Any]) -> None:
                        f"{phase['submit_s'] + phase['settle_s'] + phase['restart_s']:.1f}")
     timing.add_row("whole run (stack start to report)", "", "", "", f"{run['total_s']:.1f}")
     console.print(timing)
+    cpu = run["cpu"]
+    total_cpu = sum(cpu.values())
+    used = ", ".join(f"{name} {seconds:,.0f}" for name, seconds in sorted(cpu.items(), key=lambda kv: -kv[1]))
+    console.print(f"CPU seconds used: {used}; total {total_cpu:,.0f} (the Postgres backends' as they stood when "
+                  f"each day ended). On 2 idle cores that is at least {total_cpu / 2:,.0f} s of wall time; this run "
+                  f"took {run['total_s']:,.0f} s.")
     console.print(f"figures digest (sha256 of the figures JSON): {run['digest']}")
 
 
@@ -803,7 +852,7 @@ def run_bench(args: argparse.Namespace, logs: Path) -> tuple[dict[str, Any], dic
                     phases.append({"name": f"day 0, warm-up ({item.tier})", "tasks": 1,
                                    "submit_s": time.perf_counter() - started - settle, "settle_s": settle,
                                    "restart_s": 0.0})
-                processes.stop_workers()
+                processes.stop_workers(conn)
                 for day in days:
                     say(f"day {day.number}: {len(day.items):,} tasks "
                         + ", ".join(f"{path} {n:,}" for path, n in sorted(Counter(i.path for i in day.items).items())))
@@ -817,7 +866,7 @@ def run_bench(args: argparse.Namespace, logs: Path) -> tuple[dict[str, Any], dic
                     say(f"  submitted in {submitted.seconds:.1f}s; worker and beat up in {restart_s:.1f}s")
                     settle = day_settled(ctx, conn, client, tenant, submitted, args.day_timeout)
                     stop = time.perf_counter()
-                    processes.stop_workers()
+                    processes.stop_workers(conn)
                     restart_s += time.perf_counter() - stop
                     say(f"  settled in {settle:.1f}s")
                     phases.append({"name": f"day {day.number}", "tasks": len(day.items), "submit_s": submitted.seconds,
@@ -848,10 +897,14 @@ def run_bench(args: argparse.Namespace, logs: Path) -> tuple[dict[str, Any], dic
                                            for e in events]
                 non_urgent = Decimal(sum(1 for s in served if not s.urgent)) / len(served)
                 say("audit: tierbatch audit on the baseline calls")
-                audit = audit_baseline(conn, tenant, config_path, logs, non_urgent.quantize(Decimal("0.0001")))
+                audit = audit_baseline(conn, tenant, config_path, logs, non_urgent.quantize(Decimal("0.0001")),
+                                       processes.cpu)
                 figures["audit"] = {"non_urgent_share": audit["non_urgent_share"], "totals": {
                     k: audit["totals"][k] for k in ("calls", "light_calls", "complex_calls", "actual_cost_usd",
                                                     "routed_cost_usd", "batched_cost_usd", "savings_pct")}}
+                for name in ("api", "simulator"):
+                    processes.cpu.add_process(name, stack.processes[name])
+                processes.cpu.add_backends(conn, make_url(database_url).database or "")
         finally:
             processes.stop_workers()
             stack.stop_all()
@@ -865,7 +918,10 @@ def run_bench(args: argparse.Namespace, logs: Path) -> tuple[dict[str, Any], dic
                              for f in FAMILIES},
         "prompt_tokens": sum(item.prompt_tokens() for item in items.values())}
     digest = hashlib.sha256(json.dumps(figures, sort_keys=True).encode()).hexdigest()
-    run = {"phases": phases, "events": events, "total_s": time.perf_counter() - run_started, "digest": digest}
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    processes.cpu.seconds["this script"] += own.ru_utime + own.ru_stime
+    run = {"phases": phases, "events": events, "total_s": time.perf_counter() - run_started, "digest": digest,
+           "cpu": dict(processes.cpu.seconds)}
     return figures, run
 
 
