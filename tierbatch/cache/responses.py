@@ -245,10 +245,15 @@ def take_hits(session: Session, wanted: Sequence[tuple[uuid.UUID, bytes]]) -> di
     for pair in wanted:
         counts[pair] = counts.get(pair, 0) + 1
     pairs = list(counts)
+    # the rows are locked in key order first: two routings of chunks sharing repeated requests, in
+    # transactions of their own, would otherwise lock them in their arrays' orders and deadlock
     rows = session.execute(text(
-        "UPDATE response_cache AS c SET hits = c.hits + v.n "
-        "FROM unnest(:tenants, :keys, :counts) AS v(tenant_id, key, n) "
-        "WHERE c.tenant_id = v.tenant_id AND c.key = v.key AND c.status = 'ready' AND c.expires_at > now() "
+        "WITH v AS (SELECT * FROM unnest(:tenants, :keys, :counts) AS v(tenant_id, key, n)), "
+        "locked AS (SELECT c.tenant_id, c.key, v.n FROM response_cache AS c "
+        "  JOIN v ON c.tenant_id = v.tenant_id AND c.key = v.key "
+        "  WHERE c.status = 'ready' AND c.expires_at > now() ORDER BY c.tenant_id, c.key FOR UPDATE OF c) "
+        "UPDATE response_cache AS c SET hits = c.hits + l.n FROM locked AS l "
+        "WHERE c.tenant_id = l.tenant_id AND c.key = l.key "
         "RETURNING c.tenant_id, c.key, c.provider, c.requested_model, c.served_model, c.output, c.response, "
         "c.input_tokens, c.cached_tokens, c.output_tokens, c.reasoning_tokens"
     ).bindparams(_array("tenants", [p[0] for p in pairs], PG_UUID(as_uuid=True)),
