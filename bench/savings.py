@@ -390,13 +390,15 @@ def expected_comparisons(ctx: Context, tenant: uuid.UUID, submitted: Submitted,
 
 
 def day_settled(ctx: Context, conn: psycopg.Connection[Any], client: httpx.Client, tenant: uuid.UUID,
-                submitted: Submitted, timeout: float) -> float:
+                submitted: Submitted, timeout: float, stall_seconds: float) -> float:
     """Wait until every task of the day (shadow tasks too) is finished, the schedule run and the client
     batch are done and every comparison the monitor draws is recorded; seconds taken."""
     started = time.perf_counter()
     rules = rules_of(ctx, tenant)
     expected: int | None = None
     last_print = 0.0
+    seen: tuple[int, int] | None = None
+    moved_at = started
     while True:
         elapsed = time.perf_counter() - started
         live = int(scalar(conn, f"SELECT count(*) FROM tasks WHERE tenant_id = %s AND status IN {LIVE}", tenant))
@@ -416,6 +418,13 @@ def day_settled(ctx: Context, conn: psycopg.Connection[Any], client: httpx.Clien
             say(f"    {elapsed:5.0f}s: {live:,} live tasks, {compared:,} comparisons"
                 + (f" of {expected:,}" if expected is not None else "")
                 + ("" if run_done else ", schedule run going") + ("" if batch_done else ", client batch going"))
+        if (live, compared) != seen:
+            seen, moved_at = (live, compared), time.perf_counter()
+        elif time.perf_counter() - moved_at > stall_seconds:
+            stuck = conn.execute(f"SELECT status::text, task_type, count(*) FROM tasks WHERE tenant_id = %s "
+                                 f"AND status IN {LIVE} GROUP BY 1, 2", (tenant,)).fetchall()
+            raise RuntimeError(f"no progress for {stall_seconds:.0f}s: live tasks {stuck}, {compared} comparisons "
+                               f"(expected {expected}); see the worker logs")
         if elapsed > timeout:
             raise TimeoutError(f"the day did not settle in {timeout:.0f}s: {live} live tasks, {compared} "
                                f"comparisons (expected {expected}), run done {run_done}, batch done {batch_done}")
@@ -848,7 +857,7 @@ def run_bench(args: argparse.Namespace, logs: Path) -> tuple[dict[str, Any], dic
                     started = time.perf_counter()
                     submitted = Submitted(started_db=db_now(conn))
                     post(client, "/v1/tasks", json={"tasks": [task_body(item, datetime.now(UTC))]})
-                    settle = day_settled(ctx, conn, client, tenant, submitted, args.day_timeout)
+                    settle = day_settled(ctx, conn, client, tenant, submitted, args.day_timeout, args.stall_seconds)
                     phases.append({"name": f"day 0, warm-up ({item.tier})", "tasks": 1,
                                    "submit_s": time.perf_counter() - started - settle, "settle_s": settle,
                                    "restart_s": 0.0})
@@ -864,7 +873,7 @@ def run_bench(args: argparse.Namespace, logs: Path) -> tuple[dict[str, Any], dic
                     processes.start_workers()
                     restart_s = time.perf_counter() - restart
                     say(f"  submitted in {submitted.seconds:.1f}s; worker and beat up in {restart_s:.1f}s")
-                    settle = day_settled(ctx, conn, client, tenant, submitted, args.day_timeout)
+                    settle = day_settled(ctx, conn, client, tenant, submitted, args.day_timeout, args.stall_seconds)
                     stop = time.perf_counter()
                     processes.stop_workers(conn)
                     restart_s += time.perf_counter() - stop
@@ -937,7 +946,9 @@ def main() -> None:
                         help="worker pool (the figures do not depend on it; threads overlap the waits of "
                              "immediate calls)")
     parser.add_argument("--gateway-clients", type=int, default=8, help="concurrent OpenAI-compatible chat clients")
-    parser.add_argument("--day-timeout", type=float, default=900.0, help="seconds a day may take to settle")
+    parser.add_argument("--day-timeout", type=float, default=1800.0, help="seconds a day may take to settle")
+    parser.add_argument("--stall-seconds", type=float, default=180.0,
+                        help="stop with the live tasks listed when nothing moved for this long")
     parser.add_argument("--figures-json", type=Path, help="write the figures (no timings) here, to diff two runs")
     parser.add_argument("--logs", type=Path, help="keep the process logs and configs here")
     parser.add_argument("--database-url", default=os.environ.get("DATABASE_URL", DEFAULT_DATABASE_URL),
