@@ -49,7 +49,7 @@ from tierbatch.batching.lifecycle import (
 from tierbatch.cache.responses import fill_from_succeeded_tasks
 from tierbatch.db.models import ProviderBatch
 from tierbatch.providers.client import ProviderBatches
-from tierbatch.quality.monitor import may_be_sampled
+from tierbatch.quality.monitor import maybe_sampled_ids
 from tierbatch.worker.context import WorkerContext
 from tierbatch.worker.quality import send_batch_shadows, settle_batch_shadows
 
@@ -243,10 +243,10 @@ def _chunks(api: ProviderBatches, batch: ProviderBatch, size: int) -> Iterator[l
 def _prepare_chunk(ctx: WorkerContext, batch: ProviderBatch, lines: list[str]) -> tuple[PreparedChunk, list[uuid.UUID]]:
     """Parse and price one chunk (it only reads the database); returns it with the quality monitor's watch list."""
     outcomes = classify_lines(lines)
-    # quality monitor: the few successes that may be shadowed, by task id alone
-    watch = [task_id for task_id in outcomes.successes if may_be_sampled(ctx.config, task_id)]
     with ctx.sessions.begin() as session:
         prepared = prepare_outcomes(session, ctx.prices, batch, outcomes)
+        # quality monitor: the few successes that may be shadowed, by the hash of their requests
+        watch = maybe_sampled_ids(session, ctx.config, list(outcomes.successes))
     return prepared, watch
 
 

@@ -3,9 +3,10 @@
 Where sampling happens:
 - immediate tasks: `maybe_send_shadow`, after the call's result is recorded (worker/immediate.py);
 - batch-path tasks: `send_batch_shadows`, after an ingest chunk commits (worker/batch.py). The sample is
-  chosen in Python by task id (`quality.monitor.may_be_sampled`, then `shadow_tier_for` with one rule query per
-  chunk for its (tenant, task type) pairs), so a batch of 50,000 lines costs one statement for its
-  *sampled* tasks, and no query per task.
+  chosen by the hash of each task's request: one statement per chunk keeps the tasks that may be sampled
+  (`quality.monitor.maybe_sampled_ids`, before the chunk is written), then `shadow_tier_for` decides with one
+  query for their draws and one for the rules of their (tenant, task type) pairs, so a batch of 50,000
+  lines costs a few statements per chunk, and no query per task.
 
 The shadow runs on the other tier's primary model only (no fallbacks: a comparison with a different model
 would say nothing about the one routed to). Its cost is a `shadow` ledger row, added to the task's cost.
@@ -44,7 +45,7 @@ from tierbatch.metrics.catalog import SHADOW_COMPARISONS, known_task_types, task
 from tierbatch.metrics.commit import after_commit
 from tierbatch.providers.adapter import ChatResult
 from tierbatch.providers.retry import call_with_fallbacks
-from tierbatch.quality.monitor import compare_answers, evaluate, shadow_tier_for
+from tierbatch.quality.monitor import compare_answers, evaluate, sample_points, shadow_tier_for
 from tierbatch.tasks.store import ClaimedTask
 from tierbatch.worker.context import WorkerContext, context_of
 from tierbatch.worker.errors import task_error
@@ -75,7 +76,8 @@ def maybe_send_shadow(ctx: WorkerContext, claimed: ClaimedTask) -> None:
         with ctx.sessions() as session:
             rule = session.scalar(select(RoutingRule).where(RoutingRule.tenant_id == claimed.tenant_id,
                                                             RoutingRule.task_type == claimed.task_type))
-            shadow = shadow_tier_for(ctx.config, Tier(claimed.tier), rule, claimed.id)
+            points = sample_points(session, [claimed.id]).get(claimed.id)
+        shadow = shadow_tier_for(ctx.config, Tier(claimed.tier), rule, points) if points is not None else None
         if shadow is not None:
             _dispatch_shadows(ctx, [(claimed.id, shadow, claimed.urgent)])
     except Exception:  # quality sampling must never fail the task it samples
@@ -85,10 +87,11 @@ def maybe_send_shadow(ctx: WorkerContext, claimed: ClaimedTask) -> None:
 def send_batch_shadows(ctx: WorkerContext, succeeded: Sequence[SucceededTask]) -> int:
     """After an ingest chunk committed: start the shadows (or probes) of its sampled successes.
 
-    `succeeded` are the chunk's tasks that `may_be_sampled` let through and the chunk moved to
-    `succeeded` (never shadow tasks themselves); the rules of their (tenant, task type) pairs are read in
-    one query. They are batch-path tasks, so not urgent: their shadows are shadow tasks, created in one
-    statement. Returns the number started. Never raises: sampling must not fail the ingestion."""
+    `succeeded` are the chunk's tasks that `maybe_sampled_ids` let through and the chunk moved to
+    `succeeded` (never shadow tasks themselves); their draws are read in one query, the rules of their
+    (tenant, task type) pairs in another. They are batch-path tasks, so not urgent: their shadows are
+    shadow tasks, created in one statement. Returns the number started. Never raises: sampling must not
+    fail the ingestion."""
     try:
         pairs = {(task.tenant_id, task.task_type) for task in succeeded}
         if not pairs:
@@ -96,9 +99,10 @@ def send_batch_shadows(ctx: WorkerContext, succeeded: Sequence[SucceededTask]) -
         with ctx.sessions() as session:
             rules = {(rule.tenant_id, rule.task_type): rule for rule in session.scalars(
                 select(RoutingRule).where(tuple_(RoutingRule.tenant_id, RoutingRule.task_type).in_(pairs)))}
-        picks = [(task.id, tier, False) for task in succeeded
-                 if (tier := shadow_tier_for(ctx.config, task.tier, rules.get((task.tenant_id, task.task_type)),
-                                             task.id))]
+            points = sample_points(session, [task.id for task in succeeded])
+        picks = [(task.id, tier, False) for task in succeeded if task.id in points
+                 and (tier := shadow_tier_for(ctx.config, task.tier, rules.get((task.tenant_id, task.task_type)),
+                                              points[task.id]))]
         return _dispatch_shadows(ctx, picks) if picks else 0
     except Exception:  # quality sampling must never fail the ingestion it samples
         log.warning("could not start the shadows of %d batch results", len(succeeded), exc_info=True)

@@ -6,7 +6,7 @@ poor cheap model promotes the task type; shadow spend is a `shadow` ledger row o
 A stack of its own (simulator, API, worker, beat) on a database of its own: the session stack's batch
 assembler would otherwise claim these tasks and ingest them with its config (no shadows). The config
 samples half of the tasks (shadow and probe alike), so the test also checks that exactly the tasks the
-hash picks get a shadow, and that probe-only picks of Light tasks get none.
+hash of their requests picks get a shadow, and that probe-only picks of Light tasks get none.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from tierbatch.batching.ingest import LineOutcomes, ingest_outcomes
 from tierbatch.db.engine import make_engine, make_session_factory
 from tierbatch.db.models import ProviderBatch, Task
 from tierbatch.ledger.pricing import PriceBook
-from tierbatch.quality.monitor import sampled
+from tierbatch.quality.monitor import SamplePoints, sample_points, sampled
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,7 @@ promote_below = 0.9
 demote_above = 0.95
 """
 LABELS = ["positive", "negative", "neutral"]
-ITEMS = 60  # about 30 sampled: P(fewer than 10) is about 1e-5
+ITEMS = 60  # about 30 sampled (the items' texts are fixed, so the same ones in every run)
 
 
 @pytest.fixture(scope="module")
@@ -92,6 +92,17 @@ def run_job(stack: Stack, client: httpx.Client, task_type: str, tier: str) -> li
     rows = tasks()
     assert {(t["status"], t["mode"], t["tier"]) for t in rows} == {("succeeded", "batch", "light")}, rows
     return rows
+
+
+def draws(stack: Stack, task_ids: list[str]) -> dict[str, SamplePoints]:
+    """Each task's shadow and probe draws, from its stored request."""
+    engine = make_engine(stack.database_url, pool_size=1)
+    try:
+        with make_session_factory(engine)() as session:
+            points = sample_points(session, [uuid.UUID(t) for t in task_ids])
+    finally:
+        engine.dispose()
+    return {str(task_id): p for task_id, p in points.items()}
 
 
 def comparisons(stack: Stack, task_ids: list[str]) -> dict[str, tuple[Any, ...]]:
@@ -148,8 +159,9 @@ def test_batch_results_are_shadowed_and_poor_agreement_promotes(bstack: Stack) -
         # tier auto: config [routing] sends classification to light, until the quality loop says otherwise
         rows = run_job(stack, client, "classification", "auto")
         ids = [t["id"] for t in rows]
-        picked = [t for t in ids if sampled(t, RATE)]
-        probe_only = [t for t in ids if sampled(t, RATE, "probe") and not sampled(t, RATE)]
+        points = draws(stack, ids)
+        picked = [t for t in ids if sampled(points[t].shadow, RATE)]
+        probe_only = [t for t in ids if sampled(points[t].probe, RATE) and not sampled(points[t].shadow, RATE)]
         assert len(picked) >= 10 and probe_only, (len(picked), len(probe_only))
         found = wait_comparisons(stack, ids, len(picked))
         # exactly the stable hash's sample, each compared once against the complex model
@@ -223,7 +235,8 @@ def test_provider_errors_on_batch_shadows_count_for_nothing(bstack: Stack) -> No
         with complex_batches_held(stack):
             rows = run_job(stack, client, "reviews", "light")
             ids = [t["id"] for t in rows]
-            picked = [t for t in ids if sampled(t, RATE)]
+            points = draws(stack, ids)
+            picked = [t for t in ids if sampled(points[t].shadow, RATE)]
             wait_until(lambda: len(shadow_tasks(stack, picked)) == len(picked), 30, 0.2, "shadow tasks")
             # every line of the shadows' batches fails from now on (the originals are all done)
             stack.sim("POST", "/_sim/config", {"batch": {"line_error_rate": 1.0}})

@@ -66,19 +66,9 @@ def files_root_of(config_path: Path) -> Path:
     return config_path.parent / "files"
 
 
-def write_app_config(path: Path, simulator_port: int, extra: str = "") -> Path:
-    # no shadow calls unless a test asks for them (test_quality.py runs a stack of its own)
-    quality = "" if "[quality]" in extra else "\n[quality]\nshadow_rate = 0.0\n"
-    # tenants' file sources and sinks live in <root>/<tenant id>/
-    files = "" if "[files]" in extra else f'\n[files]\nroot = "{files_root_of(path)}"\n'
-    # the webhook tests' receivers listen on 127.0.0.1: the session stack lets webhooks go there
-    # (test_webhook_targets.py runs a stack of its own with the default, public addresses only)
-    webhooks = ("" if "[webhooks]" in extra
-                else "\n[webhooks]\nallow_private_networks = true\ntimeout_seconds = 3\n")
-    # tests on one stack send many bad keys from 127.0.0.1; test_keys_and_limits.py checks the real limit
-    limits = "" if "[limits]" in extra else "\n[limits]\nfailed_auth_per_minute = 100000\n"
-    path.write_text(f"""
-[providers.sim]
+def simulator_tiers(simulator_port: int) -> str:
+    """The config's provider (the simulator) and its two tiers, as the test stacks and the benches use them."""
+    return f"""[providers.sim]
 base_url = "http://127.0.0.1:{simulator_port}/v1"
 batch = true
 prices_from = "openai"
@@ -91,7 +81,22 @@ fallbacks = [{{ provider = "sim", model = "gpt-4.1-mini" }}]
 [tiers.complex]
 provider = "sim"
 model = "gpt-4o"
-fallbacks = [{{ provider = "sim", model = "gpt-4.1" }}]
+fallbacks = [{{ provider = "sim", model = "gpt-4.1" }}]"""
+
+
+def write_app_config(path: Path, simulator_port: int, extra: str = "") -> Path:
+    # no shadow calls unless a test asks for them (test_quality.py runs a stack of its own)
+    quality = "" if "[quality]" in extra else "\n[quality]\nshadow_rate = 0.0\n"
+    # tenants' file sources and sinks live in <root>/<tenant id>/
+    files = "" if "[files]" in extra else f'\n[files]\nroot = "{files_root_of(path)}"\n'
+    # the webhook tests' receivers listen on 127.0.0.1: the session stack lets webhooks go there
+    # (test_webhook_targets.py runs a stack of its own with the default, public addresses only)
+    webhooks = ("" if "[webhooks]" in extra
+                else "\n[webhooks]\nallow_private_networks = true\ntimeout_seconds = 3\n")
+    # tests on one stack send many bad keys from 127.0.0.1; test_keys_and_limits.py checks the real limit
+    limits = "" if "[limits]" in extra else "\n[limits]\nfailed_auth_per_minute = 100000\n"
+    path.write_text(f"""
+{simulator_tiers(simulator_port)}
 
 [routing]
 classification = "light"

@@ -10,7 +10,7 @@ import pytest
 from tierbatch.base.config import QualityConfig, default_config_data, parse_config
 from tierbatch.base.states import Tier
 from tierbatch.db.models import RoutingRule
-from tierbatch.quality.monitor import WindowStats, compare_answers, decide, sampled, shadow_tier_for
+from tierbatch.quality.monitor import SamplePoints, WindowStats, compare_answers, decide, sampled, shadow_tier_for
 from tierbatch.tasks.labels import label_response_format
 
 LABELLED = {"messages": [{"role": "user", "content": "rate it"}],
@@ -44,14 +44,13 @@ def test_free_text_compares_by_similarity_against_the_threshold() -> None:
     assert compare_answers(FREE, "The parcel came late.", "The parcel came late!", 0.99).agreed is False
 
 
-def test_sampling_is_stable_and_near_the_rate() -> None:
-    ids = [uuid.UUID(int=i) for i in range(4000)]
-    assert all(sampled(i, 1.0) for i in ids[:50]) and not any(sampled(i, 0.0) for i in ids[:50])
-    share = sum(sampled(i, 0.05) for i in ids) / len(ids)
-    assert 0.03 < share < 0.07
-    assert [sampled(i, 0.3) for i in ids[:100]] == [sampled(i, 0.3) for i in ids[:100]]
-    # probes use their own draw: not the same tasks as shadows
-    assert [sampled(i, 0.3) for i in ids[:100]] != [sampled(i, 0.3, "probe") for i in ids[:100]]
+@pytest.mark.parametrize(("point", "rate", "expected"), [
+    (0.0, 0.0, False), (0.999, 1.0, True), (1.0, 1.0, True),  # rates 0 and 1 take none and all
+    (0.049, 0.05, True), (0.05, 0.05, False), (0.5, 0.3, False),
+])
+def test_a_draw_is_in_the_sample_below_the_rate(point: float, rate: float, expected: bool) -> None:
+    # where each task's draw comes from (its request's hash) is tests/integration/test_quality_sampling.py
+    assert sampled(point, rate) is expected
 
 
 @pytest.mark.parametrize(("tier", "window", "expected"), [
@@ -83,7 +82,7 @@ def test_shadow_direction() -> None:
     data = default_config_data()
     data["quality"] = {"shadow_rate": 1.0, "probe_rate": 1.0}
     config = parse_config(data)
-    task = uuid.uuid4()
+    task = SamplePoints(shadow=0.5, probe=0.5)
     assert shadow_tier_for(config, Tier.LIGHT, None, task) is Tier.COMPLEX
     assert shadow_tier_for(config, Tier.LIGHT, _rule(Tier.LIGHT, "api", pinned=True), task) is Tier.COMPLEX
     assert shadow_tier_for(config, Tier.COMPLEX, None, task) is None  # complex by config: no probes
@@ -94,6 +93,13 @@ def test_shadow_direction() -> None:
     quiet = parse_config(data)
     assert shadow_tier_for(quiet, Tier.LIGHT, None, task) is None
     assert shadow_tier_for(quiet, Tier.COMPLEX, _rule(Tier.COMPLEX, "quality"), task) is None
+    # each direction reads its own draw
+    data["quality"] = {"shadow_rate": 0.3, "probe_rate": 0.3}
+    some = parse_config(data)
+    probe_only = SamplePoints(shadow=0.6, probe=0.1)
+    assert shadow_tier_for(some, Tier.LIGHT, None, probe_only) is None
+    assert shadow_tier_for(some, Tier.COMPLEX, _rule(Tier.COMPLEX, "quality"), probe_only) is Tier.LIGHT
+    assert shadow_tier_for(some, Tier.LIGHT, None, SamplePoints(shadow=0.1, probe=0.6)) is Tier.COMPLEX
 
 
 def test_similarity_threshold_is_configurable() -> None:

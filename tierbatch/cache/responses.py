@@ -57,6 +57,9 @@ from tierbatch.ledger.pricing import TokenUsage
 from tierbatch.metrics.catalog import CACHE_LOOKUPS
 from tierbatch.metrics.commit import after_commit
 
+# A multi-row INSERT of cache entries binds about 20 parameters per row; Postgres takes at most 65,535 per
+# statement, so a batch chunk's answers (10,000 lines by default) are stored in several statements.
+STORE_ROWS_PER_STATEMENT = 2000
 # Request fields that do not change the answer; they are left out of the key.
 _NOT_IN_KEY = frozenset({"metadata", "stream", "stream_options", "user", "store", "prompt_cache_key"})
 METADATA_SWITCH = "cache"  # metadata.cache = "off" | "on"
@@ -242,10 +245,15 @@ def take_hits(session: Session, wanted: Sequence[tuple[uuid.UUID, bytes]]) -> di
     for pair in wanted:
         counts[pair] = counts.get(pair, 0) + 1
     pairs = list(counts)
+    # the rows are locked in key order first: two routings of chunks sharing repeated requests, in
+    # transactions of their own, would otherwise lock them in their arrays' orders and deadlock
     rows = session.execute(text(
-        "UPDATE response_cache AS c SET hits = c.hits + v.n "
-        "FROM unnest(:tenants, :keys, :counts) AS v(tenant_id, key, n) "
-        "WHERE c.tenant_id = v.tenant_id AND c.key = v.key AND c.status = 'ready' AND c.expires_at > now() "
+        "WITH v AS (SELECT * FROM unnest(:tenants, :keys, :counts) AS v(tenant_id, key, n)), "
+        "locked AS (SELECT c.tenant_id, c.key, v.n FROM response_cache AS c "
+        "  JOIN v ON c.tenant_id = v.tenant_id AND c.key = v.key "
+        "  WHERE c.status = 'ready' AND c.expires_at > now() ORDER BY c.tenant_id, c.key FOR UPDATE OF c) "
+        "UPDATE response_cache AS c SET hits = c.hits + l.n FROM locked AS l "
+        "WHERE c.tenant_id = l.tenant_id AND c.key = l.key "
         "RETURNING c.tenant_id, c.key, c.provider, c.requested_model, c.served_model, c.output, c.response, "
         "c.input_tokens, c.cached_tokens, c.output_tokens, c.reasoning_tokens"
     ).bindparams(_array("tenants", [p[0] for p in pairs], PG_UUID(as_uuid=True)),
@@ -272,17 +280,21 @@ def store_answers(session: Session, entries: Sequence[tuple[uuid.UUID, bytes, Ca
             "input_tokens": usage.input_tokens, "cached_tokens": usage.cached_tokens,
             "output_tokens": usage.output_tokens, "reasoning_tokens": usage.reasoning_tokens,
             "source_task_id": task_id, "expires_at": _seconds(ttl_seconds)}
-    # in key order: two chunks of a batch written at once take their entries' row locks in the same order
-    statement = insert(ResponseCacheEntry).values([seen[key] for key in sorted(seen)])
-    excluded = statement.excluded
-    statement = statement.on_conflict_do_update(
-        index_elements=[ResponseCacheEntry.tenant_id, ResponseCacheEntry.key],
-        set_={name: excluded[name] for name in (
-            "status", "owner", "provider", "requested_model", "served_model", "output", "response", "input_tokens",
-            "cached_tokens", "output_tokens", "reasoning_tokens", "source_task_id", "expires_at")},
-        where=ResponseCacheEntry.expires_at <= func.now(),
-    )
-    session.execute(statement)
+    # in key order: two chunks of a batch written at once take their entries' row locks in the same order;
+    # in statements of at most STORE_ROWS_PER_STATEMENT rows, under the protocol's 65,535 bound parameters
+    rows = [seen[key] for key in sorted(seen)]
+    for start in range(0, len(rows), STORE_ROWS_PER_STATEMENT):
+        statement = insert(ResponseCacheEntry).values(rows[start:start + STORE_ROWS_PER_STATEMENT])
+        excluded = statement.excluded
+        statement = statement.on_conflict_do_update(
+            index_elements=[ResponseCacheEntry.tenant_id, ResponseCacheEntry.key],
+            set_={name: excluded[name] for name in (
+                "status", "owner", "provider", "requested_model", "served_model", "output", "response",
+                "input_tokens", "cached_tokens", "output_tokens", "reasoning_tokens", "source_task_id",
+                "expires_at")},
+            where=ResponseCacheEntry.expires_at <= func.now(),
+        )
+        session.execute(statement)
 
 
 def fill_from_succeeded_tasks(session: Session, config: AppConfig, task_ids: Sequence[uuid.UUID]) -> int:

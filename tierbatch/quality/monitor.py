@@ -2,8 +2,11 @@
 
 - Sampling: a Light task is shadowed on the complex model with probability `shadow_rate`; a task type the
   quality loop promoted to complex is probed the other way (its complex tasks also run on the light
-  model) at `probe_rate`. The decision is a stable hash of the task id, so a redelivered message decides
-  the same way.
+  model) at `probe_rate`. The decision is a stable hash of the task's stored request (Postgres's
+  `jsonb_hash_extended`, one seed for shadows, another for probes): a redelivered message decides the
+  same way, and so does the same workload submitted again, whatever ids its tasks get, so a benchmark
+  run twice shadows the same tasks. Identical requests are sampled together (the response cache
+  answers most of them anyway).
 - Comparison: labelled requests compare labels exactly; free text by rapidfuzz's ratio against
   `similarity_threshold`. A failed shadow call is recorded with `agreed = NULL` and never counts.
 - Window: the last `window` counted comparisons of a tenant's task type since its rule last changed
@@ -15,14 +18,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import uuid
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from rapidfuzz import fuzz
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 from sqlalchemy.orm import Session
 
 from tierbatch.base.config import AppConfig, QualityConfig
@@ -34,34 +36,72 @@ from tierbatch.tasks.labels import extract_label, labels_of
 QUALITY_ACTOR = "quality"
 
 
-def sampled(task_id: uuid.UUID | str, rate: float, salt: str = "shadow") -> bool:
-    """Whether this task is in the `rate` share (stable for a task id)."""
+# seeds of the two draws over a request's hash: a task shadowed is not more likely to be probed
+SHADOW_SEED = 0x7368
+PROBE_SEED = 0x7072
+
+
+# where a stored request falls in [0, 1) for one draw: its 64-bit `jsonb_hash_extended` scaled (equal
+# JSON values hash equally whatever their key order or spacing)
+_POINT = "(jsonb_hash_extended(request, {seed})::float8 / 18446744073709551616.0 + 0.5)"
+_POINTS = text(f"SELECT id, {_POINT.format(seed=SHADOW_SEED)}, {_POINT.format(seed=PROBE_SEED)} FROM tasks "
+               "WHERE id = ANY(CAST(:ids AS uuid[]))")
+# the ids go as one array literal: far cheaper than adapting thousands of UUIDs one by one
+_MAYBE_SAMPLED = text(f"SELECT id FROM tasks WHERE id = ANY(CAST(:ids AS uuid[])) AND shadow_of IS NULL "
+                      f"AND ({_POINT.format(seed=SHADOW_SEED)} < :shadow OR {_POINT.format(seed=PROBE_SEED)} < :probe)")
+
+
+@dataclass(frozen=True, slots=True)
+class SamplePoints:
+    """A task's two draws, each in [0, 1)."""
+
+    shadow: float
+    probe: float
+
+
+def sampled(point: float, rate: float) -> bool:
+    """Whether a draw at `point` is in the `rate` share."""
     if rate <= 0:
         return False
-    if rate >= 1:
-        return True
-    digest = hashlib.blake2b(f"{salt}:{task_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64 < rate
+    return rate >= 1 or point < rate
 
 
-def shadow_tier_for(config: AppConfig, tier: Tier, rule: RoutingRule | None, task_id: uuid.UUID) -> Tier | None:
+def _id_array(task_ids: Collection[uuid.UUID]) -> str:
+    return "{" + ",".join(str(task_id) for task_id in task_ids) + "}"
+
+
+def sample_points(session: Session, task_ids: Collection[uuid.UUID]) -> dict[uuid.UUID, SamplePoints]:
+    """The draws of these tasks (tasks not found are left out)."""
+    if not task_ids:
+        return {}
+    rows = session.execute(_POINTS, {"ids": _id_array(task_ids)})
+    return {task_id: SamplePoints(float(shadow), float(probe)) for task_id, shadow, probe in rows}
+
+
+def _sql_rate(rate: float) -> float:
+    """A rate for `point < rate` in SQL: 0 takes no point, anything over 1 every point (points are < 1)."""
+    return 0.0 if rate <= 0 else 2.0 if rate >= 1 else rate
+
+
+def maybe_sampled_ids(session: Session, config: AppConfig, task_ids: Collection[uuid.UUID]) -> list[uuid.UUID]:
+    """The tasks among these (not shadow tasks themselves) for which `shadow_tier_for` may answer a tier,
+    whatever their tier and rule: one statement, so a bulk path (batch ingestion) asks about a chunk's
+    successes once and keeps only the few that may be sampled."""
+    quality = config.quality
+    if not task_ids or (quality.shadow_rate <= 0 and quality.probe_rate <= 0):
+        return []
+    return [row[0] for row in session.execute(_MAYBE_SAMPLED, {
+        "ids": _id_array(task_ids), "shadow": _sql_rate(quality.shadow_rate), "probe": _sql_rate(quality.probe_rate)})]
+
+
+def shadow_tier_for(config: AppConfig, tier: Tier, rule: RoutingRule | None, points: SamplePoints) -> Tier | None:
     """The tier of the extra call to make for a task served on `tier`, or None for no extra call."""
     quality = config.quality
     if tier is Tier.LIGHT:  # pinned ones too: the report shows their agreement, the rule stays put
-        return Tier.COMPLEX if sampled(task_id, quality.shadow_rate) else None
+        return Tier.COMPLEX if sampled(points.shadow, quality.shadow_rate) else None
     promoted = (rule is not None and rule.source == QUALITY_ACTOR and rule.tier is Tier.COMPLEX
                 and not rule.pinned)
-    return Tier.LIGHT if promoted and sampled(task_id, quality.probe_rate, "probe") else None
-
-
-def may_be_sampled(config: AppConfig, task_id: uuid.UUID) -> bool:
-    """False when `shadow_tier_for` answers None for this task whatever its tier and rule: a filter by
-    task id alone, so a bulk path (batch ingestion) asks the database only about the few that may be."""
-    quality = config.quality
-    if quality.shadow_rate <= 0 and quality.probe_rate <= 0:
-        return False
-    key = str(task_id)  # formatted once: it is half the cost of a hash
-    return sampled(key, quality.shadow_rate) or sampled(key, quality.probe_rate, "probe")
+    return Tier.LIGHT if promoted and sampled(points.probe, quality.probe_rate) else None
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,10 @@
 
 `GET /_sim/config` the running config; `POST /_sim/config` deep-merges a JSON patch into it (a
 `null` removes a key, e.g. a model table); `PUT /_sim/config` replaces it; `POST /_sim/reset`
-clears the counters and the prompt cache; `GET /_sim/stats` the counters.
+clears the counters and the prompt cache; `GET /_sim/stats` the counters; `GET /_sim/verdicts`,
+with the config's `record_verdicts`, whether each chat answer given was the reference model's:
+`{"reference": [answer ids], "other": [answer ids]}` (the `id` of the chat completion, immediate or
+in a batch output line).
 """
 
 from __future__ import annotations
@@ -56,6 +59,14 @@ async def stats(request: Request) -> dict[str, Any]:
     return out
 
 
+async def verdicts(request: Request) -> dict[str, Any]:
+    state = sim_state(request)
+    kept = state.stats.verdicts
+    return {"recording": state.config.record_verdicts,
+            "reference": [answer_id for answer_id, reference in kept.items() if reference],
+            "other": [answer_id for answer_id, reference in kept.items() if not reference]}
+
+
 def admin_router() -> APIRouter:
     router = APIRouter()
     router.add_api_route("/_sim/config", get_config, methods=["GET"])
@@ -63,4 +74,5 @@ def admin_router() -> APIRouter:
     router.add_api_route("/_sim/config", replace_config, methods=["PUT"])
     router.add_api_route("/_sim/reset", reset, methods=["POST"])
     router.add_api_route("/_sim/stats", stats, methods=["GET"])
+    router.add_api_route("/_sim/verdicts", verdicts, methods=["GET"])
     return router

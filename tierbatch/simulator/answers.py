@@ -3,9 +3,14 @@
 - A classification request (a `json_schema` response format with a string `enum` anywhere in
   the schema, or a `Labels: a, b, c` line in the prompt) gets a label. The reference label is
   chosen by a hash of the messages; a `reference` model answers it, any other model answers it
-  when a hash of (model, messages) falls under `agreement`, else another label.
+  when a hash of (model, messages) falls under its agreement rate, else another label.
 - Any other request gets a few sentences derived from a hash of the messages (and, for a model
-  that disagrees, of the model), truncated to `max_tokens` / `max_completion_tokens`.
+  that disagrees, of the model), truncated to `max_tokens` / `max_completion_tokens`; with an
+  `output_tokens_by_family` range for the request's family, as many sentences as a length drawn
+  from that range.
+- The agreement rate is the model's `agreement_by_family` entry for the request's task family, else
+  its `agreement`. The family is named by the prompt itself: a `Task family: NAME` line in a system
+  or developer message (`task_family`).
 """
 
 from __future__ import annotations
@@ -17,9 +22,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from tierbatch.simulator.config import ModelSettings
-from tierbatch.simulator.tokens import CHARS_PER_TOKEN, count_tokens, prompt_text
+from tierbatch.simulator.tokens import CHARS_PER_TOKEN, content_text, count_tokens, prompt_text
 
 _LABELS_LINE = re.compile(r"^[ \t]*labels[ \t]*:[ \t]*(.+?)[ \t]*$", re.IGNORECASE | re.MULTILINE)
+_FAMILY_LINE = re.compile(r"^[ \t]*task family[ \t]*:[ \t]*([\w.-]+)", re.IGNORECASE | re.MULTILINE)
+_INSTRUCTION_ROLES = ("system", "developer")
 _MAX_SCHEMA_DEPTH = 32
 _WORDS = (
     "the", "system", "request", "provider", "batch", "model", "answer", "result", "quality", "cost",
@@ -55,6 +62,18 @@ def input_key(messages: Any) -> str:
         else:
             parts.append(json.dumps(message, sort_keys=True, separators=(",", ":"), ensure_ascii=False))
     return "\x1e".join(parts)
+
+
+def task_family(messages: Any) -> str | None:
+    """The family named by the first `Task family: NAME` line of the system or developer messages."""
+    if not isinstance(messages, list):
+        return None
+    for message in messages:
+        if isinstance(message, dict) and message.get("role") in _INSTRUCTION_ROLES:
+            match = _FAMILY_LINE.search(content_text(message.get("content")))
+            if match:
+                return match.group(1).lower()
+    return None
 
 
 # --- classification -----------------------------------------------------------------------------
@@ -158,15 +177,20 @@ def reference_label(labels: tuple[str, ...], key: str) -> str:
     return labels[stable_hash("reference", key) % len(labels)]
 
 
-def agrees(model: str, settings: ModelSettings, key: str, salt: str = "") -> bool:
+def agrees(model: str, settings: ModelSettings, key: str, salt: str = "", family: str | None = None) -> bool:
     """Whether this model gives the reference answer to this input (stable per model and input)."""
-    return settings.reference or unit_hash("agree", model, key, salt) < settings.agreement
+    return settings.reference or unit_hash("agree", model, key, salt) < settings.agreement_for(family)
 
 
 def choose_label(labels: tuple[str, ...], model: str, settings: ModelSettings, key: str,
-                 salt: str = "") -> str:
+                 salt: str = "", family: str | None = None) -> str:
+    return label_for(labels, model, key, salt, len(labels) == 1 or agrees(model, settings, key, salt, family))
+
+
+def label_for(labels: tuple[str, ...], model: str, key: str, salt: str, agreed: bool) -> str:
+    """The reference label when `agreed`, else another one chosen by a hash."""
     ref_index = stable_hash("reference", key) % len(labels)
-    if len(labels) == 1 or agrees(model, settings, key, salt):
+    if agreed or len(labels) == 1:
         return labels[ref_index]
     shift = 1 + stable_hash("disagree", model, key, salt) % (len(labels) - 1)
     return labels[(ref_index + shift) % len(labels)]
@@ -186,6 +210,25 @@ def deterministic_text(seed: int) -> str:
         pos += count
         sentences.append(" ".join(chosen).capitalize() + ".")
     return " ".join(sentences)
+
+
+def text_of_length(seed: int, low: int, high: int) -> str:
+    """Sentences of `deterministic_text` until about a length drawn log-uniformly from [low, high]
+    tokens by `seed`, cut at a word's end."""
+    wanted = round(low * (high / low) ** unit_hash("length", str(seed))) * CHARS_PER_TOKEN
+    parts: list[str] = []
+    size = 0
+    step = 0
+    while size < wanted:
+        part = deterministic_text(stable_hash(str(seed), str(step)))
+        parts.append(part)
+        size += len(part) + 1
+        step += 1
+    text = " ".join(parts)
+    if len(text) > wanted:
+        cut = text.rfind(" ", 0, wanted + 1)
+        text = text[:cut] if cut > 0 else text[:wanted]
+    return text
 
 
 def _first_type(schema: dict[str, Any]) -> str | None:
@@ -271,6 +314,8 @@ class Answer:
     prompt_tokens: int
     completion_tokens: int
     reasoning_tokens: int
+    family: str | None = None  # the prompt's task family
+    reference: bool | None = None  # every choice is the reference model's answer (None: not decided here)
 
 
 def _max_tokens(body: dict[str, Any]) -> int | None:
@@ -282,26 +327,28 @@ def _max_tokens(body: dict[str, Any]) -> int | None:
 
 
 def _one_choice(body: dict[str, Any], task: LabelTask | None, model: str, settings: ModelSettings,
-                key: str, index: int, limit: int | None) -> Choice:
+                key: str, index: int, limit: int | None, family: str | None) -> tuple[Choice, bool]:
+    """The choice and whether it is the reference model's answer."""
     salt = str(index) if index else ""
+    agreed = (task is not None and len(task.labels) == 1) or agrees(model, settings, key, salt, family)
     if task is not None:
-        label = choose_label(task.labels, model, settings, key, salt)
+        label = label_for(task.labels, model, key, salt, agreed)
         if task.schema is None:
-            return Choice(label, "stop")
+            return Choice(label, "stop"), agreed
         value = fill_schema(task.schema, task.schema, stable_hash("fill", key), task.path, label)
-        return Choice(json.dumps(value, ensure_ascii=False), "stop")
-    seed_parts = ("text", key, salt) if agrees(model, settings, key, salt) else ("text", key, salt, model)
-    seed = stable_hash(*seed_parts)
+        return Choice(json.dumps(value, ensure_ascii=False), "stop"), agreed
+    seed = stable_hash(*(("text", key, salt) if agreed else ("text", key, salt, model)))
     schema = response_schema(body)
     if schema is not None:
-        return Choice(json.dumps(fill_schema(schema, schema, seed, None, None), ensure_ascii=False), "stop")
-    text = deterministic_text(seed)
+        return Choice(json.dumps(fill_schema(schema, schema, seed, None, None), ensure_ascii=False), "stop"), agreed
+    length = settings.output_tokens_by_family.get(family) if family is not None else None
+    text = text_of_length(seed, *length) if length is not None else deterministic_text(seed)
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_object":
-        return Choice(json.dumps({"answer": text}), "stop")
+        return Choice(json.dumps({"answer": text}), "stop"), agreed
     if limit is not None and count_tokens(text) > limit:
-        return Choice(text[: limit * CHARS_PER_TOKEN], "length")
-    return Choice(text, "stop")
+        return Choice(text[: limit * CHARS_PER_TOKEN], "length"), agreed
+    return Choice(text, "stop"), agreed
 
 
 def build_answer(body: dict[str, Any], model: str, settings: ModelSettings) -> Answer:
@@ -310,10 +357,14 @@ def build_answer(body: dict[str, Any], model: str, settings: ModelSettings) -> A
     key = input_key(messages)
     text = prompt_text(messages)
     task = find_label_task(body, text)
+    family = task_family(messages)
     limit = _max_tokens(body)
     n = body.get("n") or 1
-    choices = [_one_choice(body, task, model, settings, key, i, limit) for i in range(n)]
+    made = [_one_choice(body, task, model, settings, key, i, limit, family) for i in range(n)]
+    choices = [choice for choice, _ in made]
     reasoning = settings.reasoning_tokens * n
     visible = sum(count_tokens(c.content) for c in choices)
+    reference = all(agreed for _, agreed in made)
     return Answer(choices=choices, prompt_text=text, prompt_tokens=count_tokens(text),
-                  completion_tokens=visible + reasoning, reasoning_tokens=reasoning)
+                  completion_tokens=visible + reasoning, reasoning_tokens=reasoning, family=family,
+                  reference=reference)

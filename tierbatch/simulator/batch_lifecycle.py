@@ -56,6 +56,11 @@ async def _write(state: SimState, batch: BatchRecord, results: BatchResults, don
     batch.failed = batch.total - written.output_lines
     batch.usage = written.usage
     state.stats.batch_lines_answered += written.output_lines
+    keep = state.config.record_verdicts
+    for answered in results.answers[:done]:
+        if answered is not None:
+            answer_id, family, reference = answered
+            state.stats.record_answer(batch.model or "", answer_id, family, reference, keep)
 
 
 async def _cancel(state: SimState, batch: BatchRecord) -> None:

@@ -11,7 +11,7 @@ import json
 import os
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from json.encoder import encode_basestring_ascii as _quote
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,8 @@ class BatchResults:
     failed: list[bool]  # goes to the error file
     failed_before: list[int]  # failed_before[k]: failures among the first k requests
     usage: list[tuple[int, int, int, int]]  # (input, cached, output, reasoning) tokens of a success
+    # (answer id, task family, reference answer?) of a success, for the simulator's counters
+    answers: list[tuple[str, str | None, bool | None] | None] = field(default_factory=list)
 
 
 def _line(custom_id: str, status: int | None, body: dict[str, Any] | None,
@@ -74,6 +76,7 @@ def compute_results(batch_id: str, requests: Sequence[BatchLine], model: str, se
     lines: list[bytes] = []
     failed: list[bool] = []
     usage: list[tuple[int, int, int, int]] = []
+    answers: list[tuple[str, str | None, bool | None] | None] = []
     id_base = os.urandom(8).hex()
     for position, index in enumerate(order):
         request = requests[index]
@@ -87,16 +90,20 @@ def compute_results(batch_id: str, requests: Sequence[BatchLine], model: str, se
             lines.append(_line(custom_id, exc.status, body_400, None))
             failed.append(True)
             usage.append(_NO_USAGE)
+            answers.append(None)
             continue
         if line_error_rate > 0 and unit_hash("line-error", batch_id, custom_id) < line_error_rate:
             kind = kinds[stable_hash("line-error-kind", batch_id, custom_id) % len(kinds)]
             lines.append(_injected(kind, custom_id))
             failed.append(True)
             usage.append(_NO_USAGE)
+            answers.append(None)
             continue
         answer, cached = complete(body, model, settings, cache)
         prefix = f"{id_base}{position:08x}"
-        body_json = completion_json(answer, served, cached, created=created)
+        answer_id = f"chatcmpl-{prefix}"
+        answers.append((answer_id, answer.family, answer.reference))
+        body_json = completion_json(answer, served, cached, answer_id, created=created)
         lines.append(
             f'{{"id":"batch_req_{prefix}","custom_id":{_quote(custom_id)},"response":{{"status_code":200,'
             f'"request_id":"req_{prefix}","body":{body_json}}},"error":null}}\n'.encode()
@@ -104,7 +111,7 @@ def compute_results(batch_id: str, requests: Sequence[BatchLine], model: str, se
         failed.append(False)
         usage.append((answer.prompt_tokens, cached, answer.completion_tokens, answer.reasoning_tokens))
     failed_before = [0, *itertools.accumulate(int(f) for f in failed)]
-    return BatchResults(custom_ids, lines, failed, failed_before, usage)
+    return BatchResults(custom_ids, lines, failed, failed_before, usage, answers)
 
 
 @dataclass(frozen=True)

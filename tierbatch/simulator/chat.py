@@ -72,8 +72,8 @@ def _json_pieces(text: str, size: int = 16) -> list[str]:
     return [text[i:i + size] for i in range(0, len(text), size)] or [""]
 
 
-async def _stream(answer: Answer, served: str, cached: int, include_usage: bool) -> AsyncIterator[bytes]:
-    completion_id = new_id("chatcmpl-")
+async def _stream(answer: Answer, served: str, cached: int, include_usage: bool,
+                  completion_id: str) -> AsyncIterator[bytes]:
     created = int(time.time())
     base: dict[str, Any] = {
         "id": completion_id, "object": "chat.completion.chunk", "created": created, "model": served,
@@ -130,13 +130,16 @@ async def chat_completions(request: Request) -> Response:
         await asyncio.sleep(delay)
     answer, cached = complete(body, model, settings, state.prefix_cache)
     served = served_model(model, settings)
+    completion_id = new_id("chatcmpl-")
+    state.stats.record_answer(model, completion_id, answer.family, answer.reference, state.config.record_verdicts)
     headers = {"x-request-id": new_id("req_")}
     if body.get("stream"):
         options = body.get("stream_options")
         include_usage = isinstance(options, dict) and bool(options.get("include_usage"))
-        return StreamingResponse(_stream(answer, served, cached, include_usage),
+        return StreamingResponse(_stream(answer, served, cached, include_usage, completion_id),
                                  media_type="text/event-stream", headers=headers)
-    return Response(completion_json(answer, served, cached), media_type="application/json", headers=headers)
+    return Response(completion_json(answer, served, cached, completion_id), media_type="application/json",
+                    headers=headers)
 
 
 def chat_router() -> APIRouter:

@@ -1,15 +1,21 @@
 """Simulator settings: its TOML file and the JSON body of `POST /_sim/config`.
 
 A model's effective settings are the `[models."*"]` table merged with the model's own table
-(`SimConfig.model_settings`). Tables keep only the keys that were written, so merging and
-dumping round-trip: `SimConfig.model_validate(config.model_dump())` is the same config.
+(`SimConfig.model_settings`); the per-family tables (`agreement_by_family`, `output_tokens_by_family`)
+are merged key by key, so a model's own table can change one family and keep the others. Tables keep
+only the keys that were written, so merging and dumping round-trip:
+`SimConfig.model_validate(config.model_dump())` is the same config.
+
+A request's task family is what its prompt says it is: a `Task family: NAME` line in a system (or
+developer) message (`answers.task_family`). A provider sees nothing else of the caller's intent, so the
+family is read from the prompt, never from metadata.
 """
 
 from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
@@ -18,6 +24,9 @@ LineErrorKind = Literal["http_500", "http_400", "non_http"]
 # 529 is Anthropic's overloaded_error; the chat side answers it as OpenAI's overloaded 503 (and the
 # Anthropic side a 503 as a 529): each side gives the status its provider gives
 ErrorStatus = Literal[400, 408, 409, 429, 500, 502, 503, 504, 529]
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+# per-family tables merged key by key over the "*" table's
+_FAMILY_TABLES = ("agreement_by_family", "output_tokens_by_family")
 
 
 def _all_line_error_kinds() -> list[LineErrorKind]:
@@ -43,13 +52,30 @@ class ModelSettings(BaseModel):
     reference: bool = False
     served_as: str | None = None
     reasoning_tokens: int = Field(default=0, ge=0)
+    # per task family: the share of answers equal to the reference model's (else `agreement`)
+    agreement_by_family: dict[str, Share] = Field(default_factory=dict)
+    # per task family: [lo, hi] tokens of a free-text answer, drawn log-uniformly per request (else the
+    # few sentences of `answers.deterministic_text`); `max_tokens` still cuts it
+    output_tokens_by_family: dict[str, tuple[int, int]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _latency_range(self) -> ModelSettings:
         lo, hi = self.latency_ms
         if lo < 0 or hi < lo:
             raise ValueError(f"latency_ms must be [lo, hi] with 0 <= lo <= hi, got [{lo}, {hi}]")
+        for family, (shortest, longest) in self.output_tokens_by_family.items():
+            if shortest < 1 or longest < shortest:
+                raise ValueError(f"output_tokens_by_family.{family} must be [lo, hi] with 1 <= lo <= hi, "
+                                 f"got [{shortest}, {longest}]")
         return self
+
+    def agreement_for(self, family: str | None) -> float:
+        """The agreement rate of an answer to a request of `family` (None: no family in the prompt)."""
+        if family is not None:
+            rate = self.agreement_by_family.get(family)
+            if rate is not None:
+                return rate
+        return self.agreement
 
 
 class BatchSettings(BaseModel):
@@ -73,6 +99,12 @@ class SimConfig(BaseModel):
 
     api_key: str = ""
     batch: BatchSettings = Field(default_factory=BatchSettings)
+    # remember, per answer id, whether it was the reference answer (`GET /_sim/verdicts`); off by
+    # default: the memory grows with every answer
+    record_verdicts: bool = False
+    # prompt prefixes remembered (oldest forgotten first): a run that must get the same cached tokens
+    # whatever the order of its requests sets it above what it will ever store
+    prompt_cache_entries: int = Field(default=200_000, ge=1)
     models: dict[str, ModelSettings] = Field(default_factory=lambda: {DEFAULT_MODEL_KEY: ModelSettings()})
 
     @field_serializer("models")
@@ -93,7 +125,8 @@ class SimConfig(BaseModel):
             merged.update(default.model_dump(exclude_unset=True))
         own = self.models.get(model)
         if own is not None and model != DEFAULT_MODEL_KEY:
-            merged.update(own.model_dump(exclude_unset=True))
+            for key, value in own.model_dump(exclude_unset=True).items():
+                merged[key] = {**merged.get(key, {}), **value} if key in _FAMILY_TABLES else value
         return ModelSettings.model_validate(merged)
 
     def named_models(self) -> list[str]:

@@ -28,7 +28,7 @@ class SimState:
     def __init__(self, config: SimConfig, files: FileStore, batches: BatchStore) -> None:
         self.config = config
         self.stats = Stats()
-        self.prefix_cache = PrefixCache()
+        self.prefix_cache = PrefixCache(config.prompt_cache_entries)
         self.rng = random.Random()
         self.files = files
         self.batches = batches
@@ -44,6 +44,7 @@ class SimState:
     def set_config(self, config: SimConfig) -> None:
         self.config = config
         self._settings.clear()
+        self.prefix_cache.resize(config.prompt_cache_entries)
 
     def settings_for(self, model: str) -> ModelSettings:
         settings = self._settings.get(model)

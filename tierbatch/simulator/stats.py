@@ -23,6 +23,32 @@ class Stats:
     messages_slow: Counter[str] = field(default_factory=Counter)  # injected slow answers there, per asked model
     message_batches_created: int = 0
     message_batch_requests: int = 0  # requests of created message batches
+    # chat answers (immediate and batch lines) of requests that name a task family, per (family, model),
+    # and how many of them were the reference model's answer
+    family_answers: Counter[tuple[str, str]] = field(default_factory=Counter)
+    family_reference_answers: Counter[tuple[str, str]] = field(default_factory=Counter)
+    # per answer id (the chat completion's `id`): was it the reference answer; kept only with the
+    # config's `record_verdicts`, read through `GET /_sim/verdicts`
+    verdicts: dict[str, bool] = field(default_factory=dict)
+
+    def record_answer(self, model: str, answer_id: str, family: str | None, reference: bool | None,
+                      keep_verdict: bool) -> None:
+        """Count one answer given (a chat completion or a batch line written to the output file)."""
+        if reference is None:
+            return
+        if family is not None:
+            self.family_answers[family, model] += 1
+            if reference:
+                self.family_reference_answers[family, model] += 1
+        if keep_verdict:
+            self.verdicts[answer_id] = reference
+
+    def family_figures(self) -> dict[str, dict[str, dict[str, int]]]:
+        out: dict[str, dict[str, dict[str, int]]] = {}
+        for (family, model), answers in sorted(self.family_answers.items()):
+            out.setdefault(family, {})[model] = {
+                "answers": answers, "reference": self.family_reference_answers[family, model]}
+        return out
 
     def reset(self) -> None:
         self.chat_calls.clear()
@@ -38,6 +64,9 @@ class Stats:
         self.messages_slow.clear()
         self.message_batches_created = 0
         self.message_batch_requests = 0
+        self.family_answers.clear()
+        self.family_reference_answers.clear()
+        self.verdicts.clear()
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -54,4 +83,5 @@ class Stats:
             "messages_slow": dict(self.messages_slow),
             "message_batches_created": self.message_batches_created,
             "message_batch_requests": self.message_batch_requests,
+            "family_answers": self.family_figures(),
         }

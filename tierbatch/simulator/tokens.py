@@ -65,6 +65,13 @@ class PrefixCache:
         with self._lock:
             self._entries.clear()
 
+    def resize(self, max_entries: int) -> None:
+        """A new bound; the oldest entries past it are forgotten now."""
+        with self._lock:
+            self._max_entries = max_entries
+            while len(self._entries) > max_entries:
+                self._entries.popitem(last=False)
+
     def __len__(self) -> int:
         return len(self._entries)
 
