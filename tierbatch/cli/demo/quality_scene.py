@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,13 +17,15 @@ import httpx
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
+from sqlalchemy.orm import Session
 
 from tierbatch.base.config import load_config
 from tierbatch.base.states import TERMINAL_TASK_STATUSES as TERMINAL
 from tierbatch.cli.demo.money import amount
 from tierbatch.cli.demo.workload import SENTIMENT_LABELS
 from tierbatch.cli.stack.local_stack import StackError, StackInfo
-from tierbatch.quality.monitor import sampled
+from tierbatch.db.engine import make_engine
+from tierbatch.quality.monitor import sample_points, sampled
 
 # quality scene: a task type whose cheap model agrees poorly with the premium one
 QUALITY_TASK_TYPE = "sentiment"
@@ -63,6 +66,7 @@ class SceneSetup:
     shadow_rate: float
     min_samples: int
     promote_below: float
+    database_url: str  # the demo's own database: which tasks the monitor samples is read from it
 
 
 def scene_setup(info: StackInfo) -> SceneSetup | str:
@@ -73,7 +77,20 @@ def scene_setup(info: StackInfo) -> SceneSetup | str:
         return "TIERBATCH_CONFIG is set: the demo's quality settings do not apply"
     config = load_config(info.config_path)
     return SceneSetup(info.simulator_url, config.tiers["light"].model, config.tiers["complex"].model,
-                      config.quality.shadow_rate, config.quality.min_samples, config.quality.promote_below)
+                      config.quality.shadow_rate, config.quality.min_samples, config.quality.promote_below,
+                      info.database_url)
+
+
+def _sampled_light_tasks(setup: SceneSetup, task_ids: list[uuid.UUID]) -> int:
+    """How many of these light tasks the quality monitor will shadow: its draw is a hash of each stored
+    request, computed by Postgres, so it is read with the monitor's own query."""
+    engine = make_engine(setup.database_url, pool_size=1)
+    try:
+        with Session(engine) as session:
+            points = sample_points(session, task_ids)
+    finally:
+        engine.dispose()
+    return sum(1 for point in points.values() if sampled(point.shadow, setup.shadow_rate))
 
 
 def _sim_config(setup: SceneSetup, patch: dict[str, Any]) -> dict[str, Any]:
@@ -135,7 +152,7 @@ def _run_scene(client: httpx.Client, setup: SceneSetup, wait: float, progress: P
     job_id = job.json()["id"]
     listed = client.get("/v1/tasks", params={"job_id": job_id, "limit": 1000}).json()["data"]
     tiers = sorted({str(t["tier"]) for t in listed})
-    expected = sum(1 for t in listed if t["tier"] == "light" and sampled(t["id"], setup.shadow_rate))
+    expected = _sampled_light_tasks(setup, [uuid.UUID(t["id"]) for t in listed if t["tier"] == "light"])
     reviews = progress.add_task(f"{QUALITY_TASK_TYPE} reviews ({', '.join(tiers)}, batch path)", total=len(listed))
     shadows = progress.add_task(f"shadow answers from {setup.complex_model}", total=expected)
     deadline = time.monotonic() + wait
