@@ -199,7 +199,8 @@ class Stack:
         args = (python_module("tests.support.paused_worker", pause_at) if pause_at is not None
                 else python_module("tierbatch.cli", "worker", "--concurrency", "4", "--pool", "threads"))
         proc = self._start("worker", args, extra_env)
-        wait_until(lambda: "ready." in proc.log_text() or not proc.alive(), 30, 0.1, "worker ready")
+        # 60 s: on two shared cores a worker's start (imports, broker, database) took over 30 s under load
+        wait_until(lambda: "ready." in proc.log_text() or not proc.alive(), 60, 0.1, "worker ready")
         if not proc.alive():
             raise RuntimeError(f"worker exited:\n{proc.log_text()}")
         return proc
