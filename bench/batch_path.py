@@ -587,6 +587,18 @@ def celery_task_times(run_logs: Path) -> dict[str, tuple[int, float, float]]:
     return {name: (len(v), sum(v), max(v)) for name, v in sorted(times.items(), key=lambda kv: -sum(kv[1]))}
 
 
+def print_task_times(console: Any, title: str, worker_tasks: dict[str, tuple[int, float, float]]) -> None:
+    """`celery_task_times` as a table: runs, seconds in total and longest run per Celery task."""
+    from rich.table import Table
+
+    tasks = Table(title=title)
+    for column in ("task", "runs", "seconds", "longest"):
+        tasks.add_column(column, justify="right" if column != "task" else "left")
+    for name, (count, total, longest) in worker_tasks.items():
+        tasks.add_row(name, f"{count:,}", f"{total:.1f}", f"{longest:.2f}")
+    console.print(tasks)
+
+
 # --- report -------------------------------------------------------------------------------------------------
 
 
@@ -657,12 +669,8 @@ def report(raw: RawLimits, batch: BatchFigures | None, runs: list[EndToEnd]) -> 
                                 f"{finished:.1f}" if finished is not None else "—")
             console.print(batches)
         if run.worker_tasks:
-            tasks = Table(title=f"worker time by Celery task, {run.label} (from the worker log)")
-            for column in ("task", "runs", "seconds", "longest"):
-                tasks.add_column(column, justify="right" if column != "task" else "left")
-            for name, (count, total, longest) in run.worker_tasks.items():
-                tasks.add_row(name, f"{count:,}", f"{total:.1f}", f"{longest:.2f}")
-            console.print(tasks)
+            print_task_times(console, f"worker time by Celery task, {run.label} (from the worker log)",
+                             run.worker_tasks)
         if run.sim_stats:
             lines = run.sim_stats.get("batch_lines")
             console.print(f"simulator ({run.label}): {run.sim_stats.get('batches_created')} batches, {lines:,} lines "

@@ -68,7 +68,7 @@ from bench._common import (
     redis_lpush_rate,
     run_place,
 )
-from bench.batch_path import SIM_FAST, bench_config, celery_task_times, say
+from bench.batch_path import SIM_FAST, bench_config, celery_task_times, print_task_times, say
 from bench.ingest import copy_rate as copy_rate_into_tasks
 from tests.support.procs import REPO_ROOT, free_port, python_module
 from tests.support.stack import Stack, psycopg_dsn, scratch_database
@@ -583,12 +583,8 @@ def report(raw: RawLimits, runs: list[BatchRun], fast: list[ImmediateRun]) -> No
         console.print(scale)
     for run in runs:
         if run.worker_tasks:
-            tasks = Table(title=f"worker time by Celery task, {run.workers} worker process(es) (from the worker log)")
-            for column in ("task", "runs", "seconds", "longest"):
-                tasks.add_column(column, justify="right" if column != "task" else "left")
-            for name, (count, total, longest) in run.worker_tasks.items():
-                tasks.add_row(name, f"{count:,}", f"{total:.1f}", f"{longest:.2f}")
-            console.print(tasks)
+            title = f"worker time by Celery task, {run.workers} worker process(es) (from the worker log)"
+            print_task_times(console, title, run.worker_tasks)
         if run.batches:
             batches = Table(title=f"provider batches, {run.workers} worker process(es) (seconds after the first byte)")
             for column in ("lines", "claimed", "submitted", "completed", "ingested"):

@@ -9,6 +9,7 @@ from typing import Any
 import psycopg
 import pytest
 from openai import OpenAI
+from sqlalchemy.orm import Session
 
 from tests.conftest import TEST_REDIS_URL
 from tests.support.procs import free_port, wait_until
@@ -21,6 +22,7 @@ from tests.support.stack import (
     write_app_config,
 )
 from tierbatch.cli.stack.open_model import OpenModelServer, OpenModelSpec, OpenModelUnavailable, server_command
+from tierbatch.db.engine import make_engine, make_session_factory
 from tierbatch.migrations.runner import upgrade_to_head
 
 # the session's llama-server: 4 slots of 512 tokens each (a slot's context is the total over the slots), so
@@ -86,6 +88,20 @@ def _wait_for_quiet(stack: Stack, timeout: float = 60.0) -> None:
 
     with contextlib.suppress(TimeoutError):
         wait_until(quiet, timeout, 0.2, "no live tasks or batches")
+
+
+@pytest.fixture
+def session(migrated_database_url: str) -> Iterator[Session]:
+    """A session on the migrated test database whose work is rolled back after the test."""
+    engine = make_engine(migrated_database_url, pool_size=1)
+    try:
+        with make_session_factory(engine)() as session:
+            try:
+                yield session
+            finally:
+                session.rollback()
+    finally:
+        engine.dispose()
 
 
 @pytest.fixture

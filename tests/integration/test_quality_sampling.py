@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -16,7 +15,6 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from tierbatch.base.config import default_config_data, parse_config
-from tierbatch.db.engine import make_engine, make_session_factory
 from tierbatch.db.models import Task, Tenant
 from tierbatch.quality.monitor import maybe_sampled_ids, sample_points, sampled
 
@@ -25,19 +23,6 @@ pytestmark = pytest.mark.integration
 TASKS = 4000
 RATE = 0.05
 TENANT = uuid.uuid4()
-
-
-@pytest.fixture
-def session(migrated_database_url: str) -> Iterator[Session]:
-    engine = make_engine(migrated_database_url, pool_size=1)
-    try:
-        with make_session_factory(engine)() as session:
-            try:
-                yield session
-            finally:
-                session.rollback()
-    finally:
-        engine.dispose()
 
 
 def add_tasks(session: Session, requests: list[dict[str, Any]],

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -24,19 +23,6 @@ from tierbatch.ledger.pricing import TokenUsage
 pytestmark = pytest.mark.integration
 
 ANSWERS = 5000  # a 10,000-line chunk of deterministic requests holds as many; 5,000 x ~20 > 65,535
-
-
-@pytest.fixture
-def session(migrated_database_url: str) -> Iterator[Session]:
-    engine = make_engine(migrated_database_url, pool_size=1)
-    try:
-        with make_session_factory(engine)() as session:
-            try:
-                yield session
-            finally:
-                session.rollback()
-    finally:
-        engine.dispose()
 
 
 def answer(i: int, output: str) -> CachedAnswer:
