@@ -43,7 +43,7 @@ def test_a_prefork_worker_serves_its_childrens_series_on_its_metrics_port(prefor
                            "--metrics-port", str(port))]
     worker: ManagedProcess = stack._start("worker", args)
     try:
-        wait_until(lambda: "ready." in worker.log_text() or not worker.alive(), 60, 0.1, "prefork worker ready")
+        wait_until(lambda: worker.logged("ready.") or not worker.alive(), 60, 0.1, "prefork worker ready")
         assert worker.alive(), worker.log_text()
         found = re.search(r"summed over the processes writing to (\S+)", worker.log_text())
         assert found, worker.log_text()

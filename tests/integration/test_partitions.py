@@ -24,6 +24,7 @@ import httpx
 import psycopg
 import pytest
 from psycopg.rows import dict_row
+from sqlalchemy import text
 
 from tests.integration.conftest import SIM_BATCH_DEFAULTS, SIM_DEFAULTS
 from tests.support.procs import wait_until
@@ -371,7 +372,11 @@ def test_a_drop_cut_short_before_its_cleaning_is_finished_by_the_next_tick(pstac
     month = Month.of(datetime.now(UTC)).plus(-11)
     engine = make_engine(stack.database_url)
     try:
-        with upkeep_waits(stack):
+        # this connection holds the upkeep's lock as a session lock: the beat's steps skip, while the
+        # steps run here (the same session) take it again
+        with engine.connect() as connection:
+            connection.execute(text("SELECT pg_advisory_lock(hashtextextended(:key, 0))"), {"key": UPKEEP_LOCK})
+            connection.commit()
             with product_session(stack) as (session, config):
                 for parent in ("tasks", "ledger_entries"):
                     create_month_partition(session.connection(), parent, month)
@@ -380,17 +385,18 @@ def test_a_drop_cut_short_before_its_cleaning_is_finished_by_the_next_tick(pstac
                 task_id = insert_tasks(session, uuid.UUID(tenant_id), specs, config,
                                        clock=at(month.start + timedelta(days=4)))[0].id
                 cancel_task(session, uuid.UUID(tenant_id), task_id)  # finished without a call
-            with engine.connect() as connection:
-                partition = droppable(connection, datetime.now(UTC) - timedelta(days=30))
-                connection.commit()
-                assert partition is not None and partition.name == month_partition("tasks", month)
-                assert drop_month(connection, partition, datetime.now(UTC) - timedelta(days=30))
+            partition = droppable(connection, datetime.now(UTC) - timedelta(days=30))
+            connection.commit()
+            assert partition is not None and partition.name == month_partition("tasks", month)
+            assert drop_month(connection, partition, datetime.now(UTC) - timedelta(days=30))
             # cut short here: the task is gone, its key still names it, the marker waits
             assert rows_of(stack, "SELECT task_id FROM task_idempotency_keys WHERE tenant_id = %s",
                            tenant_id) == [{"task_id": task_id}]
             assert rows_of(stack, "SELECT 1 FROM pg_class WHERE relname = %s", f"tasks_{month}_dropped")
             with stack.client(key) as client:
                 assert client.get(f"/v1/tasks/{task_id}").status_code == 404
+            connection.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), {"key": UPKEEP_LOCK})
+            connection.commit()
         wait_until(lambda: not rows_of(stack, "SELECT 1 FROM pg_class WHERE relname = %s", f"tasks_{month}_dropped"),
                    60, 0.2, "the next tick finished the cleaning")
         assert not rows_of(stack, "SELECT 1 FROM task_idempotency_keys WHERE tenant_id = %s", tenant_id)

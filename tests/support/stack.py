@@ -200,7 +200,7 @@ class Stack:
                 else python_module("tierbatch.cli", "worker", "--concurrency", "4", "--pool", "threads"))
         proc = self._start("worker", args, extra_env)
         # 60 s: on two shared cores a worker's start (imports, broker, database) took over 30 s under load
-        wait_until(lambda: "ready." in proc.log_text() or not proc.alive(), 60, 0.1, "worker ready")
+        wait_until(lambda: proc.logged("ready.") or not proc.alive(), 60, 0.1, "worker ready")
         if not proc.alive():
             raise RuntimeError(f"worker exited:\n{proc.log_text()}")
         return proc

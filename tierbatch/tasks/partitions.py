@@ -22,13 +22,17 @@ tries again, so the hot path never waits long behind it):
    partitions are dropped: the tasks with random ids written before migration 0016 that the DEFAULT and
    `tasks_from_2100` hold are kept.
 
-Only one upkeep runs at a time (a session advisory lock); a second one returns at once.
+Every step's transaction first takes the upkeep's advisory lock (transaction-level, so a pooler in
+transaction mode cannot leave it held); a step that finds it taken ends its upkeep at once (`skipped`),
+and each step checks again under that lock what an earlier read decided.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -38,6 +42,7 @@ from sqlalchemy.exc import OperationalError
 
 from tierbatch.base.ids import Month
 from tierbatch.base.states import LIVE_TASK_STATUSES, sql_in
+from tierbatch.db.locks import try_transaction_lock
 from tierbatch.db.partitions import (
     DROPPED_SUFFIX,
     PARTITIONED,
@@ -58,7 +63,7 @@ MONTHS_AHEAD = 3
 # how long a step waits for a lock before it gives up until the next tick; while it waits, the queries
 # queued behind its lock wait too
 LOCK_TIMEOUT_MS = 500
-# the key of the session advisory lock one upkeep holds: hashtextextended(UPKEEP_LOCK, 0)
+# the key of the advisory lock every step's transaction takes: hashtextextended(UPKEEP_LOCK, 0)
 UPKEEP_LOCK = "tierbatch.partitions"
 
 
@@ -80,8 +85,18 @@ def covered(existing: list[Partition], month: Month) -> bool:
                for p in existing)
 
 
-def _lock_timeout(connection: Connection) -> None:
-    connection.execute(text(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}"))
+class UpkeepBusy(Exception):
+    """Another upkeep holds the lock a step needs: this one ends."""
+
+
+@contextlib.contextmanager
+def _step(connection: Connection) -> Iterator[None]:
+    """One step's transaction: the upkeep's lock first, then `lock_timeout` for what the step locks."""
+    with connection.begin():
+        if not try_transaction_lock(connection, UPKEEP_LOCK):
+            raise UpkeepBusy
+        connection.execute(text(f"SET LOCAL lock_timeout = {LOCK_TIMEOUT_MS}"))
+        yield
 
 
 def _lock_refused(exc: OperationalError) -> bool:
@@ -117,8 +132,9 @@ def ensure_months(connection: Connection, now: datetime, upkeep: Upkeep, months:
         wanted = months_wanted(connection, parent, now, months)
         connection.commit()
         for month in wanted:
-            with connection.begin():
-                _lock_timeout(connection)
+            with _step(connection):
+                if covered(partitions(connection, parent), month):
+                    continue  # another upkeep made it since `wanted` was read
                 moved = create_month_partition(connection, parent, month)
             PARTITIONS.labels(parent, PartitionAction.CREATED).inc()
             upkeep.created.append(month_partition(parent, month))
@@ -150,12 +166,11 @@ def drop_month(connection: Connection, partition: Partition, cutoff: datetime) -
     month = partition.month
     assert month is not None
     marker = dropped_marker(month)
-    with connection.begin():
+    with _step(connection):
         connection.execute(text(
             f'CREATE TABLE IF NOT EXISTS "{marker}" AS SELECT job_id, item_id FROM "{partition.name}" '
             "WHERE job_id IS NOT NULL AND item_id IS NOT NULL"))
-    with connection.begin():
-        _lock_timeout(connection)
+    with _step(connection):
         lock_exclusively(connection, "tasks")
         still = next((p for p in partitions(connection, "tasks") if p.name == partition.name), None)
         if still is None or month.plus(1).start > cutoff or _has_live_task(connection, partition.name):
@@ -195,13 +210,13 @@ def clean_dropped(connection: Connection, month: Month, batch_size: int, deadlin
         while True:
             if time.monotonic() >= deadline:
                 return False
-            with connection.begin():
+            with _step(connection):
                 result = connection.execute(text(statement), {"limit": batch_size})
                 done = int(result.scalar() or 0) if result.returns_rows else int(result.rowcount or 0)
             upkeep.cleaned += done
             if done < batch_size:
                 break
-    with connection.begin():
+    with _step(connection):
         connection.execute(text(f'DROP TABLE IF EXISTS "{dropped_marker(month)}"'))
     return True
 
@@ -241,23 +256,18 @@ def run_upkeep(engine: Engine, now: datetime, *, tasks_days: int | None, batch_s
     upkeep = Upkeep()
     deadline = time.monotonic() + budget_seconds
     with engine.connect() as connection:
-        got = connection.scalar(text("SELECT pg_try_advisory_lock(hashtextextended(:key, 0))"), {"key": UPKEEP_LOCK})
-        connection.commit()
-        if not got:
-            upkeep.skipped = True
-            return upkeep
         try:
             ensure_months(connection, now, upkeep)
             if tasks_days is not None:
                 _retire(connection, now - timedelta(days=tasks_days), batch_size, deadline, upkeep)
             else:  # a drop left half done before tasks_days was unset
                 _clean_pending(connection, batch_size, deadline, upkeep)
+        except UpkeepBusy:
+            upkeep.skipped = True
         except OperationalError as exc:
             if not _lock_refused(exc):
                 raise
             log.info("partitions: a lock was not granted within %d ms; the next tick tries again", LOCK_TIMEOUT_MS)
         finally:
             connection.rollback()
-            connection.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), {"key": UPKEEP_LOCK})
-            connection.commit()
     return upkeep
