@@ -45,7 +45,7 @@ from tierbatch.metrics.catalog import SHADOW_COMPARISONS, known_task_types, task
 from tierbatch.metrics.commit import after_commit
 from tierbatch.providers.adapter import ChatResult
 from tierbatch.providers.retry import call_with_fallbacks
-from tierbatch.quality.monitor import compare_answers, evaluate, sample_points, shadow_tier_for
+from tierbatch.quality.monitor import compare_answers, evaluate, may_shadow, sample_points, shadow_tier_for
 from tierbatch.tasks.store import ClaimedTask
 from tierbatch.worker.context import WorkerContext, context_of
 from tierbatch.worker.errors import task_error
@@ -72,6 +72,8 @@ def _dispatch_shadows(ctx: WorkerContext, picks: Sequence[tuple[uuid.UUID, Tier,
 
 def maybe_send_shadow(ctx: WorkerContext, claimed: ClaimedTask) -> None:
     """After a task succeeded: start its shadow (or probe) if it is sampled. Never raises."""
+    if not may_shadow(ctx.config, Tier(claimed.tier)):
+        return  # at a rate of 0 no task is sampled: no queries
     try:
         with ctx.sessions() as session:
             rule = session.scalar(select(RoutingRule).where(RoutingRule.tenant_id == claimed.tenant_id,

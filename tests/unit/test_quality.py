@@ -10,7 +10,15 @@ import pytest
 from tierbatch.base.config import QualityConfig, default_config_data, parse_config
 from tierbatch.base.states import Tier
 from tierbatch.db.models import RoutingRule
-from tierbatch.quality.monitor import SamplePoints, WindowStats, compare_answers, decide, sampled, shadow_tier_for
+from tierbatch.quality.monitor import (
+    SamplePoints,
+    WindowStats,
+    compare_answers,
+    decide,
+    may_shadow,
+    sampled,
+    shadow_tier_for,
+)
 from tierbatch.tasks.labels import label_response_format
 
 LABELLED = {"messages": [{"role": "user", "content": "rate it"}],
@@ -125,3 +133,19 @@ def test_cli_report_renders_rows_moves_and_latency() -> None:
     render(report, console)
     text = console.export_text()
     assert "shaky" in text and "70.0%" in text and "promote" in text and "gpt-4o" in text and "0.0012" in text
+
+
+def test_a_tier_whose_rate_is_zero_is_never_shadowed_so_its_rule_need_not_be_read() -> None:
+    data = default_config_data()
+    rules = [None, _rule(Tier.LIGHT, "api"), _rule(Tier.COMPLEX, "quality"), _rule(Tier.COMPLEX, "quality", True)]
+    points = [SamplePoints(shadow=p, probe=p) for p in (0.0, 0.3, 0.999)]
+    for shadow_rate, probe_rate in ((0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (0.5, 0.5)):
+        data["quality"] = {"shadow_rate": shadow_rate, "probe_rate": probe_rate}
+        config = parse_config(data)
+        assert may_shadow(config, Tier.LIGHT) is (shadow_rate > 0)
+        assert may_shadow(config, Tier.COMPLEX) is (probe_rate > 0)
+        for tier in Tier:
+            if not may_shadow(config, tier):
+                assert all(shadow_tier_for(config, tier, rule, point) is None for rule in rules for point in points)
+    data["quality"] = {"shadow_rate": 1.0, "probe_rate": 1.0}
+    assert shadow_tier_for(parse_config(data), Tier.COMPLEX, rules[2], points[0]) is Tier.LIGHT  # the loop can fail

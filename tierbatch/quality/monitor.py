@@ -94,6 +94,13 @@ def maybe_sampled_ids(session: Session, config: AppConfig, task_ids: Collection[
         "ids": _id_array(task_ids), "shadow": _sql_rate(quality.shadow_rate), "probe": _sql_rate(quality.probe_rate)})]
 
 
+def may_shadow(config: AppConfig, tier: Tier) -> bool:
+    """Whether any task served on `tier` can get an extra call at the configured rates: when not, the
+    caller need not read the task's rule and sample points (`shadow_tier_for` would say None)."""
+    quality = config.quality
+    return (quality.shadow_rate if tier is Tier.LIGHT else quality.probe_rate) > 0
+
+
 def shadow_tier_for(config: AppConfig, tier: Tier, rule: RoutingRule | None, points: SamplePoints) -> Tier | None:
     """The tier of the extra call to make for a task served on `tier`, or None for no extra call."""
     quality = config.quality
