@@ -375,13 +375,12 @@ def scalar(conn: psycopg.Connection[Any], sql: str, *params: Any) -> Any:
 
 def expected_comparisons(ctx: Context, tenant: uuid.UUID, submitted: Submitted,
                          rules: dict[str, RoutingRule]) -> int:
-    """How many comparisons the day's finished tasks make, by the quality monitor's own draw (gateway
-    calls are not shadowed)."""
+    """How many comparisons the day's finished tasks make (gateway calls included), by the quality
+    monitor's own draw."""
     with ctx.sessions() as session:
         rows = session.execute(
             _FINISHED_SERVED, {"tenant": tenant, "since": submitted.started_db}).all()
-        candidates = [(task_id, Tier(tier), task_type) for task_id, tier, task_type in rows
-                      if str(task_id) not in submitted.gateway_tasks]
+        candidates = [(task_id, Tier(tier), task_type) for task_id, tier, task_type in rows]
         points = sample_points(session, [task_id for task_id, _, _ in candidates])
     return sum(1 for task_id, tier, task_type in candidates
                if shadow_tier_for(ctx.config, tier, rules.get(task_type), points[task_id]) is not None)

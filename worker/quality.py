@@ -2,6 +2,8 @@
 
 Where sampling happens:
 - immediate tasks: `maybe_send_shadow`, after the call's result is recorded (worker/immediate.py);
+- gateway calls (`/v1/chat/completions`): `sample_gateway_calls`, for the ids the API sends about once a
+  second after their records commit (tierbatch/gateway/sampling.py);
 - batch-path tasks: `send_batch_shadows`, after an ingest chunk commits (worker/batch.py). The sample is
   chosen by the hash of each task's request: one statement per chunk keeps the tasks that may be sampled
   (`quality.monitor.maybe_sampled_ids`, before the chunk is written), then `shadow_tier_for` decides with one
@@ -35,7 +37,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.orm import Session
 
 from tierbatch.base.errors import ChainExhausted
-from tierbatch.base.messaging import QUALITY_SHADOW
+from tierbatch.base.messaging import QUALITY_SHADOW, SAMPLE_GATEWAY_CALLS
 from tierbatch.base.states import Mode, TaskStatus, Tier
 from tierbatch.batching.ingest import SucceededTask
 from tierbatch.batching.shadows import finished_batch_shadows, queue_batch_shadows, takes_batch_shadow
@@ -86,29 +88,46 @@ def maybe_send_shadow(ctx: WorkerContext, claimed: ClaimedTask) -> None:
         log.warning("task %s: could not start its shadow", claimed.id, exc_info=True)
 
 
+def _start_sampled(ctx: WorkerContext, tasks: Sequence[tuple[uuid.UUID, uuid.UUID, str, Tier, bool]]) -> int:
+    """(id, tenant, task type, tier, urgent) of finished tasks → the shadows (or probes) of the sampled
+    ones started: their draws read in one query, the rules of their (tenant, task type) pairs in another."""
+    pairs = {(tenant_id, task_type) for _, tenant_id, task_type, _, _ in tasks}
+    if not pairs:
+        return 0
+    with ctx.sessions() as session:
+        rules = {(rule.tenant_id, rule.task_type): rule for rule in session.scalars(
+            select(RoutingRule).where(tuple_(RoutingRule.tenant_id, RoutingRule.task_type).in_(pairs)))}
+        points = sample_points(session, [task_id for task_id, _, _, _, _ in tasks])
+    picks = [(task_id, shadow, urgent) for task_id, tenant_id, task_type, tier, urgent in tasks if task_id in points
+             and (shadow := shadow_tier_for(ctx.config, tier, rules.get((tenant_id, task_type)), points[task_id]))]
+    return _dispatch_shadows(ctx, picks) if picks else 0
+
+
 def send_batch_shadows(ctx: WorkerContext, succeeded: Sequence[SucceededTask]) -> int:
     """After an ingest chunk committed: start the shadows (or probes) of its sampled successes.
 
     `succeeded` are the chunk's tasks that `maybe_sampled_ids` let through and the chunk moved to
-    `succeeded` (never shadow tasks themselves); their draws are read in one query, the rules of their
-    (tenant, task type) pairs in another. They are batch-path tasks, so not urgent: their shadows are
-    shadow tasks, created in one statement. Returns the number started. Never raises: sampling must not
-    fail the ingestion."""
+    `succeeded` (never shadow tasks themselves). They are batch-path tasks, so not urgent: their shadows
+    are shadow tasks, created in one statement. Returns the number started. Never raises: sampling must
+    not fail the ingestion."""
     try:
-        pairs = {(task.tenant_id, task.task_type) for task in succeeded}
-        if not pairs:
-            return 0
-        with ctx.sessions() as session:
-            rules = {(rule.tenant_id, rule.task_type): rule for rule in session.scalars(
-                select(RoutingRule).where(tuple_(RoutingRule.tenant_id, RoutingRule.task_type).in_(pairs)))}
-            points = sample_points(session, [task.id for task in succeeded])
-        picks = [(task.id, tier, False) for task in succeeded if task.id in points
-                 and (tier := shadow_tier_for(ctx.config, task.tier, rules.get((task.tenant_id, task.task_type)),
-                                              points[task.id]))]
-        return _dispatch_shadows(ctx, picks) if picks else 0
+        return _start_sampled(ctx, [(task.id, task.tenant_id, task.task_type, task.tier, False)
+                                    for task in succeeded])
     except Exception:  # quality sampling must never fail the ingestion it samples
         log.warning("could not start the shadows of %d batch results", len(succeeded), exc_info=True)
         return 0
+
+
+def sample_gateway_calls(ctx: WorkerContext, task_ids: Sequence[uuid.UUID]) -> int:
+    """Calls the API answered and recorded (`tierbatch.gateway.sampling`): the shadows (or probes) of the
+    sampled ones started, as for a task of the immediate path. Only succeeded, immediate, non-shadow tasks
+    are looked at (a message naming anything else starts nothing); returns the number started."""
+    with ctx.sessions() as session:
+        rows = session.execute(select(Task.id, Task.tenant_id, Task.task_type, Task.tier, Task.urgent).where(
+            Task.id.in_(task_ids), Task.status == TaskStatus.SUCCEEDED, Task.mode == Mode.IMMEDIATE,
+            Task.shadow_of.is_(None))).all()
+    return _start_sampled(ctx, [(row.id, row.tenant_id, row.task_type, Tier(row.tier), bool(row.urgent))
+                                for row in rows])
 
 
 def record_comparison(session: Session, ctx: WorkerContext, *, task_id: uuid.UUID, tenant_id: uuid.UUID,
@@ -191,6 +210,11 @@ def settle_batch_shadows(ctx: WorkerContext, batch_id: uuid.UUID) -> int:
         if action is not None:
             log.info("quality: %s %s for tenant %s", action, task_type, tenant_id)
     return recorded
+
+
+@shared_task(name=SAMPLE_GATEWAY_CALLS, bind=True)
+def quality_sample_gateway_calls(self: CeleryTask, task_ids: list[str]) -> int:
+    return sample_gateway_calls(context_of(self.app), [uuid.UUID(task_id) for task_id in task_ids])
 
 
 @shared_task(name=QUALITY_SHADOW, bind=True)

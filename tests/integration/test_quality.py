@@ -176,3 +176,44 @@ def test_provider_errors_on_the_shadow_call_promote_nothing(quality_stack: Stack
         assert row["samples"] == 0 and row["provider_errors"] == 15
         assert row["events"] == [] and row["tier"] == "auto"
         assert all(r["task_type"] != task_type for r in client.get("/v1/routes").json()["data"])
+
+
+def chat_call(client: httpx.Client, task_type: str, index: int) -> httpx.Response:
+    response = client.post("/v1/chat/completions", json={
+        "model": "smart-select", "metadata": {"task_type": task_type},
+        "messages": [{"role": "user", "content": f"Review {task_type} #{index}: the parcel came late and dented."}],
+        "response_format": label_response_format(LABELS)})
+    assert response.status_code == 200, response.text
+    return response
+
+
+def test_gateway_calls_are_shadowed_and_alone_promote_their_type(quality_stack: Stack) -> None:
+    """Calls through the OpenAI-compatible front door are sampled like tasks: each light answer here gets
+    its comparison (billed on the call's own task), and a type served only there is promoted when the light
+    model disagrees, after which smart-select serves it on the premium model."""
+    stack = quality_stack
+    agreement(stack, 0.3)
+    task_type = "gateway-reviews"  # fixed: the simulator's answers are a stable hash of the prompt
+    with stack.client(stack.new_tenant_key()) as client:
+        answered = [chat_call(client, task_type, i) for i in range(12)]
+        assert {r.headers["x-tierbatch-tier"] for r in answered} == {"light"}
+        ids = [r.headers["x-tierbatch-task-id"] for r in answered]
+        try:
+            wait_until(lambda: len(comparisons(stack, ids)) == len(ids), 60, 0.1, "a comparison per call")
+        except TimeoutError:
+            raise AssertionError(f"comparisons: {comparisons(stack, ids)}\n"
+                                 f"worker log:\n{stack.processes['worker'].log_text()[-5000:]}") from None
+        assert {tier for _, tier in comparisons(stack, ids)} == {"complex"}
+        row = quality_row(client, task_type)
+        assert row["samples"] == 12 and row["agreement"] < 0.9
+        assert [e["to_tier"] for e in row["events"]] == ["complex"], row["events"]
+        # the API remembers a tenant's rules for a few seconds: the next calls see the promotion soon
+        promoted = wait_until(lambda: chat_call(client, task_type, 100).headers["x-tierbatch-tier"] == "complex",
+                              30, 0.5, "a call served on the premium model")
+        assert promoted
+    with psycopg.connect(psycopg_dsn(stack.database_url)) as conn:
+        rows = conn.execute(
+            "SELECT t.cost_usd = sum(l.cost_usd), count(*) FILTER (WHERE l.mode = 'shadow'), "
+            "count(*) FILTER (WHERE l.mode <> 'shadow') FROM tasks t JOIN ledger_entries l ON l.task_id = t.id "
+            "WHERE t.id = ANY(%s) GROUP BY t.id, t.cost_usd", ([uuid.UUID(i) for i in ids],)).fetchall()
+    assert len(rows) == 12 and set(rows) == {(True, 1, 1)}  # one shadow row and one billed row per call

@@ -32,6 +32,8 @@ SCHEDULE_FINISH = "tierbatch.schedules.finish"
 SCHEDULE_WEBHOOK = "tierbatch.schedules.webhook"
 # quality-aware routing
 QUALITY_SHADOW = "tierbatch.quality.shadow"
+# the ids of gateway calls the API recorded, about a second's worth per message, for the quality monitor
+SAMPLE_GATEWAY_CALLS = "tierbatch.quality.sample_gateway_calls"
 # Batch API facade: the beat step that expires client batches past their completion window
 EXPIRE_CLIENT_BATCHES = "tierbatch.facade.expire"
 # job webhooks: the beat check of finished jobs, and one signed POST attempt
@@ -69,6 +71,7 @@ TASK_ROUTES = {
     SCHEDULE_FINISH: {"queue": QUEUE_BATCH},
     SCHEDULE_WEBHOOK: {"queue": QUEUE_WEBHOOKS},
     QUALITY_SHADOW: {"queue": QUEUE_IMMEDIATE},  # quality-aware routing
+    SAMPLE_GATEWAY_CALLS: {"queue": QUEUE_DISPATCH},  # two queries, then shadow messages: quick
     EXPIRE_CLIENT_BATCHES: {"queue": QUEUE_BATCH},  # assembles output files: bulk work
     JOB_WEBHOOK_TICK: {"queue": QUEUE_DISPATCH},  # job webhooks: the check is quick, the POSTs wait apart
     JOB_WEBHOOK: {"queue": QUEUE_WEBHOOKS},

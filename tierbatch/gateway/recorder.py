@@ -239,6 +239,8 @@ def count_recorded(records: Sequence[CallRecord]) -> None:
 
 
 WriteRecords = Callable[[Sequence[CallRecord]], Awaitable[None]]
+# told of the records whose rows committed (on the event loop, before their callers answer)
+CommittedRecords = Callable[[Sequence[CallRecord]], None]
 
 
 class Recorder:
@@ -250,9 +252,10 @@ class Recorder:
     the others.
     """
 
-    def __init__(self, write: WriteRecords, max_group: int = 500) -> None:
+    def __init__(self, write: WriteRecords, max_group: int = 500, committed: CommittedRecords | None = None) -> None:
         self._write = write
         self._max_group = max_group
+        self._committed = committed
         self._pending: list[tuple[CallRecord, asyncio.Future[None]]] = []
         self._writer: asyncio.Task[None] | None = None
 
@@ -282,8 +285,10 @@ class Recorder:
                             log.exception("could not record gateway call %s", record.task_id)
                             _settle(future, RecordingFailed(f"the call could not be recorded: {single}"))
                         else:
+                            self._tell_committed([record])
                             _settle(future, None)
                 else:
+                    self._tell_committed([r for r, _ in group])
                     for _, future in group:
                         _settle(future, None)
         finally:
@@ -292,6 +297,14 @@ class Recorder:
             left, self._pending = group + self._pending, []
             for _, future in left:
                 _settle(future, RecordingFailed("the recorder stopped before the call was recorded"))
+
+    def _tell_committed(self, records: Sequence[CallRecord]) -> None:
+        if self._committed is None:
+            return
+        try:
+            self._committed(records)
+        except Exception:  # what listens to commits must not turn a recorded call into a failed one
+            log.exception("the hook on %d committed call records failed", len(records))
 
     async def aclose(self) -> None:
         if self._writer is not None:
