@@ -49,7 +49,6 @@ from tierbatch.batching.lifecycle import (
 from tierbatch.cache.responses import fill_from_succeeded_tasks
 from tierbatch.db.models import ProviderBatch
 from tierbatch.providers.client import ProviderBatches
-from tierbatch.quality.monitor import maybe_sampled_ids
 from tierbatch.worker.context import WorkerContext
 from tierbatch.worker.quality import send_batch_shadows, settle_batch_shadows
 
@@ -240,22 +239,18 @@ def _chunks(api: ProviderBatches, batch: ProviderBatch, size: int) -> Iterator[l
             yield chunk
 
 
-def _prepare_chunk(ctx: WorkerContext, batch: ProviderBatch, lines: list[str]) -> tuple[PreparedChunk, list[uuid.UUID]]:
-    """Parse and price one chunk (it only reads the database); returns it with the quality monitor's watch list."""
+def _prepare_chunk(ctx: WorkerContext, batch: ProviderBatch, lines: list[str]) -> PreparedChunk:
+    """Parse and price one chunk (it only reads the database), with the quality monitor's watch list."""
     outcomes = classify_lines(lines)
     with ctx.sessions.begin() as session:
-        prepared = prepare_outcomes(session, ctx.prices, batch, outcomes)
-        # quality monitor: the few successes that may be shadowed, by the hash of their requests
-        watch = maybe_sampled_ids(session, ctx.config, list(outcomes.successes))
-    return prepared, watch
+        # with the quality monitor's candidates (by the hash of their requests) read in the same statement
+        return prepare_outcomes(session, ctx.prices, batch, outcomes, ctx.config.quality)
 
 
-def _write_chunk(ctx: WorkerContext, batch: ProviderBatch, chunk: tuple[PreparedChunk, list[uuid.UUID]]
-                 ) -> IngestedChunk:
+def _write_chunk(ctx: WorkerContext, batch: ProviderBatch, prepared: PreparedChunk) -> IngestedChunk:
     """Write one prepared chunk in its own transaction (in the writer thread)."""
-    prepared, watch = chunk
     with ctx.sessions.begin() as session:
-        ingested = write_prepared(session, ctx.config, batch, prepared, watch)
+        ingested = write_prepared(session, ctx.config, batch, prepared, prepared.watch)
         # response cache: cacheable answers serve later identical requests
         fill_from_succeeded_tasks(session, ctx.config, prepared.success_ids)
         touch_batch(session, batch.id)

@@ -5,8 +5,8 @@ Where sampling happens:
 - gateway calls (`/v1/chat/completions`): `sample_gateway_calls`, for the ids the API sends about once a
   second after their records commit (tierbatch/gateway/sampling.py);
 - batch-path tasks: `send_batch_shadows`, after an ingest chunk commits (worker/batch.py). The sample is
-  chosen by the hash of each task's request: one statement per chunk keeps the tasks that may be sampled
-  (`quality.monitor.maybe_sampled_ids`, before the chunk is written), then `shadow_tier_for` decides with one
+  chosen by the hash of each task's request: the statement that reads the chunk's requests before it is
+  written also names the tasks that may be sampled (`tierbatch.tasks.sample_points`), then `shadow_tier_for` decides with one
   query for their draws and one for the rules of their (tenant, task type) pairs, so a batch of 50,000
   lines costs a few statements per chunk, and no query per task.
 

@@ -20,7 +20,7 @@ import orjson
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
-from tierbatch.base.config import AppConfig
+from tierbatch.base.config import AppConfig, QualityConfig
 from tierbatch.base.states import Mode, Tier
 from tierbatch.db.bulk_sql import COPY_INGEST_ROWS, CREATE_INGEST_TABLE
 from tierbatch.db.models import ProviderBatch
@@ -33,6 +33,7 @@ from tierbatch.providers.adapter import output_from_body, usage_from_body
 from tierbatch.providers.error_mapping import RETRYABLE_STATUS
 from tierbatch.tasks import transitions
 from tierbatch.tasks.labels import label_error
+from tierbatch.tasks.sample_points import MAY_BE_SAMPLED_SQL, rate_params, samples_any
 
 
 @dataclass
@@ -131,17 +132,22 @@ class PreparedChunk:
     success_ids: list[uuid.UUID] = field(default_factory=list)
     retryable: dict[uuid.UUID, str] = field(default_factory=dict)
     permanent: dict[uuid.UUID, str] = field(default_factory=dict)
+    # the successes the quality monitor may sample (`prepare_outcomes` with its rates), for `write_prepared`
+    watch: list[uuid.UUID] = field(default_factory=list)
 
 
-def prepare_outcomes(session: Session, prices: PriceBook, batch: ProviderBatch, outcomes: LineOutcomes
-                     ) -> PreparedChunk:
+def prepare_outcomes(session: Session, prices: PriceBook, batch: ProviderBatch, outcomes: LineOutcomes,
+                     quality: QualityConfig | None = None) -> PreparedChunk:
     """The Python half of ingesting a chunk: price each success and check labelled answers. It only
-    reads (the requests' response formats), so it may run while another chunk is being written."""
+    reads (the requests' response formats), so it may run while another chunk is being written. With
+    `quality`, the successes the quality monitor may sample are read in the same statement (`watch`)."""
     copy_data = b""
+    watch: list[uuid.UUID] = []
     if outcomes.successes:
         with _collector_paused():
-            copy_data = _success_rows(session, prices, batch, outcomes.successes)
-    return PreparedChunk(copy_data, list(outcomes.successes), outcomes.retryable, outcomes.permanent)
+            copy_data, watch = _success_rows(session, prices, batch, outcomes.successes,
+                                             quality if quality is not None and samples_any(quality) else None)
+    return PreparedChunk(copy_data, list(outcomes.successes), outcomes.retryable, outcomes.permanent, watch)
 
 
 def write_prepared(session: Session, config: AppConfig, batch: ProviderBatch, prepared: PreparedChunk,
@@ -189,22 +195,40 @@ _LABELLED_REQUESTS = text(
     "SELECT (request->'response_format')::text AS response_format, array_agg(id::text) AS ids FROM tasks "
     "WHERE id = ANY(CAST(:ids AS uuid[])) AND request ? 'response_format' GROUP BY 1"
 )
+# the same, and in the same visit of the chunk's rows, the quality monitor's candidates among them
+_LABELLED_REQUESTS_AND_WATCH = text(
+    "SELECT (request->'response_format')::text AS response_format, "
+    "array_agg(id::text) FILTER (WHERE request ? 'response_format') AS ids, "
+    f"array_agg(id::text) FILTER (WHERE {MAY_BE_SAMPLED_SQL}) AS watch "
+    "FROM tasks WHERE id = ANY(CAST(:ids AS uuid[])) GROUP BY 1"
+)
 
 
 def _success_rows(session: Session, prices: PriceBook, batch: ProviderBatch,
-                  successes: dict[uuid.UUID, dict[str, Any]]) -> bytes:
+                  successes: dict[uuid.UUID, dict[str, Any]], quality: QualityConfig | None
+                  ) -> tuple[bytes, list[uuid.UUID]]:
     """The `ingest_rows` COPY data (text format), one row per success: usage, price, and `failed` for a
     labelled answer that is not one of its labels (billed all the same).
 
     Formatted here, not row by row inside the COPY, so that the writer thread holds the GIL as little
     as possible. A chunk's lines repeat their answers (labels) and their token counts: the label
     check is memoized per chunk, and the usage and price columns per (served model, usage object as
-    the provider wrote it), so a repeated usage is neither normalised nor priced again."""
+    the provider wrote it), so a repeated usage is neither normalised nor priced again. With `quality`,
+    also the successes the quality monitor may sample."""
     texts = [str(task_id) for task_id in successes]  # once: the label lookup and the COPY rows use them
     labelled: dict[str, dict[str, Any]] = {}
-    for group in session.execute(_LABELLED_REQUESTS, {"ids": "{" + ",".join(texts) + "}"}):
-        request = {"response_format": orjson.loads(group.response_format)}
-        labelled.update(dict.fromkeys(group.ids, request))
+    watch: list[uuid.UUID] = []
+    ids = {"ids": "{" + ",".join(texts) + "}"}
+    if quality is None:
+        groups = session.execute(_LABELLED_REQUESTS, ids)
+    else:
+        groups = session.execute(_LABELLED_REQUESTS_AND_WATCH, {**ids, **rate_params(quality)})
+    for group in groups:
+        if quality is not None and group.watch:
+            watch.extend(uuid.UUID(task_id) for task_id in group.watch)
+        if group.ids:
+            request = {"response_format": orjson.loads(group.response_format)}
+            labelled.update(dict.fromkeys(group.ids, request))
     problems: dict[tuple[int, str], str | None] = {}
     money_memo: dict[tuple[str, bytes], str] = {}
     dumps = orjson.dumps
@@ -240,7 +264,7 @@ def _success_rows(session: Session, prices: PriceBook, batch: ProviderBatch,
             text_id, "failed" if problem else "succeeded", _copy_field(problem), _copy_text(served),
             _copy_text(output) if output else "", response, money)))
     append("")
-    return "\n".join(lines).encode()
+    return "\n".join(lines).encode(), watch
 
 
 def _output(body: dict[str, Any]) -> str:

@@ -32,23 +32,22 @@ from tierbatch.base.states import Tier
 from tierbatch.db.models import QualityComparison, RoutingEvent, RoutingRule
 from tierbatch.routing.rules import config_tier, lock_task_type, seed_rules, set_rule
 from tierbatch.tasks.labels import extract_label, labels_of
+from tierbatch.tasks.sample_points import (
+    MAY_BE_SAMPLED_SQL,
+    PROBE_SEED,
+    SHADOW_SEED,
+    point_sql,
+    rate_params,
+    samples_any,
+)
 
 QUALITY_ACTOR = "quality"
 
 
-# seeds of the two draws over a request's hash: a task shadowed is not more likely to be probed
-SHADOW_SEED = 0x7368
-PROBE_SEED = 0x7072
-
-
-# where a stored request falls in [0, 1) for one draw: its 64-bit `jsonb_hash_extended` scaled (equal
-# JSON values hash equally whatever their key order or spacing)
-_POINT = "(jsonb_hash_extended(request, {seed})::float8 / 18446744073709551616.0 + 0.5)"
-_POINTS = text(f"SELECT id, {_POINT.format(seed=SHADOW_SEED)}, {_POINT.format(seed=PROBE_SEED)} FROM tasks "
+_POINTS = text(f"SELECT id, {point_sql(SHADOW_SEED)}, {point_sql(PROBE_SEED)} FROM tasks "
                "WHERE id = ANY(CAST(:ids AS uuid[]))")
 # the ids go as one array literal: far cheaper than adapting thousands of UUIDs one by one
-_MAYBE_SAMPLED = text(f"SELECT id FROM tasks WHERE id = ANY(CAST(:ids AS uuid[])) AND shadow_of IS NULL "
-                      f"AND ({_POINT.format(seed=SHADOW_SEED)} < :shadow OR {_POINT.format(seed=PROBE_SEED)} < :probe)")
+_MAYBE_SAMPLED = text(f"SELECT id FROM tasks WHERE id = ANY(CAST(:ids AS uuid[])) AND {MAY_BE_SAMPLED_SQL}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,20 +77,15 @@ def sample_points(session: Session, task_ids: Collection[uuid.UUID]) -> dict[uui
     return {task_id: SamplePoints(float(shadow), float(probe)) for task_id, shadow, probe in rows}
 
 
-def _sql_rate(rate: float) -> float:
-    """A rate for `point < rate` in SQL: 0 takes no point, anything over 1 every point (points are < 1)."""
-    return 0.0 if rate <= 0 else 2.0 if rate >= 1 else rate
-
-
 def maybe_sampled_ids(session: Session, config: AppConfig, task_ids: Collection[uuid.UUID]) -> list[uuid.UUID]:
     """The tasks among these (not shadow tasks themselves) for which `shadow_tier_for` may answer a tier,
-    whatever their tier and rule: one statement, so a bulk path (batch ingestion) asks about a chunk's
-    successes once and keeps only the few that may be sampled."""
-    quality = config.quality
-    if not task_ids or (quality.shadow_rate <= 0 and quality.probe_rate <= 0):
+    whatever their rule: one statement, so a bulk path asks about many tasks once and keeps only the few
+    that may be sampled (ingestion reads the same condition with its chunk's requests:
+    `tierbatch.tasks.sample_points.MAY_BE_SAMPLED_SQL`)."""
+    if not task_ids or not samples_any(config.quality):
         return []
     return [row[0] for row in session.execute(_MAYBE_SAMPLED, {
-        "ids": _id_array(task_ids), "shadow": _sql_rate(quality.shadow_rate), "probe": _sql_rate(quality.probe_rate)})]
+        "ids": _id_array(task_ids), **rate_params(config.quality)})]
 
 
 def may_shadow(config: AppConfig, tier: Tier) -> bool:
