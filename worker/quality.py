@@ -6,9 +6,9 @@ Where sampling happens:
   second after their records commit (tierbatch/gateway/sampling.py);
 - batch-path tasks: `send_batch_shadows`, after an ingest chunk commits (worker/batch.py). The sample is
   chosen by the hash of each task's request: the statement that reads the chunk's requests before it is
-  written also names the tasks that may be sampled (`tierbatch.tasks.sample_points`), then `shadow_tier_for` decides with one
-  query for their draws and one for the rules of their (tenant, task type) pairs, so a batch of 50,000
-  lines costs a few statements per chunk, and no query per task.
+  written also names the tasks that may be sampled (`tierbatch.tasks.sample_points`), then
+  `shadow_tier_for` decides with one query for their draws and one for the rules of their (tenant, task
+  type) pairs, so a batch of 50,000 lines costs a few statements per chunk, and no query per task.
 
 The shadow runs on the other tier's primary model only (no fallbacks: a comparison with a different model
 would say nothing about the one routed to). Its cost is a `shadow` ledger row, added to the task's cost.
