@@ -106,7 +106,7 @@ def _start_sampled(ctx: WorkerContext, tasks: Sequence[tuple[uuid.UUID, uuid.UUI
 def send_batch_shadows(ctx: WorkerContext, succeeded: Sequence[SucceededTask]) -> int:
     """After an ingest chunk committed: start the shadows (or probes) of its sampled successes.
 
-    `succeeded` are the chunk's tasks that `maybe_sampled_ids` let through and the chunk moved to
+    `succeeded` are the chunk's tasks that ingestion named as candidates (`PreparedChunk.watch`) and the chunk moved to
     `succeeded` (never shadow tasks themselves). They are batch-path tasks, so not urgent: their shadows
     are shadow tasks, created in one statement. Returns the number started. Never raises: sampling must
     not fail the ingestion."""

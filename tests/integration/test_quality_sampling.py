@@ -18,7 +18,7 @@ from tierbatch.base.config import default_config_data, parse_config
 from tierbatch.batching.ingest import LineOutcomes, prepare_outcomes
 from tierbatch.db.models import ProviderBatch, Task, Tenant
 from tierbatch.ledger.pricing import PriceBook
-from tierbatch.quality.monitor import maybe_sampled_ids, sample_points, sampled
+from tierbatch.quality.monitor import sample_points, sampled
 
 pytestmark = pytest.mark.integration
 
@@ -66,41 +66,33 @@ def test_the_sample_is_the_rate_and_follows_the_request_not_the_id(session: Sess
         sorted((points[ids[i]].shadow, points[ids[i]].probe) for i in range(200))
 
 
-def test_maybe_sampled_ids_keeps_the_sampled_tasks_and_never_a_shadow_task(session: Session) -> None:
+def _prepared_watch(session: Session, shadow_rate: float, probe_rate: float, ids: list[uuid.UUID]
+                    ) -> tuple[list[uuid.UUID], bytes]:
+    """What ingestion's reading of a chunk names for the quality monitor, and its COPY rows."""
     data = default_config_data()
-    data["quality"] = {"shadow_rate": 0.2, "probe_rate": 0.1}
+    data["quality"] = {"shadow_rate": shadow_rate, "probe_rate": probe_rate}
     config = parse_config(data)
-    ids = add_tasks(session, [ticket(i) for i in range(500)])
-    points = sample_points(session, ids)
-    # a light task may only be shadowed (its shadow draw), any other only probed (its probe draw)
-    expected = {task_id for task_id, p in points.items() if sampled(p.shadow, 0.2)}
-    assert set(maybe_sampled_ids(session, config, ids)) == expected and 0 < len(expected) < 500
-    complex_ids = add_tasks(session, [ticket(i) for i in range(500, 1000)], tier="complex")
-    complex_points = sample_points(session, complex_ids)
-    probed = {task_id for task_id, p in complex_points.items() if sampled(p.probe, 0.1)}
-    assert set(maybe_sampled_ids(session, config, complex_ids)) == probed and 0 < len(probed) < 500
-    shadows = add_tasks(session, [ticket(i) for i in range(500)], shadows_of=ids)
-    assert maybe_sampled_ids(session, config, shadows) == []  # equal requests, but shadow tasks
-    data["quality"] = {"shadow_rate": 1.0, "probe_rate": 0.0}
-    assert set(maybe_sampled_ids(session, parse_config(data), ids)) == set(ids)
-    data["quality"] = {"shadow_rate": 0.0, "probe_rate": 0.0}
-    assert maybe_sampled_ids(session, parse_config(data), ids) == []
-
-
-def test_ingestion_reads_the_monitors_candidates_with_its_chunks_requests(session: Session) -> None:
-    """Ingestion asks for a chunk's candidates in the statement that reads the chunk's requests: the same
-    tasks `maybe_sampled_ids` names, and the same COPY rows as without sampling."""
-    data = default_config_data()
-    data["quality"] = {"shadow_rate": 0.2, "probe_rate": 0.1}
-    config = parse_config(data)
-    ids = add_tasks(session, [ticket(i) for i in range(600)])
-    ids += add_tasks(session, [ticket(i) for i in range(600, 800)], tier="complex")
     body = {"model": "gpt-4o-mini", "choices": [{"index": 0, "message": {"role": "assistant", "content": "billing"}}],
             "usage": {"prompt_tokens": 20, "completion_tokens": 1, "total_tokens": 21}}
-    outcomes = LineOutcomes(successes=dict.fromkeys(ids, body))
-    batch = ProviderBatch(provider="sim", model="gpt-4o-mini")
-    prepared = prepare_outcomes(session, PriceBook(config), batch, outcomes, config.quality)
-    expected = maybe_sampled_ids(session, config, ids)
-    assert sorted(prepared.watch) == sorted(expected) and 0 < len(expected) < len(ids)
-    unsampled = prepare_outcomes(session, PriceBook(config), batch, outcomes)
-    assert unsampled.watch == [] and unsampled.copy_data == prepared.copy_data
+    prepared = prepare_outcomes(session, PriceBook(config), ProviderBatch(provider="sim", model="gpt-4o-mini"),
+                                LineOutcomes(successes=dict.fromkeys(ids, body)), config.quality)
+    return prepared.watch, prepared.copy_data
+
+
+def test_ingestion_names_the_tasks_that_may_be_sampled_and_never_a_shadow_task(session: Session) -> None:
+    """Ingestion reads a chunk's candidates in the statement that reads its requests: a light task by its
+    shadow draw, any other by its probe draw (the only extra call `shadow_tier_for` can give each), never
+    a shadow task; and the chunk's COPY rows are those it writes without sampling."""
+    light = add_tasks(session, [ticket(i) for i in range(500)])
+    complex_ = add_tasks(session, [ticket(i) for i in range(500, 1000)], tier="complex")
+    points = sample_points(session, light + complex_)
+    expected = ({t for t in light if sampled(points[t].shadow, 0.2)}
+                | {t for t in complex_ if sampled(points[t].probe, 0.1)})
+    watch, copy_data = _prepared_watch(session, 0.2, 0.1, light + complex_)
+    assert set(watch) == expected and len(watch) == len(expected)
+    assert expected & set(light) and expected & set(complex_) and len(expected) < 1000
+    shadows = add_tasks(session, [ticket(i) for i in range(500)], shadows_of=light)
+    assert _prepared_watch(session, 0.2, 0.1, shadows)[0] == []  # equal requests, but shadow tasks
+    assert set(_prepared_watch(session, 1.0, 0.0, light + complex_)[0]) == set(light)
+    unsampled, unsampled_copy = _prepared_watch(session, 0.0, 0.0, light + complex_)
+    assert unsampled == [] and unsampled_copy == copy_data

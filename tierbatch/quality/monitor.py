@@ -32,22 +32,14 @@ from tierbatch.base.states import Tier
 from tierbatch.db.models import QualityComparison, RoutingEvent, RoutingRule
 from tierbatch.routing.rules import config_tier, lock_task_type, seed_rules, set_rule
 from tierbatch.tasks.labels import extract_label, labels_of
-from tierbatch.tasks.sample_points import (
-    MAY_BE_SAMPLED_SQL,
-    PROBE_SEED,
-    SHADOW_SEED,
-    point_sql,
-    rate_params,
-    samples_any,
-)
+from tierbatch.tasks.sample_points import PROBE_SEED, SHADOW_SEED, point_sql
 
 QUALITY_ACTOR = "quality"
 
 
+# the ids go as one array literal: far cheaper than adapting thousands of UUIDs one by one
 _POINTS = text(f"SELECT id, {point_sql(SHADOW_SEED)}, {point_sql(PROBE_SEED)} FROM tasks "
                "WHERE id = ANY(CAST(:ids AS uuid[]))")
-# the ids go as one array literal: far cheaper than adapting thousands of UUIDs one by one
-_MAYBE_SAMPLED = text(f"SELECT id FROM tasks WHERE id = ANY(CAST(:ids AS uuid[])) AND {MAY_BE_SAMPLED_SQL}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,17 +67,6 @@ def sample_points(session: Session, task_ids: Collection[uuid.UUID]) -> dict[uui
         return {}
     rows = session.execute(_POINTS, {"ids": _id_array(task_ids)})
     return {task_id: SamplePoints(float(shadow), float(probe)) for task_id, shadow, probe in rows}
-
-
-def maybe_sampled_ids(session: Session, config: AppConfig, task_ids: Collection[uuid.UUID]) -> list[uuid.UUID]:
-    """The tasks among these (not shadow tasks themselves) for which `shadow_tier_for` may answer a tier,
-    whatever their rule: one statement, so a bulk path asks about many tasks once and keeps only the few
-    that may be sampled (ingestion reads the same condition with its chunk's requests:
-    `tierbatch.tasks.sample_points.MAY_BE_SAMPLED_SQL`)."""
-    if not task_ids or not samples_any(config.quality):
-        return []
-    return [row[0] for row in session.execute(_MAYBE_SAMPLED, {
-        "ids": _id_array(task_ids), **rate_params(config.quality)})]
 
 
 def may_shadow(config: AppConfig, tier: Tier) -> bool:
