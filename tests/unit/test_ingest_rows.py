@@ -57,7 +57,9 @@ def test_fields_are_escaped_priced_and_labels_checked() -> None:
         other: _body('{"label": "billing"}', prompt_tokens=41),
     }
     session = _Session([(label_response_format(["billing", "bug"]), [good, bad, other])])
-    rows = {uuid.UUID(r["id"] or ""): r for r in _parse(_success_rows(session, prices, batch, successes).decode())}  # type: ignore[arg-type]
+    copy_data, watch = _success_rows(session, prices, batch, successes, None)  # type: ignore[arg-type]
+    assert watch == []  # nothing asked for the quality monitor
+    rows = {uuid.UUID(r["id"] or ""): r for r in _parse(copy_data.decode())}
 
     assert rows[tricky]["output"] == 'a\tb\nc\\d\r "quoted" \\n literal'
     assert orjson.loads(rows[tricky]["response"] or "") == successes[tricky]
@@ -85,7 +87,8 @@ def test_same_usage_is_priced_by_each_served_model() -> None:
     known, unknown, fallback = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     successes = {known: _body("a"), unknown: {**_body("a"), "model": "no-such-model-anywhere"},
                  fallback: {k: v for k, v in _body("a").items() if k != "model"}}
-    rows = {uuid.UUID(r["id"] or ""): r for r in _parse(_success_rows(_Session([]), prices, batch, successes).decode())}  # type: ignore[arg-type]
+    copy_data, _ = _success_rows(_Session([]), prices, batch, successes, None)  # type: ignore[arg-type]
+    rows = {uuid.UUID(r["id"] or ""): r for r in _parse(copy_data.decode())}
 
     usage = TokenUsage(40, 0, 6)
     mini = prices.price("sim", "gpt-4o-mini-2024-07-18", "gpt-4o-mini", usage, batch=True)
