@@ -30,13 +30,13 @@ def _parse(copy_text: str) -> list[dict[str, str | None]]:
 
 
 class _Session:
-    """Answers `_LABELLED_REQUESTS` with the given (response format, ids) groups."""
+    """Answers `_LABELLED_REQUESTS` with the given (response format, ids) groups (no watch column asked)."""
 
     def __init__(self, groups: list[tuple[dict[str, Any], list[uuid.UUID]]]) -> None:
         self.groups = groups
 
     def execute(self, *_args: Any) -> list[SimpleNamespace]:
-        return [SimpleNamespace(response_format=orjson.dumps(fmt).decode(), ids=[str(i) for i in ids])
+        return [SimpleNamespace(response_format=orjson.dumps(fmt).decode(), ids=[str(i) for i in ids], watch=None)
                 for fmt, ids in self.groups]
 
 

@@ -17,7 +17,7 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
-from sqlalchemy import text
+from sqlalchemy import TextClause, text
 from sqlalchemy.orm import Session
 
 from tierbatch.base.config import AppConfig, QualityConfig
@@ -189,19 +189,21 @@ _CHARGE_SHADOWED_TASKS = text(
     "UPDATE tasks AS o SET cost_usd = coalesce(o.cost_usd, 0) + v.cost_usd FROM tasks AS s, ingest_rows AS v "
     "WHERE s.id = ANY(CAST(:shadows AS uuid[])) AND v.id = s.id AND o.id = s.shadow_of AND v.cost_usd IS NOT NULL"
 )
-# a job's tasks share one response format: decode each distinct one once, not once per line; the ids go
-# both ways as text (one array literal out, text back), which costs far less than adapting 10,000 UUIDs
-_LABELLED_REQUESTS = text(
-    "SELECT (request->'response_format')::text AS response_format, array_agg(id::text) AS ids FROM tasks "
-    "WHERE id = ANY(CAST(:ids AS uuid[])) AND request ? 'response_format' GROUP BY 1"
-)
-# the same, and in the same visit of the chunk's rows, the quality monitor's candidates among them
-_LABELLED_REQUESTS_AND_WATCH = text(
-    "SELECT (request->'response_format')::text AS response_format, "
-    "array_agg(id::text) FILTER (WHERE request ? 'response_format') AS ids, "
-    f"array_agg(id::text) FILTER (WHERE {MAY_BE_SAMPLED_SQL}) AS watch "
-    "FROM tasks WHERE id = ANY(CAST(:ids AS uuid[])) GROUP BY 1"
-)
+
+def _labelled_requests(watch: bool) -> TextClause:
+    """A chunk's distinct response formats with their tasks (a job's tasks share one: each is decoded once,
+    not once per line), and with `watch`, in the same visit of the chunk's rows, the quality monitor's
+    candidates among them. The ids go both ways as text (one array literal out, text back), which costs
+    far less than adapting 10,000 UUIDs."""
+    watched = f", array_agg(id::text) FILTER (WHERE {MAY_BE_SAMPLED_SQL}) AS watch" if watch else ", NULL AS watch"
+    return text("SELECT (request->'response_format')::text AS response_format, "
+                f"array_agg(id::text) FILTER (WHERE request ? 'response_format') AS ids{watched} "
+                "FROM tasks WHERE id = ANY(CAST(:ids AS uuid[])) "
+                + ("" if watch else "AND request ? 'response_format' ") + "GROUP BY 1")
+
+
+_LABELLED_REQUESTS = _labelled_requests(watch=False)
+_LABELLED_REQUESTS_AND_WATCH = _labelled_requests(watch=True)
 
 
 def _success_rows(session: Session, prices: PriceBook, batch: ProviderBatch,
@@ -224,7 +226,7 @@ def _success_rows(session: Session, prices: PriceBook, batch: ProviderBatch,
     else:
         groups = session.execute(_LABELLED_REQUESTS_AND_WATCH, {**ids, **rate_params(quality)})
     for group in groups:
-        if quality is not None and group.watch:
+        if group.watch:
             watch.extend(uuid.UUID(task_id) for task_id in group.watch)
         if group.ids:
             request = {"response_format": orjson.loads(group.response_format)}
