@@ -240,19 +240,21 @@ def _chunks(api: ProviderBatches, batch: ProviderBatch, size: int) -> Iterator[l
 
 
 def _prepare_chunk(ctx: WorkerContext, batch: ProviderBatch, lines: list[str]) -> PreparedChunk:
-    """Parse and price one chunk (it only reads the database), with the quality monitor's watch list."""
+    """Parse and price one chunk (it only reads the database), with the quality monitor's watch list and
+    the response cache's candidates."""
     outcomes = classify_lines(lines)
     with ctx.sessions.begin() as session:
-        # with the quality monitor's candidates (by the hash of their requests) read in the same statement
-        return prepare_outcomes(session, ctx.prices, batch, outcomes, ctx.config.quality)
+        # with the quality monitor's candidates (by the hash of their requests) and the response cache's
+        # read in the same statement
+        return prepare_outcomes(session, ctx.prices, batch, outcomes, ctx.config.quality, ctx.config.cache)
 
 
 def _write_chunk(ctx: WorkerContext, batch: ProviderBatch, prepared: PreparedChunk) -> IngestedChunk:
     """Write one prepared chunk in its own transaction (in the writer thread)."""
     with ctx.sessions.begin() as session:
         ingested = write_prepared(session, ctx.config, batch, prepared, prepared.watch)
-        # response cache: cacheable answers serve later identical requests
-        fill_from_succeeded_tasks(session, ctx.config, prepared.success_ids)
+        # response cache: cacheable answers serve later identical requests (only the candidates are read)
+        fill_from_succeeded_tasks(session, ctx.config, prepared.cacheable)
         touch_batch(session, batch.id)
     return ingested
 

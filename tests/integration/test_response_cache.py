@@ -109,6 +109,23 @@ def submit(client: Any, tasks: list[dict[str, Any]]) -> list[str]:
     return [t["id"] for t in response.json()["data"]]
 
 
+def test_answers_from_a_provider_batch_serve_their_repeats_and_only_theirs(sim_reset: Stack) -> None:
+    """Ingestion stores the deterministic answers of a batch (the candidates are read with the chunk's
+    requests): their repeats are answered from the cache at no cost; a sampled request's repeat is not."""
+    stack = sim_reset
+    tag = uuid.uuid4().hex[:8]
+    light = {"task_type": "classification", "urgent": False}
+    kept = {**light, "prompt": f"Classify ticket {tag}: refund. Labels: billing, bug", "params": {"temperature": 0}}
+    warm = {**light, "prompt": f"Classify ticket {tag}: crash. Labels: billing, bug", "params": {"temperature": 0.9}}
+    with stack.client(stack.new_tenant_key()) as client:
+        first = [stack.wait_for_task(client, t, {"succeeded", "failed"}) for t in submit(client, [kept, warm])]
+        assert [(d["status"], d["mode"]) for d in first] == [("succeeded", "batch")] * 2
+        again = [stack.wait_for_task(client, t, {"succeeded", "failed"}) for t in submit(client, [kept, warm])]
+    assert (again[0]["status"], again[0]["mode"], again[0]["output"]) == ("succeeded", "cache", first[0]["output"])
+    assert Decimal(str(again[0]["cost_usd"])) == 0
+    assert (again[1]["status"], again[1]["mode"]) == ("succeeded", "batch")  # not stored: another batch
+
+
 def test_tasks_share_one_provider_call_and_repeats_cost_nothing(sim_reset: Stack) -> None:
     stack = sim_reset
     stack.sim("POST", "/_sim/config", {"models": {"*": {"latency_ms": [300, 300]}}})

@@ -36,7 +36,8 @@ class _Session:
         self.groups = groups
 
     def execute(self, *_args: Any) -> list[SimpleNamespace]:
-        return [SimpleNamespace(response_format=orjson.dumps(fmt).decode(), ids=[str(i) for i in ids], watch=None)
+        return [SimpleNamespace(response_format=orjson.dumps(fmt).decode(), ids=[str(i) for i in ids], watch=None,
+                                cacheable=None)
                 for fmt, ids in self.groups]
 
 
@@ -57,7 +58,7 @@ def test_fields_are_escaped_priced_and_labels_checked() -> None:
         other: _body('{"label": "billing"}', prompt_tokens=41),
     }
     session = _Session([(label_response_format(["billing", "bug"]), [good, bad, other])])
-    copy_data, watch = _success_rows(session, prices, batch, successes, None)  # type: ignore[arg-type]
+    copy_data, watch, _ = _success_rows(session, prices, batch, successes, None)  # type: ignore[arg-type]
     assert watch == []  # nothing asked for the quality monitor
     rows = {uuid.UUID(r["id"] or ""): r for r in _parse(copy_data.decode())}
 
@@ -87,7 +88,7 @@ def test_same_usage_is_priced_by_each_served_model() -> None:
     known, unknown, fallback = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
     successes = {known: _body("a"), unknown: {**_body("a"), "model": "no-such-model-anywhere"},
                  fallback: {k: v for k, v in _body("a").items() if k != "model"}}
-    copy_data, _ = _success_rows(_Session([]), prices, batch, successes, None)  # type: ignore[arg-type]
+    copy_data, _, _ = _success_rows(_Session([]), prices, batch, successes, None)  # type: ignore[arg-type]
     rows = {uuid.UUID(r["id"] or ""): r for r in _parse(copy_data.decode())}
 
     usage = TokenUsage(40, 0, 6)

@@ -18,12 +18,15 @@ from typing import Any
 
 import orjson
 from sqlalchemy import TextClause, text
+from sqlalchemy.dialects import postgresql
 from sqlalchemy.orm import Session
 
-from tierbatch.base.config import AppConfig, QualityConfig
+from tierbatch.base.config import AppConfig, CacheConfig, QualityConfig
 from tierbatch.base.states import Mode, Tier
+from tierbatch.cache.responses import maybe_cacheable
 from tierbatch.db.bulk_sql import COPY_INGEST_ROWS, CREATE_INGEST_TABLE
 from tierbatch.db.models import ProviderBatch
+from tierbatch.db.partitions import months_spanned
 from tierbatch.ledger.pricing import PriceBook
 from tierbatch.ledger.rows import usage_columns
 from tierbatch.metrics.catalog import LINES_INGESTED
@@ -134,20 +137,24 @@ class PreparedChunk:
     permanent: dict[uuid.UUID, str] = field(default_factory=dict)
     # the successes the quality monitor may sample (`prepare_outcomes` with its rates), for `write_prepared`
     watch: list[uuid.UUID] = field(default_factory=list)
+    # the successes whose answers the response cache may keep (`prepare_outcomes` with its config)
+    cacheable: list[uuid.UUID] = field(default_factory=list)
 
 
 def prepare_outcomes(session: Session, prices: PriceBook, batch: ProviderBatch, outcomes: LineOutcomes,
-                     quality: QualityConfig | None = None) -> PreparedChunk:
+                     quality: QualityConfig | None = None, cache: CacheConfig | None = None) -> PreparedChunk:
     """The Python half of ingesting a chunk: price each success and check labelled answers. It only
-    reads (the requests' response formats), so it may run while another chunk is being written. With
-    `quality`, the successes the quality monitor may sample are read in the same statement (`watch`)."""
-    copy_data = b""
-    watch: list[uuid.UUID] = []
+    reads (the requests' response formats), so it may run while another chunk is being written. In the
+    same statement, with `quality`, the successes the quality monitor may sample (`watch`), and with
+    `cache`, those the response cache may keep (`cacheable`)."""
+    prepared = PreparedChunk(success_ids=list(outcomes.successes), retryable=outcomes.retryable,
+                             permanent=outcomes.permanent)
     if outcomes.successes:
         with _collector_paused():
-            copy_data, watch = _success_rows(session, prices, batch, outcomes.successes,
-                                             quality if quality is not None and samples_any(quality) else None)
-    return PreparedChunk(copy_data, list(outcomes.successes), outcomes.retryable, outcomes.permanent, watch)
+            prepared.copy_data, prepared.watch, prepared.cacheable = _success_rows(
+                session, prices, batch, outcomes.successes,
+                quality if quality is not None and samples_any(quality) else None, cache)
+    return prepared
 
 
 def write_prepared(session: Session, config: AppConfig, batch: ProviderBatch, prepared: PreparedChunk,
@@ -190,44 +197,61 @@ _CHARGE_SHADOWED_TASKS = text(
     "WHERE s.id = ANY(CAST(:shadows AS uuid[])) AND v.id = s.id AND o.id = s.shadow_of AND v.cost_usd IS NOT NULL"
 )
 
-def _labelled_requests(watch: bool) -> TextClause:
-    """A chunk's distinct response formats with their tasks (a job's tasks share one: each is decoded once,
-    not once per line), and with `watch`, in the same visit of the chunk's rows, the quality monitor's
-    candidates among them. The ids go both ways as text (one array literal out, text back), which costs
-    far less than adapting 10,000 UUIDs."""
-    watched = f", array_agg(id::text) FILTER (WHERE {MAY_BE_SAMPLED_SQL}) AS watch" if watch else ", NULL AS watch"
-    return text("SELECT (request->'response_format')::text AS response_format, "
-                f"array_agg(id::text) FILTER (WHERE request ? 'response_format') AS ids{watched} "
-                "FROM tasks WHERE id = ANY(CAST(:ids AS uuid[])) "
-                + ("" if watch else "AND request ? 'response_format' ") + "GROUP BY 1")
+def _chunk_requests(watch: bool, cacheable: str | None) -> TextClause:
+    """What a chunk's requests say, in one visit of its rows: its distinct response formats with their
+    tasks (a job's tasks share one: each is decoded once, not once per line), with `watch` the quality
+    monitor's candidates among them, and with `cacheable` (SQL over `tasks`) the tasks whose answers the
+    response cache may keep. The ids go both ways as text (one array literal out, text back), which costs
+    far less than adapting 10,000 UUIDs.
+
+    The inner query hands the aggregate narrow rows: left to itself the planner sorted the whole rows,
+    requests included, for the grouping, and spilled them to disk (twice the statement's time). The ids
+    reach it through a sub-select, which hides the 10,000 values from the planner: given them, it
+    estimated each one against the statistics (a third of the statement). The months' range prunes the
+    partitions (`months_spanned`: an array this long prunes none)."""
+    watched = MAY_BE_SAMPLED_SQL if watch else "false"
+    kept = f"({cacheable})" if cacheable else "false"
+    return text(
+        "SELECT response_format, array_agg(id) FILTER (WHERE labelled) AS ids,"
+        " array_agg(id) FILTER (WHERE watched) AS watch, array_agg(id) FILTER (WHERE cacheable) AS cacheable "
+        "FROM (SELECT (request->'response_format')::text AS response_format,"
+        f" request ? 'response_format' AS labelled, id::text AS id, {watched} AS watched, {kept} AS cacheable"
+        " FROM tasks WHERE id = ANY(CAST((SELECT CAST(:ids AS uuid[])) AS uuid[]))"
+        " AND id >= :months_from AND id < :months_to"
+        " OFFSET 0) AS chunk GROUP BY 1")
 
 
-_LABELLED_REQUESTS = _labelled_requests(watch=False)
-_LABELLED_REQUESTS_AND_WATCH = _labelled_requests(watch=True)
+def _cacheable_sql(cache: CacheConfig | None) -> str | None:
+    """The response cache's prefilter (`maybe_cacheable`) as SQL text over `tasks`, its values inlined."""
+    if cache is None or not cache.enabled:
+        return None
+    return str(maybe_cacheable(cache).compile(dialect=postgresql.dialect(), compile_kwargs={"literal_binds": True}))
 
 
 def _success_rows(session: Session, prices: PriceBook, batch: ProviderBatch,
-                  successes: dict[uuid.UUID, dict[str, Any]], quality: QualityConfig | None
-                  ) -> tuple[bytes, list[uuid.UUID]]:
+                  successes: dict[uuid.UUID, dict[str, Any]], quality: QualityConfig | None,
+                  cache: CacheConfig | None = None) -> tuple[bytes, list[uuid.UUID], list[uuid.UUID]]:
     """The `ingest_rows` COPY data (text format), one row per success: usage, price, and `failed` for a
     labelled answer that is not one of its labels (billed all the same).
 
     Formatted here, not row by row inside the COPY, so that the writer thread holds the GIL as little
     as possible. A chunk's lines repeat their answers (labels) and their token counts: the label
     check is memoized per chunk, and the usage and price columns per (served model, usage object as
-    the provider wrote it), so a repeated usage is neither normalised nor priced again. With `quality`,
-    also the successes the quality monitor may sample."""
+    the provider wrote it), so a repeated usage is neither normalised nor priced again. Also, with
+    `quality`, the successes the quality monitor may sample, and with `cache`, those the response cache
+    may keep."""
     texts = [str(task_id) for task_id in successes]  # once: the label lookup and the COPY rows use them
     labelled: dict[str, dict[str, Any]] = {}
     watch: list[uuid.UUID] = []
-    ids = {"ids": "{" + ",".join(texts) + "}"}
-    if quality is None:
-        groups = session.execute(_LABELLED_REQUESTS, ids)
-    else:
-        groups = session.execute(_LABELLED_REQUESTS_AND_WATCH, {**ids, **rate_params(quality)})
-    for group in groups:
+    cacheable: list[uuid.UUID] = []
+    params: dict[str, Any] = {"ids": "{" + ",".join(texts) + "}", **months_spanned(successes)}
+    if quality is not None:
+        params.update(rate_params(quality))
+    for group in session.execute(_chunk_requests(quality is not None, _cacheable_sql(cache)), params):
         if group.watch:
             watch.extend(uuid.UUID(task_id) for task_id in group.watch)
+        if group.cacheable:
+            cacheable.extend(uuid.UUID(task_id) for task_id in group.cacheable)
         if group.ids:
             request = {"response_format": orjson.loads(group.response_format)}
             labelled.update(dict.fromkeys(group.ids, request))
@@ -266,7 +290,7 @@ def _success_rows(session: Session, prices: PriceBook, batch: ProviderBatch,
             text_id, "failed" if problem else "succeeded", _copy_field(problem), _copy_text(served),
             _copy_text(output) if output else "", response, money)))
     append("")
-    return "\n".join(lines).encode(), watch
+    return "\n".join(lines).encode(), watch, cacheable
 
 
 def _output(body: dict[str, Any]) -> str:

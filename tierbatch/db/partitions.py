@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
@@ -113,10 +113,10 @@ def months_spanned(ids: Iterable[uuid.UUID]) -> dict[str, uuid.UUID]:
     partition per row (it does not count the pruning at run time): with this range it plans over those
     months' partitions only. Whole months, not the ids' own range, so that it is no narrower an index
     range than the partitions themselves. Old random ids spread it over every partition."""
-    ordered = sorted(ids)
-    if not ordered:
+    listed = ids if isinstance(ids, Collection) else list(ids)
+    if not listed:
         return {"months_from": _LOWEST, "months_to": _LOWEST}
-    first, last = _month_of(ordered[0]), _month_of(ordered[-1])
+    first, last = _month_of(min(listed)), _month_of(max(listed))
     upper = None if last is None else last.plus(1)
     return {"months_from": _LOWEST if first is None else first.bound,
             "months_to": _HIGHEST if upper is None or upper.year > 9999 else upper.bound}

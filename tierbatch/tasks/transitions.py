@@ -250,11 +250,14 @@ def release_expired_leases(session: Session) -> list[uuid.UUID]:
 
 def claim_for_batch(session: Session, batch_id: uuid.UUID, task_ids: Sequence[uuid.UUID]) -> int:
     """waiting_batch → in_batch for the chosen tasks; how many moved."""
-    # one array parameter, not 50,000 bound parameters
+    # one array parameter, not 50,000 bound parameters, read through a sub-select: given the values, the
+    # planner estimated each one against the statistics of each partition (~0.2 s for 50,000); the months'
+    # range prunes the partitions (`months_spanned`: an array this long prunes none)
     moved = session.execute(text(
         "UPDATE tasks SET status = 'in_batch', batch_id = :batch, attempts = attempts + 1, updated_at = now() "
-        "WHERE id = ANY(CAST(:ids AS uuid[])) AND status = 'waiting_batch'"
-    ), {"batch": batch_id, "ids": task_ids})
+        "WHERE id = ANY(CAST((SELECT CAST(:ids AS uuid[])) AS uuid[])) AND status = 'waiting_batch' "
+        "AND id >= :months_from AND id < :months_to"
+    ), {"batch": batch_id, "ids": task_ids, **months_spanned(task_ids)})
     return int(getattr(moved, "rowcount", 0) or 0)
 
 
