@@ -152,6 +152,9 @@ class DatabaseConfig(_Section):
 class ReconcilerConfig(_Section):
     interval_seconds: PositiveFloat = 15.0
     queued_stale_seconds: PositiveFloat = 60.0
+    # while the queues of queued tasks hold messages, a task dispatched since they were last seen empty
+    # may still have its message there: it is re-sent only once it has waited this long
+    queued_backlog_seconds: PositiveFloat = 600.0
     # a batch left in `preparing` or `ingesting` this long without progress is resumed
     batch_stale_seconds: PositiveFloat = 120.0
 

@@ -341,10 +341,22 @@ def cancel_task(session: Session, tenant_id: uuid.UUID, task_id: uuid.UUID) -> T
     raise TransitionError(f"task {task_id} is {task.status.value} and can no longer be cancelled")
 
 
+@dataclass(frozen=True, slots=True)
+class QueueBacklog:
+    """The queues that carry queued tasks' messages hold some now; they were last seen empty at
+    `drained_at` (the database's clock), so a message sent after it may still be waiting there."""
+
+    drained_at: datetime
+    wait_seconds: float
+
+
 def stale_queued_task_ids(session: Session, older_than_seconds: float, limit: int = 10_000, *,
-                          exclude: ColumnElement[bool] | None = None) -> list[uuid.UUID]:
+                          exclude: ColumnElement[bool] | None = None, backlog: QueueBacklog | None = None
+                          ) -> list[uuid.UUID]:
     """Queued tasks whose dispatch message may have been lost (Redis restart, crash before sending);
-    `exclude`: tasks queued on purpose (the background lane's backlog, `tierbatch.tasks.lane.lane_members`)."""
+    `exclude`: tasks queued on purpose (the background lane's backlog, `tierbatch.tasks.lane.lane_members`);
+    `backlog`: the queues hold messages now, and a task dispatched since they were last seen empty is
+    left alone (its message may be waiting there) until it has waited `backlog.wait_seconds`."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_seconds)
     query = select(Task.id).where(
         Task.status == TaskStatus.QUEUED,
@@ -354,6 +366,10 @@ def stale_queued_task_ids(session: Session, older_than_seconds: float, limit: in
     )
     if exclude is not None:
         query = query.where(not_(exclude))
+    if backlog is not None:
+        query = query.where(or_(
+            Task.dispatched_at.is_(None), Task.dispatched_at < backlog.drained_at,
+            Task.dispatched_at < func.now() - func.make_interval(0, 0, 0, 0, 0, 0, backlog.wait_seconds)))
     return list(session.scalars(query.limit(limit)))
 
 
