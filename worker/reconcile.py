@@ -4,11 +4,13 @@ Redis flush lost is found here by its state and dispatched again.
 A queued task dispatched a while ago has either lost its message or waits behind others in a long
 queue (a backlog of immediate calls drains at the providers' pace). Re-sending the waiting ones would
 add a message per task and staleness period to the very queue that is behind, so the reconciler looks:
-each run it counts the messages in the queues of queued tasks, and notes when it finds them empty (in
-Redis, beside the messages, so that losing one loses the other). While they hold messages, a task
+each run it counts the messages waiting in the immediate queue, and notes when it finds it empty (in
+Redis, beside the messages, so that losing one loses the other). While it holds messages, a task
 dispatched since that note is left alone until it has waited `queued_backlog_seconds`; a task
 dispatched before it has lost its message (the queue drained since), and is re-sent once stale. Without
-a note (a Redis restart or flush) every stale task is re-sent, as it always was."""
+a note (a Redis restart or flush) every stale task is re-sent, as it always was. (A task whose dispatch
+chunk is still on the dispatch queue has not been dispatched yet: it is re-sent once stale, whatever
+the queues hold; that queue drains at thousands of tasks a second, and beat's ticks share it.)"""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ import redis
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from tierbatch.base.messaging import DISPATCH_CHUNK, QUEUE_DISPATCH, QUEUE_IMMEDIATE
+from tierbatch.base.messaging import DISPATCH_CHUNK, QUEUE_IMMEDIATE
 from tierbatch.metrics.catalog import RECONCILER_ACTIONS, ReconcilerAction
 from tierbatch.routing.tiers import lane_provider
 from tierbatch.tasks.lane import lane_members
@@ -30,26 +32,23 @@ from tierbatch.worker.context import WorkerContext
 
 log = logging.getLogger(__name__)
 
-# the queues a queued task's message waits in: its dispatch chunk's, then its call's
-QUEUES_OF_QUEUED_TASKS = (QUEUE_DISPATCH, QUEUE_IMMEDIATE)
 # kombu's Redis transport keeps a queue's messages of each priority step above 0 in a list of its own
 _PRIORITY_LISTS = ("", *(f"\x06\x16{step}" for step in (3, 6, 9)))
 DRAINED_KEY = "tierbatch:reconciler:queues-drained-at"
 
 
 def queue_backlog(ctx: WorkerContext, session: Session) -> QueueBacklog | None:
-    """The backlog of the queues of queued tasks, if they hold messages and were seen empty before; None
-    when they are empty now (noted as their last drain), when no drain is noted, or when Redis does not
-    answer (then every stale task is re-sent)."""
+    """The backlog of the immediate queue, if it holds messages and was seen empty before; None when it is
+    empty now (noted as its last drain), when no drain is noted, or when Redis does not answer (then every
+    stale task is re-sent)."""
     if ctx.redis is None:
         return None
     prefix = ctx.settings.redis_key_prefix
     now: datetime = session.execute(select(func.now())).scalar_one()  # the clock of `dispatched_at`
     try:
         counting = ctx.redis.pipeline(transaction=False)
-        for queue in QUEUES_OF_QUEUED_TASKS:
-            for suffix in _PRIORITY_LISTS:
-                counting.llen(prefix + queue + suffix)
+        for suffix in _PRIORITY_LISTS:
+            counting.llen(prefix + QUEUE_IMMEDIATE + suffix)
         if sum(int(n) for n in counting.execute()) == 0:
             ctx.redis.set(prefix + DRAINED_KEY, now.isoformat())
             return None
