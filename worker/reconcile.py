@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 
 # kombu's Redis transport keeps a queue's messages of each priority step above 0 in a list of its own
 _PRIORITY_LISTS = ("", *(f"\x06\x16{step}" for step in (3, 6, 9)))
-DRAINED_KEY = "tierbatch:reconciler:queues-drained-at"
+DRAINED_KEY = "tierbatch:reconciler:immediate-drained-at"
 
 
 def queue_backlog(ctx: WorkerContext, session: Session) -> QueueBacklog | None:

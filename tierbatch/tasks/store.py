@@ -343,8 +343,8 @@ def cancel_task(session: Session, tenant_id: uuid.UUID, task_id: uuid.UUID) -> T
 
 @dataclass(frozen=True, slots=True)
 class QueueBacklog:
-    """The queues that carry queued tasks' messages hold some now; they were last seen empty at
-    `drained_at` (the database's clock), so a message sent after it may still be waiting there."""
+    """The immediate queue holds messages now; it was last seen empty at `drained_at` (the database's
+    clock), so a call sent after that may still be waiting there."""
 
     drained_at: datetime
     wait_seconds: float
@@ -355,8 +355,8 @@ def stale_queued_task_ids(session: Session, older_than_seconds: float, limit: in
                           ) -> list[uuid.UUID]:
     """Queued tasks whose dispatch message may have been lost (Redis restart, crash before sending);
     `exclude`: tasks queued on purpose (the background lane's backlog, `tierbatch.tasks.lane.lane_members`);
-    `backlog`: the queues hold messages now, and a task dispatched since they were last seen empty is
-    left alone (its message may be waiting there) until it has waited `backlog.wait_seconds`."""
+    `backlog`: the immediate queue holds messages now, and a task dispatched since it was last seen empty
+    is left alone (its call may be waiting there) until it has waited `backlog.wait_seconds`."""
     cutoff = func.now() - func.make_interval(0, 0, 0, 0, 0, 0, older_than_seconds)
     query = select(Task.id).where(
         Task.status == TaskStatus.QUEUED,
