@@ -111,7 +111,7 @@ def submit(client: Any, tasks: list[dict[str, Any]]) -> list[str]:
 
 def test_answers_from_a_provider_batch_serve_their_repeats_and_only_theirs(sim_reset: Stack) -> None:
     """Ingestion stores the deterministic answers of a batch (the candidates are read with the chunk's
-    requests): their repeats are answered from the cache at no cost; a sampled request's repeat is not."""
+    requests): their repeats are answered from the cache at no cost; a non-deterministic request's is not."""
     stack = sim_reset
     tag = uuid.uuid4().hex[:8]
     light = {"task_type": "classification", "urgent": False}
