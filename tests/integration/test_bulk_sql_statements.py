@@ -85,7 +85,7 @@ def test_updates_by_id_are_planned_over_their_month_only(connection: sa.Connecti
     assert _partitions_updated(connection, sa.text("UPDATE tasks SET updated_at = now() WHERE id = :id"),
                                {"id": ids[0]}) == {month}
     connection.execute(sa.text(bulk_sql.CREATE_INGEST_TABLE))
-    assert _partitions_updated(connection, transitions._APPLY_INGEST_ROWS, {
+    assert _partitions_updated(connection, transitions.APPLY_INGEST_ROWS, {
         "batch": uuid.uuid4(), "provider": "p", "model": "m", "watch": [], **months_spanned(ids)}) == {month}
     assert _partitions_updated(connection, retention._REMOVE, {
         "ids": ids, "kept": [None] * 3, **months_spanned(ids)}) == {month}

@@ -31,7 +31,7 @@ STATEMENTS = {
     "COPY_TASKS": bulk_sql.COPY_TASKS,
     "CREATE_INGEST_TABLE": bulk_sql.CREATE_INGEST_TABLE,
     "COPY_INGEST_ROWS": bulk_sql.COPY_INGEST_ROWS,
-    "APPLY_INGEST_ROWS": str(task_transitions._APPLY_INGEST_ROWS),
+    "APPLY_INGEST_ROWS": str(task_transitions.APPLY_INGEST_ROWS),
     "QUEUE_SHADOW_TASKS": str(bulk_sql.QUEUE_SHADOW_TASKS),
     "GATEWAY_WRITE": bulk_sql.GATEWAY_WRITE,
 }

@@ -263,7 +263,7 @@ def claim_for_batch(session: Session, batch_id: uuid.UUID, task_ids: Sequence[uu
 
 # One statement: the guarded task update and the ledger rows of exactly the rows it moved; it answers
 # one row: how many it moved, and which of the watched ids it moved to `succeeded`.
-_APPLY_INGEST_ROWS = text(
+APPLY_INGEST_ROWS = text(
     "WITH moved AS ("
     " UPDATE tasks AS t SET status = v.status, error = v.error, mode = 'batch', served_model = v.served_model,"
     "   output = v.output, response = v.response, input_tokens = v.input_tokens,"
@@ -271,10 +271,14 @@ _APPLY_INGEST_ROWS = text(
     "   cost_usd = CASE WHEN t.shadow_of IS NULL THEN v.cost_usd END,"
     "   baseline_cost_usd = CASE WHEN t.shadow_of IS NULL THEN v.baseline_cost_usd END,"
     "   finished_at = now(), updated_at = now()"
-    # the guard as one boolean test: no index on status or batch can serve it, so the update is driven
-    # from the chunk's rows by primary key whatever the statistics say (stale ones, which count no task
-    # `in_batch`, had it scan every live task's entry for each chunk)
-    " FROM ingest_rows AS v WHERE t.id = v.id AND (t.status = 'in_batch' AND t.batch_id = :batch) IS TRUE"
+    # The guard compares each task with its line (which carries the batch it came from; OFFSET 0 keeps
+    # that a column, not a constant), so it is a join condition, not a filter of `tasks` alone: the
+    # statistics of a batch's tasks are those of when they waited (none in a batch), and as a filter it
+    # made the planner expect one task, loop over all of them and read the whole chunk again for each
+    # (minutes for one batch on a small table). As one boolean test, no index on status or batch serves
+    # it either: the update is driven from the chunk's rows, by primary key or by one hash join.
+    " FROM (SELECT *, CAST(:batch AS uuid) AS batch_id FROM ingest_rows OFFSET 0) AS v"
+    " WHERE t.id = v.id AND (t.status = 'in_batch' AND t.batch_id = v.batch_id) IS TRUE"
     # the months the chunk's tasks fall in: planned over their partitions only (db/partitions.months_spanned)
     " AND t.id >= :months_from AND t.id < :months_to"
     # the ledger columns come back with the row: the INSERT reads `moved` alone, no second join
@@ -311,30 +315,41 @@ def apply_ingested_rows(connection: Connection, batch_id: uuid.UUID, provider: s
     the metrics `finished` ([status, tier, count] as JSON) and `billed` ([tenant, shadow, cost, baseline,
     unpriced] as JSON; the caller counts them after its commit, `tierbatch.metrics.record`). `ids`: the
     temp table's task ids."""
-    return connection.execute(_APPLY_INGEST_ROWS, {"batch": batch_id, "provider": provider, "model": model,
+    return connection.execute(APPLY_INGEST_ROWS, {"batch": batch_id, "provider": provider, "model": model,
                                                    "watch": list(watch), **months_spanned(ids)}).one()
 
 
 # a bulk statement's `moved` rows counted by (status, tier, mode): one row per group back, not one per task
 _GROUPED = "SELECT status::text, tier::text, mode::text, count(*) FROM moved GROUP BY 1, 2, 3"
+_ERROR_LINES = "unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error)"
+
+RETURN_LINES_TO_WAITING = text(
+    "WITH moved AS (UPDATE tasks AS t SET "
+    "  status = CASE WHEN t.attempts >= :max THEN 'failed'::task_status ELSE 'waiting_batch'::task_status END, "
+    "  finished_at = CASE WHEN t.attempts >= :max THEN now() END, "
+    "  batch_id = CASE WHEN t.attempts >= :max THEN t.batch_id END, "
+    "  error = CASE WHEN t.attempts >= :max THEN 'gave up after ' || t.attempts || ' batches: ' || v.error "
+    "          ELSE v.error END, "
+    "  updated_at = now() "
+    f"FROM {_ERROR_LINES} "
+    "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch "
+    "AND t.id >= :months_from AND t.id < :months_to RETURNING t.status, t.tier, t.mode) " + _GROUPED
+)
+
+FAIL_BATCH_LINES = text(
+    "WITH moved AS (UPDATE tasks AS t SET status = 'failed', finished_at = now(), error = v.error, "
+    f"updated_at = now() FROM {_ERROR_LINES} "
+    "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch "
+    "AND t.id >= :months_from AND t.id < :months_to RETURNING t.status, t.tier, t.mode) " + _GROUPED
+)
 
 
 def return_lines_to_waiting(session: Session, batch_id: uuid.UUID, errors: dict[uuid.UUID, str],
                             max_attempts: int) -> int:
     """in_batch → waiting_batch for another batch, or → failed once a task has used `max_attempts`
     batches; how many moved."""
-    groups = session.execute(text(
-        "WITH moved AS (UPDATE tasks AS t SET "
-        "  status = CASE WHEN t.attempts >= :max THEN 'failed'::task_status ELSE 'waiting_batch'::task_status END, "
-        "  finished_at = CASE WHEN t.attempts >= :max THEN now() END, "
-        "  batch_id = CASE WHEN t.attempts >= :max THEN t.batch_id END, "
-        "  error = CASE WHEN t.attempts >= :max THEN 'gave up after ' || t.attempts || ' batches: ' || v.error "
-        "          ELSE v.error END, "
-        "  updated_at = now() "
-        "FROM unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error) "
-        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch "
-        "AND t.id >= :months_from AND t.id < :months_to RETURNING t.status, t.tier, t.mode) " + _GROUPED
-    ), {"ids": list(errors), "errors": list(errors.values()), "max": max_attempts, "batch": batch_id,
+    groups = session.execute(RETURN_LINES_TO_WAITING, {
+        "ids": list(errors), "errors": list(errors.values()), "max": max_attempts, "batch": batch_id,
         **months_spanned(errors)}).all()
     _tally(session, (group for group in groups if group[0] == TaskStatus.FAILED))
     return sum(int(group[3]) for group in groups)
@@ -342,11 +357,7 @@ def return_lines_to_waiting(session: Session, batch_id: uuid.UUID, errors: dict[
 
 def fail_batch_lines(session: Session, batch_id: uuid.UUID, errors: dict[uuid.UUID, str]) -> int:
     """in_batch → failed with each line's error; how many moved."""
-    groups = session.execute(text(
-        "WITH moved AS (UPDATE tasks AS t SET status = 'failed', finished_at = now(), error = v.error, "
-        "updated_at = now() FROM unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error) "
-        "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch "
-        "AND t.id >= :months_from AND t.id < :months_to RETURNING t.status, t.tier, t.mode) " + _GROUPED
-    ), {"ids": list(errors), "errors": list(errors.values()), "batch": batch_id, **months_spanned(errors)}).all()
+    groups = session.execute(FAIL_BATCH_LINES, {"ids": list(errors), "errors": list(errors.values()),
+                                                "batch": batch_id, **months_spanned(errors)}).all()
     _tally(session, groups)
     return sum(int(group[3]) for group in groups)
