@@ -8,7 +8,9 @@ each run it counts the messages waiting in the immediate queue, and notes when i
 Redis, beside the messages, so that losing one loses the other). While it holds messages, a task
 dispatched since that note is left alone until it has waited `queued_backlog_seconds`; a task
 dispatched before it has lost its message (the queue drained since), and is re-sent once stale. Without
-a note (a Redis restart or flush) every stale task is re-sent, as it always was. (A task whose dispatch
+a note (a Redis restart or flush) the queue counts as drained when Redis started, empty: the tasks
+dispatched before then are re-sent once stale, and a restart under a backlog that never drains does
+not re-send every later one, period after period. (A task whose dispatch
 chunk is still on the dispatch queue has not been dispatched yet: it is re-sent once stale, whatever
 the queues hold; that queue drains at thousands of tasks a second, and beat's ticks share it.)"""
 
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import redis
 from sqlalchemy import func, select
@@ -38,9 +40,14 @@ DRAINED_KEY = "tierbatch:reconciler:immediate-drained-at"
 
 
 def queue_backlog(ctx: WorkerContext, session: Session) -> QueueBacklog | None:
-    """The backlog of the immediate queue, if it holds messages and was seen empty before; None when it is
-    empty now (noted as its last drain), when no drain is noted, or when Redis does not answer (then every
-    stale task is re-sent)."""
+    """The backlog of the immediate queue, if it holds messages; None when it is empty now (noted as its
+    last drain) or when Redis does not answer (then every stale task is re-sent).
+
+    Without a noted drain (Redis restarted or flushed: the note goes with the messages) the queue counts as
+    drained when Redis started: a Redis that keeps nothing on disk starts empty, so a message sent before
+    then is lost and its task is re-sent, while one sent since may be waiting behind the backlog. (After a
+    flush without a restart, a task dispatched before the flush waits `queued_backlog_seconds` to be
+    re-sent instead of `queued_stale_seconds`.)"""
     if ctx.redis is None:
         return None
     prefix = ctx.settings.redis_key_prefix
@@ -53,11 +60,16 @@ def queue_backlog(ctx: WorkerContext, session: Session) -> QueueBacklog | None:
             ctx.redis.set(prefix + DRAINED_KEY, now.isoformat())
             return None
         noted = ctx.redis.get(prefix + DRAINED_KEY)
-    except redis.RedisError:
+        if isinstance(noted, bytes):
+            drained_at = datetime.fromisoformat(noted.decode())
+        else:
+            # whole seconds, rounded down: a second earlier is the side that re-sends more, not less
+            uptime = int(ctx.redis.info("server")["uptime_in_seconds"])
+            drained_at = now - timedelta(seconds=uptime + 1)
+            ctx.redis.set(prefix + DRAINED_KEY, drained_at.isoformat(), nx=True)
+    except (redis.RedisError, KeyError, ValueError):
         return None
-    if not isinstance(noted, bytes):
-        return None
-    return QueueBacklog(datetime.fromisoformat(noted.decode()), ctx.config.reconciler.queued_backlog_seconds)
+    return QueueBacklog(drained_at, ctx.config.reconciler.queued_backlog_seconds)
 
 
 def find_tasks_to_redispatch(ctx: WorkerContext) -> list[uuid.UUID]:

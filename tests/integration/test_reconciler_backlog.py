@@ -8,8 +8,10 @@ lists as kombu's Redis transport keeps them."""
 from __future__ import annotations
 
 import dataclasses
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timedelta
 
 import pytest
@@ -33,12 +35,12 @@ STALE = 60.0  # [reconciler] queued_stale_seconds
 BACKLOG = 600.0  # [reconciler] queued_backlog_seconds
 
 
-@pytest.fixture
-def ctx(migrated_database_url: str) -> Iterator[WorkerContext]:
+@contextmanager
+def worker_context(database_url: str, backlog_seconds: float = BACKLOG) -> Iterator[WorkerContext]:
     prefix = f"test-backlog-{uuid.uuid4().hex[:8]}:"
     data = default_config_data()
-    data["reconciler"] = {"queued_stale_seconds": STALE, "queued_backlog_seconds": BACKLOG}
-    settings = Settings(DATABASE_URL=migrated_database_url, REDIS_URL=TEST_REDIS_URL,
+    data["reconciler"] = {"queued_stale_seconds": STALE, "queued_backlog_seconds": backlog_seconds}
+    settings = Settings(DATABASE_URL=database_url, REDIS_URL=TEST_REDIS_URL,
                         TIERBATCH_REDIS_PREFIX=prefix)  # type: ignore[call-arg]
     context = build_worker_context(settings, parse_config(data, environ={}))
     try:
@@ -49,6 +51,12 @@ def ctx(migrated_database_url: str) -> Iterator[WorkerContext]:
             context.redis.delete(key)
         context.providers.close()
         context.engine.dispose()
+
+
+@pytest.fixture
+def ctx(migrated_database_url: str) -> Iterator[WorkerContext]:
+    with worker_context(migrated_database_url) as context:
+        yield context
 
 
 def add_queued(session: Session, dispatched_minutes_ago: dict[str, float | None]) -> dict[str, uuid.UUID]:
@@ -96,13 +104,41 @@ def test_a_backlog_keeps_the_messages_it_may_hold_and_the_lost_ones_are_sent_aga
     ctx.redis.delete(prefix + "immediate")  # the messages of one priority are enough
     assert resent(session, ctx, ids) == {"never", "15 min", "25 min"}
 
-    # the note is gone with the messages (a Redis restart or flush): every stale task is sent again
-    ctx.redis.delete(prefix + DRAINED_KEY)
-    assert resent(session, ctx, ids) == {"never", "2 min", "5 min", "15 min", "25 min"}
-
     # Redis does not answer: the same, nothing is held back on a guess
     ctx.redis.set(prefix + DRAINED_KEY, (now - timedelta(minutes=20)).isoformat())
     unreachable = redis.Redis(port=free_port(), socket_connect_timeout=0.5, socket_timeout=0.5)
     assert resent(session, dataclasses.replace(ctx, redis=unreachable), ids) == \
         {"never", "2 min", "5 min", "15 min", "25 min"}
     assert resent(session, ctx, ids) == {"never", "15 min", "25 min"}  # and the note still holds
+
+
+def redis_uptime(client: redis.Redis, at_least: float) -> float:
+    """Redis's uptime in seconds, once it is at least `at_least` (a Redis just started is waited for)."""
+    deadline = time.monotonic() + at_least + 30
+    while (uptime := float(client.info("server")["uptime_in_seconds"])) < at_least:
+        assert time.monotonic() < deadline, "Redis's uptime does not grow"
+        time.sleep(0.5)
+    return uptime
+
+
+def test_without_a_note_the_queue_counts_as_drained_when_redis_started(migrated_database_url: str,
+                                                                     session: Session) -> None:
+    # a backlog wait longer than Redis has been up: what is re-sent below is re-sent for having been
+    # dispatched before Redis started, not for having waited too long
+    with worker_context(migrated_database_url, backlog_seconds=10 * 86_400) as ctx:
+        assert ctx.redis is not None
+        prefix = ctx.settings.redis_key_prefix
+        uptime = redis_uptime(ctx.redis, at_least=STALE + 15)
+        ids = add_queued(session, {"never": None, "before Redis started": (uptime + 30) / 60,
+                                   "since, stale": (STALE + 5) / 60, "since, fresh": 0.5})
+        now: datetime = session.execute(select(func.now())).scalar_one()
+        # messages wait in the immediate queue and no drain is noted (Redis restarted or was flushed)
+        ctx.redis.lpush(prefix + "immediate", b"{}")
+        assert ctx.redis.get(prefix + DRAINED_KEY) is None
+        assert resent(session, ctx, ids) == {"never", "before Redis started"}
+        # and Redis's start is noted as the drain, for the runs after this one
+        noted = ctx.redis.get(prefix + DRAINED_KEY)
+        assert noted is not None
+        assert timedelta(0) < now - datetime.fromisoformat(noted.decode()) - timedelta(seconds=uptime) \
+            <= timedelta(seconds=3)
+        assert resent(session, ctx, ids) == {"never", "before Redis started"}
