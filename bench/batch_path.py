@@ -29,6 +29,7 @@ import cProfile
 import functools
 import io
 import json
+import os
 import pstats
 import re
 import shutil
@@ -101,6 +102,31 @@ def say(message: str) -> None:
 
 
 # --- configuration ---------------------------------------------------------------------------------
+
+
+def cpu_by_process() -> dict[int, tuple[str, float]]:
+    """Every process's user + system CPU seconds so far, with its command name (Linux /proc)."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out: dict[int, tuple[str, float]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            head, _, tail = stat.read_text().rpartition(")")
+        except OSError:
+            continue  # gone meanwhile
+        fields = tail.split()
+        out[int(stat.parent.name)] = (head.partition("(")[2], (int(fields[11]) + int(fields[12])) / tick)
+    return out
+
+
+def cpu_spent(before: dict[int, tuple[str, float]], after: dict[int, tuple[str, float]]) -> dict[str, float]:
+    """CPU seconds between two snapshots: this process (the worker's code), Postgres (every backend), the
+    rest by command name (the simulator is a python process), largest first."""
+    spent: dict[str, float] = defaultdict(float)
+    for pid, (name, seconds) in after.items():
+        delta = seconds - before.get(pid, (name, 0.0))[1]
+        label = "this process" if pid == os.getpid() else ("Postgres" if name == "postgres" else name)
+        spent[label] += delta
+    return {k: v for k, v in sorted(spent.items(), key=lambda kv: -kv[1]) if v >= 0.05}
 
 
 def bench_config(path: Path, simulator_port: int, test_reconciler: bool = False) -> Path:
@@ -345,9 +371,11 @@ def one_batch(ctx: WorkerContext, dsn: str, n: int, profile: bool, existing: int
                               clock.wrap(WRITER_STEP, worker_batch.write_prepared)), \
             mock.patch.object(ProviderBatches, "iter_file_lines",
                               clock.wrap_iterator("download", ProviderBatches.iter_file_lines)):
+        cpu_before = cpu_by_process()
         started = time.perf_counter()
         written = worker_batch.ingest_batch(ctx, claimed.id, lambda _batch, _delay: None)
         ingest_s = time.perf_counter() - started
+        cpu = cpu_spent(cpu_before, cpu_by_process())
     ingest_steps = dict(clock.seconds)
     # the writer thread's time overlaps the reading thread's: "other" is what the reading thread spent
     # outside its timed steps, including waiting for the writer
@@ -360,30 +388,41 @@ def one_batch(ctx: WorkerContext, dsn: str, n: int, profile: bool, existing: int
     say(f"  ingest_batch wrote {written:,} results in {ingest_s:.2f}s "
         f"({', '.join(f'{k} {v:.2f}s' for k, v in ingest_steps.items())}); "
         f"{succeeded:,} succeeded, {ledger:,} ledger rows")
+    say(f"  CPU over the ingestion: {', '.join(f'{k} {v:.2f}s' for k, v in cpu.items())} "
+        f"(of {ingest_s * (os.cpu_count() or 1):.2f} core-seconds)")
     return BatchFigures(n, insert_s, claim_s, submit_s, steps, file_mb, provider_s, ingest_s, ingest_steps,
                         succeeded, ledger)
 
 
 def repeated_batches(ctx: WorkerContext, dsn: str, args: argparse.Namespace) -> BatchFigures:
     """`--batch-runs` batches one after the other in the same database (the finished tasks loaded once),
-    cycling through `--ingest-writers`; the run of median ingestion time per writer count is reported."""
+    cycling through the combinations of `--ingest-writers` and `--ingest-chunk-lines`; the run of median
+    ingestion time per combination is reported."""
     writer_counts = [int(w) for w in args.ingest_writers.split(",")] if args.ingest_writers else \
         [getattr(ctx.config.batch, "ingest_writers", 1)]  # a checkout from before the setting wrote with one
-    runs: dict[int, list[BatchFigures]] = defaultdict(list)
+    chunk_sizes = [int(c) for c in args.ingest_chunk_lines.split(",")] if args.ingest_chunk_lines else \
+        [ctx.config.batch.ingest_chunk_lines]
+    variants = [(writers, chunk) for writers in writer_counts for chunk in chunk_sizes]
+    varied = bool(args.ingest_writers or args.ingest_chunk_lines)
+    runs: dict[tuple[int, int], list[BatchFigures]] = defaultdict(list)
     for run in range(args.batch_runs):
-        writers = writer_counts[run % len(writer_counts)]
-        if args.ingest_writers:
-            ctx.config = ctx.config.model_copy(
-                update={"batch": ctx.config.batch.model_copy(update={"ingest_writers": writers})})
-        if args.batch_runs > 1 or args.ingest_writers:
-            say(f"batch run {run + 1} of {args.batch_runs}: {writers} ingest writer(s)")
-        runs[writers].append(one_batch(ctx, dsn, BATCH_LINES, args.profile, args.existing_tasks if run == 0 else 0))
+        writers, chunk = variants[run % len(variants)]
+        if varied:
+            update: dict[str, int] = {"ingest_chunk_lines": chunk}
+            if args.ingest_writers:
+                update["ingest_writers"] = writers
+            ctx.config = ctx.config.model_copy(update={"batch": ctx.config.batch.model_copy(update=update)})
+        if args.batch_runs > 1 or varied:
+            say(f"batch run {run + 1} of {args.batch_runs}: {writers} ingest writer(s), chunks of {chunk:,} lines")
+        runs[writers, chunk].append(one_batch(ctx, dsn, BATCH_LINES, args.profile,
+                                              args.existing_tasks if run == 0 else 0))
     medians = {}
-    for writers, figures in runs.items():
+    for (writers, chunk), figures in runs.items():
         figures.sort(key=lambda f: f.ingest_s)
-        medians[writers] = figures[len(figures) // 2]
-        say(f"  {writers} writer(s): ingestion " + ", ".join(f"{f.lines / f.ingest_s:,.0f}" for f in figures)
-            + f" lines/s; median {medians[writers].lines / medians[writers].ingest_s:,.0f} lines/s")
+        medians[writers, chunk] = figures[len(figures) // 2]
+        say(f"  {writers} writer(s), chunks of {chunk:,}: ingestion "
+            + ", ".join(f"{f.lines / f.ingest_s:,.0f}" for f in figures)
+            + f" lines/s; median {medians[writers, chunk].lines / medians[writers, chunk].ingest_s:,.0f} lines/s")
     return min(medians.values(), key=lambda f: f.ingest_s)
 
 
@@ -703,6 +742,9 @@ def main() -> None:
                         help="measure N 50,000-line batches in the same database (median reported)")
     parser.add_argument("--ingest-writers", metavar="LIST",
                         help="[batch] ingest_writers for the batch runs, cycled through (e.g. 1,2); default: config")
+    parser.add_argument("--ingest-chunk-lines", metavar="LIST",
+                        help="[batch] ingest_chunk_lines for the batch runs, cycled through with the writer counts "
+                             "(e.g. 10000,5000); default: config")
     parser.add_argument("--existing-tasks", type=int, default=0, metavar="N",
                         help="COPY N finished tasks into the scratch database before the 50,000-line batch")
     add_run_arguments(parser)
