@@ -8,23 +8,31 @@ looped over the tasks and read the whole chunk again for each one: a 50,000-line
 installation took minutes to ingest instead of seconds. Each test builds exactly that state and checks,
 with EXPLAIN ANALYZE (rolled back), that the chunk's lines are read in one pass. (The statements that send
 lines back or fail them were planned in one pass already, through the batch's index; their test keeps
-them so.)"""
+them so.)
+
+The last test runs the bulk statements as a long-lived worker connection ends up running them: prepared
+(psycopg prepares a statement after a few executions) and by a generic plan, which Postgres may settle
+on after a few more. Not planned for its months' range, a statement read every task of those months for
+each chunk."""
 
 from __future__ import annotations
 
 import json
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
 import pytest
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
 from bench._common import copy_rows, waiting_rows
 from tierbatch.db import bulk_sql
 from tierbatch.db.partitions import months_spanned
 from tierbatch.tasks import transitions
+from tierbatch.tasks.retention import remove_bodies
 
 pytestmark = pytest.mark.integration
 
@@ -108,3 +116,57 @@ def test_lines_sent_back_or_failed_are_read_once_against_stale_statistics(
     assert scans, "the statement reads its lines from unnest()"
     assert [n["Actual Loops"] for n in scans] == [1] * len(scans)
     assert sum(int(row[3]) for row in conn.execute(sql, params)) == CHUNK
+
+
+LINES = 5_000  # a chunk of a tenth of the batch's (and the month's) 50,000 tasks
+
+
+def tasks_read(conn: sa.Connection) -> int:
+    """Rows of `tasks` read so far in this transaction: by sequential and by index scans, every partition."""
+    return int(conn.execute(sa.text(
+        "SELECT coalesce(sum(coalesce(s.seq_tup_read, 0) + coalesce(s.idx_tup_fetch, 0)), 0)"
+        " FROM pg_stat_xact_user_tables AS s JOIN pg_inherits AS i ON i.inhrelid = s.relid"
+        " WHERE i.inhparent = CAST('tasks' AS regclass)")).scalar_one())
+
+
+def test_bulk_statements_read_their_lines_only_when_prepared_and_run_by_a_generic_plan(
+        in_batch: tuple[sa.Connection, uuid.UUID, list[uuid.UUID]]) -> None:
+    conn, batch, ids = in_batch
+    driver = conn.connection.driver_connection
+    assert isinstance(driver, psycopg.Connection)
+    driver.prepare_threshold = 0  # every statement prepared on its first execution
+    conn.execute(sa.text("SET plan_cache_mode = force_generic_plan"))  # rolled back with the fixture
+    session = Session(bind=conn)
+    errors = {task_id: "expired" for task_id in ids[:LINES]}
+
+    def reads(operation: str, run: Any) -> int:
+        before = tasks_read(conn)
+        moved = run()
+        read = tasks_read(conn) - before
+        assert moved == LINES, f"{operation} moved {moved} tasks"
+        return read
+
+    read = {}
+    conn.execute(sa.text(bulk_sql.CREATE_INGEST_TABLE))
+    conn.execute(sa.text(
+        "INSERT INTO ingest_rows (id, status, served_model, output, input_tokens, cached_tokens, cache_write_tokens,"
+        " output_tokens, reasoning_tokens, cost_usd, baseline_cost_usd)"
+        " SELECT id, 'succeeded', 'gpt-4o-mini', 'ok', 10, 0, 0, 1, 0, 0.000001, 0.00001"
+        " FROM unnest(CAST(:ids AS uuid[])) AS v(id)"), {"ids": ids[LINES:2 * LINES]})
+    conn.execute(sa.text("ANALYZE ingest_rows (id)"))
+    read["ingest"] = reads("ingestion", lambda: int(transitions.apply_ingested_rows(
+        conn, batch, "sim", "gpt-4o-mini", ids[LINES:2 * LINES], []).written))
+    read["return"] = reads("returning lines", lambda: transitions.return_lines_to_waiting(session, batch, errors, 3))
+    second = uuid.uuid4()
+    conn.execute(sa.text("INSERT INTO provider_batches (id, provider, model, status, request_count, byte_size,"
+                         " attempts) VALUES (:id, 'sim', 'gpt-4o-mini', 'preparing', :n, 0, 0)"),
+                 {"id": second, "n": LINES})
+    read["claim"] = reads("the claim", lambda: transitions.claim_for_batch(session, second, list(errors)))
+    read["fail"] = reads("failing lines", lambda: transitions.fail_batch_lines(session, second, errors))
+    read["retention"] = reads("retention", lambda: remove_bodies(session, datetime.now(UTC) + timedelta(hours=1),
+                                                                    LINES))
+    # each task looked up by its id (its row versions of this transaction included), not every task of its
+    # month (planned over the range alone, ingestion read all 50,000 for 5,000 lines); returning lines reads
+    # the batch's index, so it is bounded by the batch (here, all of the month's tasks)
+    del read["return"]
+    assert {operation: n for operation, n in read.items() if n >= TASKS // 2} == {}, read

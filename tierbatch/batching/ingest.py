@@ -26,7 +26,7 @@ from tierbatch.base.states import Mode, Tier
 from tierbatch.cache.responses import maybe_cacheable
 from tierbatch.db.bulk_sql import COPY_INGEST_ROWS, CREATE_INGEST_TABLE
 from tierbatch.db.models import ProviderBatch
-from tierbatch.db.partitions import months_spanned
+from tierbatch.db.partitions import months_spanned, plan_for_the_values
 from tierbatch.ledger.pricing import PriceBook
 from tierbatch.ledger.rows import usage_columns
 from tierbatch.metrics.catalog import LINES_INGESTED
@@ -247,6 +247,7 @@ def _success_rows(session: Session, prices: PriceBook, batch: ProviderBatch,
     params: dict[str, Any] = {"ids": "{" + ",".join(texts) + "}", **months_spanned(successes)}
     if quality is not None:
         params.update(rate_params(quality))
+    plan_for_the_values(session)
     for group in session.execute(_chunk_requests(quality is not None, _cacheable_sql(cache)), params):
         if group.watch:
             watch.extend(uuid.UUID(task_id) for task_id in group.watch)

@@ -32,7 +32,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, UUID
 from sqlalchemy.orm import Session
 
 from tierbatch.base.states import FINAL_CLIENT_BATCH_STATUSES, sql_in
-from tierbatch.db.partitions import months_spanned
+from tierbatch.db.partitions import months_spanned, plan_for_the_values
 from tierbatch.metrics.catalog import RETENTION_BODIES_REMOVED, RemovedKind
 from tierbatch.metrics.commit import after_commit
 from tierbatch.tasks.labels import extract_label, labels_of
@@ -75,6 +75,7 @@ def remove_bodies(session: Session, cutoff: datetime, limit: int) -> int:
         return 0
     ids: list[uuid.UUID] = [row.id for row in rows]
     kept = [kept_output(row.output, row.response_format) for row in rows]
+    plan_for_the_values(session)
     result = session.execute(_REMOVE, {"ids": ids, "kept": kept, **months_spanned(ids)})
     removed = int(getattr(result, "rowcount", 0) or 0)
     if removed:

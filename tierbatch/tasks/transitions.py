@@ -46,7 +46,7 @@ from tierbatch.base.errors import TransitionError
 from tierbatch.base.states import CANCELLABLE_TASK_STATUSES, Mode, TaskStatus
 from tierbatch.db.bulk_sql import INGEST_LEDGER_COLUMNS, LEDGER_USAGE_COLUMNS
 from tierbatch.db.models import Task
-from tierbatch.db.partitions import months_spanned
+from tierbatch.db.partitions import months_spanned, plan_for_the_values
 from tierbatch.metrics.record import FinishedTasks, tasks_finished
 
 ESCALATABLE_STATUSES = (TaskStatus.WAITING_BATCH, TaskStatus.IN_BATCH)
@@ -253,6 +253,7 @@ def claim_for_batch(session: Session, batch_id: uuid.UUID, task_ids: Sequence[uu
     # one array parameter, not 50,000 bound parameters, read through a sub-select: given the values, the
     # planner estimated each one against the statistics of each partition (~0.2 s for 50,000); the months'
     # range prunes the partitions (`months_spanned`: an array this long prunes none)
+    plan_for_the_values(session)
     moved = session.execute(text(
         "UPDATE tasks SET status = 'in_batch', batch_id = :batch, attempts = attempts + 1, updated_at = now() "
         "WHERE id = ANY(CAST((SELECT CAST(:ids AS uuid[])) AS uuid[])) AND status = 'waiting_batch' "
@@ -315,6 +316,7 @@ def apply_ingested_rows(connection: Connection, batch_id: uuid.UUID, provider: s
     the metrics `finished` ([status, tier, count] as JSON) and `billed` ([tenant, shadow, cost, baseline,
     unpriced] as JSON; the caller counts them after its commit, `tierbatch.metrics.record`). `ids`: the
     temp table's task ids."""
+    plan_for_the_values(connection)
     return connection.execute(APPLY_INGEST_ROWS, {"batch": batch_id, "provider": provider, "model": model,
                                                    "watch": list(watch), **months_spanned(ids)}).one()
 
@@ -348,6 +350,7 @@ def return_lines_to_waiting(session: Session, batch_id: uuid.UUID, errors: dict[
                             max_attempts: int) -> int:
     """in_batch → waiting_batch for another batch, or → failed once a task has used `max_attempts`
     batches; how many moved."""
+    plan_for_the_values(session)
     groups = session.execute(RETURN_LINES_TO_WAITING, {
         "ids": list(errors), "errors": list(errors.values()), "max": max_attempts, "batch": batch_id,
         **months_spanned(errors)}).all()
@@ -357,6 +360,7 @@ def return_lines_to_waiting(session: Session, batch_id: uuid.UUID, errors: dict[
 
 def fail_batch_lines(session: Session, batch_id: uuid.UUID, errors: dict[uuid.UUID, str]) -> int:
     """in_batch → failed with each line's error; how many moved."""
+    plan_for_the_values(session)
     groups = session.execute(FAIL_BATCH_LINES, {"ids": list(errors), "errors": list(errors.values()),
                                                 "batch": batch_id, **months_spanned(errors)}).all()
     _tally(session, groups)
