@@ -323,7 +323,13 @@ def apply_ingested_rows(connection: Connection, batch_id: uuid.UUID, provider: s
 
 # a bulk statement's `moved` rows counted by (status, tier, mode): one row per group back, not one per task
 _GROUPED = "SELECT status::text, tier::text, mode::text, count(*) FROM moved GROUP BY 1, 2, 3"
-_ERROR_LINES = "unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error)"
+# a chunk's error lines, each carrying the batch it came from, and the guard as a join condition between
+# each task and its line (as in APPLY_INGEST_ROWS): as a filter of `tasks` alone, with statistics from
+# before the claim, the planner read the whole batch through its index for every chunk
+_ERROR_LINES = ("(SELECT v.*, CAST(:batch AS uuid) AS batch_id"
+                " FROM unnest(CAST(:ids AS uuid[]), CAST(:errors AS text[])) AS v(id, error) OFFSET 0) AS v")
+_STILL_IN_THE_BATCH = ("t.id = v.id AND (t.status = 'in_batch' AND t.batch_id = v.batch_id) IS TRUE"
+                       " AND t.id >= :months_from AND t.id < :months_to")
 
 RETURN_LINES_TO_WAITING = text(
     "WITH moved AS (UPDATE tasks AS t SET "
@@ -333,16 +339,13 @@ RETURN_LINES_TO_WAITING = text(
     "  error = CASE WHEN t.attempts >= :max THEN 'gave up after ' || t.attempts || ' batches: ' || v.error "
     "          ELSE v.error END, "
     "  updated_at = now() "
-    f"FROM {_ERROR_LINES} "
-    "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch "
-    "AND t.id >= :months_from AND t.id < :months_to RETURNING t.status, t.tier, t.mode) " + _GROUPED
+    f"FROM {_ERROR_LINES} WHERE {_STILL_IN_THE_BATCH} RETURNING t.status, t.tier, t.mode) " + _GROUPED
 )
 
 FAIL_BATCH_LINES = text(
     "WITH moved AS (UPDATE tasks AS t SET status = 'failed', finished_at = now(), error = v.error, "
-    f"updated_at = now() FROM {_ERROR_LINES} "
-    "WHERE t.id = v.id AND t.status = 'in_batch' AND t.batch_id = :batch "
-    "AND t.id >= :months_from AND t.id < :months_to RETURNING t.status, t.tier, t.mode) " + _GROUPED
+    f"updated_at = now() FROM {_ERROR_LINES} WHERE {_STILL_IN_THE_BATCH} RETURNING t.status, t.tier, t.mode) "
+    + _GROUPED
 )
 
 
