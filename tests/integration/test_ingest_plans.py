@@ -29,8 +29,10 @@ import sqlalchemy as sa
 from sqlalchemy.orm import Session
 
 from bench._common import copy_rows, waiting_rows
+from tests.support.stack import scratch_database
 from tierbatch.db import bulk_sql
 from tierbatch.db.partitions import months_spanned
+from tierbatch.migrations.runner import upgrade_to_head
 from tierbatch.tasks import transitions
 from tierbatch.tasks.retention import remove_bodies
 
@@ -40,11 +42,20 @@ TASKS = 50_000  # a full batch
 CHUNK = 10_000  # its first chunk (`[batch] ingest_chunk_lines`)
 
 
+@pytest.fixture(scope="module")
+def own_database_url(base_database_url: str) -> Iterator[str]:
+    """A database of this module's own: the rows each statement reads, and the plans that decide them, are
+    those of the fixture's tasks alone, not of whatever other tests left in the month."""
+    with scratch_database(base_database_url) as url:
+        upgrade_to_head(url)
+        yield url
+
+
 @pytest.fixture
-def in_batch(migrated_database_url: str) -> Iterator[tuple[sa.Connection, uuid.UUID, list[uuid.UUID]]]:
+def in_batch(own_database_url: str) -> Iterator[tuple[sa.Connection, uuid.UUID, list[uuid.UUID]]]:
     """A connection inside a transaction (rolled back) where TASKS tasks are `in_batch` in one batch, with
     the statistics taken while they were still waiting."""
-    engine = sa.create_engine(migrated_database_url)
+    engine = sa.create_engine(own_database_url)
     tenant, batch = uuid.uuid4(), uuid.uuid4()
     try:
         with engine.connect() as conn:
