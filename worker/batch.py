@@ -29,6 +29,7 @@ from tierbatch.batching.ingest import (
     IngestedChunk,
     PreparedChunk,
     classify_lines,
+    collector_paused,
     prepare_outcomes,
     return_lines_to_waiting,
     write_prepared,
@@ -199,7 +200,8 @@ def _ingest_locked(ctx: WorkerContext, batch_id: uuid.UUID, resubmit: Callable[[
     # on another core); chunks hold disjoint tasks, so the order in which they commit does not matter,
     # and at most `ingest_writers` + 1 are held in memory
     writers_at_once = ctx.config.batch.ingest_writers
-    with ThreadPoolExecutor(max_workers=writers_at_once, thread_name_prefix="tierbatch-ingest") as writers:
+    with collector_paused(), \
+            ThreadPoolExecutor(max_workers=writers_at_once, thread_name_prefix="tierbatch-ingest") as writers:
         pending: deque[Future[IngestedChunk]] = deque()
         for lines in _chunks(api, batch, ctx.config.batch.ingest_chunk_lines):
             prepared = _prepare_chunk(ctx, batch, lines)
