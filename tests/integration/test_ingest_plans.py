@@ -7,8 +7,8 @@ planner expected one task to match the guard ("still in this batch") and, on a t
 looped over the tasks and read the whole chunk again for each one: a 50,000-line batch on a new
 installation took minutes to ingest instead of seconds. Each test builds exactly that state and checks,
 with EXPLAIN ANALYZE (rolled back), that the chunk's lines are read in one pass. (The statements that send
-lines back or fail them were planned in one pass already, through the batch's index; their test keeps
-them so.)
+lines back or fail them read their lines in one pass too; their guard is a join condition the same way, so
+they no longer read the batch's whole index for each chunk, which the last test checks.)
 
 The last test runs the bulk statements as a long-lived worker connection ends up running them: prepared
 (psycopg prepares a statement after a few executions) and by a generic plan, which Postgres may settle
