@@ -394,6 +394,50 @@ def one_batch(ctx: WorkerContext, dsn: str, n: int, profile: bool, existing: int
                         succeeded, ledger)
 
 
+# Columns the ingestion update writes that indexes of `tasks` name: while any index's key or predicate
+# names one, the update cannot be HOT (a new index entry in every index, on another page)
+INGESTION_WRITES_INDEXED = ("status", "finished_at")
+
+
+def what_if_hot_ingestion(dsn: str, fillfactor: int) -> None:
+    """`--what-if-hot`: make the scratch database's `tasks` what a schema with a HOT ingestion update would
+    be, to measure what that redesign would buy before building it: every index whose key or predicate
+    names a column in INGESTION_WRITES_INDEXED dropped, and `fillfactor` on every partition, so a task's
+    claimed and finished versions fit on its page. Not a schema the product can run: the claim finds its
+    tasks without their index (its time here is not the product's), and nothing else those indexes serve
+    is measured."""
+    names = "|".join(INGESTION_WRITES_INDEXED)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        dropped = [name for (name,) in conn.execute(
+            "SELECT c.relname FROM pg_index AS i JOIN pg_class AS c ON c.oid = i.indexrelid "
+            "WHERE i.indrelid = 'tasks'::regclass AND pg_get_indexdef(i.indexrelid) ~ %s ORDER BY 1",
+            (rf"\m({names})\M",)).fetchall()]
+        for name in dropped:
+            conn.execute(f'DROP INDEX "{name}"')
+        partitions = [name for (name,) in conn.execute(
+            "SELECT c.relname FROM pg_inherits AS i JOIN pg_class AS c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = 'tasks'::regclass ORDER BY 1").fetchall()]
+        for name in partitions:
+            conn.execute(f'ALTER TABLE "{name}" SET (fillfactor = {fillfactor})')
+    say(f"what-if (not the product's schema): dropped {', '.join(dropped)}; fillfactor {fillfactor} on "
+        f"{', '.join(partitions)}")
+
+
+def hot_updates(dsn: str, expected_updates: int) -> tuple[int, int]:
+    """(updates, of them HOT) of `tasks` in the scratch database, once the statistics count at least
+    `expected_updates` (backends report theirs up to ~10 s after going idle) or 15 s have passed."""
+    deadline = time.monotonic() + 15
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        while True:
+            updates, hot = conn.execute(
+                "SELECT coalesce(sum(n_tup_upd), 0)::bigint, coalesce(sum(n_tup_hot_upd), 0)::bigint "
+                "FROM pg_stat_user_tables WHERE relid IN (SELECT inhrelid FROM pg_inherits "
+                "WHERE inhparent = 'tasks'::regclass)").fetchone() or (0, 0)
+            if updates >= expected_updates or time.monotonic() > deadline:
+                return int(updates), int(hot)
+            time.sleep(0.25)
+
+
 def repeated_batches(ctx: WorkerContext, dsn: str, args: argparse.Namespace) -> BatchFigures:
     """`--batch-runs` batches one after the other in the same database (the finished tasks loaded once),
     cycling through the combinations of `--ingest-writers` and `--ingest-chunk-lines`; the run of median
@@ -423,6 +467,10 @@ def repeated_batches(ctx: WorkerContext, dsn: str, args: argparse.Namespace) -> 
         say(f"  {writers} writer(s), chunks of {chunk:,}: ingestion "
             + ", ".join(f"{f.lines / f.ingest_s:,.0f}" for f in figures)
             + f" lines/s; median {medians[writers, chunk].lines / medians[writers, chunk].ingest_s:,.0f} lines/s")
+    # each task of a batch is updated twice: claimed (never HOT: `batch_id` is indexed), then its result
+    claimed = BATCH_LINES * args.batch_runs
+    updates, hot = hot_updates(dsn, 2 * claimed)
+    say(f"  updates of tasks: {updates:,} ({claimed:,} claims), HOT: {hot:,}")
     return min(medians.values(), key=lambda f: f.ingest_s)
 
 
@@ -431,6 +479,8 @@ def in_process(base_url: str, redis_url: str, prefix: str, logs: Path, args: arg
     with scratch_database(base_url, prefix="tierbatch_bench") as database_url:
         upgrade_to_head(database_url)
         dsn = psycopg_dsn(database_url)
+        if args.what_if_hot is not None:
+            what_if_hot_ingestion(dsn, args.what_if_hot)
         raw = measure_raw_limits(dsn, redis_url, f"{prefix}raw-lpush", args.raw_rows, args.repeat)
         if args.skip_batch:
             return raw, None
@@ -747,8 +797,14 @@ def main() -> None:
                              "(e.g. 10000,5000); default: config")
     parser.add_argument("--existing-tasks", type=int, default=0, metavar="N",
                         help="COPY N finished tasks into the scratch database before the 50,000-line batch")
+    parser.add_argument("--what-if-hot", type=int, metavar="FILLFACTOR",
+                        help="measure a schema where ingestion's update can be HOT: drop the scratch database's "
+                             "tasks indexes naming status or finished_at, set FILLFACTOR on its partitions "
+                             "(the claim then runs without its index)")
     add_run_arguments(parser)
     args = parser.parse_args()
+    if args.what_if_hot is not None and not 10 <= args.what_if_hot <= 100:
+        parser.error("--what-if-hot: a fillfactor from 10 to 100")
     runs: list[EndToEnd] = []
     with run_place(args, "bench") as place:
         raw, batch = in_process(args.database_url, args.redis_url, place.redis_prefix, place.logs, args)
