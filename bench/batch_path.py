@@ -395,7 +395,7 @@ def one_batch(ctx: WorkerContext, dsn: str, n: int, profile: bool, existing: int
 
 
 # Columns the ingestion update writes that indexes of `tasks` name: while any index's key or predicate
-# names one, the update cannot be HOT (a new index entry in every index, on another page)
+# names one, the update cannot be HOT (each result then adds an entry to every index of the table)
 INGESTION_WRITES_INDEXED = ("status", "finished_at")
 
 
