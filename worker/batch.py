@@ -228,15 +228,18 @@ def _ingest_locked(ctx: WorkerContext, batch_id: uuid.UUID, resubmit: Callable[[
 
 
 def _chunks(api: ProviderBatches, batch: ProviderBatch, size: int) -> Iterator[list[str]]:
+    # the first chunk is a fifth of the others: no writer works until it is prepared
+    wanted = max(1, size // 5)
     for file_id in (batch.output_file_id, batch.error_file_id):
         if not file_id:
             continue
         chunk: list[str] = []
         for line in api.iter_file_lines(file_id):
             chunk.append(line)
-            if len(chunk) >= size:
+            if len(chunk) >= wanted:
                 yield chunk
                 chunk = []
+                wanted = size
         if chunk:
             yield chunk
 

@@ -39,7 +39,7 @@ from tierbatch.tasks.retention import remove_bodies
 pytestmark = pytest.mark.integration
 
 TASKS = 50_000  # a full batch
-CHUNK = 10_000  # its first chunk (`[batch] ingest_chunk_lines`)
+CHUNK = 10_000  # a whole chunk (`[batch] ingest_chunk_lines`)
 
 
 @pytest.fixture(scope="module")

@@ -158,7 +158,7 @@ def test_worker_killed_mid_run_through_pgbouncer_bills_nothing_twice(bounced: tu
     try:
         with stack.client(key) as client:
             urgent = post_job(client, "urgent", 120, urgent=True)
-            batched = post_job(client, "batched", 600, urgent=False)  # three chunks of 250 lines
+            batched = post_job(client, "batched", 600, urgent=False)  # chunks of 50, 250, 250 and 50 lines
 
             def some_urgent_done_and_paused() -> bool:
                 counts: dict[str, int] = client.get(f"/v1/jobs/{urgent}").json()["counts"]
