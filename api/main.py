@@ -12,8 +12,8 @@ from tierbatch import __version__
 from tierbatch.api.context import ApiContext
 from tierbatch.api.dashboard import install_dashboard  # the web dashboard
 from tierbatch.api.errors import install_error_handlers
-from tierbatch.api.gateway_timing import GatewayTiming
-from tierbatch.api.limits import install_input_guard
+from tierbatch.api.hot_route import install_hot_route
+from tierbatch.api.limits import install_input_guard, route_limits
 from tierbatch.api.request_ids import install_request_ids
 from tierbatch.api.routes import admin, health, tasks
 from tierbatch.api.routes import costs as costs_routes  # costs and budgets
@@ -42,16 +42,18 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
         await ctx.aclose()  # OpenAI-compatible surface: pending call records, async clients
         ctx.close()
 
-    app = FastAPI(title="tierbatch", version=__version__, lifespan=lifespan)
+    # no OpenTelemetry provider is configured in this process (metrics are Prometheus'): without this,
+    # FastAPI looks the three providers up on every request to find its telemetry off
+    app = FastAPI(title="tierbatch", version=__version__, lifespan=lifespan,
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.ctx = ctx
     install_error_handlers(app)
     install_input_guard(app, ctx.file_limits)
-    app.add_middleware(GatewayTiming)  # tierbatch_gateway_request_seconds
+    # `POST /v1/chat/completions` past the framework's stack (its timing, guard and handlers its own)
+    install_hot_route(app, route_limits(ctx.file_limits))
     install_request_ids(app)  # the outermost layer: every answer and log line of a request has its id
-    # OpenAI-compatible surface first, so the hot `POST /v1/chat/completions` matches at once
     for openai_module in (openai_chat_routes, openai_models_routes, openai_batches_routes):
         app.include_router(openai_module.router)
-    openai_chat_routes.install_fast_chat_route(app)  # the hot route, ahead of all
     for module in (health, tasks, admin):
         app.include_router(module.router)
     app.include_router(jobs_routes.router)  # bulk jobs

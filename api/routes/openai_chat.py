@@ -20,9 +20,8 @@ import uuid
 from typing import Any
 
 import anyio
-from fastapi import APIRouter, FastAPI, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
-from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from tierbatch.api.context import ApiContext
@@ -113,17 +112,9 @@ async def chat_completions(request: Request) -> Response:
 
 class ChatCompletionsApp:
     """The same route as a raw ASGI app, without FastAPI's per-request machinery (dependency resolution,
-    its own exception wrapper: about a tenth of the API's CPU per proxied call). Every check is the
-    route's own; an error raised here is answered by the app's exception handlers like any route's.
-    (A class, not a function: Starlette mounts an ASGI callable that is not a function as it is.)"""
+    its own exception wrapper), served ahead of the framework's stack (`tierbatch.api.hot_route`). Every
+    check is the route's own; an error raised here is answered by the app's exception handlers."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await chat_completions(Request(scope, receive, send))
         await response(scope, receive, send)
-
-
-def install_fast_chat_route(app: FastAPI) -> None:
-    """Serve `POST /v1/chat/completions` with `ChatCompletionsApp`, matched before every other route;
-    the FastAPI route stays registered for the OpenAPI description."""
-    app.router.routes.insert(0, Route("/v1/chat/completions", ChatCompletionsApp(), methods=["POST"],
-                                      include_in_schema=False))

@@ -70,6 +70,14 @@ def test_gateway_write_runs(migrated_database_url: str) -> None:
         conn.rollback()
 
 
+def test_gateway_write_with_positional_placeholders_prepares_and_runs(migrated_database_url: str) -> None:
+    """The call writer prepares this form on its connection: $1 the task rows, $2 the ledger rows."""
+    with psycopg.connect(psycopg_dsn(migrated_database_url)) as conn:
+        conn.execute(f"PREPARE positional_gateway_write AS {bulk_sql.GATEWAY_WRITE_POSITIONAL}")
+        conn.execute("EXECUTE positional_gateway_write('[]', '[]')")
+        conn.rollback()
+
+
 def _partitions_updated(connection: sa.Connection, statement: sa.TextClause, params: dict[str, object]) -> set[str]:
     """The partitions of `tasks` the statement's plan writes to (the others are pruned at planning)."""
     explain = sa.text("EXPLAIN " + statement.text).bindparams(*statement._bindparams.values())

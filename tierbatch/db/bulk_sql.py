@@ -165,3 +165,6 @@ def _gateway_write() -> str:
 
 
 GATEWAY_WRITE = _gateway_write()
+# the same with positional placeholders, for a server-side prepared statement (`tierbatch.db.prepared`):
+# $1 the task rows, $2 the ledger rows
+GATEWAY_WRITE_POSITIONAL = GATEWAY_WRITE.replace("%(tasks)s", "$1").replace("%(ledger)s", "$2")
