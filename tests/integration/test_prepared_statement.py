@@ -1,7 +1,8 @@
 """`tierbatch.db.prepared`: a statement prepared on a psycopg async connection and run over its libpq
 handle, against a real Postgres: its rows land as sent, the server's errors come back as psycopg's
 class for their SQLSTATE (the connection still usable), and a connection killed under it raises
-OperationalError rather than hanging."""
+OperationalError rather than hanging. The gateway's call writer, which prepares its statement on each
+connection it opens, closes that connection when preparing fails."""
 
 from __future__ import annotations
 
@@ -10,8 +11,9 @@ from collections.abc import AsyncIterator
 import psycopg
 import pytest
 
-from tests.support.stack import psycopg_dsn
+from tests.support.stack import psycopg_dsn, scratch_database
 from tierbatch.db.prepared import PreparedStatement
+from tierbatch.gateway.recorder import CallWriter
 
 pytestmark = pytest.mark.anyio
 
@@ -67,3 +69,18 @@ async def test_a_connection_killed_under_it_raises_operational_error(
         killer.execute("SELECT pg_terminate_backend(%s)", (pid,))
     with pytest.raises(psycopg.OperationalError):
         await INSERT.run(connection, ("1", "lost"))
+
+
+async def test_the_call_writer_leaves_no_connection_behind_when_preparing_fails(base_database_url: str) -> None:
+    """A database without the schema (say, mid-migration): the writer's statement cannot be prepared, the
+    write raises, and the connection it opened for it is closed, write after write."""
+    with scratch_database(base_database_url, prefix="tierbatch_noschema") as empty:
+        writer = CallWriter(psycopg_dsn(empty))
+        for _ in range(3):
+            with pytest.raises(psycopg.errors.UndefinedTable):
+                await writer.write([])
+        await writer.aclose()
+        with psycopg.connect(psycopg_dsn(base_database_url), autocommit=True) as watcher:
+            row = watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                                  (psycopg.conninfo.conninfo_to_dict(psycopg_dsn(empty))["dbname"],)).fetchone()
+        assert row == (0,)

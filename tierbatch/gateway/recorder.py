@@ -209,9 +209,13 @@ class CallWriter:
         if self._pgbouncer:
             return await psycopg.AsyncConnection.connect(self._dsn, autocommit=True, prepare_threshold=None)
         connection = await psycopg.AsyncConnection.connect(self._dsn, autocommit=True)
-        if not self._durable:
-            await connection.execute("SET synchronous_commit = off")
-        await _PREPARED_WRITE.prepare(connection)
+        try:
+            if not self._durable:
+                await connection.execute("SET synchronous_commit = off")
+            await _PREPARED_WRITE.prepare(connection)
+        except BaseException:
+            await connection.close()  # not yet the writer's: `aclose` would not see it
+            raise
         return connection
 
     async def _execute(self, connection: psycopg.AsyncConnection[Any], records: Sequence[CallRecord]) -> None:
