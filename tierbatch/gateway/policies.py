@@ -12,6 +12,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from tierbatch.base.config import AppConfig
 from tierbatch.base.errors import BudgetExceeded
+from tierbatch.base.flights import SingleFlight
 from tierbatch.costs.budgets import check_budget
 from tierbatch.routing.rules import RuleView, tenant_rules
 
@@ -35,6 +36,7 @@ class TenantPolicies:
         self._config = config
         self._ttl = ttl
         self._entries: dict[uuid.UUID, tuple[float, TenantPolicy]] = {}
+        self._lookups: SingleFlight[uuid.UUID, TenantPolicy] = SingleFlight()
 
     def _lookup(self, tenant_id: uuid.UUID) -> TenantPolicy:
         with self._sessions() as session:
@@ -47,12 +49,17 @@ class TenantPolicies:
 
     def forget(self, tenant_id: uuid.UUID) -> None:
         self._entries.pop(tenant_id, None)
+        self._lookups.forget()  # the next call looks again, whatever is in flight
 
     async def policy(self, tenant_id: uuid.UUID) -> TenantPolicy:
-        now = time.monotonic()
         entry = self._entries.get(tenant_id)
-        if entry is not None and entry[0] > now:
+        if entry is not None and entry[0] > time.monotonic():
             return entry[1]
+        return await self._lookups.run(tenant_id, lambda: self._look_up(tenant_id))
+
+    async def _look_up(self, tenant_id: uuid.UUID) -> TenantPolicy:
+        """One lookup per tenant however many calls wait for it (they all expire together)."""
+        now = time.monotonic()
         found = await anyio.to_thread.run_sync(self._lookup, tenant_id)
         if len(self._entries) > 10_000:
             self._entries.clear()

@@ -36,6 +36,7 @@ from redis.exceptions import RedisError
 from sqlalchemy.orm import Session, sessionmaker
 
 from tierbatch.base.errors import RateLimited, Unauthenticated
+from tierbatch.base.flights import SingleFlight
 from tierbatch.tenants.store import KeyGrant, grant_for_key, hash_api_key
 
 log = logging.getLogger(__name__)
@@ -174,10 +175,12 @@ class KeyAuthenticator:
         self._next_check = 0.0
         self._blind = True  # until the generation was read once: nothing is remembered
         self._epoch = 0  # counts forgets: a lookup started before one is not remembered
+        self._lookups: SingleFlight[str, KeyGrant | None] = SingleFlight()  # by key digest
 
     def _forget(self) -> None:
         self._valid.clear()
         self._invalid.clear()
+        self._lookups.forget()  # a lookup started before a revocation answers only its own callers
         self._epoch += 1
 
     async def _refresh(self, now: float) -> None:
@@ -205,12 +208,18 @@ class KeyAuthenticator:
             return known[1]
         grant: KeyGrant | None = None
         if len(api_key) <= MAX_KEY_CHARS and self._invalid.get(digest, 0.0) <= now:
-            epoch = self._epoch
-            grant = await anyio.to_thread.run_sync(self._lookup, api_key)
-            if epoch == self._epoch and not self._blind:
-                self._remember(digest, grant, time.monotonic())
+            grant = await self._lookups.run(digest, lambda: self._look_up(api_key, digest))
         if grant is None:
             await self._refuse(address, "invalid API key")
+        return grant
+
+    async def _look_up(self, api_key: str, digest: str) -> KeyGrant | None:
+        """One lookup of a key however many requests wait for it; remembered unless a forget came
+        meanwhile."""
+        epoch = self._epoch
+        grant = await anyio.to_thread.run_sync(self._lookup, api_key)
+        if epoch == self._epoch and not self._blind:
+            self._remember(digest, grant, time.monotonic())
         return grant
 
     async def _refuse(self, address: str, message: str, *, challenge: bool = True) -> NoReturn:
