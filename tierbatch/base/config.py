@@ -73,8 +73,10 @@ class TierConfig(_Section):
 
     @property
     def chain(self) -> list[ModelRef]:
-        """The primary model followed by its fallbacks, in the order they are tried."""
-        return [ModelRef(provider=self.provider, model=self.model), *self.fallbacks]
+        """The primary model followed by its fallbacks, in the order they are tried. (The primary's reference
+        is built without validating again what this section's own validation checked: this runs on every
+        gateway call.)"""
+        return [ModelRef.model_construct(provider=self.provider, model=self.model), *self.fallbacks]
 
 
 class BatchConfig(_Section):
