@@ -1,11 +1,12 @@
 """tasks without the per-row foreign key to their provider batch
 
-The batch assembler moves a batch's tasks to `in_batch` in the transaction that inserts the batch row,
-setting `batch_id` to that row's id (`tasks.transitions.claim_for_batch`); no other path sets it, and
-provider batches are never deleted. The foreign key's per-row check (a probe of `provider_batches` and a
-`FOR KEY SHARE` lock of the same batch row, once per task) was about 0.7 s of the 1.6 s that claiming a
-50,000-task batch took against a million-task table. The index `ix_tasks_batch` stays; so do the keys to
-tenants and jobs (an insert's check of those measured within noise for one row).
+A task's `batch_id` is only ever set to a batch row inserted in the same transaction: by the claim
+(`tasks.transitions.claim_for_batch`) and by the split of a batch the provider refused
+(`batching.lifecycle.split_failed_batch`); provider batches are never deleted. The foreign key's per-row
+check (a probe of `provider_batches` and a `FOR KEY SHARE` lock of the same batch row, once per task) was
+about 0.7 s of the 1.6 s that claiming a 50,000-task batch took against a million-task table. The index
+`ix_tasks_batch` stays; so do the keys to tenants and jobs (a task must name its tenant; their checks cost a
+bulk insert about a fifth and a single insert nothing measurable).
 
 Downgrade adds the key back, validated against the rows already written.
 

@@ -210,17 +210,6 @@ def test_ledger_task_foreign_key_is_dropped_and_restored_on_downgrade(base_datab
             ("fk_ledger_entries_task_id_tasks", "FOREIGN KEY (task_id) REFERENCES tasks(id)")]
 
 
-def _task_foreign_keys(url: str) -> list[str]:
-    engine = create_engine(url, poolclass=pool.NullPool)
-    try:
-        with engine.connect() as connection:
-            return list(connection.scalars(text(
-                "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
-                "WHERE contype = 'f' AND conrelid = 'tasks'::regclass ORDER BY 1")))
-    finally:
-        engine.dispose()
-
-
 def test_task_batch_foreign_key_is_dropped_and_restored_on_downgrade(base_database_url: str) -> None:
     kept = ["FOREIGN KEY (job_id) REFERENCES jobs(id)", "FOREIGN KEY (tenant_id) REFERENCES tenants(id)"]
     batch_key = "FOREIGN KEY (batch_id) REFERENCES provider_batches(id)"
@@ -228,17 +217,19 @@ def test_task_batch_foreign_key_is_dropped_and_restored_on_downgrade(base_databa
     on_partitions = ("SELECT count(*) FROM pg_constraint c JOIN pg_class r ON r.oid = c.conrelid "
                      "WHERE c.contype = 'f' AND r.relname LIKE 'tasks\\_%' "
                      "AND pg_get_constraintdef(c.oid) LIKE '%provider_batches%'")
+    on_tasks = ("SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE contype = 'f' AND conrelid = 'tasks'::regclass ORDER BY 1")
     with scratch_database(base_database_url, prefix="tierbatch_migration") as url:
         config = alembic_config(url)
         command.upgrade(config, "0016")
-        assert _task_foreign_keys(url) == sorted([batch_key, *kept])
+        assert [d for (d,) in _rows(url, on_tasks)] == sorted([batch_key, *kept])
         [(copies,)] = _rows(url, on_partitions)
         assert isinstance(copies, int) and copies > 0
         command.upgrade(config, "0017")
-        assert _task_foreign_keys(url) == kept
+        assert [d for (d,) in _rows(url, on_tasks)] == kept
         assert _rows(url, on_partitions) == [(0,)]
         command.downgrade(config, "0016")
-        assert _task_foreign_keys(url) == sorted([batch_key, *kept])
+        assert [d for (d,) in _rows(url, on_tasks)] == sorted([batch_key, *kept])
         assert _rows(url, on_partitions) == [(copies,)]
 
 

@@ -114,8 +114,9 @@ class Task(Base):
     provider: Mapped[str | None] = mapped_column(Text)
     model: Mapped[str | None] = mapped_column(Text)
     served_model: Mapped[str | None] = mapped_column(Text)
-    # the provider batch whose row the claim inserted in the same transaction; no foreign key: its per-row
-    # check (a probe and a lock of that one batch row, once per task) was nearly half of a 50,000-task claim
+    # set only to a batch row inserted in the same transaction (the claim, the split of a refused batch);
+    # no foreign key: its per-row check (a probe and a lock of that one batch row, once per task) was
+    # nearly half of a 50,000-task claim
     batch_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
     output: Mapped[str | None] = mapped_column(Text)
     response: Mapped[dict[str, Any] | None] = mapped_column(JSONB)
