@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
         yield
         await ctx.aclose()  # OpenAI-compatible surface: pending call records, async clients
         ctx.close()
+        access_lines.flush()
 
     # no OpenTelemetry provider is configured in this process (metrics are Prometheus'): without this,
     # FastAPI looks the three providers up on every request to find its telemetry off
@@ -51,7 +52,8 @@ def create_app(settings: Settings | None = None, config: AppConfig | None = None
     install_input_guard(app, ctx.file_limits)
     # `POST /v1/chat/completions` past the framework's stack (its timing, guard and handlers its own)
     install_hot_route(app, route_limits(ctx.file_limits))
-    install_request_ids(app)  # the outermost layer: every answer and log line of a request has its id
+    # the outermost layer: every answer and log line of a request has its id
+    access_lines = install_request_ids(app)
     for openai_module in (openai_chat_routes, openai_models_routes, openai_batches_routes):
         app.include_router(openai_module.router)
     for module in (health, tasks, admin):

@@ -11,10 +11,15 @@ ServerErrorMiddleware, so a 500 carries the id too):
   guard, streams;
 - at the end it logs one line to `tierbatch.access` at INFO: method, path (no query string, bounded and
   printable), status, duration_ms, and the task the answer names (`x-tierbatch-task-id`), if any.
+
+The access lines are handed to logging in groups (`AccessLines`), a tenth of a second after the first
+of a group: made and written where each request ended, a line cost the event loop about as much as
+the rest of the middleware stack, and the next request on the connection waited for it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -51,8 +56,66 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+# what a finished request leaves for its access line: method, path, status, seconds taken, request id, the
+# task the answer names, and the wall-clock time it ended
+_Finished = tuple[str, str, int | None, float, str, str | None, float]
+
+
+class AccessLines:
+    """The access lines of finished requests, made and handled `delay_seconds` after the first of a group
+    (0: at once), each with the time its request ended; a group also goes at `max_kept` lines, and on
+    `flush` (the app's shutdown). A process killed outright loses the last `delay_seconds` of lines."""
+
+    def __init__(self, logger: logging.Logger = access_log, *, delay_seconds: float = 0.1,
+                 max_kept: int = 1000) -> None:
+        self.logger = logger
+        self.delay_seconds = delay_seconds
+        self.max_kept = max_kept
+        self._kept: list[_Finished] = []
+
+    def add(self, scope: Scope, request_id: str, status: int | None, started: float, task_id: str | None) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        finished = (scope["method"], scope["path"], status, time.perf_counter() - started, request_id, task_id,
+                    time.time())
+        if self.delay_seconds <= 0:
+            self._handle(finished)
+            return
+        self._kept.append(finished)
+        if len(self._kept) >= self.max_kept:
+            self.flush()
+        elif len(self._kept) == 1:
+            try:
+                asyncio.get_running_loop().call_later(self.delay_seconds, self.flush)
+            except RuntimeError:  # no event loop to come back to
+                self.flush()
+
+    def flush(self) -> None:
+        kept, self._kept = self._kept, []
+        for finished in kept:
+            self._handle(finished)
+
+    def _handle(self, finished: _Finished) -> None:
+        raw_method, raw_path, status, seconds, request_id, task_id, ended = finished
+        duration_ms = round(seconds * 1000, 2)
+        method = shown(raw_method, 16)
+        path = shown(raw_path)
+        # the id is given, not read from the context: the record is made after its request
+        extra: dict[str, object] = {"method": method, "path": path, "status": status, "duration_ms": duration_ms,
+                                    "request_id": request_id}
+        if task_id is not None:
+            extra["task_id"] = shown(task_id, 64)
+        message = f"{method} {path} {status if status is not None else '-'} {duration_ms:.1f}ms"
+        # the record made and handled directly (what `info` does, less its search of the caller's frame: the
+        # access line's origin is always this line), dated when its request ended
+        record = self.logger.makeRecord(self.logger.name, logging.INFO, __file__, 0, message, (), None, extra=extra)
+        record.created = ended
+        record.msecs = (ended - int(ended)) * 1000
+        self.logger.handle(record)
+
+
 class RequestIds:
-    def __init__(self, app: ASGIApp, access: logging.Logger = access_log) -> None:
+    def __init__(self, app: ASGIApp, access: AccessLines) -> None:
         self.app = app
         self.access = access
 
@@ -86,32 +149,19 @@ class RequestIds:
                 status = 500  # what ServerErrorMiddleware answered, or nothing reached the client
             raise
         finally:
-            if self.access.isEnabledFor(logging.INFO):
-                self._log(scope, request_id, status, started, task_id)
+            self.access.add(scope, request_id, status, started, task_id)
             request_id_var.reset(token)
 
-    def _log(self, scope: Scope, request_id: str, status: int | None, started: float, task_id: str | None) -> None:
-        duration_ms = round((time.perf_counter() - started) * 1000, 2)
-        method = shown(scope["method"], 16)
-        path = shown(scope["path"])
-        # the id is given, not read from the context: a handler may format the record later, elsewhere
-        extra: dict[str, object] = {"method": method, "path": path, "status": status, "duration_ms": duration_ms,
-                                    "request_id": request_id}
-        if task_id is not None:
-            extra["task_id"] = shown(task_id, 64)
-        # the record made and handled directly (what `info` does, less its search of the caller's frame: the
-        # access line's origin is always this line), its message formatted once here
-        message = f"{method} {path} {status if status is not None else '-'} {duration_ms:.1f}ms"
-        self.access.handle(self.access.makeRecord(self.access.name, logging.INFO, __file__, 0, message, (), None,
-                                                  extra=extra))
 
-
-def install_request_ids(app: FastAPI, access: logging.Logger = access_log) -> None:
+def install_request_ids(app: FastAPI, access: AccessLines | None = None) -> AccessLines:
     """Make `RequestIds` the outermost layer: Starlette builds its stack with ServerErrorMiddleware
-    outside every added middleware, and a 500 must carry the id and be logged with it too."""
+    outside every added middleware, and a 500 must carry the id and be logged with it too. Returns the
+    access lines, for the app's shutdown to flush."""
+    lines = access if access is not None else AccessLines()
     build = app.build_middleware_stack
 
     def build_with_ids() -> ASGIApp:
-        return RequestIds(build(), access)
+        return RequestIds(build(), lines)
 
     app.build_middleware_stack = build_with_ids  # type: ignore[method-assign]
+    return lines

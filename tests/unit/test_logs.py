@@ -14,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from tierbatch.api.errors import install_error_handlers
-from tierbatch.api.request_ids import install_request_ids
+from tierbatch.api.request_ids import AccessLines, install_request_ids
 from tierbatch.base.logs import (
     JsonFormatter,
     RedactingFilter,
@@ -134,7 +134,7 @@ async def test_a_failing_request_logs_its_id_and_none_of_its_secrets(
     prompt = f"PROMPT-{uuid.uuid4().hex}"
     app = FastAPI()
     install_error_handlers(app)
-    install_request_ids(app, access)
+    lines = install_request_ids(app, AccessLines(access))
 
     @app.post("/v1/chat/completions")
     async def chat() -> None:
@@ -147,9 +147,10 @@ async def test_a_failing_request_logs_its_id_and_none_of_its_secrets(
                                    json={"messages": [{"role": "user", "content": prompt}]},
                                    headers={"Authorization": f"Bearer {TENANT_KEY}", "x-request-id": "fail-1"})
     assert response.status_code == 500
-    lines = [json.loads(line) for line in handler.lines]
-    assert {line["logger"] for line in lines} == {"tierbatch.api.errors", access.name}
-    assert all(line["request_id"] == "fail-1" for line in lines)
+    lines.flush()  # the access line, kept until then
+    logged = [json.loads(line) for line in handler.lines]
+    assert {line["logger"] for line in logged} == {"tierbatch.api.errors", access.name}
+    assert all(line["request_id"] == "fail-1" for line in logged)
     text = "\n".join(handler.lines)
     assert prompt not in text
     assert TENANT_KEY not in text and PROVIDER_KEY not in text

@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
+import anyio
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -18,9 +20,9 @@ from fastapi.responses import StreamingResponse
 from tests.support.openapi import validate
 from tierbatch.api.errors import install_error_handlers
 from tierbatch.api.limits import InputGuard, RouteLimit
-from tierbatch.api.request_ids import install_request_ids, sane_request_id
+from tierbatch.api.request_ids import AccessLines, install_request_ids, sane_request_id
 from tierbatch.base.errors import NotFound
-from tierbatch.base.logs import JsonFormatter, request_id_var
+from tierbatch.base.logs import JsonFormatter, TextFormatter, request_id_var
 
 pytestmark = pytest.mark.anyio
 
@@ -62,11 +64,11 @@ def access() -> Iterator[tuple[logging.Logger, Recorder]]:
 seen_ids: list[str | None] = []
 
 
-def build_app(access: logging.Logger) -> FastAPI:
+def build_app(access: logging.Logger | AccessLines) -> FastAPI:
     app = FastAPI()
     install_error_handlers(app)
     app.add_middleware(InputGuard, limits=(RouteLimit("POST", re.compile("/v1/small"), 10, "json"),))
-    install_request_ids(app, access)
+    install_request_ids(app, access if isinstance(access, AccessLines) else AccessLines(access, delay_seconds=0))
 
     @app.get("/v1/ok")
     def ok() -> dict[str, str | None]:
@@ -109,9 +111,52 @@ async def test_a_sane_id_is_echoed_and_logged(access: tuple[logging.Logger, Reco
     assert response.json() == {"id": "my-id-123"}
     line = json.loads(JsonFormatter().format(recorder.records[-1]))
     assert (line["method"], line["path"], line["status"]) == ("GET", "/v1/ok", 200)
-    assert line["request_id"] == "my-id-123"  # the record was formatted in the request: the id is on it
+    assert line["request_id"] == "my-id-123"  # given to the record, not read from the context
     assert "s3" not in json.dumps(line)  # no query string
     assert isinstance(line["duration_ms"], float)
+
+
+async def test_access_lines_go_out_in_a_group_after_the_delay_each_dated_when_its_request_ended(
+        access: tuple[logging.Logger, Recorder]) -> None:
+    logger, recorder = access
+    lines = AccessLines(logger, delay_seconds=0.3)
+    ended: list[tuple[float, float]] = []
+    async with client(build_app(lines)) as http:
+        for n in range(3):
+            before = time.time()
+            await http.get("/v1/ok", headers={"x-request-id": f"grouped-{n}"})
+            ended.append((before, time.time()))
+            await anyio.sleep(0.02)
+        assert recorder.records == []  # kept: the first request ended less than 0.3 s ago
+        deadline = time.monotonic() + 5
+        while len(recorder.records) < 3 and time.monotonic() < deadline:
+            await anyio.sleep(0.02)
+    assert [r.__dict__["request_id"] for r in recorder.records] == ["grouped-0", "grouped-1", "grouped-2"]
+    for r, (before, after) in zip(recorder.records, ended, strict=True):
+        assert before <= r.created <= after
+    # made after its request, the text line still names the request's id
+    assert "[request_id=grouped-2] GET /v1/ok 200" in TextFormatter().format(recorder.records[-1])
+
+
+async def test_flushing_hands_over_the_kept_lines_at_once(access: tuple[logging.Logger, Recorder]) -> None:
+    logger, recorder = access
+    lines = AccessLines(logger, delay_seconds=60)
+    async with client(build_app(lines)) as http:
+        await http.get("/v1/ok", headers={"x-request-id": "flushed-1"})
+        await http.get("/v1/nope", headers={"x-request-id": "flushed-2"})
+        assert recorder.records == []
+        lines.flush()
+    assert [(r.__dict__["request_id"], r.__dict__["status"]) for r in recorder.records] == [
+        ("flushed-1", 200), ("flushed-2", 404)]
+
+
+async def test_a_full_group_goes_without_waiting(access: tuple[logging.Logger, Recorder]) -> None:
+    logger, recorder = access
+    lines = AccessLines(logger, delay_seconds=60, max_kept=2)
+    async with client(build_app(lines)) as http:
+        for n in range(3):
+            await http.get("/v1/ok", headers={"x-request-id": f"full-{n}"})
+    assert [r.__dict__["request_id"] for r in recorder.records] == ["full-0", "full-1"]
 
 
 async def test_a_hostile_id_is_replaced_on_every_kind_of_answer(access: tuple[logging.Logger, Recorder]) -> None:

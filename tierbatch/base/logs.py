@@ -129,6 +129,11 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         ids = correlation_ids()
+        fields = record.__dict__
+        for name, _ in _IDS:  # as in JSON: an id given as `extra` wins over the context's
+            given = fields.get(name)
+            if isinstance(given, str):
+                ids[name] = given
         record.__dict__["ids"] = (" [" + " ".join(f"{k}={v}" for k, v in ids.items()) + "]") if ids else ""
         try:
             return redact(super().format(record))
