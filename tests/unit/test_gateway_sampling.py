@@ -137,6 +137,53 @@ def test_the_recorder_tells_the_sampler_only_of_committed_records() -> None:
     assert told == [[good.task_id]]
 
 
+def test_callers_answer_before_the_commit_bookkeeping_runs() -> None:
+    async def run() -> list[str]:
+        order: list[str] = []
+
+        async def write(records: Sequence[CallRecord]) -> None:
+            return None
+
+        recorder = Recorder(write, committed=lambda records: order.append(f"told of {len(records)}"))
+
+        async def caller() -> None:
+            await recorder.record(_record())
+            order.append("answered")
+
+        await asyncio.gather(caller(), caller())
+        await recorder.aclose()
+        return order
+
+    assert asyncio.run(run()) == ["answered", "answered", "told of 2"]
+
+
+def test_a_caller_cancelled_while_its_record_is_written_leaves_the_write_and_the_others_alone() -> None:
+    async def run() -> tuple[list[uuid.UUID], list[list[uuid.UUID]], bool]:
+        release = asyncio.Event()
+        written: list[uuid.UUID] = []
+        told: list[list[uuid.UUID]] = []
+
+        async def write(records: Sequence[CallRecord]) -> None:
+            await release.wait()
+            written.extend(r.task_id for r in records)
+
+        recorder = Recorder(write, committed=lambda records: told.append([r.task_id for r in records]))
+        first, second = _record(), _record()
+        leaving = asyncio.create_task(recorder.record(first))
+        staying = asyncio.create_task(recorder.record(second))
+        await asyncio.sleep(0.01)  # both are in the group being written
+        leaving.cancel()
+        await asyncio.sleep(0.01)
+        release.set()
+        await staying
+        await recorder.aclose()
+        return written, told, leaving.cancelled()
+
+    written, told, cancelled = asyncio.run(run())
+    assert cancelled
+    assert len(written) == 2 and told == [written]  # the cancelled caller's call is recorded and counted
+
+
 def test_a_failing_commit_hook_does_not_fail_the_call() -> None:
     async def run() -> None:
         async def write(records: Sequence[CallRecord]) -> None:

@@ -233,11 +233,10 @@ class CallWriter:
         try:
             if self._connection is None or self._connection.closed:
                 self._connection = await self._connect()
-            await self._execute(self._connection, records)
+            await self._execute(self._connection, records)  # committed: the connection is in autocommit
         except BaseException:
             await self.aclose()
             raise
-        count_recorded(records)  # committed: the connection is in autocommit
 
     async def aclose(self) -> None:
         connection, self._connection = self._connection, None
@@ -253,8 +252,9 @@ def count_recorded(records: Sequence[CallRecord]) -> None:
                  if r.usage is not None and r.provider is not None)
 
 
+# writes the records' rows and returns once they are committed, or raises
 WriteRecords = Callable[[Sequence[CallRecord]], Awaitable[None]]
-# told of the records whose rows committed (on the event loop, before their callers answer)
+# told of the records whose rows committed (on the event loop, once their callers have gone on to answer)
 CommittedRecords = Callable[[Sequence[CallRecord]], None]
 
 
@@ -264,7 +264,9 @@ class Recorder:
     One writer at a time per process; a caller's `record` returns once its rows are committed, and
     raises `RecordingFailed` when they were not (whatever the writer's error, also when the writer
     itself is cancelled). A group that fails is retried record by record, so one bad row cannot sink
-    the others.
+    the others. The metrics of committed records are counted, and `committed` told, in a callback that
+    runs after the callers: the bookkeeping does not hold an answer back (the metrics alone were ~2% of
+    a sequential call's time).
     """
 
     def __init__(self, write: WriteRecords, max_group: int = 500, committed: CommittedRecords | None = None) -> None:
@@ -279,7 +281,9 @@ class Recorder:
         self._pending.append((record, future))
         if self._writer is None or self._writer.done():
             self._writer = asyncio.create_task(self._drain())
-        await asyncio.shield(future)
+        # not shielded: a caller cancelled meanwhile cancels only its future (the writer skips a settled
+        # one), never the writer, and its record is written all the same
+        await future
 
     async def _drain(self) -> None:
         group: list[tuple[CallRecord, asyncio.Future[None]]] = []
@@ -300,12 +304,9 @@ class Recorder:
                             log.exception("could not record gateway call %s", record.task_id)
                             _settle(future, RecordingFailed(f"the call could not be recorded: {single}"))
                         else:
-                            self._tell_committed([record])
-                            _settle(future, None)
+                            self._settle_committed([(record, future)])
                 else:
-                    self._tell_committed([r for r, _ in group])
-                    for _, future in group:
-                        _settle(future, None)
+                    self._settle_committed(group)
         finally:
             # a writer stopped midway (cancelled, or an error of its own) leaves no caller waiting, and none
             # answering as if its rows were written
@@ -313,16 +314,23 @@ class Recorder:
             for _, future in left:
                 _settle(future, RecordingFailed("the recorder stopped before the call was recorded"))
 
-    def _tell_committed(self, records: Sequence[CallRecord]) -> None:
-        if self._committed is None:
-            return
+    def _settle_committed(self, group: Sequence[tuple[CallRecord, asyncio.Future[None]]]) -> None:
+        for _, future in group:
+            _settle(future, None)
+        # queued behind the callers' wake-ups: each caller answers before this runs
+        asyncio.get_running_loop().call_soon(self._count_and_tell, [r for r, _ in group])
+
+    def _count_and_tell(self, records: Sequence[CallRecord]) -> None:
         try:
-            self._committed(records)
+            count_recorded(records)
+            if self._committed is not None:
+                self._committed(records)
         except Exception:  # what listens to commits must not turn a recorded call into a failed one
-            log.exception("the hook on %d committed call records failed", len(records))
+            log.exception("the bookkeeping of %d committed call records failed", len(records))
 
     async def aclose(self) -> None:
         if self._writer is not None:
+            # the writer's last bookkeeping was queued before its end: it runs before this returns
             await asyncio.shield(self._writer)
 
 
