@@ -72,6 +72,9 @@ class AccessLines:
         self.delay_seconds = delay_seconds
         self.max_kept = max_kept
         self._kept: list[_Finished] = []
+        # the loop whose timer will hand over the kept lines: a loop that ended with its timer pending
+        # (a test client's) must not leave the next loop's lines waiting for `max_kept`
+        self._timer_loop: asyncio.AbstractEventLoop | None = None
 
     def add(self, scope: Scope, request_id: str, status: int | None, started: float, task_id: str | None) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
@@ -84,11 +87,19 @@ class AccessLines:
         self._kept.append(finished)
         if len(self._kept) >= self.max_kept:
             self.flush()
-        elif len(self._kept) == 1:
-            try:
-                asyncio.get_running_loop().call_later(self.delay_seconds, self.flush)
-            except RuntimeError:  # no event loop to come back to
-                self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop to come back to
+            self.flush()
+            return
+        if self._timer_loop is not loop:
+            self._timer_loop = loop
+            loop.call_later(self.delay_seconds, self._flush_on_timer)
+
+    def _flush_on_timer(self) -> None:
+        self._timer_loop = None
+        self.flush()
 
     def flush(self) -> None:
         kept, self._kept = self._kept, []

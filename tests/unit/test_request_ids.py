@@ -119,7 +119,7 @@ async def test_a_sane_id_is_echoed_and_logged(access: tuple[logging.Logger, Reco
 async def test_access_lines_go_out_in_a_group_after_the_delay_each_dated_when_its_request_ended(
         access: tuple[logging.Logger, Recorder]) -> None:
     logger, recorder = access
-    lines = AccessLines(logger, delay_seconds=0.3)
+    lines = AccessLines(logger, delay_seconds=1.0)
     ended: list[tuple[float, float]] = []
     async with client(build_app(lines)) as http:
         for n in range(3):
@@ -127,7 +127,7 @@ async def test_access_lines_go_out_in_a_group_after_the_delay_each_dated_when_it
             await http.get("/v1/ok", headers={"x-request-id": f"grouped-{n}"})
             ended.append((before, time.time()))
             await anyio.sleep(0.02)
-        assert recorder.records == []  # kept: the first request ended less than 0.3 s ago
+        assert recorder.records == []  # kept: the first request ended less than a second ago
         deadline = time.monotonic() + 5
         while len(recorder.records) < 3 and time.monotonic() < deadline:
             await anyio.sleep(0.02)
@@ -148,6 +148,27 @@ async def test_flushing_hands_over_the_kept_lines_at_once(access: tuple[logging.
         lines.flush()
     assert [(r.__dict__["request_id"], r.__dict__["status"]) for r in recorder.records] == [
         ("flushed-1", 200), ("flushed-2", 404)]
+
+
+def test_lines_kept_when_a_loop_ended_go_out_with_the_next_loops(access: tuple[logging.Logger, Recorder]) -> None:
+    logger, recorder = access
+    lines = AccessLines(logger, delay_seconds=0.2)
+    app = build_app(lines)
+
+    async def one_request(request_id: str) -> None:
+        async with client(app) as http:
+            await http.get("/v1/ok", headers={"x-request-id": request_id})
+
+    async def then_wait(request_id: str) -> None:
+        await one_request(request_id)
+        deadline = time.monotonic() + 5
+        while len(recorder.records) < 2 and time.monotonic() < deadline:
+            await anyio.sleep(0.02)
+
+    anyio.run(one_request, "first-loop")  # this loop ends before its timer fires
+    assert recorder.records == []
+    anyio.run(then_wait, "second-loop")
+    assert [r.__dict__["request_id"] for r in recorder.records] == ["first-loop", "second-loop"]
 
 
 async def test_a_full_group_goes_without_waiting(access: tuple[logging.Logger, Recorder]) -> None:
